@@ -1,0 +1,1 @@
+//! Certificate authority, cluster certificates, trust bundles and rustls configs for the mesh.

@@ -1,0 +1,1 @@
+//! Per-cluster API server: publishes global services, endpoints, identities and nodes into etcd.

@@ -1,0 +1,3 @@
+//! The clustermesh command: ca, certs, connect, disconnect, status, drill, demo.
+
+fn main() {}

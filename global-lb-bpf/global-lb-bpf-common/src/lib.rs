@@ -1,0 +1,1 @@
+//! Map layouts shared by the eBPF programs and the loader.

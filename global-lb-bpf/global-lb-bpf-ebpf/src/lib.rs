@@ -1,0 +1,1 @@
+//! eBPF socket load-balancer programs.

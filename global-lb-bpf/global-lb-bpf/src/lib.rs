@@ -1,0 +1,1 @@
+//! Loader and typed map API for the global service socket load balancer.

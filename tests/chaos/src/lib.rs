@@ -1,0 +1,1 @@
+//! Failover drills and randomized fault runs on the mesh lab.

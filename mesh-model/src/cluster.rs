@@ -19,7 +19,9 @@ pub enum ClusterRuleError {
     #[error("cluster name is empty")]
     EmptyName,
     /// The name is longer than 32 characters.
-    #[error("cluster name {name:?} is {len} characters long; at most {MAX_CLUSTER_NAME_LEN} are allowed")]
+    #[error(
+        "cluster name {name:?} is {len} characters long; at most {MAX_CLUSTER_NAME_LEN} are allowed"
+    )]
     NameTooLong {
         /// The offending name.
         name: String,
@@ -46,7 +48,9 @@ pub enum ClusterRuleError {
     #[error("cluster name \"default\" is reserved: give the cluster a name of its own")]
     NameReserved,
     /// The id is outside the range allowed by `maxConnectedClusters`.
-    #[error("cluster id {id} is out of range: it must be 1..={max} with maxConnectedClusters={mcc}")]
+    #[error(
+        "cluster id {id} is out of range: it must be 1..={max} with maxConnectedClusters={mcc}"
+    )]
     IdOutOfRange {
         /// The offending id.
         id: u32,

@@ -1,1 +1,9 @@
 //! Node agent: merges the backends of every connected cluster into the eBPF socket load-balancer maps.
+//!
+//! The core is pure and synchronous: the [`index::MergeIndex`] turns the keys read from every
+//! cluster's etcd into the backends of each local frontend by DESIGN.md's selection rules, and the
+//! [`lb::Reconciler`] writes the difference to a [`lb::MapWriter`]. Around it sit thin shells:
+//! cluster connections (etcd list/watch with reconnects), the health checker, and the status server.
+
+pub mod index;
+pub mod lb;

@@ -1,0 +1,851 @@
+//! The merge index: the pure, synchronous heart of node-sync.
+//!
+//! It takes the events read from every connected cluster (service specs, ClusterSetIP imports,
+//! endpoint chunks, health reports, cluster liveness) and keeps, for every local frontend, the
+//! backends to program, chosen by DESIGN.md's selection rules, with the reason for the choice.
+//!
+//! An event recomputes only the services it touches: an endpoint chunk recomputes its service,
+//! a health report the services that have an endpoint on the reported addresses, and a liveness
+//! change every service (rare). Frontends whose backend set changed are collected for
+//! [`MergeIndex::take_changes`], so the map writer touches only those.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use mesh_model::ClusterName;
+use mesh_model::keys::{MeshKey, ServiceName};
+use mesh_model::values::{
+    Affinity, Conditions, Endpoint, EndpointChunk, HealthCheck, HealthReport, MeshValue, Protocol,
+    ServiceImport, ServicePort, ServiceSpec, Verdict,
+};
+use serde::Serialize;
+
+use crate::lb::{Backend, Frontend};
+
+/// Why a frontend has the backends it has (shown on the status page).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reason {
+    /// The preferred group has usable backends (affinity local: the local cluster; remote: the
+    /// first remote group).
+    Preferred {
+        /// Clusters of the group.
+        clusters: Vec<ClusterName>,
+    },
+    /// The preferred group has no usable backend; these come from the next group that has.
+    FailedOver {
+        /// Clusters of the group in use.
+        clusters: Vec<ClusterName>,
+    },
+    /// Affinity none: every usable backend of every candidate cluster.
+    AllUsable,
+    /// Nothing is usable anywhere: the last usable backends that still serve (terminating) are kept.
+    KeepServing,
+    /// Nothing is usable anywhere: no backend, so connects fail fast.
+    NoUsableBackends {
+        /// Candidate backends (from live clusters that share the service).
+        candidates: usize,
+        /// Of those, failing their health check.
+        failing_health: usize,
+    },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = |c: &[ClusterName]| {
+            c.iter()
+                .map(|c| c.as_str().to_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Reason::Preferred { clusters } => {
+                write!(
+                    f,
+                    "preferred clusters {} have usable backends",
+                    names(clusters)
+                )
+            }
+            Reason::FailedOver { clusters } => write!(
+                f,
+                "failed over: no usable backend in the preferred clusters, using {}",
+                names(clusters)
+            ),
+            Reason::AllUsable => f.write_str("affinity none: every usable backend"),
+            Reason::KeepServing => f.write_str(
+                "no usable backend anywhere: keeping the last usable backends that still serve",
+            ),
+            Reason::NoUsableBackends {
+                candidates,
+                failing_health,
+            } => write!(
+                f,
+                "no usable backend anywhere ({candidates} candidates, {failing_health} failing health): connects fail fast"
+            ),
+        }
+    }
+}
+
+/// The selection for one frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FrontendSelection {
+    /// The frontend.
+    pub frontend: Frontend,
+    /// Backends to program.
+    pub backends: Vec<Backend>,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Why a global service has no frontend on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoFrontend {
+    /// The local Service is headless: clients reach endpoints directly.
+    Headless,
+    /// Neither a local Service nor a ClusterSetIP import of this cluster exists yet.
+    NoLocalServiceOrImport,
+}
+
+/// A global service as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceStatus {
+    /// The service.
+    pub service: ServiceName,
+    /// Affinity in force.
+    pub affinity: Affinity,
+    /// Clusters sharing it (that have published a spec with shared=true, plus this one).
+    pub clusters: Vec<ClusterName>,
+    /// Clusters left out because they are stale.
+    pub stale_clusters: Vec<ClusterName>,
+    /// Frontends and their selections.
+    pub frontends: Vec<FrontendSelection>,
+    /// Set when the service has no frontend here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_frontend: Option<NoFrontend>,
+}
+
+/// A backend probe target on this node (for the health checker).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeTarget {
+    /// Address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// How to probe.
+    pub check: ProbeKind,
+}
+
+/// How a target is probed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProbeKind {
+    /// TCP connect.
+    Tcp,
+    /// HTTP GET of the path.
+    Http(String),
+}
+
+type BackendAddr = (IpAddr, u16, Protocol);
+type Reporter = (ClusterName, String);
+
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    specs: BTreeMap<ClusterName, ServiceSpec>,
+    import: Option<ServiceImport>,
+    endpoints: BTreeMap<ClusterName, BTreeMap<u32, Vec<Endpoint>>>,
+    /// Last non-empty usable selection per frontend (rule 4).
+    last_usable: HashMap<Frontend, Vec<Backend>>,
+    status: Option<ServiceStatus>,
+}
+
+impl ServiceEntry {
+    fn is_empty(&self) -> bool {
+        self.specs.is_empty() && self.import.is_none() && self.endpoints.is_empty()
+    }
+}
+
+/// The merge index. See the module docs.
+#[derive(Debug)]
+pub struct MergeIndex {
+    local: ClusterName,
+    services: HashMap<ServiceName, ServiceEntry>,
+    stale: BTreeSet<ClusterName>,
+    /// Verdicts by backend address and reporter.
+    health: HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+    reports: HashMap<Reporter, HealthReport>,
+    /// Which services have an endpoint on an address (with a count of occurrences).
+    ip_services: HashMap<IpAddr, HashMap<ServiceName, u32>>,
+    desired: HashMap<Frontend, Vec<Backend>>,
+    frontend_owner: HashMap<Frontend, ServiceName>,
+    changed: HashSet<Frontend>,
+    failovers: u64,
+}
+
+impl MergeIndex {
+    /// An empty index for a node of cluster `local`.
+    pub fn new(local: ClusterName) -> Self {
+        Self {
+            local,
+            services: HashMap::new(),
+            stale: BTreeSet::new(),
+            health: HashMap::new(),
+            reports: HashMap::new(),
+            ip_services: HashMap::new(),
+            desired: HashMap::new(),
+            frontend_owner: HashMap::new(),
+            changed: HashSet::new(),
+            failovers: 0,
+        }
+    }
+
+    /// The local cluster.
+    pub fn local(&self) -> &ClusterName {
+        &self.local
+    }
+
+    // ---- events ------------------------------------------------------------------------------
+
+    /// Apply a decoded key/value (`None`: the key was deleted). Kinds the index does not use are
+    /// ignored; returns whether the kind was one it uses.
+    pub fn apply(&mut self, key: &MeshKey, value: Option<MeshValue>) -> bool {
+        match (key, value) {
+            (MeshKey::Service { .. }, Some(MeshValue::Service(s))) => self.upsert_service(s),
+            (MeshKey::Service { cluster, service }, None) => self.delete_service(cluster, service),
+            (MeshKey::Import { .. }, Some(MeshValue::Import(i))) => self.upsert_import(i),
+            (MeshKey::Import { cluster, service }, None) => self.delete_import(cluster, service),
+            (MeshKey::EndpointChunk { .. }, Some(MeshValue::EndpointChunk(c))) => {
+                self.upsert_chunk(c)
+            }
+            (
+                MeshKey::EndpointChunk {
+                    cluster,
+                    service,
+                    chunk,
+                },
+                None,
+            ) => self.delete_chunk(cluster, service, *chunk),
+            (MeshKey::Health { .. }, Some(MeshValue::Health(h))) => self.upsert_health(h),
+            (MeshKey::Health { cluster, node }, None) => self.delete_health(cluster, node),
+            _ => return false,
+        }
+        true
+    }
+
+    /// A service spec was put.
+    pub fn upsert_service(&mut self, spec: ServiceSpec) {
+        let name = spec.service_name();
+        let entry = self.services.entry(name.clone()).or_default();
+        entry.specs.insert(spec.cluster.clone(), spec);
+        self.recompute(&name);
+    }
+
+    /// A service spec was deleted.
+    pub fn delete_service(&mut self, cluster: &ClusterName, service: &ServiceName) {
+        if let Some(e) = self.services.get_mut(service)
+            && e.specs.remove(cluster).is_some()
+        {
+            self.recompute(service);
+        }
+    }
+
+    /// A ClusterSetIP import was put (only this cluster's imports matter).
+    pub fn upsert_import(&mut self, import: ServiceImport) {
+        if import.cluster != self.local {
+            return;
+        }
+        let name = ServiceName {
+            namespace: import.namespace.clone(),
+            name: import.name.clone(),
+        };
+        self.services.entry(name.clone()).or_default().import = Some(import);
+        self.recompute(&name);
+    }
+
+    /// A ClusterSetIP import was deleted.
+    pub fn delete_import(&mut self, cluster: &ClusterName, service: &ServiceName) {
+        if cluster != &self.local {
+            return;
+        }
+        if let Some(e) = self.services.get_mut(service)
+            && e.import.take().is_some()
+        {
+            self.recompute(service);
+        }
+    }
+
+    /// An endpoint chunk was put.
+    pub fn upsert_chunk(&mut self, chunk: EndpointChunk) {
+        let name = ServiceName {
+            namespace: chunk.namespace.clone(),
+            name: chunk.name.clone(),
+        };
+        let entry = self.services.entry(name.clone()).or_default();
+        let old = entry
+            .endpoints
+            .entry(chunk.cluster.clone())
+            .or_default()
+            .insert(chunk.chunk, chunk.endpoints);
+        let new_ips: Vec<IpAddr> = entry.endpoints[&chunk.cluster][&chunk.chunk]
+            .iter()
+            .map(|e| e.ip)
+            .collect();
+        if let Some(old) = old {
+            for e in &old {
+                unlink_ip(&mut self.ip_services, e.ip, &name);
+            }
+        }
+        for ip in new_ips {
+            *self
+                .ip_services
+                .entry(ip)
+                .or_default()
+                .entry(name.clone())
+                .or_default() += 1;
+        }
+        self.recompute(&name);
+    }
+
+    /// An endpoint chunk was deleted.
+    pub fn delete_chunk(&mut self, cluster: &ClusterName, service: &ServiceName, chunk: u32) {
+        let Some(entry) = self.services.get_mut(service) else {
+            return;
+        };
+        let Some(chunks) = entry.endpoints.get_mut(cluster) else {
+            return;
+        };
+        let Some(old) = chunks.remove(&chunk) else {
+            return;
+        };
+        if chunks.is_empty() {
+            entry.endpoints.remove(cluster);
+        }
+        for e in &old {
+            unlink_ip(&mut self.ip_services, e.ip, service);
+        }
+        self.recompute(service);
+    }
+
+    /// A health report was put (replaces the reporter's previous one).
+    pub fn upsert_health(&mut self, report: HealthReport) {
+        let reporter = (report.cluster.clone(), report.node.clone());
+        let mut touched: HashSet<IpAddr> = HashSet::new();
+        if let Some(old) = self.reports.remove(&reporter) {
+            self.unlink_report(&reporter, &old, &mut touched);
+        }
+        for v in &report.verdicts {
+            self.health
+                .entry((v.ip, v.port, v.protocol))
+                .or_default()
+                .insert(reporter.clone(), v.verdict);
+            touched.insert(v.ip);
+        }
+        self.reports.insert(reporter, report);
+        self.recompute_ips(&touched);
+    }
+
+    /// A health report was deleted (its node's lease expired, or it stopped probing).
+    pub fn delete_health(&mut self, cluster: &ClusterName, node: &str) {
+        let reporter = (cluster.clone(), node.to_owned());
+        let mut touched = HashSet::new();
+        if let Some(old) = self.reports.remove(&reporter) {
+            self.unlink_report(&reporter, &old, &mut touched);
+        }
+        self.recompute_ips(&touched);
+    }
+
+    fn unlink_report(
+        &mut self,
+        reporter: &Reporter,
+        old: &HealthReport,
+        touched: &mut HashSet<IpAddr>,
+    ) {
+        for v in &old.verdicts {
+            let addr = (v.ip, v.port, v.protocol);
+            if let Some(m) = self.health.get_mut(&addr) {
+                m.remove(reporter);
+                if m.is_empty() {
+                    self.health.remove(&addr);
+                }
+            }
+            touched.insert(v.ip);
+        }
+    }
+
+    /// Mark a cluster stale (left out of selection, kept in memory) or live again.
+    pub fn set_stale(&mut self, cluster: &ClusterName, stale: bool) {
+        let changed = if stale {
+            self.stale.insert(cluster.clone())
+        } else {
+            self.stale.remove(cluster)
+        };
+        if changed {
+            self.recompute_all();
+        }
+    }
+
+    /// Forget everything read from `cluster` (it was disconnected).
+    pub fn remove_cluster(&mut self, cluster: &ClusterName) {
+        let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(e) = self.services.get_mut(&name) else {
+                continue;
+            };
+            e.specs.remove(cluster);
+            if cluster == &self.local {
+                e.import = None;
+            }
+            if let Some(chunks) = e.endpoints.remove(cluster) {
+                for eps in chunks.values() {
+                    for ep in eps {
+                        unlink_ip(&mut self.ip_services, ep.ip, &name);
+                    }
+                }
+            }
+        }
+        let reporters: Vec<Reporter> = self
+            .reports
+            .keys()
+            .filter(|(c, _)| c == cluster)
+            .cloned()
+            .collect();
+        let mut touched = HashSet::new();
+        for r in reporters {
+            if let Some(old) = self.reports.remove(&r) {
+                self.unlink_report(&r, &old, &mut touched);
+            }
+        }
+        self.stale.remove(cluster);
+        self.recompute_all();
+    }
+
+    // ---- outputs -----------------------------------------------------------------------------
+
+    /// The backends to program, per frontend.
+    pub fn desired(&self) -> &HashMap<Frontend, Vec<Backend>> {
+        &self.desired
+    }
+
+    /// Frontends whose backends changed since the last call, with the new set (`None`: remove).
+    pub fn take_changes(&mut self) -> Vec<(Frontend, Option<Vec<Backend>>)> {
+        let mut out: Vec<_> = self
+            .changed
+            .drain()
+            .map(|fe| (fe, self.desired.get(&fe).cloned()))
+            .collect();
+        out.sort_by_key(|a| a.0);
+        out
+    }
+
+    /// Whether changes are pending.
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// Status of every global service known, sorted by name.
+    pub fn services(&self) -> Vec<&ServiceStatus> {
+        let mut v: Vec<&ServiceStatus> = self
+            .services
+            .values()
+            .filter_map(|e| e.status.as_ref())
+            .collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v
+    }
+
+    /// Status of one service.
+    pub fn service(&self, name: &ServiceName) -> Option<&ServiceStatus> {
+        self.services.get(name).and_then(|e| e.status.as_ref())
+    }
+
+    /// How many times a frontend moved from its preferred group to a failover group.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// Clusters marked stale.
+    pub fn stale_clusters(&self) -> &BTreeSet<ClusterName> {
+        &self.stale
+    }
+
+    /// The backends of the local cluster that run on `node`, with how to probe them.
+    pub fn probe_targets(&self, node: &str) -> BTreeSet<ProbeTarget> {
+        let mut out = BTreeSet::new();
+        for e in self.services.values() {
+            let Some(spec) = e.specs.get(&self.local) else {
+                continue;
+            };
+            let kind = match &spec.health_check {
+                HealthCheck::Tcp => ProbeKind::Tcp,
+                HealthCheck::Http { path } => ProbeKind::Http(path.clone()),
+            };
+            let Some(chunks) = e.endpoints.get(&self.local) else {
+                continue;
+            };
+            for ep in chunks.values().flatten() {
+                if ep.node.as_deref() != Some(node) {
+                    continue;
+                }
+                for p in &ep.ports {
+                    if p.protocol == Protocol::Tcp {
+                        out.insert(ProbeTarget {
+                            ip: ep.ip,
+                            port: p.port,
+                            protocol: p.protocol,
+                            check: kind.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of endpoints held (all clusters).
+    pub fn endpoint_count(&self) -> usize {
+        self.services
+            .values()
+            .flat_map(|e| e.endpoints.values())
+            .flat_map(|c| c.values())
+            .map(Vec::len)
+            .sum()
+    }
+
+    // ---- selection ---------------------------------------------------------------------------
+
+    fn recompute_all(&mut self) {
+        let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for n in names {
+            self.recompute(&n);
+        }
+    }
+
+    fn recompute_ips(&mut self, ips: &HashSet<IpAddr>) {
+        let mut names: BTreeSet<ServiceName> = BTreeSet::new();
+        for ip in ips {
+            if let Some(s) = self.ip_services.get(ip) {
+                names.extend(s.keys().cloned());
+            }
+        }
+        for n in names {
+            self.recompute(&n);
+        }
+    }
+
+    fn recompute(&mut self, name: &ServiceName) {
+        let Some(mut entry) = self.services.remove(name) else {
+            return;
+        };
+        let old_frontends: Vec<Frontend> = entry
+            .status
+            .as_ref()
+            .map(|s| s.frontends.iter().map(|f| f.frontend).collect())
+            .unwrap_or_default();
+        let old_failed_over: HashSet<Frontend> = entry
+            .status
+            .as_ref()
+            .map(|s| {
+                s.frontends
+                    .iter()
+                    .filter(|f| matches!(f.reason, Reason::FailedOver { .. }))
+                    .map(|f| f.frontend)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if entry.is_empty() {
+            for fe in old_frontends {
+                self.remove_frontend(&fe, name);
+            }
+            return;
+        }
+        let mut last_usable = std::mem::take(&mut entry.last_usable);
+        let status = select(
+            name,
+            &self.local,
+            &self.stale,
+            &self.health,
+            &mut last_usable,
+            &entry,
+        );
+        entry.last_usable = last_usable;
+        let new_set: HashSet<Frontend> = status.frontends.iter().map(|f| f.frontend).collect();
+        for fe in old_frontends {
+            if !new_set.contains(&fe) {
+                self.remove_frontend(&fe, name);
+                entry.last_usable.remove(&fe);
+            }
+        }
+        for sel in &status.frontends {
+            if matches!(sel.reason, Reason::FailedOver { .. })
+                && !old_failed_over.contains(&sel.frontend)
+            {
+                self.failovers += 1;
+            }
+            let differs = self
+                .desired
+                .get(&sel.frontend)
+                .is_none_or(|cur| cur != &sel.backends);
+            if differs {
+                self.desired.insert(sel.frontend, sel.backends.clone());
+                self.changed.insert(sel.frontend);
+            }
+            self.frontend_owner.insert(sel.frontend, name.clone());
+        }
+        entry.status = Some(status);
+        self.services.insert(name.clone(), entry);
+    }
+
+    fn remove_frontend(&mut self, fe: &Frontend, owner: &ServiceName) {
+        if self.frontend_owner.get(fe) == Some(owner) {
+            self.frontend_owner.remove(fe);
+            if self.desired.remove(fe).is_some() {
+                self.changed.insert(*fe);
+            }
+        }
+    }
+}
+
+fn unlink_ip(map: &mut HashMap<IpAddr, HashMap<ServiceName, u32>>, ip: IpAddr, svc: &ServiceName) {
+    if let Some(m) = map.get_mut(&ip) {
+        if let Some(n) = m.get_mut(svc) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(svc);
+            }
+        }
+        if m.is_empty() {
+            map.remove(&ip);
+        }
+    }
+}
+
+/// Find the endpoint port serving `sp`: same protocol and same name; an unnamed service port
+/// takes the endpoint's only port of that protocol.
+fn match_port(sp: &ServicePort, ep: &Endpoint) -> Option<u16> {
+    let mut same_proto = ep.ports.iter().filter(|p| p.protocol == sp.protocol);
+    match &sp.name {
+        Some(n) => ep
+            .ports
+            .iter()
+            .find(|p| p.protocol == sp.protocol && p.name.as_deref() == Some(n.as_str()))
+            .or_else(|| {
+                // A single-port endpoint whose port is unnamed serves a single named service port.
+                let only = same_proto.next()?;
+                (same_proto.next().is_none() && only.name.is_none()).then_some(only)
+            })
+            .map(|p| p.port),
+        None => {
+            let only = same_proto.next()?;
+            same_proto.next().is_none().then_some(only.port)
+        }
+    }
+}
+
+struct Candidate<'a> {
+    backend: Backend,
+    conditions: &'a Conditions,
+    failing: bool,
+}
+
+fn select(
+    name: &ServiceName,
+    local: &ClusterName,
+    stale: &BTreeSet<ClusterName>,
+    health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+    last_usable: &mut HashMap<Frontend, Vec<Backend>>,
+    entry: &ServiceEntry,
+) -> ServiceStatus {
+    let local_spec = entry.specs.get(local);
+    // The spec that governs affinity and failover order: the local one, else the first remote one.
+    let governing = local_spec.or_else(|| entry.specs.values().next());
+    let affinity = governing.map(|s| s.affinity).unwrap_or_default();
+    let failover_order: Vec<ClusterName> = governing
+        .map(|s| s.failover_order.clone())
+        .unwrap_or_default();
+
+    // Clusters that share the service: this one when it has the Service, and remotes that
+    // published a spec with shared=true.
+    let mut sharing: Vec<ClusterName> = Vec::new();
+    for (c, s) in &entry.specs {
+        if c == local || s.shared {
+            sharing.push(c.clone());
+        }
+    }
+    let stale_clusters: Vec<ClusterName> = sharing
+        .iter()
+        .filter(|c| *c != local && stale.contains(*c))
+        .cloned()
+        .collect();
+    let candidates_clusters: Vec<&ClusterName> = sharing
+        .iter()
+        .filter(|c| *c == local || !stale.contains(*c))
+        .collect();
+
+    let mut status = ServiceStatus {
+        service: name.clone(),
+        affinity,
+        clusters: sharing.clone(),
+        stale_clusters,
+        frontends: Vec::new(),
+        no_frontend: None,
+    };
+
+    // Frontends: the local Service's ClusterIPs x ports, else this cluster's import.
+    let (ips, ports): (Vec<IpAddr>, Vec<ServicePort>) = match (local_spec, &entry.import) {
+        (Some(s), _) if s.headless => {
+            status.no_frontend = Some(NoFrontend::Headless);
+            return status;
+        }
+        (Some(s), _) => (s.frontends.clone(), s.ports.clone()),
+        (None, Some(i)) => (i.ips.clone(), i.ports.clone()),
+        (None, None) => {
+            status.no_frontend = Some(NoFrontend::NoLocalServiceOrImport);
+            return status;
+        }
+    };
+
+    // Groups in order of preference.
+    let groups: Vec<Vec<ClusterName>> = {
+        let remotes: Vec<ClusterName> = candidates_clusters
+            .iter()
+            .filter(|c| **c != local)
+            .map(|c| (*c).clone())
+            .collect();
+        let mut remote_groups: Vec<Vec<ClusterName>> = Vec::new();
+        for c in &failover_order {
+            if remotes.contains(c) {
+                remote_groups.push(vec![c.clone()]);
+            }
+        }
+        let rest: Vec<ClusterName> = remotes
+            .iter()
+            .filter(|c| !failover_order.contains(c))
+            .cloned()
+            .collect();
+        if !rest.is_empty() {
+            remote_groups.push(rest);
+        }
+        let local_group = if candidates_clusters.contains(&local) {
+            vec![vec![local.clone()]]
+        } else {
+            Vec::new()
+        };
+        match affinity {
+            Affinity::Local => local_group.into_iter().chain(remote_groups).collect(),
+            Affinity::Remote => remote_groups.into_iter().chain(local_group).collect(),
+            Affinity::None => vec![candidates_clusters.iter().map(|c| (*c).clone()).collect()],
+        }
+    };
+
+    for sp in &ports {
+        for ip in &ips {
+            let frontend = Frontend {
+                ip: *ip,
+                port: sp.port,
+                protocol: sp.protocol,
+            };
+            // Candidates of the frontend's address family.
+            let mut cands: Vec<Candidate<'_>> = Vec::new();
+            for c in &candidates_clusters {
+                let Some(chunks) = entry.endpoints.get(*c) else {
+                    continue;
+                };
+                for ep in chunks.values().flatten() {
+                    if ep.ip.is_ipv4() != ip.is_ipv4() {
+                        continue;
+                    }
+                    let Some(port) = match_port(sp, ep) else {
+                        continue;
+                    };
+                    let failing = !health.is_empty()
+                        && health
+                            .get(&(ep.ip, port, sp.protocol))
+                            .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                    cands.push(Candidate {
+                        backend: Backend {
+                            cluster: (*c).clone(),
+                            ip: ep.ip,
+                            port,
+                            protocol: sp.protocol,
+                        },
+                        conditions: &ep.conditions,
+                        failing,
+                    });
+                }
+            }
+            let usable = |c: &Candidate<'_>| c.conditions.usable() && !c.failing;
+            let mut chosen: Option<(Vec<Backend>, Reason)> = None;
+            for (i, g) in groups.iter().enumerate() {
+                let picked: Vec<Backend> = cands
+                    .iter()
+                    .filter(|c| usable(c) && g.contains(&c.backend.cluster))
+                    .map(|c| c.backend.clone())
+                    .collect();
+                if picked.is_empty() {
+                    continue;
+                }
+                let reason = if affinity == Affinity::None {
+                    Reason::AllUsable
+                } else if i == 0 {
+                    Reason::Preferred {
+                        clusters: g.clone(),
+                    }
+                } else {
+                    Reason::FailedOver {
+                        clusters: g.clone(),
+                    }
+                };
+                chosen = Some((picked, reason));
+                break;
+            }
+            let (backends, reason) = match chosen {
+                Some((b, r)) => {
+                    last_usable.insert(frontend, b.clone());
+                    (b, r)
+                }
+                None => {
+                    // Rule 4: keep the last usable backends that still serve (terminating), if any.
+                    let keep: Vec<Backend> = match last_usable.get(&frontend) {
+                        Some(last) => {
+                            let serving: HashSet<&Backend> = cands
+                                .iter()
+                                .filter(|c| c.conditions.serving && !c.failing)
+                                .map(|c| &c.backend)
+                                .collect();
+                            last.iter()
+                                .filter(|b| serving.contains(b))
+                                .cloned()
+                                .collect()
+                        }
+                        None => Vec::new(),
+                    };
+                    if keep.is_empty() {
+                        last_usable.remove(&frontend);
+                        (
+                            Vec::new(),
+                            Reason::NoUsableBackends {
+                                candidates: cands.len(),
+                                failing_health: cands.iter().filter(|c| c.failing).count(),
+                            },
+                        )
+                    } else {
+                        last_usable.insert(frontend, keep.clone());
+                        (keep, Reason::KeepServing)
+                    }
+                }
+            };
+            status.frontends.push(FrontendSelection {
+                frontend,
+                backends,
+                reason,
+            });
+        }
+    }
+    status
+}
+
+#[cfg(test)]
+#[path = "index_tests.rs"]
+mod tests;

@@ -1,0 +1,709 @@
+//! Unit tests of the merge index: every selection rule and the transitions between them.
+
+use super::*;
+use mesh_model::values::{BackendVerdict, EndpointPort};
+
+// ---- builders ------------------------------------------------------------------------------------
+
+fn c(n: &str) -> ClusterName {
+    ClusterName::new(n).unwrap()
+}
+
+fn web() -> ServiceName {
+    ServiceName::new("default", "web").unwrap()
+}
+
+const VIP: &str = "10.96.0.10";
+
+fn fe() -> Frontend {
+    Frontend {
+        ip: VIP.parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+struct SpecB(ServiceSpec);
+
+impl SpecB {
+    fn new(cluster: &str) -> Self {
+        Self(ServiceSpec {
+            cluster: c(cluster),
+            namespace: "default".into(),
+            name: "web".into(),
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            frontends: vec![VIP.parse().unwrap()],
+            headless: false,
+            shared: true,
+            affinity: Affinity::Local,
+            failover_order: vec![],
+            health_check: HealthCheck::Tcp,
+        })
+    }
+    fn affinity(mut self, a: Affinity) -> Self {
+        self.0.affinity = a;
+        self
+    }
+    fn order(mut self, o: &[&str]) -> Self {
+        self.0.failover_order = o.iter().map(|n| c(n)).collect();
+        self
+    }
+    fn shared(mut self, s: bool) -> Self {
+        self.0.shared = s;
+        self
+    }
+    fn frontends(mut self, ips: &[&str]) -> Self {
+        self.0.frontends = ips.iter().map(|i| i.parse().unwrap()).collect();
+        self
+    }
+    fn headless(mut self) -> Self {
+        self.0.headless = true;
+        self.0.frontends.clear();
+        self
+    }
+    fn build(self) -> ServiceSpec {
+        self.0
+    }
+}
+
+fn ep(ip: &str) -> Endpoint {
+    Endpoint {
+        ip: ip.parse().unwrap(),
+        ports: vec![EndpointPort {
+            name: None,
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+        node: Some("n1".into()),
+        zone: None,
+        hostname: None,
+        conditions: Conditions::default(),
+    }
+}
+
+fn cond(mut e: Endpoint, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+    e.conditions = Conditions {
+        ready,
+        serving,
+        terminating,
+    };
+    e
+}
+
+fn chunk(cluster: &str, n: u32, eps: Vec<Endpoint>) -> EndpointChunk {
+    EndpointChunk {
+        cluster: c(cluster),
+        namespace: "default".into(),
+        name: "web".into(),
+        chunk: n,
+        endpoints: eps,
+    }
+}
+
+fn report(cluster: &str, node: &str, v: &[(&str, Verdict)]) -> HealthReport {
+    HealthReport {
+        cluster: c(cluster),
+        node: node.into(),
+        verdicts: v
+            .iter()
+            .map(|(ip, verdict)| BackendVerdict {
+                ip: ip.parse().unwrap(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+                verdict: *verdict,
+            })
+            .collect(),
+    }
+}
+
+/// Backends of the frontend as "cluster/ip", sorted.
+fn picked(ix: &MergeIndex, f: &Frontend) -> Vec<String> {
+    let mut v: Vec<String> = ix
+        .desired()
+        .get(f)
+        .map(|b| {
+            b.iter()
+                .map(|b| format!("{}/{}", b.cluster, b.ip))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn reason(ix: &MergeIndex) -> Reason {
+    ix.service(&web()).unwrap().frontends[0].reason.clone()
+}
+
+/// c1 (local) with 10.1.0.1-2, c2 with 10.2.0.1, c3 with 10.3.0.1; all publish the service.
+fn three_clusters(affinity: Affinity, order: &[&str]) -> MergeIndex {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").affinity(affinity).order(order).build());
+    ix.upsert_service(SpecB::new("c2").frontends(&["10.97.0.10"]).build());
+    ix.upsert_service(SpecB::new("c3").frontends(&["10.98.0.10"]).build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1"), ep("10.1.0.2")]));
+    ix.upsert_chunk(chunk("c2", 0, vec![ep("10.2.0.1")]));
+    ix.upsert_chunk(chunk("c3", 0, vec![ep("10.3.0.1")]));
+    ix
+}
+
+fn local_unready(ix: &mut MergeIndex) {
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![
+            cond(ep("10.1.0.1"), false, false, false),
+            cond(ep("10.1.0.2"), false, false, false),
+        ],
+    ));
+}
+
+// ---- affinity local ------------------------------------------------------------------------------
+
+#[test]
+fn local_affinity_prefers_usable_local_backends() {
+    let ix = three_clusters(Affinity::Local, &[]);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::Preferred {
+            clusters: vec![c("c1")]
+        }
+    );
+    // Only the local frontend is programmed, never the remote clusters' ClusterIPs.
+    assert_eq!(ix.desired().len(), 1);
+}
+
+#[test]
+fn local_affinity_fails_over_to_all_remotes_together_by_default() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    local_unready(&mut ix);
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::FailedOver {
+            clusters: vec![c("c2"), c("c3")]
+        }
+    );
+    assert_eq!(ix.failovers(), 1);
+}
+
+#[test]
+fn one_usable_local_backend_is_enough_to_stay_local() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, false, false), ep("10.1.0.2")],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.2"]);
+}
+
+#[test]
+fn failover_order_picks_groups_in_order_then_the_rest() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").order(&["c3", "c2"]).build());
+    for (cl, ip) in [("c2", "10.2.0.1"), ("c3", "10.3.0.1"), ("c4", "10.4.0.1")] {
+        ix.upsert_service(SpecB::new(cl).build());
+        ix.upsert_chunk(chunk(cl, 0, vec![ep(ip)]));
+    }
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, false, false)],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c3/10.3.0.1"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::FailedOver {
+            clusters: vec![c("c3")]
+        }
+    );
+    ix.upsert_chunk(chunk(
+        "c3",
+        0,
+        vec![cond(ep("10.3.0.1"), false, false, false)],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1"]);
+    ix.upsert_chunk(chunk("c2", 0, vec![]));
+    assert_eq!(picked(&ix, &fe()), ["c4/10.4.0.1"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::FailedOver {
+            clusters: vec![c("c4")]
+        }
+    );
+}
+
+#[test]
+fn failback_when_local_recovers() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    local_unready(&mut ix);
+    ix.take_changes();
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1"), ep("10.1.0.2")]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    let ch = ix.take_changes();
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].0, fe());
+    assert!(matches!(reason(&ix), Reason::Preferred { .. }));
+    // Failing over again counts a second failover.
+    local_unready(&mut ix);
+    assert_eq!(ix.failovers(), 2);
+}
+
+// ---- health --------------------------------------------------------------------------------------
+
+#[test]
+fn failing_health_verdicts_make_local_backends_unusable_and_recovery_brings_them_back() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.upsert_health(report(
+        "c1",
+        "n1",
+        &[
+            ("10.1.0.1", Verdict::Failing),
+            ("10.1.0.2", Verdict::Failing),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
+    ix.upsert_health(report(
+        "c1",
+        "n1",
+        &[
+            ("10.1.0.1", Verdict::Healthy),
+            ("10.1.0.2", Verdict::Failing),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    // The report vanishing (lease expired) forgets its verdicts.
+    ix.delete_health(&c("c1"), "n1");
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn remote_health_verdicts_apply_to_remote_backends() {
+    let mut ix = three_clusters(Affinity::None, &[]);
+    ix.upsert_health(report("c2", "n9", &[("10.2.0.1", Verdict::Failing)]));
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c3/10.3.0.1"]
+    );
+}
+
+#[test]
+fn a_verdict_on_another_port_does_not_apply() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    let mut r = report("c1", "n1", &[("10.1.0.1", Verdict::Failing)]);
+    r.verdicts[0].port = 9999;
+    ix.upsert_health(r);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn health_change_recomputes_only_services_on_those_addresses() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    let mut other = SpecB::new("c1").frontends(&["10.96.0.99"]).build();
+    other.name = "other".into();
+    ix.upsert_service(other);
+    let mut ch = chunk("c1", 0, vec![ep("10.1.9.9")]);
+    ch.name = "other".into();
+    ix.upsert_chunk(ch);
+    ix.take_changes();
+    ix.upsert_health(report("c1", "n1", &[("10.1.9.9", Verdict::Failing)]));
+    let changes = ix.take_changes();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].0.ip.to_string(), "10.96.0.99");
+    assert_eq!(changes[0].1, Some(vec![]));
+}
+
+// ---- affinity remote / none ------------------------------------------------------------------------
+
+#[test]
+fn remote_affinity_prefers_remotes_and_falls_back_to_local() {
+    let mut ix = three_clusters(Affinity::Remote, &["c3"]);
+    assert_eq!(picked(&ix, &fe()), ["c3/10.3.0.1"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::Preferred {
+            clusters: vec![c("c3")]
+        }
+    );
+    ix.upsert_health(report("c3", "n1", &[("10.3.0.1", Verdict::Failing)]));
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1"]);
+    ix.upsert_health(report("c2", "n1", &[("10.2.0.1", Verdict::Failing)]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::FailedOver {
+            clusters: vec![c("c1")]
+        }
+    );
+}
+
+#[test]
+fn no_affinity_uses_every_usable_backend() {
+    let mut ix = three_clusters(Affinity::None, &[]);
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c2/10.2.0.1", "c3/10.3.0.1"]
+    );
+    assert_eq!(reason(&ix), Reason::AllUsable);
+    local_unready(&mut ix);
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
+    assert_eq!(reason(&ix), Reason::AllUsable);
+    assert_eq!(ix.failovers(), 0);
+}
+
+#[test]
+fn affinity_change_takes_effect() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.upsert_service(SpecB::new("c1").affinity(Affinity::None).build());
+    assert_eq!(picked(&ix, &fe()).len(), 4);
+}
+
+// ---- sharing and staleness -----------------------------------------------------------------------
+
+#[test]
+fn a_remote_that_does_not_share_is_not_a_candidate() {
+    let mut ix = three_clusters(Affinity::None, &[]);
+    ix.upsert_service(SpecB::new("c2").shared(false).build());
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c3/10.3.0.1"]
+    );
+    // Endpoints of a cluster without a spec are not candidates either.
+    ix.delete_service(&c("c3"), &web());
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn stale_cluster_is_left_out_kept_in_memory_and_back_when_live() {
+    let mut ix = three_clusters(Affinity::None, &[]);
+    ix.set_stale(&c("c2"), true);
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c3/10.3.0.1"]
+    );
+    assert_eq!(ix.service(&web()).unwrap().stale_clusters, vec![c("c2")]);
+    // Updates from a stale cluster are still taken in.
+    ix.upsert_chunk(chunk("c2", 0, vec![ep("10.2.0.1"), ep("10.2.0.2")]));
+    ix.set_stale(&c("c2"), false);
+    assert_eq!(
+        picked(&ix, &fe()),
+        [
+            "c1/10.1.0.1",
+            "c1/10.1.0.2",
+            "c2/10.2.0.1",
+            "c2/10.2.0.2",
+            "c3/10.3.0.1"
+        ]
+    );
+}
+
+#[test]
+fn failover_skips_stale_clusters() {
+    let mut ix = three_clusters(Affinity::Local, &["c2"]);
+    ix.set_stale(&c("c2"), true);
+    local_unready(&mut ix);
+    assert_eq!(picked(&ix, &fe()), ["c3/10.3.0.1"]);
+}
+
+#[test]
+fn the_local_cluster_is_never_left_out_as_stale() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.set_stale(&c("c1"), true);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn removing_a_cluster_forgets_its_backends_and_verdicts() {
+    let mut ix = three_clusters(Affinity::None, &[]);
+    ix.upsert_health(report("c3", "n1", &[("10.1.0.1", Verdict::Failing)]));
+    ix.remove_cluster(&c("c3"));
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c2/10.2.0.1"]
+    );
+}
+
+// ---- nothing usable ------------------------------------------------------------------------------
+
+#[test]
+fn nothing_usable_keeps_last_usable_backends_that_still_serve() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1"), ep("10.1.0.2")]));
+    // Both terminate; one still serves.
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![
+            cond(ep("10.1.0.1"), false, true, true),
+            cond(ep("10.1.0.2"), false, false, true),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    assert_eq!(reason(&ix), Reason::KeepServing);
+    // When it stops serving too: no backends (connects fail fast).
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![
+            cond(ep("10.1.0.1"), false, false, true),
+            cond(ep("10.1.0.2"), false, false, true),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), Vec::<String>::new());
+    assert!(
+        ix.desired().contains_key(&fe()),
+        "programmed empty, not removed"
+    );
+    assert_eq!(
+        reason(&ix),
+        Reason::NoUsableBackends {
+            candidates: 2,
+            failing_health: 0
+        }
+    );
+}
+
+#[test]
+fn serving_terminating_backends_never_usable_are_not_kept() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, true, true)],
+    ));
+    assert_eq!(picked(&ix, &fe()), Vec::<String>::new());
+}
+
+#[test]
+fn serving_not_terminating_is_usable_even_when_not_ready() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, true, false)],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+}
+
+#[test]
+fn all_failing_health_gives_no_backends_even_if_serving() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.upsert_health(report(
+        "c1",
+        "n1",
+        &[
+            ("10.1.0.1", Verdict::Failing),
+            ("10.1.0.2", Verdict::Failing),
+            ("10.2.0.1", Verdict::Failing),
+            ("10.3.0.1", Verdict::Failing),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), Vec::<String>::new());
+    assert_eq!(
+        reason(&ix),
+        Reason::NoUsableBackends {
+            candidates: 4,
+            failing_health: 4
+        }
+    );
+    ix.delete_health(&c("c1"), "n1");
+    assert_eq!(picked(&ix, &fe()).len(), 2);
+}
+
+// ---- frontends -----------------------------------------------------------------------------------
+
+#[test]
+fn import_gives_the_frontend_when_there_is_no_local_service() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c2").affinity(Affinity::None).build());
+    ix.upsert_chunk(chunk("c2", 0, vec![ep("10.2.0.1")]));
+    assert_eq!(
+        ix.service(&web()).unwrap().no_frontend,
+        Some(NoFrontend::NoLocalServiceOrImport)
+    );
+    assert!(ix.desired().is_empty());
+    ix.upsert_import(ServiceImport {
+        cluster: c("c1"),
+        namespace: "default".into(),
+        name: "web".into(),
+        ips: vec!["10.100.0.5".parse().unwrap()],
+        ports: vec![ServicePort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+    });
+    let f = Frontend {
+        ip: "10.100.0.5".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(picked(&ix, &f), ["c2/10.2.0.1"]);
+    // Another cluster's import is not ours.
+    ix.delete_import(&c("c2"), &web());
+    assert_eq!(picked(&ix, &f), ["c2/10.2.0.1"]);
+    ix.delete_import(&c("c1"), &web());
+    assert!(ix.desired().is_empty());
+    assert_eq!(ix.take_changes().last().unwrap().1, None);
+}
+
+#[test]
+fn headless_local_service_has_no_frontend() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").headless().build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1")]));
+    assert!(ix.desired().is_empty());
+    assert_eq!(
+        ix.service(&web()).unwrap().no_frontend,
+        Some(NoFrontend::Headless)
+    );
+}
+
+#[test]
+fn each_frontend_family_gets_backends_of_its_family() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").frontends(&[VIP, "fd00::10"]).build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1"), ep("fd00:1::1")]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    let f6 = Frontend {
+        ip: "fd00::10".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(picked(&ix, &f6), ["c1/fd00:1::1"]);
+}
+
+#[test]
+fn named_ports_map_to_the_endpoint_port_of_the_same_name() {
+    let mut ix = MergeIndex::new(c("c1"));
+    let mut s = SpecB::new("c1").build();
+    s.ports = vec![
+        ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        ServicePort {
+            name: Some("metrics".into()),
+            port: 9090,
+            protocol: Protocol::Tcp,
+        },
+    ];
+    ix.upsert_service(s);
+    let mut e = ep("10.1.0.1");
+    e.ports = vec![
+        EndpointPort {
+            name: Some("metrics".into()),
+            port: 19090,
+            protocol: Protocol::Tcp,
+        },
+        EndpointPort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        },
+    ];
+    ix.upsert_chunk(chunk("c1", 0, vec![e]));
+    let mf = Frontend {
+        ip: VIP.parse().unwrap(),
+        port: 9090,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(ix.desired()[&fe()][0].port, 8080);
+    assert_eq!(ix.desired()[&mf][0].port, 19090);
+}
+
+#[test]
+fn a_changed_cluster_ip_removes_the_old_frontend() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.take_changes();
+    ix.upsert_service(SpecB::new("c1").frontends(&["10.96.0.11"]).build());
+    let ch = ix.take_changes();
+    assert_eq!(ch.len(), 2);
+    assert!(ch.iter().any(|(f, b)| *f == fe() && b.is_none()));
+    assert!(!ix.desired().contains_key(&fe()));
+}
+
+#[test]
+fn deleting_everything_of_a_service_removes_its_frontend() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1")]));
+    ix.delete_chunk(&c("c1"), &web(), 0);
+    assert_eq!(picked(&ix, &fe()), Vec::<String>::new());
+    ix.delete_service(&c("c1"), &web());
+    assert!(ix.desired().is_empty());
+    assert!(ix.services().is_empty());
+}
+
+#[test]
+fn endpoints_across_chunks_are_merged() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1")]));
+    ix.upsert_chunk(chunk("c1", 1, vec![ep("10.1.0.2")]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    ix.delete_chunk(&c("c1"), &web(), 0);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.2"]);
+}
+
+#[test]
+fn unchanged_selection_reports_no_change() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.take_changes();
+    // A remote endpoint change does not alter a local-affinity selection.
+    ix.upsert_chunk(chunk("c2", 0, vec![ep("10.2.0.1"), ep("10.2.0.2")]));
+    assert!(!ix.has_changes());
+}
+
+#[test]
+fn apply_dispatches_decoded_values() {
+    let mut ix = MergeIndex::new(c("c1"));
+    let spec = SpecB::new("c1").build();
+    let key = MeshKey::Service {
+        cluster: c("c1"),
+        service: web(),
+    };
+    let bytes = MeshValue::Service(spec).encode();
+    let v = MeshValue::decode(&key, &bytes).unwrap();
+    assert!(ix.apply(&key, Some(v)));
+    assert!(ix.service(&web()).is_some());
+    assert!(ix.apply(&key, None));
+    assert!(ix.service(&web()).is_none());
+    assert!(!ix.apply(&MeshKey::Heartbeat { cluster: c("c1") }, None));
+}
+
+#[test]
+fn probe_targets_are_local_backends_on_this_node() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    let mut other_node = ep("10.1.0.3");
+    other_node.node = Some("n2".into());
+    ix.upsert_chunk(chunk("c1", 1, vec![other_node]));
+    ix.upsert_service(SpecB::new("c1").build().tap_http("/healthz"));
+    let t = ix.probe_targets("n1");
+    let ips: Vec<String> = t.iter().map(|t| t.ip.to_string()).collect();
+    assert_eq!(ips, ["10.1.0.1", "10.1.0.2"]);
+    assert!(
+        t.iter()
+            .all(|t| t.check == ProbeKind::Http("/healthz".into()))
+    );
+}
+
+trait TapHttp {
+    fn tap_http(self, path: &str) -> Self;
+}
+impl TapHttp for ServiceSpec {
+    fn tap_http(mut self, path: &str) -> Self {
+        self.health_check = HealthCheck::Http { path: path.into() };
+        self
+    }
+}

@@ -1,0 +1,359 @@
+//! The load-balancer view node-sync programs: frontends, backends, the [`MapWriter`] trait the
+//! datapath implements, an in-memory [`FakeMaps`] for tests and benchmarks, and the [`Reconciler`]
+//! that brings the maps to the desired state with the fewest writes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use mesh_model::ClusterName;
+use mesh_model::values::Protocol;
+use serde::Serialize;
+
+/// A service address the datapath rewrites: (VIP, port, protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Frontend {
+    /// Virtual IP (ClusterIP or ClusterSetIP).
+    pub ip: IpAddr,
+    /// Port on the VIP.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// One backend a frontend may be rewritten to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Backend {
+    /// Cluster the backend runs in.
+    pub cluster: ClusterName,
+    /// Address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}@{}", self.port, self.cluster),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}@{}", self.port, self.cluster),
+        }
+    }
+}
+
+/// A failed map operation.
+#[derive(Debug, thiserror::Error)]
+#[error("map {op} of service {frontend}: {detail}")]
+pub struct MapError {
+    /// The operation (`upsert`, `delete`, `list`).
+    pub op: &'static str,
+    /// The frontend concerned (`*` for a listing).
+    pub frontend: String,
+    /// What failed.
+    pub detail: String,
+}
+
+/// What the datapath must offer node-sync: set, delete and list services.
+///
+/// An upsert replaces the whole backend set of one frontend atomically (the eBPF implementation
+/// writes new backend slots first and the count last).
+pub trait MapWriter: Send {
+    /// Program `frontend` with exactly `backends` (may be empty: connects then fail fast).
+    fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend])
+    -> Result<(), MapError>;
+    /// Remove `frontend` from the maps.
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<(), MapError>;
+    /// Everything programmed now (read back from pinned maps after a restart).
+    fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError>;
+}
+
+/// Counts of writes, for tests and the bench.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    /// Upserts done.
+    pub upserts: u64,
+    /// Deletes done.
+    pub deletes: u64,
+}
+
+#[derive(Debug, Default)]
+struct FakeInner {
+    services: HashMap<Frontend, Vec<Backend>>,
+    counts: WriteCounts,
+    history: Vec<(std::time::Instant, Frontend)>,
+    record_history: bool,
+}
+
+/// An in-memory [`MapWriter`]; clones share the same maps, so a test keeps a handle while the
+/// agent owns another.
+#[derive(Debug, Clone, Default)]
+pub struct FakeMaps {
+    inner: Arc<Mutex<FakeInner>>,
+}
+
+impl FakeMaps {
+    /// Empty maps.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps that already hold `services` (as pinned maps do after a restart).
+    pub fn with(services: HashMap<Frontend, Vec<Backend>>) -> Self {
+        let maps = Self::default();
+        maps.lock().services = services;
+        maps
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeInner> {
+        // A test that panicked while holding the lock leaves plain data behind; keep reading it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backends programmed for `frontend`.
+    pub fn get(&self, frontend: &Frontend) -> Option<Vec<Backend>> {
+        self.lock().services.get(frontend).cloned()
+    }
+
+    /// A copy of every service programmed.
+    pub fn snapshot(&self) -> HashMap<Frontend, Vec<Backend>> {
+        self.lock().services.clone()
+    }
+
+    /// Writes done so far.
+    pub fn counts(&self) -> WriteCounts {
+        self.lock().counts
+    }
+
+    /// Record the time of every write (for propagation measurements).
+    pub fn record_history(&self, on: bool) {
+        self.lock().record_history = on;
+    }
+
+    /// Drain the recorded write times.
+    pub fn take_history(&self) -> Vec<(std::time::Instant, Frontend)> {
+        std::mem::take(&mut self.lock().history)
+    }
+}
+
+impl MapWriter for FakeMaps {
+    fn upsert_service(
+        &mut self,
+        frontend: &Frontend,
+        backends: &[Backend],
+    ) -> Result<(), MapError> {
+        let mut g = self.lock();
+        g.services.insert(*frontend, backends.to_vec());
+        g.counts.upserts += 1;
+        if g.record_history {
+            g.history.push((std::time::Instant::now(), *frontend));
+        }
+        Ok(())
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<(), MapError> {
+        let mut g = self.lock();
+        g.services.remove(frontend);
+        g.counts.deletes += 1;
+        if g.record_history {
+            g.history.push((std::time::Instant::now(), *frontend));
+        }
+        Ok(())
+    }
+
+    fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
+        Ok(self.lock().services.clone())
+    }
+}
+
+fn same_set(a: &[Backend], b: &[Backend]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if a == b {
+        return true;
+    }
+    let mut x: Vec<&Backend> = a.iter().collect();
+    let mut y: Vec<&Backend> = b.iter().collect();
+    x.sort();
+    y.sort();
+    x == y
+}
+
+/// Brings a [`MapWriter`] to a desired state with the fewest writes: a frontend is written only
+/// when its backend set differs from what the maps hold; frontends no longer desired are deleted.
+pub struct Reconciler<M: MapWriter> {
+    maps: M,
+    programmed: HashMap<Frontend, Vec<Backend>>,
+    errors: u64,
+}
+
+impl<M: MapWriter> Reconciler<M> {
+    /// Start from what the maps hold now (nothing is flushed).
+    pub fn new(mut maps: M) -> Result<Self, MapError> {
+        let programmed = maps.services()?;
+        Ok(Self {
+            maps,
+            programmed,
+            errors: 0,
+        })
+    }
+
+    /// What the maps hold, as far as this reconciler knows.
+    pub fn programmed(&self) -> &HashMap<Frontend, Vec<Backend>> {
+        &self.programmed
+    }
+
+    /// Map operations that failed so far.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// Full reconcile: make the maps equal `desired`. Returns the writes done.
+    pub fn reconcile_all<'a>(
+        &mut self,
+        desired: impl IntoIterator<Item = (&'a Frontend, &'a [Backend])>,
+    ) -> WriteCounts {
+        let mut counts = WriteCounts::default();
+        let mut wanted = std::collections::HashSet::new();
+        for (fe, backends) in desired {
+            wanted.insert(*fe);
+            counts = add(counts, self.set(fe, Some(backends)));
+        }
+        let stale: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|fe| !wanted.contains(fe))
+            .copied()
+            .collect();
+        for fe in stale {
+            counts = add(counts, self.set(&fe, None));
+        }
+        counts
+    }
+
+    /// Set one frontend (`None`: delete it). Writes only when it differs.
+    pub fn set(&mut self, frontend: &Frontend, backends: Option<&[Backend]>) -> WriteCounts {
+        let mut counts = WriteCounts::default();
+        match backends {
+            Some(b) => {
+                if self
+                    .programmed
+                    .get(frontend)
+                    .is_some_and(|cur| same_set(cur, b))
+                {
+                    return counts;
+                }
+                match self.maps.upsert_service(frontend, b) {
+                    Ok(()) => {
+                        self.programmed.insert(*frontend, b.to_vec());
+                        counts.upserts += 1;
+                    }
+                    Err(error) => {
+                        self.errors += 1;
+                        tracing::warn!(%error, "map write failed");
+                    }
+                }
+            }
+            None => {
+                if !self.programmed.contains_key(frontend) {
+                    return counts;
+                }
+                match self.maps.delete_service(frontend) {
+                    Ok(()) => {
+                        self.programmed.remove(frontend);
+                        counts.deletes += 1;
+                    }
+                    Err(error) => {
+                        self.errors += 1;
+                        tracing::warn!(%error, "map delete failed");
+                    }
+                }
+            }
+        }
+        counts
+    }
+}
+
+fn add(a: WriteCounts, b: WriteCounts) -> WriteCounts {
+    WriteCounts {
+        upserts: a.upserts + b.upserts,
+        deletes: a.deletes + b.deletes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fe(ip: &str, port: u16) -> Frontend {
+        Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+    fn be(c: &str, ip: &str) -> Backend {
+        Backend {
+            cluster: ClusterName::new(c).unwrap(),
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn start_does_not_flush_and_unchanged_is_not_rewritten() {
+        let a = fe("10.96.0.1", 80);
+        let b = fe("10.96.0.2", 80);
+        let maps = FakeMaps::with(HashMap::from([
+            (a, vec![be("c1", "10.0.0.1"), be("c1", "10.0.0.2")]),
+            (b, vec![be("c1", "10.0.0.3")]),
+        ]));
+        let mut r = Reconciler::new(maps.clone()).unwrap();
+        assert_eq!(maps.counts(), WriteCounts::default());
+        // Same set in another order: no write. b changed: one write.
+        let da = vec![be("c1", "10.0.0.2"), be("c1", "10.0.0.1")];
+        let db = vec![be("c2", "10.1.0.3")];
+        let w = r.reconcile_all([(&a, da.as_slice()), (&b, db.as_slice())]);
+        assert_eq!(
+            w,
+            WriteCounts {
+                upserts: 1,
+                deletes: 0
+            }
+        );
+        assert_eq!(maps.get(&b).unwrap(), db);
+    }
+
+    #[test]
+    fn undesired_frontends_are_deleted_once() {
+        let a = fe("10.96.0.1", 80);
+        let maps = FakeMaps::with(HashMap::from([(a, vec![be("c1", "10.0.0.1")])]));
+        let mut r = Reconciler::new(maps.clone()).unwrap();
+        let w = r.reconcile_all(std::iter::empty());
+        assert_eq!(w.deletes, 1);
+        assert!(maps.get(&a).is_none());
+        assert_eq!(r.set(&a, None), WriteCounts::default());
+    }
+
+    #[test]
+    fn empty_backend_set_is_programmed_not_deleted() {
+        let a = fe("10.96.0.1", 80);
+        let maps = FakeMaps::new();
+        let mut r = Reconciler::new(maps.clone()).unwrap();
+        r.set(&a, Some(&[]));
+        assert_eq!(maps.get(&a), Some(vec![]));
+    }
+}

@@ -1,1 +1,192 @@
 //! Map layouts shared by the eBPF programs and the loader.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields, so a key never carries
+//! uninitialised bytes into a hash map. Addresses are kept exactly as the kernel keeps them in
+//! `struct bpf_sock_addr`: four 32-bit words in network byte order (the bytes of the address in
+//! memory order). An IPv4 address is stored as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so
+//! one services map serves both families and a dual-stack socket connecting to `::ffff:a.b.c.d`
+//! finds the IPv4 service. Ports are in network byte order too.
+//!
+//! Map contents:
+//! - [`SERVICES_MAP`]: [`ServiceKey`] -> [`ServiceValue`]. Slot 0 of a frontend holds the backend
+//!   count and the service id; slots `1..=count` hold one backend id each. A backend with weight
+//!   `w` fills `w` slots; the programs pick a slot at random.
+//! - [`BACKENDS_MAP`]: backend id (`u32`) -> [`Backend`].
+//! - [`REV_NAT_MAP`]: [`RevNatKey`] (socket cookie + backend address) -> [`RevNatValue`]
+//!   (service address), so replies and `getpeername` show the service address.
+//! - [`COUNTERS_MAP`]: per-CPU array of `u64` indexed by backend id: connections (TCP connects,
+//!   connected UDP sockets and unconnected UDP datagrams) sent to that backend.
+#![cfg_attr(not(test), no_std)]
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// `AF_INET`, as stored in [`Backend::family`].
+pub const FAMILY_V4: u8 = 4;
+/// `AF_INET6`, as stored in [`Backend::family`].
+pub const FAMILY_V6: u8 = 6;
+
+/// Backend flag: the backend runs in the local cluster (for the status page's local/remote split).
+pub const BACKEND_FLAG_LOCAL: u8 = 1;
+
+/// Name of the services map in the eBPF object (and of its pin under the pin directory).
+pub const SERVICES_MAP: &str = "GLB_SERVICES";
+/// Name of the backends map.
+pub const BACKENDS_MAP: &str = "GLB_BACKENDS";
+/// Name of the reverse-NAT map.
+pub const REV_NAT_MAP: &str = "GLB_REV_NAT";
+/// Name of the per-backend connection counters map.
+pub const COUNTERS_MAP: &str = "GLB_COUNTERS";
+
+/// Capacity of the services map (slot 0 entries plus backend slots, all services together).
+pub const MAX_SERVICE_ENTRIES: u32 = 1 << 19;
+/// Capacity of the backends map; backend ids are `1..MAX_BACKENDS` (0 is never used).
+pub const MAX_BACKENDS: u32 = 1 << 16;
+/// Capacity of the reverse-NAT LRU map.
+pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 18;
+/// Largest number of slots one service may use (sum of its backends' weights).
+pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so a big, mostly empty map is cheap.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// `ECONNREFUSED` on Linux: what `connect()` returns for a service with no backends.
+pub const ECONNREFUSED: i32 = 111;
+
+/// The second-to-last word of an IPv4-mapped IPv6 address (`0000:ffff`), as stored in memory.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The four address words of the IPv4-mapped form of `ip4` (network byte order, as in
+/// `bpf_sock_addr::user_ip4`).
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Whether `addr` is an IPv4-mapped IPv6 address.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Key of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceKey {
+    /// Service address (IPv4-mapped for IPv4), network byte order.
+    pub addr: [u32; 4],
+    /// Service port, network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Always 0.
+    pub pad: u8,
+    /// 0 for the service entry, `1..=count` for backend slots.
+    pub slot: u32,
+}
+
+/// Value of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceValue {
+    /// Backend id in a backend slot; 0 in slot 0.
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only); 0 means "refuse connections".
+    pub count: u32,
+    /// Service id, the same in every slot of a service.
+    pub service_id: u32,
+    /// Reserved, 0.
+    pub flags: u32,
+}
+
+/// Value of the backends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Backend {
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Cluster the backend runs in.
+    pub cluster_id: u16,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Always 0.
+    pub pad: [u8; 2],
+}
+
+/// Key of the reverse-NAT map: which socket talked to which backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie` of the client socket.
+    pub cookie: u64,
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub pad: [u8; 6],
+}
+
+/// Value of the reverse-NAT map: the service address the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RevNatValue {
+    /// Service address (IPv4-mapped for IPv4), network byte order.
+    pub addr: [u32; 4],
+    /// Service port, network byte order.
+    pub port: u16,
+    /// Always 0.
+    pub pad: [u8; 2],
+    /// Service id.
+    pub service_id: u32,
+}
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    //! The loader reads and writes these types as raw map bytes.
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers, with explicit padding
+    // fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::RevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<RevNatValue>(), 24);
+    }
+
+    #[test]
+    fn v4_mapped_matches_the_ipv6_form() {
+        let ip4 = u32::from_ne_bytes([127, 10, 0, 1]);
+        let words = v4_mapped(ip4);
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 10, 0, 1]
+        );
+        assert!(is_v4_mapped(&words));
+        assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
+    }
+}

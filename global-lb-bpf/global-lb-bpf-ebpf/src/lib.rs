@@ -1,1 +1,1 @@
-//! eBPF socket load-balancer programs.
+#![no_std]

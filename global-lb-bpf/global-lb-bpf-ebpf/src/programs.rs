@@ -1,0 +1,384 @@
+//! The cgroup `sock_addr` programs and their maps.
+//!
+//! - `connect4`/`connect6`: TCP and connected UDP. A (service address, port, protocol) found in
+//!   the services map is rewritten to a backend chosen at random among the service's slots; the
+//!   socket then talks to the backend directly, with no per-packet work. A service with no
+//!   backends fails the `connect()` with `ECONNREFUSED` at once (`bpf_set_retval`).
+//! - `sendmsg4`/`sendmsg6`: the same per datagram for unconnected UDP.
+//! - `recvmsg4`/`recvmsg6`, `getpeername4`/`getpeername6`: translate a backend address back to the
+//!   service address the socket asked for, through the reverse-NAT map keyed by socket cookie.
+//!
+//! Anything not in the services map is left alone.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use global_lb_bpf_common::{
+    BPF_F_NO_PREALLOC, Backend, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
+    MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, is_v4_mapped, v4_mapped,
+};
+
+#[map(name = "GLB_SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICE_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "GLB_BACKENDS")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "GLB_REV_NAT")]
+static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::with_max_entries(MAX_REV_NAT_ENTRIES, 0);
+
+#[map(name = "GLB_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Allow the operation (the only value `recvmsg`/`getpeername` programs may return).
+const ALLOW: i32 = 1;
+/// Reject the operation; the syscall returns what `bpf_set_retval` set (EPERM if nothing).
+const REJECT: i32 = 0;
+
+/// How often a lookup is retried when a concurrent service update removed the slot or backend
+/// this program was about to use (it then re-reads the service's slot 0).
+const SELECT_ATTEMPTS: u32 = 3;
+
+/// Outcome of a service lookup.
+enum Selection {
+    /// Not a service: leave the socket alone.
+    NotAService,
+    /// A service with no usable backend: refuse.
+    NoBackend,
+    /// Send the socket to this backend.
+    Backend {
+        backend_id: u32,
+        service_id: u32,
+        backend: Backend,
+    },
+}
+
+/// Picks a backend for (addr, port, proto). Slot 0 gives the slot count; a random slot in
+/// `1..=count` gives the backend id. The loader writes new slots before the count and removes
+/// stale slots and backends after it, so a miss here means an update raced with us: read slot 0
+/// again.
+#[inline(always)]
+fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
+    let mut key = ServiceKey {
+        addr,
+        port,
+        proto,
+        pad: 0,
+        slot: 0,
+    };
+    let mut attempt = 0;
+    while attempt < SELECT_ATTEMPTS {
+        attempt += 1;
+        key.slot = 0;
+        let Some(svc) = SERVICES.get_ptr(&key) else {
+            // Deleted (or never there): a service that vanished mid-update is "not a service".
+            return Selection::NotAService;
+        };
+        // SAFETY: the pointer comes from a successful map lookup and is read at once.
+        let svc = unsafe { core::ptr::read(svc) };
+        if svc.count == 0 {
+            return Selection::NoBackend;
+        }
+        // SAFETY: a helper without arguments.
+        let rnd = unsafe { bpf_get_prandom_u32() };
+        key.slot = rnd % svc.count + 1;
+        let Some(slot) = SERVICES.get_ptr(&key) else {
+            continue;
+        };
+        // SAFETY: as above.
+        let slot = unsafe { core::ptr::read(slot) };
+        let Some(backend) = BACKENDS.get_ptr(&slot.backend_id) else {
+            continue;
+        };
+        // SAFETY: as above.
+        let backend = unsafe { core::ptr::read(backend) };
+        return Selection::Backend {
+            backend_id: slot.backend_id,
+            service_id: svc.service_id,
+            backend,
+        };
+    }
+    Selection::NoBackend
+}
+
+#[inline(always)]
+fn count_connection(backend_id: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot of an array map; programs on this CPU do not run concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn remember_service(ctx: &SockAddrContext, backend: &Backend, service: RevNatValue) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = RevNatKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        pad: [0; 6],
+    };
+    // A full LRU map evicts its oldest entry, so this cannot fail for lack of room; if it fails
+    // anyway, only getpeername/recvmsg translation is lost, the connection itself still works.
+    let _ = REV_NAT.insert(&key, &service, 0);
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: a helper that sets the syscall's return value; allowed for connect/sendmsg hooks.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+/// Reads the four words of `user_ip6`.
+#[inline(always)]
+fn read_ip6(sa: *const bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: `sa` is the program context; 4-byte loads of user_ip6 are allowed.
+    unsafe {
+        [
+            core::ptr::read_volatile(&(*sa).user_ip6[0]),
+            core::ptr::read_volatile(&(*sa).user_ip6[1]),
+            core::ptr::read_volatile(&(*sa).user_ip6[2]),
+            core::ptr::read_volatile(&(*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes the four words of `user_ip6` (one 4-byte store each, as the verifier wants).
+#[inline(always)]
+fn write_ip6(sa: *mut bpf_sock_addr, addr: &[u32; 4]) {
+    // SAFETY: `sa` is the program context; 4-byte stores to user_ip6 are allowed in these hooks.
+    unsafe {
+        core::ptr::write_volatile(&mut (*sa).user_ip6[0], addr[0]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[1], addr[1]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[2], addr[2]);
+        core::ptr::write_volatile(&mut (*sa).user_ip6[3], addr[3]);
+    }
+}
+
+#[inline(always)]
+fn read_port(sa: *const bpf_sock_addr) -> u16 {
+    // SAFETY: `sa` is the program context; user_port holds a network-order u16 in a u32.
+    unsafe { core::ptr::read_volatile(&(*sa).user_port) as u16 }
+}
+
+#[inline(always)]
+fn write_port(sa: *mut bpf_sock_addr, port: u16) {
+    // SAFETY: `sa` is the program context.
+    unsafe { core::ptr::write_volatile(&mut (*sa).user_port, u32::from(port)) }
+}
+
+#[inline(always)]
+fn protocol(sa: *const bpf_sock_addr) -> Option<u8> {
+    // SAFETY: `sa` is the program context.
+    let proto = unsafe { core::ptr::read_volatile(&(*sa).protocol) };
+    match proto {
+        p if p == u32::from(PROTO_TCP) => Some(PROTO_TCP),
+        p if p == u32::from(PROTO_UDP) => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+// ---- forward translation: connect and sendmsg ----
+
+/// Forward translation for an IPv4 socket: returns the program's verdict.
+#[inline(always)]
+fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the program context.
+    let ip4 = unsafe { core::ptr::read_volatile(&(*sa).user_ip4) };
+    let port = read_port(sa);
+    let vip = v4_mapped(ip4);
+    match select(vip, port, proto) {
+        Selection::NotAService => ALLOW,
+        Selection::NoBackend => refuse(),
+        Selection::Backend {
+            backend_id,
+            service_id,
+            backend,
+        } => {
+            if backend.family != FAMILY_V4 {
+                // The loader never pairs an IPv4 service with an IPv6 backend.
+                return refuse();
+            }
+            // SAFETY: `sa` is the program context; user_ip4 is writable in these hooks.
+            unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[3]) };
+            write_port(sa, backend.port);
+            count_connection(backend_id);
+            remember_service(
+                ctx,
+                &backend,
+                RevNatValue {
+                    addr: vip,
+                    port,
+                    pad: [0; 2],
+                    service_id,
+                },
+            );
+            ALLOW
+        }
+    }
+}
+
+/// Forward translation for an IPv6 socket (including IPv4-mapped destinations of dual-stack
+/// sockets, which find the IPv4 service and get an IPv4-mapped backend address).
+#[inline(always)]
+fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let vip = read_ip6(sa);
+    let port = read_port(sa);
+    match select(vip, port, proto) {
+        Selection::NotAService => ALLOW,
+        Selection::NoBackend => refuse(),
+        Selection::Backend {
+            backend_id,
+            service_id,
+            backend,
+        } => {
+            let wanted = if is_v4_mapped(&vip) {
+                FAMILY_V4
+            } else {
+                FAMILY_V6
+            };
+            if backend.family != wanted {
+                return refuse();
+            }
+            write_ip6(sa, &backend.addr);
+            write_port(sa, backend.port);
+            count_connection(backend_id);
+            remember_service(
+                ctx,
+                &backend,
+                RevNatValue {
+                    addr: vip,
+                    port,
+                    pad: [0; 2],
+                    service_id,
+                },
+            );
+            ALLOW
+        }
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> i32 {
+    match protocol(ctx.sock_addr) {
+        Some(proto) => xlate_fwd4(ctx, proto),
+        None => ALLOW,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> i32 {
+    match protocol(ctx.sock_addr) {
+        Some(proto) => xlate_fwd6(ctx, proto),
+        None => ALLOW,
+    }
+}
+
+fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
+    xlate_fwd4(ctx, PROTO_UDP)
+}
+
+fn try_sendmsg6(ctx: &SockAddrContext) -> i32 {
+    xlate_fwd6(ctx, PROTO_UDP)
+}
+
+// ---- reverse translation: recvmsg and getpeername ----
+
+#[inline(always)]
+fn service_of(ctx: &SockAddrContext, addr: [u32; 4], port: u16) -> Option<RevNatValue> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let key = RevNatKey {
+        cookie,
+        addr,
+        port,
+        pad: [0; 6],
+    };
+    // SAFETY: the value is copied at once.
+    REV_NAT.get_ptr(&key).map(|v| unsafe { core::ptr::read(v) })
+}
+
+fn try_xlate_rev4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the program context.
+    let ip4 = unsafe { core::ptr::read_volatile(&(*sa).user_ip4) };
+    let port = read_port(sa);
+    if let Some(svc) = service_of(ctx, v4_mapped(ip4), port) {
+        // SAFETY: `sa` is the program context; user_ip4 is writable in these hooks.
+        unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, svc.addr[3]) };
+        write_port(sa, svc.port);
+    }
+    ALLOW
+}
+
+fn try_xlate_rev6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = read_ip6(sa);
+    let port = read_port(sa);
+    if let Some(svc) = service_of(ctx, addr, port) {
+        write_ip6(sa, &svc.addr);
+        write_port(sa, svc.port);
+    }
+    ALLOW
+}
+
+// ---- entry points ----
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    try_xlate_rev4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    try_xlate_rev6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    try_xlate_rev4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    try_xlate_rev6(&ctx)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+// No GPL-only helper is used, so the workspace licence will do.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";

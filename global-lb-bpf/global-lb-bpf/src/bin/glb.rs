@@ -1,0 +1,99 @@
+//! `glb`: load, inspect and edit the global service socket load balancer by hand.
+//!
+//! Every command opens the datapath (attaching and pinning on first use, reusing the pins
+//! afterwards), does its work and exits; the datapath keeps running.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, ServiceMaps, mounts};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "glb", about = "eBPF socket load balancer for global services")]
+struct Args {
+    /// cgroup v2 directory whose processes are load-balanced.
+    #[arg(long, env = "GLB_CGROUP")]
+    cgroup: PathBuf,
+    /// Directory on bpffs for the pinned maps and links (one per cgroup).
+    #[arg(long, env = "GLB_PIN_DIR", default_value = "/sys/fs/bpf/clustermesh")]
+    pin_dir: PathBuf,
+    /// Mount bpffs at /sys/fs/bpf first if it is not mounted.
+    #[arg(long, env = "GLB_MOUNT_BPFFS")]
+    mount_bpffs: bool,
+    /// Log format.
+    #[arg(long, env = "GLB_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the programs (or check the pinned ones) and exit.
+    Attach,
+    /// Create or replace a service: `glb upsert tcp:10.96.0.10:80 10.1.0.5:8080@1,local ...`.
+    Upsert {
+        /// PROTO:ADDR:PORT, e.g. tcp:10.96.0.10:80 or udp:[fd00::10]:53.
+        frontend: Frontend,
+        /// ADDR:PORT[@CLUSTER][*WEIGHT][,local]; none makes connects fail with ECONNREFUSED.
+        backends: Vec<Backend>,
+    },
+    /// Delete a service.
+    Delete {
+        /// PROTO:ADDR:PORT.
+        frontend: Frontend,
+    },
+    /// Print the services as JSON.
+    List,
+    /// Print the per-backend connection counters as JSON.
+    Counters,
+    /// Detach the programs and delete the pinned maps.
+    Remove,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    if args.mount_bpffs {
+        mounts::ensure_bpffs(std::path::Path::new(mounts::DEFAULT_BPFFS))?;
+    }
+    if let Command::Remove = args.command {
+        Datapath::remove(&args.pin_dir)
+            .with_context(|| format!("removing {}", args.pin_dir.display()))?;
+        return Ok(());
+    }
+    let mut dp = Datapath::open(&DatapathConfig {
+        cgroup: args.cgroup.clone(),
+        pin_dir: args.pin_dir.clone(),
+    })?;
+    match args.command {
+        Command::Attach | Command::Remove => {}
+        Command::Upsert { frontend, backends } => {
+            let id = dp.upsert_service(&frontend, &backends)?;
+            println!(
+                "{}",
+                serde_json::json!({ "frontend": frontend, "service_id": id })
+            );
+        }
+        Command::Delete { frontend } => {
+            let existed = dp.delete_service(&frontend)?;
+            println!(
+                "{}",
+                serde_json::json!({ "frontend": frontend, "deleted": existed })
+            );
+        }
+        Command::List => println!("{}", serde_json::to_string_pretty(&dp.services()?)?),
+        Command::Counters => println!("{}", serde_json::to_string_pretty(&dp.counters()?)?),
+    }
+    Ok(())
+}

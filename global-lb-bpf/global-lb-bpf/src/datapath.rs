@@ -1,0 +1,413 @@
+//! The aya shell: load the programs, attach them to a cgroup, pin maps and links, and give the
+//! maps to [`LbMaps`].
+//!
+//! Pin layout under the pin directory (on bpffs):
+//! - `GLB_SERVICES`, `GLB_BACKENDS`, `GLB_REV_NAT`, `GLB_COUNTERS`: the maps;
+//! - `link_<program>` (e.g. `link_connect4`): one BPF link per program, attached to the cgroup.
+//!
+//! A pinned link keeps its program attached after the loader exits, and a pinned map keeps its
+//! contents, so the datapath never stops: [`Datapath::open`] on a pin directory that is already
+//! populated reuses every pinned map and link, reads the services back and rewrites nothing.
+//! Only a link that is missing is created. [`Datapath::remove`] detaches and deletes it all.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use global_lb_bpf_common::{self as common, ServiceKey, ServiceValue};
+use tracing::{debug, info};
+
+use crate::maps::{LbMaps, ServiceMaps};
+use crate::mounts::{is_bpffs, is_cgroup2};
+use crate::store::MapStore;
+use crate::{BackendCounter, Error, Frontend, Service};
+
+/// The compiled eBPF object (built by `build.rs`).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/global-lb-bpf"));
+
+/// The programs, in attach order.
+pub const PROGRAMS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
+
+const MAPS: [&str; 4] = [
+    common::SERVICES_MAP,
+    common::BACKENDS_MAP,
+    common::REV_NAT_MAP,
+    common::COUNTERS_MAP,
+];
+
+/// Where to attach and where to pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// cgroup v2 directory whose processes (and descendants) are load-balanced.
+    pub cgroup: PathBuf,
+    /// Directory on bpffs for the pinned maps and links; one per cgroup.
+    pub pin_dir: PathBuf,
+}
+
+/// The loaded, attached datapath and its typed map API.
+pub struct Datapath {
+    config: DatapathConfig,
+    maps: LbMaps<AyaStore>,
+    links: Vec<PinnedLink>,
+    reused_links: usize,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("config", &self.config)
+            .field("links", &self.links.len())
+            .field("reused_links", &self.reused_links)
+            .finish()
+    }
+}
+
+impl Datapath {
+    /// Loads (or reuses) the maps and programs pinned under `config.pin_dir` and makes sure every
+    /// program is attached to `config.cgroup`. Services already in pinned maps keep working
+    /// throughout and are read back, not rewritten.
+    pub fn open(config: &DatapathConfig) -> Result<Self, Error> {
+        let cgroup = File::open(&config.cgroup).map_err(|source| Error::Cgroup {
+            path: config.cgroup.clone(),
+            source,
+        })?;
+        if !is_cgroup2(&config.cgroup) {
+            return Err(Error::NotCgroup2 {
+                path: config.cgroup.clone(),
+            });
+        }
+        prepare_pin_dir(&config.pin_dir)?;
+
+        let map_pins: Vec<(&str, PathBuf)> = MAPS
+            .iter()
+            .map(|name| (*name, config.pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
+            pin_dir: config.pin_dir.clone(),
+            source: Box::new(source),
+        })?;
+
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        let mut reused_links = 0;
+        for program in PROGRAMS {
+            let path = config.pin_dir.join(format!("link_{program}"));
+            if path.exists() {
+                let link = PinnedLink::from_pin(&path).map_err(|e| Error::Link {
+                    program,
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                reused_links += 1;
+                links.push(link);
+                continue;
+            }
+            links.push(attach(&mut ebpf, program, &cgroup, &config.cgroup, &path)?);
+        }
+
+        let store = AyaStore::take(&mut ebpf)?;
+        let maps = LbMaps::recover(store)?;
+        info!(
+            cgroup = %config.cgroup.display(),
+            pin_dir = %config.pin_dir.display(),
+            reused_links,
+            services = maps.services().map(|s| s.len()).unwrap_or(0),
+            "datapath ready"
+        );
+        Ok(Self {
+            config: config.clone(),
+            maps,
+            links,
+            reused_links,
+        })
+    }
+
+    /// Detaches the programs attached through `pin_dir` and deletes its maps: connections made
+    /// afterwards are no longer translated. Missing pins are skipped.
+    pub fn remove(pin_dir: &Path) -> Result<(), Error> {
+        for program in PROGRAMS {
+            remove_pin(&pin_dir.join(format!("link_{program}")))?;
+        }
+        for map in MAPS {
+            remove_pin(&pin_dir.join(map))?;
+        }
+        match fs::remove_dir(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Io {
+                what: "removing",
+                path: pin_dir.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Where it is attached and pinned.
+    pub fn config(&self) -> &DatapathConfig {
+        &self.config
+    }
+
+    /// How many program links were found pinned (8 after a restart, 0 on a first start).
+    pub fn reused_links(&self) -> usize {
+        self.reused_links
+    }
+}
+
+impl ServiceMaps for Datapath {
+    fn upsert_service(
+        &mut self,
+        frontend: &Frontend,
+        backends: &[crate::Backend],
+    ) -> Result<u32, Error> {
+        self.maps.upsert_service(frontend, backends)
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
+        self.maps.delete_service(frontend)
+    }
+
+    fn services(&self) -> Result<Vec<Service>, Error> {
+        self.maps.services()
+    }
+
+    fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
+        self.maps.counters()
+    }
+}
+
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), Error> {
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    if !(is_bpffs(pin_dir) || is_bpffs(parent)) {
+        return Err(Error::NotBpffs {
+            path: pin_dir.into(),
+        });
+    }
+    fs::create_dir_all(pin_dir).map_err(|source| Error::Io {
+        what: "creating pin directory",
+        path: pin_dir.into(),
+        source,
+    })
+}
+
+fn remove_pin(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            what: "unpinning",
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Loads `program`, attaches it to the cgroup through a BPF link and pins the link at `path`.
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    cgroup: &File,
+    cgroup_path: &Path,
+    path: &Path,
+) -> Result<PinnedLink, Error> {
+    let refused = |source: aya::programs::ProgramError| Error::ProgramRefused {
+        program,
+        source: Box::new(source),
+    };
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(program)
+        .ok_or_else(|| Error::MapLayout {
+            map: "(program)",
+            reason: format!("program {program} is missing from the eBPF object"),
+        })?
+        .try_into()
+        .map_err(refused)?;
+    prog.load().map_err(refused)?;
+    let attach_err = |source: aya::programs::ProgramError| Error::Attach {
+        program,
+        cgroup: cgroup_path.into(),
+        source: Box::new(source),
+    };
+    let link_id = prog
+        // Cgroup links always allow several programs; link_create wants no attach flags.
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(attach_err)?;
+    let link = prog.take_link(link_id).map_err(attach_err)?;
+    let link = FdLink::try_from(link).map_err(|e| Error::Link {
+        program,
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let pinned = link.pin(path).map_err(|e| Error::Link {
+        program,
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    debug!(program, path = %path.display(), "program attached and link pinned");
+    Ok(pinned)
+}
+
+// ---- the aya map store ----
+
+/// [`MapStore`] over the kernel maps.
+pub struct AyaStore {
+    services: AyaHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: AyaHashMap<MapData, u32, common::Backend>,
+    counters: PerCpuArray<MapData, u64>,
+    nr_cpus: usize,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
+    ebpf.take_map(name).ok_or_else(|| Error::MapLayout {
+        map: name,
+        reason: "missing from the eBPF object".into(),
+    })
+}
+
+fn layout_err(map: &'static str) -> impl Fn(MapError) -> Error {
+    move |e| Error::MapLayout {
+        map,
+        reason: format!(
+            "{e} (pinned by an incompatible version? remove the pin directory to start afresh)"
+        ),
+    }
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error {
+    move |e| {
+        if let MapError::SyscallError(s) = &e
+            && s.io_error.raw_os_error() == Some(libc::E2BIG)
+        {
+            return Error::MapFull {
+                map,
+                capacity: match map {
+                    common::SERVICES_MAP => common::MAX_SERVICE_ENTRIES,
+                    common::BACKENDS_MAP => common::MAX_BACKENDS,
+                    _ => 0,
+                },
+            };
+        }
+        Error::Map {
+            map,
+            op,
+            source: Box::new(e),
+        }
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+impl AyaStore {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        let services = AyaHashMap::try_from(take_map(ebpf, common::SERVICES_MAP)?)
+            .map_err(layout_err(common::SERVICES_MAP))?;
+        let backends = AyaHashMap::try_from(take_map(ebpf, common::BACKENDS_MAP)?)
+            .map_err(layout_err(common::BACKENDS_MAP))?;
+        let counters = PerCpuArray::try_from(take_map(ebpf, common::COUNTERS_MAP)?)
+            .map_err(layout_err(common::COUNTERS_MAP))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::Io {
+            what: "reading",
+            path: what.into(),
+            source: e,
+        })?;
+        Ok(Self {
+            services,
+            backends,
+            counters,
+            nr_cpus,
+        })
+    }
+}
+
+impl MapStore for AyaStore {
+    fn put_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(common::SERVICES_MAP, "insert"))
+    }
+
+    fn delete_slot(&mut self, key: &ServiceKey) -> Result<(), Error> {
+        match self.services.remove(key) {
+            Err(e) if !is_not_found(&e) => Err(map_err(common::SERVICES_MAP, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_backend(&mut self, id: u32, value: &common::Backend) -> Result<(), Error> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(map_err(common::BACKENDS_MAP, "insert"))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), Error> {
+        match self.backends.remove(&id) {
+            Err(e) if !is_not_found(&e) => Err(map_err(common::BACKENDS_MAP, "remove")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn reset_counter(&mut self, id: u32) -> Result<(), Error> {
+        let zeros =
+            PerCpuValues::try_from(vec![0u64; self.nr_cpus]).map_err(|source| Error::Io {
+                what: "sizing per-CPU values for",
+                path: common::COUNTERS_MAP.into(),
+                source,
+            })?;
+        self.counters
+            .set(id, zeros, 0)
+            .map_err(map_err(common::COUNTERS_MAP, "reset"))
+    }
+
+    fn counter(&self, id: u32) -> Result<u64, Error> {
+        let values = self
+            .counters
+            .get(&id, 0)
+            .map_err(map_err(common::COUNTERS_MAP, "read"))?;
+        Ok(values.iter().sum())
+    }
+
+    fn slots(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
+        let mut out = Vec::new();
+        for entry in self.services.iter() {
+            match entry {
+                Ok(kv) => out.push(kv),
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err(common::SERVICES_MAP, "iterate")(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, common::Backend)>, Error> {
+        let mut out = Vec::new();
+        for entry in self.backends.iter() {
+            match entry {
+                Ok(kv) => out.push(kv),
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err(common::BACKENDS_MAP, "iterate")(e)),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,808 @@
+//! The service map logic: typed services in, ordered map writes out.
+//!
+//! [`LbMaps`] keeps an in-memory mirror of the services and backends maps and turns
+//! [`ServiceMaps::upsert_service`] / [`ServiceMaps::delete_service`] into map writes in an order
+//! that keeps every connecting client on a backend of either the old or the new backend set:
+//!
+//! 1. new backends are written to the backends map (their counters zeroed first);
+//! 2. backend slots `1..=new_count` are written, keeping a backend that stays in the slot it
+//!    already had, so a one-backend change rewrites about one slot;
+//! 3. slot 0 gets the new count (the switch);
+//! 4. slots past the new count are removed, then backends no service uses any more.
+//!
+//! A program that races with step 4 misses its slot or backend and re-reads slot 0 (see the
+//! eBPF crate). Backend and service ids are allocated round-robin, so a just-freed id is not
+//! handed out again while a racing program may still hold it.
+//!
+//! The same logic runs over the kernel maps ([`crate::Datapath`]) and over [`MemStore`]
+//! ([`FakeMaps`]), which is what tests of callers such as node-sync use.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use global_lb_bpf_common::{self as common, ServiceValue};
+use tracing::{debug, warn};
+
+use crate::model::{BackendIdentity, backend_from_value, backend_value};
+use crate::store::{MapStore, MemStore};
+use crate::{Backend, BackendCounter, Error, Frontend, Service};
+
+/// The typed map API node-sync writes through.
+///
+/// Implemented by [`crate::Datapath`] (kernel maps) and [`FakeMaps`] (memory).
+pub trait ServiceMaps {
+    /// Creates or replaces the backends of `frontend`. Backends must have the frontend's address
+    /// family; duplicates are merged (weights added); weight-0 backends are left out. An empty
+    /// list makes connects to the frontend fail at once with `ECONNREFUSED`. Returns the
+    /// service id. Nothing is written when the update cannot fit in the maps.
+    fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend]) -> Result<u32, Error>;
+
+    /// Removes `frontend`; connects to it are left alone afterwards. Returns whether it existed.
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error>;
+
+    /// Every service, sorted by frontend.
+    fn services(&self) -> Result<Vec<Service>, Error>;
+
+    /// Connection counters of every backend in the maps, sorted by backend id.
+    fn counters(&self) -> Result<Vec<BackendCounter>, Error>;
+}
+
+/// The in-memory maps with the real update logic, for tests of code that writes services.
+pub type FakeMaps = LbMaps<MemStore>;
+
+impl FakeMaps {
+    /// Empty in-memory maps.
+    pub fn new() -> Self {
+        LbMaps::with_empty_store(MemStore::new())
+    }
+}
+
+impl Default for FakeMaps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ServiceState {
+    service_id: u32,
+    /// Backend id of slot `i + 1`.
+    slots: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+struct BackendState {
+    value: common::Backend,
+    identity: BackendIdentity,
+    /// Number of services using this backend.
+    refs: u32,
+}
+
+/// Service logic over a [`MapStore`]; see the module docs.
+#[derive(Debug)]
+pub struct LbMaps<S> {
+    store: S,
+    services: BTreeMap<Frontend, ServiceState>,
+    backends: HashMap<u32, BackendState>,
+    backend_ids: HashMap<BackendIdentity, u32>,
+    service_ids: HashSet<u32>,
+    next_backend_id: u32,
+    next_service_id: u32,
+    /// Entries in the services map (slot 0 entries plus backend slots).
+    service_entries: usize,
+}
+
+impl<S: MapStore> LbMaps<S> {
+    /// Logic over a store known to be empty.
+    pub fn with_empty_store(store: S) -> Self {
+        Self {
+            store,
+            services: BTreeMap::new(),
+            backends: HashMap::new(),
+            backend_ids: HashMap::new(),
+            service_ids: HashSet::new(),
+            next_backend_id: 1,
+            next_service_id: 1,
+            service_entries: 0,
+        }
+    }
+
+    /// Logic over a store that may hold services written before (by an earlier process):
+    /// reads them back, removes leftovers of an interrupted update (slots past a service's count,
+    /// slots without a service, unused backends) and repairs a service whose slots point at a
+    /// missing backend. Services are not rewritten otherwise.
+    pub fn recover(store: S) -> Result<Self, Error> {
+        let mut me = Self::with_empty_store(store);
+        let slots = me.store.slots()?;
+        let stored_backends = me.store.backends()?;
+
+        // Slot 0 entries first: they say which services exist and how many slots they have.
+        let mut heads: BTreeMap<Frontend, ServiceValue> = BTreeMap::new();
+        let mut by_key: HashMap<common::ServiceKey, ServiceValue> = HashMap::new();
+        let mut orphans = Vec::new();
+        for (key, value) in &slots {
+            by_key.insert(*key, *value);
+            if key.slot == 0 {
+                match Frontend::from_key(key) {
+                    Some(f) => {
+                        heads.insert(f, *value);
+                    }
+                    None => orphans.push(*key),
+                }
+            }
+        }
+        let backend_values: HashMap<u32, common::Backend> = stored_backends.into_iter().collect();
+        let mut repairs: Vec<(Frontend, Vec<Backend>)> = Vec::new();
+
+        for (frontend, head) in &heads {
+            let mut ids = Vec::with_capacity(head.count as usize);
+            let mut broken = false;
+            for slot in 1..=head.count {
+                match by_key.get(&frontend.key(slot)) {
+                    Some(v) if backend_values.contains_key(&v.backend_id) => ids.push(v.backend_id),
+                    _ => broken = true,
+                }
+            }
+            me.service_ids.insert(head.service_id);
+            me.next_service_id = me.next_service_id.max(head.service_id.wrapping_add(1));
+            for id in ids.iter().copied().collect::<HashSet<_>>() {
+                let value = backend_values[&id];
+                let identity = backend_from_value(&value).identity();
+                me.backend_ids.insert(identity, id);
+                me.backends
+                    .entry(id)
+                    .or_insert(BackendState {
+                        value,
+                        identity,
+                        refs: 0,
+                    })
+                    .refs += 1;
+                me.next_backend_id = me.next_backend_id.max(id.wrapping_add(1));
+            }
+            me.service_entries += 1 + ids.len();
+            if broken {
+                warn!(%frontend, "service slots point at missing backends; rewriting it");
+                repairs.push((*frontend, me.backends_of(&ids)));
+            }
+            me.services.insert(
+                *frontend,
+                ServiceState {
+                    service_id: head.service_id,
+                    slots: ids,
+                },
+            );
+        }
+
+        // Leftovers: slots beyond a service's count or without a service, unused backends.
+        for (key, _) in &slots {
+            if key.slot == 0 {
+                continue;
+            }
+            let keep = Frontend::from_key(key)
+                .and_then(|f| heads.get(&f))
+                .is_some_and(|head| key.slot <= head.count);
+            if !keep {
+                orphans.push(*key);
+            }
+        }
+        if !orphans.is_empty() {
+            debug!(count = orphans.len(), "removing leftover service slots");
+        }
+        for key in &orphans {
+            me.store.delete_slot(key)?;
+        }
+        for id in backend_values.keys() {
+            if !me.backends.contains_key(id) {
+                debug!(backend_id = id, "removing unused backend");
+                me.store.delete_backend(*id)?;
+            }
+        }
+        if me.next_backend_id >= common::MAX_BACKENDS {
+            me.next_backend_id = 1;
+        }
+        for (frontend, backends) in repairs {
+            me.upsert_service(&frontend, &backends)?;
+        }
+        Ok(me)
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store underneath, mutably (tests use it to play the datapath).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Backends (weight = slot multiplicity) of a slot list, sorted.
+    fn backends_of(&self, slots: &[u32]) -> Vec<Backend> {
+        let mut weights: BTreeMap<u32, u16> = BTreeMap::new();
+        for id in slots {
+            let w = weights.entry(*id).or_insert(0);
+            *w = w.saturating_add(1);
+        }
+        let mut out: Vec<Backend> = weights
+            .into_iter()
+            .filter_map(|(id, weight)| {
+                self.backends
+                    .get(&id)
+                    .map(|b| backend_from_value(&b.value).with_weight(weight))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn validate(frontend: &Frontend, backends: &[Backend]) -> Result<Vec<Backend>, Error> {
+        let invalid = |reason: String| Error::InvalidService {
+            frontend: *frontend,
+            reason,
+        };
+        if frontend.port == 0 {
+            return Err(invalid("port 0 cannot be a service port".into()));
+        }
+        let mut merged: BTreeMap<BackendIdentity, Backend> = BTreeMap::new();
+        for b in backends {
+            if b.addr.is_ipv4() != frontend.addr.is_ipv4() {
+                return Err(invalid(format!(
+                    "backend {} is not of the service's address family",
+                    b.socket_addr()
+                )));
+            }
+            if b.port == 0 {
+                return Err(invalid(format!("backend {} has port 0", b.socket_addr())));
+            }
+            if b.addr.is_unspecified() {
+                return Err(invalid(format!(
+                    "backend {} has an unspecified address",
+                    b.socket_addr()
+                )));
+            }
+            if b.weight == 0 {
+                continue;
+            }
+            merged
+                .entry(b.identity())
+                .and_modify(|m| {
+                    m.weight = m.weight.saturating_add(b.weight);
+                    m.local |= b.local;
+                })
+                .or_insert(*b);
+        }
+        let slots: u64 = merged.values().map(|b| u64::from(b.weight)).sum();
+        if slots > u64::from(common::MAX_SLOTS_PER_SERVICE) {
+            return Err(invalid(format!(
+                "{slots} slots (sum of weights) exceed the limit of {}",
+                common::MAX_SLOTS_PER_SERVICE
+            )));
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    fn allocate_backend_id(&mut self) -> Result<u32, Error> {
+        for _ in 0..common::MAX_BACKENDS {
+            let id = self.next_backend_id;
+            self.next_backend_id = if id + 1 >= common::MAX_BACKENDS {
+                1
+            } else {
+                id + 1
+            };
+            if !self.backends.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Error::IdsExhausted { what: "backend" })
+    }
+
+    fn allocate_service_id(&mut self) -> Result<u32, Error> {
+        for _ in 0..u32::MAX {
+            let id = self.next_service_id;
+            self.next_service_id = self.next_service_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.service_ids.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Error::IdsExhausted { what: "service" })
+    }
+
+    /// Drops a reference to each backend of `ids` (deduplicated); removes unused ones.
+    fn release_backends(&mut self, ids: impl IntoIterator<Item = u32>) -> Result<(), Error> {
+        for id in ids.into_iter().collect::<HashSet<_>>() {
+            let Some(state) = self.backends.get_mut(&id) else {
+                continue;
+            };
+            state.refs = state.refs.saturating_sub(1);
+            if state.refs == 0 {
+                let identity = state.identity;
+                self.store.delete_backend(id)?;
+                self.backends.remove(&id);
+                self.backend_ids.remove(&identity);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// New slot list: a backend keeps the slots it already had (up to its new weight); freed and
+/// added slots are filled with the backends that still need slots.
+pub(crate) fn assign_slots(old: &[u32], wanted: &[(u32, u16)]) -> Vec<u32> {
+    let total: usize = wanted.iter().map(|(_, w)| usize::from(*w)).sum();
+    let mut need: HashMap<u32, u16> = wanted.iter().copied().collect();
+    let mut out: Vec<Option<u32>> = vec![None; total];
+    for (i, id) in old.iter().take(total).enumerate() {
+        if let Some(n) = need.get_mut(id)
+            && *n > 0
+        {
+            *n -= 1;
+            out[i] = Some(*id);
+        }
+    }
+    let mut fill = wanted
+        .iter()
+        .flat_map(|(id, _)| std::iter::repeat_n(*id, usize::from(need[id])));
+    out.into_iter()
+        .map(|slot| slot.or_else(|| fill.next()).unwrap_or_default())
+        .collect()
+}
+
+impl<S: MapStore> ServiceMaps for LbMaps<S> {
+    fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend]) -> Result<u32, Error> {
+        let backends = Self::validate(frontend, backends)?;
+        let old = self.services.get(frontend).cloned();
+        let old_slots = old.as_ref().map(|s| s.slots.clone()).unwrap_or_default();
+        let new_total: usize = backends.iter().map(|b| usize::from(b.weight)).sum();
+
+        // Room check before any write.
+        let added_backends = backends
+            .iter()
+            .filter(|b| !self.backend_ids.contains_key(&b.identity()))
+            .count();
+        if self.backends.len() + added_backends >= common::MAX_BACKENDS as usize {
+            return Err(Error::MapFull {
+                map: common::BACKENDS_MAP,
+                capacity: common::MAX_BACKENDS,
+            });
+        }
+        let peak_entries = self.service_entries
+            + usize::from(old.is_none())
+            + new_total.saturating_sub(old_slots.len());
+        if peak_entries > common::MAX_SERVICE_ENTRIES as usize {
+            return Err(Error::MapFull {
+                map: common::SERVICES_MAP,
+                capacity: common::MAX_SERVICE_ENTRIES,
+            });
+        }
+
+        let service_id = match &old {
+            Some(s) => s.service_id,
+            None => self.allocate_service_id()?,
+        };
+
+        // 1. backends: new ones (counter zeroed first), changed flags rewritten in place.
+        let mut wanted: Vec<(u32, u16)> = Vec::with_capacity(backends.len());
+        let mut acquired: Vec<u32> = Vec::new();
+        for b in &backends {
+            let value = backend_value(b);
+            let id = match self.backend_ids.get(&b.identity()) {
+                Some(&id) => {
+                    let state = self
+                        .backends
+                        .get_mut(&id)
+                        .expect("backend id index in sync");
+                    if state.value != value {
+                        self.store.put_backend(id, &value)?;
+                        state.value = value;
+                    }
+                    id
+                }
+                None => {
+                    let id = self.allocate_backend_id()?;
+                    self.store.reset_counter(id)?;
+                    self.store.put_backend(id, &value)?;
+                    self.backends.insert(
+                        id,
+                        BackendState {
+                            value,
+                            identity: b.identity(),
+                            refs: 0,
+                        },
+                    );
+                    self.backend_ids.insert(b.identity(), id);
+                    id
+                }
+            };
+            if !old_slots.contains(&id) {
+                acquired.push(id);
+            }
+            wanted.push((id, b.weight));
+        }
+        for id in &acquired {
+            if let Some(state) = self.backends.get_mut(id) {
+                state.refs += 1;
+            }
+        }
+
+        // 2. slots 1..=new_count, rewriting only those that change.
+        let new_slots = assign_slots(&old_slots, &wanted);
+        for (i, id) in new_slots.iter().enumerate() {
+            if old_slots.get(i) != Some(id) {
+                self.store.put_slot(
+                    &frontend.key(i as u32 + 1),
+                    &ServiceValue {
+                        backend_id: *id,
+                        count: 0,
+                        service_id,
+                        flags: 0,
+                    },
+                )?;
+            }
+        }
+
+        // 3. the switch: slot 0 with the new count.
+        if old.is_none() || old_slots.len() != new_slots.len() {
+            self.store.put_slot(
+                &frontend.key(0),
+                &ServiceValue {
+                    backend_id: 0,
+                    count: new_slots.len() as u32,
+                    service_id,
+                    flags: 0,
+                },
+            )?;
+        }
+        self.service_ids.insert(service_id);
+
+        // 4. stale slots, then backends nobody uses.
+        for slot in new_slots.len()..old_slots.len() {
+            self.store.delete_slot(&frontend.key(slot as u32 + 1))?;
+        }
+        self.service_entries = self.service_entries + 1 + new_slots.len()
+            - old.as_ref().map_or(0, |s| 1 + s.slots.len());
+        let kept: HashSet<u32> = new_slots.iter().copied().collect();
+        let dropped: Vec<u32> = old_slots
+            .iter()
+            .copied()
+            .filter(|id| !kept.contains(id))
+            .collect();
+        self.services.insert(
+            *frontend,
+            ServiceState {
+                service_id,
+                slots: new_slots,
+            },
+        );
+        self.release_backends(dropped)?;
+        debug!(%frontend, service_id, backends = backends.len(), "service written");
+        Ok(service_id)
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
+        let Some(state) = self.services.get(frontend).cloned() else {
+            return Ok(false);
+        };
+        self.store.delete_slot(&frontend.key(0))?;
+        for slot in 1..=state.slots.len() {
+            self.store.delete_slot(&frontend.key(slot as u32))?;
+        }
+        self.services.remove(frontend);
+        self.service_ids.remove(&state.service_id);
+        self.service_entries -= 1 + state.slots.len();
+        self.release_backends(state.slots)?;
+        debug!(%frontend, "service deleted");
+        Ok(true)
+    }
+
+    fn services(&self) -> Result<Vec<Service>, Error> {
+        Ok(self
+            .services
+            .iter()
+            .map(|(frontend, s)| Service {
+                frontend: *frontend,
+                service_id: s.service_id,
+                backends: self.backends_of(&s.slots),
+            })
+            .collect())
+    }
+
+    fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
+        let mut ids: Vec<u32> = self.backends.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|id| {
+                let b = backend_from_value(&self.backends[&id].value);
+                Ok(BackendCounter {
+                    backend_id: id,
+                    addr: b.addr,
+                    port: b.port,
+                    cluster_id: b.cluster_id,
+                    local: b.local,
+                    connections: self.store.counter(id)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Proto;
+    use crate::store::MapOp;
+
+    fn fe(s: &str) -> Frontend {
+        s.parse().unwrap()
+    }
+
+    fn be(s: &str) -> Backend {
+        s.parse().unwrap()
+    }
+
+    /// Every backend a client could land on right now, over every slot the current count allows.
+    fn reachable(maps: &FakeMaps, f: &Frontend) -> Vec<Backend> {
+        let store = maps.store();
+        let head = store.slots.get(&f.key(0)).copied();
+        let Some(head) = head else { return vec![] };
+        (1..=head.count)
+            .map(|slot| {
+                backend_from_value(
+                    &store
+                        .resolve(&f.key(0), slot)
+                        .expect("slot within count resolves"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upsert_then_services_reads_back_weights() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        let id = maps
+            .upsert_service(
+                &f,
+                &[be("127.0.0.2:8080@1*2,local"), be("127.0.0.3:8080@2")],
+            )
+            .unwrap();
+        let services = maps.services().unwrap();
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].service_id, id);
+        assert_eq!(
+            services[0].backends,
+            vec![be("127.0.0.2:8080@1*2,local"), be("127.0.0.3:8080@2")]
+        );
+        assert_eq!(reachable(&maps, &f).len(), 3);
+    }
+
+    #[test]
+    fn slots_are_written_before_the_count_and_removed_after() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        maps.upsert_service(
+            &f,
+            &[
+                be("127.0.0.2:1@1"),
+                be("127.0.0.3:1@1"),
+                be("127.0.0.4:1@1"),
+            ],
+        )
+        .unwrap();
+        maps.store_mut().log.clear();
+        maps.upsert_service(&f, &[be("127.0.0.5:1@1")]).unwrap();
+        let log = &maps.store().log;
+        let head_at = log
+            .iter()
+            .position(|op| matches!(op, MapOp::PutSlot(k, _) if k.slot == 0))
+            .expect("count rewritten");
+        let first_put = log
+            .iter()
+            .position(|op| matches!(op, MapOp::PutBackend(..)))
+            .unwrap();
+        let first_delete = log
+            .iter()
+            .position(|op| matches!(op, MapOp::DeleteSlot(_) | MapOp::DeleteBackend(_)))
+            .unwrap();
+        assert!(
+            first_put < head_at,
+            "new backend before the switch: {log:?}"
+        );
+        assert!(head_at < first_delete, "removals after the switch: {log:?}");
+    }
+
+    #[test]
+    fn every_intermediate_state_serves_old_or_new_backends() {
+        // Replay the write log one op at a time; after each op every slot a client could pick
+        // (given the slot 0 it reads) must resolve to a backend of the old or the new set, or
+        // miss (the program then re-reads slot 0 and finds a complete state).
+        let f = fe("udp:[fd00::10]:53");
+        let set_a: Vec<Backend> = (1..=5).map(|i| be(&format!("[fd00::{i}]:53@1"))).collect();
+        let set_b: Vec<Backend> = (6..=7).map(|i| be(&format!("[fd00::{i}]:53@2"))).collect();
+        let mut maps = FakeMaps::new();
+        maps.upsert_service(&f, &set_a).unwrap();
+        for (from, to) in [(&set_a, &set_b), (&set_b, &set_a)] {
+            let start = maps.store().clone();
+            maps.store_mut().log.clear();
+            maps.upsert_service(&f, to).unwrap();
+            let ops = maps.store().log.clone();
+            let allowed: HashSet<(std::net::IpAddr, u16)> = from
+                .iter()
+                .chain(to.iter())
+                .map(|b| (b.addr, b.port))
+                .collect();
+            let mut replay = start;
+            for op in ops {
+                match op {
+                    MapOp::PutSlot(k, v) => {
+                        replay.slots.insert(k, v);
+                    }
+                    MapOp::DeleteSlot(k) => {
+                        replay.slots.remove(&k);
+                    }
+                    MapOp::PutBackend(id, v) => {
+                        replay.backends.insert(id, v);
+                    }
+                    MapOp::DeleteBackend(id) => {
+                        replay.backends.remove(&id);
+                    }
+                }
+                let head = replay.slots[&f.key(0)];
+                assert!(head.count > 0);
+                for slot in 1..=head.count {
+                    if let Some(b) = replay.resolve(&f.key(0), slot) {
+                        let b = backend_from_value(&b);
+                        assert!(allowed.contains(&(b.addr, b.port)), "{b:?} after {op:?}");
+                    }
+                }
+                // The slots within the *new* count always resolve once the count is written.
+                if head.count as usize == to.len() {
+                    for slot in 1..=head.count {
+                        assert!(replay.resolve(&f.key(0), slot).is_some());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_backend_change_rewrites_one_slot() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        let mut set: Vec<Backend> = (1..=200)
+            .map(|i| be(&format!("127.1.{}.{}:80@1", i / 250, i % 250 + 1)))
+            .collect();
+        maps.upsert_service(&f, &set).unwrap();
+        maps.store_mut().log.clear();
+        set[17] = be("127.9.9.9:80@1");
+        maps.upsert_service(&f, &set).unwrap();
+        let log = &maps.store().log;
+        let slot_writes = log
+            .iter()
+            .filter(|op| matches!(op, MapOp::PutSlot(..)))
+            .count();
+        assert_eq!(slot_writes, 1, "{log:?}");
+        assert_eq!(
+            log.iter()
+                .filter(|op| matches!(op, MapOp::DeleteBackend(_)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn assign_slots_keeps_positions_and_respects_weights() {
+        assert_eq!(assign_slots(&[1, 2, 3], &[(3, 1), (2, 1)]), vec![3, 2]);
+        assert_eq!(
+            assign_slots(&[1, 2, 3], &[(1, 1), (3, 1), (4, 1)]),
+            vec![1, 4, 3]
+        );
+        assert_eq!(assign_slots(&[], &[(7, 3)]), vec![7, 7, 7]);
+        assert_eq!(assign_slots(&[5, 5], &[]), Vec::<u32>::new());
+        let out = assign_slots(&[1, 1, 2], &[(1, 1), (2, 2)]);
+        assert_eq!(out, vec![1, 2, 2]);
+    }
+
+    #[test]
+    fn zero_backends_keeps_the_service_with_count_zero() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        maps.upsert_service(&f, &[be("127.0.0.2:1")]).unwrap();
+        maps.upsert_service(&f, &[]).unwrap();
+        assert_eq!(maps.store().slots[&f.key(0)].count, 0);
+        assert!(maps.store().backends.is_empty());
+        assert_eq!(maps.services().unwrap()[0].backends, vec![]);
+    }
+
+    #[test]
+    fn shared_backends_are_refcounted() {
+        let mut maps = FakeMaps::new();
+        let f1 = fe("tcp:127.10.0.1:80");
+        let f2 = fe("udp:127.10.0.1:80");
+        let b = be("127.0.0.2:8080@1");
+        maps.upsert_service(&f1, &[b]).unwrap();
+        maps.upsert_service(&f2, &[b]).unwrap();
+        assert_eq!(maps.store().backends.len(), 1);
+        assert!(maps.delete_service(&f1).unwrap());
+        assert_eq!(maps.store().backends.len(), 1);
+        assert!(maps.delete_service(&f2).unwrap());
+        assert!(maps.store().backends.is_empty());
+        assert!(maps.store().slots.is_empty());
+        assert!(!maps.delete_service(&f2).unwrap());
+    }
+
+    #[test]
+    fn invalid_services_are_refused_with_the_reason() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        let err = maps
+            .upsert_service(&f, &[be("[::1]:80")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tcp:127.10.0.1:80") && err.contains("family"),
+            "{err}"
+        );
+        let err = maps
+            .upsert_service(&Frontend::new(f.addr, 0, Proto::Tcp), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 0"), "{err}");
+        assert!(maps.store().log.is_empty());
+    }
+
+    #[test]
+    fn recover_reads_back_and_sweeps_leftovers() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        let g = fe("tcp:127.10.0.2:80");
+        maps.upsert_service(&f, &[be("127.0.0.2:1@1*2"), be("127.0.0.3:1@1")])
+            .unwrap();
+        maps.upsert_service(&g, &[]).unwrap();
+        let mut store = maps.store().clone();
+        // An interrupted update: a slot past the count, an orphan backend.
+        store.slots.insert(
+            f.key(9),
+            ServiceValue {
+                backend_id: 1,
+                ..Default::default()
+            },
+        );
+        store
+            .backends
+            .insert(999, backend_value(&be("127.0.0.99:1")));
+        store.log.clear();
+        let before = maps.services().unwrap();
+        let recovered = FakeMaps::recover(store).unwrap();
+        assert_eq!(recovered.services().unwrap(), before);
+        let log = &recovered.store().log;
+        assert_eq!(
+            log,
+            &vec![MapOp::DeleteSlot(f.key(9)), MapOp::DeleteBackend(999)]
+        );
+    }
+
+    #[test]
+    fn full_maps_are_refused_before_any_write() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        let many: Vec<Backend> = (0..common::MAX_BACKENDS)
+            .map(|i| Backend::new(std::net::Ipv4Addr::from(0x7f00_0000 + i + 1).into(), 80, 1))
+            .collect();
+        let err = maps.upsert_service(&f, &many).unwrap_err();
+        assert!(matches!(err, Error::MapFull { map, .. } if map == common::BACKENDS_MAP));
+        assert!(maps.store().log.is_empty());
+    }
+
+    #[test]
+    fn counters_follow_backends() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        maps.upsert_service(&f, &[be("127.0.0.2:1@1,local"), be("127.0.0.3:1@2")])
+            .unwrap();
+        let ids: Vec<u32> = maps.store().backends.keys().copied().collect();
+        maps.store_mut().counters.insert(ids[0], 5);
+        let c = maps.counters().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].connections, c[0].local), (5, true));
+        assert_eq!((c[1].connections, c[1].local), (0, false));
+    }
+}

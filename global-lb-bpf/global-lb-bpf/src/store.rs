@@ -1,0 +1,131 @@
+//! Raw map access: the one seam between the service logic and the kernel.
+//!
+//! [`MapStore`] is the set of map operations [`crate::LbMaps`] needs. The aya implementation
+//! lives in [`crate::datapath`]; [`MemStore`] keeps the same maps in memory (with the same
+//! capacities) so the update logic, and callers such as node-sync, are tested without a kernel.
+
+use std::collections::{BTreeMap, HashMap};
+
+use global_lb_bpf_common::{self as common, Backend, ServiceKey, ServiceValue};
+
+use crate::Error;
+
+/// The map operations the service logic is built from. Single writer: one `MapStore` per set of
+/// pinned maps at a time.
+pub trait MapStore {
+    /// Inserts or replaces a services-map entry.
+    fn put_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error>;
+    /// Removes a services-map entry (absent is not an error).
+    fn delete_slot(&mut self, key: &ServiceKey) -> Result<(), Error>;
+    /// Inserts or replaces a backend.
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), Error>;
+    /// Removes a backend (absent is not an error).
+    fn delete_backend(&mut self, id: u32) -> Result<(), Error>;
+    /// Sets a backend's connection counter to zero on every CPU.
+    fn reset_counter(&mut self, id: u32) -> Result<(), Error>;
+    /// A backend's connection counter, summed over CPUs.
+    fn counter(&self, id: u32) -> Result<u64, Error>;
+    /// Every services-map entry.
+    fn slots(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error>;
+    /// Every backend.
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, Error>;
+}
+
+/// One operation on the maps, as recorded by [`MemStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// [`MapStore::put_slot`].
+    PutSlot(ServiceKey, ServiceValue),
+    /// [`MapStore::delete_slot`].
+    DeleteSlot(ServiceKey),
+    /// [`MapStore::put_backend`].
+    PutBackend(u32, Backend),
+    /// [`MapStore::delete_backend`].
+    DeleteBackend(u32),
+}
+
+/// The maps in memory, with the kernel maps' capacities, recording every write in order.
+#[derive(Clone, Debug, Default)]
+pub struct MemStore {
+    /// Services map.
+    pub slots: BTreeMap<ServiceKey, ServiceValue>,
+    /// Backends map.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Connection counters (tests bump them to play the datapath).
+    pub counters: HashMap<u32, u64>,
+    /// Every write, in order.
+    pub log: Vec<MapOp>,
+}
+
+impl MemStore {
+    /// Empty maps.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What a connecting client would see right now for `key`'s frontend if it picked slot
+    /// `slot`: the backend, or None (miss). Mirrors the eBPF program's lookups.
+    pub fn resolve(&self, frontend_key: &ServiceKey, slot: u32) -> Option<Backend> {
+        let mut k = *frontend_key;
+        k.slot = slot;
+        let v = self.slots.get(&k)?;
+        self.backends.get(&v.backend_id).copied()
+    }
+}
+
+impl MapStore for MemStore {
+    fn put_slot(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Error> {
+        if !self.slots.contains_key(key) && self.slots.len() >= common::MAX_SERVICE_ENTRIES as usize
+        {
+            return Err(Error::MapFull {
+                map: common::SERVICES_MAP,
+                capacity: common::MAX_SERVICE_ENTRIES,
+            });
+        }
+        self.slots.insert(*key, *value);
+        self.log.push(MapOp::PutSlot(*key, *value));
+        Ok(())
+    }
+
+    fn delete_slot(&mut self, key: &ServiceKey) -> Result<(), Error> {
+        self.slots.remove(key);
+        self.log.push(MapOp::DeleteSlot(*key));
+        Ok(())
+    }
+
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), Error> {
+        if !self.backends.contains_key(&id) && self.backends.len() >= common::MAX_BACKENDS as usize
+        {
+            return Err(Error::MapFull {
+                map: common::BACKENDS_MAP,
+                capacity: common::MAX_BACKENDS,
+            });
+        }
+        self.backends.insert(id, *value);
+        self.log.push(MapOp::PutBackend(id, *value));
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), Error> {
+        self.backends.remove(&id);
+        self.log.push(MapOp::DeleteBackend(id));
+        Ok(())
+    }
+
+    fn reset_counter(&mut self, id: u32) -> Result<(), Error> {
+        self.counters.remove(&id);
+        Ok(())
+    }
+
+    fn counter(&self, id: u32) -> Result<u64, Error> {
+        Ok(self.counters.get(&id).copied().unwrap_or(0))
+    }
+
+    fn slots(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error> {
+        Ok(self.slots.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}

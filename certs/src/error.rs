@@ -1,0 +1,248 @@
+//! The one error type of this crate. Every message names the file, the rule or the endpoint involved.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while issuing, loading or using mesh certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file that should exist is missing.
+    #[error("{what} {} does not exist", path.display())]
+    MissingFile {
+        /// What the file should have held ("certificate", "private key", "CA bundle", ...).
+        what: &'static str,
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// Reading or writing a file failed for a reason other than absence.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// "reading", "writing", "creating directory", ...
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not well-formed PEM, or holds no PEM block of the expected kind.
+    #[error("{}: corrupt PEM: {detail}", path.display())]
+    CorruptPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A PEM block holds bytes that are not an X.509 certificate.
+    #[error("{}: not a valid X.509 certificate: {detail}", path.display())]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        detail: String,
+    },
+    /// A PEM block holds bytes that are not a usable private key.
+    #[error("{}: not a usable private key: {detail}", path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        detail: String,
+    },
+    /// The private key does not belong to the certificate.
+    #[error(
+        "the private key in {} does not match the certificate in {} (its public key differs): \
+         the pair was mixed up or one of them was replaced",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The certificate's validity period ended.
+    #[error("certificate {} expired at {not_after} (it is now {now}): issue a new one", path.display())]
+    Expired {
+        /// The certificate file.
+        path: PathBuf,
+        /// End of validity (RFC 3339).
+        not_after: String,
+        /// The current time (RFC 3339).
+        now: String,
+    },
+    /// The certificate's validity period has not started yet.
+    #[error("certificate {} is not valid before {not_before} (it is now {now}): check the clock", path.display())]
+    NotYetValid {
+        /// The certificate file.
+        path: PathBuf,
+        /// Start of validity (RFC 3339).
+        not_before: String,
+        /// The current time (RFC 3339).
+        now: String,
+    },
+    /// A cluster name breaks the cluster naming rules.
+    #[error("bad cluster name: {0}")]
+    ClusterName(#[from] mesh_model::ClusterRuleError),
+    /// A trust domain breaks the SPIFFE trust domain rules.
+    #[error("bad trust domain {domain:?}: {rule}")]
+    TrustDomain {
+        /// The offending trust domain.
+        domain: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A SPIFFE ID could not be parsed.
+    #[error("bad SPIFFE id {id:?}: {rule}")]
+    SpiffeId {
+        /// The offending id.
+        id: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A subject alternative name given by the user is not a DNS name or IP address.
+    #[error("bad subject alternative name {value:?}: {reason}")]
+    BadSan {
+        /// The offending value.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A certificate that should be a CA is not one.
+    #[error("{} is not a CA certificate (basicConstraints CA:FALSE or missing)", path.display())]
+    NotACa {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A directory lacks the files of the expected layout.
+    #[error("{} is not a {what} directory: {detail}", path.display())]
+    NotADirectoryOf {
+        /// "CA" or "cluster certificate".
+        what: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// What is missing or wrong.
+        detail: String,
+    },
+    /// A trust bundle would become empty, or would lose the CA that signs current certificates.
+    #[error("trust bundle {}: {detail}", path.display())]
+    Bundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// The rule that was about to be broken.
+        detail: String,
+    },
+    /// rcgen failed to issue a certificate.
+    #[error("issuing {what}: {source}")]
+    Issue {
+        /// The certificate being issued.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// rustls refused a configuration built from the files.
+    #[error("building TLS config from {what}: {source}")]
+    Tls {
+        /// The files or role involved.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The etcd binary could not be started.
+    #[error("starting {}: {source}", binary.display())]
+    EtcdSpawn {
+        /// The etcd binary.
+        binary: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// etcd did not become healthy in time, or exited.
+    #[error("etcd {name} at {endpoint} did not become healthy: {detail}")]
+    EtcdNotHealthy {
+        /// The etcd member name.
+        name: String,
+        /// The client URL probed.
+        endpoint: String,
+        /// What happened (exit status, last error, log tail).
+        detail: String,
+    },
+    /// The TCP connection to etcd failed.
+    #[error("cannot reach etcd at {endpoint}: {detail}")]
+    EtcdUnreachable {
+        /// The endpoint.
+        endpoint: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The etcd server's certificate is not trusted by our CA bundle.
+    #[error(
+        "etcd at {endpoint} presented a server certificate that our CA bundle {} does not trust: {detail}",
+        bundle.display()
+    )]
+    EtcdServerUntrusted {
+        /// The endpoint.
+        endpoint: String,
+        /// The CA bundle used to verify it.
+        bundle: PathBuf,
+        /// The verifier's complaint.
+        detail: String,
+    },
+    /// etcd requires a client certificate and none was presented.
+    #[error(
+        "etcd at {endpoint} requires a client certificate (it runs with --client-cert-auth) and none was presented"
+    )]
+    EtcdClientCertRequired {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// etcd refused the client certificate during the TLS handshake.
+    #[error("etcd at {endpoint} refused the client certificate {}: {reason}", cert.display())]
+    EtcdClientCertRefused {
+        /// The endpoint.
+        endpoint: String,
+        /// The client certificate file.
+        cert: PathBuf,
+        /// Why, in words (from the TLS alert the server sent).
+        reason: String,
+    },
+    /// An etcd request failed.
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        /// The request, with its key or user ("put clustermesh/v1/x", "user add remote-b").
+        op: String,
+        /// The underlying error.
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound && op == "reading" {
+            return Error::MissingFile { what: "file", path };
+        }
+        Error::Io { op, path, source }
+    }
+
+    pub(crate) fn etcd(op: impl Into<String>, source: etcd_client::Error) -> Self {
+        Error::Etcd {
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// True when this is etcd refusing a request for lack of permission.
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            Error::Etcd { source, .. } => source.to_string().contains("permission denied"),
+            _ => false,
+        }
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

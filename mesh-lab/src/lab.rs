@@ -1,0 +1,798 @@
+//! [`Lab`]: build, drive and tear down a lab.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::cgroup;
+use crate::cmd;
+use crate::error::{LabError, Result};
+use crate::etcd;
+use crate::net;
+use crate::plan::{
+    ClusterInfo, DEFAULT_STATE_ROOT, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo, is_lab_netns,
+    lab_cgroup_dir,
+};
+use crate::process::{LabProcess, ProcRecord, poll_until};
+use crate::state::{self, Impairment, ImpairmentRecord, LabState, PrefixLock};
+
+/// Shell wrapper that puts itself into a cgroup, enters a network namespace and `exec`s the program, so the PID the
+/// lab hands out is the program's. Arguments: `$1` cgroup directory, `$2` netns name, then program and arguments.
+const EXEC_WRAPPER: &str = r#"echo $$ > "$1/cgroup.procs" || exit 126
+ns=$2; shift 2
+exec nsenter --net="/run/netns/$ns" -- "$@""#;
+
+/// How long teardown waits for processes to die and cgroups to empty.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something that names a cluster of a lab: its 1-based index (`1`), its name (`"c1"`), or its [`ClusterInfo`].
+pub trait ClusterRef {
+    /// Finds the cluster in `plan`.
+    fn resolve<'a>(&self, plan: &'a LabPlan) -> Result<&'a ClusterInfo>;
+}
+
+fn no_such(plan: &LabPlan, what: String) -> LabError {
+    LabError::NoSuchCluster {
+        prefix: plan.prefix.clone(),
+        cluster: what,
+        count: plan.clusters.len(),
+    }
+}
+
+impl ClusterRef for usize {
+    fn resolve<'a>(&self, plan: &'a LabPlan) -> Result<&'a ClusterInfo> {
+        self.checked_sub(1)
+            .and_then(|i| plan.clusters.get(i))
+            .ok_or_else(|| no_such(plan, self.to_string()))
+    }
+}
+
+impl ClusterRef for &str {
+    fn resolve<'a>(&self, plan: &'a LabPlan) -> Result<&'a ClusterInfo> {
+        plan.clusters
+            .iter()
+            .find(|c| c.name == *self)
+            .ok_or_else(|| no_such(plan, format!("{self:?}")))
+    }
+}
+
+impl ClusterRef for &String {
+    fn resolve<'a>(&self, plan: &'a LabPlan) -> Result<&'a ClusterInfo> {
+        self.as_str().resolve(plan)
+    }
+}
+
+impl ClusterRef for &ClusterInfo {
+    fn resolve<'a>(&self, plan: &'a LabPlan) -> Result<&'a ClusterInfo> {
+        self.index.resolve(plan)
+    }
+}
+
+/// A running lab: N clusters of M nodes as network namespaces behind a router namespace, one real etcd per cluster,
+/// one cgroup v2 directory per node.
+///
+/// Clusters are named by 1-based index or by name (see [`ClusterRef`]); nodes by 1-based index. Every method is
+/// blocking and takes `&self`, so a lab can be shared across threads (`Arc<Lab>`).
+///
+/// Dropping the lab tears everything down (processes by PID and by cgroup, namespaces, cgroups, state), unless
+/// [`Lab::keep`] was called. Needs root.
+///
+/// ```no_run
+/// use std::process::Command;
+/// use mesh_lab::{Lab, LabSpec};
+///
+/// let lab = Lab::up(LabSpec::new("demo", 2, 2))?;
+/// println!("etcd of c2: {}", lab.etcd_endpoint(2)?);
+/// let out = lab.output_in_node(1, 1, Command::new("curl").arg(format!("{}/health", lab.etcd_endpoint(2)?)))?;
+/// assert!(out.status.success());
+/// lab.partition(1, 2)?;
+/// lab.heal(1, 2)?;
+/// # Ok::<(), mesh_lab::LabError>(())
+/// ```
+#[derive(Debug)]
+pub struct Lab {
+    plan: LabPlan,
+    state_root: PathBuf,
+    etcd_binary: PathBuf,
+    etcd_ready_timeout: Duration,
+    inner: Mutex<Inner>,
+    keep: bool,
+    _lock: PrefixLock,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: LabState,
+    etcd: Vec<Option<LabProcess>>,
+}
+
+/// What `mesh-lab status` shows for one lab.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LabStatus {
+    /// The lab prefix.
+    pub prefix: String,
+    /// True while a live process holds the lab (a test or program using the library).
+    pub in_use: bool,
+    /// The state, when the state file could be read.
+    pub state: Option<LabState>,
+    /// Live processes per record (etcd and spawned), as `(record, alive)`.
+    pub processes: Vec<(ProcRecord, bool)>,
+    /// Namespaces of the lab that exist right now.
+    pub netns: Vec<String>,
+}
+
+impl Lab {
+    // ---- building ----
+
+    /// Builds the lab of `spec`: cleans up a crashed lab of the same prefix, allocates an address range, creates
+    /// namespaces, links, cgroups, starts every etcd and waits until each is healthy.
+    pub fn up(spec: LabSpec) -> Result<Lab> {
+        spec.validate()?;
+        check_prerequisites(&spec)?;
+        std::fs::create_dir_all(&spec.state_root).map_err(|e| LabError::io(&spec.state_root, e))?;
+        let lock = state::lock_prefix(&spec.state_root, &spec.prefix)?;
+        if let Some(found) = sweep(&spec.state_root, &spec.prefix)? {
+            tracing::warn!(prefix = %spec.prefix, %found, "cleaned up what a previous run left behind");
+        }
+        let cgroup_root = cgroup::ensure_cgroup2()?;
+        cgroup::ensure_bpffs()?;
+        let state = state::with_alloc_lock(&spec.state_root, || {
+            let mut used = state::octets_in_use(&spec.state_root, &spec.prefix);
+            let routes = cmd::ip(&["-4", "route", "show", "table", "all"])?;
+            used.extend(state::octets_taken_by_routes(&routes));
+            let octet = state::pick_octet(&used)
+                .ok_or_else(|| LabError::NoFreeRange(spec.prefix.clone()))?;
+            let plan = LabPlan::new(&spec, octet, &cgroup_root)?;
+            let mut st = LabState::new(plan);
+            st.save()?;
+            Ok(st)
+        })?;
+        let n = state.plan.clusters.len();
+        let lab = Lab {
+            plan: state.plan.clone(),
+            state_root: spec.state_root.clone(),
+            etcd_binary: spec.etcd_binary.clone(),
+            etcd_ready_timeout: spec.etcd_ready_timeout,
+            inner: Mutex::new(Inner {
+                state,
+                etcd: (0..n).map(|_| None).collect(),
+            }),
+            keep: false,
+            _lock: lock,
+        };
+        // from here on, Drop cleans up whatever a failure leaves
+        net::build(&lab.plan)?;
+        for dir in lab.plan.cgroup_dirs() {
+            cgroup::create(&dir)?;
+        }
+        if let Some(c) = lab.plan.clusters.iter().find(|c| c.etcd.tls.is_some()) {
+            return Err(LabError::Certs {
+                prefix: lab.plan.prefix.clone(),
+                detail: format!(
+                    "TLS etcd (cluster {}) needs the mesh_certs etcd bootstrap, which this build does not have yet; \
+                     use EtcdSecurity::Plain",
+                    c.name
+                ),
+            });
+        }
+        let mut starting = Vec::new();
+        for c in &lab.plan.clusters {
+            starting.push((c, lab.launch_etcd(c)?));
+        }
+        for (c, mut p) in starting {
+            etcd::wait_healthy(c, &mut p, lab.etcd_ready_timeout)?;
+            lab.inner().etcd[c.index - 1] = Some(p);
+        }
+        {
+            let mut inner = lab.inner();
+            inner.state.complete = true;
+            inner.state.save()?;
+        }
+        tracing::info!(prefix = %lab.plan.prefix, range = %lab.plan.supernet(), "lab up");
+        Ok(lab)
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- layout accessors ----
+
+    /// The lab prefix.
+    pub fn prefix(&self) -> &str {
+        &self.plan.prefix
+    }
+
+    /// The whole layout.
+    pub fn plan(&self) -> &LabPlan {
+        &self.plan
+    }
+
+    /// All clusters, in index order.
+    pub fn clusters(&self) -> &[ClusterInfo] {
+        &self.plan.clusters
+    }
+
+    /// One cluster.
+    pub fn cluster(&self, c: impl ClusterRef) -> Result<&ClusterInfo> {
+        c.resolve(&self.plan)
+    }
+
+    /// Node `n` (1-based) of cluster `c`.
+    pub fn node(&self, c: impl ClusterRef, n: usize) -> Result<&NodeInfo> {
+        let cl = c.resolve(&self.plan)?;
+        n.checked_sub(1)
+            .and_then(|i| cl.nodes.get(i))
+            .ok_or_else(|| LabError::NoSuchNode {
+                prefix: self.plan.prefix.clone(),
+                cluster: cl.index,
+                node: n,
+                count: cl.nodes.len(),
+            })
+    }
+
+    /// The control-plane namespace of cluster `c` (where etcd runs).
+    pub fn control_plane(&self, c: impl ClusterRef) -> Result<&NodeInfo> {
+        Ok(&c.resolve(&self.plan)?.control_plane)
+    }
+
+    /// The etcd client endpoint of cluster `c` (`http://10.X.c.2:2379`, or `https://` with TLS). Reachable from the
+    /// host (through the host's veth into the router) and from every node of every cluster.
+    pub fn etcd_endpoint(&self, c: impl ClusterRef) -> Result<String> {
+        Ok(c.resolve(&self.plan)?.etcd.client_url.clone())
+    }
+
+    /// TLS files of cluster `c`'s etcd (CA, a root client cert/key); `None` for plain etcd.
+    pub fn etcd_tls(&self, c: impl ClusterRef) -> Result<Option<&EtcdTlsFiles>> {
+        Ok(c.resolve(&self.plan)?.etcd.tls.as_ref())
+    }
+
+    /// The host's address on its veth into the lab (nodes reach the host there).
+    pub fn host_addr(&self) -> std::net::Ipv4Addr {
+        self.plan.host_addr
+    }
+
+    /// The lab's state directory (`/run/mesh-lab/<prefix>`); a good place for per-lab files of tests.
+    pub fn state_dir(&self) -> &Path {
+        &self.plan.state_dir
+    }
+
+    /// PID of cluster `c`'s etcd, `None` while stopped.
+    pub fn etcd_pid(&self, c: impl ClusterRef) -> Result<Option<u32>> {
+        let i = c.resolve(&self.plan)?.index - 1;
+        Ok(self.inner().etcd[i].as_ref().map(LabProcess::pid))
+    }
+
+    // ---- processes ----
+
+    /// A command that runs `program` inside `member`'s namespace and cgroup. Add arguments, environment, working
+    /// directory and stdio as usual, then start it with [`Lab::spawn`] (or `.output()` for a one-shot).
+    pub fn member_command(member: &NodeInfo, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(EXEC_WRAPPER)
+            .arg("mesh-lab-exec")
+            .arg(&member.cgroup)
+            .arg(&member.netns)
+            .arg(program);
+        c
+    }
+
+    /// [`Lab::member_command`] for node `n` of cluster `c`.
+    pub fn node_command(
+        &self,
+        c: impl ClusterRef,
+        n: usize,
+        program: impl AsRef<OsStr>,
+    ) -> Result<Command> {
+        Ok(Self::member_command(self.node(c, n)?, program))
+    }
+
+    /// [`Lab::member_command`] for the control plane of cluster `c`.
+    pub fn control_plane_command(
+        &self,
+        c: impl ClusterRef,
+        program: impl AsRef<OsStr>,
+    ) -> Result<Command> {
+        Ok(Self::member_command(self.control_plane(c)?, program))
+    }
+
+    /// Starts a command built by [`Lab::node_command`]/[`Lab::control_plane_command`] and records its PID in the
+    /// lab state, so teardown (also from another process) stops it.
+    pub fn spawn(&self, mut cmd: Command) -> Result<LabProcess> {
+        let label = label_of(&cmd);
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: cmd::describe(&cmd),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        let p = LabProcess::new(child, label.clone());
+        if let Some(rec) = ProcRecord::of(pid, label) {
+            let mut inner = self.inner();
+            inner.state.processes.push(rec);
+            inner.state.save()?;
+        }
+        Ok(p)
+    }
+
+    fn spawn_copy(&self, member: &NodeInfo, cmd: &Command) -> Result<LabProcess> {
+        let mut w = Self::member_command(member, cmd.get_program());
+        copy_settings(cmd, &mut w);
+        w.stdin(Stdio::null());
+        self.spawn(w)
+    }
+
+    /// Starts `cmd` (program, arguments, environment and working directory are taken from it) inside node `n` of
+    /// cluster `c`: its network namespace and cgroup. stdin is null, stdout/stderr are inherited; for other stdio
+    /// use [`Lab::node_command`] + [`Lab::spawn`].
+    pub fn spawn_in_node(&self, c: impl ClusterRef, n: usize, cmd: &Command) -> Result<LabProcess> {
+        let m = self.node(c, n)?.clone();
+        self.spawn_copy(&m, cmd)
+    }
+
+    /// Like [`Lab::spawn_in_node`] for the control plane of cluster `c`.
+    pub fn spawn_in_control_plane(&self, c: impl ClusterRef, cmd: &Command) -> Result<LabProcess> {
+        let m = self.control_plane(c)?.clone();
+        self.spawn_copy(&m, cmd)
+    }
+
+    /// Runs `cmd` to completion inside node `n` of cluster `c` and returns its output (exit status not checked).
+    pub fn output_in_node(&self, c: impl ClusterRef, n: usize, cmd: &Command) -> Result<Output> {
+        let m = self.node(c, n)?.clone();
+        let mut w = Self::member_command(&m, cmd.get_program());
+        copy_settings(cmd, &mut w);
+        w.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.spawn(w)?.wait_with_output()
+    }
+
+    // ---- etcd ----
+
+    fn launch_etcd(&self, c: &ClusterInfo) -> Result<LabProcess> {
+        let (out, err) = etcd::prepare(&c.etcd)?;
+        let mut cmd = Self::member_command(&c.control_plane, &self.etcd_binary);
+        cmd.args(etcd::etcd_args(&self.plan.prefix, &c.etcd))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // its own process group: a Ctrl-C meant for a test does not hit etcd before the lab stops it
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: cmd::describe(&cmd),
+            source,
+        })?;
+        let p = LabProcess::new(child, format!("etcd {}", c.name));
+        let mut inner = self.inner();
+        inner.state.etcd[c.index - 1] = ProcRecord::of(p.pid() as i32, p.label());
+        inner.state.save()?;
+        Ok(p)
+    }
+
+    /// Starts cluster `c`'s etcd (same data directory) and waits until it is healthy. No-op when it runs.
+    pub fn start_etcd(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        if self.inner().etcd[cl.index - 1].is_some() {
+            return Ok(());
+        }
+        let mut p = self.launch_etcd(cl)?;
+        etcd::wait_healthy(cl, &mut p, self.etcd_ready_timeout)?;
+        self.inner().etcd[cl.index - 1] = Some(p);
+        Ok(())
+    }
+
+    fn take_etcd(&self, cl: &ClusterInfo) -> Result<Option<LabProcess>> {
+        let mut inner = self.inner();
+        let p = inner.etcd[cl.index - 1].take();
+        inner.state.etcd[cl.index - 1] = None;
+        inner.state.save()?;
+        Ok(p)
+    }
+
+    /// Stops cluster `c`'s etcd gracefully (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop_etcd(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        if let Some(mut p) = self.take_etcd(cl)? {
+            p.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Kills cluster `c`'s etcd with SIGKILL (a crash).
+    pub fn kill_etcd(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        if let Some(mut p) = self.take_etcd(cl)? {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Stops (SIGTERM) and starts cluster `c`'s etcd with the same data, waiting until it is healthy again.
+    pub fn restart_etcd(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        self.stop_etcd(cl)?;
+        self.start_etcd(cl)
+    }
+
+    /// One health probe of cluster `c`'s etcd from the host.
+    pub fn etcd_healthy(&self, c: impl ClusterRef) -> Result<bool> {
+        Ok(etcd::probe(c.resolve(&self.plan)?).is_ok())
+    }
+
+    // ---- faults ----
+
+    fn pair(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<(&ClusterInfo, &ClusterInfo)> {
+        let (a, b) = (a.resolve(&self.plan)?, b.resolve(&self.plan)?);
+        if a.index == b.index {
+            return Err(LabError::Spec(format!(
+                "a fault needs two different clusters, got {} twice",
+                a.name
+            )));
+        }
+        Ok(if a.index < b.index { (a, b) } else { (b, a) })
+    }
+
+    /// Drops all traffic between clusters `a` and `b`, both ways, effective for the next packet (established
+    /// connections stall too). Traffic within each cluster and to/from the host is untouched.
+    pub fn partition(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        net::partition(&self.plan, a, b)?;
+        let mut inner = self.inner();
+        if !inner.state.partitions.contains(&(a.index, b.index)) {
+            inner.state.partitions.push((a.index, b.index));
+        }
+        inner.state.save()
+    }
+
+    /// Removes the partition between `a` and `b` (no-op without one).
+    pub fn heal(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        net::heal(&self.plan, a, b)?;
+        let mut inner = self.inner();
+        inner.state.partitions.retain(|p| *p != (a.index, b.index));
+        inner.state.save()
+    }
+
+    /// Partitions in force, as pairs of cluster indices.
+    pub fn partitions(&self) -> Vec<(usize, usize)> {
+        self.inner().state.partitions.clone()
+    }
+
+    /// Adds `delay` and `loss_percent` loss to packets between `a` and `b`, in each direction (so the round trip
+    /// grows by twice `delay`). Replaces an earlier setting for the pair.
+    pub fn set_latency_loss(
+        &self,
+        a: impl ClusterRef,
+        b: impl ClusterRef,
+        delay: Duration,
+        loss_percent: f64,
+    ) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        let imp = Impairment {
+            delay,
+            loss_percent,
+        };
+        net::netem_args(&imp)?;
+        let mut inner = self.inner();
+        for (from, to) in [(a, b), (b, a)] {
+            let root = inner.state.impairments.iter().any(|r| r.to == to.index);
+            net::impair_one_way(&self.plan, from, to, &imp, root)?;
+            inner
+                .state
+                .impairments
+                .retain(|r| !(r.from == from.index && r.to == to.index));
+            inner.state.impairments.push(ImpairmentRecord {
+                from: from.index,
+                to: to.index,
+                impairment: imp,
+            });
+        }
+        inner.state.save()
+    }
+
+    /// Removes latency and loss between `a` and `b` (no-op without any).
+    pub fn clear_impairment(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        let mut inner = self.inner();
+        for (from, to) in [(a, b), (b, a)] {
+            let had = inner
+                .state
+                .impairments
+                .iter()
+                .any(|r| r.from == from.index && r.to == to.index);
+            if !had {
+                continue;
+            }
+            inner
+                .state
+                .impairments
+                .retain(|r| !(r.from == from.index && r.to == to.index));
+            let last = !inner.state.impairments.iter().any(|r| r.to == to.index);
+            net::clear_one_way(&self.plan, from, to, last)?;
+        }
+        inner.state.save()
+    }
+
+    /// Impairments in force.
+    pub fn impairments(&self) -> Vec<ImpairmentRecord> {
+        self.inner().state.impairments.clone()
+    }
+
+    // ---- lifetime ----
+
+    /// Leaves the lab running after this handle goes away (what `mesh-lab up` does); `mesh-lab down` or the next
+    /// `up` with the same prefix removes it.
+    pub fn keep(mut self) {
+        self.keep = true;
+        let mut inner = self.inner();
+        for p in inner.etcd.drain(..).flatten() {
+            p.detach();
+        }
+    }
+
+    /// Tears the lab down now and reports what could not be removed.
+    pub fn teardown(mut self) -> Result<()> {
+        self.keep = true; // Drop must not run it again
+        self.teardown_inner()
+    }
+
+    fn teardown_inner(&mut self) -> Result<()> {
+        let state = {
+            let mut inner = self.inner();
+            for mut p in inner.etcd.drain(..).flatten() {
+                let _ = p.kill();
+            }
+            inner.state.clone()
+        };
+        teardown(&self.state_root, &self.plan.prefix, Some(&state))
+    }
+
+    // ---- other processes' labs ----
+
+    /// Tears down the lab `prefix` under the default state root (for `mesh-lab down`). Returns false when nothing
+    /// of it existed. Fails with [`LabError::Busy`] while a live process holds the lab.
+    pub fn down(prefix: &str) -> Result<bool> {
+        Self::down_in(Path::new(DEFAULT_STATE_ROOT), prefix)
+    }
+
+    /// [`Lab::down`] with an explicit state root.
+    pub fn down_in(state_root: &Path, prefix: &str) -> Result<bool> {
+        crate::plan::check_prefix(prefix)?;
+        let _lock = state::lock_prefix(state_root, prefix)?;
+        Ok(sweep(state_root, prefix)?.is_some())
+    }
+
+    /// Status of every lab under `state_root` (for `mesh-lab status`).
+    pub fn status_in(state_root: &Path) -> Result<Vec<LabStatus>> {
+        let all_ns = net::list_netns()?;
+        let mut prefixes = state::lab_prefixes(state_root);
+        prefixes.retain(|p| crate::plan::check_prefix(p).is_ok());
+        Ok(prefixes
+            .into_iter()
+            .map(|prefix| {
+                let state = LabState::load(&state_root.join(&prefix)).ok().flatten();
+                let processes = state
+                    .iter()
+                    .flat_map(|s| s.etcd.iter().flatten().chain(&s.processes))
+                    .map(|r| (r.clone(), r.is_alive()))
+                    .collect();
+                LabStatus {
+                    in_use: state::prefix_in_use(state_root, &prefix),
+                    netns: all_ns
+                        .iter()
+                        .filter(|n| is_lab_netns(&prefix, n))
+                        .cloned()
+                        .collect(),
+                    prefix,
+                    state,
+                    processes,
+                }
+            })
+            .collect())
+    }
+
+    /// [`Lab::status_in`] the default state root.
+    pub fn status() -> Result<Vec<LabStatus>> {
+        Self::status_in(Path::new(DEFAULT_STATE_ROOT))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if let Err(e) = self.teardown_inner() {
+            tracing::error!(prefix = %self.plan.prefix, error = %e, "lab teardown incomplete");
+            eprintln!(
+                "mesh-lab: teardown of lab {} incomplete: {e}",
+                self.plan.prefix
+            );
+        }
+    }
+}
+
+fn label_of(cmd: &Command) -> String {
+    // the wrapper's arguments are: -c SCRIPT mesh-lab-exec CGROUP NETNS PROGRAM ARGS...
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if args.len() >= 6 && args[2] == "mesh-lab-exec" {
+        format!("{}: {}", args[4], args[5..].join(" "))
+    } else {
+        cmd::describe(cmd)
+    }
+}
+
+fn copy_settings(from: &Command, to: &mut Command) {
+    to.args(from.get_args());
+    for (k, v) in from.get_envs() {
+        match v {
+            Some(v) => to.env(k, v),
+            None => to.env_remove(k),
+        };
+    }
+    if let Some(d) = from.get_current_dir() {
+        to.current_dir(d);
+    }
+}
+
+fn check_prerequisites(spec: &LabSpec) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(LabError::Prerequisite(
+            "root (the lab creates network namespaces and cgroups)".into(),
+        ));
+    }
+    for tool in ["ip", "nft", "tc", "nsenter", "sysctl", "mount"] {
+        if which(tool).is_none() {
+            return Err(LabError::Prerequisite(format!(
+                "`{tool}` on PATH (packages iproute2, nftables, util-linux, procps)"
+            )));
+        }
+    }
+    if !spec.etcd_binary.exists() {
+        return Err(LabError::Prerequisite(format!(
+            "etcd at {} (Debian package etcd-server)",
+            spec.etcd_binary.display()
+        )));
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Removes everything of lab `prefix` that exists (caller holds the prefix lock). Returns a description of what was
+/// found, `None` when nothing was.
+fn sweep(state_root: &Path, prefix: &str) -> Result<Option<String>> {
+    let state_dir = state_root.join(prefix);
+    let state = LabState::load(&state_dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "unreadable lab state; cleaning up by prefix");
+        None
+    });
+    let netns: Vec<String> = net::list_netns()?
+        .into_iter()
+        .filter(|n| is_lab_netns(prefix, n))
+        .collect();
+    let cg = cgroup_dir_of(prefix, state.as_ref());
+    let cg_exists = cg.as_ref().is_some_and(|d| d.exists());
+    if state.is_none() && netns.is_empty() && !cg_exists && !state_dir.exists() {
+        return Ok(None);
+    }
+    let found = format!(
+        "state file: {}, namespaces: {:?}, cgroup: {}",
+        state.is_some(),
+        netns,
+        if cg_exists { "yes" } else { "no" }
+    );
+    teardown(state_root, prefix, state.as_ref())?;
+    Ok(Some(found))
+}
+
+fn cgroup_dir_of(prefix: &str, state: Option<&LabState>) -> Option<PathBuf> {
+    match state {
+        Some(s) => Some(s.plan.cgroup_dir.clone()),
+        None => cgroup::find_cgroup2()
+            .ok()
+            .flatten()
+            .map(|root| lab_cgroup_dir(&root, prefix)),
+    }
+}
+
+/// Tears down lab `prefix`: recorded processes (by PID and start time), everything in its cgroups (cgroup.kill),
+/// everything in its namespaces, the namespaces, the cgroups, the host veth, and the state directory. Works from
+/// the state when there is one and by prefix in any case.
+fn teardown(state_root: &Path, prefix: &str, state: Option<&LabState>) -> Result<()> {
+    let mut leftovers = Vec::new();
+    // 1. processes by PID
+    let records: Vec<ProcRecord> = state
+        .map(|s| {
+            s.etcd
+                .iter()
+                .flatten()
+                .chain(&s.processes)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    for r in &records {
+        if let Err(e) = r.signal(Signal::SIGKILL) {
+            leftovers.push(format!("{} (pid {}): {e}", r.what, r.pid));
+        }
+    }
+    // 2. processes by cgroup and by namespace
+    let mut netns: Vec<String> = state.map(|s| s.plan.netns_names()).unwrap_or_default();
+    for n in net::list_netns()? {
+        if is_lab_netns(prefix, &n) && !netns.contains(&n) {
+            netns.push(n);
+        }
+    }
+    let cg = cgroup_dir_of(prefix, state);
+    if let Some(cg) = &cg
+        && cg.exists()
+        && cg.join("cgroup.kill").exists()
+    {
+        let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+    }
+    let mut ns_pids = Vec::new();
+    for n in &netns {
+        for pid in net::netns_pids(n) {
+            let _ = crate::process::send(pid, Signal::SIGKILL);
+            if let Some(r) = ProcRecord::of(pid, n.clone()) {
+                ns_pids.push(r);
+            }
+        }
+    }
+    if !poll_until(TEARDOWN_TIMEOUT, || {
+        records.iter().chain(&ns_pids).all(|r| !r.is_alive())
+    }) {
+        for r in records.iter().chain(&ns_pids).filter(|r| r.is_alive()) {
+            leftovers.push(format!("process {} ({}) survived SIGKILL", r.pid, r.what));
+        }
+    }
+    // 3. cgroups
+    if let Some(cg) = &cg
+        && let Err(e) = cgroup::kill_and_remove(cg, TEARDOWN_TIMEOUT)
+    {
+        leftovers.push(e.to_string());
+    }
+    // 4. namespaces (their veths go with them, the host veth with the router)
+    for n in &netns {
+        if let Err(e) = net::delete_netns(n) {
+            leftovers.push(e.to_string());
+        }
+    }
+    if let Some(s) = state {
+        let veth = &s.plan.host_veth;
+        if !net::wait_host_link_gone(veth, TEARDOWN_TIMEOUT)
+            && let Err(e) = cmd::ip(&["link", "del", veth])
+        {
+            leftovers.push(format!("host link {veth}: {e}"));
+        }
+    }
+    // 5. state
+    let state_dir = state_root.join(prefix);
+    if state_dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&state_dir)
+    {
+        leftovers.push(format!("{}: {e}", state_dir.display()));
+    }
+    if leftovers.is_empty() {
+        tracing::info!(%prefix, "lab torn down");
+        Ok(())
+    } else {
+        Err(LabError::Leftovers {
+            prefix: prefix.to_string(),
+            leftovers,
+        })
+    }
+}

@@ -1,0 +1,199 @@
+//! `mesh-lab`: bring a multi-cluster lab up on this host, tear it down, show what runs. Needs root.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_lab::{EtcdSecurity, Lab, LabSpec, LabStatus};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-lab",
+    version,
+    about = "A multi-cluster lab on one Linux host (network namespaces, real etcd)"
+)]
+struct Cli {
+    /// Directory holding lab state files.
+    #[arg(long, env = "MESH_LAB_STATE_ROOT", default_value = mesh_lab::plan::DEFAULT_STATE_ROOT, global = true)]
+    state_root: PathBuf,
+    /// Log format.
+    #[arg(long, env = "MESH_LAB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Security {
+    /// Plain HTTP etcd.
+    Plain,
+    /// TLS etcd with client-certificate auth.
+    Tls,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build a lab (a crashed lab with the same prefix is cleaned up first) and leave it running.
+    Up {
+        /// Number of clusters.
+        #[arg(long, env = "MESH_LAB_CLUSTERS", default_value_t = 2)]
+        clusters: usize,
+        /// Nodes per cluster.
+        #[arg(long, env = "MESH_LAB_NODES", default_value_t = 2)]
+        nodes: usize,
+        /// Lab prefix (names namespaces, cgroups and the state directory).
+        #[arg(long, env = "MESH_LAB_PREFIX", default_value = "lab")]
+        prefix: String,
+        /// Cluster names, comma separated (default c1,c2,...).
+        #[arg(long, env = "MESH_LAB_CLUSTER_NAMES", value_delimiter = ',')]
+        names: Vec<String>,
+        /// How etcd is secured.
+        #[arg(long, env = "MESH_LAB_ETCD", value_enum, default_value_t = Security::Plain)]
+        etcd: Security,
+    },
+    /// Remove a lab: processes, namespaces, cgroups, state.
+    Down {
+        /// Lab prefix.
+        #[arg(long, env = "MESH_LAB_PREFIX", default_value = "lab")]
+        prefix: String,
+    },
+    /// List labs, their clusters, etcd endpoints and processes.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Plain => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+    match cli.command {
+        Cmd::Up {
+            clusters,
+            nodes,
+            prefix,
+            names,
+            etcd,
+        } => {
+            let mut spec = LabSpec::new(&prefix, clusters, nodes)
+                .cluster_names(names)
+                .etcd_security(match etcd {
+                    Security::Plain => EtcdSecurity::Plain,
+                    Security::Tls => EtcdSecurity::Tls,
+                });
+            spec.state_root = cli.state_root.clone();
+            let lab = Lab::up(spec).with_context(|| format!("mesh-lab up --prefix {prefix}"))?;
+            print_plan(lab.plan());
+            lab.keep();
+        }
+        Cmd::Down { prefix } => {
+            let found = Lab::down_in(&cli.state_root, &prefix)
+                .with_context(|| format!("mesh-lab down --prefix {prefix}"))?;
+            if found {
+                println!("lab {prefix} removed");
+            } else {
+                println!("no lab {prefix}: nothing to remove");
+            }
+        }
+        Cmd::Status { output } => {
+            let labs = Lab::status_in(&cli.state_root).context("mesh-lab status")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&labs)?),
+                Output::Text => print_status(&labs),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_plan(p: &mesh_lab::LabPlan) {
+    println!(
+        "lab {} up: {} (host {} via {})",
+        p.prefix,
+        p.supernet(),
+        p.host_addr,
+        p.host_veth
+    );
+    for c in &p.clusters {
+        println!(
+            "  cluster {} (id {}) {}  etcd {}",
+            c.name,
+            c.index,
+            c.cidr(),
+            c.etcd.client_url
+        );
+        for n in std::iter::once(&c.control_plane).chain(&c.nodes) {
+            println!(
+                "    {:<3} {:<15} netns {:<20} cgroup {}",
+                n.name,
+                n.addr,
+                n.netns,
+                n.cgroup.display()
+            );
+        }
+    }
+}
+
+fn print_status(labs: &[LabStatus]) {
+    if labs.is_empty() {
+        println!("no labs");
+    }
+    for l in labs {
+        let use_ = if l.in_use {
+            "in use by a live process"
+        } else {
+            "idle"
+        };
+        match &l.state {
+            Some(s) => {
+                let done = if s.complete {
+                    ""
+                } else {
+                    ", incomplete (crashed during up?)"
+                };
+                println!("lab {} ({use_}{done}) {}", l.prefix, s.plan.supernet());
+                print_plan(&s.plan);
+                if !s.partitions.is_empty() {
+                    println!("  partitions: {:?}", s.partitions);
+                }
+                for i in &s.impairments {
+                    println!(
+                        "  impairment c{} -> c{}: delay {:?} loss {}%",
+                        i.from, i.to, i.impairment.delay, i.impairment.loss_percent
+                    );
+                }
+            }
+            None => println!("lab {} ({use_}): no readable state file", l.prefix),
+        }
+        println!("  namespaces present: {}", l.netns.len());
+        for (r, alive) in &l.processes {
+            println!(
+                "  pid {:<7} {:<5} {}",
+                r.pid,
+                if *alive { "up" } else { "gone" },
+                r.what
+            );
+        }
+    }
+}

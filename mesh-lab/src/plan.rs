@@ -1,0 +1,534 @@
+//! The lab's layout as pure data: names, addresses, paths. No I/O here.
+//!
+//! A lab with prefix `P` and address octet `X` (allocated per lab, see [`OCTETS`]) looks like this:
+//!
+//! ```text
+//! host ──(veth mlhX / 10.X.0.2)──── router netns `P-router` (10.X.0.1 on `uplink`, ip_forward on)
+//!                                      ├─ bridge br1 10.X.1.1/24 ── c1cp ── `P-c1-cp`  10.X.1.2  (etcd :2379)
+//!                                      │                          ├ c1n1 ── `P-c1-n1`  10.X.1.11
+//!                                      │                          └ c1n2 ── `P-c1-n2`  10.X.1.12
+//!                                      └─ bridge br2 10.X.2.1/24 ── ...
+//! ```
+//!
+//! Traffic inside a cluster is bridged (never impaired); traffic between clusters is routed by the router
+//! namespace, where partitions (nft) and latency/loss (tc netem on the bridge of the destination cluster) apply.
+//! The host reaches every lab address through its veth, so tests and the CLI talk to etcd directly.
+
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LabError, Result};
+
+/// Where lab state lives by default: `/run/mesh-lab/<prefix>/state.json`.
+pub const DEFAULT_STATE_ROOT: &str = "/run/mesh-lab";
+/// etcd client port on every control-plane address.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd peer port on every control-plane address.
+pub const ETCD_PEER_PORT: u16 = 2380;
+/// Most clusters one lab may have.
+pub const MAX_CLUSTERS: usize = 64;
+/// Most nodes one cluster may have.
+pub const MAX_NODES: usize = 200;
+/// Longest lab prefix (it ends up in namespace names).
+pub const MAX_PREFIX_LEN: usize = 24;
+/// Second octets a lab may take: lab addresses are `10.<octet>.0.0/16`, one octet per live lab.
+pub const OCTETS: RangeInclusive<u8> = 100..=249;
+
+/// How the clusters' etcd servers are secured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdSecurity {
+    /// Plain HTTP, no authentication.
+    #[default]
+    Plain,
+    /// TLS with client-certificate authentication; certificates issued by a per-lab CA.
+    Tls,
+}
+
+/// What to build: the input of [`crate::Lab::up`].
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Lab prefix: `[a-z][a-z0-9-]*`, at most [`MAX_PREFIX_LEN`] chars, not ending in `-`. Namespaces, cgroups and
+    /// the state directory are named after it; two labs with different prefixes never collide.
+    pub prefix: String,
+    /// Number of clusters, 1..=[`MAX_CLUSTERS`].
+    pub clusters: usize,
+    /// Nodes per cluster, 1..=[`MAX_NODES`].
+    pub nodes_per_cluster: usize,
+    /// Cluster names (ClusterMesh rules); empty means `c1`, `c2`, ... Cluster ids are the 1-based indices.
+    pub cluster_names: Vec<String>,
+    /// How etcd is secured (default [`EtcdSecurity::Plain`]).
+    pub etcd: EtcdSecurity,
+    /// The etcd binary (default `/usr/bin/etcd`).
+    pub etcd_binary: PathBuf,
+    /// Directory for lab state (default [`DEFAULT_STATE_ROOT`]).
+    pub state_root: PathBuf,
+    /// How long to wait for each etcd to report healthy.
+    pub etcd_ready_timeout: Duration,
+}
+
+impl LabSpec {
+    /// A spec with defaults: names `c1..cN`, plain etcd from `/usr/bin/etcd`, state under `/run/mesh-lab`.
+    pub fn new(prefix: impl Into<String>, clusters: usize, nodes_per_cluster: usize) -> Self {
+        LabSpec {
+            prefix: prefix.into(),
+            clusters,
+            nodes_per_cluster,
+            cluster_names: Vec::new(),
+            etcd: EtcdSecurity::default(),
+            etcd_binary: PathBuf::from("/usr/bin/etcd"),
+            state_root: PathBuf::from(DEFAULT_STATE_ROOT),
+            etcd_ready_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the etcd security mode.
+    pub fn etcd_security(mut self, security: EtcdSecurity) -> Self {
+        self.etcd = security;
+        self
+    }
+
+    /// Sets the cluster names (their number must equal `clusters`).
+    pub fn cluster_names<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.cluster_names = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Checks every rule; the error says which one failed.
+    pub fn validate(&self) -> Result<()> {
+        check_prefix(&self.prefix)?;
+        if !(1..=MAX_CLUSTERS).contains(&self.clusters) {
+            return Err(LabError::Spec(format!(
+                "clusters must be 1..={MAX_CLUSTERS}, got {}",
+                self.clusters
+            )));
+        }
+        if !(1..=MAX_NODES).contains(&self.nodes_per_cluster) {
+            return Err(LabError::Spec(format!(
+                "nodes per cluster must be 1..={MAX_NODES}, got {}",
+                self.nodes_per_cluster
+            )));
+        }
+        if !self.cluster_names.is_empty() {
+            if self.cluster_names.len() != self.clusters {
+                return Err(LabError::Spec(format!(
+                    "{} cluster names given for {} clusters",
+                    self.cluster_names.len(),
+                    self.clusters
+                )));
+            }
+            for (i, n) in self.cluster_names.iter().enumerate() {
+                mesh_model::cluster::ClusterName::new(n)
+                    .map_err(|e| LabError::Spec(format!("cluster name {n:?}: {e}")))?;
+                if self.cluster_names[..i].contains(n) {
+                    return Err(LabError::Spec(format!("cluster name {n:?} given twice")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The name of cluster `index` (1-based).
+    fn cluster_name(&self, index: usize) -> String {
+        self.cluster_names
+            .get(index - 1)
+            .cloned()
+            .unwrap_or_else(|| format!("c{index}"))
+    }
+}
+
+/// Checks a lab prefix: `[a-z][a-z0-9-]*`, at most [`MAX_PREFIX_LEN`] chars, not ending in `-`.
+pub fn check_prefix(prefix: &str) -> Result<()> {
+    let bad = |why: &str| Err(LabError::Spec(format!("lab prefix {prefix:?}: {why}")));
+    if prefix.is_empty() {
+        return bad("must not be empty");
+    }
+    if prefix.len() > MAX_PREFIX_LEN {
+        return bad(&format!("longer than {MAX_PREFIX_LEN} chars"));
+    }
+    if !prefix.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return bad("must start with a lowercase letter");
+    }
+    if !prefix
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return bad("only lowercase letters, digits and '-' are allowed");
+    }
+    if prefix.ends_with('-') {
+        return bad("must not end with '-'");
+    }
+    Ok(())
+}
+
+/// One network namespace of a cluster: a node or the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// 1-based cluster index.
+    pub cluster: usize,
+    /// 1-based node index; 0 for the control plane.
+    pub index: usize,
+    /// Node name within its cluster: `n1`, `n2`, ... or `cp`.
+    pub name: String,
+    /// Network namespace name (`ip netns exec <netns>`; `/run/netns/<netns>`).
+    pub netns: String,
+    /// The namespace's address (on `eth0`, /24 of the cluster subnet).
+    pub addr: Ipv4Addr,
+    /// The veth end in the router namespace (a port of the cluster bridge).
+    pub router_port: String,
+    /// The cgroup v2 directory of this node (absolute path); processes of the node run in it.
+    pub cgroup: PathBuf,
+}
+
+/// One cluster's etcd: where it listens and where its files are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdInfo {
+    /// etcd member name.
+    pub name: String,
+    /// Client URL (`http://` or `https://<control-plane addr>:2379`), reachable from the host and every node.
+    pub client_url: String,
+    /// Peer URL.
+    pub peer_url: String,
+    /// Data directory (kept across [`crate::Lab::restart_etcd`]).
+    pub data_dir: PathBuf,
+    /// Log file (stdout and stderr of etcd, appended across restarts).
+    pub log_file: PathBuf,
+    /// TLS material, when etcd runs with TLS.
+    pub tls: Option<EtcdTlsFiles>,
+}
+
+/// PEM files of a cluster's TLS etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdTlsFiles {
+    /// Directory holding all of them.
+    pub dir: PathBuf,
+    /// The CA bundle etcd trusts for clients and clients trust for etcd.
+    pub ca: PathBuf,
+    /// Server certificate of etcd.
+    pub server_cert: PathBuf,
+    /// Server key of etcd.
+    pub server_key: PathBuf,
+    /// A client certificate with full rights (etcd user `root`), for tests and the CLI.
+    pub client_cert: PathBuf,
+    /// Key of [`EtcdTlsFiles::client_cert`].
+    pub client_key: PathBuf,
+}
+
+/// One cluster of the lab.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// 1-based index; also the ClusterMesh cluster id.
+    pub index: usize,
+    /// Cluster name.
+    pub name: String,
+    /// Subnet base address (`10.X.<index>.0`).
+    pub subnet: Ipv4Addr,
+    /// Subnet prefix length (24).
+    pub prefix_len: u8,
+    /// Gateway of the cluster (the router's bridge address, `.1`).
+    pub gateway: Ipv4Addr,
+    /// Bridge name in the router namespace.
+    pub bridge: String,
+    /// The control-plane namespace (runs etcd), address `.2`.
+    pub control_plane: NodeInfo,
+    /// The nodes, addresses `.11`, `.12`, ...
+    pub nodes: Vec<NodeInfo>,
+    /// The cluster's etcd.
+    pub etcd: EtcdInfo,
+}
+
+impl ClusterInfo {
+    /// The subnet in CIDR notation, e.g. `10.123.1.0/24`.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.subnet, self.prefix_len)
+    }
+
+    /// The etcd client endpoint (`http(s)://addr:2379`).
+    pub fn etcd_endpoint(&self) -> &str {
+        &self.etcd.client_url
+    }
+}
+
+/// The whole lab layout, computed from a spec, an octet and the cgroup v2 root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabPlan {
+    /// Lab prefix.
+    pub prefix: String,
+    /// The lab's second address octet: all lab addresses are in `10.<octet>.0.0/16`.
+    pub octet: u8,
+    /// State directory (`<state_root>/<prefix>`).
+    pub state_dir: PathBuf,
+    /// Router namespace.
+    pub router_netns: String,
+    /// Host end of the host<->router veth.
+    pub host_veth: String,
+    /// Host address on that veth.
+    pub host_addr: Ipv4Addr,
+    /// Router address on its uplink.
+    pub router_addr: Ipv4Addr,
+    /// The lab's cgroup v2 directory (parent of every node's).
+    pub cgroup_dir: PathBuf,
+    /// How etcd is secured.
+    pub etcd_security: EtcdSecurity,
+    /// The clusters.
+    pub clusters: Vec<ClusterInfo>,
+}
+
+impl LabPlan {
+    /// Lays out a lab. `spec` must be valid ([`LabSpec::validate`]), `octet` in [`OCTETS`].
+    pub fn new(spec: &LabSpec, octet: u8, cgroup_root: &Path) -> Result<LabPlan> {
+        spec.validate()?;
+        if !OCTETS.contains(&octet) {
+            return Err(LabError::Spec(format!(
+                "address octet {octet} outside {OCTETS:?}"
+            )));
+        }
+        let p = &spec.prefix;
+        let state_dir = spec.state_root.join(p);
+        let cgroup_dir = lab_cgroup_dir(cgroup_root, p);
+        let tls = spec.etcd == EtcdSecurity::Tls;
+        let clusters = (1..=spec.clusters)
+            .map(|c| {
+                let c8 = c as u8; // c <= MAX_CLUSTERS < 256
+                let base = Ipv4Addr::new(10, octet, c8, 0);
+                let member = |index: usize, name: String, host: u8| NodeInfo {
+                    cluster: c,
+                    index,
+                    netns: format!("{p}-c{c}-{name}"),
+                    addr: Ipv4Addr::new(10, octet, c8, host),
+                    router_port: format!("c{c}{name}"),
+                    cgroup: cgroup_dir.join(format!("c{c}-{name}")),
+                    name,
+                };
+                let cp = member(0, "cp".into(), 2);
+                let name = spec.cluster_name(c);
+                let scheme = if tls { "https" } else { "http" };
+                let cdir = state_dir.join(format!("c{c}"));
+                let etcd = EtcdInfo {
+                    client_url: format!("{scheme}://{}:{ETCD_CLIENT_PORT}", cp.addr),
+                    peer_url: format!("{scheme}://{}:{ETCD_PEER_PORT}", cp.addr),
+                    data_dir: cdir.join("etcd-data"),
+                    log_file: cdir.join("etcd.log"),
+                    tls: tls.then(|| {
+                        let dir = cdir.join("tls");
+                        EtcdTlsFiles {
+                            ca: dir.join("ca.pem"),
+                            server_cert: dir.join("etcd-server.pem"),
+                            server_key: dir.join("etcd-server-key.pem"),
+                            client_cert: dir.join("root.pem"),
+                            client_key: dir.join("root-key.pem"),
+                            dir,
+                        }
+                    }),
+                    name: name.clone(),
+                };
+                ClusterInfo {
+                    index: c,
+                    name,
+                    subnet: base,
+                    prefix_len: 24,
+                    gateway: Ipv4Addr::new(10, octet, c8, 1),
+                    bridge: format!("br{c}"),
+                    nodes: (1..=spec.nodes_per_cluster)
+                        .map(|n| member(n, format!("n{n}"), 10 + n as u8))
+                        .collect(),
+                    control_plane: cp,
+                    etcd,
+                }
+            })
+            .collect();
+        Ok(LabPlan {
+            prefix: p.clone(),
+            octet,
+            router_netns: format!("{p}-router"),
+            host_veth: format!("mlh{octet}"),
+            host_addr: Ipv4Addr::new(10, octet, 0, 2),
+            router_addr: Ipv4Addr::new(10, octet, 0, 1),
+            state_dir,
+            cgroup_dir,
+            etcd_security: spec.etcd,
+            clusters,
+        })
+    }
+
+    /// The lab's whole address range, `10.<octet>.0.0/16`.
+    pub fn supernet(&self) -> String {
+        format!("10.{}.0.0/16", self.octet)
+    }
+
+    /// Every namespace of the lab, router first.
+    pub fn netns_names(&self) -> Vec<String> {
+        let mut v = vec![self.router_netns.clone()];
+        for c in &self.clusters {
+            v.push(c.control_plane.netns.clone());
+            v.extend(c.nodes.iter().map(|n| n.netns.clone()));
+        }
+        v
+    }
+
+    /// Every cgroup directory of the lab (leaves first, the lab directory last).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for c in &self.clusters {
+            v.push(c.control_plane.cgroup.clone());
+            v.extend(c.nodes.iter().map(|n| n.cgroup.clone()));
+        }
+        v.push(self.cgroup_dir.clone());
+        v
+    }
+}
+
+/// The cgroup v2 directory of the lab with `prefix` under `cgroup_root`.
+pub fn lab_cgroup_dir(cgroup_root: &Path, prefix: &str) -> PathBuf {
+    cgroup_root.join("mesh-lab").join(prefix)
+}
+
+/// True when `netns` is a namespace name that a lab with `prefix` creates (`P-router`, `P-c<i>-cp`,
+/// `P-c<i>-n<j>`). Exact: the lab `a` never claims the namespaces of the lab `a-b`.
+pub fn is_lab_netns(prefix: &str, netns: &str) -> bool {
+    let Some(rest) = netns.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    if rest == "router" {
+        return true;
+    }
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(rest) = rest.strip_prefix('c') else {
+        return false;
+    };
+    let Some((c, member)) = rest.split_once('-') else {
+        return false;
+    };
+    digits(c) && (member == "cp" || member.strip_prefix('n').is_some_and(digits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(prefix: &str, clusters: usize, nodes: usize) -> LabPlan {
+        LabPlan::new(
+            &LabSpec::new(prefix, clusters, nodes),
+            123,
+            Path::new("/cg"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn layout_of_two_by_two() {
+        let spec = LabSpec::new("t1", 2, 2).etcd_security(EtcdSecurity::Tls);
+        let p = LabPlan::new(&spec, 123, Path::new("/cg")).unwrap();
+        assert_eq!(p.router_netns, "t1-router");
+        assert_eq!(p.host_veth, "mlh123");
+        assert_eq!(p.host_addr, Ipv4Addr::new(10, 123, 0, 2));
+        assert_eq!(p.supernet(), "10.123.0.0/16");
+        let c2 = &p.clusters[1];
+        assert_eq!(c2.name, "c2");
+        assert_eq!(c2.cidr(), "10.123.2.0/24");
+        assert_eq!(c2.gateway, Ipv4Addr::new(10, 123, 2, 1));
+        assert_eq!(c2.control_plane.addr, Ipv4Addr::new(10, 123, 2, 2));
+        assert_eq!(c2.control_plane.netns, "t1-c2-cp");
+        assert_eq!(c2.nodes[1].netns, "t1-c2-n2");
+        assert_eq!(c2.nodes[1].addr, Ipv4Addr::new(10, 123, 2, 12));
+        assert_eq!(c2.nodes[1].router_port, "c2n2");
+        assert_eq!(c2.nodes[1].cgroup, Path::new("/cg/mesh-lab/t1/c2-n2"));
+        assert_eq!(c2.etcd_endpoint(), "https://10.123.2.2:2379");
+        assert_eq!(p.netns_names().len(), 1 + 2 * 3);
+        assert_eq!(
+            p.cgroup_dirs().last().unwrap(),
+            Path::new("/cg/mesh-lab/t1")
+        );
+    }
+
+    #[test]
+    fn plain_etcd_uses_http_and_no_tls_files() {
+        let spec = LabSpec::new("t", 1, 1).etcd_security(EtcdSecurity::Plain);
+        let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
+        assert_eq!(p.clusters[0].etcd.client_url, "http://10.100.1.2:2379");
+        assert!(p.clusters[0].etcd.tls.is_none());
+    }
+
+    #[test]
+    fn interface_names_fit_the_kernel_limit() {
+        let p = plan("a-very-long-prefix-name1", MAX_CLUSTERS, MAX_NODES);
+        for c in &p.clusters {
+            for n in c.nodes.iter().chain([&c.control_plane]) {
+                assert!(n.router_port.len() <= 15, "{}", n.router_port);
+            }
+        }
+        assert!(p.host_veth.len() <= 15);
+    }
+
+    #[test]
+    fn prefix_rules_name_the_rule() {
+        for (bad, why) in [
+            ("", "empty"),
+            ("Lab", "lowercase letter"),
+            ("1lab", "lowercase letter"),
+            ("la_b", "only lowercase"),
+            ("lab-", "end with"),
+            ("abcdefghijklmnopqrstuvwxyz", "longer"),
+        ] {
+            let e = check_prefix(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        check_prefix("lab-2").unwrap();
+    }
+
+    #[test]
+    fn spec_rules() {
+        assert!(LabSpec::new("x", 0, 1).validate().is_err());
+        assert!(LabSpec::new("x", 1, 0).validate().is_err());
+        assert!(LabSpec::new("x", MAX_CLUSTERS + 1, 1).validate().is_err());
+        let e = LabSpec::new("x", 2, 1)
+            .cluster_names(["east"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("1 cluster names given for 2"), "{e}");
+        let e = LabSpec::new("x", 1, 1)
+            .cluster_names(["default"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("\"default\""), "{e}");
+        let e = LabSpec::new("x", 2, 1)
+            .cluster_names(["a", "a"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let spec = LabSpec::new("x", 2, 1).cluster_names(["east", "west"]);
+        let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
+        assert_eq!(p.clusters[1].name, "west");
+        assert_eq!(p.clusters[1].etcd.name, "west");
+    }
+
+    #[test]
+    fn octet_out_of_range_is_refused() {
+        assert!(LabPlan::new(&LabSpec::new("x", 1, 1), 99, Path::new("/cg")).is_err());
+        assert!(LabPlan::new(&LabSpec::new("x", 1, 1), 250, Path::new("/cg")).is_err());
+    }
+
+    #[test]
+    fn netns_ownership_is_exact() {
+        assert!(is_lab_netns("a", "a-router"));
+        assert!(is_lab_netns("a", "a-c1-cp"));
+        assert!(is_lab_netns("a", "a-c12-n3"));
+        assert!(!is_lab_netns("a", "a-b-router"));
+        assert!(!is_lab_netns("a", "a-c1-c1-n1"));
+        assert!(!is_lab_netns("a", "ab-router"));
+        assert!(!is_lab_netns("a", "a-c1-n"));
+        assert!(!is_lab_netns("a", "a-cx-n1"));
+        assert!(!is_lab_netns("a", "other"));
+        assert!(is_lab_netns("a-b", "a-b-router"));
+        // every namespace of a plan is claimed by its own prefix and no other
+        let p = plan("a", 3, 3);
+        for ns in p.netns_names() {
+            assert!(is_lab_netns("a", &ns), "{ns}");
+            assert!(!is_lab_netns("a-c1", &ns), "{ns}");
+        }
+    }
+}

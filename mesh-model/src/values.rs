@@ -476,6 +476,65 @@ pub struct NodeStatus {
     pub remotes: Vec<RemoteState>,
     /// Global services programmed.
     pub services: u64,
+    /// Each global service: backends, which are selected and why, connections by locality.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_states: Vec<ServiceState>,
+    /// Recent failovers and failbacks (newest last, bounded by the writer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failovers: Vec<FailoverEvent>,
+}
+
+/// A backend of a global service as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendState {
+    /// Address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Cluster it runs in.
+    pub cluster: ClusterName,
+    /// It runs in the node's own cluster.
+    pub local: bool,
+    /// It is programmed in the datapath now.
+    pub selected: bool,
+    /// Why it is not usable, if it is not (`failing health check`, `terminating`, `cluster stale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<String>,
+    /// Connections the datapath sent to it since the node-sync started.
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// A global service as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceState {
+    /// `namespace/name`.
+    pub service: String,
+    /// Frontend addresses programmed (`ip:port/proto`).
+    pub frontends: Vec<String>,
+    /// Every known backend.
+    pub backends: Vec<BackendState>,
+    /// Why the selection is what it is (e.g. `local backends usable`, `no local backend usable: failed over to c2`).
+    pub reason: String,
+}
+
+/// A change of the cluster group a service's traffic goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverEvent {
+    /// `namespace/name`.
+    pub service: String,
+    /// Clusters selected before (empty: none).
+    pub from: Vec<String>,
+    /// Clusters selected after.
+    pub to: Vec<String>,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Time from the first failing probe (or the event that caused it) to the new selection, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// A value of the layout, typed.

@@ -1,0 +1,410 @@
+//! The datapath against the real kernel: programs attached to a fresh cgroup v2 directory, a
+//! client process (`glb-probe`) in that cgroup, backends as threads, all inside a network
+//! namespace private to the test. Needs root.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{
+    Env, GLB, TcpBackend, TestCgroup, UdpBackend, in_netns, ok, pin_dir, probe_in, probe_outside,
+    s, unique,
+};
+use global_lb_bpf::{Backend, Datapath, DatapathConfig, Error, Frontend, Proto, ServiceMaps};
+
+fn backend(addr: &str, cluster: u16) -> Backend {
+    let a: SocketAddr = addr.parse().unwrap();
+    Backend::new(a.ip(), a.port(), cluster)
+}
+
+fn frontend(s: &str) -> Frontend {
+    s.parse().unwrap()
+}
+
+/// TCP to a service lands on one of its backends (which sees the connection), `getpeername`
+/// shows the service address, and a process outside the cgroup reaches the service address
+/// itself (here a listener that stands in for "whatever owns that address").
+fn tcp_lands_on_backend(
+    vip: &'static str,
+    b1: &'static str,
+    b2: &'static str,
+    mapped: Option<&'static str>,
+) {
+    let mut env = Env::new("tcp");
+    let vip_owner = TcpBackend::start(vip, "vip-itself");
+    let be1 = TcpBackend::start(b1, "b1");
+    let be2 = TcpBackend::start(b2, "b2");
+    let f: Frontend = format!("tcp:{vip}").parse().unwrap();
+    env.dp()
+        .upsert_service(&f, &[backend(b1, 1).with_local(true), backend(b2, 2)])
+        .unwrap();
+
+    let mut names = BTreeSet::new();
+    let tries = 24;
+    for _ in 0..tries {
+        let v = env.probe(&["tcp", vip]);
+        ok(&v);
+        assert_eq!(
+            s(&v, "peer"),
+            vip,
+            "getpeername shows the service address: {v}"
+        );
+        names.insert(s(&v, "reply").to_owned());
+    }
+    assert_eq!(
+        names,
+        BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
+        "random choice reaches both backends"
+    );
+    assert_eq!(be1.connections() + be2.connections(), tries);
+    assert_eq!(vip_owner.connections(), 0);
+
+    let outside = probe_outside(&["tcp", vip]);
+    assert_eq!(
+        s(ok(&outside), "reply"),
+        "vip-itself",
+        "outside the cgroup: untouched"
+    );
+    assert_eq!(vip_owner.connections(), 1);
+
+    let counters = env.dp().counters().unwrap();
+    assert_eq!(counters.len(), 2);
+    assert_eq!(
+        counters.iter().map(|c| c.connections).sum::<u64>(),
+        tries as u64
+    );
+    assert!(counters.iter().any(|c| c.local && c.cluster_id == 1));
+
+    if let Some(mapped) = mapped {
+        // A dual-stack socket connecting to the IPv4-mapped service address.
+        let v = env.probe(&["tcp", mapped]);
+        ok(&v);
+        assert!(["b1", "b2"].contains(&s(&v, "reply")), "{v}");
+        assert_eq!(s(&v, "peer"), mapped);
+    }
+}
+
+#[test]
+fn tcp_v4_service_lands_on_a_backend_and_outside_is_untouched() {
+    in_netns(&["10.96.0.10/32", "10.1.0.1/32", "10.1.0.2/32"], || {
+        tcp_lands_on_backend(
+            "10.96.0.10:80",
+            "10.1.0.1:8080",
+            "10.1.0.2:8080",
+            Some("[::ffff:10.96.0.10]:80"),
+        )
+    });
+}
+
+#[test]
+fn tcp_v6_service_lands_on_a_backend_and_outside_is_untouched() {
+    in_netns(
+        &["fd00:96::10/128", "fd00:1::1/128", "fd00:1::2/128"],
+        || {
+            tcp_lands_on_backend(
+                "[fd00:96::10]:80",
+                "[fd00:1::1]:8080",
+                "[fd00:1::2]:8080",
+                None,
+            )
+        },
+    );
+}
+
+fn udp_request_reply(vip: &'static str, b1: &'static str) {
+    let mut env = Env::new("udp");
+    let _vip_owner = UdpBackend::start(vip, "vip-itself");
+    let be = UdpBackend::start(b1, "b1");
+    let f: Frontend = format!("udp:{vip}").parse().unwrap();
+    env.dp().upsert_service(&f, &[backend(b1, 1)]).unwrap();
+
+    let unconnected = env.probe(&["udp", vip]);
+    ok(&unconnected);
+    assert_eq!(s(&unconnected, "reply"), "b1", "{unconnected}");
+    assert_eq!(
+        s(&unconnected, "from"),
+        vip,
+        "the reply's source is the service address"
+    );
+
+    let connected = env.probe(&["udp", vip, "--connected"]);
+    ok(&connected);
+    assert_eq!(s(&connected, "reply"), "b1", "{connected}");
+    assert_eq!(s(&connected, "peer"), vip, "getpeername: {connected}");
+    assert_eq!(s(&connected, "from"), vip, "recvfrom source: {connected}");
+    assert_eq!(be.seen.lock().unwrap().len(), 2);
+
+    let outside = probe_outside(&["udp", vip]);
+    assert_eq!(s(ok(&outside), "reply"), "vip-itself");
+}
+
+#[test]
+fn udp_v4_connected_and_unconnected_replies_come_from_the_service() {
+    in_netns(&["10.96.0.53/32", "10.1.0.53/32"], || {
+        udp_request_reply("10.96.0.53:53", "10.1.0.53:5353")
+    });
+}
+
+#[test]
+fn udp_v6_connected_and_unconnected_replies_come_from_the_service() {
+    in_netns(&["fd00:96::53/128", "fd00:1::53/128"], || {
+        udp_request_reply("[fd00:96::53]:53", "[fd00:1::53]:5353")
+    });
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once() {
+    in_netns(
+        &["10.96.0.20/32", "fd00:96::20/128", "10.1.0.20/32"],
+        || {
+            let mut env = Env::new("refuse");
+            // Something listens on the service addresses themselves: an untranslated connect would
+            // succeed, so a refusal can only come from the datapath.
+            let _v4_owner = TcpBackend::start("10.96.0.20:80", "vip-itself");
+            let _v6_owner = TcpBackend::start("[fd00:96::20]:80", "vip-itself");
+            for vip in ["10.96.0.20:80", "[fd00:96::20]:80"] {
+                let f = frontend(&format!("tcp:{vip}"));
+                env.dp().upsert_service(&f, &[]).unwrap();
+                let v = env.probe(&["--timeout-ms", "10000", "tcp", vip]);
+                assert_eq!(v["ok"], false, "{v}");
+                assert_eq!(v["errno"], 111, "ECONNREFUSED: {v}");
+                let elapsed_us = v["elapsed_us"].as_u64().unwrap();
+                assert!(
+                    elapsed_us < 100_000,
+                    "refused at once, took {elapsed_us} us"
+                );
+                assert_eq!(s(ok(&probe_outside(&["tcp", vip])), "reply"), "vip-itself");
+            }
+            // UDP too: an unconnected datagram and a connect() of a UDP socket are refused.
+            let _udp_owner = UdpBackend::start("10.96.0.20:53", "vip-itself");
+            env.dp()
+                .upsert_service(&frontend("udp:10.96.0.20:53"), &[])
+                .unwrap();
+            for args in [
+                &["udp", "10.96.0.20:53"][..],
+                &["udp", "10.96.0.20:53", "--connected"][..],
+            ] {
+                let v = env.probe(args);
+                assert_eq!(v["errno"], 111, "ECONNREFUSED for {args:?}: {v}");
+            }
+            // A service that gets a backend again works again.
+            let _be = TcpBackend::start("10.1.0.20:8080", "b1");
+            env.dp()
+                .upsert_service(
+                    &frontend("tcp:10.96.0.20:80"),
+                    &[backend("10.1.0.20:8080", 1)],
+                )
+                .unwrap();
+            assert_eq!(s(ok(&env.probe(&["tcp", "10.96.0.20:80"])), "reply"), "b1");
+            // After delete, connects are left alone.
+            assert!(
+                env.dp()
+                    .delete_service(&frontend("tcp:10.96.0.20:80"))
+                    .unwrap()
+            );
+            assert_eq!(
+                s(ok(&env.probe(&["tcp", "10.96.0.20:80"])), "reply"),
+                "vip-itself"
+            );
+        },
+    );
+}
+
+#[test]
+fn swapping_backend_sets_under_thousands_of_connects_never_fails() {
+    in_netns(
+        &[
+            "10.96.0.30/32",
+            "10.2.0.1/32",
+            "10.2.0.2/32",
+            "10.2.0.3/32",
+            "10.3.0.1/32",
+            "10.3.0.2/32",
+        ],
+        || {
+            let mut env = Env::new("swap");
+            let set_a: Vec<&str> = vec!["10.2.0.1:80", "10.2.0.2:80", "10.2.0.3:80"];
+            let set_b: Vec<&str> = vec!["10.3.0.1:80", "10.3.0.2:80"];
+            let _servers: Vec<TcpBackend> = set_a
+                .iter()
+                .map(|a| TcpBackend::start(a, &format!("a:{a}")))
+                .chain(
+                    set_b
+                        .iter()
+                        .map(|a| TcpBackend::start(a, &format!("b:{a}"))),
+                )
+                .collect();
+            let f = frontend("tcp:10.96.0.30:80");
+            let a: Vec<Backend> = set_a.iter().map(|x| backend(x, 1)).collect();
+            let b: Vec<Backend> = set_b.iter().map(|x| backend(x, 2)).collect();
+            env.dp().upsert_service(&f, &a).unwrap();
+
+            let connections = 20_000;
+            let done = Arc::new(AtomicBool::new(false));
+            let storm = {
+                let cgroup = env.cgroup.path.clone();
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let v = probe_in(
+                        &cgroup,
+                        &[
+                            "tcp-storm",
+                            "10.96.0.30:80",
+                            "--connections",
+                            &connections.to_string(),
+                            "--threads",
+                            "16",
+                        ],
+                    );
+                    done.store(true, Ordering::SeqCst);
+                    v
+                })
+            };
+            let mut swaps = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                let next = if swaps.is_multiple_of(2) { &b } else { &a };
+                env.dp().upsert_service(&f, next).unwrap();
+                swaps += 1;
+            }
+            let v = storm.join().unwrap();
+            assert_eq!(v["errors"], serde_json::json!({}), "no connect failed: {v}");
+            let replies = v["replies"].as_object().unwrap();
+            let total: u64 = replies.values().map(|n| n.as_u64().unwrap()).sum();
+            assert_eq!(total, connections as u64, "{v}");
+            for name in replies.keys() {
+                assert!(
+                    name.starts_with("a:") || name.starts_with("b:"),
+                    "every connect landed on a backend of one of the two sets, \
+                     with the service address as peer: {name}"
+                );
+            }
+            assert!(
+                swaps >= 2000,
+                "only {swaps} swaps happened during the storm"
+            );
+            eprintln!("{connections} connects during {swaps} swaps: {v}");
+        },
+    );
+}
+
+fn glb(config: &DatapathConfig, args: &[&str]) -> String {
+    let out = Command::new(GLB)
+        .arg("--cgroup")
+        .arg(&config.cgroup)
+        .arg("--pin-dir")
+        .arg(&config.pin_dir)
+        .args(args)
+        .output()
+        .expect("spawning glb");
+    assert!(
+        out.status.success(),
+        "glb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn services_keep_working_across_loader_restarts() {
+    in_netns(&["10.96.0.40/32", "10.1.0.40/32"], || {
+        let name = unique("restart");
+        let cgroup = TestCgroup::new(&name);
+        let config = DatapathConfig {
+            cgroup: cgroup.path.clone(),
+            pin_dir: pin_dir(&name),
+        };
+        let be = TcpBackend::start("10.1.0.40:8080", "b1");
+        let _vip_owner = TcpBackend::start("10.96.0.40:80", "vip-itself");
+
+        // Loader process 1 attaches, writes the service and exits.
+        glb(
+            &config,
+            &["upsert", "tcp:10.96.0.40:80", "10.1.0.40:8080@1,local"],
+        );
+        // No loader runs now; the pinned links and maps carry on.
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.40:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1");
+
+        // Loader process 2 starts on the same pins and only reads.
+        let listed: serde_json::Value = serde_json::from_str(&glb(&config, &["list"])).unwrap();
+        assert_eq!(listed[0]["frontend"]["port"], 80, "{listed}");
+        assert_eq!(listed[0]["backends"][0]["port"], 8080, "{listed}");
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.40:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1");
+
+        // And an in-process loader reuses the pinned links instead of attaching again.
+        let dp = Datapath::open(&config).unwrap();
+        assert_eq!(dp.reused_links(), global_lb_bpf::PROGRAMS.len());
+        let counters = dp.counters().unwrap();
+        assert_eq!(counters.len(), 1);
+        assert_eq!(counters[0].connections, 2, "counters survived too");
+        assert_eq!(be.connections(), 2);
+        drop(dp);
+        let attached = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&config.cgroup)
+            .output()
+            .expect("bpftool");
+        let attached = String::from_utf8_lossy(&attached.stdout);
+        assert_eq!(
+            attached.matches("connect4").count(),
+            1,
+            "one connect4 attached after three loader runs:\n{attached}"
+        );
+
+        let mut dp = Datapath::open(&config).unwrap();
+        dp.delete_service(&frontend("tcp:10.96.0.40:80")).unwrap();
+        drop(dp);
+        Datapath::remove(&config.pin_dir).unwrap();
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.40:80"]);
+        assert_eq!(s(ok(&v), "reply"), "vip-itself", "removed: untouched again");
+    });
+}
+
+#[test]
+fn open_errors_name_the_cgroup_or_pin_directory() {
+    let name = unique("errors");
+    let missing = DatapathConfig {
+        cgroup: format!("/sys/fs/cgroup/unified/{name}-missing").into(),
+        pin_dir: pin_dir(&name),
+    };
+    let err = Datapath::open(&missing).unwrap_err();
+    assert!(matches!(err, Error::Cgroup { .. }), "{err}");
+    assert!(err.to_string().contains("-missing"), "{err}");
+
+    let cgroup = TestCgroup::new(&name);
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Datapath::open(&DatapathConfig {
+        cgroup: cgroup.path.clone(),
+        pin_dir: tmp.path().join("pins"),
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::NotBpffs { .. }), "{err}");
+    assert!(err.to_string().contains("bpf filesystem"), "{err}");
+
+    let err = Datapath::open(&DatapathConfig {
+        cgroup: tmp.path().into(),
+        pin_dir: pin_dir(&name),
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::NotCgroup2 { .. }), "{err}");
+
+    let mut dp = Datapath::open(&DatapathConfig {
+        cgroup: cgroup.path.clone(),
+        pin_dir: pin_dir(&name),
+    })
+    .unwrap();
+    let err = dp
+        .upsert_service(
+            &Frontend::new("10.96.0.1".parse().unwrap(), 80, Proto::Udp),
+            &[backend("[fd00::1]:80", 1)],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("address family"), "{err}");
+    drop(dp);
+    Datapath::remove(&pin_dir(&name)).unwrap();
+}

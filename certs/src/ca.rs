@@ -263,11 +263,18 @@ impl RootCa {
         let now = OffsetDateTime::now_utc();
         let cluster = &req.cluster;
         let mut params = base_params(
-            &Role::Intermediate.common_name(cluster),
+            &format!(
+                "{} {}",
+                Role::Intermediate.common_name(cluster),
+                generation_tag()
+            ),
             &SpiffeId::for_cluster(&self.trust_domain, cluster, Role::Intermediate),
             now,
             (now + req.validity.intermediate).min(self.info.not_after),
         )?;
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, self.trust_domain.as_str());
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -407,7 +414,7 @@ fn previous_root_exists(ca: &CaDir, fp: &Fingerprint) -> bool {
 fn new_root(td: &TrustDomain, validity: &Validity) -> Result<(String, String)> {
     let now = OffsetDateTime::now_utc();
     let mut params = base_params(
-        &format!("clustermesh root CA {td} {}", now.unix_timestamp()),
+        &format!("clustermesh root CA {td} {}", generation_tag()),
         &SpiffeId::for_root_ca(td),
         now,
         now + validity.root,
@@ -427,6 +434,13 @@ fn new_root(td: &TrustDomain, validity: &Validity) -> Result<(String, String)> {
         .self_signed(&key)
         .map_err(|e| issue_err(format!("root CA of {td}"), e))?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A short random tag that keeps the subject of every CA unique: two CAs with one subject
+/// (a root rotated within a second, a cluster re-issued) would make verifiers try the wrong key.
+fn generation_tag() -> String {
+    let tag: [u8; 3] = rand::random();
+    format!("#{}", hex::encode(tag))
 }
 
 fn base_params(
@@ -495,6 +509,20 @@ pub struct ClusterRequest {
     pub sans: Vec<San>,
     /// Lifetimes.
     pub validity: Validity,
+}
+
+impl ClusterRequest {
+    /// Validate a cluster name and id (maxConnectedClusters 255) for output directory `out`,
+    /// with the default SANs and lifetimes.
+    pub fn new(name: &str, id: u32, out: impl Into<PathBuf>) -> Result<Self> {
+        Ok(Self {
+            cluster: ClusterName::new(name)?,
+            id: ClusterId::new(id, mesh_model::MaxConnectedClusters::DEFAULT)?,
+            out: out.into(),
+            sans: Vec::new(),
+            validity: Validity::default(),
+        })
+    }
 }
 
 /// `cluster.json`: who the cluster directory belongs to.

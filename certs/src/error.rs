@@ -81,9 +81,9 @@ pub enum Error {
         /// The current time (RFC 3339).
         now: String,
     },
-    /// A cluster name breaks the cluster naming rules.
-    #[error("bad cluster name: {0}")]
-    ClusterName(#[from] mesh_model::ClusterRuleError),
+    /// A cluster name or id breaks the cluster rules (the message names the rule).
+    #[error("{0}")]
+    ClusterRule(#[from] mesh_model::ClusterRuleError),
     /// A trust domain breaks the SPIFFE trust domain rules.
     #[error("bad trust domain {domain:?}: {rule}")]
     TrustDomain {

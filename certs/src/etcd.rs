@@ -523,7 +523,7 @@ fn diagnose_own_cert(files: &TlsFiles, id: &CertKeyPaths) -> String {
     match chains_locally {
         Some(false) => format!(
             ": it was issued by {:?}, which does not chain to our own CA bundle {} either: \
-             it comes from a foreign CA",
+             it comes from a foreign CA or from a retired root",
             info.issuer,
             files.ca_bundle.display()
         ),

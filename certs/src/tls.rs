@@ -2,15 +2,14 @@
 //! files change, so a rotated certificate or bundle takes effect on the next handshake without a
 //! restart.
 //!
-//! Every handshake stats the files (modification time, size, inode); when one changed, the files are
-//! loaded and checked again (PEM, key matches certificate). A reload that fails (a half-rotated
+//! Every handshake reads the files and compares their SHA-256 with the last load; when one changed,
+//! they are loaded and checked again (PEM, key matches certificate). A reload that fails (a half-rotated
 //! directory, a corrupt file) is logged with the file it names and the previous, working material
 //! is kept. Building a config fails at once when the files are not usable in the first place.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -39,20 +38,21 @@ pub fn provider() -> Arc<CryptoProvider> {
 // File-stamped reloading cell
 // ---------------------------------------------------------------------------------------------
 
+/// What the files hold: a SHA-256 per file (`None`: unreadable). Hashing a few kilobytes per
+/// handshake is cheap and, unlike modification times, never misses a change (coarse timestamps
+/// and reused inodes can make two versions of a file look alike).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Vec<Option<(SystemTime, u64, u64)>>);
+struct Stamp(Vec<Option<[u8; 32]>>);
 
 fn stamp(paths: &[PathBuf]) -> Stamp {
+    use sha2::Digest as _;
     Stamp(
         paths
             .iter()
             .map(|p| {
-                let m = std::fs::metadata(p).ok()?;
-                #[cfg(unix)]
-                let ino = std::os::unix::fs::MetadataExt::ino(&m);
-                #[cfg(not(unix))]
-                let ino = 0;
-                Some((m.modified().ok()?, m.len(), ino))
+                std::fs::read(p)
+                    .ok()
+                    .map(|b| sha2::Sha256::digest(&b).into())
             })
             .collect(),
     )
@@ -349,7 +349,12 @@ pub fn server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<Server
             builder.with_client_cert_verifier(Arc::new(v))
         }
     };
-    Ok(cfg.with_cert_resolver(resolver))
+    let mut cfg = cfg.with_cert_resolver(resolver);
+    // No resumption: every connection presents and verifies certificates against the current
+    // files, so a retired root or a replaced certificate takes effect on the next connection.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// A rustls client config verifying servers against `files.ca_bundle` and presenting
@@ -364,10 +369,13 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig> {
         })?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    Ok(match &files.identity {
+    let mut cfg = match &files.identity {
         Some(id) => builder.with_client_cert_resolver(Arc::new(ReloadingCertResolver::new(id)?)),
         None => builder.with_no_client_auth(),
-    })
+    };
+    // No resumption, so each connection verifies the server against the current bundle.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
 }
 
 /// The SPIFFE id of a peer certificate (e.g. from `ServerConnection::peer_certificates()`).

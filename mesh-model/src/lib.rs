@@ -10,6 +10,7 @@ pub mod annotations;
 pub mod chunking;
 pub mod cluster;
 pub mod keys;
+pub mod status;
 pub mod values;
 
 pub use cluster::{ClusterId, ClusterName, ClusterRuleError, MaxConnectedClusters};

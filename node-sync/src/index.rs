@@ -182,6 +182,27 @@ pub struct MergeIndex {
     frontend_owner: HashMap<Frontend, ServiceName>,
     changed: HashSet<Frontend>,
     failovers: u64,
+    group_changes: Vec<GroupChange>,
+}
+
+/// The cluster group a service's traffic goes to changed (failover, failback, or loss).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupChange {
+    /// The service.
+    pub service: ServiceName,
+    /// Clusters selected before (empty: none).
+    pub from: Vec<ClusterName>,
+    /// Clusters selected now (empty: none).
+    pub to: Vec<ClusterName>,
+}
+
+fn selected_clusters(sel: Option<&FrontendSelection>) -> Vec<ClusterName> {
+    let mut v: Vec<ClusterName> = sel
+        .map(|s| s.backends.iter().map(|b| b.cluster.clone()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v.dedup();
+    v
 }
 
 impl MergeIndex {
@@ -198,6 +219,7 @@ impl MergeIndex {
             frontend_owner: HashMap::new(),
             changed: HashSet::new(),
             failovers: 0,
+            group_changes: Vec::new(),
         }
     }
 
@@ -465,6 +487,12 @@ impl MergeIndex {
         self.failovers
     }
 
+    /// Changes of the cluster group of each service since the last call (judged on the
+    /// service's first frontend).
+    pub fn take_group_changes(&mut self) -> Vec<GroupChange> {
+        std::mem::take(&mut self.group_changes)
+    }
+
     /// Clusters marked stale.
     pub fn stale_clusters(&self) -> &BTreeSet<ClusterName> {
         &self.stale
@@ -554,7 +582,15 @@ impl MergeIndex {
                     .collect()
             })
             .unwrap_or_default();
+        let old_groups = selected_clusters(entry.status.as_ref().and_then(|s| s.frontends.first()));
         if entry.is_empty() {
+            if !old_groups.is_empty() {
+                self.group_changes.push(GroupChange {
+                    service: name.clone(),
+                    from: old_groups,
+                    to: Vec::new(),
+                });
+            }
             for fe in old_frontends {
                 self.remove_frontend(&fe, name);
             }
@@ -592,6 +628,14 @@ impl MergeIndex {
                 self.changed.insert(sel.frontend);
             }
             self.frontend_owner.insert(sel.frontend, name.clone());
+        }
+        let new_groups = selected_clusters(status.frontends.first());
+        if entry.status.is_some() && new_groups != old_groups && self.group_changes.len() < 10_000 {
+            self.group_changes.push(GroupChange {
+                service: name.clone(),
+                from: old_groups,
+                to: new_groups,
+            });
         }
         entry.status = Some(status);
         self.services.insert(name.clone(), entry);

@@ -201,13 +201,25 @@ pub struct Reconciler<M: MapWriter> {
 
 impl<M: MapWriter> Reconciler<M> {
     /// Start from what the maps hold now (nothing is flushed).
-    pub fn new(mut maps: M) -> Result<Self, MapError> {
-        let programmed = maps.services()?;
-        Ok(Self {
+    pub fn new(maps: M) -> Result<Self, MapError> {
+        let mut r = Self::unloaded(maps);
+        r.reload()?;
+        Ok(r)
+    }
+
+    /// A reconciler that has not read the maps yet; call [`Reconciler::reload`] before writing.
+    pub fn unloaded(maps: M) -> Self {
+        Self {
             maps,
-            programmed,
+            programmed: HashMap::new(),
             errors: 0,
-        })
+        }
+    }
+
+    /// Read back what the maps hold.
+    pub fn reload(&mut self) -> Result<(), MapError> {
+        self.programmed = self.maps.services()?;
+        Ok(())
     }
 
     /// What the maps hold, as far as this reconciler knows.

@@ -3,7 +3,16 @@
 //! The core is pure and synchronous: the [`index::MergeIndex`] turns the keys read from every
 //! cluster's etcd into the backends of each local frontend by DESIGN.md's selection rules, and the
 //! [`lb::Reconciler`] writes the difference to a [`lb::MapWriter`]. Around it sit thin shells:
-//! cluster connections (etcd list/watch with reconnects), the health checker, and the status server.
+//! cluster connections ([`cluster`]: etcd list/watch with reconnects and liveness), the health
+//! checker ([`health`]) and its [`publish`]er, the [`agent`] loop that wires them, and the
+//! [`status`] server.
 
+pub mod agent;
+pub mod args;
+pub mod cluster;
+pub mod datapath;
+pub mod health;
 pub mod index;
 pub mod lb;
+pub mod publish;
+pub mod status;

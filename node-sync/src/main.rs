@@ -1,1 +1,40 @@
-fn main() {}
+//! `node-sync`: the node agent binary. See the library docs.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use node_sync::agent::{self, AgentOptions};
+use node_sync::args::{Args, LogFormat};
+use node_sync::lb::{FakeMaps, MapWriter};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Plain => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let maps: Box<dyn MapWriter> = if args.fake_maps {
+        tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");
+        Box::new(FakeMaps::new())
+    } else {
+        node_sync::datapath::open(&args.bpffs, &args.cgroup)
+            .with_context(|| format!("opening the datapath maps under {}", args.bpffs.display()))?
+    };
+    let listener = tokio::net::TcpListener::bind(args.status_listen)
+        .await
+        .with_context(|| format!("binding the status server to {}", args.status_listen))?;
+    let agent = agent::start(AgentOptions::from_args(&args), maps);
+    let status = tokio::spawn(node_sync::status::serve(listener, agent.shared()));
+    tracing::info!(cluster = %args.cluster_name, node = %args.node_name, status = %args.status_listen, "node-sync started");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; the pinned maps keep serving"),
+        r = status => { r.context("status server task")?.context("status server")?; }
+    }
+    agent.stop();
+    Ok(())
+}

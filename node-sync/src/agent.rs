@@ -1,0 +1,744 @@
+//! The agent: wires cluster watchers, the merge index, the reconciler, the health checker and the
+//! publisher together. One task owns the state; it applies watcher events in batches, evaluates
+//! cluster liveness on a tick, and writes only the frontends that changed. At start nothing is
+//! written until every cluster finished its initial sync (bounded by the sync timeout); then one
+//! full reconcile brings the pinned maps to the desired state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use mesh_model::keys::MeshKey;
+use mesh_model::values::{
+    BackendState, ClusterConfig, FailoverEvent, MeshValue, NodeStatus, RemoteCluster, RemoteState,
+    ServiceState,
+};
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::args::Args;
+use crate::cluster::{
+    self, ClusterSource, ConnEvent, KeyScope, LiveState, Liveness, Validator, WatchSettings,
+};
+use crate::health;
+use crate::index::{MergeIndex, ProbeTarget};
+use crate::lb::{MapError, MapWriter, Reconciler};
+use crate::publish::{self, Publish};
+
+/// Settings of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Local cluster.
+    pub cluster: ClusterName,
+    /// Local cluster id.
+    pub cluster_id: ClusterId,
+    /// This node.
+    pub node: String,
+    /// Local etcd URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Client certificate directory.
+    pub tls_dir: Option<PathBuf>,
+    /// Remote cluster files.
+    pub remote_config_dir: Option<PathBuf>,
+    /// Grace before a non-live cluster is stale.
+    pub stale_grace: Duration,
+    /// Longest wait for the initial sync.
+    pub sync_timeout: Duration,
+    /// A heartbeat older than this makes a cluster not live.
+    pub heartbeat_timeout: Duration,
+    /// Read only the local etcd.
+    pub kvstoremesh: bool,
+    /// Probe interval.
+    pub health_interval: Duration,
+    /// Failed probes before failing.
+    pub health_failures: u32,
+    /// Watcher settings.
+    pub watch: WatchSettings,
+    /// How often the remote config dir is re-read.
+    pub remote_dir_poll: Duration,
+    /// How often nodestatus is written.
+    pub status_every: Duration,
+    /// Run the health checker and the publisher.
+    pub publish: bool,
+}
+
+impl AgentOptions {
+    /// Options from the command line.
+    pub fn from_args(a: &Args) -> Self {
+        Self {
+            cluster: a.cluster_name.clone(),
+            cluster_id: a.cluster_id,
+            node: a.node_name.clone(),
+            etcd_endpoints: a.etcd_endpoints.clone(),
+            tls_dir: a.tls_dir.clone(),
+            remote_config_dir: a.remote_config_dir.clone(),
+            stale_grace: a.stale_grace,
+            sync_timeout: a.sync_timeout,
+            heartbeat_timeout: Duration::from_secs(5),
+            kvstoremesh: a.kvstoremesh,
+            health_interval: a.health_interval,
+            health_failures: a.health_failures,
+            watch: WatchSettings::default(),
+            remote_dir_poll: Duration::from_secs(1),
+            status_every: Duration::from_secs(5),
+            publish: true,
+        }
+    }
+
+    fn local_source(&self) -> ClusterSource {
+        let tls = if self
+            .etcd_endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"))
+        {
+            self.tls_dir.as_deref().map(cluster::tls_from_dir)
+        } else {
+            None
+        };
+        ClusterSource {
+            name: self.cluster.clone(),
+            expected_id: Some(self.cluster_id),
+            endpoints: self.etcd_endpoints.clone(),
+            tls,
+        }
+    }
+}
+
+/// One cluster as the agent sees it.
+#[derive(Debug)]
+pub struct ClusterStatus {
+    /// How it is reached (none for clusters only seen through KVStoreMesh).
+    pub source: Option<ClusterSource>,
+    /// Liveness.
+    pub liveness: Liveness,
+    /// Last evaluated state.
+    pub state: LiveState,
+    /// Initial sync done (list + canaries).
+    pub synced: bool,
+    /// Accepted cluster config.
+    pub config: Option<ClusterConfig>,
+    /// Refusal or connection error.
+    pub error: Option<String>,
+    /// Whether the config was refused.
+    pub refused: bool,
+    /// Keys held.
+    pub keys: HashSet<String>,
+    /// Reconnects.
+    pub reconnects: u64,
+    /// Bad values seen.
+    pub bad_values: u64,
+    /// When it went stale (wall clock).
+    pub stale_since: Option<SystemTime>,
+}
+
+impl ClusterStatus {
+    fn new(source: Option<ClusterSource>, now: Instant) -> Self {
+        Self {
+            source,
+            liveness: Liveness::new(now),
+            state: LiveState::Grace(now),
+            synced: false,
+            config: None,
+            error: None,
+            refused: false,
+            keys: HashSet::new(),
+            reconnects: 0,
+            bad_values: 0,
+            stale_since: None,
+        }
+    }
+}
+
+/// State shared with the status server.
+pub struct AgentState {
+    /// Options.
+    pub opts: AgentOptions,
+    /// The merge index.
+    pub index: MergeIndex,
+    /// Clusters by name (the local one included).
+    pub clusters: BTreeMap<ClusterName, ClusterStatus>,
+    /// The initial reconcile was done: the maps follow the index.
+    pub ready: bool,
+    /// Start time.
+    pub started: Instant,
+    /// Map writes done (upserts, deletes) and errors.
+    pub map_writes: (u64, u64),
+    reconciler: Option<Reconciler<Box<dyn MapWriter>>>,
+    remote_entries: BTreeMap<ClusterName, RemoteCluster>,
+    dir_sources: BTreeMap<ClusterName, ClusterSource>,
+    dir_errors: Vec<String>,
+    /// Recent failovers and failbacks (newest last).
+    pub failover_log: std::collections::VecDeque<FailoverEvent>,
+}
+
+impl AgentState {
+    /// Map operations that failed.
+    pub fn map_errors(&self) -> u64 {
+        self.reconciler.as_ref().map(|r| r.errors()).unwrap_or(0)
+    }
+
+    /// Errors in the remote config dir.
+    pub fn remote_config_errors(&self) -> &[String] {
+        &self.dir_errors
+    }
+
+    /// The node summary written to `nodestatus/<cluster>/<node>`.
+    pub fn node_status(&self) -> NodeStatus {
+        let now = Instant::now();
+        NodeStatus {
+            cluster: self.opts.cluster.clone(),
+            node: self.opts.node.clone(),
+            updated_at: mesh_model::values::format_time(time::OffsetDateTime::now_utc()),
+            remotes: self
+                .clusters
+                .iter()
+                .filter(|(n, _)| **n != self.opts.cluster)
+                .map(|(n, c)| RemoteState {
+                    name: n.clone(),
+                    connected: c.liveness.connected(),
+                    synced: c.synced,
+                    heartbeat_age_ms: c.liveness.heartbeat_age(now).map(|d| d.as_millis() as u64),
+                    stale_since: c
+                        .stale_since
+                        .map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
+                    keys: c.keys.len() as u64,
+                    error: c.error.clone(),
+                })
+                .collect(),
+            services: self.index.services().len() as u64,
+            service_states: self
+                .index
+                .services()
+                .into_iter()
+                .map(|s| ServiceState {
+                    service: s.service.to_string(),
+                    frontends: s.frontends.iter().map(|f| f.frontend.to_string()).collect(),
+                    backends: s
+                        .frontends
+                        .first()
+                        .map(|f| {
+                            f.backends
+                                .iter()
+                                .map(|b| BackendState {
+                                    ip: b.ip,
+                                    port: b.port,
+                                    cluster: b.cluster.clone(),
+                                    local: b.cluster == self.opts.cluster,
+                                    selected: true,
+                                    unusable: None,
+                                    connections: 0,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    reason: s
+                        .frontends
+                        .first()
+                        .map(|f| f.reason.to_string())
+                        .or_else(|| s.no_frontend.map(|n| format!("{n:?}")))
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            failovers: self.failover_log.iter().cloned().collect(),
+        }
+    }
+}
+
+impl MapWriter for Box<dyn MapWriter> {
+    fn upsert_service(
+        &mut self,
+        frontend: &crate::lb::Frontend,
+        backends: &[crate::lb::Backend],
+    ) -> Result<(), MapError> {
+        (**self).upsert_service(frontend, backends)
+    }
+    fn delete_service(&mut self, frontend: &crate::lb::Frontend) -> Result<(), MapError> {
+        (**self).delete_service(frontend)
+    }
+    fn services(
+        &mut self,
+    ) -> Result<HashMap<crate::lb::Frontend, Vec<crate::lb::Backend>>, MapError> {
+        (**self).services()
+    }
+}
+
+/// Handle on a running agent.
+pub struct Agent {
+    shared: Arc<Mutex<AgentState>>,
+    task: JoinHandle<()>,
+}
+
+impl Agent {
+    /// The shared state (lock briefly).
+    pub fn state(&self) -> MutexGuard<'_, AgentState> {
+        lock(&self.shared)
+    }
+
+    /// A clone of the shared state handle (for the status server).
+    pub fn shared(&self) -> Arc<Mutex<AgentState>> {
+        self.shared.clone()
+    }
+
+    /// Stop the agent and its tasks.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Lock the shared state, recovering from a poisoned lock (plain data).
+pub fn lock(m: &Mutex<AgentState>) -> MutexGuard<'_, AgentState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct Registry {
+    local_mcc: Option<MaxConnectedClusters>,
+    accepted: HashMap<ClusterName, ClusterId>,
+}
+
+/// Start the agent on the current tokio runtime.
+pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
+    let now = Instant::now();
+    let state = AgentState {
+        index: MergeIndex::new(opts.cluster.clone()),
+        clusters: BTreeMap::new(),
+        ready: false,
+        started: now,
+        map_writes: (0, 0),
+        reconciler: Some(Reconciler::unloaded(maps)),
+        remote_entries: BTreeMap::new(),
+        dir_sources: BTreeMap::new(),
+        dir_errors: Vec::new(),
+        failover_log: std::collections::VecDeque::new(),
+        opts,
+    };
+    let shared = Arc::new(Mutex::new(state));
+    let task = tokio::spawn(run(shared.clone()));
+    Agent { shared, task }
+}
+
+struct Tasks {
+    watchers: HashMap<ClusterName, (ClusterSource, JoinHandle<()>)>,
+    tx: mpsc::UnboundedSender<(ClusterName, ConnEvent)>,
+    validator: Validator,
+    registry: Arc<Mutex<Registry>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for (_, (_, h)) in self.watchers.drain() {
+            h.abort();
+        }
+        for h in self.others.drain(..) {
+            h.abort();
+        }
+    }
+}
+
+async fn run(shared: Arc<Mutex<AgentState>>) {
+    let opts = lock(&shared).opts.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let validator: Validator = {
+        let reg = registry.clone();
+        let local = opts.cluster.clone();
+        Arc::new(move |source: &ClusterSource, cfg: &ClusterConfig| {
+            let mut r = reg.lock().unwrap_or_else(|p| p.into_inner());
+            let mcc = if source.name == local {
+                None
+            } else {
+                r.local_mcc
+            };
+            cluster::validate_config(source, cfg, mcc, &r.accepted).map_err(|e| e.to_string())?;
+            if source.name == local {
+                r.local_mcc = Some(cfg.max_connected_clusters);
+            }
+            r.accepted.insert(cfg.name.clone(), cfg.id);
+            Ok(())
+        })
+    };
+    let mut tasks = Tasks {
+        watchers: HashMap::new(),
+        tx: tx.clone(),
+        validator,
+        registry,
+        others: Vec::new(),
+    };
+
+    // Publisher and health checker.
+    let (targets_tx, targets_rx) = watch::channel(BTreeSet::<ProbeTarget>::new());
+    let (pub_tx, pub_rx) = mpsc::unbounded_channel::<Publish>();
+    if opts.publish {
+        tasks.others.push(tokio::spawn(publish::run_publisher(
+            opts.local_source(),
+            opts.cluster.clone(),
+            opts.node.clone(),
+            pub_rx,
+        )));
+        let (h_tx, mut h_rx) = mpsc::unbounded_channel();
+        tasks.others.push(tokio::spawn(health::run_health_checker(
+            opts.cluster.clone(),
+            opts.node.clone(),
+            opts.health_interval,
+            opts.health_failures,
+            targets_rx,
+            h_tx,
+        )));
+        let p = pub_tx.clone();
+        tasks.others.push(tokio::spawn(async move {
+            while let Some(r) = h_rx.recv().await {
+                if p.send(Publish::Health(r)).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+
+    // The local cluster.
+    {
+        let mut st = lock(&shared);
+        let src = opts.local_source();
+        st.clusters.insert(
+            opts.cluster.clone(),
+            ClusterStatus::new(Some(src.clone()), Instant::now()),
+        );
+        spawn_watcher(&mut tasks, src, &opts);
+        reread_remote_dir(&mut st);
+        reconcile_connections(&mut st, &mut tasks);
+    }
+
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dir_poll = tokio::time::interval(opts.remote_dir_poll);
+    dir_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_tick = tokio::time::interval(opts.status_every);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return };
+                let mut st = lock(&shared);
+                let mut conns_changed = handle(&mut st, ev);
+                while let Ok(ev) = rx.try_recv() {
+                    conns_changed |= handle(&mut st, ev);
+                }
+                if conns_changed {
+                    reconcile_connections(&mut st, &mut tasks);
+                }
+                after_batch(&mut st);
+            }
+            _ = tick.tick() => {
+                let mut st = lock(&shared);
+                evaluate_liveness(&mut st);
+                after_batch(&mut st);
+                let targets = st.index.probe_targets(&st.opts.node);
+                targets_tx.send_if_modified(|cur| {
+                    if *cur != targets { *cur = targets; true } else { false }
+                });
+            }
+            _ = dir_poll.tick() => {
+                let mut st = lock(&shared);
+                if reread_remote_dir(&mut st) {
+                    reconcile_connections(&mut st, &mut tasks);
+                }
+            }
+            _ = status_tick.tick() => {
+                let st = lock(&shared);
+                if opts.publish && st.ready {
+                    let _ = pub_tx.send(Publish::Status(st.node_status()));
+                }
+            }
+        }
+    }
+}
+
+fn spawn_watcher(tasks: &mut Tasks, source: ClusterSource, opts: &AgentOptions) {
+    let scope = if source.name == opts.cluster {
+        if opts.kvstoremesh {
+            KeyScope::All(opts.cluster.clone())
+        } else {
+            KeyScope::Local(opts.cluster.clone())
+        }
+    } else {
+        KeyScope::Cluster(source.name.clone())
+    };
+    if let Some((_, h)) = tasks.watchers.remove(&source.name) {
+        h.abort();
+    }
+    let h = tokio::spawn(cluster::watch_cluster(
+        source.clone(),
+        scope,
+        opts.watch.clone(),
+        tasks.validator.clone(),
+        tasks.tx.clone(),
+    ));
+    tasks.watchers.insert(source.name.clone(), (source, h));
+}
+
+/// Re-read the remote config dir; returns whether the set of sources changed.
+fn reread_remote_dir(st: &mut AgentState) -> bool {
+    let Some(dir) = st.opts.remote_config_dir.clone() else {
+        return false;
+    };
+    let (sources, errors) = cluster::read_remote_dir(&dir, st.opts.tls_dir.as_deref());
+    let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    if errors != st.dir_errors {
+        for e in &errors {
+            tracing::warn!(error = %e, "remote cluster config refused");
+        }
+        st.dir_errors = errors;
+    }
+    if sources != st.dir_sources {
+        st.dir_sources = sources;
+        return true;
+    }
+    false
+}
+
+/// Start, restart or stop watchers so they match the configured remotes.
+fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
+    let opts = st.opts.clone();
+    let mut desired: BTreeMap<ClusterName, ClusterSource> = BTreeMap::new();
+    if !opts.kvstoremesh {
+        for (n, r) in &st.remote_entries {
+            desired.insert(
+                n.clone(),
+                cluster::source_from_entry(r, opts.tls_dir.as_deref()),
+            );
+        }
+        for (n, s) in &st.dir_sources {
+            desired.insert(n.clone(), s.clone());
+        }
+    }
+    desired.remove(&opts.cluster);
+    let running: Vec<ClusterName> = tasks
+        .watchers
+        .keys()
+        .filter(|n| **n != opts.cluster)
+        .cloned()
+        .collect();
+    for n in running {
+        if !desired.contains_key(&n) {
+            if let Some((_, h)) = tasks.watchers.remove(&n) {
+                h.abort();
+            }
+            tracing::info!(cluster = %n, "remote cluster removed");
+            st.index.remove_cluster(&n);
+            st.clusters.remove(&n);
+            lock_registry(&tasks.registry).accepted.remove(&n);
+        }
+    }
+    for (n, src) in desired {
+        let same = tasks.watchers.get(&n).is_some_and(|(s, _)| *s == src);
+        if same {
+            continue;
+        }
+        tracing::info!(cluster = %n, endpoints = ?src.endpoints, "connecting to remote cluster");
+        let status = st
+            .clusters
+            .entry(n.clone())
+            .or_insert_with(|| ClusterStatus::new(None, Instant::now()));
+        status.source = Some(src.clone());
+        lock_registry(&tasks.registry).accepted.remove(&n);
+        spawn_watcher(tasks, src, &opts);
+    }
+}
+
+fn lock_registry(r: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Apply one watcher event; returns whether the set of remote registrations changed.
+fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
+    let now = Instant::now();
+    let local = st.opts.cluster.clone();
+    let kvstoremesh = st.opts.kvstoremesh;
+    let Some(cs) = st.clusters.get_mut(&conn) else {
+        // An event of a watcher that was just removed.
+        return false;
+    };
+    match ev {
+        ConnEvent::Connecting(n) => {
+            if n > 1 {
+                cs.reconnects += 1;
+            }
+        }
+        ConnEvent::Accepted(cfg) => {
+            cs.config = Some(cfg);
+            cs.refused = false;
+            cs.error = None;
+        }
+        ConnEvent::Refused(why) => {
+            tracing::warn!(cluster = %conn, reason = %why, "cluster config refused");
+            cs.refused = true;
+            cs.error = Some(why);
+        }
+        ConnEvent::Connected => {
+            cs.liveness.set_connected(true);
+            cs.error = None;
+            if kvstoremesh && conn == local {
+                for c in st.clusters.values_mut() {
+                    c.liveness.set_connected(true);
+                }
+            }
+        }
+        ConnEvent::Disconnected(e) => {
+            cs.liveness.set_connected(false);
+            cs.error = Some(e);
+            if kvstoremesh && conn == local {
+                for c in st.clusters.values_mut() {
+                    c.liveness.set_connected(false);
+                }
+            }
+        }
+        ConnEvent::Synced => {
+            if !cs.synced {
+                tracing::info!(cluster = %conn, keys = cs.keys.len(), "initial sync done");
+            }
+            cs.synced = true;
+        }
+        ConnEvent::BadValue { .. } => cs.bad_values += 1,
+        ConnEvent::Heartbeat(c) => {
+            if c == conn {
+                cs.liveness.heartbeat(now);
+            } else if kvstoremesh {
+                let other = st.clusters.entry(c).or_insert_with(|| {
+                    let mut s = ClusterStatus::new(None, now);
+                    s.liveness.set_connected(true);
+                    s.synced = true;
+                    s
+                });
+                other.liveness.heartbeat(now);
+            }
+        }
+        ConnEvent::Put(key, value) => {
+            cs.keys.insert(key.to_string());
+            if let (MeshKey::Remote { .. }, MeshValue::Remote(r)) = (&key, &value) {
+                if conn == local {
+                    st.remote_entries.insert(r.name.clone(), r.clone());
+                    return true;
+                }
+                return false;
+            }
+            st.index.apply(&key, Some(value));
+        }
+        ConnEvent::Delete(key) => {
+            cs.keys.remove(&key.to_string());
+            if let MeshKey::Remote { remote, .. } = &key {
+                return conn == local && st.remote_entries.remove(remote).is_some();
+            }
+            st.index.apply(&key, None);
+        }
+    }
+    false
+}
+
+fn evaluate_liveness(st: &mut AgentState) {
+    let now = Instant::now();
+    let grace = st.opts.stale_grace;
+    let hb = st.opts.heartbeat_timeout;
+    let local = st.opts.cluster.clone();
+    let mut changes = Vec::new();
+    for (n, c) in st.clusters.iter_mut() {
+        let s = c.liveness.evaluate(now, grace, hb);
+        let was_stale = matches!(c.state, LiveState::Stale(_));
+        let is_stale = matches!(s, LiveState::Stale(_));
+        c.state = s;
+        if was_stale != is_stale && *n != local {
+            if is_stale {
+                tracing::warn!(cluster = %n, grace = ?grace, "cluster not live beyond the grace: its backends leave selection");
+                c.stale_since = Some(SystemTime::now());
+            } else {
+                tracing::info!(cluster = %n, "cluster live again: its backends are back in selection");
+                c.stale_since = None;
+            }
+            changes.push((n.clone(), is_stale));
+        }
+    }
+    for (n, stale) in changes {
+        st.index.set_stale(&n, stale);
+    }
+}
+
+fn after_batch(st: &mut AgentState) {
+    let at = mesh_model::values::format_time(time::OffsetDateTime::now_utc());
+    let groups = st.index.take_group_changes();
+    for g in groups.into_iter().filter(|_| st.ready) {
+        tracing::info!(service = %g.service, from = ?g.from, to = ?g.to, "service traffic moved");
+        st.failover_log.push_back(FailoverEvent {
+            service: g.service.to_string(),
+            from: g.from.iter().map(|c| c.to_string()).collect(),
+            to: g.to.iter().map(|c| c.to_string()).collect(),
+            at: at.clone(),
+            duration_ms: None,
+        });
+        while st.failover_log.len() > 50 {
+            st.failover_log.pop_front();
+        }
+    }
+    if !st.ready {
+        let all_synced = st.clusters.values().all(|c| c.synced || c.refused);
+        let timed_out = st.started.elapsed() >= st.opts.sync_timeout;
+        let local_synced = st.clusters.get(&st.opts.cluster).is_some_and(|c| c.synced);
+        if !((all_synced && local_synced) || timed_out) {
+            return;
+        }
+        if timed_out && !all_synced {
+            let waiting: Vec<String> = st
+                .clusters
+                .iter()
+                .filter(|(_, c)| !c.synced && !c.refused)
+                .map(|(n, _)| n.to_string())
+                .collect();
+            tracing::warn!(
+                ?waiting,
+                "sync timeout: reconciling without these clusters' initial sync"
+            );
+        }
+        let Some(mut r) = st.reconciler.take() else {
+            return;
+        };
+        match r.reload() {
+            Ok(()) => {
+                st.index.take_changes();
+                let w = r.reconcile_all(st.index.desired().iter().map(|(f, b)| (f, b.as_slice())));
+                st.map_writes.0 += w.upserts;
+                st.map_writes.1 += w.deletes;
+                tracing::info!(
+                    services = st.index.desired().len(),
+                    upserts = w.upserts,
+                    deletes = w.deletes,
+                    "initial reconcile done"
+                );
+                st.reconciler = Some(r);
+                st.ready = true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the maps failed; retrying");
+                st.reconciler = Some(r);
+                return;
+            }
+        }
+        return;
+    }
+    if !st.index.has_changes() {
+        return;
+    }
+    let changes = st.index.take_changes();
+    if let Some(r) = st.reconciler.as_mut() {
+        for (fe, b) in changes {
+            let w = r.set(&fe, b.as_deref());
+            st.map_writes.0 += w.upserts;
+            st.map_writes.1 += w.deletes;
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Command-line flags (each with an environment fallback).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_cluster_name(s: &str) -> Result<ClusterName, String> {
+    ClusterName::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|e| format!("cluster id {s:?} is not a number: {e}"))?;
+    ClusterId::new(n, MaxConnectedClusters::EXTENDED).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (like 200ms, 30s): {e}"))
+}
+
+/// node-sync: keeps the eBPF socket load-balancer maps of this node right for every global
+/// service, preferring local backends and failing over to other clusters.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "node-sync", version, about, long_about = None)]
+pub struct Args {
+    /// Name of the cluster this node belongs to.
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_NAME", value_parser = parse_cluster_name)]
+    pub cluster_name: ClusterName,
+
+    /// Id of the cluster this node belongs to (1..=255, or 511 with maxConnectedClusters=511).
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_ID", value_parser = parse_cluster_id)]
+    pub cluster_id: ClusterId,
+
+    /// Name of this node (as in the endpoints' `node` field).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Client URLs of the local cluster's etcd (comma-separated; https:// uses --tls-dir).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Directory with this node's client certificate: ca.crt, tls.crt, tls.key.
+    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Directory of remote cluster files (one YAML per cluster: name, endpoints, TLS files);
+    /// added, changed and removed files take effect without a restart.
+    #[arg(long, env = "CLUSTERMESH_REMOTE_CONFIG_DIR")]
+    pub remote_config_dir: Option<PathBuf>,
+
+    /// cgroup v2 directory the socket load-balancer programs attach to.
+    #[arg(long, env = "CLUSTERMESH_CGROUP", default_value = "/sys/fs/cgroup")]
+    pub cgroup: PathBuf,
+
+    /// bpffs directory where the datapath's maps are pinned.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_BPFFS",
+        default_value = "/sys/fs/bpf/clustermesh"
+    )]
+    pub bpffs: PathBuf,
+
+    /// How often the backends on this node are probed.
+    #[arg(long, env = "CLUSTERMESH_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Probes in a row that must fail before a backend is reported failing.
+    #[arg(long, env = "CLUSTERMESH_HEALTH_FAILURES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failures: u32,
+
+    /// How long a cluster that is not live keeps its backends in selection before they are
+    /// marked stale (kept in memory, used again as soon as it is live).
+    #[arg(long, env = "CLUSTERMESH_STALE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub stale_grace: Duration,
+
+    /// Longest wait at start for the initial sync of every cluster before the maps are reconciled.
+    #[arg(long, env = "CLUSTERMESH_SYNC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub sync_timeout: Duration,
+
+    /// Read only the local etcd, where KVStoreMesh caches every remote cluster's keys.
+    #[arg(long, env = "CLUSTERMESH_KVSTOREMESH")]
+    pub kvstoremesh: bool,
+
+    /// Address of the status server (/healthz, /readyz, /metrics, /api/v1/status).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_STATUS_LISTEN",
+        default_value = "127.0.0.1:9962"
+    )]
+    pub status_listen: SocketAddr,
+
+    /// Use the in-memory map writer instead of the eBPF maps (tests and demos without BPF).
+    #[arg(long, env = "CLUSTERMESH_FAKE_MAPS")]
+    pub fake_maps: bool,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec![
+            "node-sync",
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "n1",
+            "--etcd-endpoints",
+            "https://10.0.0.1:2379,https://10.0.0.2:2379",
+        ]
+    }
+
+    #[test]
+    fn defaults() {
+        let a = Args::try_parse_from(base()).unwrap();
+        assert_eq!(a.health_interval, Duration::from_millis(200));
+        assert_eq!(a.health_failures, 2);
+        assert_eq!(a.stale_grace, Duration::from_secs(30));
+        assert_eq!(a.etcd_endpoints.len(), 2);
+        assert!(!a.kvstoremesh);
+        assert_eq!(a.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn bad_values_name_the_rule() {
+        let mut v = base();
+        v[2] = "Bad_Name";
+        let e = Args::try_parse_from(v).unwrap_err().to_string();
+        assert!(e.contains("cluster-name") && e.contains("Bad_Name"), "{e}");
+        let mut v = base();
+        v[4] = "0";
+        let e = Args::try_parse_from(v).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let mut v = base();
+        v.extend(["--stale-grace", "soon"]);
+        let e = Args::try_parse_from(v).unwrap_err().to_string();
+        assert!(e.contains("not a duration"), "{e}");
+        let mut v = base();
+        v.extend(["--health-failures", "0"]);
+        assert!(Args::try_parse_from(v).is_err());
+    }
+
+    #[test]
+    fn overrides() {
+        let mut v = base();
+        v.extend([
+            "--health-interval",
+            "50ms",
+            "--kvstoremesh",
+            "--log-format",
+            "json",
+            "--status-listen",
+            "0.0.0.0:9000",
+        ]);
+        let a = Args::try_parse_from(v).unwrap();
+        assert_eq!(a.health_interval, Duration::from_millis(50));
+        assert!(a.kvstoremesh);
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(a.status_listen.port(), 9000);
+    }
+}

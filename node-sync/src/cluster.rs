@@ -1,0 +1,998 @@
+//! Cluster connections: how to reach a cluster's etcd ([`ClusterSource`], read from
+//! `--remote-config-dir` files or `remotes/<local>/` entries), the cluster config rules a remote
+//! must pass ([`validate_config`]), the liveness state machine ([`Liveness`]), and the watcher task
+//! ([`watch_cluster`]) that lists, waits for the sync canaries, watches from the listed revision and,
+//! after a broken stream, reconnects with exponential backoff and full jitter, lists again and
+//! deletes only what the new list lacks.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions,
+};
+use mesh_model::keys::{KeyKind, MeshKey, PREFIX, SyncKind};
+use mesh_model::values::{ClusterConfig, MeshValue, RemoteCluster};
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+/// Errors of cluster configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A remote config file could not be read.
+    #[error("reading remote cluster config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A remote config file is not valid.
+    #[error("remote cluster config {path}: {detail}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// TLS material for one etcd connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA bundle that signs the etcd server certificate (file path), or inline PEM.
+    pub ca: CaSource,
+    /// Client certificate (PEM file).
+    pub cert: PathBuf,
+    /// Client key (PEM file).
+    pub key: PathBuf,
+}
+
+/// Where a CA bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// A PEM file.
+    File(PathBuf),
+    /// Inline PEM (from a `remotes/` entry's caBundle).
+    Pem(String),
+}
+
+/// How to reach one cluster's etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSource {
+    /// The cluster expected behind these endpoints.
+    pub name: ClusterName,
+    /// Its id, when the registration names one (checked against the cluster config).
+    pub expected_id: Option<ClusterId>,
+    /// etcd client URLs (`https://` needs `tls`; `http://` is plain, for tests).
+    pub endpoints: Vec<String>,
+    /// TLS files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The node's own client certificate directory layout (`--tls-dir`): `ca.crt`, `tls.crt`, `tls.key`.
+pub fn tls_from_dir(dir: &Path) -> TlsFiles {
+    TlsFiles {
+        ca: CaSource::File(dir.join("ca.crt")),
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    }
+}
+
+/// One file of `--remote-config-dir`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RemoteFile {
+    name: String,
+    #[serde(default)]
+    id: Option<u32>,
+    endpoints: Vec<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    cert_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+}
+
+/// Parse one remote cluster file:
+///
+/// ```yaml
+/// name: c2
+/// id: 2                      # optional, checked against the cluster config
+/// endpoints: ["https://10.0.2.1:2379"]
+/// ca-file: /etc/clustermesh/c2/ca.crt     # optional; default: the --tls-dir files
+/// cert-file: /etc/clustermesh/tls.crt
+/// key-file: /etc/clustermesh/tls.key
+/// ```
+pub fn parse_remote_file(
+    path: &Path,
+    text: &str,
+    tls_dir: Option<&Path>,
+) -> Result<ClusterSource, ClusterError> {
+    let bad = |detail: String| ClusterError::Invalid {
+        path: path.to_owned(),
+        detail,
+    };
+    let f: RemoteFile = serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let name = ClusterName::new(&f.name).map_err(|e| bad(format!("name: {e}")))?;
+    let expected_id =
+        f.id.map(|id| ClusterId::new(id, MaxConnectedClusters::EXTENDED))
+            .transpose()
+            .map_err(|e| bad(format!("id: {e}")))?;
+    if f.endpoints.is_empty() {
+        return Err(bad("endpoints: at least one etcd URL is needed".into()));
+    }
+    for e in &f.endpoints {
+        if !(e.starts_with("https://") || e.starts_with("http://")) {
+            return Err(bad(format!(
+                "endpoint {e:?} must start with https:// (or http:// for plain tests)"
+            )));
+        }
+    }
+    let defaults = tls_dir.map(tls_from_dir);
+    let tls = if f.endpoints.iter().any(|e| e.starts_with("https://")) {
+        let ca = f
+            .ca_file
+            .map(CaSource::File)
+            .or_else(|| defaults.as_ref().map(|d| d.ca.clone()));
+        let cert = f
+            .cert_file
+            .or_else(|| defaults.as_ref().map(|d| d.cert.clone()));
+        let key = f
+            .key_file
+            .or_else(|| defaults.as_ref().map(|d| d.key.clone()));
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            _ => {
+                return Err(bad(
+                    "https endpoints need ca-file, cert-file and key-file (or --tls-dir)".into(),
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    Ok(ClusterSource {
+        name,
+        expected_id,
+        endpoints: f.endpoints,
+        tls,
+    })
+}
+
+/// Read every `*.yaml`/`*.yml` file of the directory. Bad files are returned as errors next to
+/// the good sources, so one bad file does not disconnect the others.
+pub fn read_remote_dir(
+    dir: &Path,
+    tls_dir: Option<&Path>,
+) -> (BTreeMap<ClusterName, ClusterSource>, Vec<ClusterError>) {
+    let mut out = BTreeMap::new();
+    let mut errors = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(source) => {
+            errors.push(ClusterError::Read {
+                path: dir.to_owned(),
+                source,
+            });
+            return (out, errors);
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml") | Some("yml")
+            )
+        })
+        .collect();
+    paths.sort();
+    for p in paths {
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(source) => {
+                errors.push(ClusterError::Read { path: p, source });
+                continue;
+            }
+        };
+        match parse_remote_file(&p, &text, tls_dir) {
+            Ok(s) => {
+                if out.contains_key(&s.name) {
+                    errors.push(ClusterError::Invalid {
+                        path: p,
+                        detail: format!("cluster {} is configured by another file too", s.name),
+                    });
+                } else {
+                    out.insert(s.name.clone(), s);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    (out, errors)
+}
+
+/// A source from a `remotes/<local>/<remote>` entry of the local etcd.
+pub fn source_from_entry(r: &RemoteCluster, tls_dir: Option<&Path>) -> ClusterSource {
+    let tls = if r.endpoints.iter().any(|e| e.starts_with("https://")) {
+        tls_dir.map(|d| {
+            let mut t = tls_from_dir(d);
+            if !r.ca_bundle.is_empty() {
+                t.ca = CaSource::Pem(r.ca_bundle.clone());
+            }
+            t
+        })
+    } else {
+        None
+    };
+    ClusterSource {
+        name: r.name.clone(),
+        expected_id: Some(r.id),
+        endpoints: r.endpoints.clone(),
+        tls,
+    }
+}
+
+/// Why a cluster config is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigRefusal {
+    /// The config names another cluster than the one expected.
+    #[error("cluster config names cluster {found:?}, but this connection is for {expected:?}")]
+    WrongName {
+        /// Expected.
+        expected: String,
+        /// Found.
+        found: String,
+    },
+    /// The id differs from the registered one.
+    #[error("cluster {name} has id {found}, but it was registered with id {expected}")]
+    WrongId {
+        /// Cluster.
+        name: String,
+        /// Registered.
+        expected: u16,
+        /// Found.
+        found: u16,
+    },
+    /// Another connected cluster already has this id.
+    #[error(
+        "cluster {name} has id {id}, which cluster {other} already uses: ids must be unique in a mesh"
+    )]
+    DuplicateId {
+        /// Cluster.
+        name: String,
+        /// Id.
+        id: u16,
+        /// The other cluster.
+        other: String,
+    },
+    /// maxConnectedClusters differs from the local cluster's.
+    #[error(
+        "cluster {name} runs with maxConnectedClusters={found}, this cluster with {local}: they must match"
+    )]
+    MaxConnectedClusters {
+        /// Cluster.
+        name: String,
+        /// Remote setting.
+        found: u16,
+        /// Local setting.
+        local: u16,
+    },
+    /// The id is out of range for the local setting.
+    #[error("cluster {name}: {detail}")]
+    IdRange {
+        /// Cluster.
+        name: String,
+        /// Rule broken.
+        detail: String,
+    },
+}
+
+/// Check a cluster config read from `source`'s etcd against the mesh rules: the expected name and
+/// id, the id range and maxConnectedClusters of the local cluster, and id uniqueness among the
+/// clusters already accepted (`accepted`: name -> id).
+pub fn validate_config(
+    source: &ClusterSource,
+    cfg: &ClusterConfig,
+    local_mcc: Option<MaxConnectedClusters>,
+    accepted: &HashMap<ClusterName, ClusterId>,
+) -> Result<(), ConfigRefusal> {
+    if cfg.name != source.name {
+        return Err(ConfigRefusal::WrongName {
+            expected: source.name.to_string(),
+            found: cfg.name.to_string(),
+        });
+    }
+    if let Some(id) = source.expected_id
+        && id != cfg.id
+    {
+        return Err(ConfigRefusal::WrongId {
+            name: cfg.name.to_string(),
+            expected: id.get(),
+            found: cfg.id.get(),
+        });
+    }
+    if let Some(mcc) = local_mcc {
+        if mcc != cfg.max_connected_clusters {
+            return Err(ConfigRefusal::MaxConnectedClusters {
+                name: cfg.name.to_string(),
+                found: cfg.max_connected_clusters.get(),
+                local: mcc.get(),
+            });
+        }
+        ClusterId::new(cfg.id.get().into(), mcc).map_err(|e| ConfigRefusal::IdRange {
+            name: cfg.name.to_string(),
+            detail: e.to_string(),
+        })?;
+    }
+    if let Some((other, _)) = accepted
+        .iter()
+        .find(|(n, id)| **n != cfg.name && **id == cfg.id)
+    {
+        return Err(ConfigRefusal::DuplicateId {
+            name: cfg.name.to_string(),
+            id: cfg.id.get(),
+            other: other.to_string(),
+        });
+    }
+    Ok(())
+}
+
+// ---- liveness -------------------------------------------------------------------------------------
+
+/// Liveness of one cluster: live while connected and its heartbeat is fresh; once not live, its
+/// backends stay selectable for the grace period and are then stale.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness {
+    connected: bool,
+    last_heartbeat: Option<Instant>,
+    not_live_since: Option<Instant>,
+}
+
+/// What [`Liveness::evaluate`] concludes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveState {
+    /// Connected, heartbeat fresh.
+    Live,
+    /// Not live since the instant, still within the grace.
+    Grace(Instant),
+    /// Not live for longer than the grace: left out of selection.
+    Stale(Instant),
+}
+
+impl Liveness {
+    /// A cluster not yet connected (its grace starts now).
+    pub fn new(now: Instant) -> Self {
+        Self {
+            connected: false,
+            last_heartbeat: None,
+            not_live_since: Some(now),
+        }
+    }
+
+    /// The watch stream came up or went down.
+    pub fn set_connected(&mut self, connected: bool) {
+        self.connected = connected;
+    }
+
+    /// Whether the stream is up.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// A heartbeat was seen at `now`.
+    pub fn heartbeat(&mut self, now: Instant) {
+        self.last_heartbeat = Some(now);
+    }
+
+    /// Age of the last heartbeat.
+    pub fn heartbeat_age(&self, now: Instant) -> Option<Duration> {
+        self.last_heartbeat
+            .map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Evaluate at `now`. A cluster that never wrote a heartbeat is judged by its stream alone.
+    pub fn evaluate(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        heartbeat_timeout: Duration,
+    ) -> LiveState {
+        let fresh = self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_duration_since(t) <= heartbeat_timeout);
+        if self.connected && fresh {
+            self.not_live_since = None;
+            return LiveState::Live;
+        }
+        let since = *self.not_live_since.get_or_insert_with(|| {
+            // Not live since the heartbeat went stale, or now when the stream broke.
+            match self.last_heartbeat {
+                Some(t) if !fresh => t + heartbeat_timeout,
+                _ => now,
+            }
+        });
+        if now.saturating_duration_since(since) > grace {
+            LiveState::Stale(since)
+        } else {
+            LiveState::Grace(since)
+        }
+    }
+}
+
+// ---- backoff --------------------------------------------------------------------------------------
+
+/// Exponential backoff with full jitter: a uniformly random delay in `[0, min(cap, base * 2^n)]`.
+pub fn backoff_delay(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let ceil = exp.min(cap);
+    ceil.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+// ---- watcher --------------------------------------------------------------------------------------
+
+/// Which keys a connection reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyScope {
+    /// The keys of one cluster (a remote's etcd, or the local one).
+    Cluster(ClusterName),
+    /// The local etcd: the local cluster's keys and `remotes/<local>/` entries.
+    Local(ClusterName),
+    /// KVStoreMesh: the local etcd holds every cluster's keys.
+    All(ClusterName),
+}
+
+impl KeyScope {
+    fn wants(&self, key: &MeshKey) -> bool {
+        let kind_ok = matches!(
+            key.kind(),
+            KeyKind::ClusterConfig
+                | KeyKind::Heartbeat
+                | KeyKind::Synced
+                | KeyKind::Services
+                | KeyKind::Endpoints
+                | KeyKind::Health
+                | KeyKind::Imports
+        );
+        match self {
+            KeyScope::Cluster(c) => kind_ok && key.cluster() == c && key.kind() != KeyKind::Imports,
+            KeyScope::Local(c) => key.cluster() == c && (kind_ok || key.kind() == KeyKind::Remotes),
+            KeyScope::All(c) => {
+                kind_ok && (key.kind() != KeyKind::Imports || key.cluster() == c)
+                    || (key.kind() == KeyKind::Remotes && key.cluster() == c)
+            }
+        }
+    }
+
+    fn home(&self) -> &ClusterName {
+        match self {
+            KeyScope::Cluster(c) | KeyScope::Local(c) | KeyScope::All(c) => c,
+        }
+    }
+}
+
+/// What a watcher reports to the agent.
+#[derive(Debug, Clone)]
+pub enum ConnEvent {
+    /// Connecting (attempt number, from 1).
+    Connecting(u32),
+    /// The cluster config was read and accepted.
+    Accepted(ClusterConfig),
+    /// The cluster config was refused; the watcher retries later.
+    Refused(String),
+    /// The stream is up (after the list).
+    Connected,
+    /// A good key/value.
+    Put(MeshKey, MeshValue),
+    /// A key was deleted (or vanished between two lists).
+    Delete(MeshKey),
+    /// A value that did not decode or validate; the previous good state is kept.
+    BadValue {
+        /// The key.
+        key: String,
+        /// Why.
+        error: String,
+    },
+    /// The initial list is done and every sync canary was seen.
+    Synced,
+    /// A heartbeat of the cluster was seen.
+    Heartbeat(ClusterName),
+    /// The stream broke or could not be opened.
+    Disconnected(String),
+}
+
+/// Validates a cluster config (the agent's registry); `Err` is the refusal shown on the status page.
+pub type Validator =
+    std::sync::Arc<dyn Fn(&ClusterSource, &ClusterConfig) -> Result<(), String> + Send + Sync>;
+
+/// Watcher settings.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    /// First backoff step.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_cap: Duration,
+    /// Timeout of connect and list.
+    pub request_timeout: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Build an etcd client for a source.
+pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client, String> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+    if let Some(tls) = &source.tls {
+        let ca = match &tls.ca {
+            CaSource::File(p) => {
+                std::fs::read(p).map_err(|e| format!("reading CA bundle {}: {e}", p.display()))?
+            }
+            CaSource::Pem(s) => s.clone().into_bytes(),
+        };
+        let cert = std::fs::read(&tls.cert)
+            .map_err(|e| format!("reading client certificate {}: {e}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key)
+            .map_err(|e| format!("reading client key {}: {e}", tls.key.display()))?;
+        opts = opts.with_tls(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key)),
+        );
+    }
+    tokio::time::timeout(timeout, Client::connect(&source.endpoints, Some(opts)))
+        .await
+        .map_err(|_| format!("connecting to {:?}: timed out", source.endpoints))?
+        .map_err(|e| format!("connecting to {:?}: {e}", source.endpoints))
+}
+
+struct WatchState {
+    /// Keys forwarded and not deleted since, with their mod revision.
+    known: HashMap<String, i64>,
+    synced_sent: bool,
+}
+
+/// Run the watcher of one connection until the receiver is dropped or the task is aborted.
+pub async fn watch_cluster(
+    source: ClusterSource,
+    scope: KeyScope,
+    settings: WatchSettings,
+    validate: Validator,
+    tx: mpsc::UnboundedSender<(ClusterName, ConnEvent)>,
+) {
+    let me = source.name.clone();
+    let mut state = WatchState {
+        known: HashMap::new(),
+        synced_sent: false,
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        if tx
+            .send((me.clone(), ConnEvent::Connecting(attempt)))
+            .is_err()
+        {
+            return;
+        }
+        let started = Instant::now();
+        let err = session(&source, &scope, &settings, &validate, &tx, &mut state).await;
+        if tx.is_closed() {
+            return;
+        }
+        let _ = tx.send((me.clone(), ConnEvent::Disconnected(err.clone())));
+        tracing::warn!(cluster = %me, error = %err, attempt, "cluster connection lost");
+        // A session that stayed up a while resets the backoff.
+        if started.elapsed() > Duration::from_secs(30) {
+            attempt = 1;
+        }
+        let delay = backoff_delay(
+            attempt - 1,
+            settings.backoff_base,
+            settings.backoff_cap,
+            rand::random::<f64>(),
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn canaries_needed(scope: &KeyScope) -> Vec<SyncKind> {
+    match scope {
+        KeyScope::Cluster(_) => vec![SyncKind::Services, SyncKind::Endpoints],
+        KeyScope::Local(_) | KeyScope::All(_) => {
+            vec![SyncKind::Services, SyncKind::Endpoints]
+        }
+    }
+}
+
+async fn session(
+    source: &ClusterSource,
+    scope: &KeyScope,
+    settings: &WatchSettings,
+    validate: &Validator,
+    tx: &mpsc::UnboundedSender<(ClusterName, ConnEvent)>,
+    state: &mut WatchState,
+) -> String {
+    let me = &source.name;
+    let send = |e: ConnEvent| {
+        let _ = tx.send((me.clone(), e));
+    };
+    let mut client = match connect(source, settings.request_timeout).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    // Cluster config first: refuse a bad one before reading anything else.
+    let cfg_key = MeshKey::ClusterConfig {
+        cluster: scope.home().clone(),
+    };
+    let cfg = match tokio::time::timeout(
+        settings.request_timeout,
+        client.get(cfg_key.to_string(), None),
+    )
+    .await
+    {
+        Err(_) => return format!("reading {cfg_key}: timed out"),
+        Ok(Err(e)) => return format!("reading {cfg_key}: {e}"),
+        Ok(Ok(r)) => match r.kvs().first() {
+            None => {
+                let msg = format!(
+                    "no cluster config at {cfg_key} (is the cluster's clustermesh-apiserver running?)"
+                );
+                send(ConnEvent::Refused(msg.clone()));
+                return msg;
+            }
+            Some(kv) => match MeshValue::decode(&cfg_key, kv.value()) {
+                Ok(MeshValue::ClusterConfig(c)) => c,
+                Ok(_) => return format!("{cfg_key}: unexpected value kind"),
+                Err(e) => {
+                    let msg = e.to_string();
+                    send(ConnEvent::BadValue {
+                        key: cfg_key.to_string(),
+                        error: msg.clone(),
+                    });
+                    send(ConnEvent::Refused(msg.clone()));
+                    return msg;
+                }
+            },
+        },
+    };
+    if let Err(why) = validate(source, &cfg) {
+        send(ConnEvent::Refused(why.clone()));
+        return why;
+    }
+    send(ConnEvent::Accepted(cfg.clone()));
+
+    // List, forward what changed, sweep what vanished.
+    let list = match tokio::time::timeout(
+        settings.request_timeout,
+        client.get(PREFIX, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    {
+        Err(_) => return format!("listing {PREFIX}: timed out"),
+        Ok(Err(e)) => return format!("listing {PREFIX}: {e}"),
+        Ok(Ok(r)) => r,
+    };
+    let revision = list.header().map(|h| h.revision()).unwrap_or(0);
+    let needed = canaries_needed(scope);
+    let mut seen_canaries: HashSet<SyncKind> = HashSet::new();
+    let mut listed: HashSet<String> = HashSet::with_capacity(list.kvs().len());
+    for kv in list.kvs() {
+        let Ok(key) = kv.key_str() else { continue };
+        let Ok(parsed) = MeshKey::parse(key) else {
+            continue;
+        };
+        if !scope.wants(&parsed) {
+            continue;
+        }
+        listed.insert(key.to_owned());
+        if let MeshKey::Synced { kind, cluster } = &parsed
+            && cluster == scope.home()
+        {
+            seen_canaries.insert(*kind);
+        }
+        if state.known.get(key) == Some(&kv.mod_revision()) {
+            continue;
+        }
+        state.known.insert(key.to_owned(), kv.mod_revision());
+        forward(&parsed, key, kv.value(), &send);
+    }
+    let vanished: Vec<String> = state
+        .known
+        .keys()
+        .filter(|k| !listed.contains(*k))
+        .cloned()
+        .collect();
+    for k in vanished {
+        state.known.remove(&k);
+        if let Ok(parsed) = MeshKey::parse(&k) {
+            send(ConnEvent::Delete(parsed));
+        }
+    }
+    send(ConnEvent::Connected);
+    let canaries_ok = |seen: &HashSet<SyncKind>| {
+        !cfg.capabilities.sync_canaries || needed.iter().all(|k| seen.contains(k))
+    };
+    if canaries_ok(&seen_canaries) {
+        state.synced_sent = true;
+        send(ConnEvent::Synced);
+    }
+
+    // Watch from the listed revision.
+    let mut stream = match client
+        .watch(
+            PREFIX,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return format!("watching {PREFIX}: {e}"),
+    };
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return "watch stream closed by the server".into(),
+            Err(e) => return format!("watch stream: {e}"),
+        };
+        if msg.canceled() {
+            return format!(
+                "watch canceled by the server (compact revision {}): {}",
+                msg.compact_revision(),
+                msg.cancel_reason()
+            );
+        }
+        for ev in msg.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(key) = kv.key_str() else { continue };
+            let Ok(parsed) = MeshKey::parse(key) else {
+                continue;
+            };
+            if !scope.wants(&parsed) {
+                continue;
+            }
+            match ev.event_type() {
+                etcd_client::EventType::Put => {
+                    state.known.insert(key.to_owned(), kv.mod_revision());
+                    if let MeshKey::ClusterConfig { .. } = &parsed {
+                        match MeshValue::decode(&parsed, kv.value()) {
+                            Ok(MeshValue::ClusterConfig(c)) => {
+                                if let Err(why) = validate(source, &c) {
+                                    send(ConnEvent::Refused(why.clone()));
+                                    return why;
+                                }
+                            }
+                            _ => {
+                                forward(&parsed, key, kv.value(), &send);
+                                continue;
+                            }
+                        }
+                    }
+                    if let MeshKey::Synced { kind, cluster } = &parsed
+                        && cluster == scope.home()
+                    {
+                        seen_canaries.insert(*kind);
+                        if !state.synced_sent && canaries_ok(&seen_canaries) {
+                            state.synced_sent = true;
+                            send(ConnEvent::Synced);
+                        }
+                    }
+                    forward(&parsed, key, kv.value(), &send);
+                }
+                etcd_client::EventType::Delete => {
+                    state.known.remove(key);
+                    send(ConnEvent::Delete(parsed));
+                }
+            }
+        }
+    }
+}
+
+fn forward(parsed: &MeshKey, key: &str, value: &[u8], send: &impl Fn(ConnEvent)) {
+    if let MeshKey::Heartbeat { cluster } = parsed {
+        send(ConnEvent::Heartbeat(cluster.clone()));
+        return;
+    }
+    match MeshValue::decode(parsed, value) {
+        Ok(v) => send(ConnEvent::Put(parsed.clone(), v)),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "refused a bad value; keeping the previous state");
+            send(ConnEvent::BadValue {
+                key: key.to_owned(),
+                error: e.to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_model::values::Capabilities;
+
+    fn c(n: &str) -> ClusterName {
+        ClusterName::new(n).unwrap()
+    }
+
+    fn src(name: &str, id: Option<u32>) -> ClusterSource {
+        ClusterSource {
+            name: c(name),
+            expected_id: id.map(|i| ClusterId::new(i, MaxConnectedClusters::DEFAULT).unwrap()),
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            tls: None,
+        }
+    }
+
+    fn cfg(name: &str, id: u32, mcc: u32) -> ClusterConfig {
+        let mcc = MaxConnectedClusters::new(mcc).unwrap();
+        ClusterConfig {
+            name: c(name),
+            id: ClusterId::new(id, mcc).unwrap(),
+            max_connected_clusters: mcc,
+            capabilities: Capabilities::default(),
+            ca_fingerprints: vec![],
+        }
+    }
+
+    #[test]
+    fn config_rules() {
+        let d = Some(MaxConnectedClusters::DEFAULT);
+        let none = HashMap::new();
+        assert!(validate_config(&src("c2", Some(2)), &cfg("c2", 2, 255), d, &none).is_ok());
+        assert!(matches!(
+            validate_config(&src("c2", None), &cfg("c3", 2, 255), d, &none),
+            Err(ConfigRefusal::WrongName { .. })
+        ));
+        assert!(matches!(
+            validate_config(&src("c2", Some(3)), &cfg("c2", 2, 255), d, &none),
+            Err(ConfigRefusal::WrongId { .. })
+        ));
+        let e = validate_config(&src("c2", None), &cfg("c2", 300, 511), d, &none).unwrap_err();
+        assert!(e.to_string().contains("maxConnectedClusters=511"), "{e}");
+        let taken = HashMap::from([(
+            c("c1"),
+            ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
+        )]);
+        let e = validate_config(&src("c2", None), &cfg("c2", 2, 255), d, &taken).unwrap_err();
+        assert_eq!(
+            e,
+            ConfigRefusal::DuplicateId {
+                name: "c2".into(),
+                id: 2,
+                other: "c1".into()
+            }
+        );
+        // Re-validating the same cluster against itself is fine.
+        let me = HashMap::from([(
+            c("c2"),
+            ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
+        )]);
+        assert!(validate_config(&src("c2", None), &cfg("c2", 2, 255), d, &me).is_ok());
+    }
+
+    #[test]
+    fn remote_file_parsing() {
+        let p = Path::new("/etc/remotes/c2.yaml");
+        let s = parse_remote_file(
+            p,
+            "name: c2\nid: 2\nendpoints: [\"https://10.0.0.2:2379\"]\n",
+            Some(Path::new("/tls")),
+        )
+        .unwrap();
+        assert_eq!(s.name, c("c2"));
+        assert_eq!(s.tls.unwrap().cert, Path::new("/tls/tls.crt"));
+        let plain =
+            parse_remote_file(p, "name: c2\nendpoints: [\"http://127.0.0.1:1\"]\n", None).unwrap();
+        assert!(plain.tls.is_none());
+        for (text, needle) in [
+            ("name: Bad\nendpoints: [\"http://x\"]\n", "name"),
+            ("name: c2\nendpoints: []\n", "endpoints"),
+            ("name: c2\nendpoints: [\"tcp://x\"]\n", "https://"),
+            ("name: c2\nendpoints: [\"https://x\"]\n", "cert-file"),
+            ("name: c2\nendpoint: [\"http://x\"]\n", "unknown field"),
+        ] {
+            let e = parse_remote_file(p, text, None).unwrap_err().to_string();
+            assert!(e.contains("c2.yaml") && e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn remote_dir_keeps_good_files_when_one_is_bad() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("c2.yaml"),
+            "name: c2\nendpoints: [\"http://127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("c3.yaml"), "name: C3\n").unwrap();
+        std::fs::write(d.path().join("README"), "not yaml").unwrap();
+        let (good, bad) = read_remote_dir(d.path(), None);
+        assert_eq!(good.keys().cloned().collect::<Vec<_>>(), vec![c("c2")]);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].to_string().contains("c3.yaml"));
+    }
+
+    #[test]
+    fn liveness_grace_then_stale_then_live_again() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(30);
+        let hb = Duration::from_secs(3);
+        let mut l = Liveness::new(t0);
+        l.set_connected(true);
+        l.heartbeat(t0);
+        assert_eq!(l.evaluate(t0, grace, hb), LiveState::Live);
+        // Heartbeat stops: live until it is 3 s old, then grace, then stale.
+        assert_eq!(
+            l.evaluate(t0 + Duration::from_secs(2), grace, hb),
+            LiveState::Live
+        );
+        assert!(matches!(
+            l.evaluate(t0 + Duration::from_secs(10), grace, hb),
+            LiveState::Grace(_)
+        ));
+        assert!(matches!(
+            l.evaluate(t0 + Duration::from_secs(34), grace, hb),
+            LiveState::Stale(_)
+        ));
+        // A fresh heartbeat makes it live at once.
+        l.heartbeat(t0 + Duration::from_secs(40));
+        assert_eq!(
+            l.evaluate(t0 + Duration::from_secs(40), grace, hb),
+            LiveState::Live
+        );
+        // A broken stream starts the grace now.
+        l.set_connected(false);
+        assert!(matches!(
+            l.evaluate(t0 + Duration::from_secs(41), grace, hb),
+            LiveState::Grace(_)
+        ));
+        assert!(matches!(
+            l.evaluate(t0 + Duration::from_secs(72), grace, hb),
+            LiveState::Stale(_)
+        ));
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        let b = Duration::from_millis(100);
+        let cap = Duration::from_secs(10);
+        assert_eq!(backoff_delay(0, b, cap, 1.0), b);
+        assert_eq!(backoff_delay(3, b, cap, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff_delay(30, b, cap, 1.0), cap);
+        assert_eq!(backoff_delay(5, b, cap, 0.0), Duration::ZERO);
+        assert_eq!(backoff_delay(3, b, cap, 0.5), Duration::from_millis(400));
+    }
+
+    #[test]
+    fn scopes() {
+        let k = |s: &str| MeshKey::parse(s).unwrap();
+        let remote = KeyScope::Cluster(c("c2"));
+        assert!(remote.wants(&k("clustermesh/v1/endpoints/c2/default/web/0")));
+        assert!(!remote.wants(&k("clustermesh/v1/endpoints/c3/default/web/0")));
+        assert!(!remote.wants(&k("clustermesh/v1/imports/c2/default/web")));
+        assert!(!remote.wants(&k("clustermesh/v1/nodestatus/c2/n1")));
+        let local = KeyScope::Local(c("c1"));
+        assert!(local.wants(&k("clustermesh/v1/remotes/c1/c2")));
+        assert!(local.wants(&k("clustermesh/v1/imports/c1/default/web")));
+        assert!(!local.wants(&k("clustermesh/v1/services/c2/default/web")));
+        let all = KeyScope::All(c("c1"));
+        assert!(all.wants(&k("clustermesh/v1/services/c2/default/web")));
+        assert!(!all.wants(&k("clustermesh/v1/imports/c2/default/web")));
+    }
+}

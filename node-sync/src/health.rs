@@ -1,0 +1,230 @@
+//! Health checker: probes the backends that run on this node (TCP connect, or HTTP GET when the
+//! service asks for it) and turns probe results into verdicts ([`HealthTracker`], pure), which the
+//! [`publisher`](crate::publish) writes under `health/<cluster>/<node>` with a lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use mesh_model::ClusterName;
+use mesh_model::values::{BackendVerdict, HealthReport, Verdict};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::index::{ProbeKind, ProbeTarget};
+
+/// Consecutive probe results -> verdicts.
+#[derive(Debug)]
+pub struct HealthTracker {
+    failures_needed: u32,
+    state: BTreeMap<ProbeTarget, (u32, Verdict)>,
+}
+
+impl HealthTracker {
+    /// A tracker that declares a backend failing after `failures_needed` failed probes in a row.
+    pub fn new(failures_needed: u32) -> Self {
+        Self {
+            failures_needed: failures_needed.max(1),
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Set the targets; new ones start healthy, vanished ones are forgotten. Returns whether the
+    /// set changed.
+    pub fn set_targets(&mut self, targets: &BTreeSet<ProbeTarget>) -> bool {
+        let before = self.state.len();
+        self.state.retain(|t, _| targets.contains(t));
+        let mut changed = self.state.len() != before;
+        for t in targets {
+            if !self.state.contains_key(t) {
+                self.state.insert(t.clone(), (0, Verdict::Healthy));
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The targets.
+    pub fn targets(&self) -> impl Iterator<Item = &ProbeTarget> {
+        self.state.keys()
+    }
+
+    /// Record a probe result; returns whether the verdict changed.
+    pub fn record(&mut self, target: &ProbeTarget, ok: bool) -> bool {
+        let Some((fails, verdict)) = self.state.get_mut(target) else {
+            return false;
+        };
+        let old = *verdict;
+        if ok {
+            *fails = 0;
+            *verdict = Verdict::Healthy;
+        } else {
+            *fails = fails.saturating_add(1);
+            if *fails >= self.failures_needed {
+                *verdict = Verdict::Failing;
+            }
+        }
+        old != *verdict
+    }
+
+    /// The verdict on a target.
+    pub fn verdict(&self, target: &ProbeTarget) -> Option<Verdict> {
+        self.state.get(target).map(|(_, v)| *v)
+    }
+
+    /// The report to publish.
+    pub fn report(&self, cluster: &ClusterName, node: &str) -> HealthReport {
+        HealthReport {
+            cluster: cluster.clone(),
+            node: node.to_owned(),
+            verdicts: self
+                .state
+                .iter()
+                .map(|(t, (_, v))| BackendVerdict {
+                    ip: t.ip,
+                    port: t.port,
+                    protocol: t.protocol,
+                    verdict: *v,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Probe one target: a TCP connect, or an HTTP/1.0 GET whose status must be 2xx or 3xx.
+pub async fn probe(target: &ProbeTarget, timeout: Duration) -> bool {
+    let addr = std::net::SocketAddr::new(target.ip, target.port);
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        match &target.check {
+            ProbeKind::Tcp => Some(true),
+            ProbeKind::Http(path) => {
+                let host = addr.to_string();
+                let req = format!(
+                    "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: node-sync\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(req.as_bytes()).await.ok()?;
+                let mut buf = [0u8; 32];
+                let mut n = 0;
+                while n < 12 {
+                    let r = s.read(&mut buf[n..]).await.ok()?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                let head = std::str::from_utf8(&buf[..n]).ok()?;
+                let code: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+                Some((200..400).contains(&code))
+            }
+        }
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+}
+
+/// Run the health checker: every `interval`, probe the current targets; when a verdict or the
+/// target set changes, send the new report to `publish`.
+pub async fn run_health_checker(
+    cluster: ClusterName,
+    node: String,
+    interval: Duration,
+    failures: u32,
+    mut targets: watch::Receiver<BTreeSet<ProbeTarget>>,
+    publish: mpsc::UnboundedSender<HealthReport>,
+) {
+    let mut tracker = HealthTracker::new(failures);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = interval.max(Duration::from_millis(100));
+    let mut published_once = false;
+    loop {
+        tick.tick().await;
+        let mut changed = tracker.set_targets(&targets.borrow_and_update());
+        let list: Vec<ProbeTarget> = tracker.targets().cloned().collect();
+        let results = futures::future::join_all(list.iter().map(|t| probe(t, timeout))).await;
+        for (t, ok) in list.iter().zip(results) {
+            if tracker.record(t, ok) {
+                tracing::info!(backend = %format!("{}:{}", t.ip, t.port), healthy = ok, "health verdict changed");
+                changed = true;
+            }
+        }
+        if (changed || !published_once) && !list.is_empty() {
+            published_once = true;
+            if publish.send(tracker.report(&cluster, &node)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_model::values::Protocol;
+
+    fn t(port: u16, check: ProbeKind) -> ProbeTarget {
+        ProbeTarget {
+            ip: "127.0.0.1".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            check,
+        }
+    }
+
+    #[test]
+    fn failing_after_n_misses_and_healthy_after_one_success() {
+        let mut h = HealthTracker::new(2);
+        let a = t(1, ProbeKind::Tcp);
+        assert!(h.set_targets(&BTreeSet::from([a.clone()])));
+        assert!(!h.record(&a, false));
+        assert_eq!(h.verdict(&a), Some(Verdict::Healthy));
+        assert!(h.record(&a, false));
+        assert_eq!(h.verdict(&a), Some(Verdict::Failing));
+        assert!(!h.record(&a, false));
+        assert!(h.record(&a, true));
+        assert_eq!(h.verdict(&a), Some(Verdict::Healthy));
+        // A success in between resets the count.
+        h.record(&a, false);
+        h.record(&a, true);
+        assert!(!h.record(&a, false));
+        let r = h.report(&ClusterName::new("c1").unwrap(), "n1");
+        assert_eq!(r.verdicts.len(), 1);
+        assert!(h.set_targets(&BTreeSet::new()));
+        assert_eq!(h.verdict(&a), None);
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let code = if req.starts_with("GET /ok ") {
+                        "200 OK"
+                    } else {
+                        "503 Unavailable"
+                    };
+                    let _ = s
+                        .write_all(format!("HTTP/1.0 {code}\r\n\r\n").as_bytes())
+                        .await;
+                });
+            }
+        });
+        let to = Duration::from_secs(2);
+        assert!(probe(&t(port, ProbeKind::Tcp), to).await);
+        assert!(probe(&t(port, ProbeKind::Http("/ok".into())), to).await);
+        assert!(!probe(&t(port, ProbeKind::Http("/bad".into())), to).await);
+        // A port nobody listens on.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = free.local_addr().unwrap().port();
+        drop(free);
+        assert!(!probe(&t(dead, ProbeKind::Tcp), to).await);
+    }
+}

@@ -1,0 +1,288 @@
+//! Status server (axum): `/healthz`, `/readyz`, `/metrics` (Prometheus text format) and
+//! `/api/v1/status` (JSON: every cluster's state, every global service's selected backends and why).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::agent::{AgentState, lock};
+use crate::cluster::LiveState;
+
+type Shared = Arc<Mutex<AgentState>>;
+
+/// The router.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status_json))
+        .with_state(state)
+}
+
+/// Serve on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: Shared) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let st = lock(&s);
+    if st.ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let waiting: Vec<String> = st
+            .clusters
+            .iter()
+            .filter(|(_, c)| !c.synced && !c.refused)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: waiting for the initial sync of {}\n",
+                waiting.join(", ")
+            ),
+        )
+            .into_response()
+    }
+}
+
+fn state_name(s: &LiveState) -> &'static str {
+    match s {
+        LiveState::Live => "live",
+        LiveState::Grace(_) => "grace",
+        LiveState::Stale(_) => "stale",
+    }
+}
+
+/// The JSON status document.
+pub fn status_document(st: &AgentState) -> serde_json::Value {
+    let now = Instant::now();
+    let clusters: Vec<serde_json::Value> = st
+        .clusters
+        .iter()
+        .map(|(n, c)| {
+            json!({
+                "name": n,
+                "local": *n == st.opts.cluster,
+                "id": c.config.as_ref().map(|c| c.id.get()),
+                "state": state_name(&c.state),
+                "connected": c.liveness.connected(),
+                "synced": c.synced,
+                "refused": c.refused,
+                "heartbeatAgeMs": c.liveness.heartbeat_age(now).map(|d| d.as_millis() as u64),
+                "staleSince": c.stale_since.map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
+                "keys": c.keys.len(),
+                "reconnects": c.reconnects,
+                "badValues": c.bad_values,
+                "error": c.error,
+                "endpoints": c.source.as_ref().map(|s| s.endpoints.clone()),
+            })
+        })
+        .collect();
+    let services: Vec<serde_json::Value> = st
+        .index
+        .services()
+        .into_iter()
+        .map(|s| {
+            json!({
+                "service": s.service.to_string(),
+                "affinity": s.affinity,
+                "clusters": s.clusters,
+                "staleClusters": s.stale_clusters,
+                "noFrontend": s.no_frontend,
+                "frontends": s.frontends.iter().map(|f| json!({
+                    "frontend": f.frontend.to_string(),
+                    "backends": f.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                    "reason": f.reason,
+                    "why": f.reason.to_string(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "cluster": st.opts.cluster,
+        "node": st.opts.node,
+        "ready": st.ready,
+        "clusters": clusters,
+        "services": services,
+        "failovers": st.index.failovers(),
+        "mapWrites": {"upserts": st.map_writes.0, "deletes": st.map_writes.1, "errors": st.map_errors()},
+        "remoteConfigErrors": st.remote_config_errors(),
+    })
+}
+
+async fn status_json(State(s): State<Shared>) -> Response {
+    let doc = status_document(&lock(&s));
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition.
+pub fn render_metrics(st: &AgentState) -> String {
+    let now = Instant::now();
+    let mut o = String::new();
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Box<dyn Fn(&crate::agent::ClusterStatus) -> f64 + 'a>,
+    );
+    let rows: Vec<Row<'_>> = vec![
+        (
+            "nodesync_remote_connected",
+            "gauge",
+            "1 when the watch stream of the cluster is up",
+            Box::new(|c| f64::from(u8::from(c.liveness.connected()))),
+        ),
+        (
+            "nodesync_remote_synced",
+            "gauge",
+            "1 when the cluster's initial sync (list and canaries) is done",
+            Box::new(|c| f64::from(u8::from(c.synced))),
+        ),
+        (
+            "nodesync_remote_stale",
+            "gauge",
+            "1 when the cluster is stale (left out of selection)",
+            Box::new(|c| f64::from(u8::from(matches!(c.state, LiveState::Stale(_))))),
+        ),
+        (
+            "nodesync_remote_refused",
+            "gauge",
+            "1 when the cluster's config was refused",
+            Box::new(|c| f64::from(u8::from(c.refused))),
+        ),
+        (
+            "nodesync_remote_heartbeat_age_seconds",
+            "gauge",
+            "Age of the last heartbeat seen (-1: none)",
+            Box::new(move |c| {
+                c.liveness
+                    .heartbeat_age(now)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(-1.0)
+            }),
+        ),
+        (
+            "nodesync_remote_keys",
+            "gauge",
+            "Keys held from the cluster",
+            Box::new(|c| c.keys.len() as f64),
+        ),
+        (
+            "nodesync_remote_reconnects_total",
+            "counter",
+            "Reconnects to the cluster's etcd",
+            Box::new(|c| c.reconnects as f64),
+        ),
+        (
+            "nodesync_remote_bad_values_total",
+            "counter",
+            "Values refused because they did not decode or validate",
+            Box::new(|c| c.bad_values as f64),
+        ),
+    ];
+    for (name, kind, help, f) in &rows {
+        family(&mut o, name, kind, help);
+        for (n, c) in &st.clusters {
+            let _ = writeln!(o, "{name}{{cluster=\"{}\"}} {}", esc(n.as_str()), f(c));
+        }
+    }
+    family(
+        &mut o,
+        "nodesync_service_backends",
+        "gauge",
+        "Backends selected per global service frontend, by backend cluster",
+    );
+    for s in st.index.services() {
+        for f in &s.frontends {
+            let mut by: BTreeMap<&str, u64> = BTreeMap::new();
+            for c in &s.clusters {
+                by.insert(c.as_str(), 0);
+            }
+            for b in &f.backends {
+                *by.entry(b.cluster.as_str()).or_default() += 1;
+            }
+            for (c, n) in by {
+                let _ = writeln!(
+                    o,
+                    "nodesync_service_backends{{service=\"{}\",frontend=\"{}\",cluster=\"{}\"}} {n}",
+                    esc(&s.service.to_string()),
+                    esc(&f.frontend.to_string()),
+                    esc(c)
+                );
+            }
+        }
+    }
+    family(
+        &mut o,
+        "nodesync_failovers_total",
+        "counter",
+        "Frontends moved from their preferred clusters to a failover group",
+    );
+    let _ = writeln!(o, "nodesync_failovers_total {}", st.index.failovers());
+    family(
+        &mut o,
+        "nodesync_ready",
+        "gauge",
+        "1 once the initial reconcile of the maps is done",
+    );
+    let _ = writeln!(o, "nodesync_ready {}", u8::from(st.ready));
+    family(
+        &mut o,
+        "nodesync_map_writes_total",
+        "counter",
+        "Map writes by operation",
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_map_writes_total{{op=\"upsert\"}} {}",
+        st.map_writes.0
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_map_writes_total{{op=\"delete\"}} {}",
+        st.map_writes.1
+    );
+    family(
+        &mut o,
+        "nodesync_map_errors_total",
+        "counter",
+        "Map operations that failed",
+    );
+    let _ = writeln!(o, "nodesync_map_errors_total {}", st.map_errors());
+    family(
+        &mut o,
+        "nodesync_endpoints",
+        "gauge",
+        "Endpoints held from every cluster",
+    );
+    let _ = writeln!(o, "nodesync_endpoints {}", st.index.endpoint_count());
+    o
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let text = render_metrics(&lock(&s));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

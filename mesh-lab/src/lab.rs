@@ -12,6 +12,7 @@ use crate::cgroup;
 use crate::cmd;
 use crate::error::{LabError, Result};
 use crate::etcd;
+use crate::impair::Impairer;
 use crate::net;
 use crate::plan::{
     ClusterInfo, DEFAULT_STATE_ROOT, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo, is_lab_netns,
@@ -108,6 +109,7 @@ pub struct Lab {
 struct Inner {
     state: LabState,
     etcd: Vec<Option<LabProcess>>,
+    impairer: Option<Impairer>,
 }
 
 /// What `mesh-lab status` shows for one lab.
@@ -160,6 +162,7 @@ impl Lab {
             inner: Mutex::new(Inner {
                 state,
                 etcd: (0..n).map(|_| None).collect(),
+                impairer: None,
             }),
             keep: false,
             _lock: lock,
@@ -310,7 +313,10 @@ impl Lab {
             source,
         })?;
         let pid = child.id() as i32;
-        let p = LabProcess::new(child, label.clone());
+        let mut p = LabProcess::new(child, label.clone());
+        if let Some((cgroup, netns)) = wrapper_target(&cmd) {
+            wait_placed(&mut p, &cgroup, &netns)?;
+        }
         if let Some(rec) = ProcRecord::of(pid, label) {
             let mut inner = self.inner();
             inner.state.processes.push(rec);
@@ -463,7 +469,10 @@ impl Lab {
     }
 
     /// Adds `delay` and `loss_percent` loss to packets between `a` and `b`, in each direction (so the round trip
-    /// grows by twice `delay`). Replaces an earlier setting for the pair.
+    /// grows by twice `delay`). Replaces an earlier setting for the pair. Traffic within a cluster and to/from the
+    /// host is untouched.
+    ///
+    /// The delay line runs on two threads of this process (see [`crate::impair`]); it ends with the lab.
     pub fn set_latency_loss(
         &self,
         a: impl ClusterRef,
@@ -476,11 +485,18 @@ impl Lab {
             delay,
             loss_percent,
         };
-        net::netem_args(&imp)?;
+        imp.validate()?;
         let mut inner = self.inner();
+        if inner.impairer.is_none() {
+            let im = Impairer::start(&self.plan.router_netns, self.plan.octet)?;
+            net::setup_impairer_routing(&self.plan)?;
+            inner.impairer = Some(im);
+        }
         for (from, to) in [(a, b), (b, a)] {
-            let root = inner.state.impairments.iter().any(|r| r.to == to.index);
-            net::impair_one_way(&self.plan, from, to, &imp, root)?;
+            if let Some(im) = &inner.impairer {
+                im.set(from.index, to.index, imp);
+            }
+            net::add_detour(&self.plan, from, to)?;
             inner
                 .state
                 .impairments
@@ -499,22 +515,25 @@ impl Lab {
         let (a, b) = self.pair(a, b)?;
         let mut inner = self.inner();
         for (from, to) in [(a, b), (b, a)] {
-            let had = inner
-                .state
-                .impairments
-                .iter()
-                .any(|r| r.from == from.index && r.to == to.index);
-            if !had {
-                continue;
+            net::remove_detour(&self.plan, from, to)?;
+            if let Some(im) = &inner.impairer {
+                im.remove(from.index, to.index);
             }
             inner
                 .state
                 .impairments
                 .retain(|r| !(r.from == from.index && r.to == to.index));
-            let last = !inner.state.impairments.iter().any(|r| r.to == to.index);
-            net::clear_one_way(&self.plan, from, to, last)?;
         }
         inner.state.save()
+    }
+
+    /// Packets the delay line has forwarded and dropped so far.
+    pub fn impairer_counters(&self) -> (u64, u64) {
+        self.inner()
+            .impairer
+            .as_ref()
+            .map(Impairer::counters)
+            .unwrap_or_default()
     }
 
     /// Impairments in force.
@@ -526,9 +545,21 @@ impl Lab {
 
     /// Leaves the lab running after this handle goes away (what `mesh-lab up` does); `mesh-lab down` or the next
     /// `up` with the same prefix removes it.
+    ///
+    /// Latency and loss end here (the delay line lives in this process); partitions stay.
     pub fn keep(mut self) {
         self.keep = true;
         let mut inner = self.inner();
+        inner.impairer = None;
+        for r in std::mem::take(&mut inner.state.impairments) {
+            if let (Some(from), Some(to)) = (
+                self.plan.clusters.get(r.from - 1),
+                self.plan.clusters.get(r.to - 1),
+            ) {
+                let _ = net::remove_detour(&self.plan, from, to);
+            }
+        }
+        let _ = inner.state.save();
         for p in inner.etcd.drain(..).flatten() {
             p.detach();
         }
@@ -543,6 +574,8 @@ impl Lab {
     fn teardown_inner(&mut self) -> Result<()> {
         let state = {
             let mut inner = self.inner();
+            // the TUN device holds the router namespace: close it first
+            inner.impairer = None;
             for mut p in inner.etcd.drain(..).flatten() {
                 let _ = p.kill();
             }
@@ -626,6 +659,59 @@ fn label_of(cmd: &Command) -> String {
         format!("{}: {}", args[4], args[5..].join(" "))
     } else {
         cmd::describe(cmd)
+    }
+}
+
+/// `(cgroup dir, netns)` of a command built by [`Lab::member_command`].
+fn wrapper_target(cmd: &Command) -> Option<(PathBuf, String)> {
+    let args: Vec<&OsStr> = cmd.get_args().collect();
+    if args.len() >= 5 && args[2] == "mesh-lab-exec" {
+        Some((
+            PathBuf::from(args[3]),
+            args[4].to_string_lossy().into_owned(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// Waits until the wrapper has moved `p` into `cgroup` and `netns`, so a caller that gets a [`LabProcess`] can rely
+/// on where it runs. Fails when the process exits first (e.g. the cgroup is gone).
+fn wait_placed(p: &mut LabProcess, cgroup: &Path, netns: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let want_ns = std::fs::metadata(Path::new("/run/netns").join(netns))
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| LabError::io(Path::new("/run/netns").join(netns), e))?;
+    let pid = p.pid();
+    let placed = || {
+        let ns_ok = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| (m.dev(), m.ino()) == want_ns);
+        ns_ok && cgroup::procs(cgroup).contains(&(pid as i32))
+    };
+    let mut exited = None;
+    let ok = poll_until(Duration::from_secs(10), || {
+        if placed() {
+            return true;
+        }
+        if let Ok(Some(st)) = p.try_wait() {
+            exited = Some(st);
+            return true;
+        }
+        false
+    });
+    match exited {
+        // a short-lived program may be done before we look: that is fine when it ran (exit code not 126)
+        Some(st) if st.code() == Some(126) => Err(LabError::Command {
+            command: p.label().to_string(),
+            status: st.to_string(),
+            stderr: format!("could not join cgroup {}", cgroup.display()),
+        }),
+        Some(_) => Ok(()),
+        None if ok => Ok(()),
+        None => Err(LabError::Timeout {
+            what: format!("pid {pid} to enter {netns} and {}", cgroup.display()),
+            timeout: Duration::from_secs(10),
+        }),
     }
 }
 

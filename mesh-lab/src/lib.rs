@@ -4,7 +4,8 @@
 //! [`plan`] for the layout and addresses). Each cluster has its own /24, a control-plane namespace running a real
 //! etcd, and a cgroup v2 directory per node. Tests start processes inside a node ([`Lab::spawn_in_node`],
 //! [`Lab::node_command`]) — in its namespace and cgroup — and inject faults between clusters: [`Lab::partition`]
-//! / [`Lab::heal`] (nft in the router), [`Lab::set_latency_loss`] / [`Lab::clear_impairment`] (tc netem), and
+//! / [`Lab::heal`] (nft in the router), [`Lab::set_latency_loss`] / [`Lab::clear_impairment`] (a user-space delay
+//! line behind policy routing, see [`impair`]), and
 //! etcd crashes and restarts ([`Lab::kill_etcd`], [`Lab::restart_etcd`]).
 //!
 //! Everything is recorded in a state file (`/run/mesh-lab/<prefix>/state.json`), so `mesh-lab down` and `status`
@@ -17,6 +18,7 @@ pub mod cgroup;
 mod cmd;
 pub mod error;
 mod etcd;
+pub mod impair;
 mod lab;
 mod net;
 pub mod plan;

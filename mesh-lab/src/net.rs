@@ -1,4 +1,5 @@
-//! The lab network: namespaces, veths, bridges, routes (iproute2), partitions (nft) and impairments (tc netem).
+//! The lab network: namespaces, veths, bridges, routes (iproute2), partitions (nft) and the detour routes of the
+//! impairer (policy routing).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -6,12 +7,9 @@ use std::time::Duration;
 use crate::cmd;
 use crate::error::{LabError, Result};
 use crate::plan::{ClusterInfo, LabPlan};
-use crate::state::Impairment;
 
 /// nft table (family inet) in the router namespace.
 const NFT_TABLE: &str = "meshlab";
-/// HTB rate of every class: high enough never to be the bottleneck.
-const HTB_RATE: &str = "10gbit";
 
 /// Names of every network namespace on the host (`ip netns list`).
 pub fn list_netns() -> Result<Vec<String>> {
@@ -114,24 +112,22 @@ pub fn build(plan: &LabPlan) -> Result<()> {
     Ok(())
 }
 
-/// The router's nft ruleset: forwarded packets whose (in, out) bridge pair is in the `partitions` set are dropped.
+/// The router's nft ruleset: forwarded packets whose (source, destination) address pair is in the `partitions` set
+/// are dropped. Addresses, not interfaces, so traffic detoured through the impairer is caught too.
 pub(crate) fn nft_ruleset() -> String {
     format!(
         "table inet {NFT_TABLE} {{\n\
-         \tset partitions {{ type ifname . ifname; }}\n\
+         \tset partitions {{ type ipv4_addr . ipv4_addr; flags interval; }}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority 0; policy accept;\n\
-         \t\tiifname . oifname @partitions drop\n\
+         \t\tip saddr . ip daddr @partitions drop\n\
          \t}}\n\
          }}\n"
     )
 }
 
-fn partition_elements(a: &ClusterInfo, b: &ClusterInfo) -> String {
-    format!(
-        "{{ \"{0}\" . \"{1}\", \"{1}\" . \"{0}\" }}",
-        a.bridge, b.bridge
-    )
+pub(crate) fn partition_elements(a: &ClusterInfo, b: &ClusterInfo) -> String {
+    format!("{{ {0} . {1}, {1} . {0} }}", a.cidr(), b.cidr())
 }
 
 /// Drops all traffic between clusters `a` and `b` (both directions) in the router.
@@ -158,129 +154,71 @@ pub fn heal(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
     Ok(())
 }
 
-/// tc class minor (hex) for traffic coming from cluster `from`.
-fn class_minor(from: usize) -> String {
-    format!("{:x}", 0x10 + from)
-}
-
-/// netem arguments for an impairment.
-pub(crate) fn netem_args(imp: &Impairment) -> Result<Vec<String>> {
-    if !(0.0..=100.0).contains(&imp.loss_percent) || imp.loss_percent.is_nan() {
-        return Err(LabError::Spec(format!(
-            "loss must be 0..=100 percent, got {}",
-            imp.loss_percent
-        )));
-    }
-    let mut v = vec![
-        "netem".to_string(),
-        "limit".into(),
-        "100000".into(),
-        "delay".into(),
-        format!("{}us", imp.delay.as_micros()),
-    ];
-    if imp.loss_percent > 0.0 {
-        v.push("loss".into());
-        v.push(format!("{}%", imp.loss_percent));
-    }
-    Ok(v)
-}
-
-fn tc(netns: &str, args: &[&str]) -> Result<String> {
-    cmd::run(
-        std::process::Command::new("tc")
-            .args(["-n", netns])
-            .args(args),
-    )
-}
-
-/// Applies `imp` to packets routed from cluster `from` into cluster `to` (netem in a per-source HTB class on the
-/// bridge of `to`). `root_exists` says whether the bridge already carries the lab's HTB root.
-pub fn impair_one_way(
-    plan: &LabPlan,
-    from: &ClusterInfo,
-    to: &ClusterInfo,
-    imp: &Impairment,
-    root_exists: bool,
-) -> Result<()> {
+/// Routes the impairer's table into its TUN device and turns reverse-path filtering off for it (packets come back
+/// from the TUN device with sources that live behind a bridge).
+pub fn setup_impairer_routing(plan: &LabPlan) -> Result<()> {
     let r = &plan.router_netns;
-    let dev = to.bridge.as_str();
-    if !root_exists {
-        tc(
-            r,
-            &[
-                "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1",
-            ],
-        )?;
-        tc(
-            r,
-            &[
-                "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate",
-                HTB_RATE,
-            ],
-        )?;
-    }
-    let minor = class_minor(from.index);
-    let classid = format!("1:{minor}");
-    let handle = format!("{minor}:");
-    tc(
+    let tun = crate::impair::TUN_NAME;
+    cmd::in_netns(
         r,
+        "sysctl",
         &[
-            "class", "replace", "dev", dev, "parent", "1:", "classid", &classid, "htb", "rate",
-            HTB_RATE,
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            &format!("net.ipv4.conf.{tun}.rp_filter=0"),
         ],
     )?;
-    let netem = netem_args(imp)?;
-    let mut args = vec![
-        "qdisc", "replace", "dev", dev, "parent", &classid, "handle", &handle,
-    ];
-    args.extend(netem.iter().map(String::as_str));
-    tc(r, &args)?;
-    let prio = from.index.to_string();
-    let _ = tc(
+    cmd::ip(&[
+        "-n",
         r,
-        &["filter", "del", "dev", dev, "parent", "1:", "prio", &prio],
-    );
-    let cidr = from.cidr();
-    tc(
-        r,
-        &[
-            "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", &prio, "u32",
-            "match", "ip", "src", &cidr, "flowid", &classid,
-        ],
-    )?;
+        "route",
+        "replace",
+        "default",
+        "dev",
+        tun,
+        "table",
+        crate::impair::TABLE,
+    ])?;
     Ok(())
 }
 
-/// Removes the impairment from `from` into `to`; with `last` also the HTB root of `to`'s bridge.
-pub fn clear_one_way(
-    plan: &LabPlan,
-    from: &ClusterInfo,
-    to: &ClusterInfo,
-    last: bool,
-) -> Result<()> {
+fn detour_pref(from: &ClusterInfo, to: &ClusterInfo) -> String {
+    (1000 + from.index * 100 + to.index).to_string()
+}
+
+/// Sends packets routed from `from` to `to` through the impairer (a policy-routing rule in the router).
+pub fn add_detour(plan: &LabPlan, from: &ClusterInfo, to: &ClusterInfo) -> Result<()> {
     let r = &plan.router_netns;
-    let dev = to.bridge.as_str();
-    if last {
-        // deleting the root removes its classes, filters and netem qdiscs
-        return match tc(r, &["qdisc", "del", "dev", dev, "root"]) {
-            Ok(_) => Ok(()),
-            Err(LabError::Command { stderr, .. })
-                if stderr.contains("Cannot delete qdisc with handle of zero")
-                    || stderr.contains("No such file") =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        };
-    }
-    let prio = from.index.to_string();
-    let classid = format!("1:{}", class_minor(from.index));
-    let _ = tc(
+    let pref = detour_pref(from, to);
+    let _ = cmd::ip(&["-n", r, "rule", "del", "pref", &pref]);
+    cmd::ip(&[
+        "-n",
         r,
-        &["filter", "del", "dev", dev, "parent", "1:", "prio", &prio],
-    );
-    let _ = tc(r, &["class", "del", "dev", dev, "classid", &classid]);
+        "rule",
+        "add",
+        "pref",
+        &pref,
+        "iif",
+        &from.bridge,
+        "from",
+        &from.cidr(),
+        "to",
+        &to.cidr(),
+        "table",
+        crate::impair::TABLE,
+    ])?;
     Ok(())
+}
+
+/// Removes the detour from `from` to `to` (no-op when there is none).
+pub fn remove_detour(plan: &LabPlan, from: &ClusterInfo, to: &ClusterInfo) -> Result<()> {
+    let r = &plan.router_netns;
+    let pref = detour_pref(from, to);
+    match cmd::ip(&["-n", r, "rule", "del", "pref", &pref]) {
+        Ok(_) => Ok(()),
+        Err(LabError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Waits until host interface `name` is gone (namespace deletion frees veths asynchronously).
@@ -291,33 +229,22 @@ pub fn wait_host_link_gone(name: &str, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::LabSpec;
 
     #[test]
-    fn netem_args_in_micros_and_percent() {
-        let a = netem_args(&Impairment {
-            delay: Duration::from_millis(200),
-            loss_percent: 5.0,
-        })
-        .unwrap();
-        assert_eq!(a.join(" "), "netem limit 100000 delay 200000us loss 5%");
-        let a = netem_args(&Impairment {
-            delay: Duration::from_millis(1),
-            loss_percent: 0.0,
-        })
-        .unwrap();
-        assert_eq!(a.join(" "), "netem limit 100000 delay 1000us");
-        let e = netem_args(&Impairment {
-            delay: Duration::ZERO,
-            loss_percent: 150.0,
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("150"), "{e}");
+    fn ruleset_drops_partitioned_address_pairs() {
+        let r = nft_ruleset();
+        assert!(r.contains("ip saddr . ip daddr @partitions drop"));
+        assert!(r.contains("flags interval"));
+        assert!(r.contains("hook forward"));
     }
 
     #[test]
-    fn ruleset_drops_partitioned_bridge_pairs() {
-        let r = nft_ruleset();
-        assert!(r.contains("iifname . oifname @partitions drop"));
-        assert!(r.contains("hook forward"));
+    fn partition_covers_both_directions() {
+        let p = LabPlan::new(&LabSpec::new("t", 2, 1), 100, std::path::Path::new("/cg")).unwrap();
+        assert_eq!(
+            partition_elements(&p.clusters[0], &p.clusters[1]),
+            "{ 10.100.1.0/24 . 10.100.2.0/24, 10.100.2.0/24 . 10.100.1.0/24 }"
+        );
     }
 }

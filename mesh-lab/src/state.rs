@@ -26,6 +26,19 @@ pub struct Impairment {
     pub loss_percent: f64,
 }
 
+impl Impairment {
+    /// Checks the loss percentage (0..=100).
+    pub fn validate(&self) -> Result<()> {
+        if self.loss_percent.is_nan() || !(0.0..=100.0).contains(&self.loss_percent) {
+            return Err(LabError::Spec(format!(
+                "loss must be 0..=100 percent, got {}",
+                self.loss_percent
+            )));
+        }
+        Ok(())
+    }
+}
+
 mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;

@@ -1,0 +1,334 @@
+//! Real lab tests: root, network namespaces, etcd. Each test uses its own lab prefix.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mesh_lab::{EtcdSecurity, Lab, LabError, LabSpec};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[test]
+fn node_reaches_remote_etcd_partition_blocks_heal_restores_teardown_leaves_nothing() {
+    let lab = lab("mlt-part", 2, 2);
+    assert!(
+        reaches_etcd(&lab, 1, 1, 2, 3 * SECOND),
+        "c1/n1 cannot reach c2's etcd at {}",
+        lab.etcd_endpoint(2).unwrap()
+    );
+
+    // a long-running process in c1/n1 sits in the node's namespace and cgroup
+    let mut sleeper = lab
+        .spawn_in_node(1, 1, Command::new("sleep").arg("1000"))
+        .unwrap();
+    let node = lab.node(1, 1).unwrap();
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", sleeper.pid())).unwrap();
+    let rel = node
+        .cgroup
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(cg.contains(&format!("/mesh-lab/mlt-part/{rel}")), "{cg}");
+    let ident = Command::new("ip")
+        .args(["netns", "identify", &sleeper.pid().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ident.stdout).trim(), node.netns);
+
+    let footprint = Footprint::of(&lab, &[sleeper.pid()]);
+    footprint.assert_present();
+
+    // partition: the next request fails within a second; inside c1 and host -> c2 still work
+    lab.partition(1, 2).unwrap();
+    let t = Instant::now();
+    assert!(
+        !reaches_etcd(&lab, 1, 1, 2, SECOND),
+        "partition did not block c1 -> c2"
+    );
+    assert!(t.elapsed() < 2 * SECOND);
+    assert!(
+        !reaches_etcd(&lab, 2, 2, 1, SECOND),
+        "partition did not block c2 -> c1"
+    );
+    assert!(
+        reaches_etcd(&lab, 1, 2, 1, 3 * SECOND),
+        "partition broke traffic inside c1"
+    );
+    assert!(lab.etcd_healthy(2).unwrap(), "partition broke host -> c2");
+    assert_eq!(lab.partitions(), vec![(1, 2)]);
+
+    // heal: restored at once
+    lab.heal(2, 1).unwrap();
+    assert!(
+        reaches_etcd(&lab, 1, 1, 2, 3 * SECOND),
+        "heal did not restore c1 -> c2"
+    );
+    assert!(lab.partitions().is_empty());
+    lab.heal(1, 2).unwrap(); // healing twice is fine
+
+    assert!(sleeper.is_running());
+    lab.teardown().unwrap();
+    assert!(
+        !sleeper.is_running(),
+        "teardown left the node's process running"
+    );
+    footprint.assert_gone();
+}
+
+#[test]
+fn two_labs_run_side_by_side_without_seeing_each_other() {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab("mlt-par-a", 1, 1));
+        let b = s.spawn(|| lab("mlt-par-b", 1, 1));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_ne!(a.plan().octet, b.plan().octet);
+    assert_ne!(a.etcd_endpoint(1).unwrap(), b.etcd_endpoint(1).unwrap());
+    assert!(reaches_etcd(&a, 1, 1, 1, 3 * SECOND));
+    assert!(reaches_etcd(&b, 1, 1, 1, 3 * SECOND));
+    // traffic stays inside each lab: a node of A has no way to B's addresses
+    let (ok, text) = curl_from(
+        &a,
+        1,
+        1,
+        &format!("{}/health", b.etcd_endpoint(1).unwrap()),
+        SECOND,
+    );
+    assert!(!ok, "lab A reached lab B: {text}");
+
+    let fa = Footprint::of(&a, &[]);
+    drop(a);
+    fa.assert_gone();
+    assert!(b.etcd_healthy(1).unwrap(), "tearing down A hurt B");
+    assert!(reaches_etcd(&b, 1, 1, 1, 3 * SECOND));
+}
+
+#[test]
+fn latency_grows_round_trip_by_twice_the_delay_and_loss_drops() {
+    let lab = lab("mlt-lat", 2, 1);
+    let base = median((0..5).map(|_| connect_time(&lab, 1, 1, 2)).collect());
+    assert!(base < 0.05, "baseline connect time {base}s");
+
+    let delay = Duration::from_millis(100);
+    lab.set_latency_loss(1, 2, delay, 0.0).unwrap();
+    let slow = median((0..5).map(|_| connect_time(&lab, 1, 1, 2)).collect());
+    let grew = slow - base;
+    eprintln!(
+        "connect time: base {:.1} ms, with 100 ms each way {:.1} ms",
+        base * 1e3,
+        slow * 1e3
+    );
+    assert!(
+        (0.19..0.30).contains(&grew),
+        "round trip grew by {grew}s, want about 2 x {delay:?}"
+    );
+    // inside a cluster and host -> cluster stay fast
+    assert!(connect_time(&lab, 1, 1, 1) < 0.05);
+    let t = Instant::now();
+    assert!(lab.etcd_healthy(2).unwrap());
+    assert!(t.elapsed() < Duration::from_millis(150));
+
+    // total loss: nothing gets through
+    lab.set_latency_loss(1, 2, Duration::ZERO, 100.0).unwrap();
+    assert!(
+        !reaches_etcd(&lab, 1, 1, 2, SECOND),
+        "100% loss let traffic through"
+    );
+    let (_, dropped) = lab.impairer_counters();
+    assert!(dropped > 0);
+
+    lab.clear_impairment(2, 1).unwrap();
+    assert!(lab.impairments().is_empty());
+    let after = median((0..5).map(|_| connect_time(&lab, 1, 1, 2)).collect());
+    assert!(after < 0.05, "connect time after clearing {after}s");
+
+    let e = lab
+        .set_latency_loss(1, 2, Duration::ZERO, 120.0)
+        .unwrap_err();
+    assert!(e.to_string().contains("120"), "{e}");
+    let e = lab.partition(1, 1).unwrap_err();
+    assert!(e.to_string().contains("two different clusters"), "{e}");
+    let e = lab.partition(1, 3).unwrap_err();
+    assert!(matches!(e, LabError::NoSuchCluster { .. }), "{e}");
+}
+
+fn etcd_put(lab: &Lab, c: usize, key: &str, value: &str) {
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        base64_lite(key),
+        base64_lite(value)
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "3", "-X", "POST", "-d", &body])
+        .arg(format!("{}/v3/kv/put", lab.etcd_endpoint(c).unwrap()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn etcd_get(lab: &Lab, c: usize, key: &str) -> String {
+    let body = format!(r#"{{"key":"{}"}}"#, base64_lite(key));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "3", "-X", "POST", "-d", &body])
+        .arg(format!("{}/v3/kv/range", lab.etcd_endpoint(c).unwrap()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn base64_lite(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for ch in b.chunks(3) {
+        let n = (u32::from(ch[0]) << 16)
+            | (u32::from(*ch.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*ch.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= ch.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn etcd_restarts_with_its_data_and_a_killed_etcd_is_unreachable() {
+    let lab = lab("mlt-etcd", 1, 1);
+    etcd_put(&lab, 1, "clustermesh/v1/test", "kept");
+    let before = lab.etcd_pid(1).unwrap().unwrap();
+    lab.restart_etcd(1).unwrap();
+    let after = lab.etcd_pid(1).unwrap().unwrap();
+    assert_ne!(before, after);
+    assert!(
+        etcd_get(&lab, 1, "clustermesh/v1/test").contains(&base64_lite("kept")),
+        "value lost across restart"
+    );
+
+    lab.kill_etcd(1).unwrap();
+    assert_eq!(lab.etcd_pid(1).unwrap(), None);
+    assert!(!lab.etcd_healthy(1).unwrap());
+    assert!(!reaches_etcd(&lab, 1, 1, 1, SECOND));
+    lab.start_etcd(1).unwrap();
+    assert!(reaches_etcd(&lab, 1, 1, 1, 3 * SECOND));
+    assert!(etcd_get(&lab, 1, "clustermesh/v1/test").contains(&base64_lite("kept")));
+}
+
+#[test]
+fn a_crashed_lab_is_cleaned_up_by_the_next_up() {
+    // a lab whose owner "crashed": kept running, nobody tore it down
+    let first = lab("mlt-crash", 1, 2);
+    let mut orphan = first
+        .node_command(1, 2, "sleep")
+        .unwrap()
+        .arg("1000")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let old = Footprint::of(&first, &[orphan.id()]);
+    first.keep();
+    old.assert_present();
+
+    let second = lab("mlt-crash", 1, 2);
+    for p in &old.pids {
+        assert!(
+            !p.is_alive(),
+            "pid {} ({}) of the crashed lab survived",
+            p.pid,
+            p.what
+        );
+    }
+    let _ = orphan.wait();
+    assert!(reaches_etcd(&second, 1, 1, 1, 3 * SECOND));
+
+    // while this process holds the lab, another `down` is refused
+    let e = Lab::down("mlt-crash");
+    assert!(matches!(e, Err(LabError::Busy { .. })), "{e:?}");
+    let f = Footprint::of(&second, &[]);
+    drop(second);
+    f.assert_gone();
+    assert!(!Lab::down("mlt-crash").unwrap(), "nothing left to remove");
+}
+
+#[test]
+fn the_cli_brings_a_lab_up_shows_it_and_takes_it_down() {
+    let bin = env!("CARGO_BIN_EXE_mesh-lab");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "mesh-lab {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let up = run(&[
+        "up",
+        "--prefix",
+        "mlt-cli",
+        "--clusters",
+        "2",
+        "--nodes",
+        "1",
+        "--etcd",
+        "plain",
+    ]);
+    assert!(up.contains("cluster c2"), "{up}");
+    let status = run(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let me = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["prefix"] == "mlt-cli")
+        .expect("status lists the lab");
+    let url = me["state"]["plan"]["clusters"][1]["etcd"]["client_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let health = Command::new("curl")
+        .args(["-sS", "--max-time", "3", &format!("{url}/health")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&health.stdout).contains("true"));
+    let pids: Vec<i32> = me["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0]["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 2, "two etcd processes: {me}");
+
+    let down = run(&["down", "--prefix", "mlt-cli"]);
+    assert!(down.contains("removed"), "{down}");
+    assert!(!netns_list().iter().any(|n| n.starts_with("mlt-cli-")));
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false);
+        assert!(!alive, "etcd {pid} survived mesh-lab down");
+    }
+    assert!(run(&["down", "--prefix", "mlt-cli"]).contains("nothing to remove"));
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_rule() {
+    let e = Lab::up(LabSpec::new("Bad", 1, 1)).unwrap_err();
+    assert!(e.to_string().contains("lowercase"), "{e}");
+    let e = Lab::up(LabSpec::new("ok", 0, 1)).unwrap_err();
+    assert!(e.to_string().contains("clusters must be"), "{e}");
+    let mut spec = LabSpec::new("mlt-noetcd", 1, 1).etcd_security(EtcdSecurity::Plain);
+    spec.etcd_binary = "/nonexistent/etcd".into();
+    let e = Lab::up(spec).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/etcd"), "{e}");
+}

@@ -1,0 +1,594 @@
+//! Unit tests of the index, driven by object builders.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, NodeAddress as K8sNodeAddress, NodeStatus, Pod, PodIP, PodSpec, PodStatus,
+    Service, ServicePort as K8sServicePort, ServiceSpec as K8sServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint as K8sEndpoint, EndpointConditions, EndpointPort as K8sEndpointPort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::*;
+
+pub(crate) fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        namespace: (!ns.is_empty()).then(|| ns.to_owned()),
+        name: Some(name.to_owned()),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP Service with the given annotations and TCP ports (named p<port> when several).
+pub(crate) fn mk_service(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[u16],
+    ann: &[(&str, &str)],
+) -> SourceObject {
+    let mut m = meta(ns, name, &[]);
+    m.annotations = Some(
+        ann.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    SourceObject::Service(Service {
+        metadata: m,
+        spec: Some(K8sServiceSpec {
+            cluster_ip: Some(cluster_ip.to_owned()),
+            cluster_ips: Some(vec![cluster_ip.to_owned()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|p| K8sServicePort {
+                        name: (ports.len() > 1).then(|| format!("p{p}")),
+                        port: i32::from(*p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// A global Service (clustermesh.io/global: "true") with one port 80.
+pub(crate) fn mk_global(ns: &str, name: &str, cluster_ip: &str) -> SourceObject {
+    mk_service(
+        ns,
+        name,
+        cluster_ip,
+        &[80],
+        &[("clustermesh.io/global", "true")],
+    )
+}
+
+/// An IPv4 EndpointSlice of `svc` with ready endpoints on port 8080.
+pub(crate) fn mk_slice(ns: &str, name: &str, svc: &str, ips: &[&str]) -> SourceObject {
+    mk_slice_cond(ns, name, svc, ips, None)
+}
+
+pub(crate) fn mk_slice_cond(
+    ns: &str,
+    name: &str,
+    svc: &str,
+    ips: &[&str],
+    conditions: Option<EndpointConditions>,
+) -> SourceObject {
+    SourceObject::EndpointSlice(EndpointSlice {
+        metadata: meta(ns, name, &[(SERVICE_NAME_LABEL, svc)]),
+        address_type: "IPv4".into(),
+        endpoints: ips
+            .iter()
+            .map(|ip| K8sEndpoint {
+                addresses: vec![ip.to_string()],
+                conditions: conditions.clone(),
+                node_name: Some("node-1".into()),
+                zone: Some("z1".into()),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![K8sEndpointPort {
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    })
+}
+
+pub(crate) fn mk_pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> SourceObject {
+    SourceObject::Pod(Pod {
+        metadata: meta(ns, name, labels),
+        spec: Some(PodSpec::default()),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.to_owned()),
+            pod_ips: Some(vec![PodIP { ip: ip.to_owned() }]),
+            ..Default::default()
+        }),
+    })
+}
+
+pub(crate) fn mk_ns(name: &str, labels: &[(&str, &str)]) -> SourceObject {
+    SourceObject::Namespace(Namespace {
+        metadata: meta("", name, labels),
+        ..Default::default()
+    })
+}
+
+pub(crate) fn mk_node(name: &str, ip: &str, zone: &str) -> SourceObject {
+    SourceObject::Node(Node {
+        metadata: meta("", name, &[(ZONE_LABEL, zone), (REGION_LABEL, "r1")]),
+        spec: None,
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                K8sNodeAddress {
+                    address: ip.to_owned(),
+                    type_: "InternalIP".into(),
+                },
+                K8sNodeAddress {
+                    address: name.to_owned(),
+                    type_: "Hostname".into(),
+                },
+            ]),
+            ..Default::default()
+        }),
+    })
+}
+
+pub(crate) fn mk_export(ns: &str, name: &str) -> SourceObject {
+    SourceObject::ServiceExport(ServiceExport {
+        metadata: meta(ns, name, &[]),
+        status: None,
+    })
+}
+
+fn cfg() -> IndexConfig {
+    let mcc = MaxConnectedClusters::DEFAULT;
+    IndexConfig {
+        cluster: ClusterName::new("c1").unwrap(),
+        cluster_id: ClusterId::new(3, mcc).unwrap(),
+        max_connected_clusters: mcc,
+        clusterset_cidr: Some("10.250.0.0/30".parse().unwrap()),
+        ca_fingerprints: vec![],
+        cached: false,
+    }
+}
+
+fn keys(ix: &MeshIndex) -> Vec<String> {
+    ix.desired().keys().cloned().collect()
+}
+
+fn decode(ix: &MeshIndex, key: &str) -> MeshValue {
+    let k = MeshKey::parse(key).unwrap();
+    MeshValue::decode(&k, &ix.desired()[key]).unwrap()
+}
+
+const CC: &str = "clustermesh/v1/cluster-config/c1";
+
+#[test]
+fn a_global_service_with_endpoints_yields_spec_and_one_chunk() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    ix.apply(mk_slice(
+        "default",
+        "web-abc",
+        "web",
+        &["10.0.0.1", "10.0.0.2"],
+    ));
+    assert_eq!(
+        keys(&ix),
+        [
+            CC,
+            "clustermesh/v1/endpoints/c1/default/web/0",
+            "clustermesh/v1/services/c1/default/web",
+        ]
+    );
+    let MeshValue::EndpointChunk(c) = decode(&ix, "clustermesh/v1/endpoints/c1/default/web/0")
+    else {
+        panic!()
+    };
+    assert_eq!(c.endpoints.len(), 2);
+    assert_eq!(c.endpoints[0].ports[0].port, 8080);
+    assert_eq!(c.endpoints[0].node.as_deref(), Some("node-1"));
+    let MeshValue::Service(s) = decode(&ix, "clustermesh/v1/services/c1/default/web") else {
+        panic!()
+    };
+    assert_eq!(s.frontends, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+}
+
+#[test]
+fn a_service_that_is_not_global_is_not_published() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_service("default", "web", "10.96.0.10", &[80], &[]));
+    ix.apply(mk_slice("default", "web-abc", "web", &["10.0.0.1"]));
+    assert_eq!(keys(&ix), [CC]);
+    // A ServiceExport makes it global.
+    ix.apply(mk_export("default", "web"));
+    assert_eq!(keys(&ix).len(), 3);
+    ix.delete(&ObjectRef::new(ObjectKind::ServiceExport, "default", "web"));
+    assert_eq!(keys(&ix), [CC]);
+}
+
+#[test]
+fn cilium_annotations_are_accepted() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_service(
+        "default",
+        "web",
+        "10.96.0.10",
+        &[80],
+        &[
+            ("service.cilium.io/global", "true"),
+            ("service.cilium.io/affinity", "local"),
+        ],
+    ));
+    let MeshValue::Service(s) = decode(&ix, "clustermesh/v1/services/c1/default/web") else {
+        panic!()
+    };
+    assert_eq!(s.affinity, mesh_model::values::Affinity::Local);
+}
+
+#[test]
+fn one_endpoint_change_dirties_exactly_one_chunk() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    let ips: Vec<String> = (0..200)
+        .map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    ix.apply(mk_slice("default", "web-a", "web", &refs[..100]));
+    ix.apply(mk_slice("default", "web-b", "web", &refs[100..]));
+    ix.take_dirty();
+    assert_eq!(
+        keys(&ix)
+            .iter()
+            .filter(|k| k.starts_with("clustermesh/v1/endpoints/"))
+            .count(),
+        4
+    );
+    // One endpoint of slice b becomes not ready.
+    let mut changed = mk_slice("default", "web-b", "web", &refs[100..]);
+    if let SourceObject::EndpointSlice(s) = &mut changed {
+        s.endpoints[7].conditions = Some(EndpointConditions {
+            ready: Some(false),
+            serving: Some(false),
+            terminating: Some(true),
+        });
+    }
+    ix.apply(changed);
+    let dirty = ix.take_dirty();
+    assert_eq!(dirty.len(), 1, "{dirty:?}");
+    assert!(
+        dirty
+            .iter()
+            .next()
+            .unwrap()
+            .starts_with("clustermesh/v1/endpoints/c1/default/web/")
+    );
+    // Applying the same object again changes nothing.
+    let again = ix.desired().clone();
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    assert!(ix.take_dirty().is_empty());
+    assert_eq!(&again, ix.desired());
+}
+
+#[test]
+fn deleting_a_service_removes_all_its_keys() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    let ips: Vec<String> = (0..100).map(|i| format!("10.0.0.{}", i + 1)).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    ix.apply(mk_slice("default", "web-a", "web", &refs));
+    assert_eq!(keys(&ix).len(), 4);
+    ix.take_dirty();
+    ix.delete(&ObjectRef::new(ObjectKind::Service, "default", "web"));
+    assert_eq!(keys(&ix), [CC]);
+    assert_eq!(ix.take_dirty().len(), 3);
+}
+
+#[test]
+fn bad_objects_are_skipped_and_reported_while_the_rest_stays() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "good", "10.96.0.1"));
+    ix.apply(mk_service(
+        "default",
+        "badann",
+        "10.96.0.2",
+        &[80],
+        &[("clustermesh.io/global", "yes-please")],
+    ));
+    ix.apply(mk_service(
+        "default",
+        "noports",
+        "10.96.0.3",
+        &[],
+        &[("clustermesh.io/global", "true")],
+    ));
+    assert_eq!(keys(&ix), [CC, "clustermesh/v1/services/c1/default/good"]);
+    let errs: Vec<ObjectError> = ix.errors().collect();
+    assert_eq!(errs.len(), 2);
+    assert!(
+        errs[0].message.contains("clustermesh.io/global"),
+        "{errs:?}"
+    );
+    assert!(errs[0].message.contains("yes-please"));
+    assert!(errs[1].message.contains("no ports"));
+    assert_eq!(ix.errors_total(), 2);
+    // Fixing the object clears the error.
+    ix.apply(mk_global("default", "badann", "10.96.0.2"));
+    assert_eq!(ix.error_count(), 1);
+    // A broken fix of a published service unpublishes it (and says why).
+    ix.apply(mk_service(
+        "default",
+        "good",
+        "10.96.0.1",
+        &[80],
+        &[
+            ("clustermesh.io/affinity", "sideways"),
+            ("clustermesh.io/global", "true"),
+        ],
+    ));
+    assert!(
+        !ix.desired()
+            .contains_key("clustermesh/v1/services/c1/default/good")
+    );
+    assert_eq!(ix.error_count(), 2);
+}
+
+#[test]
+fn endpoint_conditions_follow_kubernetes_defaults() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    ix.apply(mk_slice_cond(
+        "default",
+        "web-a",
+        "web",
+        &["10.0.0.1"],
+        Some(EndpointConditions {
+            ready: Some(false),
+            serving: Some(true),
+            terminating: Some(true),
+        }),
+    ));
+    let MeshValue::EndpointChunk(c) = decode(&ix, "clustermesh/v1/endpoints/c1/default/web/0")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        c.endpoints[0].conditions,
+        Conditions {
+            ready: false,
+            serving: true,
+            terminating: true
+        }
+    );
+}
+
+#[test]
+fn identities_are_shared_by_label_set_and_survive_a_restart() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_ns("shop", &[("team", "a")]));
+    ix.apply(mk_pod(
+        "shop",
+        "web-1",
+        "10.0.0.1",
+        &[("app", "web"), ("pod-template-hash", "x1")],
+    ));
+    ix.apply(mk_pod(
+        "shop",
+        "web-2",
+        "10.0.0.2",
+        &[("app", "web"), ("pod-template-hash", "x2")],
+    ));
+    ix.apply(mk_pod("shop", "db-1", "10.0.0.3", &[("app", "db")]));
+    let ids: Vec<String> = keys(&ix)
+        .into_iter()
+        .filter(|k| k.starts_with("clustermesh/v1/identities/"))
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let MeshValue::Ip(a) = decode(&ix, "clustermesh/v1/ips/c1/10.0.0.1") else {
+        panic!()
+    };
+    let MeshValue::Ip(b) = decode(&ix, "clustermesh/v1/ips/c1/10.0.0.2") else {
+        panic!()
+    };
+    let MeshValue::Ip(c) = decode(&ix, "clustermesh/v1/ips/c1/10.0.0.3") else {
+        panic!()
+    };
+    assert_eq!(a.identity, b.identity);
+    assert_ne!(a.identity, c.identity);
+    assert_eq!(a.identity >> 16, 3, "cluster id in the high bits");
+    let MeshValue::Identity(i) =
+        decode(&ix, &format!("clustermesh/v1/identities/c1/{}", a.identity))
+    else {
+        panic!()
+    };
+    assert_eq!(i.labels["k8s:app"], "web");
+    assert_eq!(i.labels["k8s:io.cilium.k8s.namespace.labels.team"], "a");
+    assert!(!i.labels.contains_key("k8s:pod-template-hash"));
+
+    // Restart: a new index seeded from the old desired state gives the same numbers even when pods come in
+    // another order.
+    let before = ix.desired().clone();
+    let mut ix2 = MeshIndex::new(cfg());
+    ix2.seed(&before);
+    ix2.apply(mk_pod("shop", "db-1", "10.0.0.3", &[("app", "db")]));
+    ix2.apply(mk_ns("shop", &[("team", "a")]));
+    ix2.apply(mk_pod("shop", "web-2", "10.0.0.2", &[("app", "web")]));
+    ix2.apply(mk_pod("shop", "web-1", "10.0.0.1", &[("app", "web")]));
+    assert_eq!(ix2.desired(), &before);
+
+    // A namespace label change moves its pods to a new identity; the old one vanishes.
+    ix2.take_dirty();
+    ix2.apply(mk_ns("shop", &[("team", "b")]));
+    let MeshValue::Ip(a2) = decode(&ix2, "clustermesh/v1/ips/c1/10.0.0.1") else {
+        panic!()
+    };
+    assert_ne!(a2.identity, a.identity);
+    assert!(
+        !ix2.desired()
+            .contains_key(&format!("clustermesh/v1/identities/c1/{}", a.identity))
+    );
+    // Deleting every pod removes every identity and ip key.
+    for p in ["web-1", "web-2", "db-1"] {
+        ix2.delete(&ObjectRef::new(ObjectKind::Pod, "shop", p));
+    }
+    assert_eq!(keys(&ix2), [CC]);
+}
+
+#[test]
+fn host_network_and_finished_pods_get_no_identity() {
+    let mut ix = MeshIndex::new(cfg());
+    let mut p = mk_pod("kube-system", "proxy", "192.168.1.1", &[("app", "proxy")]);
+    if let SourceObject::Pod(p) = &mut p {
+        p.spec.as_mut().unwrap().host_network = Some(true);
+    }
+    ix.apply(p);
+    let mut d = mk_pod("default", "job", "10.0.0.9", &[("app", "job")]);
+    if let SourceObject::Pod(p) = &mut d {
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    }
+    ix.apply(d);
+    assert_eq!(keys(&ix), [CC]);
+}
+
+#[test]
+fn nodes_are_published_with_zone_and_region() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_node("node-1", "192.168.0.1", "z1"));
+    let MeshValue::Node(n) = decode(&ix, "clustermesh/v1/nodes/c1/node-1") else {
+        panic!()
+    };
+    assert_eq!(n.zone.as_deref(), Some("z1"));
+    assert_eq!(n.region.as_deref(), Some("r1"));
+    assert_eq!(n.addresses.len(), 1);
+    ix.reset(
+        ObjectKind::Node,
+        vec![mk_node("node-2", "192.168.0.2", "z2")],
+    );
+    assert_eq!(keys(&ix), [CC, "clustermesh/v1/nodes/c1/node-2"]);
+}
+
+fn remote_spec(cluster: &str, ns: &str, name: &str) -> ServiceSpec {
+    ServiceSpec {
+        cluster: ClusterName::new(cluster).unwrap(),
+        namespace: ns.into(),
+        name: name.into(),
+        ports: vec![ServicePort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+        frontends: vec!["10.96.9.9".parse().unwrap()],
+        headless: false,
+        shared: true,
+        affinity: Default::default(),
+        failover_order: vec![],
+        health_check: Default::default(),
+    }
+}
+
+#[test]
+fn imports_get_stable_distinct_clusterset_ips() {
+    let c2 = ClusterName::new("c2").unwrap();
+    let mut ix = MeshIndex::new(cfg());
+    ix.set_remote_services(
+        &c2,
+        vec![
+            remote_spec("c2", "default", "a"),
+            remote_spec("c2", "default", "b"),
+        ],
+    );
+    let ip = |ix: &MeshIndex, n: &str| {
+        let MeshValue::Import(i) = decode(ix, &format!("clustermesh/v1/imports/c1/default/{n}"))
+        else {
+            panic!()
+        };
+        i.ips[0]
+    };
+    let a = ip(&ix, "a");
+    let b = ip(&ix, "b");
+    assert_ne!(a, b);
+    // A local Service of that name needs no import.
+    ix.apply(mk_global("default", "a", "10.96.0.1"));
+    assert!(
+        !ix.desired()
+            .contains_key("clustermesh/v1/imports/c1/default/a")
+    );
+    // Restart: seeded, b keeps its address; a new service gets a third one; /30 has two usable addresses, so
+    // a fourth import finds no free address and is reported.
+    let before = ix.desired().clone();
+    let mut ix2 = MeshIndex::new(cfg());
+    ix2.seed(&before);
+    ix2.set_remote_services(
+        &c2,
+        vec![
+            remote_spec("c2", "default", "c"),
+            remote_spec("c2", "default", "b"),
+        ],
+    );
+    assert_eq!(ip(&ix2, "b"), b);
+    assert_ne!(ip(&ix2, "c"), b);
+    ix2.apply_remote_service(remote_spec("c2", "default", "d"));
+    assert!(
+        !ix2.desired()
+            .contains_key("clustermesh/v1/imports/c1/default/d")
+    );
+    assert_eq!(ix2.error_count(), 1);
+    ix2.delete_remote_service(&c2, &ServiceName::new("default", "c").unwrap());
+    assert!(
+        !ix2.desired()
+            .contains_key("clustermesh/v1/imports/c1/default/c")
+    );
+}
+
+#[test]
+fn a_restart_seeded_from_etcd_reproduces_the_same_chunks() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    let ips: Vec<String> = (0..150).map(|i| format!("10.1.0.{}", i + 1)).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    ix.apply(mk_slice("default", "web-a", "web", &refs[..50]));
+    ix.apply(mk_slice("default", "web-b", "web", &refs[50..]));
+    // Churn so the assignment is not the one a fresh index would pick.
+    ix.apply(mk_slice("default", "web-a", "web", &refs[10..50]));
+    ix.apply(mk_slice("default", "web-a", "web", &refs[..50]));
+    let before = ix.desired().clone();
+    let mut ix2 = MeshIndex::new(cfg());
+    ix2.seed(&before);
+    ix2.apply(mk_slice("default", "web-b", "web", &refs[50..]));
+    ix2.apply(mk_slice("default", "web-a", "web", &refs[..50]));
+    ix2.apply(mk_global("default", "web", "10.96.0.10"));
+    assert_eq!(ix2.desired(), &before);
+}
+
+#[test]
+fn every_desired_value_decodes_against_its_key() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(mk_global("default", "web", "10.96.0.10"));
+    ix.apply(mk_slice("default", "web-a", "web", &["10.0.0.1"]));
+    ix.apply(mk_pod("default", "p", "10.0.0.1", &[("app", "web")]));
+    ix.apply(mk_node("node-1", "192.168.0.1", "z1"));
+    ix.set_remote_services(
+        &ClusterName::new("c2").unwrap(),
+        vec![remote_spec("c2", "default", "other")],
+    );
+    assert_eq!(ix.desired().len(), 7);
+    for (k, v) in ix.desired() {
+        let key = MeshKey::parse_for(k, &ClusterName::new("c1").unwrap()).unwrap();
+        MeshValue::decode(&key, v).unwrap();
+    }
+    let _ = BTreeMap::<String, String>::new();
+}

@@ -560,8 +560,9 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
 }
 
 struct WatchState {
-    /// Keys forwarded and not deleted since, with their mod revision.
-    known: HashMap<String, i64>,
+    /// Keys forwarded and not deleted since, with their mod revision and a hash of the value
+    /// (a rebuilt etcd reuses revisions).
+    known: HashMap<String, (i64, u64)>,
     synced_sent: bool,
 }
 
@@ -703,10 +704,11 @@ async fn session(
         {
             seen_canaries.insert(*kind);
         }
-        if state.known.get(key) == Some(&kv.mod_revision()) {
+        let stamp = (kv.mod_revision(), value_hash(kv.value()));
+        if state.known.get(key) == Some(&stamp) {
             continue;
         }
-        state.known.insert(key.to_owned(), kv.mod_revision());
+        state.known.insert(key.to_owned(), stamp);
         forward(&parsed, key, kv.value(), &send);
     }
     let vanished: Vec<String> = state
@@ -769,7 +771,9 @@ async fn session(
             }
             match ev.event_type() {
                 etcd_client::EventType::Put => {
-                    state.known.insert(key.to_owned(), kv.mod_revision());
+                    state
+                        .known
+                        .insert(key.to_owned(), (kv.mod_revision(), value_hash(kv.value())));
                     if let MeshKey::ClusterConfig { .. } = &parsed {
                         match MeshValue::decode(&parsed, kv.value()) {
                             Ok(MeshValue::ClusterConfig(c)) => {
@@ -802,6 +806,13 @@ async fn session(
             }
         }
     }
+}
+
+fn value_hash(v: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 fn forward(parsed: &MeshKey, key: &str, value: &[u8], send: &impl Fn(ConnEvent)) {

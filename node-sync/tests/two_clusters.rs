@@ -1,0 +1,378 @@
+//! node-sync against two real etcd processes ("clusters" c1 and c2) with the in-memory map writer.
+//! Keys are written as the clustermesh-apiserver writes them; the assertions are on what the
+//! datapath would be programmed with.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mesh_model::keys::MeshKey;
+use mesh_model::values::{Affinity, MeshValue, RemoteCluster};
+use mesh_model::{ClusterId, MaxConnectedClusters};
+use node_sync::lb::{Backend, FakeMaps, Frontend};
+use support::*;
+
+const C1_EP: &str = "127.0.0.1";
+const C2_EP: &str = "127.0.0.2";
+
+/// c1 (local, affinity as given) with one backend on this node at a real TCP listener; c2 with
+/// one backend elsewhere.
+async fn two_clusters(
+    affinity: Affinity,
+    backend_port: u16,
+) -> (Etcd, Etcd, ApiWriter, ApiWriter, tempfile::TempDir) {
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w1.publish_all(
+        vec![spec("c1", affinity)],
+        vec![chunk("c1", 0, vec![endpoint(C1_EP, backend_port, "n1")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::Local)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    (e1, e2, w1, w2, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_preferred_failover_on_failing_health_and_failback() {
+    let listener = tokio::net::TcpListener::bind((C1_EP, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (e1, _e2, _w1, _w2, dir) = two_clusters(Affinity::Local, port).await;
+    let maps = FakeMaps::new();
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    let local = vec![format!("c1/{C1_EP}:{port}")];
+    let remote = vec![format!("c2/{C2_EP}:8080")];
+    wait_for("local backend programmed", Duration::from_secs(15), || {
+        programmed(&maps) == Some(local.clone())
+    })
+    .await;
+    // Wait until the health checker has published at least once (its verdict is healthy).
+    wait_for("first health report", Duration::from_secs(5), || {
+        agent.state().clusters[&c("c1")]
+            .keys
+            .contains(&format!("clustermesh/v1/health/c1/n1"))
+    })
+    .await;
+
+    // The local backend dies: new connects must go to c2 within half a second.
+    drop(listener);
+    let took = wait_for("failover to c2", Duration::from_secs(5), || {
+        programmed(&maps) == Some(remote.clone())
+    })
+    .await;
+    println!("failover took {took:?}");
+    assert!(
+        took <= Duration::from_millis(500),
+        "failover took {took:?}, more than 500 ms"
+    );
+    {
+        let st = agent.state();
+        let svc = st.index.service(&web()).unwrap();
+        assert!(
+            svc.frontends[0].reason.to_string().contains("failed over"),
+            "{}",
+            svc.frontends[0].reason
+        );
+        assert_eq!(st.index.failovers(), 1);
+    }
+
+    // It comes back on the same port: traffic returns to c1.
+    let _back = tokio::net::TcpListener::bind((C1_EP, port)).await.unwrap();
+    let took = wait_for("failback to c1", Duration::from_secs(5), || {
+        programmed(&maps) == Some(local.clone())
+    })
+    .await;
+    println!("failback took {took:?}");
+    assert!(took <= Duration::from_millis(500), "failback took {took:?}");
+    let log = agent.state().failover_log.clone();
+    assert!(log.len() >= 2, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_killed_leaves_after_grace_and_returns_when_restarted() {
+    let listener = tokio::net::TcpListener::bind((C1_EP, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (e1, mut e2, _w1, mut w2, dir) = two_clusters(Affinity::None, port).await;
+    let maps = FakeMaps::new();
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    let both = vec![format!("c1/{C1_EP}:{port}"), format!("c2/{C2_EP}:8080")];
+    let local = vec![format!("c1/{C1_EP}:{port}")];
+    wait_for("both clusters programmed", Duration::from_secs(15), || {
+        programmed(&maps) == Some(both.clone())
+    })
+    .await;
+
+    w2.stop_heartbeat();
+    e2.kill();
+    // Within the grace (2 s) c2's backend stays.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        programmed(&maps),
+        Some(both.clone()),
+        "c2 left before the grace"
+    );
+    let took = wait_for("c2 stale", Duration::from_secs(10), || {
+        programmed(&maps) == Some(local.clone())
+    })
+    .await;
+    println!("c2 left selection {took:?} after the first second");
+    {
+        let st = agent.state();
+        let c2 = &st.clusters[&c("c2")];
+        assert!(c2.stale_since.is_some());
+        assert!(c2.error.is_some(), "a killed etcd shows an error");
+        // Kept in memory.
+        assert_eq!(st.index.endpoint_count(), 2);
+        let m = node_sync::status::render_metrics(&st);
+        assert!(m.contains("nodesync_remote_stale{cluster=\"c2\"} 1"), "{m}");
+    }
+
+    e2.restart().await;
+    w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w2.start_heartbeat();
+    wait_for("c2 back after restart", Duration::from_secs(10), || {
+        programmed(&maps) == Some(both.clone())
+    })
+    .await;
+    assert!(agent.state().clusters[&c("c2")].reconnects >= 1);
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_remote_etcd_is_counted_and_good_backends_stay() {
+    let listener = tokio::net::TcpListener::bind((C1_EP, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (e1, _e2, _w1, mut w2, dir) = two_clusters(Affinity::None, port).await;
+    let maps = FakeMaps::new();
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    let both = vec![format!("c1/{C1_EP}:{port}"), format!("c2/{C2_EP}:8080")];
+    wait_for("both clusters programmed", Duration::from_secs(15), || {
+        programmed(&maps) == Some(both.clone())
+    })
+    .await;
+    // Garbage over a good chunk, a chunk copied under the wrong key, and garbage under a new key.
+    w2.put_raw("clustermesh/v1/endpoints/c2/default/web/0", b"{not json")
+        .await;
+    let wrong = MeshValue::EndpointChunk(chunk("c2", 0, vec![endpoint("127.0.0.9", 1, "x")]));
+    w2.put_raw("clustermesh/v1/endpoints/c2/default/web/5", &wrong.encode())
+        .await;
+    w2.put_raw("clustermesh/v1/services/c2/default/web", b"\xff\xfe")
+        .await;
+    wait_for("three bad values counted", Duration::from_secs(5), || {
+        agent.state().clusters[&c("c2")].bad_values >= 3
+    })
+    .await;
+    assert_eq!(programmed(&maps), Some(both.clone()));
+    let m = node_sync::status::render_metrics(&agent.state());
+    assert!(
+        m.contains("nodesync_remote_bad_values_total{cluster=\"c2\"} 3"),
+        "{m}"
+    );
+    // A good value after the garbage is taken.
+    w2.chunk(chunk(
+        "c2",
+        0,
+        vec![
+            endpoint(C2_EP, 8080, "m1"),
+            endpoint("127.0.0.3", 8080, "m1"),
+        ],
+    ))
+    .await;
+    wait_for("good update after garbage", Duration::from_secs(5), || {
+        programmed(&maps).is_some_and(|b| b.len() == 3)
+    })
+    .await;
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reconciles_pinned_maps_without_flushing() {
+    let listener = tokio::net::TcpListener::bind((C1_EP, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (e1, _e2, _w1, _w2, dir) = two_clusters(Affinity::None, port).await;
+    // The maps as the previous node-sync left them: the right backends for the VIP (in another
+    // order) and a service that no longer exists.
+    let be = |cl: &str, ip: &str, p: u16| Backend {
+        cluster: c(cl),
+        ip: ip.parse().unwrap(),
+        port: p,
+        protocol: mesh_model::values::Protocol::Tcp,
+    };
+    let gone = Frontend {
+        ip: "10.96.9.9".parse().unwrap(),
+        port: 80,
+        protocol: mesh_model::values::Protocol::Tcp,
+    };
+    let maps = FakeMaps::with(HashMap::from([
+        (vip(), vec![be("c2", C2_EP, 8080), be("c1", C1_EP, port)]),
+        (gone, vec![be("c1", "127.0.0.7", 80)]),
+    ]));
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    wait_for("initial reconcile", Duration::from_secs(15), || {
+        agent.state().ready
+    })
+    .await;
+    let counts = maps.counts();
+    assert_eq!(
+        counts.upserts, 0,
+        "an unchanged service must not be rewritten"
+    );
+    assert_eq!(counts.deletes, 1);
+    assert!(maps.get(&gone).is_none());
+    assert_eq!(maps.get(&vip()).unwrap().len(), 2);
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remotes_follow_the_config_dir_and_local_etcd_entries_without_restart() {
+    let (e1, e2, e3) = tokio::join!(Etcd::start(), Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    let mut w3 = ApiWriter::new(&e3, "c3", 3).await;
+    w1.publish_all(vec![spec("c1", Affinity::None)], vec![])
+        .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    w3.publish_all(
+        vec![spec("c3", Affinity::None)],
+        vec![chunk("c3", 0, vec![endpoint("127.0.0.3", 8080, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let maps = FakeMaps::new();
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    wait_for("ready with no remote", Duration::from_secs(15), || {
+        agent.state().ready
+    })
+    .await;
+    assert_eq!(programmed(&maps), Some(vec![]));
+
+    // A file appears: c2 is connected.
+    remote_file(dir.path(), "c2", &e2);
+    wait_for("c2 from the config dir", Duration::from_secs(10), || {
+        programmed(&maps) == Some(vec![format!("c2/{C2_EP}:8080")])
+    })
+    .await;
+    // `clustermesh connect` writes remotes/c1/c3 into the local etcd: c3 is connected.
+    let entry = RemoteCluster {
+        name: c("c3"),
+        id: ClusterId::new(3, MaxConnectedClusters::DEFAULT).unwrap(),
+        endpoints: vec![e3.url()],
+        ca_bundle: String::new(),
+    };
+    let key = MeshKey::Remote {
+        cluster: c("c1"),
+        remote: c("c3"),
+    };
+    w1.put(key.clone(), MeshValue::Remote(entry)).await;
+    wait_for("c3 from the remotes entry", Duration::from_secs(10), || {
+        programmed(&maps).is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    // Both go away again.
+    std::fs::remove_file(dir.path().join("c2.yaml")).unwrap();
+    w1.delete(key).await;
+    wait_for("remotes removed", Duration::from_secs(10), || {
+        programmed(&maps) == Some(vec![])
+    })
+    .await;
+    assert!(agent.state().clusters.len() == 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_with_a_clashing_id_is_refused_with_a_clear_status() {
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 1).await;
+    w1.publish_all(vec![spec("c1", Affinity::None)], vec![])
+        .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    let maps = FakeMaps::new();
+    let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    wait_for("c2 refused", Duration::from_secs(15), || {
+        agent
+            .state()
+            .clusters
+            .get(&c("c2"))
+            .is_some_and(|s| s.refused)
+    })
+    .await;
+    wait_for("ready without c2", Duration::from_secs(15), || {
+        agent.state().ready
+    })
+    .await;
+    let err = agent.state().clusters[&c("c2")].error.clone().unwrap();
+    assert!(err.contains("id 1") && err.contains("c1"), "{err}");
+    assert_eq!(programmed(&maps), Some(vec![]));
+    let doc = node_sync::status::status_document(&agent.state());
+    assert!(doc.to_string().contains("already uses"), "{doc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relist_after_reconnect_sweeps_what_vanished_and_keeps_the_rest() {
+    let (e1, mut e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w1.publish_all(vec![spec("c1", Affinity::None)], vec![])
+        .await;
+    let two = vec![
+        endpoint(C2_EP, 8080, "m1"),
+        endpoint("127.0.0.3", 8080, "m1"),
+    ];
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![
+            chunk("c2", 0, two),
+            chunk("c2", 1, vec![endpoint("127.0.0.4", 8080, "m1")]),
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    let maps = FakeMaps::new();
+    let _agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    wait_for("three c2 backends", Duration::from_secs(15), || {
+        programmed(&maps).is_some_and(|b| b.len() == 3)
+    })
+    .await;
+    // c2's etcd is rebuilt and republished without chunk 1 while node-sync is disconnected.
+    w2.stop_heartbeat();
+    e2.restart_empty().await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk(
+            "c2",
+            0,
+            vec![
+                endpoint(C2_EP, 8080, "m1"),
+                endpoint("127.0.0.3", 8080, "m1"),
+            ],
+        )],
+    )
+    .await;
+    wait_for("chunk 1 swept", Duration::from_secs(10), || {
+        programmed(&maps).is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    assert_eq!(
+        programmed(&maps).unwrap(),
+        vec![format!("c2/{C2_EP}:8080"), "c2/127.0.0.3:8080".to_string()]
+    );
+}

@@ -57,7 +57,7 @@ async fn local_preferred_failover_on_failing_health_and_failback() {
     wait_for("first health report", Duration::from_secs(5), || {
         agent.state().clusters[&c("c1")]
             .keys
-            .contains(&format!("clustermesh/v1/health/c1/n1"))
+            .contains("clustermesh/v1/health/c1/n1")
     })
     .await;
 

@@ -82,7 +82,7 @@ pub enum Error {
         now: String,
     },
     /// A cluster name or id breaks the cluster rules (the message names the rule).
-    #[error("{0}")]
+    #[error(transparent)]
     ClusterRule(#[from] mesh_model::ClusterRuleError),
     /// A trust domain breaks the SPIFFE trust domain rules.
     #[error("bad trust domain {domain:?}: {rule}")]

@@ -241,50 +241,87 @@ impl EtcdProcess {
             ca_bundle: self.spec.tls.ca_bundle.clone(),
             identity: Some(self.spec.tls.probe_client.clone()),
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last;
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
+        let name = self.spec.name.clone();
+        let child = self.child.as_mut();
+        let outcome = wait_ready_inner(&name, &endpoint, &files, timeout, child).await;
+        if outcome.is_err() {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if let Err(Error::EtcdNotHealthy {
+                name,
+                endpoint,
+                detail,
+            }) = outcome
             {
-                self.child = None;
                 return Err(Error::EtcdNotHealthy {
-                    name: self.spec.name.clone(),
+                    name,
                     endpoint,
                     detail: format!(
-                        "etcd exited with {status}; last log lines ({}):\n{}",
+                        "{detail}; last log lines ({}):\n{}",
                         self.spec.log_file().display(),
                         self.log_tail()
                     ),
                 });
             }
-            // No event tells us etcd is ready: poll with a deadline.
-            let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-                let mut c = connect(std::slice::from_ref(&endpoint), &files).await?;
-                c.status()
-                    .await
-                    .map_err(|e| Error::etcd("status", e))
-                    .map(|_| ())
-            })
-            .await;
-            match attempt {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "status request timed out".to_owned(),
-            }
-            if tokio::time::Instant::now() >= deadline {
-                self.stop();
-                return Err(Error::EtcdNotHealthy {
-                    name: self.spec.name.clone(),
-                    endpoint,
-                    detail: format!(
-                        "not ready after {timeout:?}; last error: {last}; last log lines:\n{}",
-                        self.log_tail()
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        outcome
+    }
+}
+
+/// Wait until the etcd at `endpoint` answers a status request over mTLS with `files`, polling
+/// (no event announces readiness) until `timeout`. For an etcd started elsewhere, e.g. inside a
+/// network namespace from [`EtcdSpec::args`].
+pub async fn wait_healthy(endpoint: &str, files: &TlsFiles, timeout: Duration) -> Result<()> {
+    wait_ready_inner("etcd", endpoint, files, timeout, None).await
+}
+
+async fn wait_ready_inner(
+    name: &str,
+    endpoint: &str,
+    files: &TlsFiles,
+    timeout: Duration,
+    mut child: Option<&mut Child>,
+) -> Result<()> {
+    let not_healthy = |detail: String| Error::EtcdNotHealthy {
+        name: name.to_owned(),
+        endpoint: endpoint.to_owned(),
+        detail,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(c) = child.as_deref_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            return Err(not_healthy(format!("etcd exited with {status}")));
+        }
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut c = connect(&[endpoint.to_owned()], files).await?;
+            c.status()
+                .await
+                .map_err(|e| Error::etcd("status", e))
+                .map(|_| ())
+        })
+        .await;
+        let last = match attempt {
+            Ok(Ok(())) => return Ok(()),
+            // Our own files are broken: waiting will not help.
+            Ok(Err(
+                e @ (Error::MissingFile { .. }
+                | Error::CorruptPem { .. }
+                | Error::KeyMismatch { .. }
+                | Error::Expired { .. }),
+            )) => return Err(e),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "status request timed out".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(not_healthy(format!(
+                "not ready after {timeout:?}; last error: {last}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

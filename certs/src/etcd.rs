@@ -365,8 +365,10 @@ pub async fn connect_as(dir: &ClusterDir, role: Role, endpoints: &[String]) -> R
     connect(endpoints, &dir.tls_files(role)).await
 }
 
-/// Build the etcd client without any check (errors then surface on the first request).
-pub async fn connect_unchecked(endpoints: &[String], files: &TlsFiles) -> Result<Client> {
+/// etcd-client's TLS options (tonic, rustls with ring) from our files: the bundle as CA
+/// certificates, the identity as client certificate chain and key. For callers that build their
+/// own `ConnectOptions`; [`connect`] is the checked way.
+pub fn tls_options(files: &TlsFiles) -> Result<TlsOptions> {
     let bundle = files::read(&files.ca_bundle, "CA bundle")?;
     let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(bundle));
     if let Some(id) = &files.identity {
@@ -374,8 +376,13 @@ pub async fn connect_unchecked(endpoints: &[String], files: &TlsFiles) -> Result
         let key = files::read(&id.key, "private key file")?;
         tls = tls.identity(Identity::from_pem(cert, key));
     }
+    Ok(tls)
+}
+
+/// Build the etcd client without any check (errors then surface on the first request).
+pub async fn connect_unchecked(endpoints: &[String], files: &TlsFiles) -> Result<Client> {
     let opts = ConnectOptions::new()
-        .with_tls(tls)
+        .with_tls(tls_options(files)?)
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     Client::connect(endpoints, Some(opts))

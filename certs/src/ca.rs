@@ -720,6 +720,16 @@ impl ClusterDir {
         Ok(paths)
     }
 
+    /// SHA-256 fingerprints (hex) of the roots this cluster trusts, for `cluster-config`'s
+    /// `caFingerprints` and for trust checks before connecting clusters.
+    pub fn ca_fingerprints(&self) -> Result<Vec<String>> {
+        Ok(TrustBundle::load(&self.ca_bundle())?
+            .fingerprints()
+            .iter()
+            .map(Fingerprint::hex)
+            .collect())
+    }
+
     /// Replace this cluster's `ca-bundle.pem` with the CA directory's current bundle
     /// (after a rotation or retirement).
     pub fn sync_bundle(&self, ca: &CaDir) -> Result<()> {

@@ -64,9 +64,15 @@ pub fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static
         certs.push(der);
     }
     if certs.is_empty() {
+        let text = String::from_utf8_lossy(pem);
+        let detail = if text.contains("PRIVATE KEY-----") {
+            "no \"-----BEGIN CERTIFICATE-----\" block found: this file holds a private key, not a certificate"
+        } else {
+            "no \"-----BEGIN CERTIFICATE-----\" block found"
+        };
         return Err(Error::CorruptPem {
             path: path.to_owned(),
-            detail: "no \"-----BEGIN CERTIFICATE-----\" block found".to_owned(),
+            detail: detail.to_owned(),
         });
     }
     Ok(certs)

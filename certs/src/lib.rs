@@ -49,6 +49,11 @@
 //!
 //! [`ClusterDir`] names every path; other crates should use it rather than spell file names.
 //!
+//! What to ship where: etcd gets `ca-bundle.pem` and `etcd-server.*`; the clustermesh-apiserver
+//! `ca-bundle.pem`, `apiserver.*` and `admin.*`; every node-sync only `ca-bundle.pem`, `node.*` and
+//! `remote.*`. `root.*` is needed once, by whoever bootstraps etcd auth (and by `connect` /
+//! `disconnect`, which add and remove remote users); `intermediate.key` only to issue more leaves.
+//!
 //! # Rotation and federation
 //!
 //! `ca rotate` makes a new root current and keeps the old one in `ca-bundle.pem` (overlap): peers
@@ -58,7 +63,8 @@
 //! share a root federate by adding each other's root to their bundles ([`TrustBundle::merge`]).
 //!
 //! The rustls configs of [`tls`] re-read certificates and bundles when the files change, so our own
-//! servers and clients pick up a rotation on the next handshake. etcd 3.4 re-reads its server
+//! servers and clients pick up a rotation on the next handshake (they disable TLS session
+//! resumption, so every connection is verified against the current files). etcd 3.4 re-reads its server
 //! certificate per handshake but reads `--trusted-ca-file` only at start: **restart etcd after
 //! changing its bundle** (the tests do).
 //!

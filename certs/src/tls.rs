@@ -378,6 +378,21 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig> {
     Ok(cfg)
 }
 
+/// [`server_config`] with ALPN `h2`, for gRPC (tonic) servers: wrap it in a
+/// `tokio_rustls::TlsAcceptor` and serve the accepted streams with `serve_with_incoming`.
+pub fn grpc_server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<ServerConfig> {
+    let mut cfg = server_config(files, client_auth)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// [`client_config`] with ALPN `h2`, for gRPC clients.
+pub fn grpc_client_config(files: &TlsFiles) -> Result<ClientConfig> {
+    let mut cfg = client_config(files)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
 /// The SPIFFE id of a peer certificate (e.g. from `ServerConnection::peer_certificates()`).
 pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
     CertInfo::from_der(Path::new("<peer certificate>"), cert)

@@ -69,6 +69,10 @@ fn issued_cluster_has_the_documented_layout_and_identities() {
     // The bundle holds the root and nothing else; its fingerprint is the CA's.
     let bundle = TrustBundle::load(&east.ca_bundle()).unwrap();
     assert_eq!(bundle.fingerprints(), vec![ca.fingerprint()]);
+    assert_eq!(
+        east.ca_fingerprints().unwrap(),
+        vec![ca.fingerprint().hex()]
+    );
     let root_info = &CertInfo::from_pem_file(&ca.dir().root_cert()).unwrap()[0];
     assert_eq!(
         root_info.spiffe_id.as_ref().unwrap().to_string(),
@@ -112,6 +116,16 @@ fn bad_inputs_name_the_file_or_rule() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("under_score.example"), "{e}");
+
+    // A key file given where a certificate belongs.
+    let ca3 = init_ca(&tmp.path().join("ca3"), "mesh.test");
+    let e = CertInfo::from_pem_file(&ca3.dir().root_key())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("root.key") && e.contains("holds a private key, not a certificate"),
+        "{e}"
+    );
 
     // Missing CA directory / files.
     let e = RootCa::load(&tmp.path().join("nowhere"))

@@ -10,10 +10,25 @@ use crate::error::{LabError, Result};
 use crate::plan::{ClusterInfo, ETCD_CLIENT_PORT, EtcdInfo};
 use crate::process::{LabProcess, poll_until};
 
-/// Command-line flags of a cluster's etcd (plain or TLS, as the cluster's [`EtcdInfo`] says). The data directory is
-/// reused across restarts; the initial-cluster flags are ignored by etcd once it holds data.
-pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Vec<String> {
-    let mut a = vec![
+/// Command-line flags of a cluster's etcd. Plain: our own flags; TLS: `mesh_certs::etcd::EtcdSpec::args` (mTLS,
+/// `--client-cert-auth`) over the cluster's certificate directory. The data directory is reused across restarts;
+/// the initial-cluster flags are ignored by etcd once it holds data.
+pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
+    if let Some(tls) = &etcd.tls {
+        let dir = mesh_certs::ClusterDir::open(&tls.dir).map_err(|e| LabError::Certs {
+            prefix: prefix.to_string(),
+            detail: format!("certificate directory of etcd {}: {e}", etcd.name),
+        })?;
+        let mut spec = mesh_certs::etcd::EtcdSpec::for_cluster(
+            &dir,
+            &etcd.data_dir,
+            &etcd.client_url,
+            &etcd.peer_url,
+        );
+        spec.name = etcd.name.clone();
+        return Ok(spec.args());
+    }
+    Ok(vec![
         format!("--name={}", etcd.name),
         format!("--data-dir={}", etcd.data_dir.display()),
         format!("--listen-client-urls={}", etcd.client_url),
@@ -25,20 +40,85 @@ pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Vec<String> {
         format!("--initial-cluster-token={prefix}-{}", etcd.name),
         "--logger=zap".into(),
         "--log-outputs=stderr".into(),
-    ];
-    if let Some(tls) = &etcd.tls {
-        a.extend([
-            format!("--cert-file={}", tls.server_cert.display()),
-            format!("--key-file={}", tls.server_key.display()),
-            format!("--trusted-ca-file={}", tls.ca.display()),
-            "--client-cert-auth".into(),
-            format!("--peer-cert-file={}", tls.server_cert.display()),
-            format!("--peer-key-file={}", tls.server_key.display()),
-            format!("--peer-trusted-ca-file={}", tls.ca.display()),
-            "--peer-client-cert-auth".into(),
-        ]);
+    ])
+}
+
+/// Issues the lab's certificates: a root CA in `ca_dir` (trust domain `<prefix>.mesh-lab`) and, per cluster, an
+/// intermediate and every leaf of `mesh_certs` (etcd server with the control-plane address as SAN, apiserver,
+/// root, admin, node, remote) into the cluster's certificate directory.
+pub fn issue_certs(plan: &crate::plan::LabPlan, ca_dir: &Path) -> Result<()> {
+    let err = |detail: String| LabError::Certs {
+        prefix: plan.prefix.clone(),
+        detail,
+    };
+    let td = mesh_certs::TrustDomain::new(&crate::plan::trust_domain(&plan.prefix))
+        .map_err(|e| err(e.to_string()))?;
+    let ca = mesh_certs::RootCa::init(ca_dir, &td, &mesh_certs::Validity::default())
+        .map_err(|e| err(format!("CA in {}: {e}", ca_dir.display())))?;
+    for c in &plan.clusters {
+        let Some(tls) = &c.etcd.tls else { continue };
+        let mut req = mesh_certs::ClusterRequest::new(&c.name, c.index as u32, &tls.dir)
+            .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
+        req.sans.push(mesh_certs::San::Ip(std::net::IpAddr::V4(
+            c.control_plane.addr,
+        )));
+        ca.issue_cluster(&req)
+            .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
     }
-    a
+    Ok(())
+}
+
+/// Creates etcd's users and roles (`root`, `admin-<cluster>`, `node-<cluster>`) and enables auth on every TLS etcd
+/// of `plan` (`mesh_certs::etcd::bootstrap_auth`). Runs on its own thread and runtime, so it also works when the
+/// caller is inside a tokio runtime.
+pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
+    let prefix = plan.prefix.clone();
+    let jobs: Vec<(String, String, mesh_certs::TlsFiles)> = plan
+        .clusters
+        .iter()
+        .filter_map(|c| {
+            let t = c.etcd.tls.as_ref()?;
+            Some((
+                c.name.clone(),
+                c.etcd.client_url.clone(),
+                mesh_certs::TlsFiles {
+                    ca_bundle: t.ca.clone(),
+                    identity: Some(mesh_certs::CertKeyPaths {
+                        cert: t.client_cert.clone(),
+                        key: t.client_key.clone(),
+                    }),
+                },
+            ))
+        })
+        .collect();
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let err = move |detail: String| LabError::Certs {
+        prefix: prefix.clone(),
+        detail,
+    };
+    let err2 = err.clone();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| err(format!("tokio runtime: {e}")))?;
+            rt.block_on(async {
+                for (name, url, files) in &jobs {
+                    let cluster = mesh_model::ClusterName::new(name)
+                        .map_err(|e| err(format!("cluster {name}: {e}")))?;
+                    mesh_certs::etcd::bootstrap_auth(std::slice::from_ref(url), files, &cluster)
+                        .await
+                        .map_err(|e| err(format!("etcd auth bootstrap of {name} ({url}): {e}")))?;
+                }
+                Ok(())
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(err2("the auth bootstrap thread panicked".into())))
+    })
 }
 
 /// Prepares the data directory (mode 0700, as etcd wants) and opens the log for appending.
@@ -156,7 +236,7 @@ mod tests {
     fn plain_args_listen_on_the_control_plane_address() {
         let spec = LabSpec::new("t", 1, 1).etcd_security(EtcdSecurity::Plain);
         let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
-        let a = etcd_args("t", &p.clusters[0].etcd).join(" ");
+        let a = etcd_args("t", &p.clusters[0].etcd).unwrap().join(" ");
         assert!(
             a.contains("--listen-client-urls=http://10.100.1.2:2379"),
             "{a}"
@@ -169,15 +249,31 @@ mod tests {
     }
 
     #[test]
-    fn tls_args_require_client_certs() {
-        let spec = LabSpec::new("t", 1, 1).etcd_security(EtcdSecurity::Tls);
+    fn tls_args_come_from_the_issued_certificates() {
+        let root = std::env::temp_dir().join(format!("mesh-lab-etcd-args-{}", std::process::id()));
+        let mut spec = LabSpec::new("t", 1, 1);
+        spec.state_root = root.clone();
         let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
-        let a = etcd_args("t", &p.clusters[0].etcd).join(" ");
+        let e = etcd_args("t", &p.clusters[0].etcd).unwrap_err();
+        assert!(e.to_string().contains("certificate directory"), "{e}");
+        issue_certs(&p, p.ca_dir.as_ref().unwrap()).unwrap();
+        let tls = p.clusters[0].etcd.tls.as_ref().unwrap();
+        for f in [
+            &tls.ca,
+            &tls.server_cert,
+            &tls.server_key,
+            &tls.client_cert,
+            &tls.client_key,
+        ] {
+            assert!(f.is_file(), "{} not issued", f.display());
+        }
+        let a = etcd_args("t", &p.clusters[0].etcd).unwrap().join(" ");
         assert!(
             a.contains("--listen-client-urls=https://10.100.1.2:2379"),
             "{a}"
         );
         assert!(a.contains("--client-cert-auth"), "{a}");
-        assert!(a.contains("--trusted-ca-file="), "{a}");
+        assert!(a.contains("--name=c1"), "{a}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

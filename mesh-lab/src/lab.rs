@@ -84,9 +84,10 @@ impl ClusterRef for &ClusterInfo {
 ///
 /// ```no_run
 /// use std::process::Command;
-/// use mesh_lab::{Lab, LabSpec};
+/// use mesh_lab::{EtcdSecurity, Lab, LabSpec};
 ///
-/// let lab = Lab::up(LabSpec::new("demo", 2, 2))?;
+/// // TLS etcd is the default; this example asks for plain HTTP so `curl` needs no certificates
+/// let lab = Lab::up(LabSpec::new("demo", 2, 2).etcd_security(EtcdSecurity::Plain))?;
 /// println!("etcd of c2: {}", lab.etcd_endpoint(2)?);
 /// let out = lab.output_in_node(1, 1, Command::new("curl").arg(format!("{}/health", lab.etcd_endpoint(2)?)))?;
 /// assert!(out.status.success());
@@ -172,15 +173,8 @@ impl Lab {
         for dir in lab.plan.cgroup_dirs() {
             cgroup::create(&dir)?;
         }
-        if let Some(c) = lab.plan.clusters.iter().find(|c| c.etcd.tls.is_some()) {
-            return Err(LabError::Certs {
-                prefix: lab.plan.prefix.clone(),
-                detail: format!(
-                    "TLS etcd (cluster {}) needs the mesh_certs etcd bootstrap, which this build does not have yet; \
-                     use EtcdSecurity::Plain",
-                    c.name
-                ),
-            });
+        if let Some(ca_dir) = &lab.plan.ca_dir {
+            etcd::issue_certs(&lab.plan, ca_dir)?;
         }
         let mut starting = Vec::new();
         for c in &lab.plan.clusters {
@@ -190,6 +184,7 @@ impl Lab {
             etcd::wait_healthy(c, &mut p, lab.etcd_ready_timeout)?;
             lab.inner().etcd[c.index - 1] = Some(p);
         }
+        etcd::bootstrap_auth(&lab.plan)?;
         {
             let mut inner = lab.inner();
             inner.state.complete = true;
@@ -249,9 +244,31 @@ impl Lab {
         Ok(c.resolve(&self.plan)?.etcd.client_url.clone())
     }
 
-    /// TLS files of cluster `c`'s etcd (CA, a root client cert/key); `None` for plain etcd.
+    /// TLS files of cluster `c`'s etcd (CA bundle, server and `root` client cert/key, and the certificate
+    /// directory); `None` for plain etcd.
     pub fn etcd_tls(&self, c: impl ClusterRef) -> Result<Option<&EtcdTlsFiles>> {
         Ok(c.resolve(&self.plan)?.etcd.tls.as_ref())
+    }
+
+    /// The certificate directory of cluster `c` (`mesh_certs` layout: bundle, intermediate, and the `etcd-server`,
+    /// `apiserver`, `root`, `admin`, `node`, `remote` certificates); `None` for plain etcd. Connect to the cluster's
+    /// etcd with e.g. `mesh_certs::etcd::connect_as(&dir, Role::Admin, &[lab.etcd_endpoint(c)?])`.
+    pub fn cluster_certs(&self, c: impl ClusterRef) -> Result<Option<mesh_certs::ClusterDir>> {
+        let cl = c.resolve(&self.plan)?;
+        let Some(tls) = &cl.etcd.tls else {
+            return Ok(None);
+        };
+        mesh_certs::ClusterDir::open(&tls.dir)
+            .map(Some)
+            .map_err(|e| LabError::Certs {
+                prefix: self.plan.prefix.clone(),
+                detail: format!("certificate directory of {}: {e}", cl.name),
+            })
+    }
+
+    /// The lab's root CA directory (`mesh_certs` layout); `None` for plain etcd.
+    pub fn ca_dir(&self) -> Option<&Path> {
+        self.plan.ca_dir.as_deref()
     }
 
     /// The host's address on its veth into the lab (nodes reach the host there).
@@ -362,7 +379,7 @@ impl Lab {
     fn launch_etcd(&self, c: &ClusterInfo) -> Result<LabProcess> {
         let (out, err) = etcd::prepare(&c.etcd)?;
         let mut cmd = Self::member_command(&c.control_plane, &self.etcd_binary);
-        cmd.args(etcd::etcd_args(&self.plan.prefix, &c.etcd))
+        cmd.args(etcd::etcd_args(&self.plan.prefix, &c.etcd)?)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

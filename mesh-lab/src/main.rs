@@ -53,8 +53,8 @@ enum Cmd {
         /// Cluster names, comma separated (default c1,c2,...).
         #[arg(long, env = "MESH_LAB_CLUSTER_NAMES", value_delimiter = ',')]
         names: Vec<String>,
-        /// How etcd is secured.
-        #[arg(long, env = "MESH_LAB_ETCD", value_enum, default_value_t = Security::Plain)]
+        /// How etcd is secured (tls: a per-lab CA, mTLS, client-cert auth and etcd users).
+        #[arg(long, env = "MESH_LAB_ETCD", value_enum, default_value_t = Security::Tls)]
         etcd: Security,
     },
     /// Remove a lab: processes, namespaces, cgroups, state.

@@ -42,10 +42,11 @@ pub const OCTETS: RangeInclusive<u8> = 100..=249;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EtcdSecurity {
-    /// Plain HTTP, no authentication.
-    #[default]
+    /// Plain HTTP, no authentication. Only for tests that ask for it.
     Plain,
-    /// TLS with client-certificate authentication; certificates issued by a per-lab CA.
+    /// TLS with client-certificate authentication and etcd RBAC (users `root`, `admin-<cluster>`,
+    /// `node-<cluster>`); certificates issued by a per-lab CA with `mesh_certs`.
+    #[default]
     Tls,
 }
 
@@ -61,7 +62,7 @@ pub struct LabSpec {
     pub nodes_per_cluster: usize,
     /// Cluster names (ClusterMesh rules); empty means `c1`, `c2`, ... Cluster ids are the 1-based indices.
     pub cluster_names: Vec<String>,
-    /// How etcd is secured (default [`EtcdSecurity::Plain`]).
+    /// How etcd is secured (default [`EtcdSecurity::Tls`]).
     pub etcd: EtcdSecurity,
     /// The etcd binary (default `/usr/bin/etcd`).
     pub etcd_binary: PathBuf,
@@ -72,7 +73,7 @@ pub struct LabSpec {
 }
 
 impl LabSpec {
-    /// A spec with defaults: names `c1..cN`, plain etcd from `/usr/bin/etcd`, state under `/run/mesh-lab`.
+    /// A spec with defaults: names `c1..cN`, TLS etcd from `/usr/bin/etcd`, state under `/run/mesh-lab`.
     pub fn new(prefix: impl Into<String>, clusters: usize, nodes_per_cluster: usize) -> Self {
         LabSpec {
             prefix: prefix.into(),
@@ -201,14 +202,15 @@ pub struct EtcdInfo {
     pub tls: Option<EtcdTlsFiles>,
 }
 
-/// PEM files of a cluster's TLS etcd.
+/// PEM files of a cluster's TLS etcd, in the cluster's certificate directory (a `mesh_certs::ClusterDir`, which
+/// also holds the `admin`, `node`, `remote` and `apiserver` certificates of the cluster).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EtcdTlsFiles {
-    /// Directory holding all of them.
+    /// The cluster's certificate directory (open it with `mesh_certs::ClusterDir::open`).
     pub dir: PathBuf,
     /// The CA bundle etcd trusts for clients and clients trust for etcd.
     pub ca: PathBuf,
-    /// Server certificate of etcd.
+    /// Server certificate chain of etcd (SANs: the control-plane address, localhost).
     pub server_cert: PathBuf,
     /// Server key of etcd.
     pub server_key: PathBuf,
@@ -216,6 +218,50 @@ pub struct EtcdTlsFiles {
     pub client_cert: PathBuf,
     /// Key of [`EtcdTlsFiles::client_cert`].
     pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// The files of a certificate directory.
+    pub fn of(dir: &mesh_certs::ClusterDir) -> Self {
+        use mesh_certs::Role;
+        EtcdTlsFiles {
+            dir: dir.path.clone(),
+            ca: dir.ca_bundle(),
+            server_cert: dir.cert(Role::EtcdServer),
+            server_key: dir.key(Role::EtcdServer),
+            client_cert: dir.cert(Role::EtcdRoot),
+            client_key: dir.key(Role::EtcdRoot),
+        }
+    }
+}
+
+/// Trust domain of a lab's CA: `<prefix>.mesh-lab`.
+pub fn trust_domain(prefix: &str) -> String {
+    format!("{prefix}.mesh-lab")
+}
+
+/// The certificate directory (layout of `mesh_certs`) of cluster `name` with id `index` at `path`.
+pub(crate) fn cluster_cert_dir(
+    prefix: &str,
+    name: &str,
+    index: usize,
+    path: PathBuf,
+) -> Result<mesh_certs::ClusterDir> {
+    let bad = |e: &dyn std::fmt::Display| LabError::Certs {
+        prefix: prefix.to_string(),
+        detail: format!("cluster {name} (id {index}): {e}"),
+    };
+    let name_ok = mesh_model::ClusterName::new(name).map_err(|e| bad(&e))?;
+    let id = mesh_model::ClusterId::new(index as u32, mesh_model::MaxConnectedClusters::DEFAULT)
+        .map_err(|e| bad(&e))?;
+    Ok(mesh_certs::ClusterDir {
+        path,
+        info: mesh_certs::ClusterInfo {
+            name: name_ok,
+            id,
+            trust_domain: trust_domain(prefix),
+        },
+    })
 }
 
 /// One cluster of the lab.
@@ -274,6 +320,9 @@ pub struct LabPlan {
     pub cgroup_dir: PathBuf,
     /// How etcd is secured.
     pub etcd_security: EtcdSecurity,
+    /// The lab's root CA directory (a `mesh_certs` CA dir), with TLS etcd.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
     /// The clusters.
     pub clusters: Vec<ClusterInfo>,
 }
@@ -292,7 +341,7 @@ impl LabPlan {
         let cgroup_dir = lab_cgroup_dir(cgroup_root, p);
         let tls = spec.etcd == EtcdSecurity::Tls;
         let clusters = (1..=spec.clusters)
-            .map(|c| {
+            .map(|c| -> Result<ClusterInfo> {
                 let c8 = c as u8; // c <= MAX_CLUSTERS < 256
                 let base = Ipv4Addr::new(10, octet, c8, 0);
                 let member = |index: usize, name: String, host: u8| NodeInfo {
@@ -313,20 +362,18 @@ impl LabPlan {
                     peer_url: format!("{scheme}://{}:{ETCD_PEER_PORT}", cp.addr),
                     data_dir: cdir.join("etcd-data"),
                     log_file: cdir.join("etcd.log"),
-                    tls: tls.then(|| {
-                        let dir = cdir.join("tls");
-                        EtcdTlsFiles {
-                            ca: dir.join("ca.pem"),
-                            server_cert: dir.join("etcd-server.pem"),
-                            server_key: dir.join("etcd-server-key.pem"),
-                            client_cert: dir.join("root.pem"),
-                            client_key: dir.join("root-key.pem"),
-                            dir,
-                        }
-                    }),
+                    tls: match tls {
+                        true => Some(EtcdTlsFiles::of(&cluster_cert_dir(
+                            p,
+                            &name,
+                            c,
+                            cdir.join("certs"),
+                        )?)),
+                        false => None,
+                    },
                     name: name.clone(),
                 };
-                ClusterInfo {
+                Ok(ClusterInfo {
                     index: c,
                     name,
                     subnet: base,
@@ -338,9 +385,10 @@ impl LabPlan {
                         .collect(),
                     control_plane: cp,
                     etcd,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
+        let ca_dir = tls.then(|| state_dir.join("ca"));
         Ok(LabPlan {
             prefix: p.clone(),
             octet,
@@ -351,6 +399,7 @@ impl LabPlan {
             state_dir,
             cgroup_dir,
             etcd_security: spec.etcd,
+            ca_dir,
             clusters,
         })
     }
@@ -438,6 +487,10 @@ mod tests {
         assert_eq!(c2.nodes[1].router_port, "c2n2");
         assert_eq!(c2.nodes[1].cgroup, Path::new("/cg/mesh-lab/t1/c2-n2"));
         assert_eq!(c2.etcd_endpoint(), "https://10.123.2.2:2379");
+        let tls = c2.etcd.tls.as_ref().unwrap();
+        assert_eq!(tls.dir, Path::new("/run/mesh-lab/t1/c2/certs"));
+        assert!(tls.server_cert.starts_with(&tls.dir));
+        assert_eq!(p.ca_dir.as_deref(), Some(Path::new("/run/mesh-lab/t1/ca")));
         assert_eq!(p.netns_names().len(), 1 + 2 * 3);
         assert_eq!(
             p.cgroup_dirs().last().unwrap(),

@@ -332,3 +332,78 @@ fn bad_specs_are_refused_with_the_rule() {
     let e = Lab::up(spec).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/etcd"), "{e}");
 }
+
+#[test]
+fn tls_etcd_by_default_needs_a_client_certificate_and_has_users() {
+    use mesh_certs::Role;
+    let lab = Lab::up(LabSpec::new("mlt-tls", 2, 1)).expect("TLS lab up");
+    let url = lab.etcd_endpoint(2).unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    let tls = lab.etcd_tls(2).unwrap().expect("TLS files").clone();
+
+    // from a node of c1, with the root client certificate: healthy
+    let with_cert = lab
+        .output_in_node(
+            1,
+            1,
+            Command::new("curl")
+                .args(["-sS", "--max-time", "3", "--cacert"])
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key)
+                .arg(format!("{url}/health")),
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&with_cert.stdout).contains("\"health\":\"true\""),
+        "{}",
+        String::from_utf8_lossy(&with_cert.stderr)
+    );
+    // without one: refused
+    let without = lab
+        .output_in_node(
+            1,
+            1,
+            Command::new("curl")
+                .args(["-sS", "--max-time", "3", "--cacert"])
+                .arg(&tls.ca)
+                .arg(format!("{url}/health")),
+        )
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&without.stdout).contains("true"));
+
+    // users exist: admin writes, node may not write outside its health prefix
+    let dir = lab.cluster_certs(2).unwrap().expect("cert dir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut admin = mesh_certs::etcd::connect_as(&dir, Role::Admin, std::slice::from_ref(&url))
+            .await
+            .expect("admin connects");
+        admin
+            .put("clustermesh/v1/lab-test", "x", None)
+            .await
+            .expect("admin put");
+        let mut node = mesh_certs::etcd::connect_as(&dir, Role::Node, std::slice::from_ref(&url))
+            .await
+            .expect("node connects");
+        let got = node
+            .get("clustermesh/v1/lab-test", None)
+            .await
+            .expect("node reads");
+        assert_eq!(got.kvs()[0].value(), b"x");
+        let denied = node.put("clustermesh/v1/lab-test", "y", None).await;
+        assert!(denied.is_err(), "node wrote outside its health prefix");
+    });
+
+    // a restart keeps TLS and auth
+    lab.restart_etcd(2).unwrap();
+    assert!(lab.etcd_healthy(2).unwrap());
+    let f = Footprint::of(&lab, &[]);
+    drop(lab);
+    f.assert_gone();
+}

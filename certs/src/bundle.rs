@@ -94,6 +94,62 @@ impl TrustBundle {
         self.certs.is_empty()
     }
 
+    /// Check that the certificate chain in `cert_path` (leaf first, then intermediates) chains to a
+    /// CA of this bundle and is valid now, for the use its extended key usage names (client
+    /// certificates as a server would check them, server certificates as a client would).
+    /// Returns the fingerprint of the bundle CA it chains to. `bundle_path` names the bundle in errors.
+    pub fn verify(&self, bundle_path: &Path, cert_path: &Path) -> Result<Fingerprint> {
+        use rustls::pki_types::UnixTime;
+        let chain = files::load_certs(cert_path)?;
+        let info = CertInfo::from_der(cert_path, &chain[0])?;
+        let not_trusted = |detail: String| Error::NotTrusted {
+            cert: cert_path.to_owned(),
+            bundle: bundle_path.to_owned(),
+            detail,
+        };
+        if info.is_ca {
+            return if self.certs.contains(&chain[0]) {
+                Ok(info.fingerprint)
+            } else {
+                Err(not_trusted(
+                    "it is a CA certificate that the bundle does not hold".to_owned(),
+                ))
+            };
+        }
+        info.check_valid_at(cert_path, time::OffsetDateTime::now_utc())?;
+        let roots = std::sync::Arc::new(self.root_store(bundle_path)?);
+        let provider = crate::tls::provider();
+        let now = UnixTime::now();
+        let result = if info.client_auth {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+                .build()
+                .map_err(|e| not_trusted(e.to_string()))?
+                .verify_client_cert(&chain[0], &chain[1..], now)
+                .map(|_| ())
+        } else {
+            let parsed = rustls::server::ParsedCertificate::try_from(&chain[0])
+                .map_err(|e| not_trusted(e.to_string()))?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &roots,
+                &chain[1..],
+                now,
+                provider.signature_verification_algorithms.all,
+            )
+        };
+        result.map_err(|e| not_trusted(explain_verify_error(&e)))?;
+        // Which bundle CA is the anchor: the one whose subject is the issuer of the chain's top.
+        let top = CertInfo::from_der(cert_path, chain.last().unwrap_or(&chain[0]))?;
+        let anchor = self
+            .certs
+            .iter()
+            .filter_map(|c| CertInfo::from_der(bundle_path, c).ok())
+            .find(|ca| ca.subject == top.issuer)
+            .map(|ca| ca.fingerprint)
+            .unwrap_or(info.fingerprint);
+        Ok(anchor)
+    }
+
     /// A rustls root store of these CAs; `path` names the file in errors.
     pub fn root_store(&self, path: &Path) -> Result<RootCertStore> {
         let mut store = RootCertStore::empty();
@@ -104,5 +160,23 @@ impl TrustBundle {
             })?;
         }
         Ok(store)
+    }
+}
+
+fn explain_verify_error(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "it was not issued by a CA in the bundle (foreign CA, retired root, or missing intermediate)".to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "its signature does not verify with the CA the bundle names as its issuer".to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::Expired) => "it expired".to_owned(),
+        rustls::Error::InvalidCertificate(C::NotValidYet) => "it is not valid yet".to_owned(),
+        rustls::Error::InvalidCertificate(C::InvalidPurpose) => {
+            "its extended key usage does not allow this use".to_owned()
+        }
+        other => other.to_string(),
     }
 }

@@ -262,6 +262,19 @@ impl RootCa {
     pub fn issue_cluster(&self, req: &ClusterRequest) -> Result<ClusterDir> {
         let now = OffsetDateTime::now_utc();
         let cluster = &req.cluster;
+        if let Ok(existing) = ClusterDir::open(&req.out)
+            && existing.info.name != *cluster
+        {
+            return Err(Error::NotADirectoryOf {
+                what: "cluster certificate",
+                path: req.out.clone(),
+                detail: format!(
+                    "it holds cluster {}; refusing to overwrite it with cluster {cluster} \
+                     (re-issuing is only allowed for the same cluster)",
+                    existing.info.name
+                ),
+            });
+        }
         let mut params = base_params(
             &format!(
                 "{} {}",

@@ -108,6 +108,16 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
+    /// A certificate does not chain to any CA of a bundle (or is otherwise invalid for it).
+    #[error("certificate {} is not trusted by the CA bundle {}: {detail}", cert.display(), bundle.display())]
+    NotTrusted {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Why, in words.
+        detail: String,
+    },
     /// A certificate that should be a CA is not one.
     #[error("{} is not a CA certificate (basicConstraints CA:FALSE or missing)", path.display())]
     NotACa {

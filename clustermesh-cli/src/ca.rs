@@ -47,6 +47,22 @@ pub enum CertsCommand {
     /// Show what a certificate file says: kind, subject, issuer, SPIFFE id, SANs, validity and
     /// SHA-256 fingerprint, for every certificate in the file (a chain or a bundle).
     Inspect(InspectArgs),
+    /// Check a certificate the way its peer will: it chains to a CA of the bundle, it is valid now,
+    /// and (with --key) the key belongs to it. Exits non-zero and says why when it does not.
+    Verify(VerifyArgs),
+}
+
+/// Arguments of `certs verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The certificate file (leaf first, then intermediates, as `issue-cluster` writes them).
+    pub cert: PathBuf,
+    /// The CA bundle the peer trusts, e.g. the other cluster's ca-bundle.pem.
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// The private key that should belong to the certificate.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
 }
 
 /// Arguments of `ca init`.
@@ -151,6 +167,7 @@ pub fn run_ca(cmd: CaCommand) -> Result<()> {
 pub fn run_certs(cmd: CertsCommand) -> Result<()> {
     match cmd {
         CertsCommand::Inspect(a) => inspect(a),
+        CertsCommand::Verify(a) => verify(a),
     }
 }
 
@@ -358,6 +375,29 @@ fn inspect(a: InspectArgs) -> Result<()> {
             println!();
         }
     }
+    Ok(())
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let info = &CertInfo::from_pem_file(&a.cert)?[0];
+    let bundle = TrustBundle::load(&a.bundle)?;
+    let anchor = bundle.verify(&a.bundle, &a.cert)?;
+    println!("{}: {}", a.cert.display(), info.kind());
+    println!("  subject:      {}", info.subject);
+    if let Some(id) = &info.spiffe_id {
+        println!("  SPIFFE id:    {id}");
+    }
+    println!(
+        "  trusted:      yes, chains to CA {} in {}",
+        anchor.short(),
+        a.bundle.display()
+    );
+    println!("  valid until:  {}", date(info.not_after));
+    if let Some(key) = &a.key {
+        mesh_certs::files::KeyedChain::load(&a.cert, key)?;
+        println!("  key:          {} belongs to it", key.display());
+    }
+    println!("OK");
     Ok(())
 }
 

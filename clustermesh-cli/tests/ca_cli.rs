@@ -119,6 +119,63 @@ fn init_issue_inspect_rotate_retire() {
         "{out}"
     );
 
+    // Verify: trusted by the cluster's bundle, key matches; a foreign bundle and a wrong key are refused.
+    let out = ok(&[
+        "certs",
+        "verify",
+        "--bundle",
+        p(&east.join("ca-bundle.pem")),
+        "--key",
+        p(&east.join("remote.key")),
+        p(&east.join("remote.crt")),
+    ]);
+    assert!(
+        out.contains("trusted:      yes") && out.contains("belongs to it") && out.contains("OK"),
+        "{out}"
+    );
+    let out = ok(&[
+        "certs",
+        "verify",
+        "--bundle",
+        p(&east.join("ca-bundle.pem")),
+        p(&east.join("etcd-server.crt")),
+    ]);
+    assert!(out.contains("server and client certificate"), "{out}");
+    let err = fails(&[
+        "certs",
+        "verify",
+        "--bundle",
+        p(&east.join("ca-bundle.pem")),
+        "--key",
+        p(&east.join("node.key")),
+        p(&east.join("remote.crt")),
+    ]);
+    assert!(
+        err.contains("node.key does not match the certificate"),
+        "{err}"
+    );
+    let other_ca = tmp.path().join("other-ca");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "other.example",
+        "--out",
+        p(&other_ca),
+    ]);
+    let err = fails(&[
+        "certs",
+        "verify",
+        "--bundle",
+        p(&other_ca.join("ca-bundle.pem")),
+        p(&east.join("remote.crt")),
+    ]);
+    assert!(
+        err.contains("is not trusted by the CA bundle")
+            && err.contains("not issued by a CA in the bundle"),
+        "{err}"
+    );
+
     // Rotate: the bundle holds two roots, the cluster dir gets it too.
     let out = ok(&["ca", "rotate", "--ca", p(&ca), "--cluster-dir", p(&east)]);
     assert!(out.contains("now holds 2 CA(s)"), "{out}");
@@ -219,6 +276,36 @@ fn bad_input_gets_a_clear_error() {
     ]);
     assert!(
         err.contains("bad subject alternative name \"no_underscores\""),
+        "{err}"
+    );
+
+    let east = tmp.path().join("east");
+    ok(&[
+        "ca",
+        "issue-cluster",
+        "--ca",
+        p(&ca),
+        "--cluster",
+        "east",
+        "--id",
+        "1",
+        "--out",
+        p(&east),
+    ]);
+    let err = fails(&[
+        "ca",
+        "issue-cluster",
+        "--ca",
+        p(&ca),
+        "--cluster",
+        "west",
+        "--id",
+        "2",
+        "--out",
+        p(&east),
+    ]);
+    assert!(
+        err.contains("it holds cluster east; refusing to overwrite it with cluster west"),
         "{err}"
     );
 

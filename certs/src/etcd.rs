@@ -162,6 +162,10 @@ impl EtcdSpec {
     /// over mTLS with the probe certificate, at most `timeout`.
     pub async fn spawn(&self, timeout: Duration) -> Result<EtcdProcess> {
         let log = self.log_file();
+        if let Some(parent) = log.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("creating directory", parent, e))?;
+        }
         let out = std::fs::File::create(&log).map_err(|e| Error::io("creating", &log, e))?;
         let err = out
             .try_clone()

@@ -260,6 +260,22 @@ async fn configs_reload_changed_certificates_and_bundles() {
     assert_ne!(fp1, fp2);
     assert_eq!(fp2, fp_of(&east.cert(Role::Apiserver)));
 
+    // A broken file (half-written rotation, corrupt PEM) does not break the server: it keeps
+    // presenting the last good certificate, and picks up the next good one.
+    let good = std::fs::read(east.cert(Role::Apiserver)).unwrap();
+    std::fs::write(
+        east.cert(Role::Apiserver),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n",
+    )
+    .unwrap();
+    let (fp3, _) = call(&client, addr)
+        .await
+        .expect("still serving with the previous certificate");
+    assert_eq!(fp3, fp2);
+    std::fs::write(east.cert(Role::Apiserver), &good).unwrap();
+    let (fp4, _) = call(&client, addr).await.unwrap();
+    assert_eq!(fp4, fp2);
+
     // Rotate the root and issue a new cluster under it: east's server refuses it until east's
     // bundle file holds the new root, then accepts it, with no restart.
     RootCa::rotate(&ca_dir, &Validity::default()).unwrap();

@@ -1,0 +1,447 @@
+//! connect() latency through the eBPF socket load balancer vs straight to the backend, at 10,
+//! 10k and 100k services, and through nftables DNAT with 10k services, measured in one run.
+//!
+//! Everything happens inside a network namespace private to this process (gone when it exits),
+//! with a fresh cgroup v2 directory for the datapath (removed at the end). The client is this
+//! binary re-executed as `datapath client ...` inside the cgroup (or outside it, for the rows
+//! that need no hook); it times each `connect()`, waits for the backend to accept and close,
+//! and closes with RST so no TIME_WAIT piles up on the client side.
+//! Rows at one service count are measured in interleaved rounds so drift hits them alike.
+//!
+//! Needs root: `cargo run --release -p mesh-bench --bin datapath`.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, Proto, ServiceMaps, mounts};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "datapath",
+    about = "connect() latency: eBPF socket LB vs direct vs nftables DNAT"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Connects per row (split over the rounds).
+    #[arg(long, env = "BENCH_CONNECTS", default_value_t = 20_000)]
+    connects: usize,
+    /// Interleaved rounds per service count.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 10)]
+    rounds: usize,
+    /// Service counts to measure the eBPF path at.
+    #[arg(long, env = "BENCH_SERVICES", value_delimiter = ',', default_values_t = [10usize, 10_000, 100_000])]
+    services: Vec<usize>,
+    /// Number of DNAT rules / map entries for the nftables rows.
+    #[arg(long, env = "BENCH_NFT_SERVICES", default_value_t = 10_000)]
+    nft_services: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// (internal) Time `count` connects to `addr` and print the samples in ns, one per line.
+    Client {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+/// The backend every measured connection ends on.
+const BACKEND: &str = "10.1.0.1:8080";
+/// The measured service address (eBPF rows) and DNAT target address (nftables rows).
+const VIP: &str = "10.100.0.1:80";
+const NFT_TABLE: &str = "glb_bench";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(Cmd::Client { addr, count }) = args.command {
+        return client(addr, count);
+    }
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the datapath benchmark needs root (BPF, cgroups, netns, nftables)"
+    );
+    // The whole run happens on a thread in a private network namespace.
+    let worker = std::thread::spawn(move || -> Result<String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare(CLONE_NEWNET)")?;
+        run(&args)
+    });
+    let table = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))??;
+    print!("{table}");
+    Ok(())
+}
+
+fn client(addr: SocketAddr, count: usize) -> Result<()> {
+    let mut out = String::with_capacity(count * 8);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for _ in 0..count {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        let ns = started.elapsed().as_nanos();
+        // Wait for the backend to accept and close, so its accept queue never overflows (a
+        // dropped SYN would cost a 1 s retransmit and say nothing about the datapath).
+        let _ = stream.read(&mut [0u8; 1]);
+        // RST on close: no TIME_WAIT, so ports never run out across rows.
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
+            .context("SO_LINGER")?;
+        drop(stream);
+        writeln!(out, "{ns}").expect("write to String");
+    }
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn nft(ruleset: &str) -> Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (nftables)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A cgroup directory for the benchmark; removed on drop (after the datapath is removed).
+struct BenchCgroup(PathBuf);
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs the client `count` times-worth of connects to `addr`, inside `cgroup` if given.
+fn measure(cgroup: Option<&Path>, addr: &str, count: usize) -> Result<Vec<u64>> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut cmd = match cgroup {
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                .arg(cg)
+                .arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let out = cmd
+        .args(["client", addr, "--count", &count.to_string()])
+        .output()
+        .context("running the client")?;
+    if !out.status.success() {
+        bail!(
+            "client to {addr} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse::<u64>().context("client sample"))
+        .collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+struct Row {
+    path: String,
+    services: String,
+    p50: f64,
+    p99: f64,
+    baseline_p50: Option<f64>,
+}
+
+fn summarize(path: &str, services: &str, mut samples: Vec<u64>, baseline: Option<f64>) -> Row {
+    samples.sort_unstable();
+    Row {
+        path: path.into(),
+        services: services.into(),
+        p50: percentile(&samples, 0.5),
+        p99: percentile(&samples, 0.99),
+        baseline_p50: baseline,
+    }
+}
+
+/// Measures each target in `targets` (label, cgroup, address) in `rounds` interleaved rounds.
+fn interleaved(
+    targets: &[(&str, Option<&Path>, &str)],
+    connects: usize,
+    rounds: usize,
+) -> Result<Vec<Vec<u64>>> {
+    let per_round = connects.div_ceil(rounds.max(1));
+    let mut all = vec![Vec::with_capacity(connects); targets.len()];
+    // Warm-up: first connects pay for page faults and cold caches.
+    for (_, cg, addr) in targets {
+        measure(*cg, addr, 200)?;
+    }
+    for _ in 0..rounds.max(1) {
+        for (i, (_, cg, addr)) in targets.iter().enumerate() {
+            all[i].extend(measure(*cg, addr, per_round)?);
+        }
+    }
+    Ok(all)
+}
+
+/// The `i`-th filler service address (never the measured one).
+fn filler_vip(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::from(0x0a60_0000u32 + i as u32).into()
+}
+
+fn run(args: &Args) -> Result<String> {
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&["addr", "add", "10.1.0.1/32", "dev", "lo"])?;
+    // The VIP is a local address too, so the DNAT rows route; the eBPF rows rewrite it before
+    // routing.
+    ip(&["addr", "add", "10.100.0.1/32", "dev", "lo"])?;
+
+    let backend_addr: SocketAddr = BACKEND.parse()?;
+    let listener = TcpListener::bind(backend_addr).context("binding the backend")?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+
+    mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS))?;
+    let cg_root = mounts::ensure_cgroup2()?;
+    let name = format!("glb-bench-{}", std::process::id());
+    let cgroup = BenchCgroup(cg_root.join(&name));
+    std::fs::create_dir(&cgroup.0).with_context(|| format!("mkdir {}", cgroup.0.display()))?;
+    let config = DatapathConfig {
+        cgroup: cgroup.0.clone(),
+        pin_dir: Path::new(mounts::DEFAULT_BPFFS).join(&name),
+    };
+    let result = measure_all(args, &config, backend_addr);
+    Datapath::remove(&config.pin_dir)?;
+    let _ = Command::new("nft")
+        .args(["delete", "table", "ip", NFT_TABLE])
+        .output();
+    result
+}
+
+fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -> Result<String> {
+    let mut dp = Datapath::open(config)?;
+    let vip: Frontend = format!("tcp:{VIP}").parse().map_err(anyhow::Error::msg)?;
+    let backend = Backend::new(backend_addr.ip(), backend_addr.port(), 1).with_local(true);
+    // Filler services: two backends each, drawn from a pool of 1000 (backends are shared).
+    let pool: Vec<Backend> = (0..1000u32)
+        .map(|i| Backend::new(std::net::Ipv4Addr::from(0x0a02_0000 + i).into(), 8080, 2))
+        .collect();
+    let cg = Some(config.cgroup.as_path());
+    let mut rows = Vec::new();
+
+    // No hook at all: the floor.
+    let floor = interleaved(&[("direct", None, BACKEND)], args.connects, args.rounds)?;
+    rows.push(summarize(
+        "direct to backend, outside the cgroup",
+        "-",
+        floor.into_iter().next().unwrap_or_default(),
+        None,
+    ));
+
+    dp.upsert_service(&vip, &[backend])?;
+    let mut filled = 1usize;
+    let mut fill_times = Vec::new();
+    for &n in &args.services {
+        let started = Instant::now();
+        while filled < n {
+            let i = filled;
+            let f = Frontend::new(filler_vip(i), 80, Proto::Tcp);
+            dp.upsert_service(&f, &[pool[i % pool.len()], pool[(i * 7 + 1) % pool.len()]])?;
+            filled += 1;
+        }
+        fill_times.push((n, started.elapsed()));
+        let label = human(n);
+        let samples = interleaved(
+            &[("direct", cg, BACKEND), ("vip", cg, VIP)],
+            args.connects,
+            args.rounds,
+        )?;
+        let mut it = samples.into_iter();
+        let direct = summarize(
+            "direct to backend, in the cgroup",
+            &label,
+            it.next().unwrap_or_default(),
+            None,
+        );
+        let base = direct.p50;
+        rows.push(direct);
+        rows.push(summarize(
+            "eBPF socket LB via service address",
+            &label,
+            it.next().unwrap_or_default(),
+            Some(base),
+        ));
+    }
+    let services_in_maps = dp.services()?.len();
+    drop(dp);
+    Datapath::remove(&config.pin_dir)?;
+
+    // nftables DNAT, kube-proxy style: one rule per service, the measured one last.
+    let n = args.nft_services;
+    let mut linear = format!(
+        "table ip {NFT_TABLE} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n"
+    );
+    for i in 1..n {
+        let _ = writeln!(
+            linear,
+            "  ip daddr {} tcp dport 80 dnat to 10.2.0.1:8080",
+            filler_vip(i)
+        );
+    }
+    let _ = writeln!(
+        linear,
+        "  ip daddr 10.100.0.1 tcp dport 80 dnat to {BACKEND}"
+    );
+    linear.push_str(" }\n}\n");
+    nft(&linear)?;
+    let samples = interleaved(
+        &[("direct", None, BACKEND), ("dnat", None, VIP)],
+        args.connects,
+        args.rounds,
+    )?;
+    let mut it = samples.into_iter();
+    let direct = summarize(
+        "direct to backend, nft table loaded",
+        &human(n),
+        it.next().unwrap_or_default(),
+        None,
+    );
+    let base = direct.p50;
+    rows.push(direct);
+    rows.push(summarize(
+        "nftables DNAT, one rule per service (matched last)",
+        &human(n),
+        it.next().unwrap_or_default(),
+        Some(base),
+    ));
+    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+
+    // nftables DNAT through one verdict map (the best nftables can do).
+    let mut mapped = format!(
+        "table ip {NFT_TABLE} {{\n map svc {{\n  type ipv4_addr . inet_service : ipv4_addr . inet_service\n  elements = {{\n"
+    );
+    for i in 1..n {
+        let _ = writeln!(mapped, "   {} . 80 : 10.2.0.1 . 8080,", filler_vip(i));
+    }
+    mapped.push_str("   10.100.0.1 . 80 : 10.1.0.1 . 8080\n  }\n }\n");
+    mapped.push_str(
+        " chain out {\n  type nat hook output priority -100; policy accept;\n  dnat ip addr . port to ip daddr . tcp dport map @svc\n }\n}\n",
+    );
+    nft(&mapped)?;
+    let samples = interleaved(
+        &[("direct", None, BACKEND), ("dnat-map", None, VIP)],
+        args.connects,
+        args.rounds,
+    )?;
+    let mut it = samples.into_iter();
+    let direct = summarize(
+        "direct to backend, nft map loaded",
+        &human(n),
+        it.next().unwrap_or_default(),
+        None,
+    );
+    let base = direct.p50;
+    rows.push(direct);
+    rows.push(summarize(
+        "nftables DNAT, one map lookup",
+        &human(n),
+        it.next().unwrap_or_default(),
+        Some(base),
+    ));
+    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "connect() latency over loopback in a private netns, {} connects per row in {} interleaved rounds",
+        args.connects, args.rounds
+    );
+    let _ = writeln!(
+        out,
+        "{:<52} {:>9} {:>9} {:>9} {:>16} {:>12}",
+        "path", "services", "p50 us", "p99 us", "p50 vs direct*", "p50 vs floor"
+    );
+    let floor = rows.first().map(|r| r.p50).unwrap_or(f64::NAN);
+    let pct = |v: f64, b: f64| format!("{:+.1}%", (v - b) / b * 100.0);
+    for r in &rows {
+        let delta = r.baseline_p50.map(|b| pct(r.p50, b)).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<52} {:>9} {:>9.1} {:>9.1} {:>16} {:>12}",
+            r.path,
+            r.services,
+            r.p50,
+            r.p99,
+            delta,
+            pct(r.p50, floor)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "* direct = straight to the backend in the same interleaved rounds and setup (same cgroup,\n  \
+         same nft ruleset loaded); floor = first row, no cgroup hook and no nft rules. With one nat\n  \
+         rule per service every new connection walks the chain, direct ones included."
+    );
+    for (n, t) in fill_times {
+        let _ = writeln!(
+            out,
+            "(filling the maps up to {} services took {:.2} s)",
+            human(n),
+            t.as_secs_f64()
+        );
+    }
+    let _ = writeln!(out, "(services in the maps at the end: {services_in_maps})");
+    Ok(out)
+}
+
+fn human(n: usize) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}

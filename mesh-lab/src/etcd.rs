@@ -69,55 +69,81 @@ pub fn issue_certs(plan: &crate::plan::LabPlan, ca_dir: &Path) -> Result<()> {
 }
 
 /// Creates etcd's users and roles (`root`, `admin-<cluster>`, `node-<cluster>`) and enables auth on every TLS etcd
-/// of `plan` (`mesh_certs::etcd::bootstrap_auth`). Runs on its own thread and runtime, so it also works when the
-/// caller is inside a tokio runtime.
+/// of `plan` (`mesh_certs::etcd::bootstrap_auth`).
 pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
-    let prefix = plan.prefix.clone();
-    let jobs: Vec<(String, String, mesh_certs::TlsFiles)> = plan
-        .clusters
-        .iter()
-        .filter_map(|c| {
-            let t = c.etcd.tls.as_ref()?;
-            Some((
-                c.name.clone(),
-                c.etcd.client_url.clone(),
-                mesh_certs::TlsFiles {
-                    ca_bundle: t.ca.clone(),
-                    identity: Some(mesh_certs::CertKeyPaths {
-                        cert: t.client_cert.clone(),
-                        key: t.client_key.clone(),
-                    }),
-                },
-            ))
+    for c in &plan.clusters {
+        let Some(tls) = &c.etcd.tls else { continue };
+        let files = root_files(tls);
+        let url = c.etcd.client_url.clone();
+        let name = c.name.clone();
+        on_runtime(|| async move {
+            let cluster = mesh_model::ClusterName::new(&name).map_err(|e| e.to_string())?;
+            mesh_certs::etcd::bootstrap_auth(&[url], &files, &cluster)
+                .await
+                .map_err(|e| e.to_string())
         })
-        .collect();
-    if jobs.is_empty() {
-        return Ok(());
+        .map_err(|detail| LabError::Certs {
+            prefix: plan.prefix.clone(),
+            detail: format!(
+                "etcd auth bootstrap of {} ({}): {detail}",
+                c.name, c.etcd.client_url
+            ),
+        })?;
     }
-    let err = move |detail: String| LabError::Certs {
-        prefix: prefix.clone(),
-        detail,
-    };
-    let err2 = err.clone();
+    Ok(())
+}
+
+/// Runs the future made by `make` on a fresh current-thread runtime on its own thread, so callers inside a tokio
+/// runtime are fine.
+pub(crate) fn on_runtime<T, F>(make: impl FnOnce() -> F + Send) -> std::result::Result<T, String>
+where
+    F: std::future::Future<Output = std::result::Result<T, String>>,
+    T: Send,
+{
     std::thread::scope(|s| {
-        s.spawn(move || {
+        s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| err(format!("tokio runtime: {e}")))?;
-            rt.block_on(async {
-                for (name, url, files) in &jobs {
-                    let cluster = mesh_model::ClusterName::new(name)
-                        .map_err(|e| err(format!("cluster {name}: {e}")))?;
-                    mesh_certs::etcd::bootstrap_auth(std::slice::from_ref(url), files, &cluster)
-                        .await
-                        .map_err(|e| err(format!("etcd auth bootstrap of {name} ({url}): {e}")))?;
-                }
-                Ok(())
-            })
+                .map_err(|e| format!("tokio runtime: {e}"))?;
+            rt.block_on(make())
         })
         .join()
-        .unwrap_or_else(|_| Err(err2("the auth bootstrap thread panicked".into())))
+        .unwrap_or_else(|_| Err("the etcd client thread panicked".into()))
+    })
+}
+
+/// The `root` client files of a TLS etcd.
+fn root_files(tls: &crate::plan::EtcdTlsFiles) -> mesh_certs::TlsFiles {
+    mesh_certs::TlsFiles {
+        ca_bundle: tls.ca.clone(),
+        identity: Some(mesh_certs::CertKeyPaths {
+            cert: tls.client_cert.clone(),
+            key: tls.client_key.clone(),
+        }),
+    }
+}
+
+/// Creates `remote-<peer>` (read-only on `clustermesh/v1/`) in `target`'s TLS etcd; no-op for plain etcd.
+pub fn add_remote_user(prefix: &str, target: &ClusterInfo, peer: &ClusterInfo) -> Result<()> {
+    let Some(tls) = &target.etcd.tls else {
+        return Ok(());
+    };
+    let files = root_files(tls);
+    let url = target.etcd.client_url.clone();
+    let peer_name = peer.name.clone();
+    on_runtime(|| async move {
+        let peer = mesh_model::ClusterName::new(&peer_name).map_err(|e| e.to_string())?;
+        mesh_certs::etcd::add_remote_user(&[url], &files, &peer)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|detail| LabError::Certs {
+        prefix: prefix.to_string(),
+        detail: format!(
+            "add user remote-{} to etcd of {}: {detail}",
+            peer.name, target.name
+        ),
     })
 }
 
@@ -170,30 +196,25 @@ pub fn probe(cluster: &ClusterInfo) -> std::result::Result<(), String> {
             )),
             Err(e) => Err(format!("GET http://{addr}/health: {e}")),
         },
-        Some(tls) => {
-            let url = format!("{}/health", cluster.etcd.client_url);
-            let out = std::process::Command::new("curl")
-                .args(["-sS", "--max-time", "2", "--cacert"])
-                .arg(&tls.ca)
-                .arg("--cert")
-                .arg(&tls.client_cert)
-                .arg("--key")
-                .arg(&tls.client_key)
-                .arg(&url)
-                .output()
-                .map_err(|e| format!("curl {url}: {e}"))?;
-            let body = String::from_utf8_lossy(&out.stdout);
-            if body.contains("\"health\":\"true\"") {
-                Ok(())
-            } else {
-                Err(format!(
-                    "curl {url}: {} {}",
-                    body.trim(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        }
+        Some(tls) => tls_status(&cluster.etcd.client_url, tls),
     }
+}
+
+/// One etcd `status` call over mTLS with the `root` client certificate.
+fn tls_status(url: &str, tls: &crate::plan::EtcdTlsFiles) -> std::result::Result<(), String> {
+    let files = root_files(tls);
+    let url = url.to_string();
+    on_runtime(|| async move {
+        let call = async {
+            let mut c = mesh_certs::etcd::connect(std::slice::from_ref(&url), &files)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.status().await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(3), call)
+            .await
+            .map_err(|_| format!("etcd status {url}: no answer within 3s"))?
+    })
 }
 
 /// Waits until `proc` (the etcd of `cluster`) reports healthy; fails early when it exits.

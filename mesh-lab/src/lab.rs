@@ -173,6 +173,11 @@ impl Lab {
         for dir in lab.plan.cgroup_dirs() {
             cgroup::create(&dir)?;
         }
+        for c in &lab.plan.clusters {
+            for m in std::iter::once(&c.control_plane).chain(&c.nodes) {
+                std::fs::create_dir_all(&m.bpffs).map_err(|e| LabError::io(&m.bpffs, e))?;
+            }
+        }
         if let Some(ca_dir) = &lab.plan.ca_dir {
             etcd::issue_certs(&lab.plan, ca_dir)?;
         }
@@ -441,6 +446,24 @@ impl Lab {
         self.start_etcd(cl)
     }
 
+    /// Lets the node-syncs of cluster `peer` read cluster `target`'s etcd: creates the etcd user `remote-<peer>`
+    /// (read-only on `clustermesh/v1/`), which `peer`'s `remote` certificate authenticates as (every cluster of a lab
+    /// trusts the lab's CA). What `clustermesh connect` does per direction; idempotent; no-op for plain etcd.
+    pub fn add_remote_user(&self, target: impl ClusterRef, peer: impl ClusterRef) -> Result<()> {
+        let (t, p) = (target.resolve(&self.plan)?, peer.resolve(&self.plan)?);
+        etcd::add_remote_user(&self.plan.prefix, t, p)
+    }
+
+    /// [`Lab::add_remote_user`] for every ordered pair of distinct clusters: a full mesh.
+    pub fn add_all_remote_users(&self) -> Result<()> {
+        for t in &self.plan.clusters {
+            for p in self.plan.clusters.iter().filter(|p| p.index != t.index) {
+                etcd::add_remote_user(&self.plan.prefix, t, p)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One health probe of cluster `c`'s etcd from the host.
     pub fn etcd_healthy(&self, c: impl ClusterRef) -> Result<bool> {
         Ok(etcd::probe(c.resolve(&self.plan)?).is_ok())
@@ -666,6 +689,13 @@ impl Drop for Lab {
     }
 }
 
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Lab>();
+    is::<LabProcess>();
+}
+
 fn label_of(cmd: &Command) -> String {
     // the wrapper's arguments are: -c SCRIPT mesh-lab-exec CGROUP NETNS PROGRAM ARGS...
     let args: Vec<String> = cmd
@@ -751,12 +781,20 @@ fn check_prerequisites(spec: &LabSpec) -> Result<()> {
             "root (the lab creates network namespaces and cgroups)".into(),
         ));
     }
-    for tool in ["ip", "nft", "tc", "nsenter", "sysctl", "mount"] {
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("nsenter", "util-linux"),
+        ("mount", "mount"),
+    ] {
         if which(tool).is_none() {
             return Err(LabError::Prerequisite(format!(
-                "`{tool}` on PATH (packages iproute2, nftables, util-linux, procps)"
+                "`{tool}` on PATH (Debian package {package})"
             )));
         }
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        tracing::warn!("no /dev/net/tun: set_latency_loss will fail (kernel CONFIG_TUN)");
     }
     if !spec.etcd_binary.exists() {
         return Err(LabError::Prerequisite(format!(
@@ -788,7 +826,8 @@ fn sweep(state_root: &Path, prefix: &str) -> Result<Option<String>> {
         .collect();
     let cg = cgroup_dir_of(prefix, state.as_ref());
     let cg_exists = cg.as_ref().is_some_and(|d| d.exists());
-    if state.is_none() && netns.is_empty() && !cg_exists && !state_dir.exists() {
+    let bpffs_exists = crate::plan::lab_bpffs_dir(prefix).exists();
+    if state.is_none() && netns.is_empty() && !cg_exists && !bpffs_exists && !state_dir.exists() {
         return Ok(None);
     }
     let found = format!(
@@ -882,7 +921,14 @@ fn teardown(state_root: &Path, prefix: &str, state: Option<&LabState>) -> Result
             leftovers.push(format!("host link {veth}: {e}"));
         }
     }
-    // 5. state
+    // 5. pinned BPF objects of the lab's nodes
+    let bpffs = crate::plan::lab_bpffs_dir(prefix);
+    if bpffs.exists()
+        && let Err(e) = std::fs::remove_dir_all(&bpffs)
+    {
+        leftovers.push(format!("{}: {e}", bpffs.display()));
+    }
+    // 6. state
     let state_dir = state_root.join(prefix);
     if state_dir.exists()
         && let Err(e) = std::fs::remove_dir_all(&state_dir)

@@ -41,6 +41,17 @@ pub fn host_link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
 }
 
+/// Sets a network sysctl inside `netns` (network sysctls under /proc/sys/net are per namespace; no procps needed).
+pub fn set_sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    cmd::in_netns(
+        netns,
+        "sh",
+        &["-c", "echo \"$1\" > \"$2\"", "sh", value, &path],
+    )?;
+    Ok(())
+}
+
 /// Creates every namespace, link, address and route of `plan`, the router's nft table, and ip forwarding.
 pub fn build(plan: &LabPlan) -> Result<()> {
     for ns in plan.netns_names() {
@@ -95,7 +106,7 @@ pub fn build(plan: &LabPlan) -> Result<()> {
         }
     }
     cmd::ip_batch(Some(r), &router)?;
-    cmd::in_netns(r, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    set_sysctl(r, "net.ipv4.ip_forward", "1")?;
     cmd::in_netns_input(r, "nft", &["-f", "-"], &nft_ruleset())?;
 
     // members: address, default route via the cluster bridge
@@ -159,15 +170,8 @@ pub fn heal(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
 pub fn setup_impairer_routing(plan: &LabPlan) -> Result<()> {
     let r = &plan.router_netns;
     let tun = crate::impair::TUN_NAME;
-    cmd::in_netns(
-        r,
-        "sysctl",
-        &[
-            "-qw",
-            "net.ipv4.conf.all.rp_filter=0",
-            &format!("net.ipv4.conf.{tun}.rp_filter=0"),
-        ],
-    )?;
+    set_sysctl(r, "net.ipv4.conf.all.rp_filter", "0")?;
+    set_sysctl(r, &format!("net.ipv4.conf.{tun}.rp_filter"), "0")?;
     cmd::ip(&[
         "-n",
         r,

@@ -183,6 +183,10 @@ pub struct NodeInfo {
     pub router_port: String,
     /// The cgroup v2 directory of this node (absolute path); processes of the node run in it.
     pub cgroup: PathBuf,
+    /// A bpffs directory for this node's pinned BPF objects (`/sys/fs/bpf/mesh-lab/<prefix>/c<i>-<name>`),
+    /// removed with the lab.
+    #[serde(default)]
+    pub bpffs: PathBuf,
 }
 
 /// One cluster's etcd: where it listens and where its files are.
@@ -318,6 +322,9 @@ pub struct LabPlan {
     pub router_addr: Ipv4Addr,
     /// The lab's cgroup v2 directory (parent of every node's).
     pub cgroup_dir: PathBuf,
+    /// The lab's bpffs directory (parent of every node's).
+    #[serde(default)]
+    pub bpffs_dir: PathBuf,
     /// How etcd is secured.
     pub etcd_security: EtcdSecurity,
     /// The lab's root CA directory (a `mesh_certs` CA dir), with TLS etcd.
@@ -339,6 +346,7 @@ impl LabPlan {
         let p = &spec.prefix;
         let state_dir = spec.state_root.join(p);
         let cgroup_dir = lab_cgroup_dir(cgroup_root, p);
+        let bpffs_dir = lab_bpffs_dir(p);
         let tls = spec.etcd == EtcdSecurity::Tls;
         let clusters = (1..=spec.clusters)
             .map(|c| -> Result<ClusterInfo> {
@@ -351,6 +359,7 @@ impl LabPlan {
                     addr: Ipv4Addr::new(10, octet, c8, host),
                     router_port: format!("c{c}{name}"),
                     cgroup: cgroup_dir.join(format!("c{c}-{name}")),
+                    bpffs: bpffs_dir.join(format!("c{c}-{name}")),
                     name,
                 };
                 let cp = member(0, "cp".into(), 2);
@@ -398,6 +407,7 @@ impl LabPlan {
             router_addr: Ipv4Addr::new(10, octet, 0, 1),
             state_dir,
             cgroup_dir,
+            bpffs_dir,
             etcd_security: spec.etcd,
             ca_dir,
             clusters,
@@ -434,6 +444,13 @@ impl LabPlan {
 /// The cgroup v2 directory of the lab with `prefix` under `cgroup_root`.
 pub fn lab_cgroup_dir(cgroup_root: &Path, prefix: &str) -> PathBuf {
     cgroup_root.join("mesh-lab").join(prefix)
+}
+
+/// The bpffs directory of the lab with `prefix`.
+pub fn lab_bpffs_dir(prefix: &str) -> PathBuf {
+    Path::new(crate::cgroup::BPFFS_MOUNT)
+        .join("mesh-lab")
+        .join(prefix)
 }
 
 /// True when `netns` is a namespace name that a lab with `prefix` creates (`P-router`, `P-c<i>-cp`,
@@ -486,6 +503,10 @@ mod tests {
         assert_eq!(c2.nodes[1].addr, Ipv4Addr::new(10, 123, 2, 12));
         assert_eq!(c2.nodes[1].router_port, "c2n2");
         assert_eq!(c2.nodes[1].cgroup, Path::new("/cg/mesh-lab/t1/c2-n2"));
+        assert_eq!(
+            c2.nodes[1].bpffs,
+            Path::new("/sys/fs/bpf/mesh-lab/t1/c2-n2")
+        );
         assert_eq!(c2.etcd_endpoint(), "https://10.123.2.2:2379");
         let tls = c2.etcd.tls.as_ref().unwrap();
         assert_eq!(tls.dir, Path::new("/run/mesh-lab/t1/c2/certs"));

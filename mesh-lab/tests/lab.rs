@@ -400,6 +400,27 @@ fn tls_etcd_by_default_needs_a_client_certificate_and_has_users() {
         assert!(denied.is_err(), "node wrote outside its health prefix");
     });
 
+    // cluster 1's node-syncs read cluster 2's etcd as remote-c1 once the lab added that user
+    lab.add_all_remote_users().unwrap();
+    let c1 = lab.cluster_certs(1).unwrap().expect("cert dir of c1");
+    rt.block_on(async {
+        let mut remote =
+            mesh_certs::etcd::connect_as(&c1, Role::Remote, std::slice::from_ref(&url))
+                .await
+                .expect("remote-c1 connects to c2");
+        let got = remote
+            .get("clustermesh/v1/lab-test", None)
+            .await
+            .expect("remote reads");
+        assert_eq!(got.kvs()[0].value(), b"x");
+        assert!(
+            remote
+                .put("clustermesh/v1/lab-test", "z", None)
+                .await
+                .is_err()
+        );
+    });
+
     // a restart keeps TLS and auth
     lab.restart_etcd(2).unwrap();
     assert!(lab.etcd_healthy(2).unwrap());

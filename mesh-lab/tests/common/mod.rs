@@ -89,6 +89,7 @@ pub struct Footprint {
     pub netns: Vec<String>,
     pub pids: Vec<mesh_lab::process::ProcRecord>,
     pub cgroups: Vec<PathBuf>,
+    pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     pub host_veth: String,
 }
@@ -108,6 +109,7 @@ impl Footprint {
             netns: lab.plan().netns_names(),
             pids,
             cgroups: lab.plan().cgroup_dirs(),
+            bpffs: lab.plan().bpffs_dir.clone(),
             state_dir: lab.state_dir().to_path_buf(),
             host_veth: lab.plan().host_veth.clone(),
         }

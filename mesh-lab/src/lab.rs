@@ -147,6 +147,8 @@ impl Lab {
             let mut used = state::octets_in_use(&spec.state_root, &spec.prefix);
             let routes = cmd::ip(&["-4", "route", "show", "table", "all"])?;
             used.extend(state::octets_taken_by_routes(&routes));
+            // a host veth left by a lab whose state is gone still blocks its name
+            used.extend(crate::plan::OCTETS.filter(|o| net::host_link_exists(&format!("mlh{o}"))));
             let octet = state::pick_octet(&used)
                 .ok_or_else(|| LabError::NoFreeRange(spec.prefix.clone()))?;
             let plan = LabPlan::new(&spec, octet, &cgroup_root)?;
@@ -379,6 +381,38 @@ impl Lab {
         self.spawn(w)?.wait_with_output()
     }
 
+    /// Runs `cmd` to completion inside the control plane of cluster `c` and returns its output.
+    pub fn output_in_control_plane(&self, c: impl ClusterRef, cmd: &Command) -> Result<Output> {
+        let m = self.control_plane(c)?.clone();
+        let mut w = Self::member_command(&m, cmd.get_program());
+        copy_settings(cmd, &mut w);
+        w.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.spawn(w)?.wait_with_output()
+    }
+
+    /// Kills every process in node `n` of cluster `c` (SIGKILL through `cgroup.kill`: a node crash) and waits until
+    /// the node's cgroup is empty. Handles of those processes see them exit by SIGKILL.
+    pub fn crash_node(&self, c: impl ClusterRef, n: usize) -> Result<()> {
+        let node = self.node(c, n)?;
+        let kill = node.cgroup.join("cgroup.kill");
+        if kill.exists() {
+            std::fs::write(&kill, "1").map_err(|e| LabError::io(&kill, e))?;
+        } else {
+            for pid in cgroup::procs(&node.cgroup) {
+                crate::process::send(pid, Signal::SIGKILL)?;
+            }
+        }
+        if !poll_until(TEARDOWN_TIMEOUT, || cgroup::is_empty(&node.cgroup)) {
+            return Err(LabError::Timeout {
+                what: format!("cgroup {} to empty", node.cgroup.display()),
+                timeout: TEARDOWN_TIMEOUT,
+            });
+        }
+        Ok(())
+    }
+
     // ---- etcd ----
 
     fn launch_etcd(&self, c: &ClusterInfo) -> Result<LabProcess> {
@@ -501,6 +535,23 @@ impl Lab {
         let mut inner = self.inner();
         inner.state.partitions.retain(|p| *p != (a.index, b.index));
         inner.state.save()
+    }
+
+    /// Partitions cluster `c` from every other cluster (the host still reaches it).
+    pub fn isolate(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        for other in self.plan.clusters.iter().filter(|o| o.index != cl.index) {
+            self.partition(cl, other)?;
+        }
+        Ok(())
+    }
+
+    /// Heals every partition.
+    pub fn heal_all(&self) -> Result<()> {
+        for (a, b) in self.partitions() {
+            self.heal(a, b)?;
+        }
+        Ok(())
     }
 
     /// Partitions in force, as pairs of cluster indices.

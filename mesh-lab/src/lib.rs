@@ -13,6 +13,43 @@
 //! [`Lab`] removes all of it: processes by PID and by cgroup, namespaces, cgroups, the state directory. Labs with
 //! different prefixes get different address ranges (`10.<octet>.0.0/16`, allocated under a lock) and never
 //! collide, so tests may run concurrently. Needs root, iproute2, nftables, util-linux and etcd.
+//!
+//! etcd runs with TLS and client-certificate auth by default: [`Lab::up`] makes a root CA per lab and a
+//! certificate directory per cluster with `mesh_certs` ([`Lab::cluster_certs`]), and bootstraps the etcd users
+//! `root`, `admin-<cluster>` and `node-<cluster>`; [`Lab::add_remote_user`] adds `remote-<peer>`.
+//! [`EtcdSecurity::Plain`] gives plain HTTP for tests that ask for it.
+//!
+//! # In an end-to-end test
+//!
+//! ```no_run
+//! use std::process::{Command, Stdio};
+//! use std::time::Duration;
+//! use mesh_lab::{Lab, LabSpec};
+//!
+//! let lab = Lab::up(LabSpec::new("e2e-failover", 2, 2))?; // a unique prefix per test
+//! lab.add_all_remote_users()?;
+//! let certs = lab.cluster_certs(1)?.expect("TLS lab");
+//! // node-sync on c1/n1: its own etcd and c2's, attached to the node's cgroup, maps pinned in the node's bpffs dir
+//! let node = lab.node(1, 1)?.clone();
+//! let mut cmd = lab.node_command(1, 1, "/path/to/node-sync")?;
+//! cmd.arg("--cgroup").arg(&node.cgroup)
+//!     .arg("--bpffs").arg(&node.bpffs)
+//!     .arg("--local-etcd").arg(lab.etcd_endpoint(1)?)
+//!     .arg("--remote-etcd").arg(lab.etcd_endpoint(2)?)
+//!     .arg("--certs").arg(&certs.path)
+//!     .stdout(Stdio::piped());
+//! let mut node_sync = lab.spawn(cmd)?;
+//! // faults
+//! lab.partition(1, 2)?;
+//! lab.heal(1, 2)?;
+//! lab.set_latency_loss(1, 2, Duration::from_millis(50), 1.0)?;
+//! lab.clear_impairment(1, 2)?;
+//! lab.kill_etcd(2)?;
+//! lab.start_etcd(2)?;
+//! node_sync.stop()?; // SIGTERM, then SIGKILL after a grace period
+//! # Ok::<(), mesh_lab::LabError>(())
+//! // dropping `lab` removes everything
+//! ```
 
 pub mod cgroup;
 mod cmd;
@@ -27,6 +64,7 @@ pub mod state;
 
 pub use error::{LabError, Result};
 pub use lab::{ClusterRef, Lab, LabStatus};
+pub use nix::sys::signal::Signal;
 pub use plan::{ClusterInfo, EtcdInfo, EtcdSecurity, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo};
 pub use process::LabProcess;
 pub use state::{Impairment, ImpairmentRecord};

@@ -69,6 +69,31 @@ fn node_reaches_remote_etcd_partition_blocks_heal_restores_teardown_leaves_nothi
     assert!(lab.partitions().is_empty());
     lab.heal(1, 2).unwrap(); // healing twice is fine
 
+    // isolate cuts a cluster from all others; heal_all undoes every partition
+    lab.isolate(2).unwrap();
+    assert!(
+        !reaches_etcd(&lab, 1, 2, 2, SECOND),
+        "isolate(2) let c1 through"
+    );
+    lab.heal_all().unwrap();
+    assert!(
+        reaches_etcd(&lab, 1, 2, 2, 3 * SECOND),
+        "heal_all did not restore c1 -> c2"
+    );
+
+    // a node crash kills what runs on that node and nothing else
+    let mut victim = lab
+        .spawn_in_node(1, 2, Command::new("sleep").arg("1000"))
+        .unwrap();
+    lab.crash_node(1, 2).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    let st = victim
+        .wait_timeout(SECOND)
+        .unwrap()
+        .expect("crashed node's process exited");
+    assert_eq!(st.signal(), Some(9));
+    assert!(sleeper.is_running(), "crash of c1/n2 hit c1/n1");
+
     assert!(sleeper.is_running());
     lab.teardown().unwrap();
     assert!(

@@ -18,6 +18,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use global_lb_bpf_common::{self as common, ServiceKey, ServiceValue};
+use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info};
 
 use crate::maps::{LbMaps, ServiceMaps};
@@ -58,11 +59,33 @@ pub struct DatapathConfig {
 }
 
 /// The loaded, attached datapath and its typed map API.
+///
+/// One `Datapath` per pin directory at a time: [`Datapath::open`] holds an exclusive lock on the
+/// pin directory until dropped (a second writer would race the first one's slot updates). To
+/// look at a running datapath from elsewhere use [`Datapath::inspect`].
 pub struct Datapath {
     config: DatapathConfig,
     maps: LbMaps<AyaStore>,
     links: Vec<PinnedLink>,
     reused_links: usize,
+    _lock: Flock<File>,
+}
+
+/// A read-only view of the maps of a running datapath (see [`Datapath::inspect`]).
+pub struct DatapathView {
+    maps: LbMaps<AyaStore>,
+}
+
+impl DatapathView {
+    /// Every service, sorted by frontend.
+    pub fn services(&self) -> Result<Vec<Service>, Error> {
+        self.maps.services()
+    }
+
+    /// Connection counters of every backend, sorted by backend id.
+    pub fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
+        self.maps.counters()
+    }
 }
 
 impl std::fmt::Debug for Datapath {
@@ -90,6 +113,7 @@ impl Datapath {
             });
         }
         prepare_pin_dir(&config.pin_dir)?;
+        let lock = lock_pin_dir(&config.pin_dir)?;
 
         let map_pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
@@ -135,6 +159,28 @@ impl Datapath {
             maps,
             links,
             reused_links,
+            _lock: lock,
+        })
+    }
+
+    /// Reads the services and counters pinned under `pin_dir` without attaching, locking or
+    /// changing anything (safe while another process owns the datapath).
+    pub fn inspect(pin_dir: &Path) -> Result<DatapathView, Error> {
+        let open = |name: &'static str| -> Result<Map, Error> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| Error::MapLayout {
+                map: name,
+                reason: format!("opening the pin {}: {e}", path.display()),
+            })?;
+            Map::from_map_data(data).map_err(layout_err(name))
+        };
+        let store = AyaStore::from_maps(
+            open(common::SERVICES_MAP)?,
+            open(common::BACKENDS_MAP)?,
+            open(common::COUNTERS_MAP)?,
+        )?;
+        Ok(DatapathView {
+            maps: LbMaps::read_only(store)?,
         })
     }
 
@@ -202,6 +248,27 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), Error> {
         what: "creating pin directory",
         path: pin_dir.into(),
         source,
+    })
+}
+
+fn lock_pin_dir(pin_dir: &Path) -> Result<Flock<File>, Error> {
+    let dir = File::open(pin_dir).map_err(|source| Error::Io {
+        what: "opening pin directory",
+        path: pin_dir.into(),
+        source,
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            Error::Busy {
+                pin_dir: pin_dir.into(),
+            }
+        } else {
+            Error::Io {
+                what: "locking pin directory",
+                path: pin_dir.into(),
+                source: errno.into(),
+            }
+        }
     })
 }
 
@@ -320,12 +387,17 @@ fn is_not_found(e: &MapError) -> bool {
 
 impl AyaStore {
     fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
-        let services = AyaHashMap::try_from(take_map(ebpf, common::SERVICES_MAP)?)
-            .map_err(layout_err(common::SERVICES_MAP))?;
-        let backends = AyaHashMap::try_from(take_map(ebpf, common::BACKENDS_MAP)?)
-            .map_err(layout_err(common::BACKENDS_MAP))?;
-        let counters = PerCpuArray::try_from(take_map(ebpf, common::COUNTERS_MAP)?)
-            .map_err(layout_err(common::COUNTERS_MAP))?;
+        Self::from_maps(
+            take_map(ebpf, common::SERVICES_MAP)?,
+            take_map(ebpf, common::BACKENDS_MAP)?,
+            take_map(ebpf, common::COUNTERS_MAP)?,
+        )
+    }
+
+    fn from_maps(services: Map, backends: Map, counters: Map) -> Result<Self, Error> {
+        let services = AyaHashMap::try_from(services).map_err(layout_err(common::SERVICES_MAP))?;
+        let backends = AyaHashMap::try_from(backends).map_err(layout_err(common::BACKENDS_MAP))?;
+        let counters = PerCpuArray::try_from(counters).map_err(layout_err(common::COUNTERS_MAP))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::Io {
             what: "reading",
             path: what.into(),

@@ -36,6 +36,13 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// Another process has the datapath of this pin directory open.
+    #[error("pin directory {pin_dir} is in use by another loader (one writer at a time)")]
+    Busy {
+        /// The pin directory.
+        pin_dir: PathBuf,
+    },
+
     /// A filesystem operation on the pin directory or a mount point failed.
     #[error("{what} {path}: {source}")]
     Io {

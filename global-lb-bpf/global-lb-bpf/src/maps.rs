@@ -89,6 +89,8 @@ pub struct LbMaps<S> {
     next_service_id: u32,
     /// Entries in the services map (slot 0 entries plus backend slots).
     service_entries: usize,
+    /// A failed write could not be cleaned up yet: sweep before the next write.
+    needs_sweep: bool,
 }
 
 impl<S: MapStore> LbMaps<S> {
@@ -103,6 +105,7 @@ impl<S: MapStore> LbMaps<S> {
             next_backend_id: 1,
             next_service_id: 1,
             service_entries: 0,
+            needs_sweep: false,
         }
     }
 
@@ -112,6 +115,27 @@ impl<S: MapStore> LbMaps<S> {
     /// missing backend. Services are not rewritten otherwise.
     pub fn recover(store: S) -> Result<Self, Error> {
         let mut me = Self::with_empty_store(store);
+        me.reload(true)?;
+        Ok(me)
+    }
+
+    /// Logic over a store another writer may be changing: reads the services back without
+    /// removing or repairing anything. For inspection only (`services()`, `counters()`).
+    pub fn read_only(store: S) -> Result<Self, Error> {
+        let mut me = Self::with_empty_store(store);
+        me.reload(false)?;
+        Ok(me)
+    }
+
+    /// Rebuilds the in-memory mirror from the store; with `sweep`, also removes leftovers and
+    /// repairs broken services (see [`LbMaps::recover`]).
+    fn reload(&mut self, sweep: bool) -> Result<(), Error> {
+        self.services.clear();
+        self.backends.clear();
+        self.backend_ids.clear();
+        self.service_ids.clear();
+        self.service_entries = 0;
+        let me = self;
         let slots = me.store.slots()?;
         let stored_backends = me.store.backends()?;
 
@@ -184,6 +208,9 @@ impl<S: MapStore> LbMaps<S> {
                 orphans.push(*key);
             }
         }
+        if !sweep {
+            return Ok(());
+        }
         if !orphans.is_empty() {
             debug!(count = orphans.len(), "removing leftover service slots");
         }
@@ -202,7 +229,29 @@ impl<S: MapStore> LbMaps<S> {
         for (frontend, backends) in repairs {
             me.upsert_service(&frontend, &backends)?;
         }
-        Ok(me)
+        Ok(())
+    }
+
+    /// After a failed write: re-read the maps so the mirror matches them again (a half-done
+    /// update is swept back to the old backend set, plus any slots already rewritten in place).
+    fn after_error(&mut self, error: Error) -> Error {
+        if matches!(error, Error::InvalidService { .. }) {
+            return error;
+        }
+        if let Err(reload) = self.reload(true) {
+            warn!(%reload, "re-reading the maps after a failed write failed too");
+            self.needs_sweep = true;
+        }
+        error
+    }
+
+    /// Finishes the clean-up of an earlier failed write, if one is pending.
+    fn sweep_if_needed(&mut self) -> Result<(), Error> {
+        if self.needs_sweep {
+            self.reload(true)?;
+            self.needs_sweep = false;
+        }
+        Ok(())
     }
 
     /// The store underneath.
@@ -348,6 +397,49 @@ pub(crate) fn assign_slots(old: &[u32], wanted: &[(u32, u16)]) -> Vec<u32> {
 
 impl<S: MapStore> ServiceMaps for LbMaps<S> {
     fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend]) -> Result<u32, Error> {
+        self.sweep_if_needed()?;
+        self.try_upsert(frontend, backends)
+            .map_err(|e| self.after_error(e))
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
+        self.sweep_if_needed()?;
+        self.try_delete(frontend).map_err(|e| self.after_error(e))
+    }
+
+    fn services(&self) -> Result<Vec<Service>, Error> {
+        Ok(self
+            .services
+            .iter()
+            .map(|(frontend, s)| Service {
+                frontend: *frontend,
+                service_id: s.service_id,
+                backends: self.backends_of(&s.slots),
+            })
+            .collect())
+    }
+
+    fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
+        let mut ids: Vec<u32> = self.backends.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|id| {
+                let b = backend_from_value(&self.backends[&id].value);
+                Ok(BackendCounter {
+                    backend_id: id,
+                    addr: b.addr,
+                    port: b.port,
+                    cluster_id: b.cluster_id,
+                    local: b.local,
+                    connections: self.store.counter(id)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl<S: MapStore> LbMaps<S> {
+    fn try_upsert(&mut self, frontend: &Frontend, backends: &[Backend]) -> Result<u32, Error> {
         let backends = Self::validate(frontend, backends)?;
         let old = self.services.get(frontend).cloned();
         let old_slots = old.as_ref().map(|s| s.slots.clone()).unwrap_or_default();
@@ -477,7 +569,7 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
         Ok(service_id)
     }
 
-    fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
+    fn try_delete(&mut self, frontend: &Frontend) -> Result<bool, Error> {
         let Some(state) = self.services.get(frontend).cloned() else {
             return Ok(false);
         };
@@ -491,36 +583,6 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
         self.release_backends(state.slots)?;
         debug!(%frontend, "service deleted");
         Ok(true)
-    }
-
-    fn services(&self) -> Result<Vec<Service>, Error> {
-        Ok(self
-            .services
-            .iter()
-            .map(|(frontend, s)| Service {
-                frontend: *frontend,
-                service_id: s.service_id,
-                backends: self.backends_of(&s.slots),
-            })
-            .collect())
-    }
-
-    fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
-        let mut ids: Vec<u32> = self.backends.keys().copied().collect();
-        ids.sort_unstable();
-        ids.into_iter()
-            .map(|id| {
-                let b = backend_from_value(&self.backends[&id].value);
-                Ok(BackendCounter {
-                    backend_id: id,
-                    addr: b.addr,
-                    port: b.port,
-                    cluster_id: b.cluster_id,
-                    local: b.local,
-                    connections: self.store.counter(id)?,
-                })
-            })
-            .collect()
     }
 }
 
@@ -804,5 +866,89 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!((c[0].connections, c[0].local), (5, true));
         assert_eq!((c[1].connections, c[1].local), (0, false));
+    }
+
+    /// A store that fails every write after the first `budget` ones.
+    struct FailingStore {
+        inner: MemStore,
+        budget: usize,
+    }
+
+    impl FailingStore {
+        fn spend(&mut self) -> Result<(), Error> {
+            if self.budget == 0 {
+                return Err(Error::MapFull {
+                    map: common::SERVICES_MAP,
+                    capacity: 0,
+                });
+            }
+            self.budget -= 1;
+            Ok(())
+        }
+    }
+
+    impl MapStore for FailingStore {
+        fn put_slot(&mut self, k: &common::ServiceKey, v: &ServiceValue) -> Result<(), Error> {
+            self.spend()?;
+            self.inner.put_slot(k, v)
+        }
+        fn delete_slot(&mut self, k: &common::ServiceKey) -> Result<(), Error> {
+            self.spend()?;
+            self.inner.delete_slot(k)
+        }
+        fn put_backend(&mut self, id: u32, v: &common::Backend) -> Result<(), Error> {
+            self.spend()?;
+            self.inner.put_backend(id, v)
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<(), Error> {
+            self.spend()?;
+            self.inner.delete_backend(id)
+        }
+        fn reset_counter(&mut self, id: u32) -> Result<(), Error> {
+            self.inner.reset_counter(id)
+        }
+        fn counter(&self, id: u32) -> Result<u64, Error> {
+            self.inner.counter(id)
+        }
+        fn slots(&self) -> Result<Vec<(common::ServiceKey, ServiceValue)>, Error> {
+            self.inner.slots()
+        }
+        fn backends(&self) -> Result<Vec<(u32, common::Backend)>, Error> {
+            self.inner.backends()
+        }
+    }
+
+    #[test]
+    fn a_write_failing_midway_leaves_maps_and_mirror_consistent() {
+        let f = fe("tcp:127.10.0.1:80");
+        let old: Vec<Backend> = (1..=3).map(|i| be(&format!("127.0.1.{i}:80@1"))).collect();
+        let new: Vec<Backend> = (1..=5).map(|i| be(&format!("127.0.2.{i}:80@2"))).collect();
+        for budget in 0..20 {
+            let mut maps = LbMaps::with_empty_store(FailingStore {
+                inner: MemStore::new(),
+                budget: usize::MAX,
+            });
+            maps.upsert_service(&f, &old).unwrap();
+            maps.store_mut().budget = budget;
+            let result = maps.upsert_service(&f, &new);
+            maps.store_mut().budget = usize::MAX;
+            // Whatever happened, the mirror says what the maps hold...
+            let reread = LbMaps::read_only(maps.store().inner.clone()).unwrap();
+            assert_eq!(maps.services().unwrap(), reread.services().unwrap());
+            // ...every slot within the count resolves to a backend of one of the two sets...
+            let head = maps.store().inner.slots[&f.key(0)];
+            for slot in 1..=head.count {
+                let b = backend_from_value(&maps.store().inner.resolve(&f.key(0), slot).unwrap());
+                assert!(
+                    old.contains(&b) || new.contains(&b),
+                    "budget {budget}: {b:?}"
+                );
+            }
+            assert!(result.is_ok() || head.count > 0, "budget {budget}");
+            // ...and the next write completes the update.
+            maps.upsert_service(&f, &new).unwrap();
+            assert_eq!(maps.services().unwrap()[0].backends, new);
+            assert_eq!(maps.store().inner.backends.len(), new.len());
+        }
     }
 }

@@ -329,7 +329,8 @@ fn services_keep_working_across_loader_restarts() {
         let v = probe_in(&cgroup.path, &["tcp", "10.96.0.40:80"]);
         assert_eq!(s(ok(&v), "reply"), "b1");
 
-        // Loader process 2 starts on the same pins and only reads.
+        // Loader process 2 starts on the same pins (reusing them), then a reader lists.
+        glb(&config, &["attach"]);
         let listed: serde_json::Value = serde_json::from_str(&glb(&config, &["list"])).unwrap();
         assert_eq!(listed[0]["frontend"]["port"], 80, "{listed}");
         assert_eq!(listed[0]["backends"][0]["port"], 8080, "{listed}");
@@ -353,7 +354,7 @@ fn services_keep_working_across_loader_restarts() {
         assert_eq!(
             attached.matches("connect4").count(),
             1,
-            "one connect4 attached after three loader runs:\n{attached}"
+            "one connect4 attached after four loader runs:\n{attached}"
         );
 
         let mut dp = Datapath::open(&config).unwrap();
@@ -407,4 +408,35 @@ fn open_errors_name_the_cgroup_or_pin_directory() {
     assert!(err.to_string().contains("address family"), "{err}");
     drop(dp);
     Datapath::remove(&pin_dir(&name)).unwrap();
+}
+
+#[test]
+fn one_writer_per_pin_directory_and_readers_alongside() {
+    let name = unique("busy");
+    let cgroup = TestCgroup::new(&name);
+    let config = DatapathConfig {
+        cgroup: cgroup.path.clone(),
+        pin_dir: pin_dir(&name),
+    };
+    let mut dp = Datapath::open(&config).unwrap();
+    dp.upsert_service(
+        &frontend("tcp:10.96.0.50:80"),
+        &[backend("10.1.0.50:80", 3)],
+    )
+    .unwrap();
+    let err = Datapath::open(&config).unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    assert!(err.to_string().contains(&name), "{err}");
+    // A reader sees the writer's services and changes nothing.
+    let view = Datapath::inspect(&config.pin_dir).unwrap();
+    let services = view.services().unwrap();
+    assert_eq!(services.len(), 1);
+    assert_eq!(services[0].backends[0].cluster_id, 3);
+    drop(view);
+    drop(dp);
+    // Once the writer is gone the next one gets in.
+    let dp = Datapath::open(&config).unwrap();
+    assert_eq!(dp.services().unwrap().len(), 1);
+    drop(dp);
+    Datapath::remove(&config.pin_dir).unwrap();
 }

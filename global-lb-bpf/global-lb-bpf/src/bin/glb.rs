@@ -13,9 +13,9 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "glb", about = "eBPF socket load balancer for global services")]
 struct Args {
-    /// cgroup v2 directory whose processes are load-balanced.
+    /// cgroup v2 directory whose processes are load-balanced (needed by attach, upsert, delete).
     #[arg(long, env = "GLB_CGROUP")]
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
     /// Directory on bpffs for the pinned maps and links (one per cgroup).
     #[arg(long, env = "GLB_PIN_DIR", default_value = "/sys/fs/bpf/clustermesh")]
     pin_dir: PathBuf,
@@ -45,9 +45,9 @@ enum Command {
         /// PROTO:ADDR:PORT.
         frontend: Frontend,
     },
-    /// Print the services as JSON.
+    /// Print the services as JSON (read-only; works while another process owns the datapath).
     List,
-    /// Print the per-backend connection counters as JSON.
+    /// Print the per-backend connection counters as JSON (read-only).
     Counters,
     /// Detach the programs and delete the pinned maps.
     Remove,
@@ -67,33 +67,46 @@ fn main() -> Result<()> {
     if args.mount_bpffs {
         mounts::ensure_bpffs(std::path::Path::new(mounts::DEFAULT_BPFFS))?;
     }
-    if let Command::Remove = args.command {
-        Datapath::remove(&args.pin_dir)
-            .with_context(|| format!("removing {}", args.pin_dir.display()))?;
-        return Ok(());
-    }
-    let mut dp = Datapath::open(&DatapathConfig {
-        cgroup: args.cgroup.clone(),
-        pin_dir: args.pin_dir.clone(),
-    })?;
     match args.command {
-        Command::Attach | Command::Remove => {}
-        Command::Upsert { frontend, backends } => {
-            let id = dp.upsert_service(&frontend, &backends)?;
-            println!(
-                "{}",
-                serde_json::json!({ "frontend": frontend, "service_id": id })
-            );
+        Command::Remove => {
+            Datapath::remove(&args.pin_dir)
+                .with_context(|| format!("removing {}", args.pin_dir.display()))?;
         }
-        Command::Delete { frontend } => {
-            let existed = dp.delete_service(&frontend)?;
-            println!(
-                "{}",
-                serde_json::json!({ "frontend": frontend, "deleted": existed })
-            );
+        Command::List => {
+            let view = Datapath::inspect(&args.pin_dir)?;
+            println!("{}", serde_json::to_string_pretty(&view.services()?)?);
         }
-        Command::List => println!("{}", serde_json::to_string_pretty(&dp.services()?)?),
-        Command::Counters => println!("{}", serde_json::to_string_pretty(&dp.counters()?)?),
+        Command::Counters => {
+            let view = Datapath::inspect(&args.pin_dir)?;
+            println!("{}", serde_json::to_string_pretty(&view.counters()?)?);
+        }
+        Command::Attach | Command::Upsert { .. } | Command::Delete { .. } => {
+            let cgroup = args
+                .cgroup
+                .clone()
+                .context("--cgroup (or GLB_CGROUP) is required to attach or write services")?;
+            let mut dp = Datapath::open(&DatapathConfig {
+                cgroup,
+                pin_dir: args.pin_dir.clone(),
+            })?;
+            match args.command {
+                Command::Upsert { frontend, backends } => {
+                    let id = dp.upsert_service(&frontend, &backends)?;
+                    println!(
+                        "{}",
+                        serde_json::json!({ "frontend": frontend, "service_id": id })
+                    );
+                }
+                Command::Delete { frontend } => {
+                    let existed = dp.delete_service(&frontend)?;
+                    println!(
+                        "{}",
+                        serde_json::json!({ "frontend": frontend, "deleted": existed })
+                    );
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use crate::args::Args;
 use crate::cluster::{
     self, ClusterSource, ConnEvent, KeyScope, LiveState, Liveness, Validator, WatchSettings,
 };
+use crate::datapath::ClusterIds;
 use crate::health;
 use crate::index::{MergeIndex, ProbeTarget};
 use crate::lb::{MapError, MapWriter, Reconciler};
@@ -62,6 +63,8 @@ pub struct AgentOptions {
     pub status_every: Duration,
     /// Run the health checker and the publisher.
     pub publish: bool,
+    /// Cluster ids learnt from accepted configs (shared with the datapath writer).
+    pub cluster_ids: ClusterIds,
 }
 
 impl AgentOptions {
@@ -84,6 +87,7 @@ impl AgentOptions {
             remote_dir_poll: Duration::from_secs(1),
             status_every: Duration::from_secs(5),
             publish: true,
+            cluster_ids: ClusterIds::default(),
         }
     }
 
@@ -93,7 +97,9 @@ impl AgentOptions {
             .iter()
             .any(|e| e.starts_with("https://"))
         {
-            self.tls_dir.as_deref().map(cluster::tls_from_dir)
+            self.tls_dir
+                .as_deref()
+                .map(|d| cluster::tls_from_dir(d, false))
         } else {
             None
         };
@@ -346,6 +352,7 @@ impl Drop for Tasks {
 
 async fn run(shared: Arc<Mutex<AgentState>>) {
     let opts = lock(&shared).opts.clone();
+    opts.cluster_ids.set(&opts.cluster, opts.cluster_id.get());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let registry = Arc::new(Mutex::new(Registry::default()));
     let validator: Validator = {
@@ -573,6 +580,7 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
             }
         }
         ConnEvent::Accepted(cfg) => {
+            st.opts.cluster_ids.set(&cfg.name, cfg.id.get());
             cs.config = Some(cfg);
             cs.refused = false;
             cs.error = None;

@@ -73,8 +73,19 @@ pub struct ClusterSource {
     pub tls: Option<TlsFiles>,
 }
 
-/// The node's own client certificate directory layout (`--tls-dir`): `ca.crt`, `tls.crt`, `tls.key`.
-pub fn tls_from_dir(dir: &Path) -> TlsFiles {
+/// The TLS files of `--tls-dir`. Two layouts are understood:
+/// * a mesh-certs cluster directory (`clustermesh ca issue-cluster`): `ca-bundle.pem`, and
+///   `node.{crt,key}` for the local etcd or `remote.{crt,key}` for other clusters' etcds;
+/// * a Kubernetes TLS secret: `ca.crt`, `tls.crt`, `tls.key` for every connection.
+pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
+    if dir.join("ca-bundle.pem").exists() {
+        let role = if remote { "remote" } else { "node" };
+        return TlsFiles {
+            ca: CaSource::File(dir.join("ca-bundle.pem")),
+            cert: dir.join(format!("{role}.crt")),
+            key: dir.join(format!("{role}.key")),
+        };
+    }
     TlsFiles {
         ca: CaSource::File(dir.join("ca.crt")),
         cert: dir.join("tls.crt"),
@@ -133,7 +144,7 @@ pub fn parse_remote_file(
             )));
         }
     }
-    let defaults = tls_dir.map(tls_from_dir);
+    let defaults = tls_dir.map(|d| tls_from_dir(d, true));
     let tls = if f.endpoints.iter().any(|e| e.starts_with("https://")) {
         let ca = f
             .ca_file
@@ -221,7 +232,7 @@ pub fn read_remote_dir(
 pub fn source_from_entry(r: &RemoteCluster, tls_dir: Option<&Path>) -> ClusterSource {
     let tls = if r.endpoints.iter().any(|e| e.starts_with("https://")) {
         tls_dir.map(|d| {
-            let mut t = tls_from_dir(d);
+            let mut t = tls_from_dir(d, true);
             if !r.ca_bundle.is_empty() {
                 t.ca = CaSource::Pem(r.ca_bundle.clone());
             }

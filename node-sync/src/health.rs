@@ -136,19 +136,37 @@ pub async fn run_health_checker(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.max(Duration::from_millis(100));
+    // After a miss, the next probe of that backend comes sooner, so `failures` misses in a row
+    // are confirmed in a fraction of the interval.
+    let retry = (interval / 4).max(Duration::from_millis(10));
+    let mut retry_list: Vec<ProbeTarget> = Vec::new();
     let mut published_once = false;
     loop {
-        tick.tick().await;
-        let mut changed = tracker.set_targets(&targets.borrow_and_update());
-        let list: Vec<ProbeTarget> = tracker.targets().cloned().collect();
+        let (mut changed, list) = if retry_list.is_empty() {
+            tick.tick().await;
+            let changed = tracker.set_targets(&targets.borrow_and_update());
+            (changed, tracker.targets().cloned().collect::<Vec<_>>())
+        } else {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let changed = tracker.set_targets(&targets.borrow_and_update());
+                    (changed, tracker.targets().cloned().collect::<Vec<_>>())
+                }
+                _ = tokio::time::sleep(retry) => (false, std::mem::take(&mut retry_list)),
+            }
+        };
+        retry_list.clear();
         let results = futures::future::join_all(list.iter().map(|t| probe(t, timeout))).await;
         for (t, ok) in list.iter().zip(results) {
             if tracker.record(t, ok) {
                 tracing::info!(backend = %format!("{}:{}", t.ip, t.port), healthy = ok, "health verdict changed");
                 changed = true;
             }
+            if !ok && tracker.verdict(t) == Some(Verdict::Healthy) {
+                retry_list.push(t.clone());
+            }
         }
-        if (changed || !published_once) && !list.is_empty() {
+        if changed || (!published_once && tracker.targets().next().is_some()) {
             published_once = true;
             if publish.send(tracker.report(&cluster, &node)).is_err() {
                 return;

@@ -18,17 +18,23 @@ async fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Plain => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
+    let opts = AgentOptions::from_args(&args);
     let maps: Box<dyn MapWriter> = if args.fake_maps {
         tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");
         Box::new(FakeMaps::new())
     } else {
-        node_sync::datapath::open(&args.bpffs, &args.cgroup)
-            .with_context(|| format!("opening the datapath maps under {}", args.bpffs.display()))?
+        node_sync::datapath::open(
+            &args.bpffs,
+            &args.cgroup,
+            args.cluster_name.clone(),
+            opts.cluster_ids.clone(),
+        )
+        .with_context(|| format!("opening the datapath maps under {}", args.bpffs.display()))?
     };
     let listener = tokio::net::TcpListener::bind(args.status_listen)
         .await
         .with_context(|| format!("binding the status server to {}", args.status_listen))?;
-    let agent = agent::start(AgentOptions::from_args(&args), maps);
+    let agent = agent::start(opts, maps);
     let status = tokio::spawn(node_sync::status::serve(listener, agent.shared()));
     tracing::info!(cluster = %args.cluster_name, node = %args.node_name, status = %args.status_listen, "node-sync started");
     tokio::select! {

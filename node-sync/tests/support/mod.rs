@@ -347,6 +347,7 @@ pub fn options(local: &Etcd, cluster: &str, id: u32, remote_dir: Option<&Path>) 
         remote_dir_poll: Duration::from_millis(200),
         status_every: Duration::from_millis(500),
         publish: true,
+        cluster_ids: Default::default(),
     }
 }
 

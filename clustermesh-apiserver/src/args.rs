@@ -1,0 +1,238 @@
+//! Command-line flags (clap derive); every flag has an environment-variable fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+
+use crate::index::IndexConfig;
+
+/// Where Kubernetes objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// Watch the Kubernetes API (in-cluster config, or --kubeconfig).
+    Kubernetes,
+    /// Read Kubernetes YAML from --manifest-dir and watch it for changes.
+    Manifests,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Plain,
+}
+
+/// Flags of `clustermesh-apiserver`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "clustermesh-apiserver",
+    version,
+    about = "Publishes this cluster's global services, endpoints, identities and nodes into etcd for the mesh.",
+    long_about = "Publishes this cluster's global services, endpoints, identities and nodes into etcd under \
+clustermesh/v1/, keeping them exactly right: it puts only what changed, deletes only what vanished (and only after \
+every source synced once), writes sync canaries and a heartbeat. Several replicas elect a leader through an etcd \
+lease; only the leader writes."
+)]
+pub struct Args {
+    /// Name of this cluster (at most 32 characters of [a-z0-9-], not "default"); unique in the mesh.
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// Numeric id of this cluster, 1..=255 (1..=511 with --max-connected-clusters 511); unique in the mesh.
+    #[arg(long, env = "CLUSTERMESH_CLUSTER_ID")]
+    pub cluster_id: u32,
+
+    /// 255 or 511: how many clusters the mesh may hold (decides the identity bits).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_MAX_CONNECTED_CLUSTERS",
+        default_value_t = 255
+    )]
+    pub max_connected_clusters: u32,
+
+    /// etcd client URLs, comma-separated. Without them the apiserver starts and supervises its own etcd
+    /// (managed etcd) with data under --data-dir.
+    #[arg(long, env = "CLUSTERMESH_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Directory with the etcd client TLS files ca.crt, tls.crt, tls.key (plain HTTP to etcd without it).
+    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Where Kubernetes objects come from.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_SOURCE",
+        value_enum,
+        default_value = "kubernetes"
+    )]
+    pub source: SourceKind,
+
+    /// Directory of Kubernetes YAML (Service, EndpointSlice, Pod, Namespace, Node, ServiceExport; several
+    /// documents per file), read recursively and watched; required with --source manifests.
+    #[arg(long, env = "CLUSTERMESH_MANIFEST_DIR")]
+    pub manifest_dir: Option<PathBuf>,
+
+    /// kubeconfig for --source kubernetes (default: in-cluster config, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// CIDR from which ClusterSetIPs are allocated for global services of other clusters that have no Service
+    /// here (e.g. 10.250.0.0/16). No imports without it.
+    #[arg(long, env = "CLUSTERMESH_CLUSTERSET_CIDR")]
+    pub clusterset_cidr: Option<IpNet>,
+
+    /// KVStoreMesh mode: also mirror every remote cluster's keys into the local etcd.
+    #[arg(long, env = "CLUSTERMESH_KVSTOREMESH")]
+    pub kvstoremesh: bool,
+
+    /// Address of the gRPC service clustermesh.v1.ClusterMesh.
+    #[arg(long, env = "CLUSTERMESH_GRPC_LISTEN", default_value = "0.0.0.0:9443")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the status endpoint (/healthz, /readyz, /metrics, /api/v1/status).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_STATUS_LISTEN",
+        default_value = "0.0.0.0:9880"
+    )]
+    pub status_listen: SocketAddr,
+
+    /// Data directory (managed etcd's data and certificates).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_DATA_DIR",
+        default_value = "/var/lib/clustermesh-apiserver"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
+    pub log_format: LogFormat,
+
+    /// Id of this replica in leader election (default: hostname and process id).
+    #[arg(long, env = "CLUSTERMESH_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// TTL of the leader lease: a dead leader is replaced after about this long.
+    #[arg(long, env = "CLUSTERMESH_LEADER_LEASE_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_lease_ttl: Duration,
+
+    /// How often the manifest directory is rescanned for changes.
+    #[arg(long, env = "CLUSTERMESH_MANIFEST_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub manifest_poll_interval: Duration,
+}
+
+/// A flag combination that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// Cluster name, id or max-connected-clusters break the cluster rules.
+    #[error("{0}")]
+    Cluster(#[from] mesh_model::ClusterRuleError),
+    /// --source manifests without --manifest-dir.
+    #[error("--source manifests needs --manifest-dir")]
+    NoManifestDir,
+}
+
+impl Args {
+    /// Checks the flags and builds the index configuration.
+    pub fn index_config(&self) -> Result<IndexConfig, ArgsError> {
+        let mcc = MaxConnectedClusters::new(self.max_connected_clusters)?;
+        let cluster = ClusterName::new(&self.cluster_name)?;
+        let id = ClusterId::new(self.cluster_id, mcc)?;
+        if self.source == SourceKind::Manifests && self.manifest_dir.is_none() {
+            return Err(ArgsError::NoManifestDir);
+        }
+        Ok(IndexConfig {
+            cluster,
+            cluster_id: id,
+            max_connected_clusters: mcc,
+            clusterset_cidr: self.clusterset_cidr,
+            ca_fingerprints: Vec::new(),
+            cached: false,
+        })
+    }
+
+    /// The replica id: the flag, else hostname-pid.
+    pub fn replica(&self) -> String {
+        self.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "apiserver".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_typical_command_line() {
+        let a = Args::try_parse_from([
+            "clustermesh-apiserver",
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "7",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379,http://127.0.0.1:2380",
+            "--source",
+            "manifests",
+            "--manifest-dir",
+            "/etc/mesh",
+            "--clusterset-cidr",
+            "10.250.0.0/16",
+            "--log-format",
+            "json",
+            "--leader-lease-ttl",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(a.etcd_endpoints.len(), 2);
+        assert_eq!(a.leader_lease_ttl, Duration::from_secs(5));
+        let c = a.index_config().unwrap();
+        assert_eq!(c.cluster_id.get(), 7);
+    }
+
+    #[test]
+    fn bad_combinations_are_named() {
+        let a =
+            Args::try_parse_from(["x", "--cluster-name", "default", "--cluster-id", "1"]).unwrap();
+        assert!(
+            a.index_config()
+                .unwrap_err()
+                .to_string()
+                .contains("default")
+        );
+        let a = Args::try_parse_from([
+            "x",
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--source",
+            "manifests",
+        ])
+        .unwrap();
+        assert!(
+            a.index_config()
+                .unwrap_err()
+                .to_string()
+                .contains("--manifest-dir")
+        );
+        assert!(Args::try_parse_from(["x", "--cluster-name", "c1", "--cluster-id", "x"]).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Small etcd helpers: connecting (plain or mTLS), paginated prefix listing, backoff with full jitter.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
+use rand::Rng;
+
+/// etcd errors, naming what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// A request failed.
+    #[error("etcd {op}: {source}")]
+    Request {
+        /// What was being done (`list clustermesh/v1/services/c1/`, `txn of 12 ops`, ...).
+        op: String,
+        /// The client error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A TLS file could not be read.
+    #[error("reading {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This replica no longer holds the leader key; it must stop writing.
+    #[error("leadership lost")]
+    LostLeadership,
+}
+
+impl EtcdError {
+    /// Wraps a client error with what was being done.
+    pub fn request(op: impl Into<String>, source: etcd_client::Error) -> Self {
+        EtcdError::Request {
+            op: op.into(),
+            source,
+        }
+    }
+}
+
+/// Client TLS files for etcd: `ca.crt`, `tls.crt`, `tls.key` in one directory (the layout of Kubernetes TLS
+/// secrets mounted as a volume).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// CA bundle that signs the etcd server certificate.
+    pub ca: std::path::PathBuf,
+    /// Client certificate.
+    pub cert: std::path::PathBuf,
+    /// Client key.
+    pub key: std::path::PathBuf,
+}
+
+impl EtcdTls {
+    /// The files of a TLS directory.
+    pub fn from_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Connects to etcd, with mTLS when `tls` is given.
+pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdError> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+    if let Some(t) = tls {
+        let ca = etcd_client::Certificate::from_pem(read(&t.ca)?);
+        let id = etcd_client::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
+        opts = opts.with_tls(TlsOptions::new().ca_certificate(ca).identity(id));
+    }
+    Client::connect(endpoints, Some(opts))
+        .await
+        .map_err(|e| EtcdError::request(format!("connect {}", endpoints.join(",")), e))
+}
+
+/// The end of the key range of a prefix.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Lists every key under `prefix` (in pages of 1000, all at one revision). Returns the keys with values and mod
+/// revisions, and the revision of the listing.
+pub async fn list_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
+    let end = prefix_end(prefix);
+    let mut out = BTreeMap::new();
+    let mut start = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = client
+            .get(start.clone(), Some(opts))
+            .await
+            .map_err(|e| EtcdError::request(format!("list {prefix}"), e))?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let kvs = resp.kvs();
+        for kv in kvs {
+            out.insert(
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.mod_revision()),
+            );
+        }
+        match kvs.last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => break,
+        }
+    }
+    Ok((out, revision))
+}
+
+/// Exponential backoff with full jitter: attempt n waits a random time in [0, min(cap, base * 2^n)].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff from `base` up to `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX));
+        let ceiling = exp.min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=ms))
+    }
+
+    /// Back to the first attempt after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end("a/b/"), b"a/b0".to_vec());
+    }
+
+    #[test]
+    fn backoff_stays_under_its_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for n in 0..30 {
+            let d = b.next_delay();
+            let ceiling =
+                Duration::from_millis(100 * (1u64 << n.min(20))).min(Duration::from_secs(2));
+            assert!(d <= ceiling, "{n}: {d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,81 @@
+//! Wiring of the binary: flags -> sources, etcd, status endpoint, publisher.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::args::{Args, LogFormat, SourceKind};
+use crate::etcd::{EtcdTls, connect};
+use crate::publisher::{PublisherConfig, run as run_publisher};
+use crate::source::Source;
+use crate::source::manifests::ManifestSource;
+use crate::status::Status;
+
+/// Installs the tracing subscriber for `format` (RUST_LOG filters; default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Plain => b.try_init(),
+    };
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn termination() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the apiserver until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let index = args.index_config().context("invalid flags")?;
+    let replica = args.replica();
+    let status = Status::new(index.cluster.as_str(), index.cluster_id.get(), &replica);
+    let (bound, _status_task) = crate::status::serve(args.status_listen, status.clone())
+        .await
+        .with_context(|| format!("status endpoint on {}", args.status_listen))?;
+    info!(addr = %bound, "status endpoint listening");
+
+    let sources: Vec<Arc<dyn Source>> = match args.source {
+        SourceKind::Manifests => {
+            let dir = args.manifest_dir.clone().context("--manifest-dir")?;
+            let mut s = ManifestSource::new(dir);
+            s.interval = args.manifest_poll_interval;
+            vec![Arc::new(s)]
+        }
+        SourceKind::Kubernetes => {
+            vec![Arc::new(crate::source::kubernetes::KubernetesSource::new(
+                args.kubeconfig.clone(),
+            ))]
+        }
+    };
+    if args.etcd_endpoints.is_empty() {
+        bail!("managed etcd is not available in this build yet: pass --etcd-endpoints");
+    }
+    let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
+    let client = connect(&args.etcd_endpoints, tls.as_ref())
+        .await
+        .context("connecting to etcd")?;
+    let mut cfg = PublisherConfig::new(index, replica);
+    cfg.lease_ttl = args.leader_lease_ttl;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        termination().await;
+        info!("termination signal; shutting down");
+        let _ = stop_tx.send(true);
+    });
+    run_publisher(client, cfg, sources, status, stop_rx)
+        .await
+        .context("publisher")?;
+    Ok(())
+}

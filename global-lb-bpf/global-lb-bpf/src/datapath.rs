@@ -8,7 +8,9 @@
 //! A pinned link keeps its program attached after the loader exits, and a pinned map keeps its
 //! contents, so the datapath never stops: [`Datapath::open`] on a pin directory that is already
 //! populated reuses every pinned map and link, reads the services back and rewrites nothing.
-//! Only a link that is missing is created. [`Datapath::remove`] detaches and deletes it all.
+//! A link that is missing is created; a link that holds another build's program (an upgrade) is
+//! replaced without a gap: the new program is attached next to the old one, then its pin is
+//! renamed over the old pin. [`Datapath::remove`] detaches and deletes it all.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -66,8 +68,9 @@ pub struct DatapathConfig {
 pub struct Datapath {
     config: DatapathConfig,
     maps: LbMaps<AyaStore>,
-    links: Vec<PinnedLink>,
+    links: Vec<FdLink>,
     reused_links: usize,
+    replaced_links: usize,
     _lock: Flock<File>,
 }
 
@@ -130,19 +133,53 @@ impl Datapath {
 
         let mut links = Vec::with_capacity(PROGRAMS.len());
         let mut reused_links = 0;
+        let mut replaced_links = 0;
         for program in PROGRAMS {
             let path = config.pin_dir.join(format!("link_{program}"));
-            if path.exists() {
-                let link = PinnedLink::from_pin(&path).map_err(|e| Error::Link {
+            // Loaded every time: proves this kernel accepts the program, and gives its tag.
+            let prog = load_program(&mut ebpf, program)?;
+            if !path.exists() {
+                links.push(attach_and_pin(
+                    prog,
+                    program,
+                    &cgroup,
+                    &config.cgroup,
+                    &path,
+                )?);
+                continue;
+            }
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .map_err(|e| Error::Link {
                     program,
                     path: path.clone(),
                     reason: e.to_string(),
-                })?;
+                })?
+                .into();
+            let pinned_tag = link
+                .info()
+                .ok()
+                .and_then(|info| program_tag(info.program_id()));
+            let our_tag = prog.info().ok().map(|info| info.tag());
+            if pinned_tag.is_some() && pinned_tag == our_tag {
                 reused_links += 1;
                 links.push(link);
                 continue;
             }
-            links.push(attach(&mut ebpf, program, &cgroup, &config.cgroup, &path)?);
+            // Another build's program: attach ours next to it (running both for a moment is
+            // harmless, the second one sees an address the first already translated), then
+            // move our pin over the old one, which detaches the old program.
+            let staging = config.pin_dir.join(format!("link_{program}_new"));
+            remove_pin(&staging)?;
+            let new_link = attach_and_pin(prog, program, &cgroup, &config.cgroup, &staging)?;
+            fs::rename(&staging, &path).map_err(|source| Error::Io {
+                what: "replacing pinned link",
+                path: path.clone(),
+                source,
+            })?;
+            drop(link);
+            info!(program, "replaced the pinned program of another build");
+            replaced_links += 1;
+            links.push(new_link);
         }
 
         let store = AyaStore::take(&mut ebpf)?;
@@ -151,6 +188,7 @@ impl Datapath {
             cgroup = %config.cgroup.display(),
             pin_dir = %config.pin_dir.display(),
             reused_links,
+            replaced_links,
             services = maps.services().map(|s| s.len()).unwrap_or(0),
             "datapath ready"
         );
@@ -159,6 +197,7 @@ impl Datapath {
             maps,
             links,
             reused_links,
+            replaced_links,
             _lock: lock,
         })
     }
@@ -209,9 +248,15 @@ impl Datapath {
         &self.config
     }
 
-    /// How many program links were found pinned (8 after a restart, 0 on a first start).
+    /// How many pinned program links were kept as they were (8 after a restart of the same
+    /// build, 0 on a first start).
     pub fn reused_links(&self) -> usize {
         self.reused_links
+    }
+
+    /// How many pinned links held another build's program and were replaced by this build's.
+    pub fn replaced_links(&self) -> usize {
+        self.replaced_links
     }
 }
 
@@ -284,14 +329,11 @@ fn remove_pin(path: &Path) -> Result<(), Error> {
     }
 }
 
-/// Loads `program`, attaches it to the cgroup through a BPF link and pins the link at `path`.
-fn attach(
-    ebpf: &mut Ebpf,
+/// Loads `program` into the kernel (the verifier's complaint, if any, names it).
+fn load_program<'a>(
+    ebpf: &'a mut Ebpf,
     program: &'static str,
-    cgroup: &File,
-    cgroup_path: &Path,
-    path: &Path,
-) -> Result<PinnedLink, Error> {
+) -> Result<&'a mut CgroupSockAddr, Error> {
     let refused = |source: aya::programs::ProgramError| Error::ProgramRefused {
         program,
         source: Box::new(source),
@@ -305,6 +347,25 @@ fn attach(
         .try_into()
         .map_err(refused)?;
     prog.load().map_err(refused)?;
+    Ok(prog)
+}
+
+/// The tag (hash of the instructions) of the loaded program with this id.
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
+}
+
+/// Attaches a loaded program to the cgroup through a BPF link and pins the link at `path`.
+fn attach_and_pin(
+    prog: &mut CgroupSockAddr,
+    program: &'static str,
+    cgroup: &File,
+    cgroup_path: &Path,
+    path: &Path,
+) -> Result<FdLink, Error> {
     let attach_err = |source: aya::programs::ProgramError| Error::Attach {
         program,
         cgroup: cgroup_path.into(),
@@ -326,7 +387,7 @@ fn attach(
         reason: e.to_string(),
     })?;
     debug!(program, path = %path.display(), "program attached and link pinned");
-    Ok(pinned)
+    Ok(pinned.into())
 }
 
 // ---- the aya map store ----

@@ -440,3 +440,48 @@ fn one_writer_per_pin_directory_and_readers_alongside() {
     drop(dp);
     Datapath::remove(&config.pin_dir).unwrap();
 }
+
+#[test]
+fn a_pinned_program_of_another_build_is_replaced_without_a_gap() {
+    in_netns(&["10.96.0.60/32", "10.1.0.60/32"], || {
+        let mut env = Env::new("upgrade");
+        let _be = TcpBackend::start("10.1.0.60:8080", "b1");
+        let _vip_owner = TcpBackend::start("10.96.0.60:80", "vip-itself");
+        env.dp()
+            .upsert_service(
+                &frontend("tcp:10.96.0.60:80"),
+                &[backend("10.1.0.60:8080", 1)],
+            )
+            .unwrap();
+        env.dp.take();
+        // Stand-in for "an older build": the link pinned as connect4 now holds another program
+        // (sendmsg4's), and the sendmsg4 pin is gone.
+        let pins = env.config.pin_dir.clone();
+        std::fs::rename(pins.join("link_sendmsg4"), pins.join("link_connect4")).unwrap();
+        // Until a loader runs again, TCP connects are not translated.
+        assert_eq!(
+            s(ok(&env.probe(&["tcp", "10.96.0.60:80"])), "reply"),
+            "vip-itself"
+        );
+
+        let dp = Datapath::open(&env.config).unwrap();
+        assert_eq!(dp.replaced_links(), 1);
+        assert_eq!(dp.reused_links(), global_lb_bpf::PROGRAMS.len() - 2);
+        env.dp = Some(dp);
+        assert_eq!(s(ok(&env.probe(&["tcp", "10.96.0.60:80"])), "reply"), "b1");
+        let shown = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&env.config.cgroup)
+            .output()
+            .expect("bpftool");
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        for program in global_lb_bpf::PROGRAMS {
+            assert_eq!(
+                shown.matches(&format!(" {program} ")).count(),
+                1,
+                "exactly one {program} attached:\n{shown}"
+            );
+        }
+        assert!(!pins.join("link_connect4_new").exists());
+    });
+}

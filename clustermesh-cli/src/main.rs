@@ -4,6 +4,7 @@
 //! (`ca.rs` for `ca` and `certs`); add a variant to [`Command`] and a match arm in `main`.
 
 mod ca;
+mod cmd_workload;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,9 @@ enum Command {
     /// Work with certificate files: inspect.
     #[command(subcommand)]
     Certs(ca::CertsCommand),
+    /// Drill workloads run inside lab nodes: an identity backend and a steady-rate probe.
+    #[command(subcommand, hide = true)]
+    Workload(cmd_workload::WorkloadCommand),
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -58,6 +62,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca(cmd) => ca::run_ca(cmd),
         Command::Certs(cmd) => ca::run_certs(cmd),
+        Command::Workload(cmd) => cmd_workload::run(cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

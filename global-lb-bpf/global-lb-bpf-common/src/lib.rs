@@ -44,8 +44,10 @@ pub const COUNTERS_MAP: &str = "GLB_COUNTERS";
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 19;
 /// Capacity of the backends map; backend ids are `1..MAX_BACKENDS` (0 is never used).
 pub const MAX_BACKENDS: u32 = 1 << 16;
-/// Capacity of the reverse-NAT LRU map.
-pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 18;
+/// Capacity of the reverse-NAT LRU map (one entry per client socket and backend; about 7 MiB,
+/// LRU maps are always preallocated). The oldest entries are evicted first, so only a socket
+/// idle behind 64k newer ones loses its translation (its replies then show the backend address).
+pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 16;
 /// Largest number of slots one service may use (sum of its backends' weights).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;
 

@@ -207,6 +207,15 @@ impl Datapath {
     pub fn inspect(pin_dir: &Path) -> Result<DatapathView, Error> {
         let open = |name: &'static str| -> Result<Map, Error> {
             let path = pin_dir.join(name);
+            if !path.exists() {
+                return Err(Error::MapLayout {
+                    map: name,
+                    reason: format!(
+                        "not pinned at {} (no datapath there yet: attach first)",
+                        path.display()
+                    ),
+                });
+            }
             let data = MapData::from_pin(&path).map_err(|e| Error::MapLayout {
                 map: name,
                 reason: format!("opening the pin {}: {e}", path.display()),

@@ -485,3 +485,36 @@ fn a_pinned_program_of_another_build_is_replaced_without_a_gap() {
         assert!(!pins.join("link_connect4_new").exists());
     });
 }
+
+#[test]
+fn weights_share_connections_by_slot_replication() {
+    in_netns(&["10.96.0.70/32", "10.1.0.71/32", "10.1.0.72/32"], || {
+        let mut env = Env::new("weights");
+        let _heavy = TcpBackend::start("10.1.0.71:80", "heavy");
+        let _light = TcpBackend::start("10.1.0.72:80", "light");
+        env.dp()
+            .upsert_service(
+                &frontend("tcp:10.96.0.70:80"),
+                &[
+                    backend("10.1.0.71:80", 1).with_weight(3),
+                    backend("10.1.0.72:80", 1),
+                ],
+            )
+            .unwrap();
+        let v = env.probe(&[
+            "tcp-storm",
+            "10.96.0.70:80",
+            "--connections",
+            "2000",
+            "--threads",
+            "4",
+        ]);
+        ok(&v);
+        let heavy = v["replies"]["heavy"].as_u64().unwrap_or(0) as f64;
+        let light = v["replies"]["light"].as_u64().unwrap_or(0) as f64;
+        assert_eq!(heavy + light, 2000.0, "{v}");
+        // Expected share 0.75; 2000 draws put 6 standard deviations within +-0.06.
+        let share = heavy / 2000.0;
+        assert!((0.69..=0.81).contains(&share), "heavy share {share}: {v}");
+    });
+}

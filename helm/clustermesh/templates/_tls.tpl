@@ -1,6 +1,8 @@
 {{/*
 The TLS volume of a component: the files of a `clustermesh ca issue-cluster` directory that the
-component needs, mounted at clustermesh.tlsDir and passed as --tls-dir.
+component needs (ca-bundle.pem, cluster.json, <role>.crt, <role>.key), mounted at clustermesh.tlsDir
+and passed as --tls-dir. node-sync's volume also carries its local-etcd client identity under the
+generic names ca.crt / tls.crt / tls.key.
 Call with (dict "root" . "component" "apiserver"|"nodeSync").
 */}}
 {{- define "clustermesh.tlsRoles" -}}
@@ -9,19 +11,20 @@ Call with (dict "root" . "component" "apiserver"|"nodeSync").
 
 {{- define "clustermesh.tlsVolume" -}}
 {{- $root := .root -}}
+{{- $fullname := include "clustermesh.fullname" $root -}}
 - name: tls
-{{- if eq $root.Values.certs.mode "certManager" }}
   projected:
-    defaultMode: 0440
+    defaultMode: 288 # 0440
     sources:
+{{- if eq $root.Values.certs.mode "certManager" }}
       - configMap:
-          name: {{ include "clustermesh.fullname" $root }}-cluster-info
+          name: {{ $fullname }}-cluster-info
           items:
             - key: cluster.json
               path: cluster.json
       {{- range $i, $role := splitList " " (include "clustermesh.tlsRoles" .) }}
       - secret:
-          name: {{ include "clustermesh.fullname" $root }}-{{ $role }}-tls
+          name: {{ $fullname }}-{{ $role }}-tls
           items:
             - key: tls.crt
               path: {{ $role }}.crt
@@ -32,9 +35,42 @@ Call with (dict "root" . "component" "apiserver"|"nodeSync").
               path: ca-bundle.pem
             {{- end }}
       {{- end }}
+      {{- if eq .component "nodeSync" }}
+      - secret:
+          name: {{ $fullname }}-node-tls
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+            - key: ca.crt
+              path: ca.crt
+      {{- end }}
 {{- else }}
-  secret:
-    secretName: {{ if eq .component "apiserver" }}{{ include "clustermesh.secret.apiserver" $root }}{{ else }}{{ include "clustermesh.secret.nodeSync" $root }}{{ end }}
-    defaultMode: 0440
+{{- $secret := ternary (include "clustermesh.secret.apiserver" $root) (include "clustermesh.secret.nodeSync" $root) (eq .component "apiserver") }}
+      - secret:
+          name: {{ $secret }}
+          items:
+            - key: ca-bundle.pem
+              path: ca-bundle.pem
+            - key: cluster.json
+              path: cluster.json
+            {{- range splitList " " (include "clustermesh.tlsRoles" .) }}
+            - key: {{ . }}.crt
+              path: {{ . }}.crt
+            - key: {{ . }}.key
+              path: {{ . }}.key
+            {{- end }}
+      {{- if eq .component "nodeSync" }}
+      - secret:
+          name: {{ $secret }}
+          items:
+            - key: node.crt
+              path: tls.crt
+            - key: node.key
+              path: tls.key
+            - key: ca-bundle.pem
+              path: ca.crt
+      {{- end }}
 {{- end }}
 {{- end -}}

@@ -1,0 +1,1395 @@
+//! The Helm chart, rendered by the real `helm` (v4) with its default values and every example
+//! values file, checked the way an operator would: it lints, it renders, node-sync gets bpffs,
+//! cgroup v2 and privileges, RBAC is read-only on exactly the kinds the apiserver watches, TLS
+//! Secrets land where `--tls-dir` points, the schema refuses bad cluster ids and names, and the
+//! binaries' own argument parsers accept every rendered container's arguments.
+//!
+//! Needs `helm` (v4) and `shellcheck` on PATH: `scripts/install-helm.sh` installs both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use clap::Parser;
+use serde_yaml::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Running helm and parsing what it renders
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root above helm/chart-tests")
+}
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("helm/clustermesh")
+}
+
+/// The path of `tool` on PATH; fails the test with the fix when it is missing.
+fn require_tool(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(tool);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "`{tool}` not found on PATH: run scripts/install-helm.sh (installs helm v4 and shellcheck)"
+    );
+}
+
+fn helm() -> Command {
+    let helm = require_tool("helm");
+    let out = Command::new(&helm)
+        .args(["version", "--short"])
+        .output()
+        .expect("run helm version");
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.starts_with("v4."),
+        "{} is helm {}, the chart is tested with helm v4: run scripts/install-helm.sh",
+        helm.display(),
+        version.trim()
+    );
+    Command::new(helm)
+}
+
+fn run(mut cmd: Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {shown}: {e}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One set of values the chart is rendered with: the defaults, or an example file.
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    values_file: Option<PathBuf>,
+}
+
+impl Case {
+    fn values_args(&self) -> Vec<String> {
+        match &self.values_file {
+            Some(f) => vec!["-f".to_owned(), f.display().to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// The example's values as YAML (empty mapping for the defaults).
+    fn values(&self) -> Value {
+        match &self.values_file {
+            Some(f) => serde_yaml::from_str(&std::fs::read_to_string(f).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display())),
+            None => Value::Mapping(Default::default()),
+        }
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = vec![Case {
+        name: "default values".to_owned(),
+        values_file: None,
+    }];
+    let dir = chart_dir().join("examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 3,
+        "expected several example values files in {}, found {files:?}",
+        dir.display()
+    );
+    for f in files {
+        cases.push(Case {
+            name: f.file_name().unwrap().to_string_lossy().into_owned(),
+            values_file: Some(f),
+        });
+    }
+    cases
+}
+
+const NAMESPACE: &str = "clustermesh";
+const RELEASE: &str = "mesh";
+
+/// `helm template` with extra arguments; Ok(stdout) or Err(stderr).
+fn template(extra: &[String]) -> Result<String, String> {
+    let mut cmd = helm();
+    cmd.args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", NAMESPACE])
+        .args(extra);
+    let out = run(cmd);
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).expect("helm output is UTF-8"))
+    } else {
+        Err(stderr(&out))
+    }
+}
+
+/// Every document of a multi-document YAML stream, empty ones dropped.
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| {
+            Value::deserialize(d).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}"))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The rendered manifests of a case.
+struct Rendered {
+    case: Case,
+    values: Value,
+    docs: Vec<Value>,
+}
+
+impl Rendered {
+    fn of(case: &Case) -> Self {
+        let yaml = template(&case.values_args())
+            .unwrap_or_else(|e| panic!("helm template with {} failed:\n{e}", case.name));
+        Self {
+            case: case.clone(),
+            values: case.values(),
+            docs: parse_docs(&yaml),
+        }
+    }
+
+    fn all() -> Vec<Self> {
+        cases().iter().map(Self::of).collect()
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.docs
+            .iter()
+            .filter(move |d| str_at(d, &["kind"]) == Some(kind))
+    }
+
+    fn one<'a>(&'a self, kind: &'a str, name_suffix: &str) -> &'a Value {
+        let found: Vec<&Value> = self
+            .of_kind(kind)
+            .filter(|d| str_at(d, &["metadata", "name"]).is_some_and(|n| n.ends_with(name_suffix)))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{}: expected one {kind} named *{name_suffix}, found {}",
+            self.case.name,
+            found.len()
+        );
+        found[0]
+    }
+
+    fn apiserver(&self) -> &Value {
+        self.one("Deployment", "-apiserver")
+    }
+
+    fn node_sync(&self) -> &Value {
+        self.one("DaemonSet", "-node-sync")
+    }
+}
+
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    let mut cur = v;
+    for key in path {
+        cur = cur.get(*key)?;
+    }
+    Some(cur)
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    at(v, path).and_then(Value::as_str)
+}
+
+fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
+    at(v, path)
+        .and_then(Value::as_sequence)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn strings(v: &[Value]) -> Vec<String> {
+    v.iter()
+        .map(|s| {
+            s.as_str()
+                .unwrap_or_else(|| panic!("expected a string, got {s:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    seq_at(workload, &["spec", "template", "spec", "containers"])
+        .iter()
+        .find(|c| str_at(c, &["name"]) == Some(name))
+        .unwrap_or_else(|| panic!("no container {name} in {workload:?}"))
+}
+
+fn args(c: &Value) -> Vec<String> {
+    strings(seq_at(c, &["args"]))
+}
+
+/// The value of `--flag=value` among a container's args.
+fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let prefix = format!("--{flag}=");
+    args.iter().find_map(|a| a.strip_prefix(&prefix))
+}
+
+fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    seq_at(workload, &["spec", "template", "spec", "volumes"])
+        .iter()
+        .find(|v| str_at(v, &["name"]) == Some(name))
+        .unwrap_or_else(|| panic!("no volume {name} in {workload:?}"))
+}
+
+/// (volume name, mountPath) of every volumeMount of a container.
+fn mounts(c: &Value) -> Vec<(String, String, Option<String>)> {
+    seq_at(c, &["volumeMounts"])
+        .iter()
+        .map(|m| {
+            (
+                str_at(m, &["name"]).unwrap().to_owned(),
+                str_at(m, &["mountPath"]).unwrap().to_owned(),
+                str_at(m, &["mountPropagation"]).map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// The volume mounted at exactly `path` in container `c` of `workload`.
+fn volume_mounted_at<'a>(workload: &'a Value, c: &Value, path: &str) -> &'a Value {
+    let (name, _, _) = mounts(c)
+        .into_iter()
+        .find(|(_, p, _)| p == path)
+        .unwrap_or_else(|| panic!("no volumeMount at {path} in container {c:?}"));
+    volume(workload, &name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// helm lint and helm template
+
+#[test]
+fn helm_lint_passes_for_default_values_and_every_example() {
+    for case in cases() {
+        let mut cmd = helm();
+        cmd.args(["lint", "--strict"])
+            .arg(chart_dir())
+            .args(["--namespace", NAMESPACE])
+            .args(case.values_args());
+        let out = run(cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "helm lint --strict with {} failed:\n{stdout}\n{}",
+            case.name,
+            stderr(&out)
+        );
+        assert!(
+            stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "helm lint with {}: {stdout}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn helm_template_renders_every_component_for_default_values_and_every_example() {
+    for r in Rendered::all() {
+        let kinds: BTreeSet<&str> = r.docs.iter().filter_map(|d| str_at(d, &["kind"])).collect();
+        for kind in [
+            "Deployment",
+            "DaemonSet",
+            "Service",
+            "ServiceAccount",
+            "ConfigMap",
+        ] {
+            assert!(
+                kinds.contains(kind),
+                "{}: no {kind} rendered ({kinds:?})",
+                r.case.name
+            );
+        }
+        for d in &r.docs {
+            let kind = str_at(d, &["kind"]).unwrap_or("?");
+            let name = str_at(d, &["metadata", "name"]).unwrap_or("?");
+            assert!(
+                str_at(d, &["apiVersion"]).is_some(),
+                "{}: {kind} {name} has no apiVersion",
+                r.case.name
+            );
+            if !matches!(kind, "ClusterRole" | "ClusterRoleBinding") {
+                assert_eq!(
+                    str_at(d, &["metadata", "namespace"])
+                        .map(|ns| ns == NAMESPACE || kind == "ConfigMap"),
+                    Some(true),
+                    "{}: {kind} {name} is not in the release namespace",
+                    r.case.name
+                );
+            }
+        }
+        // Probes on the status port, on both workloads.
+        for (workload, c) in [(r.apiserver(), "apiserver"), (r.node_sync(), "node-sync")] {
+            let c = container(workload, c);
+            assert_eq!(
+                str_at(c, &["livenessProbe", "httpGet", "path"]),
+                Some("/healthz")
+            );
+            assert_eq!(
+                str_at(c, &["readinessProbe", "httpGet", "path"]),
+                Some("/readyz")
+            );
+            let port = str_at(c, &["readinessProbe", "httpGet", "port"]).unwrap();
+            let status_port = seq_at(c, &["ports"])
+                .iter()
+                .find(|p| str_at(p, &["name"]) == Some(port))
+                .and_then(|p| at(p, &["containerPort"]))
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| {
+                    panic!("{}: probe port {port} is not a container port", r.case.name)
+                });
+            let a = args(c);
+            let listen = flag(&a, "status-listen").expect("--status-listen");
+            assert!(
+                listen.ends_with(&format!(":{status_port}")),
+                "{}: probes hit port {status_port} but --status-listen={listen}",
+                r.case.name
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// node-sync: privileged, host network, bpffs and cgroup v2 from the host
+
+#[test]
+fn node_sync_daemonset_mounts_bpffs_and_cgroup_v2_and_runs_privileged() {
+    for r in Rendered::all() {
+        let ds = r.node_sync();
+        let name = &r.case.name;
+        let spec = at(ds, &["spec", "template", "spec"]).unwrap();
+        assert_eq!(
+            at(spec, &["hostNetwork"]).and_then(Value::as_bool),
+            Some(true),
+            "{name}: hostNetwork"
+        );
+        assert_eq!(
+            str_at(spec, &["dnsPolicy"]),
+            Some("ClusterFirstWithHostNet"),
+            "{name}: a hostNetwork pod that resolves the etcd Service needs ClusterFirstWithHostNet"
+        );
+        let c = container(ds, "node-sync");
+        assert_eq!(
+            at(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
+            Some(true),
+            "{name}: node-sync must be privileged to load eBPF programs"
+        );
+        let a = args(c);
+
+        // bpffs: the host's bpf filesystem, mounted so that --bpffs lies inside it, propagation
+        // from the host (pins outlive the pod).
+        let bpffs = flag(&a, "bpffs").unwrap_or_else(|| panic!("{name}: no --bpffs"));
+        let (vol_name, bpf_mount, propagation) = mounts(c)
+            .into_iter()
+            .find(|(_, p, _)| bpffs == p || bpffs.starts_with(&format!("{p}/")))
+            .unwrap_or_else(|| panic!("{name}: --bpffs={bpffs} is under no volumeMount"));
+        let host_bpffs = str_at(volume(ds, &vol_name), &["hostPath", "path"])
+            .unwrap_or_else(|| panic!("{name}: --bpffs={bpffs} is not on a hostPath volume"));
+        let expected_bpffs =
+            str_at(&r.values, &["nodeSync", "bpffs", "hostPath"]).unwrap_or("/sys/fs/bpf");
+        assert_eq!(host_bpffs, expected_bpffs, "{name}: bpffs host path");
+        assert!(
+            matches!(
+                propagation.as_deref(),
+                Some("HostToContainer" | "Bidirectional")
+            ),
+            "{name}: bpffs mount must see the host's mounts (got {propagation:?})"
+        );
+
+        // cgroup v2: the host's unified hierarchy, and --cgroup inside that mount.
+        let cgroup = flag(&a, "cgroup").unwrap_or_else(|| panic!("{name}: no --cgroup"));
+        let (vol_name, mount_path, _) = mounts(c)
+            .into_iter()
+            .find(|(_, p, _)| cgroup == p || cgroup.starts_with(&format!("{p}/")))
+            .unwrap_or_else(|| panic!("{name}: --cgroup={cgroup} is under no volumeMount"));
+        let vol = volume(ds, &vol_name);
+        let host_root =
+            str_at(&r.values, &["nodeSync", "cgroup", "hostRoot"]).unwrap_or("/sys/fs/cgroup");
+        assert_eq!(
+            str_at(vol, &["hostPath", "path"]),
+            Some(host_root),
+            "{name}: --cgroup={cgroup} (mount {mount_path}) must come from the host's cgroup v2 hierarchy"
+        );
+        assert!(!cgroup.contains(".."), "{name}: --cgroup={cgroup}");
+
+        // The init container refuses a node without cgroup v2 and mounts bpffs when missing.
+        let init = seq_at(ds, &["spec", "template", "spec", "initContainers"])
+            .iter()
+            .find(|c| str_at(c, &["name"]) == Some("prepare-host"))
+            .unwrap_or_else(|| panic!("{name}: no prepare-host init container"));
+        let script = strings(seq_at(init, &["args"])).join("\n");
+        assert!(
+            script.contains(&format!("{mount_path}/cgroup.controllers")),
+            "{name}: {script}"
+        );
+        assert!(
+            script.contains(&format!(" {bpf_mount} bpf ")),
+            "{name}: {script}"
+        );
+        let bidir = mounts(init)
+            .into_iter()
+            .any(|(_, p, prop)| p == bpf_mount && prop.as_deref() == Some("Bidirectional"));
+        assert!(
+            bidir,
+            "{name}: a bpffs mounted by the init container must propagate to the host"
+        );
+
+        // No Kubernetes API access at all.
+        assert_eq!(
+            at(spec, &["automountServiceAccountToken"]).and_then(Value::as_bool),
+            Some(false),
+            "{name}: node-sync reads etcd, it needs no API token"
+        );
+    }
+}
+
+/// The mount point of this machine's cgroup v2 hierarchy (pure v2 at /sys/fs/cgroup, or the
+/// hybrid layout's /sys/fs/cgroup/unified, or wherever setup.sh mounted one).
+fn host_cgroup2_mount() -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| f[1].to_owned())
+        .expect("this machine has no cgroup v2 mount: run scripts/setup.sh (it mounts one)")
+}
+
+/// The chart's prepare-host init container script, run for real on this machine: it accepts a
+/// real cgroup v2 mount and the real bpffs, and refuses a directory that is not cgroup v2 with a
+/// message that says so.
+#[test]
+fn prepare_host_script_accepts_real_cgroup2_and_bpffs_and_refuses_a_non_cgroup2_dir() {
+    let r = Rendered::of(&cases()[0]);
+    let init = seq_at(
+        r.node_sync(),
+        &["spec", "template", "spec", "initContainers"],
+    )
+    .iter()
+    .find(|c| str_at(c, &["name"]) == Some("prepare-host"))
+    .expect("prepare-host init container");
+    let script = strings(seq_at(init, &["args"])).join("\n");
+    let cgroup_mount = mounts(init)
+        .into_iter()
+        .find(|(n, _, _)| n == "cgroup")
+        .map(|(_, p, _)| p)
+        .expect("cgroup mount of prepare-host");
+    let bpffs_mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(" /sys/fs/bpf bpf ");
+    assert!(
+        bpffs_mounted,
+        "this machine has no bpffs at /sys/fs/bpf: run scripts/setup.sh"
+    );
+
+    let run_with = |cgroup_dir: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-ec", &script.replace(&cgroup_mount, cgroup_dir)]);
+        run(cmd)
+    };
+    let ok = run_with(&host_cgroup2_mount());
+    assert!(
+        ok.status.success(),
+        "prepare-host on a real cgroup v2 mount: {}",
+        stderr(&ok)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("bpffs present at /sys/fs/bpf"),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+
+    let not_cgroup2 =
+        std::env::temp_dir().join(format!("chart-tests-not-cgroup2-{}", std::process::id()));
+    std::fs::create_dir_all(&not_cgroup2).unwrap();
+    let bad = run_with(not_cgroup2.to_str().unwrap());
+    std::fs::remove_dir_all(&not_cgroup2).ok();
+    assert!(
+        !bad.status.success(),
+        "prepare-host must refuse a directory that is not cgroup v2"
+    );
+    assert!(
+        stderr(&bad).contains("node-sync needs cgroup v2"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC
+
+/// (apiGroup, resource) the apiserver's Kubernetes source reads; each gets exactly get/list/watch.
+const READ_KINDS: &[(&str, &str)] = &[
+    ("", "services"),
+    ("", "pods"),
+    ("", "namespaces"),
+    ("", "nodes"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("multicluster.x-k8s.io", "serviceexports"),
+];
+
+/// Every (apiGroup, resource, verb, resourceNames) a role grants.
+fn grants(role: &Value) -> BTreeSet<(String, String, String, Vec<String>)> {
+    let mut out = BTreeSet::new();
+    for rule in seq_at(role, &["rules"]) {
+        assert!(
+            seq_at(rule, &["nonResourceURLs"]).is_empty(),
+            "role grants nonResourceURLs: {rule:?}"
+        );
+        let names = strings(seq_at(rule, &["resourceNames"]));
+        for g in strings(seq_at(rule, &["apiGroups"])) {
+            for res in strings(seq_at(rule, &["resources"])) {
+                for verb in strings(seq_at(rule, &["verbs"])) {
+                    out.insert((g.clone(), res.clone(), verb, names.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_grants_read_on_the_watched_kinds_and_nothing_else() {
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let source = str_at(&r.values, &["apiserver", "source"]).unwrap_or("kubernetes");
+        let cluster_roles: Vec<&Value> = r.of_kind("ClusterRole").collect();
+        if source == "manifests" {
+            assert!(
+                cluster_roles.is_empty(),
+                "{name}: the manifests source needs no ClusterRole"
+            );
+            let dep = r.apiserver();
+            assert_eq!(
+                at(
+                    dep,
+                    &["spec", "template", "spec", "automountServiceAccountToken"]
+                )
+                .and_then(Value::as_bool),
+                Some(false),
+                "{name}: the manifests source needs no API token"
+            );
+            continue;
+        }
+        assert_eq!(
+            cluster_roles.len(),
+            1,
+            "{name}: one ClusterRole, the apiserver's"
+        );
+        let got = grants(cluster_roles[0]);
+        let want: BTreeSet<(String, String, String, Vec<String>)> = READ_KINDS
+            .iter()
+            .flat_map(|(g, res)| {
+                ["get", "list", "watch"]
+                    .into_iter()
+                    .map(move |v| (g.to_string(), res.to_string(), v.to_owned(), Vec::new()))
+            })
+            .collect();
+        assert_eq!(
+            got, want,
+            "{name}: the apiserver's ClusterRole must be exactly read on {READ_KINDS:?}"
+        );
+
+        // It is bound to the apiserver's ServiceAccount only.
+        let bindings: Vec<&Value> = r.of_kind("ClusterRoleBinding").collect();
+        assert_eq!(bindings.len(), 1, "{name}: one ClusterRoleBinding");
+        let subjects = seq_at(bindings[0], &["subjects"]);
+        assert_eq!(subjects.len(), 1, "{name}: {subjects:?}");
+        let sa = str_at(
+            r.apiserver(),
+            &["spec", "template", "spec", "serviceAccountName"],
+        )
+        .unwrap();
+        assert_eq!(
+            str_at(&subjects[0], &["name"]),
+            Some(sa),
+            "{name}: binding subject"
+        );
+        assert_eq!(
+            str_at(bindings[0], &["roleRef", "name"]),
+            str_at(cluster_roles[0], &["metadata", "name"])
+        );
+    }
+}
+
+#[test]
+fn only_the_certgen_job_may_touch_secrets_and_only_in_its_namespace() {
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let mode = str_at(&r.values, &["certs", "mode"]).unwrap_or("job");
+        let roles: Vec<&Value> = r.of_kind("Role").collect();
+        if mode != "job" {
+            assert!(roles.is_empty(), "{name}: no Role outside certs.mode=job");
+            assert_eq!(
+                r.of_kind("Job").count(),
+                0,
+                "{name}: no certgen Job outside certs.mode=job"
+            );
+            continue;
+        }
+        assert_eq!(roles.len(), 1, "{name}: one Role, the certgen Job's");
+        let role = roles[0];
+        assert_eq!(str_at(role, &["metadata", "namespace"]), Some(NAMESPACE));
+        for (group, res, verb, _) in grants(role) {
+            assert_eq!(
+                (group.as_str(), res.as_str()),
+                ("", "secrets"),
+                "{name}: certgen Role"
+            );
+            assert!(
+                matches!(verb.as_str(), "get" | "create"),
+                "{name}: certgen may not {verb} secrets"
+            );
+        }
+        let job = r.one("Job", "-certgen");
+        let job_sa = str_at(job, &["spec", "template", "spec", "serviceAccountName"]).unwrap();
+        for sa in [
+            str_at(
+                r.apiserver(),
+                &["spec", "template", "spec", "serviceAccountName"],
+            )
+            .unwrap(),
+            str_at(
+                r.node_sync(),
+                &["spec", "template", "spec", "serviceAccountName"],
+            )
+            .unwrap(),
+        ] {
+            assert_ne!(
+                sa, job_sa,
+                "{name}: the certgen ServiceAccount is the Job's own"
+            );
+        }
+        let bindings: Vec<&Value> = r.of_kind("RoleBinding").collect();
+        assert_eq!(bindings.len(), 1, "{name}: one RoleBinding");
+        let subjects = seq_at(bindings[0], &["subjects"]);
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(str_at(&subjects[0], &["name"]), Some(job_sa));
+        // The Role, its binding and the Job exist only while the pre-install hook runs.
+        for obj in [role, bindings[0], job] {
+            let hook = str_at(obj, &["metadata", "annotations", "helm.sh/hook"]).unwrap_or("");
+            assert!(
+                hook.contains("pre-install"),
+                "{name}: {obj:?} must be a pre-install hook"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS wiring
+
+/// The files of a `clustermesh ca issue-cluster` directory each component reads from --tls-dir.
+fn tls_files(component: &str) -> Vec<String> {
+    let roles: &[&str] = match component {
+        "apiserver" => &["etcd-server", "apiserver", "root", "admin"],
+        _ => &["node", "remote"],
+    };
+    let mut files = vec!["ca-bundle.pem".to_owned(), "cluster.json".to_owned()];
+    for role in roles {
+        files.push(format!("{role}.crt"));
+        files.push(format!("{role}.key"));
+    }
+    files
+}
+
+/// The env value `name` of a container.
+fn env<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+    seq_at(c, &["env"])
+        .iter()
+        .find(|e| str_at(e, &["name"]) == Some(name))
+        .and_then(|e| str_at(e, &["value"]))
+}
+
+#[test]
+fn tls_secrets_are_mounted_where_tls_dir_points_with_every_file_the_binary_reads() {
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let values = &r.values;
+        let mode = str_at(values, &["certs", "mode"]).unwrap_or("job");
+        for (workload, cname, component, secret_env) in [
+            (r.apiserver(), "apiserver", "apiserver", "APISERVER_SECRET"),
+            (r.node_sync(), "node-sync", "nodeSync", "NODE_SYNC_SECRET"),
+        ] {
+            let c = container(workload, cname);
+            let a = args(c);
+            let tls_dir =
+                flag(&a, "tls-dir").unwrap_or_else(|| panic!("{name}: {cname} has no --tls-dir"));
+            let (_, _, _) = mounts(c)
+                .into_iter()
+                .find(|(_, p, _)| p == tls_dir)
+                .unwrap_or_else(|| {
+                    panic!("{name}: {cname} --tls-dir={tls_dir} is not a volumeMount")
+                });
+            let vol = volume_mounted_at(workload, c, tls_dir);
+            let want = tls_files(component);
+            let mut files = BTreeSet::new();
+            let mut secrets = BTreeSet::new();
+            for src in seq_at(vol, &["projected", "sources"]) {
+                if let Some(secret) = str_at(src, &["secret", "name"]) {
+                    secrets.insert(secret.to_owned());
+                }
+                for kind in ["secret", "configMap"] {
+                    for item in seq_at(src, &[kind, "items"]) {
+                        files.insert(str_at(item, &["path"]).unwrap().to_owned());
+                    }
+                }
+            }
+            for f in &want {
+                assert!(
+                    files.contains(f),
+                    "{name}: {cname} --tls-dir={tls_dir} lacks {f} ({files:?})"
+                );
+            }
+            assert!(
+                !secrets.is_empty(),
+                "{name}: {cname} --tls-dir volume holds no Secret: {vol:?}"
+            );
+            match mode {
+                "job" => {
+                    // The Secret is the one the certgen Job stores, with these very files.
+                    let job = r.one("Job", "-certgen");
+                    let jc = container(job, "certgen");
+                    let stored = env(jc, secret_env).unwrap();
+                    assert_eq!(
+                        secrets,
+                        BTreeSet::from([stored.to_owned()]),
+                        "{name}: {cname} mounts {secrets:?}"
+                    );
+                    let script = strings(seq_at(jc, &["args"])).join("\n");
+                    let store = script
+                        .lines()
+                        .skip_while(|l| !l.contains(&format!("store \"${secret_env}\"")))
+                        .take_while(|l| !l.trim().is_empty() && !l.trim_start().starts_with("fi"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    for f in &want {
+                        assert!(
+                            store.split_whitespace().any(|w| w == f),
+                            "{name}: the certgen Job does not store {f} in {stored} ({store})"
+                        );
+                    }
+                }
+                "existing" => {
+                    let key = if component == "apiserver" {
+                        "apiserverSecret"
+                    } else {
+                        "nodeSyncSecret"
+                    };
+                    let given = str_at(values, &["certs", "existing", key]).unwrap();
+                    assert_eq!(
+                        secrets,
+                        BTreeSet::from([given.to_owned()]),
+                        "{name}: {cname} mounts the Secret named in certs.existing.{key}"
+                    );
+                }
+                "certManager" => {
+                    let certificates: BTreeSet<String> = r
+                        .of_kind("Certificate")
+                        .filter_map(|c| str_at(c, &["spec", "secretName"]))
+                        .map(str::to_owned)
+                        .collect();
+                    assert!(
+                        secrets.is_subset(&certificates),
+                        "{name}: {cname} projects {secrets:?}, not all written by a Certificate ({certificates:?})"
+                    );
+                }
+                other => panic!("{name}: unknown certs.mode {other}"),
+            }
+            // Keys are never world-readable.
+            let mode_bits = at(vol, &["secret", "defaultMode"])
+                .or_else(|| at(vol, &["projected", "defaultMode"]))
+                .and_then(Value::as_u64)
+                .unwrap_or(0o644);
+            assert_eq!(
+                mode_bits & 0o007,
+                0,
+                "{name}: {cname} TLS files are world-readable ({mode_bits:o})"
+            );
+        }
+        // node-sync never gets the admin, root or server keys.
+        let ns = container(r.node_sync(), "node-sync");
+        let tls_dir = flag(&args(ns), "tls-dir").unwrap().to_owned();
+        let vol = volume_mounted_at(r.node_sync(), ns, &tls_dir);
+        let text = serde_yaml::to_string(vol).unwrap();
+        for forbidden in ["admin", "root.", "etcd-server", "apiserver-tls"] {
+            assert!(
+                !text.contains(forbidden),
+                "{name}: node-sync's TLS volume exposes {forbidden}: {text}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The values schema
+
+fn template_set(sets: &[&str]) -> Result<String, String> {
+    let mut extra = Vec::new();
+    for s in sets {
+        extra.push("--set".to_owned());
+        extra.push((*s).to_owned());
+    }
+    template(&extra)
+}
+
+#[test]
+fn schema_refuses_bad_cluster_ids() {
+    for (sets, path) in [
+        (&["cluster.id=0"][..], "/cluster/id"),
+        (&["cluster.id=256"][..], "/cluster/id"),
+        (&["cluster.id=-1"][..], "/cluster/id"),
+        (
+            &["cluster.id=512", "clustermesh.maxConnectedClusters=511"][..],
+            "/cluster/id",
+        ),
+        (
+            &["clustermesh.maxConnectedClusters=300"][..],
+            "/clustermesh/maxConnectedClusters",
+        ),
+        (&["cluster.id=seven"][..], "/cluster/id"),
+    ] {
+        let err = template_set(sets).expect_err(&format!("helm template --set {sets:?} must fail"));
+        assert!(
+            err.contains("schema") && err.contains(path),
+            "--set {sets:?}: the error must name {path}:\n{err}"
+        );
+    }
+    for sets in [
+        &["cluster.id=1"][..],
+        &["cluster.id=255"][..],
+        &["cluster.id=256", "clustermesh.maxConnectedClusters=511"][..],
+        &["cluster.id=511", "clustermesh.maxConnectedClusters=511"][..],
+    ] {
+        let yaml = template_set(sets).unwrap_or_else(|e| panic!("--set {sets:?} must render: {e}"));
+        let id = sets[0].trim_start_matches("cluster.id=");
+        assert!(
+            yaml.contains(&format!("--cluster-id={id}")),
+            "--set {sets:?}"
+        );
+    }
+}
+
+#[test]
+fn schema_refuses_bad_cluster_names() {
+    for bad in [
+        "default",
+        "Cluster1",
+        "-leading-dash",
+        "trailing-dash-",
+        "under_score",
+        "dot.ted",
+        "a23456789012345678901234567890123",
+        "",
+    ] {
+        let err = template_set(&[&format!("cluster.name={bad}")])
+            .expect_err(&format!("cluster.name={bad:?} must be refused"));
+        assert!(
+            err.contains("/cluster/name"),
+            "cluster.name={bad:?}: the error must name /cluster/name:\n{err}"
+        );
+    }
+    // Static remote clusters follow the same rules.
+    let err = template_set(&[
+        "clustermesh.config.clusters[0].name=default",
+        "clustermesh.config.clusters[0].endpoints[0]=https://10.0.0.1:2379",
+    ])
+    .expect_err("a static remote named default must be refused");
+    assert!(err.contains("/clustermesh/config/clusters/0/name"), "{err}");
+    for good in [
+        "a",
+        "c1",
+        "prod-eu-west-1",
+        "a2345678901234567890123456789012",
+    ] {
+        template_set(&[&format!("cluster.name={good}")])
+            .unwrap_or_else(|e| panic!("cluster.name={good:?} must render: {e}"));
+    }
+}
+
+#[test]
+fn chart_refuses_settings_that_cannot_work() {
+    for (sets, needle) in [
+        (&["apiserver.replicas=2"][..], "/apiserver/replicas"),
+        (&["etcd.mode=external"][..], "/etcd/external/endpoints"),
+        (
+            &["certs.mode=existing"][..],
+            "certs.existing.apiserverSecret is required",
+        ),
+        (
+            &["certs.mode=certManager"][..],
+            "certs.certManager.issuerRef.name",
+        ),
+        (
+            &[
+                "clustermesh.config.clusters[0].name=cluster1",
+                "clustermesh.config.clusters[0].endpoints[0]=https://10.0.0.1:2379",
+            ][..],
+            "is this cluster's own name",
+        ),
+        (
+            &["nodeSync.health.interval=fast"][..],
+            "/nodeSync/health/interval",
+        ),
+    ] {
+        let err = template_set(sets).expect_err(&format!("--set {sets:?} must fail"));
+        assert!(
+            err.contains(needle),
+            "--set {sets:?}: expected {needle:?} in:\n{err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drift: the binaries parse what the chart renders
+
+/// Parse `args` as clustermesh-apiserver would at start, including its cluster rules
+/// (`Args::index_config`: name, id against maxConnectedClusters, --manifest-dir with --source manifests).
+fn parse_apiserver(case: &str, args: &[String]) -> clustermesh_apiserver::Args {
+    let argv = std::iter::once("clustermesh-apiserver".to_owned()).chain(args.iter().cloned());
+    let parsed = clustermesh_apiserver::Args::try_parse_from(argv).unwrap_or_else(|e| {
+        panic!("{case}: clustermesh-apiserver refuses the chart's args {args:?}:\n{e}")
+    });
+    if let Err(e) = parsed.index_config() {
+        panic!("{case}: clustermesh-apiserver would refuse to start with {args:?}: {e}");
+    }
+    parsed
+}
+
+fn parse_node_sync(case: &str, args: &[String]) -> node_sync::args::Args {
+    let argv = std::iter::once("node-sync".to_owned()).chain(args.iter().cloned());
+    node_sync::args::Args::try_parse_from(argv)
+        .unwrap_or_else(|e| panic!("{case}: node-sync refuses the chart's args {args:?}:\n{e}"))
+}
+
+/// Every `$(VAR)` in a container's args names an env var of that container (the kubelet leaves
+/// unknown references as they are, and the binary would get the literal text).
+fn assert_env_refs_defined(case: &str, c: &Value) {
+    let defined: BTreeSet<&str> = seq_at(c, &["env"])
+        .iter()
+        .filter_map(|e| str_at(e, &["name"]))
+        .collect();
+    for a in args(c) {
+        let mut rest = a.as_str();
+        while let Some(start) = rest.find("$(") {
+            let end = rest[start..]
+                .find(')')
+                .map(|e| start + e)
+                .unwrap_or_else(|| panic!("{case}: unclosed $( in {a}"));
+            let var = &rest[start + 2..end];
+            assert!(
+                defined.contains(var),
+                "{case}: arg {a} uses $({var}), which the container does not define"
+            );
+            rest = &rest[end..];
+        }
+    }
+}
+
+#[test]
+fn apiserver_and_node_sync_parse_every_rendered_container_args() {
+    let mut checked = 0;
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let api_c = container(r.apiserver(), "apiserver");
+        assert_env_refs_defined(name, api_c);
+        let api = parse_apiserver(name, &args(api_c));
+        let want_name = str_at(&r.values, &["cluster", "name"]).unwrap_or("cluster1");
+        let want_id = at(&r.values, &["cluster", "id"])
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        assert_eq!(api.cluster_name, want_name, "{name}: --cluster-name");
+        assert_eq!(u64::from(api.cluster_id), want_id, "{name}: --cluster-id");
+        let want_mcc = at(&r.values, &["clustermesh", "maxConnectedClusters"])
+            .and_then(Value::as_u64)
+            .unwrap_or(255);
+        assert_eq!(
+            u64::from(api.max_connected_clusters),
+            want_mcc,
+            "{name}: --max-connected-clusters"
+        );
+
+        let ns_c = container(r.node_sync(), "node-sync");
+        assert_env_refs_defined(name, ns_c);
+        let ns = parse_node_sync(name, &args(ns_c));
+        assert_eq!(
+            ns.cluster_name.to_string(),
+            want_name,
+            "{name}: node-sync --cluster-name"
+        );
+        assert!(
+            ns.etcd_endpoints.iter().all(|e| e.starts_with("https://")),
+            "{name}: node-sync must reach etcd over TLS: {:?}",
+            ns.etcd_endpoints
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "checked {checked} value sets");
+}
+
+/// Every flag the chart can render (all optional ones switched on) is accepted too.
+#[test]
+fn binaries_accept_the_optional_flags_the_chart_can_render() {
+    let yaml = template_set(&[
+        "clustermesh.kvstoremesh=true",
+        "clustermesh.clustersetCIDR=10.253.0.0/16",
+        "etcd.mode=external",
+        "etcd.external.endpoints[0]=https://etcd-0.example:2379",
+        "etcd.external.endpoints[1]=https://etcd-1.example:2379",
+        "apiserver.replicas=3",
+        "apiserver.source=manifests",
+        "apiserver.manifestConfigMap=manifests",
+        "apiserver.logFormat=plain",
+        "nodeSync.logFormat=plain",
+        "nodeSync.cgroup.attachPath=kubepods.slice",
+        "nodeSync.health.interval=1s",
+        "nodeSync.staleGrace=2m",
+        "nodeSync.syncTimeout=1m30s",
+    ])
+    .expect("render with every optional flag");
+    let r = Rendered {
+        case: Case {
+            name: "all optional flags".to_owned(),
+            values_file: None,
+        },
+        values: Value::Null,
+        docs: parse_docs(&yaml),
+    };
+    let api = args(container(r.apiserver(), "apiserver"));
+    for f in [
+        "kvstoremesh",
+        "clusterset-cidr",
+        "etcd-endpoints",
+        "manifest-dir",
+        "source",
+    ] {
+        assert!(
+            api.iter()
+                .any(|a| a == &format!("--{f}") || a.starts_with(&format!("--{f}="))),
+            "--{f} not rendered: {api:?}"
+        );
+    }
+    let parsed = parse_apiserver(&r.case.name, &api);
+    assert_eq!(
+        parsed.etcd_endpoints.len(),
+        2,
+        "--etcd-endpoints is comma separated: {api:?}"
+    );
+    assert!(parsed.kvstoremesh);
+    let ns = args(container(r.node_sync(), "node-sync"));
+    let parsed = parse_node_sync(&r.case.name, &ns);
+    assert_eq!(
+        parsed.etcd_endpoints.len(),
+        2,
+        "--etcd-endpoints is comma separated: {ns:?}"
+    );
+    assert!(parsed.kvstoremesh);
+    assert_eq!(parsed.stale_grace, std::time::Duration::from_secs(120));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NOTES, dashboard
+
+#[test]
+fn notes_tell_the_next_step_and_the_dashboard_is_valid_grafana_json() {
+    let mut cmd = helm();
+    cmd.args(["install", RELEASE]).arg(chart_dir()).args([
+        "--dry-run=client",
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "cluster.name=east,cluster.id=3",
+    ]);
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "helm install --dry-run=client: {}",
+        stderr(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let notes = stdout
+        .split("NOTES:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no NOTES in:\n{stdout}"));
+    assert!(notes.contains("clustermesh connect"), "{notes}");
+    assert!(notes.contains("\"east\" (id 3)"), "{notes}");
+    assert!(
+        !notes.contains("WARNING"),
+        "no default-name warning for a named cluster: {notes}"
+    );
+
+    let r = Rendered::of(&cases()[0]);
+    let cm = r.one("ConfigMap", "-dashboard");
+    assert_eq!(
+        str_at(cm, &["metadata", "labels", "grafana_dashboard"]),
+        Some("1"),
+        "the Grafana sidecar finds dashboards by this label"
+    );
+    let json = str_at(cm, &["data", "clustermesh.json"]).expect("dashboard JSON");
+    let dash: serde_json::Value = serde_json::from_str(json).expect("dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6, "{} panels", panels.len());
+    let mut metrics = BTreeMap::new();
+    for p in panels {
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("panel without targets: {p}"));
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            for m in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if m.starts_with("clustermesh_") {
+                    metrics.insert(m.to_owned(), p["title"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    assert!(
+        metrics
+            .keys()
+            .any(|m| m.starts_with("clustermesh_apiserver_")),
+        "{metrics:?}"
+    );
+    assert!(
+        metrics
+            .keys()
+            .any(|m| m.starts_with("clustermesh_node_sync_")),
+        "{metrics:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shell scripts
+
+/// The scripts of kind-multicluster/ and scripts/install-helm.sh.
+fn scripts() -> Vec<PathBuf> {
+    let root = repo_root();
+    let dir = root.join("kind-multicluster");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+        .collect();
+    out.sort();
+    for name in ["up.sh", "drill.sh", "down.sh"] {
+        assert!(
+            out.iter().any(|p| p.ends_with(name)),
+            "kind-multicluster/{name} missing"
+        );
+    }
+    out.push(root.join("scripts/install-helm.sh"));
+    out
+}
+
+fn shellcheck(input: ShellInput<'_>) -> Output {
+    let mut cmd = Command::new(require_tool("shellcheck"));
+    cmd.args(["--severity=style", "--external-sources"]);
+    match input {
+        ShellInput::File(path) => {
+            cmd.arg(path);
+            if let Some(dir) = path.parent() {
+                cmd.current_dir(dir);
+            }
+            run(cmd)
+        }
+        ShellInput::Stdin { shell, text } => {
+            cmd.args(["--shell", shell, "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().expect("spawn shellcheck");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }
+    }
+}
+
+enum ShellInput<'a> {
+    File(&'a Path),
+    Stdin { shell: &'a str, text: &'a str },
+}
+
+#[test]
+fn scripts_pass_bash_n_and_shellcheck() {
+    for script in scripts() {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-n").arg(&script);
+        let out = run(cmd);
+        assert!(
+            out.status.success(),
+            "bash -n {}: {}",
+            script.display(),
+            stderr(&out)
+        );
+        let out = shellcheck(ShellInput::File(&script));
+        assert!(
+            out.status.success(),
+            "shellcheck {}:\n{}{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&script).unwrap().permissions().mode();
+            assert!(mode & 0o111 != 0, "{} is not executable", script.display());
+        }
+    }
+}
+
+/// The shell scripts inside the chart (certgen Job, node-sync's prepare-host) pass shellcheck too.
+#[test]
+fn scripts_embedded_in_the_chart_pass_shellcheck() {
+    for r in Rendered::all() {
+        let mut embedded = Vec::new();
+        for workload in r.of_kind("Job").chain(r.of_kind("DaemonSet")) {
+            let spec = at(workload, &["spec", "template", "spec"]).unwrap();
+            for c in seq_at(spec, &["containers"])
+                .iter()
+                .chain(seq_at(spec, &["initContainers"]))
+            {
+                let cmd = strings(seq_at(c, &["command"]));
+                if let Some(shell) = cmd.first().filter(|s| s.ends_with("sh")) {
+                    let shell = if shell.ends_with("bash") {
+                        "bash"
+                    } else {
+                        "sh"
+                    };
+                    let text = strings(seq_at(c, &["args"])).join("\n");
+                    embedded.push((str_at(c, &["name"]).unwrap().to_owned(), shell, text));
+                }
+            }
+        }
+        for (cname, shell, text) in &embedded {
+            let out = shellcheck(ShellInput::Stdin { shell, text });
+            assert!(
+                out.status.success(),
+                "{}: shellcheck of container {cname}'s script:\n{}\n{text}",
+                r.case.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        assert!(
+            !embedded.is_empty(),
+            "{}: no embedded scripts found",
+            r.case.name
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+
+/// Every Dockerfile builds, from the repository root, a binary that exists in the workspace, in two
+/// stages (rust:1.95-bookworm, then debian:bookworm-slim), runs it as its entry point, and runs as
+/// the chart's non-root user unless it is node-sync (eBPF needs root).
+#[test]
+fn dockerfiles_build_workspace_binaries_into_slim_images_non_root_where_possible() {
+    let root = repo_root();
+    let meta = Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(&root)
+        .output()
+        .expect("cargo metadata");
+    assert!(meta.status.success(), "cargo metadata: {}", stderr(&meta));
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
+    let bins: BTreeSet<(String, String)> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let pkg = p["name"].as_str().unwrap().to_owned();
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+                .map(move |t| (pkg.clone(), t["name"].as_str().unwrap().to_owned()))
+        })
+        .collect();
+
+    let chart_values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    for (file, image_key, needs_root) in [
+        ("clustermesh-apiserver.Dockerfile", "apiserver", false),
+        ("node-sync.Dockerfile", "nodeSync", true),
+        ("clustermesh.Dockerfile", "cli", false),
+    ] {
+        let path = root.join("images").join(file);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+        assert_eq!(froms.len(), 2, "{file}: two stages: {froms:?}");
+        assert!(
+            froms[0].starts_with("FROM rust:1.95-bookworm AS build"),
+            "{file}: {}",
+            froms[0]
+        );
+        assert_eq!(froms[1], "FROM debian:bookworm-slim", "{file}");
+        let build = text
+            .lines()
+            .find(|l| l.contains("cargo build --release --locked -p "))
+            .unwrap_or_else(|| panic!("{file}: no cargo build line"));
+        let words: Vec<&str> = build.split_whitespace().collect();
+        let pkg = words[words.iter().position(|w| *w == "-p").unwrap() + 1];
+        let bin = words[words.iter().position(|w| *w == "--bin").unwrap() + 1];
+        assert!(
+            bins.contains(&(pkg.to_owned(), bin.to_owned())),
+            "{file}: builds -p {pkg} --bin {bin}, which the workspace does not have ({bins:?})"
+        );
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{bin}\"]")),
+            "{file}: the entry point must be the binary it builds ({bin})"
+        );
+        let user = text.lines().find_map(|l| l.strip_prefix("USER "));
+        if needs_root {
+            assert_eq!(user, None, "{file}: node-sync runs as root (eBPF)");
+        } else {
+            assert_eq!(
+                user,
+                Some("65532:65532"),
+                "{file}: non-root, the uid the chart runs it with"
+            );
+        }
+        // The chart's image repository names the image up.sh builds from this Dockerfile.
+        let repo = str_at(&chart_values, &["image", image_key, "repository"]).unwrap();
+        assert_eq!(
+            repo,
+            format!("clustermesh/{}", file.trim_end_matches(".Dockerfile")),
+            "{file}: chart image.{image_key}.repository"
+        );
+        assert!(
+            root.join("images")
+                .join(format!("{file}.dockerignore"))
+                .is_file(),
+            "{file}: no .dockerignore"
+        );
+    }
+}

@@ -1158,7 +1158,7 @@ fn notes_tell_the_next_step_and_the_dashboard_is_valid_grafana_json() {
         for t in targets {
             let expr = t["expr"].as_str().unwrap();
             for m in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if m.starts_with("clustermesh_") {
+                if m.starts_with("clustermesh_apiserver_") || m.starts_with("nodesync_") {
                     metrics.insert(m.to_owned(), p["title"].as_str().unwrap().to_owned());
                 }
             }
@@ -1173,7 +1173,7 @@ fn notes_tell_the_next_step_and_the_dashboard_is_valid_grafana_json() {
     assert!(
         metrics
             .keys()
-            .any(|m| m.starts_with("clustermesh_node_sync_")),
+            .any(|m| m.starts_with("nodesync_")),
         "{metrics:?}"
     );
 }
@@ -1391,5 +1391,131 @@ fn dockerfiles_build_workspace_binaries_into_slim_images_non_root_where_possible
                 .is_file(),
             "{file}: no .dockerignore"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config files and dashboard against the binaries
+
+/// Every static remote cluster the chart renders (clustermesh.config.clusters) is a file node-sync's
+/// own parser accepts, naming TLS files that the node-sync container has mounted.
+#[test]
+fn node_sync_parses_every_rendered_remote_cluster_file() {
+    let mut parsed = 0;
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let ds = r.node_sync();
+        let c = container(ds, "node-sync");
+        let a = args(c);
+        let dir = flag(&a, "remote-config-dir")
+            .unwrap_or_else(|| panic!("{name}: no --remote-config-dir"));
+        let tls_dir = flag(&a, "tls-dir").map(Path::new);
+        let vol = volume_mounted_at(ds, c, dir);
+        let cm_name = str_at(vol, &["configMap", "name"])
+            .unwrap_or_else(|| panic!("{name}: remotes volume: {vol:?}"));
+        let cm = r.one("ConfigMap", cm_name);
+        let data = at(cm, &["data"])
+            .and_then(Value::as_mapping)
+            .cloned()
+            .unwrap_or_default();
+        let want: Vec<Value> = seq_at(&r.values, &["clustermesh", "config", "clusters"]).to_vec();
+        assert_eq!(
+            data.len(),
+            want.len(),
+            "{name}: one remote file per clustermesh.config.clusters entry"
+        );
+        for (file, text) in &data {
+            let file = file.as_str().unwrap();
+            let text = text.as_str().unwrap();
+            let path = Path::new(dir).join(file);
+            let source = node_sync::cluster::parse_remote_file(&path, text, tls_dir)
+                .unwrap_or_else(|e| {
+                    panic!("{name}: node-sync refuses {}: {e}\n{text}", path.display())
+                });
+            assert_eq!(
+                format!("{}.yaml", source.name),
+                file,
+                "{name}: file name vs cluster name"
+            );
+            let tls = source
+                .tls
+                .unwrap_or_else(|| panic!("{name}: {file}: https endpoints without TLS files"));
+            let ca = match &tls.ca {
+                node_sync::cluster::CaSource::File(p) => p.clone(),
+                other => panic!("{name}: {file}: CA {other:?}"),
+            };
+            for f in [&ca, &tls.cert, &tls.key] {
+                let covered = mounts(c)
+                    .iter()
+                    .any(|(_, m, _)| f.parent() == Some(Path::new(m)));
+                assert!(
+                    covered,
+                    "{name}: {file} names {}, which is in no volumeMount of node-sync",
+                    f.display()
+                );
+            }
+            parsed += 1;
+        }
+    }
+    assert!(
+        parsed >= 2,
+        "no example renders static remote clusters ({parsed})"
+    );
+}
+
+/// Every metric the Grafana dashboard queries is one the binaries export: the apiserver's from its
+/// real exposition (`Status::metrics`), node-sync's from the names in its status module.
+#[test]
+fn dashboard_queries_only_metrics_the_binaries_export() {
+    let r = Rendered::of(&cases()[0]);
+    let json = str_at(
+        r.one("ConfigMap", "-dashboard"),
+        &["data", "clustermesh.json"],
+    )
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mut queried = BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("clustermesh_apiserver_") || word.starts_with("nodesync_") {
+                    queried.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+
+    let status = clustermesh_apiserver::status::Status::new("c1", 1, "replica-0");
+    let exposition = status.metrics();
+    let apiserver_families: BTreeSet<String> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    let node_sync_src = std::fs::read_to_string(repo_root().join("node-sync/src/status.rs"))
+        .expect("node-sync/src/status.rs");
+    for m in &queried {
+        if m.starts_with("clustermesh_apiserver_") {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    m.strip_suffix(s)
+                        .filter(|f| apiserver_families.contains(*f))
+                })
+                .unwrap_or(m);
+            assert!(
+                apiserver_families.contains(family),
+                "the dashboard queries {m}, which clustermesh-apiserver does not export ({apiserver_families:?})"
+            );
+        } else {
+            assert!(
+                node_sync_src.contains(&format!("\"{m}\""))
+                    || node_sync_src.contains(&format!("\"{m}{{")),
+                "the dashboard queries {m}, which node-sync/src/status.rs does not name"
+            );
+        }
     }
 }

@@ -1,8 +1,7 @@
 {{/*
 The TLS volume of a component: the files of a `clustermesh ca issue-cluster` directory that the
 component needs (ca-bundle.pem, cluster.json, <role>.crt, <role>.key), mounted at clustermesh.tlsDir
-and passed as --tls-dir. node-sync's volume also carries its local-etcd client identity under the
-generic names ca.crt / tls.crt / tls.key.
+and passed as --tls-dir.
 Call with (dict "root" . "component" "apiserver"|"nodeSync").
 */}}
 {{- define "clustermesh.tlsRoles" -}}
@@ -35,17 +34,6 @@ Call with (dict "root" . "component" "apiserver"|"nodeSync").
               path: ca-bundle.pem
             {{- end }}
       {{- end }}
-      {{- if eq .component "nodeSync" }}
-      - secret:
-          name: {{ $fullname }}-node-tls
-          items:
-            - key: tls.crt
-              path: tls.crt
-            - key: tls.key
-              path: tls.key
-            - key: ca.crt
-              path: ca.crt
-      {{- end }}
 {{- else }}
 {{- $secret := ternary (include "clustermesh.secret.apiserver" $root) (include "clustermesh.secret.nodeSync" $root) (eq .component "apiserver") }}
       - secret:
@@ -61,16 +49,5 @@ Call with (dict "root" . "component" "apiserver"|"nodeSync").
             - key: {{ . }}.key
               path: {{ . }}.key
             {{- end }}
-      {{- if eq .component "nodeSync" }}
-      - secret:
-          name: {{ $secret }}
-          items:
-            - key: node.crt
-              path: tls.crt
-            - key: node.key
-              path: tls.key
-            - key: ca-bundle.pem
-              path: ca.crt
-      {{- end }}
 {{- end }}
 {{- end -}}

@@ -1171,9 +1171,7 @@ fn notes_tell_the_next_step_and_the_dashboard_is_valid_grafana_json() {
         "{metrics:?}"
     );
     assert!(
-        metrics
-            .keys()
-            .any(|m| m.starts_with("nodesync_")),
+        metrics.keys().any(|m| m.starts_with("nodesync_")),
         "{metrics:?}"
     );
 }
@@ -1518,4 +1516,94 @@ fn dashboard_queries_only_metrics_the_binaries_export() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes API shapes
+
+/// Deserialize `doc` as the Kubernetes type `T` (k8s-openapi, API 1.35) and serialize it back:
+/// every field of the rendered manifest must survive, so a misspelled or misplaced field (which
+/// the API server would drop or refuse) shows up as a difference.
+fn roundtrip<T>(doc: &serde_json::Value) -> Result<(), String>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let typed: T =
+        serde_json::from_value(doc.clone()).map_err(|e| format!("does not deserialize: {e}"))?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut lost = Vec::new();
+    missing_fields(doc, &back, String::new(), &mut lost);
+    if lost.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("fields the Kubernetes API does not know: {lost:?}"))
+    }
+}
+
+/// Paths present in `want` (non-empty) but absent or different in `got`.
+fn missing_fields(
+    want: &serde_json::Value,
+    got: &serde_json::Value,
+    path: String,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value as J;
+    match (want, got) {
+        (J::Object(w), J::Object(g)) => {
+            for (k, wv) in w {
+                let empty = matches!(wv, J::Null) || wv.as_object().is_some_and(|o| o.is_empty());
+                match g.get(k) {
+                    Some(gv) => missing_fields(wv, gv, format!("{path}.{k}"), out),
+                    None if empty => {}
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (J::Array(w), J::Array(g)) if w.len() == g.len() => {
+            for (i, (wv, gv)) in w.iter().zip(g).enumerate() {
+                missing_fields(wv, gv, format!("{path}[{i}]"), out);
+            }
+        }
+        (J::Object(w), _) if w.is_empty() => {}
+        (w, g) if w == g => {}
+        (w, g) => out.push(format!("{path}: {w} became {g}")),
+    }
+}
+
+#[test]
+fn rendered_manifests_are_valid_kubernetes_objects() {
+    use k8s_openapi::api::{
+        apps::v1 as apps, batch::v1 as batch, core::v1 as core, policy::v1 as policy,
+        rbac::v1 as rbac,
+    };
+    let mut checked = 0;
+    for r in Rendered::all() {
+        for doc in &r.docs {
+            let kind = str_at(doc, &["kind"]).unwrap_or("?");
+            let name = str_at(doc, &["metadata", "name"]).unwrap_or("?");
+            let json = serde_json::to_value(doc).unwrap();
+            let result = match kind {
+                "Deployment" => roundtrip::<apps::Deployment>(&json),
+                "DaemonSet" => roundtrip::<apps::DaemonSet>(&json),
+                "Service" => roundtrip::<core::Service>(&json),
+                "ServiceAccount" => roundtrip::<core::ServiceAccount>(&json),
+                "ConfigMap" => roundtrip::<core::ConfigMap>(&json),
+                "PersistentVolumeClaim" => roundtrip::<core::PersistentVolumeClaim>(&json),
+                "ClusterRole" => roundtrip::<rbac::ClusterRole>(&json),
+                "ClusterRoleBinding" => roundtrip::<rbac::ClusterRoleBinding>(&json),
+                "Role" => roundtrip::<rbac::Role>(&json),
+                "RoleBinding" => roundtrip::<rbac::RoleBinding>(&json),
+                "Job" => roundtrip::<batch::Job>(&json),
+                "PodDisruptionBudget" => roundtrip::<policy::PodDisruptionBudget>(&json),
+                // CRDs (cert-manager, Prometheus operator): checked by their own tests above.
+                "Certificate" | "Issuer" | "ServiceMonitor" => continue,
+                other => Err(format!("unexpected kind {other}")),
+            };
+            if let Err(e) = result {
+                panic!("{}: {kind} {name}: {e}", r.case.name);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "checked {checked} objects");
 }

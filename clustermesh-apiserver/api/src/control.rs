@@ -1,0 +1,274 @@
+//! [`EtcdMeshControl`]: the API over the cluster's etcd and certificate directory.
+//!
+//! Registrations live under `clustermesh/v1/remotes/<self>/<remote>` (node-syncs watch them and connect);
+//! the remote's etcd user `remote-<remote>` (read-only on `clustermesh/v1/`) is created with the cluster's
+//! `root` certificate. The status is computed from the cluster config, the registrations and the node
+//! summaries under `nodestatus/<self>/`.
+
+use std::sync::Arc;
+
+use etcd_client::{Client, GetOptions};
+use mesh_certs::{ClusterDir, Role, TrustBundle};
+use mesh_model::keys::{KeyKind, MeshKey};
+use mesh_model::status::{ApiserverState, MeshStatus};
+use mesh_model::values::{ClusterConfig, MeshValue, NodeStatus, RemoteCluster, format_time};
+use mesh_model::{ClusterId, ClusterName};
+use tokio::sync::{Mutex, watch};
+use tracing::warn;
+
+use crate::pb::ClusterInfo;
+use crate::{ApiError, MeshControl};
+
+/// The API over etcd.
+pub struct EtcdMeshControl {
+    config: ClusterConfig,
+    dir: ClusterDir,
+    /// The endpoints this apiserver uses for its etcd.
+    etcd_endpoints: Vec<String>,
+    /// The endpoints remote node-syncs should use (often the same).
+    advertised_endpoints: Vec<String>,
+    state: watch::Receiver<ApiserverState>,
+    client: Mutex<Option<Client>>,
+    /// Service CIDRs of the cluster, for the overlap check of `connect`.
+    pub service_cidrs: Vec<String>,
+    /// Pod CIDRs of the cluster.
+    pub pod_cidrs: Vec<String>,
+}
+
+impl EtcdMeshControl {
+    /// The control for `config`'s cluster, with its certificate directory and etcd.
+    pub fn new(
+        config: ClusterConfig,
+        dir: ClusterDir,
+        etcd_endpoints: Vec<String>,
+        advertised_endpoints: Vec<String>,
+        state: watch::Receiver<ApiserverState>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            dir,
+            etcd_endpoints,
+            advertised_endpoints,
+            state,
+            client: Mutex::new(None),
+            service_cidrs: Vec::new(),
+            pod_cidrs: Vec::new(),
+        })
+    }
+
+    async fn client(&self) -> Result<Client, ApiError> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = mesh_certs::etcd::connect_as(&self.dir, Role::Admin, &self.etcd_endpoints)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!("etcd {}: {e}", self.etcd_endpoints.join(",")))
+            })?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_client(&self) {
+        *self.client.lock().await = None;
+    }
+
+    async fn list<T>(
+        &self,
+        prefix: &str,
+        pick: impl Fn(MeshValue) -> Option<T>,
+    ) -> Result<Vec<T>, ApiError> {
+        let mut c = self.client().await?;
+        let resp = match c.get(prefix, Some(GetOptions::new().with_prefix())).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget_client().await;
+                return Err(ApiError::Unavailable(format!("etcd get {prefix}: {e}")));
+            }
+        };
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let parsed = MeshKey::parse_for(&key, &self.config.name)
+                .map_err(|e| e.to_string())
+                .and_then(|k| MeshValue::decode(&k, kv.value()).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(v) => out.extend(pick(v)),
+                Err(error) => warn!(%key, %error, "skipping a value that does not parse"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remotes(&self) -> Result<Vec<RemoteCluster>, ApiError> {
+        self.list(
+            &KeyKind::Remotes.cluster_prefix(&self.config.name),
+            |v| match v {
+                MeshValue::Remote(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    fn root_files(&self) -> mesh_certs::TlsFiles {
+        self.dir.tls_files(Role::EtcdRoot)
+    }
+}
+
+#[tonic::async_trait]
+impl MeshControl for EtcdMeshControl {
+    fn cluster_name(&self) -> &ClusterName {
+        &self.config.name
+    }
+
+    async fn cluster_info(&self) -> Result<ClusterInfo, ApiError> {
+        let bundle = std::fs::read_to_string(self.dir.ca_bundle()).map_err(|e| {
+            ApiError::Unavailable(format!("read {}: {e}", self.dir.ca_bundle().display()))
+        })?;
+        let remotes = self.remotes().await.unwrap_or_default();
+        Ok(ClusterInfo {
+            name: self.config.name.to_string(),
+            id: self.config.id.get().into(),
+            max_connected_clusters: self.config.max_connected_clusters.get().into(),
+            etcd_endpoints: self.advertised_endpoints.clone(),
+            ca_fingerprints: self
+                .dir
+                .ca_fingerprints()
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+            ca_bundle_pem: bundle,
+            capabilities: vec!["sync-canaries".into(), "endpoint-chunks".into()],
+            version: env!("CARGO_PKG_VERSION").into(),
+            pod_cidrs: self.pod_cidrs.clone(),
+            service_cidrs: self.service_cidrs.clone(),
+            trust_domain: self.dir.info.trust_domain.to_string(),
+            remotes: remotes.iter().map(|r| r.name.to_string()).collect(),
+        })
+    }
+
+    async fn status(&self) -> Result<MeshStatus, ApiError> {
+        let mut apiserver = self.state.borrow().clone();
+        let remotes = match self.remotes().await {
+            Ok(r) => r,
+            Err(e) => {
+                apiserver.etcd_healthy = false;
+                warn!(error = %e, "status: etcd unreachable");
+                Vec::new()
+            }
+        };
+        let nodes: Vec<NodeStatus> = self
+            .list(
+                &KeyKind::NodeStatus.cluster_prefix(&self.config.name),
+                |v| match v {
+                    MeshValue::NodeStatus(s) => Some(s),
+                    _ => None,
+                },
+            )
+            .await
+            .unwrap_or_default();
+        let now = format_time(time::OffsetDateTime::now_utc());
+        Ok(MeshStatus::compute(
+            self.config.clone(),
+            apiserver,
+            &remotes,
+            nodes,
+            now,
+        ))
+    }
+
+    async fn register_remote(&self, remote: RemoteCluster) -> Result<bool, ApiError> {
+        if remote.name == self.config.name {
+            return Err(ApiError::Invalid(format!(
+                "cluster {} cannot be registered as its own remote",
+                remote.name
+            )));
+        }
+        if remote.id == self.config.id {
+            return Err(ApiError::Conflict(format!(
+                "cluster id {} of {} is this cluster's own id ({}): cluster ids must be unique in a mesh",
+                remote.id, remote.name, self.config.name
+            )));
+        }
+        ClusterId::new(remote.id.into(), self.config.max_connected_clusters)
+            .map_err(|e| ApiError::Invalid(format!("{}: {e}", remote.name)))?;
+        let existing = self.remotes().await?;
+        if let Some(other) = existing
+            .iter()
+            .find(|r| r.id == remote.id && r.name != remote.name)
+        {
+            return Err(ApiError::Conflict(format!(
+                "cluster id {} is already used by registered remote {}",
+                remote.id, other.name
+            )));
+        }
+        let key = MeshKey::Remote {
+            cluster: self.config.name.clone(),
+            remote: remote.name.clone(),
+        };
+        let value = MeshValue::Remote(remote.clone());
+        value
+            .validate(&key)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let changed = existing.iter().find(|r| r.name == remote.name) != Some(&remote);
+        // The user first: a node-sync that sees the registration can log in at once.
+        mesh_certs::etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &remote.name)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!("create etcd user remote-{}: {e}", remote.name))
+            })?;
+        if changed {
+            let mut c = self.client().await?;
+            c.put(key.to_string(), value.encode(), None)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("etcd put {key}: {e}")))?;
+        }
+        Ok(changed)
+    }
+
+    async fn unregister_remote(&self, name: ClusterName) -> Result<bool, ApiError> {
+        let key = MeshKey::Remote {
+            cluster: self.config.name.clone(),
+            remote: name.clone(),
+        };
+        let mut c = self.client().await?;
+        let resp = c
+            .delete(key.to_string(), None)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("etcd delete {key}: {e}")))?;
+        mesh_certs::etcd::remove_remote_user(&self.etcd_endpoints, &self.root_files(), &name)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("delete etcd user remote-{name}: {e}")))?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn add_trust_bundle(&self, pem: String) -> Result<(bool, Vec<String>), ApiError> {
+        let tmp = tempfile_path(&self.dir);
+        std::fs::write(&tmp, pem.as_bytes()).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let incoming = TrustBundle::load(&tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let incoming = incoming.map_err(|e| ApiError::Invalid(format!("bundle: {e}")))?;
+        let path = self.dir.ca_bundle();
+        let mut bundle =
+            TrustBundle::load(&path).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let before = bundle.fingerprints();
+        bundle.merge(&incoming);
+        let after = bundle.fingerprints();
+        let changed = before != after;
+        if changed {
+            bundle
+                .save(&path)
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        }
+        Ok((changed, after.iter().map(ToString::to_string).collect()))
+    }
+}
+
+fn tempfile_path(dir: &ClusterDir) -> std::path::PathBuf {
+    let base = dir.ca_bundle();
+    let parent = base
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    parent.join(format!(".incoming-bundle-{}.pem", std::process::id()))
+}

@@ -1,0 +1,309 @@
+//! The gRPC API over mTLS against a real secure etcd: reads for any mesh certificate, registrations
+//! only for the cluster's admin, idempotent, with the remote's read-only etcd user created and removed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_api::control::EtcdMeshControl;
+use clustermesh_api::pb::{
+    GetClusterInfoRequest, GetStatusRequest, RegisterRemoteRequest, UnregisterRemoteRequest,
+};
+use mesh_certs::etcd::{EtcdSpec, bootstrap_auth};
+use mesh_certs::tls::ClientAuth;
+use mesh_certs::{ClusterDir, ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use mesh_model::status::{ApiserverState, MeshStatus};
+use mesh_model::values::{Capabilities, ClusterConfig};
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn issue(ca: &RootCa, cluster: &str, id: u32, out: &Path) -> ClusterDir {
+    ca.issue_cluster(&ClusterRequest {
+        cluster: ClusterName::new(cluster).unwrap(),
+        id: ClusterId::new(id, MaxConnectedClusters::DEFAULT).unwrap(),
+        out: out.to_owned(),
+        sans: vec![],
+        validity: Validity::default(),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn register_and_unregister_through_grpc_with_admin_only() {
+    assert!(
+        Path::new(mesh_certs::etcd::DEFAULT_ETCD_BINARY).exists(),
+        "this test needs etcd (Debian etcd-server)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = RootCa::init(
+        &tmp.path().join("ca"),
+        &TrustDomain::new("grpc.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let c1 = issue(&ca, "c1", 1, &tmp.path().join("c1"));
+    let c2 = issue(&ca, "c2", 2, &tmp.path().join("c2"));
+    let client_url = format!("https://127.0.0.1:{}", free_port());
+    let peer_url = format!("http://127.0.0.1:{}", free_port());
+    let etcd = EtcdSpec::for_cluster(&c1, tmp.path().join("etcd"), client_url, peer_url)
+        .spawn(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let eps = etcd.endpoints();
+    bootstrap_auth(&eps, &c1.tls_files(Role::EtcdRoot), &c1.info.name)
+        .await
+        .unwrap();
+
+    let config = ClusterConfig {
+        name: ClusterName::new("c1").unwrap(),
+        id: ClusterId::new(1, MaxConnectedClusters::DEFAULT).unwrap(),
+        max_connected_clusters: MaxConnectedClusters::DEFAULT,
+        capabilities: Capabilities::default(),
+        ca_fingerprints: vec![],
+    };
+    let (_state_tx, state) = tokio::sync::watch::channel(ApiserverState {
+        ready: true,
+        etcd_healthy: true,
+        is_leader: true,
+        ..Default::default()
+    });
+    let control = EtcdMeshControl::new(config, c1.clone(), eps.clone(), eps.clone(), state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls =
+        mesh_certs::tls::grpc_server_config(&c1.tls_files(Role::Apiserver), ClientAuth::Required)
+            .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(clustermesh_api::server::serve(
+        listener,
+        tls,
+        control,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // Any certificate of the mesh reads.
+    let mut node = clustermesh_api::client::connect(addr, &c1, Role::Node)
+        .await
+        .unwrap();
+    let info = node
+        .get_cluster_info(GetClusterInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.name.as_str(), info.id), ("c1", 1));
+    assert_eq!(info.etcd_endpoints, eps);
+    assert!(!info.ca_fingerprints.is_empty());
+    assert!(info.ca_bundle_pem.contains("BEGIN CERTIFICATE"));
+
+    // Only admin-c1 registers.
+    let reg = RegisterRemoteRequest {
+        name: "c2".into(),
+        id: 2,
+        etcd_endpoints: vec!["https://127.0.0.1:1".into()],
+        ca_bundle_pem: String::new(),
+    };
+    let err = node.register_remote(reg.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("node-c1") && err.message().contains("admin-c1"),
+        "{}",
+        err.message()
+    );
+    let mut other_admin = clustermesh_api::client::connect(addr, &c2, Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        other_admin
+            .register_remote(reg.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+
+    let mut admin = clustermesh_api::client::connect(addr, &c1, Role::Admin)
+        .await
+        .unwrap();
+    assert!(
+        admin
+            .register_remote(reg.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    assert!(
+        !admin
+            .register_remote(reg.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed,
+        "running it twice changes nothing"
+    );
+
+    // The registration is in etcd and remote-c2 can read c1's etcd (and not write).
+    let mut as_remote = mesh_certs::etcd::connect(&eps, &c2.tls_files(Role::Remote))
+        .await
+        .unwrap();
+    let got = as_remote
+        .get("clustermesh/v1/remotes/c1/c2", None)
+        .await
+        .unwrap();
+    assert_eq!(got.kvs().len(), 1);
+    assert!(
+        as_remote
+            .put("clustermesh/v1/services/c1/x/y", "{}", None)
+            .await
+            .is_err()
+    );
+
+    // A clashing id is refused with a clear message.
+    let clash = RegisterRemoteRequest {
+        name: "c3".into(),
+        id: 2,
+        ..reg.clone()
+    };
+    let err = admin.register_remote(clash).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message()
+            .contains("already used by registered remote c2"),
+        "{}",
+        err.message()
+    );
+    let own = RegisterRemoteRequest {
+        name: "c9".into(),
+        id: 1,
+        ..reg.clone()
+    };
+    let err = admin.register_remote(own).await.unwrap_err();
+    assert!(err.message().contains("unique"), "{}", err.message());
+    let bad = RegisterRemoteRequest {
+        name: "Bad_Name".into(),
+        ..reg.clone()
+    };
+    assert_eq!(
+        admin.register_remote(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Status lists the registered remote.
+    let st = admin
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let status: MeshStatus = serde_json::from_str(&st.json).unwrap();
+    assert_eq!(status.remotes.len(), 1);
+    assert_eq!(status.remotes[0].name, "c2");
+    assert!(!st.healthy, "no node reports yet");
+
+    // Unregister: key and user gone, the remote's reads refused.
+    assert!(
+        admin
+            .unregister_remote(UnregisterRemoteRequest { name: "c2".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    assert!(
+        !admin
+            .unregister_remote(UnregisterRemoteRequest { name: "c2".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let mut as_admin = mesh_certs::etcd::connect_as(&c1, Role::Admin, &eps)
+        .await
+        .unwrap();
+    assert_eq!(
+        as_admin
+            .get("clustermesh/v1/remotes/c1/c2", None)
+            .await
+            .unwrap()
+            .kvs()
+            .len(),
+        0
+    );
+    let refused = as_remote.get("clustermesh/v1/remotes/c1/", None).await;
+    assert!(
+        refused.is_err(),
+        "remote-c2 must be refused once unregistered: {refused:?}"
+    );
+
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_client_with_a_foreign_ca_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = RootCa::init(
+        &tmp.path().join("ca"),
+        &TrustDomain::new("a.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let other = RootCa::init(
+        &tmp.path().join("ca2"),
+        &TrustDomain::new("b.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let c1 = issue(&ca, "c1", 1, &tmp.path().join("c1"));
+    let x1 = issue(&other, "c1", 1, &tmp.path().join("x1"));
+    let config = ClusterConfig {
+        name: ClusterName::new("c1").unwrap(),
+        id: ClusterId::new(1, MaxConnectedClusters::DEFAULT).unwrap(),
+        max_connected_clusters: MaxConnectedClusters::DEFAULT,
+        capabilities: Capabilities::default(),
+        ca_fingerprints: vec![],
+    };
+    let (_tx, state) = tokio::sync::watch::channel(ApiserverState::default());
+    let control = EtcdMeshControl::new(
+        config,
+        c1.clone(),
+        vec!["https://127.0.0.1:1".into()],
+        vec![],
+        state,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls =
+        mesh_certs::tls::grpc_server_config(&c1.tls_files(Role::Apiserver), ClientAuth::Required)
+            .unwrap();
+    let server = tokio::spawn(clustermesh_api::server::serve(
+        listener,
+        tls,
+        Arc::clone(&control),
+        std::future::pending(),
+    ));
+    let r = async {
+        let mut c = clustermesh_api::client::connect(addr, &x1, Role::Admin).await?;
+        c.get_cluster_info(GetClusterInfoRequest {})
+            .await
+            .map_err(|e| anyhow_like(e.to_string()))?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    }
+    .await;
+    assert!(r.is_err(), "a certificate of another mesh must not get in");
+    server.abort();
+}
+
+fn anyhow_like(s: String) -> Box<dyn std::error::Error> {
+    s.into()
+}

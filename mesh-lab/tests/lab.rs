@@ -453,3 +453,75 @@ fn tls_etcd_by_default_needs_a_client_certificate_and_has_users() {
     drop(lab);
     f.assert_gone();
 }
+
+/// Not a test on its own: the child process of `a_killed_owner_leaves_a_lab_the_next_up_removes` (it returns at once
+/// unless that test started it).
+#[test]
+fn crash_helper_holds_a_lab_until_killed() {
+    if std::env::var_os("MESH_LAB_CRASH_HELPER").is_none() {
+        return;
+    }
+    let lab = lab("mlt-kill", 2, 1);
+    let p = lab
+        .spawn_in_node(1, 1, Command::new("sleep").arg("1000"))
+        .unwrap();
+    lab.set_latency_loss(1, 2, Duration::from_millis(50), 0.0)
+        .unwrap();
+    lab.partition(1, 2).unwrap();
+    println!("READY {}", p.pid());
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_killed_owner_leaves_a_lab_the_next_up_removes() {
+    use std::io::BufRead;
+    let mut owner = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_helper_holds_a_lab_until_killed",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MESH_LAB_CRASH_HELPER", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(owner.stdout.take().unwrap()).lines();
+    let sleeper: i32 = loop {
+        let line = lines
+            .next()
+            .expect("the owner process ended before its lab was up")
+            .unwrap();
+        // libtest prints "test <name> ... " without a newline before the test's own output
+        if let Some((_, pid)) = line.split_once("READY ") {
+            break pid.trim().parse().unwrap();
+        }
+    };
+    // while the owner lives, nobody else may take the lab down
+    assert!(matches!(Lab::down("mlt-kill"), Err(LabError::Busy { .. })));
+
+    owner.kill().unwrap(); // SIGKILL: no Drop, no teardown
+    owner.wait().unwrap();
+    let state = mesh_lab::state::LabState::load(std::path::Path::new("/run/mesh-lab/mlt-kill"))
+        .unwrap()
+        .expect("the killed owner left its state file");
+    let sleeper = mesh_lab::process::ProcRecord::of(sleeper, "sleeper").expect("orphan still runs");
+    let etcds: Vec<_> = state.etcd.iter().flatten().cloned().collect();
+    assert_eq!(etcds.len(), 2);
+    assert!(etcds.iter().all(|r| r.is_alive()));
+    assert_eq!(state.partitions, vec![(1, 2)]);
+
+    let lab = lab("mlt-kill", 2, 1);
+    assert!(
+        !sleeper.is_alive(),
+        "the orphan of the killed owner survived the next up"
+    );
+    for r in &etcds {
+        assert!(!r.is_alive(), "etcd {} of the killed owner survived", r.pid);
+    }
+    // a fresh lab: no partition, no delay carried over
+    assert!(lab.partitions().is_empty());
+    assert!(reaches_etcd(&lab, 1, 1, 2, 3 * SECOND));
+    assert!(connect_time(&lab, 1, 1, 2) < 0.03);
+}

@@ -1607,3 +1607,431 @@ fn rendered_manifests_are_valid_kubernetes_objects() {
     }
     assert!(checked > 50, "checked {checked} objects");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The certgen Job's script, run for real
+
+/// A loopback stand-in for the Kubernetes API's Secrets endpoints (the only ones the certgen Job
+/// calls): GET .../secrets/NAME (200 or 404) and POST .../secrets (201, or 409 when it exists).
+struct FakeSecretsApi {
+    port: u16,
+    state: std::sync::Arc<std::sync::Mutex<ApiState>>,
+}
+
+#[derive(Default)]
+struct ApiState {
+    secrets: BTreeMap<String, serde_json::Value>,
+    /// (method, path, authorization header)
+    requests: Vec<(String, String, String)>,
+    /// Answer every GET with this status instead (an API server in trouble).
+    fail_gets: Option<u16>,
+}
+
+impl FakeSecretsApi {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ApiState::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                Self::serve(conn, &st);
+            }
+        });
+        Self { port, state }
+    }
+
+    fn serve(mut conn: std::net::TcpStream, state: &std::sync::Mutex<ApiState>) {
+        use std::io::{BufRead, BufReader, Read};
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("").to_owned();
+        let (mut len, mut auth) = (0usize, String::new());
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((h, ""));
+            match k.to_ascii_lowercase().as_str() {
+                "content-length" => len = v.trim().parse().unwrap(),
+                "authorization" => auth = v.trim().to_owned(),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        let (code, reply) = {
+            let mut st = state.lock().unwrap();
+            st.requests.push((method.clone(), path.clone(), auth));
+            let prefix = format!("/api/v1/namespaces/{NAMESPACE}/secrets");
+            match (method.as_str(), path.strip_prefix(&prefix)) {
+                ("GET", Some(rest)) if st.fail_gets.is_some() => {
+                    let _ = rest;
+                    (st.fail_gets.unwrap(), "{}".to_owned())
+                }
+                ("GET", Some(rest)) => match st.secrets.get(rest.trim_start_matches('/')) {
+                    Some(s) => (200, s.to_string()),
+                    None => (404, r#"{"kind":"Status","code":404}"#.to_owned()),
+                },
+                ("POST", Some("")) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(secret) => {
+                        let name = secret["metadata"]["name"].as_str().unwrap_or("").to_owned();
+                        if st.secrets.contains_key(&name) {
+                            (409, r#"{"kind":"Status","code":409}"#.to_owned())
+                        } else {
+                            st.secrets.insert(name, secret.clone());
+                            (201, secret.to_string())
+                        }
+                    }
+                    Err(e) => (400, format!("{{\"message\":{:?}}}", e.to_string())),
+                },
+                _ => (404, "{}".to_owned()),
+            }
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+            reply.len()
+        );
+    }
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("chart-tests-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run the certgen container's script from `rendered` against `api`, with a `clustermesh` on PATH
+/// that hands out certificates issued beforehand by mesh-certs (the library behind `clustermesh ca`)
+/// and logs its arguments.
+fn run_certgen(
+    rendered: &Rendered,
+    api: &FakeSecretsApi,
+    work: &Path,
+    ca_mount: Option<&Path>,
+) -> (Output, String) {
+    let job = rendered.one("Job", "-certgen");
+    let c = container(job, "certgen");
+    assert_eq!(
+        strings(seq_at(c, &["command"])),
+        ["/bin/bash", "-euo", "pipefail", "-c"]
+    );
+    let mut script = strings(seq_at(c, &["args"])).join("\n");
+    let sa = work.join("sa");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), "test-token").unwrap();
+    std::fs::write(sa.join("ca.crt"), "unused over plain http").unwrap();
+    std::fs::write(sa.join("namespace"), NAMESPACE).unwrap();
+    script = script
+        .replace(
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            sa.to_str().unwrap(),
+        )
+        .replace("api=\"https://", "api=\"http://");
+    if let Some(m) = ca_mount {
+        script = script.replace("/etc/clustermesh/ca", m.to_str().unwrap());
+    }
+
+    // Certificates from mesh-certs, copied into --out by the stand-in CLI.
+    let issued = work.join("issued");
+    if !issued.exists() {
+        let td = mesh_certs::TrustDomain::new("clustermesh.local").unwrap();
+        let root = mesh_certs::RootCa::init(&issued.join("ca"), &td, &Default::default())
+            .expect("ca init");
+        let req = mesh_certs::ClusterRequest::new("cluster1", 1, issued.join("cluster")).unwrap();
+        root.issue_cluster(&req).expect("issue cluster");
+    }
+    let bin = work.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let shim = bin.join("clustermesh");
+    std::fs::write(
+        &shim,
+        r#"#!/bin/bash
+set -eu
+echo "$*" >> "$SHIM_LOG"
+out=""; prev=""
+for a in "$@"; do if [ "$prev" = --out ]; then out="$a"; fi; prev="$a"; done
+case "$1 $2" in
+  "ca init") cp -r "$SHIM_ISSUED/ca" "$out" ;;
+  "ca issue-cluster") cp -r "$SHIM_ISSUED/cluster" "$out" ;;
+  *) echo "unexpected: $*" >&2; exit 2 ;;
+esac
+"#,
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let log = work.join("cli.log");
+    let tmp = work.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", &script])
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
+        )
+        .env("TMPDIR", &tmp)
+        .env("SHIM_LOG", &log)
+        .env("SHIM_ISSUED", &issued)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", api.port.to_string());
+    for e in seq_at(c, &["env"]) {
+        cmd.env(
+            str_at(e, &["name"]).unwrap(),
+            str_at(e, &["value"]).unwrap(),
+        );
+    }
+    let out = run(cmd);
+    let cli_log = std::fs::read_to_string(&log).unwrap_or_default();
+    (out, cli_log)
+}
+
+fn secret_file(secret: &serde_json::Value, key: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {} has no key {key}", secret["metadata"]["name"]));
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64 data")
+}
+
+#[test]
+fn certgen_job_script_issues_and_stores_secrets_once_and_keeps_them() {
+    let r = Rendered::of(&cases()[0]);
+    let work = Scratch::new("certgen");
+    let api = FakeSecretsApi::start();
+
+    // First install: a new CA, then the cluster's certificates, stored as three Secrets.
+    let (out, cli) = run_certgen(&r, &api, &work.0, None);
+    assert!(
+        out.status.success(),
+        "certgen failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    let lines: Vec<&str> = cli.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the CLI runs twice (ca init, ca issue-cluster): {cli}"
+    );
+    assert!(
+        lines[0].starts_with("ca init --trust-domain clustermesh.local --out "),
+        "{cli}"
+    );
+    assert!(
+        lines[1].starts_with("ca issue-cluster --ca ")
+            && lines[1].contains(" --cluster cluster1 --id 1 --out "),
+        "{cli}"
+    );
+    let svc = format!("{RELEASE}-clustermesh-apiserver");
+    for san in [
+        svc.clone(),
+        format!("{svc}.{NAMESPACE}.svc"),
+        format!("{svc}.{NAMESPACE}.svc.cluster.local"),
+    ] {
+        assert!(
+            lines[1].contains(&format!("--san {san} "))
+                || lines[1].ends_with(&format!("--san {san}")),
+            "{cli}"
+        );
+    }
+
+    let issued = work.0.join("issued");
+    let st = api.state.lock().unwrap();
+    let names: BTreeSet<&str> = st.secrets.keys().map(String::as_str).collect();
+    let ca_name = format!("{RELEASE}-clustermesh-ca");
+    let api_name = format!("{RELEASE}-clustermesh-apiserver-tls");
+    let ns_name = format!("{RELEASE}-clustermesh-node-sync-tls");
+    assert_eq!(
+        names,
+        BTreeSet::from([ca_name.as_str(), api_name.as_str(), ns_name.as_str()])
+    );
+    for (name, dir, files) in [
+        (
+            &ca_name,
+            issued.join("ca"),
+            vec!["trust-domain", "root.crt", "root.key", "ca-bundle.pem"],
+        ),
+        (
+            &api_name,
+            issued.join("cluster"),
+            tls_files("apiserver")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            &ns_name,
+            issued.join("cluster"),
+            tls_files("nodeSync")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+    ] {
+        let s = &st.secrets[name.as_str()];
+        assert_eq!(s["type"], "Opaque");
+        assert_eq!(
+            s["metadata"]["labels"]["clustermesh.io/cluster-name"],
+            "cluster1"
+        );
+        let keys: BTreeSet<&str> = s["data"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            files.iter().copied().collect::<BTreeSet<_>>(),
+            "{name}"
+        );
+        for f in files {
+            assert_eq!(
+                secret_file(s, f),
+                std::fs::read(dir.join(f)).unwrap(),
+                "{name}/{f} differs from the file the CLI wrote"
+            );
+        }
+    }
+    // What node-sync gets is a usable identity: certificate and key belong together.
+    let check = work.0.join("check");
+    std::fs::create_dir_all(&check).unwrap();
+    for f in ["node.crt", "node.key", "remote.crt", "remote.key"] {
+        std::fs::write(check.join(f), secret_file(&st.secrets[ns_name.as_str()], f)).unwrap();
+    }
+    for role in ["node", "remote"] {
+        mesh_certs::files::KeyedChain::load(
+            &check.join(format!("{role}.crt")),
+            &check.join(format!("{role}.key")),
+        )
+        .unwrap_or_else(|e| panic!("{role} certificate from the Secret: {e}"));
+    }
+    assert!(
+        st.requests
+            .iter()
+            .all(|(_, _, auth)| auth == "Bearer test-token"),
+        "every call carries the ServiceAccount token: {:?}",
+        st.requests
+    );
+    drop(st);
+
+    // An upgrade runs the hook again: nothing is issued, nothing is written.
+    std::fs::remove_file(work.0.join("cli.log")).ok();
+    let posts_before = api
+        .state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.0 == "POST")
+        .count();
+    let (out, cli) = run_certgen(&r, &api, &work.0, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keeping them"));
+    assert_eq!(cli, "", "no certificate is issued when the Secrets exist");
+    let posts_after = api
+        .state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.0 == "POST")
+        .count();
+    assert_eq!(
+        posts_before, posts_after,
+        "no Secret is written when they exist"
+    );
+
+    // An API server that answers 500: the Job fails and says why.
+    api.state.lock().unwrap().fail_gets = Some(500);
+    let (out, _) = run_certgen(&r, &api, &work.0, None);
+    assert!(
+        !out.status.success(),
+        "certgen must fail when the API server fails"
+    );
+    assert!(stderr(&out).contains("HTTP 500"), "{}", stderr(&out));
+}
+
+#[test]
+fn certgen_job_script_issues_from_a_shared_ca_secret_without_making_a_new_ca() {
+    let yaml =
+        template_set(&["certs.job.caSecret=mesh-ca"]).expect("render with certs.job.caSecret");
+    let r = Rendered {
+        case: Case {
+            name: "certs.job.caSecret=mesh-ca".to_owned(),
+            values_file: None,
+        },
+        values: Value::Null,
+        docs: parse_docs(&yaml),
+    };
+    // The CA Secret is mounted where the script copies it from.
+    let job = r.one("Job", "-certgen");
+    let c = container(job, "certgen");
+    assert_eq!(
+        str_at(
+            volume_mounted_at(job, c, "/etc/clustermesh/ca"),
+            &["secret", "secretName"]
+        ),
+        Some("mesh-ca")
+    );
+
+    let work = Scratch::new("certgen-shared-ca");
+    let api = FakeSecretsApi::start();
+    let mounted = work.0.join("ca-mount");
+    // First call issues the stand-in certificates; the mounted CA is the one mesh-certs made.
+    let td = mesh_certs::TrustDomain::new("clustermesh.local").unwrap();
+    mesh_certs::RootCa::init(&mounted, &td, &Default::default()).unwrap();
+    let (out, cli) = run_certgen(&r, &api, &work.0, Some(&mounted));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    assert!(
+        !cli.contains("ca init"),
+        "no new CA with certs.job.caSecret: {cli}"
+    );
+    assert!(cli.starts_with("ca issue-cluster --ca "), "{cli}");
+    let st = api.state.lock().unwrap();
+    let names: BTreeSet<&str> = st.secrets.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            format!("{RELEASE}-clustermesh-apiserver-tls").as_str(),
+            format!("{RELEASE}-clustermesh-node-sync-tls").as_str()
+        ]),
+        "the shared CA is not copied into a new Secret"
+    );
+}

@@ -135,7 +135,7 @@ fn two_labs_run_side_by_side_without_seeing_each_other() {
 fn latency_grows_round_trip_by_twice_the_delay_and_loss_drops() {
     let lab = lab("mlt-lat", 2, 1);
     let base = median((0..5).map(|_| connect_time(&lab, 1, 1, 2)).collect());
-    assert!(base < 0.05, "baseline connect time {base}s");
+    assert!(base < 0.1, "baseline connect time {base}s");
 
     let delay = Duration::from_millis(100);
     lab.set_latency_loss(1, 2, delay, 0.0).unwrap();
@@ -147,14 +147,23 @@ fn latency_grows_round_trip_by_twice_the_delay_and_loss_drops() {
         slow * 1e3
     );
     assert!(
-        (0.19..0.30).contains(&grew),
+        (0.19..0.35).contains(&grew),
         "round trip grew by {grew}s, want about 2 x {delay:?}"
     );
-    // inside a cluster and host -> cluster stay fast
-    assert!(connect_time(&lab, 1, 1, 1) < 0.05);
-    let t = Instant::now();
-    assert!(lab.etcd_healthy(2).unwrap());
-    assert!(t.elapsed() < Duration::from_millis(150));
+    // inside a cluster and host -> cluster stay fast (well under the 200 ms an impaired round trip takes)
+    let inside = median((0..3).map(|_| connect_time(&lab, 1, 1, 1)).collect());
+    assert!(inside < 0.1, "connect time inside c1 {inside}s");
+    let cp2 = std::net::SocketAddr::from((lab.control_plane(2).unwrap().addr, 2379));
+    let host = median(
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::net::TcpStream::connect_timeout(&cp2, SECOND).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    assert!(host < 0.1, "connect time host -> c2 {host}s");
 
     // total loss: nothing gets through
     lab.set_latency_loss(1, 2, Duration::ZERO, 100.0).unwrap();
@@ -168,7 +177,7 @@ fn latency_grows_round_trip_by_twice_the_delay_and_loss_drops() {
     lab.clear_impairment(2, 1).unwrap();
     assert!(lab.impairments().is_empty());
     let after = median((0..5).map(|_| connect_time(&lab, 1, 1, 2)).collect());
-    assert!(after < 0.05, "connect time after clearing {after}s");
+    assert!(after < 0.1, "connect time after clearing {after}s");
 
     let e = lab
         .set_latency_loss(1, 2, Duration::ZERO, 120.0)
@@ -523,5 +532,6 @@ fn a_killed_owner_leaves_a_lab_the_next_up_removes() {
     // a fresh lab: no partition, no delay carried over
     assert!(lab.partitions().is_empty());
     assert!(reaches_etcd(&lab, 1, 1, 2, 3 * SECOND));
-    assert!(connect_time(&lab, 1, 1, 2) < 0.03);
+    let t = median((0..3).map(|_| connect_time(&lab, 1, 1, 2)).collect());
+    assert!(t < 0.1, "connect time c1 -> c2 in the fresh lab {t}s");
 }

@@ -230,7 +230,7 @@ impl AgentState {
                                 .map(|b| BackendState {
                                     ip: b.ip,
                                     port: b.port,
-                                    cluster: b.cluster.clone(),
+                                    cluster: b.cluster.name().clone(),
                                     local: b.cluster == self.opts.cluster,
                                     selected: true,
                                     unusable: None,
@@ -544,6 +544,10 @@ fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
             lock_registry(&tasks.registry).accepted.remove(&n);
         }
     }
+    // Remotes are validated against the local cluster's config: connect them once it is read.
+    if lock_registry(&tasks.registry).local_mcc.is_none() {
+        return;
+    }
     for (n, src) in desired {
         let same = tasks.watchers.get(&n).is_some_and(|(s, _)| *s == src);
         if same {
@@ -584,6 +588,8 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
             cs.config = Some(cfg);
             cs.refused = false;
             cs.error = None;
+            // The local config is in: remotes can be connected now.
+            return conn == local;
         }
         ConnEvent::Refused(why) => {
             tracing::warn!(cluster = %conn, reason = %why, "cluster config refused");
@@ -718,7 +724,7 @@ fn after_batch(st: &mut AgentState) {
         match r.reload() {
             Ok(()) => {
                 st.index.take_changes();
-                let w = r.reconcile_all(st.index.desired().iter().map(|(f, b)| (f, b.as_slice())));
+                let w = r.reconcile_all(st.index.desired().iter());
                 st.map_writes.0 += w.upserts;
                 st.map_writes.1 += w.deletes;
                 tracing::info!(
@@ -744,7 +750,7 @@ fn after_batch(st: &mut AgentState) {
     let changes = st.index.take_changes();
     if let Some(r) = st.reconciler.as_mut() {
         for (fe, b) in changes {
-            let w = r.set(&fe, b.as_deref());
+            let w = r.set(&fe, b);
             st.map_writes.0 += w.upserts;
             st.map_writes.1 += w.deletes;
         }

@@ -148,7 +148,7 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
                     .backends
                     .iter()
                     .map(|b| Backend {
-                        cluster: self.ids.name(b.cluster_id),
+                        cluster: self.ids.name(b.cluster_id).into(),
                         ip: b.addr,
                         port: b.port,
                         protocol,
@@ -200,7 +200,7 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         let b = |cl: &str, ip: &str| Backend {
-            cluster: c(cl),
+            cluster: c(cl).into(),
             ip: ip.parse().unwrap(),
             port: 8080,
             protocol: Protocol::Tcp,
@@ -216,8 +216,8 @@ mod tests {
         assert!(svc.backends.iter().any(|x| x.cluster_id == 2 && !x.local));
         // A reconciler started over these maps sees them programmed and writes nothing.
         let mut r = Reconciler::new(w).unwrap();
-        let desired = [b("c2", "10.2.0.1"), b("c1", "10.1.0.1")];
-        let n = r.reconcile_all([(&fe, &desired[..])]);
+        let desired: crate::lb::Backends = vec![b("c2", "10.2.0.1"), b("c1", "10.1.0.1")].into();
+        let n = r.reconcile_all([(&fe, &desired)]);
         assert_eq!(n.upserts + n.deletes, 0);
         r.set(&fe, None);
         assert!(r.programmed().is_empty());

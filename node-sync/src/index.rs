@@ -21,7 +21,7 @@ use mesh_model::values::{
 };
 use serde::Serialize;
 
-use crate::lb::{Backend, Frontend};
+use crate::lb::{Backend, Backends, ClusterRef, Frontend};
 
 /// Why a frontend has the backends it has (shown on the status page).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -93,7 +93,8 @@ pub struct FrontendSelection {
     /// The frontend.
     pub frontend: Frontend,
     /// Backends to program.
-    pub backends: Vec<Backend>,
+    #[serde(serialize_with = "serialize_backends")]
+    pub backends: Backends,
     /// Why.
     pub reason: Reason,
 }
@@ -155,9 +156,8 @@ type Reporter = (ClusterName, String);
 struct ServiceEntry {
     specs: BTreeMap<ClusterName, ServiceSpec>,
     import: Option<ServiceImport>,
-    endpoints: BTreeMap<ClusterName, BTreeMap<u32, Vec<Endpoint>>>,
-    /// Last non-empty usable selection per frontend (rule 4).
-    last_usable: HashMap<Frontend, Vec<Backend>>,
+    endpoints: BTreeMap<ClusterRef, BTreeMap<u32, Vec<Endpoint>>>,
+    /// The last selection (also the last usable set of rule 4).
     status: Option<ServiceStatus>,
 }
 
@@ -178,7 +178,7 @@ pub struct MergeIndex {
     reports: HashMap<Reporter, HealthReport>,
     /// Which services have an endpoint on an address (with a count of occurrences).
     ip_services: HashMap<IpAddr, HashMap<ServiceName, u32>>,
-    desired: HashMap<Frontend, Vec<Backend>>,
+    desired: HashMap<Frontend, Backends>,
     frontend_owner: HashMap<Frontend, ServiceName>,
     changed: HashSet<Frontend>,
     failovers: u64,
@@ -197,12 +197,14 @@ pub struct GroupChange {
 }
 
 fn selected_clusters(sel: Option<&FrontendSelection>) -> Vec<ClusterName> {
-    let mut v: Vec<ClusterName> = sel
-        .map(|s| s.backends.iter().map(|b| b.cluster.clone()).collect())
-        .unwrap_or_default();
+    let mut v: Vec<&ClusterRef> = Vec::new();
+    for b in sel.map(|s| &s.backends[..]).unwrap_or_default() {
+        if !v.contains(&&b.cluster) {
+            v.push(&b.cluster);
+        }
+    }
     v.sort();
-    v.dedup();
-    v
+    v.into_iter().map(|c| c.name().clone()).collect()
 }
 
 impl MergeIndex {
@@ -307,7 +309,7 @@ impl MergeIndex {
         let entry = self.services.entry(name.clone()).or_default();
         let old = entry
             .endpoints
-            .entry(chunk.cluster.clone())
+            .entry(ClusterRef::from(chunk.cluster.clone()))
             .or_default()
             .insert(chunk.chunk, chunk.endpoints);
         let new_ips: Vec<IpAddr> = entry.endpoints[&chunk.cluster][&chunk.chunk]
@@ -446,12 +448,12 @@ impl MergeIndex {
     // ---- outputs -----------------------------------------------------------------------------
 
     /// The backends to program, per frontend.
-    pub fn desired(&self) -> &HashMap<Frontend, Vec<Backend>> {
+    pub fn desired(&self) -> &HashMap<Frontend, Backends> {
         &self.desired
     }
 
     /// Frontends whose backends changed since the last call, with the new set (`None`: remove).
-    pub fn take_changes(&mut self) -> Vec<(Frontend, Option<Vec<Backend>>)> {
+    pub fn take_changes(&mut self) -> Vec<(Frontend, Option<Backends>)> {
         let mut out: Vec<_> = self
             .changed
             .drain()
@@ -566,23 +568,8 @@ impl MergeIndex {
         let Some(mut entry) = self.services.remove(name) else {
             return;
         };
-        let old_frontends: Vec<Frontend> = entry
-            .status
-            .as_ref()
-            .map(|s| s.frontends.iter().map(|f| f.frontend).collect())
-            .unwrap_or_default();
-        let old_failed_over: HashSet<Frontend> = entry
-            .status
-            .as_ref()
-            .map(|s| {
-                s.frontends
-                    .iter()
-                    .filter(|f| matches!(f.reason, Reason::FailedOver { .. }))
-                    .map(|f| f.frontend)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let old_groups = selected_clusters(entry.status.as_ref().and_then(|s| s.frontends.first()));
+        let old = entry.status.take();
+        let old_groups = selected_clusters(old.as_ref().and_then(|s| s.frontends.first()));
         if entry.is_empty() {
             if !old_groups.is_empty() {
                 self.group_changes.push(GroupChange {
@@ -591,32 +578,33 @@ impl MergeIndex {
                     to: Vec::new(),
                 });
             }
-            for fe in old_frontends {
-                self.remove_frontend(&fe, name);
+            for f in old.iter().flat_map(|s| s.frontends.iter()) {
+                self.remove_frontend(&f.frontend, name);
             }
             return;
         }
-        let mut last_usable = std::mem::take(&mut entry.last_usable);
         let status = select(
             name,
             &self.local,
             &self.stale,
             &self.health,
-            &mut last_usable,
+            old.as_ref(),
             &entry,
         );
-        entry.last_usable = last_usable;
-        let new_set: HashSet<Frontend> = status.frontends.iter().map(|f| f.frontend).collect();
-        for fe in old_frontends {
-            if !new_set.contains(&fe) {
-                self.remove_frontend(&fe, name);
-                entry.last_usable.remove(&fe);
+        if let Some(old) = &old {
+            for f in &old.frontends {
+                if !status.frontends.iter().any(|n| n.frontend == f.frontend) {
+                    self.remove_frontend(&f.frontend, name);
+                }
             }
         }
         for sel in &status.frontends {
-            if matches!(sel.reason, Reason::FailedOver { .. })
-                && !old_failed_over.contains(&sel.frontend)
-            {
+            let was_failed_over = old.as_ref().is_some_and(|o| {
+                o.frontends.iter().any(|f| {
+                    f.frontend == sel.frontend && matches!(f.reason, Reason::FailedOver { .. })
+                })
+            });
+            if matches!(sel.reason, Reason::FailedOver { .. }) && !was_failed_over {
                 self.failovers += 1;
             }
             let differs = self
@@ -627,10 +615,12 @@ impl MergeIndex {
                 self.desired.insert(sel.frontend, sel.backends.clone());
                 self.changed.insert(sel.frontend);
             }
-            self.frontend_owner.insert(sel.frontend, name.clone());
+            if self.frontend_owner.get(&sel.frontend) != Some(name) {
+                self.frontend_owner.insert(sel.frontend, name.clone());
+            }
         }
         let new_groups = selected_clusters(status.frontends.first());
-        if entry.status.is_some() && new_groups != old_groups && self.group_changes.len() < 10_000 {
+        if old.is_some() && new_groups != old_groups && self.group_changes.len() < 10_000 {
             self.group_changes.push(GroupChange {
                 service: name.clone(),
                 from: old_groups,
@@ -688,9 +678,14 @@ fn match_port(sp: &ServicePort, ep: &Endpoint) -> Option<u16> {
 }
 
 struct Candidate<'a> {
-    backend: Backend,
+    ip: IpAddr,
+    port: u16,
     conditions: &'a Conditions,
     failing: bool,
+}
+
+fn serialize_backends<S: serde::Serializer>(b: &Backends, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(b.iter())
 }
 
 fn select(
@@ -698,104 +693,107 @@ fn select(
     local: &ClusterName,
     stale: &BTreeSet<ClusterName>,
     health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
-    last_usable: &mut HashMap<Frontend, Vec<Backend>>,
+    old: Option<&ServiceStatus>,
     entry: &ServiceEntry,
 ) -> ServiceStatus {
     let local_spec = entry.specs.get(local);
     // The spec that governs affinity and failover order: the local one, else the first remote one.
     let governing = local_spec.or_else(|| entry.specs.values().next());
     let affinity = governing.map(|s| s.affinity).unwrap_or_default();
-    let failover_order: Vec<ClusterName> = governing
-        .map(|s| s.failover_order.clone())
+    let failover_order: &[ClusterName] = governing
+        .map(|s| s.failover_order.as_slice())
         .unwrap_or_default();
 
     // Clusters that share the service: this one when it has the Service, and remotes that
     // published a spec with shared=true.
-    let mut sharing: Vec<ClusterName> = Vec::new();
-    for (c, s) in &entry.specs {
-        if c == local || s.shared {
-            sharing.push(c.clone());
-        }
-    }
+    let sharing: Vec<&ClusterName> = entry
+        .specs
+        .iter()
+        .filter(|(c, s)| *c == local || s.shared)
+        .map(|(c, _)| c)
+        .collect();
     let stale_clusters: Vec<ClusterName> = sharing
         .iter()
-        .filter(|c| *c != local && stale.contains(*c))
-        .cloned()
+        .filter(|c| **c != local && stale.contains(**c))
+        .map(|c| (*c).clone())
         .collect();
-    let candidates_clusters: Vec<&ClusterName> = sharing
+    let candidate_clusters: Vec<&ClusterName> = sharing
         .iter()
-        .filter(|c| *c == local || !stale.contains(*c))
+        .filter(|c| **c == local || !stale.contains(**c))
+        .copied()
         .collect();
 
     let mut status = ServiceStatus {
         service: name.clone(),
         affinity,
-        clusters: sharing.clone(),
+        clusters: sharing.iter().map(|c| (*c).clone()).collect(),
         stale_clusters,
         frontends: Vec::new(),
         no_frontend: None,
     };
 
     // Frontends: the local Service's ClusterIPs x ports, else this cluster's import.
-    let (ips, ports): (Vec<IpAddr>, Vec<ServicePort>) = match (local_spec, &entry.import) {
+    let (ips, ports): (&[IpAddr], &[ServicePort]) = match (local_spec, &entry.import) {
         (Some(s), _) if s.headless => {
             status.no_frontend = Some(NoFrontend::Headless);
             return status;
         }
-        (Some(s), _) => (s.frontends.clone(), s.ports.clone()),
-        (None, Some(i)) => (i.ips.clone(), i.ports.clone()),
+        (Some(s), _) => (&s.frontends, &s.ports),
+        (None, Some(i)) => (&i.ips, &i.ports),
         (None, None) => {
             status.no_frontend = Some(NoFrontend::NoLocalServiceOrImport);
             return status;
         }
     };
 
-    // Groups in order of preference.
-    let groups: Vec<Vec<ClusterName>> = {
-        let remotes: Vec<ClusterName> = candidates_clusters
+    // Groups of clusters in order of preference.
+    let groups: Vec<Vec<&ClusterName>> = {
+        let remotes: Vec<&ClusterName> = candidate_clusters
             .iter()
             .filter(|c| **c != local)
-            .map(|c| (*c).clone())
+            .copied()
             .collect();
-        let mut remote_groups: Vec<Vec<ClusterName>> = Vec::new();
-        for c in &failover_order {
-            if remotes.contains(c) {
-                remote_groups.push(vec![c.clone()]);
+        let mut remote_groups: Vec<Vec<&ClusterName>> = Vec::new();
+        for c in failover_order {
+            if remotes.contains(&c) {
+                remote_groups.push(vec![c]);
             }
         }
-        let rest: Vec<ClusterName> = remotes
+        let rest: Vec<&ClusterName> = remotes
             .iter()
             .filter(|c| !failover_order.contains(c))
-            .cloned()
+            .copied()
             .collect();
         if !rest.is_empty() {
             remote_groups.push(rest);
         }
-        let local_group = if candidates_clusters.contains(&local) {
-            vec![vec![local.clone()]]
+        let local_group = if candidate_clusters.contains(&local) {
+            vec![vec![local]]
         } else {
             Vec::new()
         };
         match affinity {
             Affinity::Local => local_group.into_iter().chain(remote_groups).collect(),
             Affinity::Remote => remote_groups.into_iter().chain(local_group).collect(),
-            Affinity::None => vec![candidates_clusters.iter().map(|c| (*c).clone()).collect()],
+            Affinity::None => vec![candidate_clusters.clone()],
         }
     };
 
-    for sp in &ports {
-        for ip in &ips {
+    for sp in ports {
+        for ip in ips {
             let frontend = Frontend {
                 ip: *ip,
                 port: sp.port,
                 protocol: sp.protocol,
             };
-            // Candidates of the frontend's address family.
-            let mut cands: Vec<Candidate<'_>> = Vec::new();
-            for c in &candidates_clusters {
-                let Some(chunks) = entry.endpoints.get(*c) else {
+            // Candidates of the frontend's address family, per cluster.
+            let mut per_cluster: Vec<(&ClusterRef, Vec<Candidate<'_>>)> = Vec::new();
+            let mut total = 0;
+            for c in &candidate_clusters {
+                let Some((cref, chunks)) = entry.endpoints.get_key_value(*c) else {
                     continue;
                 };
+                let mut cands = Vec::new();
                 for ep in chunks.values().flatten() {
                     if ep.ip.is_ipv4() != ip.is_ipv4() {
                         continue;
@@ -808,25 +806,31 @@ fn select(
                             .get(&(ep.ip, port, sp.protocol))
                             .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
                     cands.push(Candidate {
-                        backend: Backend {
-                            cluster: (*c).clone(),
-                            ip: ep.ip,
-                            port,
-                            protocol: sp.protocol,
-                        },
+                        ip: ep.ip,
+                        port,
                         conditions: &ep.conditions,
                         failing,
                     });
                 }
+                total += cands.len();
+                per_cluster.push((cref, cands));
             }
             let usable = |c: &Candidate<'_>| c.conditions.usable() && !c.failing;
+            let backend = |cref: &ClusterRef, c: &Candidate<'_>| Backend {
+                cluster: cref.clone(),
+                ip: c.ip,
+                port: c.port,
+                protocol: sp.protocol,
+            };
             let mut chosen: Option<(Vec<Backend>, Reason)> = None;
             for (i, g) in groups.iter().enumerate() {
-                let picked: Vec<Backend> = cands
-                    .iter()
-                    .filter(|c| usable(c) && g.contains(&c.backend.cluster))
-                    .map(|c| c.backend.clone())
-                    .collect();
+                let mut picked: Vec<Backend> = Vec::new();
+                for (cref, cands) in &per_cluster {
+                    if !g.contains(&cref.name()) {
+                        continue;
+                    }
+                    picked.extend(cands.iter().filter(|c| usable(c)).map(|c| backend(cref, c)));
+                }
                 if picked.is_empty() {
                     continue;
                 }
@@ -834,49 +838,60 @@ fn select(
                     Reason::AllUsable
                 } else if i == 0 {
                     Reason::Preferred {
-                        clusters: g.clone(),
+                        clusters: g.iter().map(|c| (*c).clone()).collect(),
                     }
                 } else {
                     Reason::FailedOver {
-                        clusters: g.clone(),
+                        clusters: g.iter().map(|c| (*c).clone()).collect(),
                     }
                 };
                 chosen = Some((picked, reason));
                 break;
             }
             let (backends, reason) = match chosen {
-                Some((b, r)) => {
-                    last_usable.insert(frontend, b.clone());
-                    (b, r)
-                }
+                Some((b, r)) => (Backends::from(b), r),
                 None => {
                     // Rule 4: keep the last usable backends that still serve (terminating), if any.
-                    let keep: Vec<Backend> = match last_usable.get(&frontend) {
+                    let last = old.and_then(|o| {
+                        o.frontends.iter().find(|f| {
+                            f.frontend == frontend
+                                && !matches!(f.reason, Reason::NoUsableBackends { .. })
+                        })
+                    });
+                    let keep: Vec<Backend> = match last {
                         Some(last) => {
-                            let serving: HashSet<&Backend> = cands
+                            let serving: HashSet<Backend> = per_cluster
                                 .iter()
-                                .filter(|c| c.conditions.serving && !c.failing)
-                                .map(|c| &c.backend)
+                                .flat_map(|(cref, cands)| {
+                                    cands
+                                        .iter()
+                                        .filter(|c| c.conditions.serving && !c.failing)
+                                        .map(|c| backend(cref, c))
+                                })
                                 .collect();
-                            last.iter()
-                                .filter(|b| serving.contains(b))
+                            last.backends
+                                .iter()
+                                .filter(|b| serving.contains(*b))
                                 .cloned()
                                 .collect()
                         }
                         None => Vec::new(),
                     };
                     if keep.is_empty() {
-                        last_usable.remove(&frontend);
+                        let failing_health = per_cluster
+                            .iter()
+                            .flat_map(|(_, c)| c.iter())
+                            .filter(|c| c.failing)
+                            .count();
                         (
-                            Vec::new(),
+                            Backends::from(Vec::new()),
                             Reason::NoUsableBackends {
-                                candidates: cands.len(),
-                                failing_health: cands.iter().filter(|c| c.failing).count(),
+                                candidates: total,
+                                failing_health,
                             },
                         )
                     } else {
-                        last_usable.insert(frontend, keep.clone());
-                        (keep, Reason::KeepServing)
+                        (Backends::from(keep), Reason::KeepServing)
                     }
                 }
             };

@@ -1,6 +1,7 @@
 //! Unit tests of the merge index: every selection rule and the transitions between them.
 
 use super::*;
+use crate::lb::Backends;
 use mesh_model::values::{BackendVerdict, EndpointPort};
 
 // ---- builders ------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ fn health_change_recomputes_only_services_on_those_addresses() {
     let changes = ix.take_changes();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].0.ip.to_string(), "10.96.0.99");
-    assert_eq!(changes[0].1, Some(vec![]));
+    assert_eq!(changes[0].1, Some(Backends::from(Vec::new())));
 }
 
 // ---- affinity remote / none ------------------------------------------------------------------------

@@ -31,11 +31,73 @@ impl fmt::Display for Frontend {
     }
 }
 
+/// A shared cluster name: cloning a backend does not allocate.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterRef(Arc<ClusterName>);
+
+impl ClusterRef {
+    /// Wrap a name.
+    pub fn new(name: ClusterName) -> Self {
+        Self(Arc::new(name))
+    }
+
+    /// The name.
+    pub fn name(&self) -> &ClusterName {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ClusterRef {
+    type Target = ClusterName;
+    fn deref(&self) -> &ClusterName {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<ClusterName> for ClusterRef {
+    fn borrow(&self) -> &ClusterName {
+        &self.0
+    }
+}
+
+impl From<ClusterName> for ClusterRef {
+    fn from(n: ClusterName) -> Self {
+        Self::new(n)
+    }
+}
+
+impl PartialEq<ClusterName> for ClusterRef {
+    fn eq(&self, other: &ClusterName) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl fmt::Debug for ClusterRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0.as_str(), f)
+    }
+}
+
+impl fmt::Display for ClusterRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl Serialize for ClusterRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+/// A backend list shared between the index, the reconciler and the status page.
+pub type Backends = Arc<[Backend]>;
+
 /// One backend a frontend may be rewritten to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Backend {
     /// Cluster the backend runs in.
-    pub cluster: ClusterName,
+    pub cluster: ClusterRef,
     /// Address.
     pub ip: IpAddr,
     /// Port.
@@ -195,7 +257,7 @@ fn same_set(a: &[Backend], b: &[Backend]) -> bool {
 /// when its backend set differs from what the maps hold; frontends no longer desired are deleted.
 pub struct Reconciler<M: MapWriter> {
     maps: M,
-    programmed: HashMap<Frontend, Vec<Backend>>,
+    programmed: HashMap<Frontend, Backends>,
     errors: u64,
 }
 
@@ -218,12 +280,17 @@ impl<M: MapWriter> Reconciler<M> {
 
     /// Read back what the maps hold.
     pub fn reload(&mut self) -> Result<(), MapError> {
-        self.programmed = self.maps.services()?;
+        self.programmed = self
+            .maps
+            .services()?
+            .into_iter()
+            .map(|(f, b)| (f, Backends::from(b)))
+            .collect();
         Ok(())
     }
 
     /// What the maps hold, as far as this reconciler knows.
-    pub fn programmed(&self) -> &HashMap<Frontend, Vec<Backend>> {
+    pub fn programmed(&self) -> &HashMap<Frontend, Backends> {
         &self.programmed
     }
 
@@ -232,16 +299,26 @@ impl<M: MapWriter> Reconciler<M> {
         self.errors
     }
 
-    /// Full reconcile: make the maps equal `desired`. Returns the writes done.
+    /// Full reconcile: make the maps equal `desired`. Returns the writes done. A frontend
+    /// whose backends are the same set in another order (as read back from the maps) is not
+    /// rewritten.
     pub fn reconcile_all<'a>(
         &mut self,
-        desired: impl IntoIterator<Item = (&'a Frontend, &'a [Backend])>,
+        desired: impl IntoIterator<Item = (&'a Frontend, &'a Backends)>,
     ) -> WriteCounts {
         let mut counts = WriteCounts::default();
         let mut wanted = std::collections::HashSet::new();
         for (fe, backends) in desired {
             wanted.insert(*fe);
-            counts = add(counts, self.set(fe, Some(backends)));
+            if self
+                .programmed
+                .get(fe)
+                .is_some_and(|cur| same_set(cur, backends))
+            {
+                self.programmed.insert(*fe, backends.clone());
+                continue;
+            }
+            counts = add(counts, self.set(fe, Some(backends.clone())));
         }
         let stale: Vec<Frontend> = self
             .programmed
@@ -256,20 +333,16 @@ impl<M: MapWriter> Reconciler<M> {
     }
 
     /// Set one frontend (`None`: delete it). Writes only when it differs.
-    pub fn set(&mut self, frontend: &Frontend, backends: Option<&[Backend]>) -> WriteCounts {
+    pub fn set(&mut self, frontend: &Frontend, backends: Option<Backends>) -> WriteCounts {
         let mut counts = WriteCounts::default();
         match backends {
             Some(b) => {
-                if self
-                    .programmed
-                    .get(frontend)
-                    .is_some_and(|cur| same_set(cur, b))
-                {
+                if self.programmed.get(frontend).is_some_and(|cur| *cur == b) {
                     return counts;
                 }
-                match self.maps.upsert_service(frontend, b) {
+                match self.maps.upsert_service(frontend, &b) {
                     Ok(()) => {
-                        self.programmed.insert(*frontend, b.to_vec());
+                        self.programmed.insert(*frontend, b);
                         counts.upserts += 1;
                     }
                     Err(error) => {
@@ -318,7 +391,7 @@ mod tests {
     }
     fn be(c: &str, ip: &str) -> Backend {
         Backend {
-            cluster: ClusterName::new(c).unwrap(),
+            cluster: ClusterName::new(c).unwrap().into(),
             ip: ip.parse().unwrap(),
             port: 8080,
             protocol: Protocol::Tcp,
@@ -336,9 +409,9 @@ mod tests {
         let mut r = Reconciler::new(maps.clone()).unwrap();
         assert_eq!(maps.counts(), WriteCounts::default());
         // Same set in another order: no write. b changed: one write.
-        let da = vec![be("c1", "10.0.0.2"), be("c1", "10.0.0.1")];
-        let db = vec![be("c2", "10.1.0.3")];
-        let w = r.reconcile_all([(&a, da.as_slice()), (&b, db.as_slice())]);
+        let da: Backends = vec![be("c1", "10.0.0.2"), be("c1", "10.0.0.1")].into();
+        let db: Backends = vec![be("c2", "10.1.0.3")].into();
+        let w = r.reconcile_all([(&a, &da), (&b, &db)]);
         assert_eq!(
             w,
             WriteCounts {
@@ -346,7 +419,7 @@ mod tests {
                 deletes: 0
             }
         );
-        assert_eq!(maps.get(&b).unwrap(), db);
+        assert_eq!(maps.get(&b).unwrap(), db.to_vec());
     }
 
     #[test]
@@ -365,7 +438,7 @@ mod tests {
         let a = fe("10.96.0.1", 80);
         let maps = FakeMaps::new();
         let mut r = Reconciler::new(maps.clone()).unwrap();
-        r.set(&a, Some(&[]));
+        r.set(&a, Some(Backends::from(Vec::new())));
         assert_eq!(maps.get(&a), Some(vec![]));
     }
 }

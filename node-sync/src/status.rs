@@ -221,7 +221,7 @@ pub fn render_metrics(st: &AgentState) -> String {
             for c in &s.clusters {
                 by.insert(c.as_str(), 0);
             }
-            for b in &f.backends {
+            for b in f.backends.iter() {
                 *by.entry(b.cluster.as_str()).or_default() += 1;
             }
             for (c, n) in by {

@@ -200,7 +200,7 @@ async fn restart_reconciles_pinned_maps_without_flushing() {
     // The maps as the previous node-sync left them: the right backends for the VIP (in another
     // order) and a service that no longer exists.
     let be = |cl: &str, ip: &str, p: u16| Backend {
-        cluster: c(cl),
+        cluster: c(cl).into(),
         ip: ip.parse().unwrap(),
         port: p,
         protocol: mesh_model::values::Protocol::Tcp,

@@ -1685,11 +1685,14 @@ impl FakeSecretsApi {
                 ("POST", Some("")) => match serde_json::from_slice::<serde_json::Value>(&body) {
                     Ok(secret) => {
                         let name = secret["metadata"]["name"].as_str().unwrap_or("").to_owned();
-                        if st.secrets.contains_key(&name) {
-                            (409, r#"{"kind":"Status","code":409}"#.to_owned())
-                        } else {
-                            st.secrets.insert(name, secret.clone());
-                            (201, secret.to_string())
+                        match st.secrets.entry(name) {
+                            std::collections::btree_map::Entry::Occupied(_) => {
+                                (409, r#"{"kind":"Status","code":409}"#.to_owned())
+                            }
+                            std::collections::btree_map::Entry::Vacant(v) => {
+                                v.insert(secret.clone());
+                                (201, secret.to_string())
+                            }
                         }
                     }
                     Err(e) => (400, format!("{{\"message\":{:?}}}", e.to_string())),

@@ -4,6 +4,7 @@
 //! (`ca.rs` for `ca` and `certs`); add a variant to [`Command`] and a match arm in `main`.
 
 mod ca;
+mod cmd_mesh;
 mod cmd_workload;
 
 use std::process::ExitCode;
@@ -38,6 +39,14 @@ enum Command {
     /// Work with certificate files: inspect.
     #[command(subcommand)]
     Certs(ca::CertsCommand),
+    /// Join two clusters (both ways by default) after a preflight: reachability, names, ids,
+    /// maxConnectedClusters, trust, CIDR overlap.
+    Connect(cmd_mesh::ConnectArgs),
+    /// Undo `connect`: the other side's backends leave every node's maps.
+    Disconnect(cmd_mesh::DisconnectArgs),
+    /// The mesh as one cluster sees it: apiserver, etcd, remotes and their nodes, global services.
+    /// Exits 2 when unhealthy.
+    Status(cmd_mesh::StatusArgs),
     /// Drill workloads run inside lab nodes: an identity backend and a steady-rate probe.
     #[command(subcommand, hide = true)]
     Workload(cmd_workload::WorkloadCommand),
@@ -59,13 +68,17 @@ fn init_tracing(format: LogFormat, filter: &str) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log);
+    let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Ca(cmd) => ca::run_ca(cmd),
-        Command::Certs(cmd) => ca::run_certs(cmd),
-        Command::Workload(cmd) => cmd_workload::run(cmd).await,
+        Command::Ca(cmd) => ok(ca::run_ca(cmd)),
+        Command::Certs(cmd) => ok(ca::run_certs(cmd)),
+        Command::Connect(a) => cmd_mesh::run_connect(a).await,
+        Command::Disconnect(a) => cmd_mesh::run_disconnect(a).await,
+        Command::Status(a) => cmd_mesh::run_status(a).await,
+        Command::Workload(cmd) => ok(cmd_workload::run(cmd).await),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE

@@ -1,0 +1,663 @@
+//! A whole mesh deployed on a [`mesh_lab::Lab`]: every cluster's clustermesh-apiserver (fed by a
+//! manifest directory), a node-sync on every node attached to the node's cgroup, an identity backend on
+//! every node, and a global service `default/echo` whose endpoints are those backends.
+//!
+//! `clustermesh demo`, the lab end-to-end tests and the chaos scenarios all stand on this, so the
+//! processes, addresses and manifests are spelled in one place.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use mesh_lab::{Lab, LabProcess, LabSpec};
+
+use crate::workload::ProbeSample;
+
+/// Port of the global service on its ClusterIP.
+pub const SERVICE_PORT: u16 = 80;
+/// Port the backends listen on.
+pub const BACKEND_PORT: u16 = 8080;
+/// gRPC port of every apiserver (on its control-plane address).
+pub const APISERVER_GRPC_PORT: u16 = 9443;
+/// Status port of every apiserver.
+pub const APISERVER_STATUS_PORT: u16 = 9880;
+/// Status port of every node-sync (on its node address).
+pub const NODE_SYNC_STATUS_PORT: u16 = 9962;
+
+/// What to deploy.
+#[derive(Debug, Clone)]
+pub struct LabMeshSpec {
+    /// Lab prefix (namespaces, cgroups, state dir are named after it).
+    pub prefix: String,
+    /// Clusters.
+    pub clusters: usize,
+    /// Nodes per cluster.
+    pub nodes: usize,
+    /// Where the binaries `clustermesh-apiserver`, `node-sync` and `clustermesh` are.
+    pub bin_dir: PathBuf,
+    /// Affinity of the demo service (`local`, `remote`, `none`).
+    pub affinity: String,
+    /// Extra flags for every node-sync (e.g. `--stale-grace=3s`).
+    pub node_sync_args: Vec<String>,
+}
+
+impl LabMeshSpec {
+    /// Defaults: affinity local, binaries next to the running executable.
+    pub fn new(prefix: impl Into<String>, clusters: usize, nodes: usize) -> Self {
+        Self {
+            prefix: prefix.into(),
+            clusters,
+            nodes,
+            bin_dir: default_bin_dir(),
+            affinity: "local".into(),
+            node_sync_args: Vec::new(),
+        }
+    }
+}
+
+/// The directory of the running executable, or of the test binary's target directory
+/// (`target/debug/deps/x` -> `target/debug`).
+pub fn default_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Which condition the demo service's endpoints of a cluster are published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    /// ready, serving.
+    Ready,
+    /// not ready, serving, terminating (a graceful drain).
+    Terminating,
+}
+
+/// A probe running inside a node, collecting [`ProbeSample`]s.
+pub struct RunningProbe {
+    process: LabProcess,
+    samples: Arc<Mutex<Vec<ProbeSample>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl RunningProbe {
+    /// Milliseconds on the probe's clock (approximately: from when it was spawned).
+    pub fn now_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// Samples so far.
+    pub fn samples(&self) -> Vec<ProbeSample> {
+        self.samples.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Wait until a sample at or after `t_ms` satisfies `pred`, or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        t_ms: f64,
+        timeout: Duration,
+        pred: impl Fn(&ProbeSample) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.samples().iter().any(|s| s.t_ms >= t_ms && pred(s)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stop the probe (SIGTERM, it finishes attempts in flight) and return every sample.
+    pub fn stop(mut self) -> Vec<ProbeSample> {
+        let _ = self.process.stop_with_grace(Duration::from_secs(3));
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.samples()
+    }
+}
+
+/// The deployed mesh. Dropping it stops every process and tears the lab down.
+pub struct LabMesh {
+    lab: Option<Lab>,
+    spec: LabMeshSpec,
+    manifests: PathBuf,
+    logs: PathBuf,
+    apiservers: BTreeMap<usize, LabProcess>,
+    node_syncs: BTreeMap<(usize, usize), LabProcess>,
+    backends: BTreeMap<(usize, usize), LabProcess>,
+    endpoint_state: BTreeMap<usize, EndpointState>,
+}
+
+impl LabMesh {
+    /// Bring up the lab and start everything (apiservers, node-syncs, backends). The clusters are not
+    /// connected to each other yet: call [`LabMesh::connect_all`].
+    pub fn up(spec: LabMeshSpec) -> Result<Self> {
+        for bin in ["clustermesh-apiserver", "node-sync", "clustermesh"] {
+            let p = spec.bin_dir.join(bin);
+            if !p.is_file() {
+                bail!(
+                    "{} not found: build the workspace first (cargo build --bins) or pass the directory of the binaries",
+                    p.display()
+                );
+            }
+        }
+        let lab = Lab::up(LabSpec::new(spec.prefix.clone(), spec.clusters, spec.nodes))
+            .with_context(|| format!("bring up lab {}", spec.prefix))?;
+        let manifests = lab.state_dir().join("manifests");
+        let logs = lab.state_dir().join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+        let mut mesh = LabMesh {
+            lab: Some(lab),
+            spec,
+            manifests,
+            logs,
+            apiservers: BTreeMap::new(),
+            node_syncs: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            endpoint_state: BTreeMap::new(),
+        };
+        for c in 1..=mesh.spec.clusters {
+            mesh.write_nodes(c)?;
+            mesh.write_service(c, EndpointState::Ready)?;
+            for n in 1..=mesh.spec.nodes {
+                mesh.start_backend(c, n)?;
+            }
+            mesh.start_apiserver(c)?;
+        }
+        for c in 1..=mesh.spec.clusters {
+            for n in 1..=mesh.spec.nodes {
+                mesh.start_node_sync(c, n)?;
+            }
+        }
+        Ok(mesh)
+    }
+
+    /// The lab underneath.
+    pub fn lab(&self) -> &Lab {
+        self.lab
+            .as_ref()
+            .expect("the lab lives as long as the mesh")
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &LabMeshSpec {
+        &self.spec
+    }
+
+    /// Name of cluster `c` (1-based).
+    pub fn cluster_name(&self, c: usize) -> String {
+        self.lab().clusters()[c - 1].name.clone()
+    }
+
+    /// The ClusterIP of the demo service in cluster `c`: `10.<lab>.<100+c>.10`, inside the lab's own
+    /// address space and on no interface (the socket load balancer rewrites it at connect time).
+    pub fn vip(&self, c: usize) -> Ipv4Addr {
+        let o = self.lab().clusters()[c - 1].subnet.octets();
+        Ipv4Addr::new(o[0], o[1], 100 + c as u8, 10)
+    }
+
+    /// `vip:80` of cluster `c`.
+    pub fn service_addr(&self, c: usize) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.vip(c), SERVICE_PORT))
+    }
+
+    /// The backend name on node `n` of cluster `c` (`c1-n1`).
+    pub fn backend_name(&self, c: usize, n: usize) -> String {
+        format!("{}-n{n}", self.cluster_name(c))
+    }
+
+    /// The control-plane address of cluster `c`.
+    pub fn control_plane_addr(&self, c: usize) -> Ipv4Addr {
+        self.lab().clusters()[c - 1].control_plane.addr
+    }
+
+    /// The gRPC address of cluster `c`'s apiserver.
+    pub fn apiserver_grpc(&self, c: usize) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(
+            self.control_plane_addr(c),
+            APISERVER_GRPC_PORT,
+        ))
+    }
+
+    /// The status address of cluster `c`'s apiserver (the web page is at `/`).
+    pub fn apiserver_status(&self, c: usize) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(
+            self.control_plane_addr(c),
+            APISERVER_STATUS_PORT,
+        ))
+    }
+
+    /// The status address of node-sync on node `n` of cluster `c`.
+    pub fn node_sync_status(&self, c: usize, n: usize) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(
+            self.lab().clusters()[c - 1].nodes[n - 1].addr,
+            NODE_SYNC_STATUS_PORT,
+        ))
+    }
+
+    /// The certificate directory of cluster `c`.
+    pub fn cert_dir(&self, c: usize) -> Result<PathBuf> {
+        let tls = self.lab().clusters()[c - 1]
+            .etcd
+            .tls
+            .as_ref()
+            .ok_or_else(|| {
+                anyhow!(
+                    "lab {} runs plain etcd; the mesh needs TLS",
+                    self.spec.prefix
+                )
+            })?;
+        Ok(tls.dir.clone())
+    }
+
+    /// The log file of a process of the mesh.
+    pub fn log_path(&self, what: &str) -> PathBuf {
+        self.logs.join(format!("{what}.log"))
+    }
+
+    fn log_stdio(&self, what: &str) -> Result<(Stdio, Stdio)> {
+        let path = self.log_path(what);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
+    }
+
+    // ---- manifests ----
+
+    fn manifest_dir(&self, c: usize) -> PathBuf {
+        self.manifests.join(self.cluster_name(c))
+    }
+
+    fn write_file(&self, c: usize, name: &str, text: &str) -> Result<()> {
+        let dir = self.manifest_dir(c);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // Write then rename, so the apiserver never reads half a file.
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(name))
+            .with_context(|| format!("rename into {}", dir.display()))?;
+        Ok(())
+    }
+
+    fn write_nodes(&self, c: usize) -> Result<()> {
+        let cl = &self.lab().clusters()[c - 1];
+        let mut out = String::new();
+        for n in &cl.nodes {
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {cluster}-z{idx}\n    topology.kubernetes.io/region: {cluster}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n",
+                name = n.name,
+                cluster = cl.name,
+                idx = n.index,
+                addr = n.addr
+            ));
+        }
+        self.write_file(c, "nodes.yaml", &out)
+    }
+
+    /// Publish the demo service of cluster `c` with its endpoints in `state` (the apiserver picks the
+    /// file change up; node-syncs everywhere follow).
+    pub fn write_service(&mut self, c: usize, state: EndpointState) -> Result<()> {
+        let cl = &self.lab().clusters()[c - 1];
+        let (ready, terminating) = match state {
+            EndpointState::Ready => (true, false),
+            EndpointState::Terminating => (false, true),
+        };
+        let mut endpoints = String::new();
+        for n in &cl.nodes {
+            endpoints.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: true\n    terminating: {terminating}\n",
+                addr = n.addr,
+                node = n.name,
+                cluster = cl.name,
+                idx = n.index,
+            ));
+        }
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    clustermesh.io/global: \"true\"\n    clustermesh.io/affinity: {affinity}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {BACKEND_PORT}\n    protocol: TCP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-{cluster}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n{endpoints}",
+            affinity = self.spec.affinity,
+            vip = self.vip(c),
+            cluster = cl.name,
+        );
+        self.write_file(c, "echo.yaml", &text)?;
+        self.endpoint_state.insert(c, state);
+        Ok(())
+    }
+
+    // ---- processes ----
+
+    /// Start (or restart) cluster `c`'s apiserver.
+    pub fn start_apiserver(&mut self, c: usize) -> Result<()> {
+        if let Some(mut old) = self.apiservers.remove(&c) {
+            let _ = old.stop();
+        }
+        let cl = self.lab().clusters()[c - 1].clone();
+        let cp = cl.control_plane.addr;
+        let data_dir = self
+            .lab()
+            .state_dir()
+            .join(format!("apiserver-{}", cl.name));
+        let mut cmd = self
+            .lab()
+            .control_plane_command(c, self.spec.bin_dir.join("clustermesh-apiserver"))?;
+        cmd.args([
+            format!("--cluster-name={}", cl.name),
+            format!("--cluster-id={c}"),
+            format!("--etcd-endpoints={}", cl.etcd.client_url),
+            format!("--tls-dir={}", self.cert_dir(c)?.display()),
+            "--source=manifests".into(),
+            format!("--manifest-dir={}", self.manifest_dir(c).display()),
+            format!("--grpc-listen={cp}:{APISERVER_GRPC_PORT}"),
+            format!("--status-listen={cp}:{APISERVER_STATUS_PORT}"),
+            format!("--data-dir={}", data_dir.display()),
+            format!("--replica-id={}-apiserver", cl.name),
+        ]);
+        let (out, err) = self.log_stdio(&format!("apiserver-{}", cl.name))?;
+        cmd.stdout(out).stderr(err).env("RUST_LOG", "info");
+        let p = self.lab().spawn(cmd)?;
+        self.apiservers.insert(c, p);
+        Ok(())
+    }
+
+    /// SIGKILL cluster `c`'s apiserver.
+    pub fn kill_apiserver(&mut self, c: usize) -> Result<()> {
+        if let Some(mut p) = self.apiservers.remove(&c) {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Start (or restart) node-sync on node `n` of cluster `c`.
+    pub fn start_node_sync(&mut self, c: usize, n: usize) -> Result<()> {
+        if let Some(mut old) = self.node_syncs.remove(&(c, n)) {
+            let _ = old.stop();
+        }
+        let cl = self.lab().clusters()[c - 1].clone();
+        let node = cl.nodes[n - 1].clone();
+        let mut cmd = self
+            .lab()
+            .node_command(c, n, self.spec.bin_dir.join("node-sync"))?;
+        cmd.args([
+            format!("--cluster-name={}", cl.name),
+            format!("--cluster-id={c}"),
+            format!("--node-name={}", node.name),
+            format!("--etcd-endpoints={}", cl.etcd.client_url),
+            format!("--tls-dir={}", self.cert_dir(c)?.display()),
+            format!("--cgroup={}", node.cgroup.display()),
+            format!("--bpffs={}", node.bpffs.display()),
+            format!("--status-listen={}:{NODE_SYNC_STATUS_PORT}", node.addr),
+        ]);
+        cmd.args(&self.spec.node_sync_args);
+        let (out, err) = self.log_stdio(&format!("node-sync-{}-{}", cl.name, node.name))?;
+        cmd.stdout(out).stderr(err).env("RUST_LOG", "info");
+        let p = self.lab().spawn(cmd)?;
+        self.node_syncs.insert((c, n), p);
+        Ok(())
+    }
+
+    /// SIGKILL node-sync on node `n` of cluster `c`.
+    pub fn kill_node_sync(&mut self, c: usize, n: usize) -> Result<()> {
+        if let Some(mut p) = self.node_syncs.remove(&(c, n)) {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Start (or restart) the identity backend on node `n` of cluster `c`, and wait until it listens.
+    pub fn start_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        if let Some(mut old) = self.backends.remove(&(c, n)) {
+            let _ = old.kill();
+        }
+        let mut cmd = self
+            .lab()
+            .node_command(c, n, self.spec.bin_dir.join("clustermesh"))?;
+        cmd.args([
+            "workload".to_string(),
+            "backend".into(),
+            format!("--name={}", self.backend_name(c, n)),
+            format!("--tcp=0.0.0.0:{BACKEND_PORT}"),
+            format!("--udp=0.0.0.0:{BACKEND_PORT}"),
+        ]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut p = self.lab().spawn(cmd)?;
+        // The backend prints "ready" once it listens.
+        let stdout = p
+            .child_mut()
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("backend stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!(
+                "backend {} did not start: {line:?}",
+                self.backend_name(c, n)
+            );
+        }
+        self.backends.insert((c, n), p);
+        Ok(())
+    }
+
+    /// SIGKILL the backend on node `n` of cluster `c`.
+    pub fn kill_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        if let Some(mut p) = self.backends.remove(&(c, n)) {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Stop the backend on node `n` of cluster `c` gracefully (SIGTERM).
+    pub fn stop_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        if let Some(mut p) = self.backends.remove(&(c, n)) {
+            p.stop_with_grace(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// Start a probe on node `n` of cluster `c` against `target`, one new connection every `interval`.
+    pub fn spawn_probe(
+        &self,
+        c: usize,
+        n: usize,
+        target: SocketAddr,
+        interval: Duration,
+    ) -> Result<RunningProbe> {
+        let mut cmd = self
+            .lab()
+            .node_command(c, n, self.spec.bin_dir.join("clustermesh"))?;
+        cmd.args([
+            "workload".to_string(),
+            "probe".into(),
+            format!("--target={target}"),
+            format!("--interval={}ms", interval.as_millis().max(1)),
+            "--timeout=1s".into(),
+        ]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        let started = Instant::now();
+        let mut process = self.lab().spawn(cmd)?;
+        let stdout = process
+            .child_mut()
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("probe stdout"))?;
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let sink = samples.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(s) = serde_json::from_str::<ProbeSample>(&line)
+                    && let Ok(mut v) = sink.lock()
+                {
+                    v.push(s);
+                }
+            }
+        });
+        Ok(RunningProbe {
+            process,
+            samples,
+            reader: Some(reader),
+            started,
+        })
+    }
+
+    /// The JSON status of node-sync on node `n` of cluster `c`.
+    pub fn node_sync_status_json(&self, c: usize, n: usize) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.node_sync_status(c, n), "/api/v1/status")?;
+        if code != 200 {
+            bail!("node-sync {c}/{n} status: HTTP {code}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Wait until a connection from node `n` of cluster `c` to the service lands on a backend whose
+    /// name satisfies `pred`, several times in a row.
+    pub fn wait_for_landing(
+        &self,
+        c: usize,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut streak = 0;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let mut cmd = self
+                .lab()
+                .node_command(c, n, self.spec.bin_dir.join("clustermesh"))?;
+            cmd.args([
+                "workload".to_string(),
+                "probe".into(),
+                format!("--target={}", self.service_addr(c)),
+                "--interval=5ms".into(),
+                "--duration=40ms".into(),
+                "--timeout=300ms".into(),
+            ]);
+            let out = cmd.output().context("run probe")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines() {
+                match serde_json::from_str::<ProbeSample>(line) {
+                    Ok(s) if s.ok && s.backend.as_deref().is_some_and(&pred) => streak += 1,
+                    Ok(s) => {
+                        streak = 0;
+                        last = s.backend.or(s.error).unwrap_or_default();
+                    }
+                    Err(_) => {}
+                }
+            }
+            if streak >= 5 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "connections from {}/n{n} to {} did not land as expected within {timeout:?} (last: {last})",
+            self.cluster_name(c),
+            self.service_addr(c)
+        )
+    }
+
+    /// The log tail of a process (for error messages).
+    pub fn log_tail(&self, what: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(what)).unwrap_or_default();
+        let v: Vec<&str> = text.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stop every process and tear the lab down.
+    pub fn teardown(mut self) -> Result<()> {
+        self.stop_all();
+        match self.lab.take() {
+            Some(lab) => lab.teardown().map_err(Into::into),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (_, mut p) in std::mem::take(&mut self.node_syncs) {
+            let _ = p.stop_with_grace(Duration::from_secs(3));
+        }
+        for (_, mut p) in std::mem::take(&mut self.apiservers) {
+            let _ = p.stop_with_grace(Duration::from_secs(3));
+        }
+        for (_, mut p) in std::mem::take(&mut self.backends) {
+            let _ = p.kill();
+        }
+    }
+}
+
+impl Drop for LabMesh {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A minimal HTTP/1.0 GET (status code, body), for status endpoints inside the lab.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .with_context(|| format!("read {addr}{path}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("bad HTTP response from {addr}{path}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// Whether this process may run the lab: root, bpffs and cgroup v2 usable, etcd installed.
+/// Returns what is missing, in words.
+pub fn preflight() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !nix_is_root() {
+        missing.push("root: the lab creates network namespaces and cgroups and loads eBPF programs (run with sudo)".into());
+    }
+    if !Path::new("/usr/bin/etcd").is_file() {
+        missing.push("etcd: install Debian's etcd-server (scripts/setup.sh does)".into());
+    }
+    if !Path::new("/sys/fs/bpf").is_dir() {
+        missing.push("bpffs: the kernel has no /sys/fs/bpf (BPF is not available)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        missing.push("ip: install iproute2".into());
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        missing.push("nft: install nftables".into());
+    }
+    missing
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}

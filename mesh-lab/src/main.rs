@@ -104,6 +104,7 @@ fn main() -> Result<()> {
                 });
             spec.state_root = cli.state_root.clone();
             let lab = Lab::up(spec).with_context(|| format!("mesh-lab up --prefix {prefix}"))?;
+            println!("lab {prefix} up");
             print_plan(lab.plan());
             lab.keep();
         }
@@ -129,12 +130,15 @@ fn main() -> Result<()> {
 
 fn print_plan(p: &mesh_lab::LabPlan) {
     println!(
-        "lab {} up: {} (host {} via {})",
-        p.prefix,
+        "  range {} (host {} on {}), cgroups under {}",
         p.supernet(),
         p.host_addr,
-        p.host_veth
+        p.host_veth,
+        p.cgroup_dir.display()
     );
+    if let Some(ca) = &p.ca_dir {
+        println!("  CA {}", ca.display());
+    }
     for c in &p.clusters {
         println!(
             "  cluster {} (id {}) {}  etcd {}",
@@ -143,13 +147,26 @@ fn print_plan(p: &mesh_lab::LabPlan) {
             c.cidr(),
             c.etcd.client_url
         );
+        if let Some(t) = &c.etcd.tls {
+            println!("    certs {}", t.dir.display());
+            println!(
+                "    curl --cacert {} --cert {} --key {} {}/health",
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display(),
+                c.etcd.client_url
+            );
+        }
         for n in std::iter::once(&c.control_plane).chain(&c.nodes) {
             println!(
-                "    {:<3} {:<15} netns {:<20} cgroup {}",
+                "    {:<3} {:<15} netns {:<20} cgroup .../{}",
                 n.name,
                 n.addr,
                 n.netns,
-                n.cgroup.display()
+                n.cgroup
+                    .file_name()
+                    .map(|f| f.to_string_lossy())
+                    .unwrap_or_default()
             );
         }
     }
@@ -172,7 +189,7 @@ fn print_status(labs: &[LabStatus]) {
                 } else {
                     ", incomplete (crashed during up?)"
                 };
-                println!("lab {} ({use_}{done}) {}", l.prefix, s.plan.supernet());
+                println!("lab {} ({use_}{done})", l.prefix);
                 print_plan(&s.plan);
                 if !s.partitions.is_empty() {
                     println!("  partitions: {:?}", s.partitions);

@@ -30,7 +30,9 @@ recover_cmd="kubectl --context ${context} -n ${DEMO_NAMESPACE} scale ${deploymen
 
 log "drill on ${service}:${port} from ${local_cluster}; local backends: echo-${local_cluster} (${replicas})"
 status=0
-cm drill --context "${context}" --namespace "${NAMESPACE}" \
+# NOTE: `clustermesh drill` against a running mesh is still being built; these flags follow the
+# shape of `clustermesh status` (--server, --tls-dir) and the drill's design (hooks, budget).
+cm drill --server "$(grpc_addr "${local_cluster}")" --tls-dir "$(admin_dir "${local_cluster}")" \
     --service "${service}" --port "${port}" \
     --fail-hook "${fail_cmd}" --recover-hook "${recover_cmd}" \
     --local-backend-prefix "echo-${local_cluster}-" \

@@ -18,6 +18,9 @@ NAMESPACE=clustermesh
 RELEASE=clustermesh
 DEMO_NAMESPACE=demo
 TRUST_DOMAIN=kind.clustermesh.local
+# Fixed node ports of the apiserver Service (the chart's apiserver.service.*NodePort).
+ETCD_NODE_PORT=32379
+GRPC_NODE_PORT=32443
 IMAGES=(clustermesh-apiserver node-sync clustermesh)
 export KUBECONFIG="${KUBECONFIG:-${HOME}/.kube/config}"
 
@@ -79,4 +82,21 @@ kind_nodes() { kind get nodes --name "$1"; }
 node_ips() {
     kubectl --context "$(ctx "$1")" get nodes \
         -o jsonpath='{range .items[*]}{.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}'
+}
+
+# gRPC address (IP:PORT) of a cluster's clustermesh-apiserver, through its NodePort on the first node.
+grpc_addr() { echo "$(node_ips "$1" | head -n1):${GRPC_NODE_PORT}"; }
+
+# The cluster's admin certificate directory (admin.crt/.key, ca-bundle.pem, cluster.json), taken
+# from the Secret the chart's certgen Job made; the CLI's --tls-dir for that cluster.
+admin_dir() {
+    local c="$1" dir="${WORK_DIR}/$1" key
+    mkdir -p "${dir}"
+    chmod 0700 "${dir}"
+    for key in admin.crt admin.key ca-bundle.pem cluster.json; do
+        kubectl --context "$(ctx "${c}")" -n "${NAMESPACE}" get secret "${RELEASE}-apiserver-tls" \
+            -o "jsonpath={.data.${key//./\\.}}" | base64 -d > "${dir}/${key}"
+    done
+    chmod 0600 "${dir}/admin.key"
+    echo "${dir}"
 }

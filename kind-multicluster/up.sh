@@ -81,6 +81,9 @@ for c in "${clusters[@]}"; do
         --set cluster.name="${c}" --set cluster.id="$(cluster_id "${c}")" \
         --set certs.mode=job --set certs.trustDomain="${TRUST_DOMAIN}" \
         --set certs.job.caSecret=clustermesh-ca --set "certs.extraSans={${sans}}" \
+        --set apiserver.service.type=NodePort \
+        --set apiserver.service.etcdNodePort="${ETCD_NODE_PORT}" \
+        --set apiserver.service.grpcNodePort="${GRPC_NODE_PORT}" \
         --set image.apiserver.tag="${IMAGE_TAG}" --set image.nodeSync.tag="${IMAGE_TAG}" \
         --set image.cli.tag="${IMAGE_TAG}" --set image.pullPolicy=Never \
         --set apiserver.logFormat=plain --set nodeSync.logFormat=plain \
@@ -93,9 +96,9 @@ for ((i = 0; i < ${#clusters[@]}; i++)); do
     for ((j = i + 1; j < ${#clusters[@]}; j++)); do
         a="${clusters[i]}"
         b="${clusters[j]}"
-        log "connecting ${a} <-> ${b}"
-        cm connect --context "$(ctx "${a}")" --destination-context "$(ctx "${b}")" \
-            --namespace "${NAMESPACE}" --wait
+        log "connecting ${a} ($(grpc_addr "${a}")) <-> ${b} ($(grpc_addr "${b}"))"
+        cm connect "$(grpc_addr "${a}")" "$(grpc_addr "${b}")" \
+            --tls-dir "$(admin_dir "${a}")" --destination-tls-dir "$(admin_dir "${b}")" --wait
     done
 done
 
@@ -108,7 +111,7 @@ for c in "${clusters[@]}"; do
 done
 
 log "mesh status from ${clusters[0]}:"
-cm status --context "$(ctx "${clusters[0]}")" --namespace "${NAMESPACE}" --wait
+cm status --server "$(grpc_addr "${clusters[0]}")" --tls-dir "$(admin_dir "${clusters[0]}")" --wait
 cat >&2 <<MSG
 
 ClusterMesh is up: ${clusters[*]}.

@@ -35,6 +35,9 @@ pub const MAX_CLUSTERS: usize = 64;
 pub const MAX_NODES: usize = 200;
 /// Longest lab prefix (it ends up in namespace names).
 pub const MAX_PREFIX_LEN: usize = 24;
+/// Third octets of the lab's `10.<octet>.0.0/16` that no interface ever gets (clusters use 1..=[`MAX_CLUSTERS`],
+/// the host link 0): free for virtual addresses such as service VIPs, which stay inside the lab's range.
+pub const UNASSIGNED_THIRD_OCTETS: RangeInclusive<u8> = 100..=254;
 /// Second octets a lab may take: lab addresses are `10.<octet>.0.0/16`, one octet per live lab.
 pub const OCTETS: RangeInclusive<u8> = 100..=249;
 
@@ -517,6 +520,17 @@ mod tests {
             p.cgroup_dirs().last().unwrap(),
             Path::new("/cg/mesh-lab/t1")
         );
+    }
+
+    #[test]
+    fn unassigned_third_octets_hold_no_address() {
+        let p = plan("t", MAX_CLUSTERS, 3);
+        assert!(!UNASSIGNED_THIRD_OCTETS.contains(&p.host_addr.octets()[2]));
+        for c in &p.clusters {
+            for n in c.nodes.iter().chain([&c.control_plane]) {
+                assert!(!UNASSIGNED_THIRD_OCTETS.contains(&n.addr.octets()[2]));
+            }
+        }
     }
 
     #[test]

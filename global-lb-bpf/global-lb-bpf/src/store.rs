@@ -1,7 +1,7 @@
 //! Raw map access: the one seam between the service logic and the kernel.
 //!
 //! [`MapStore`] is the set of map operations [`crate::LbMaps`] needs. The aya implementation
-//! lives in [`crate::datapath`]; [`MemStore`] keeps the same maps in memory (with the same
+//! is behind [`crate::Datapath`]; [`MemStore`] keeps the same maps in memory (with the same
 //! capacities) so the update logic, and callers such as node-sync, are tested without a kernel.
 
 use std::collections::{BTreeMap, HashMap};

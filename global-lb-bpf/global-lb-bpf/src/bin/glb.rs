@@ -35,9 +35,11 @@ enum Command {
     Attach,
     /// Create or replace a service: `glb upsert tcp:10.96.0.10:80 10.1.0.5:8080@1,local ...`.
     Upsert {
-        /// PROTO:ADDR:PORT, e.g. tcp:10.96.0.10:80 or udp:[fd00::10]:53.
+        #[arg(help = "PROTO:ADDR:PORT, e.g. tcp:10.96.0.10:80 or udp:[fd00::10]:53")]
         frontend: Frontend,
-        /// ADDR:PORT[@CLUSTER][*WEIGHT][,local]; none makes connects fail with ECONNREFUSED.
+        #[arg(
+            help = "ADDR:PORT[@CLUSTER][*WEIGHT][,local]; none makes connects fail with ECONNREFUSED"
+        )]
         backends: Vec<Backend>,
     },
     /// Delete a service.

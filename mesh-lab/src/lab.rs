@@ -690,6 +690,51 @@ impl Lab {
         Ok(sweep(state_root, prefix)?.is_some())
     }
 
+    /// Partitions (or, with `heal`, heals) clusters `a` and `b` of the idle lab `prefix` — one built by `mesh-lab
+    /// up` and not held by a live process (for `mesh-lab partition`/`heal`). Clusters by name or 1-based index.
+    pub fn set_partition_in(
+        state_root: &Path,
+        prefix: &str,
+        a: &str,
+        b: &str,
+        heal: bool,
+    ) -> Result<()> {
+        crate::plan::check_prefix(prefix)?;
+        let _lock = state::lock_prefix(state_root, prefix)?;
+        let dir = state_root.join(prefix);
+        let mut st = LabState::load(&dir)?.ok_or_else(|| LabError::NoSuchLab {
+            prefix: prefix.to_string(),
+            path: state::state_file(&dir),
+        })?;
+        let find = |s: &str| -> Result<ClusterInfo> {
+            match s.parse::<usize>() {
+                Ok(i) => i.resolve(&st.plan).cloned(),
+                Err(_) => s.resolve(&st.plan).cloned(),
+            }
+        };
+        let (mut ca, mut cb) = (find(a)?, find(b)?);
+        if ca.index == cb.index {
+            return Err(LabError::Spec(format!(
+                "a fault needs two different clusters, got {} twice",
+                ca.name
+            )));
+        }
+        if ca.index > cb.index {
+            std::mem::swap(&mut ca, &mut cb);
+        }
+        let pair = (ca.index, cb.index);
+        if heal {
+            net::heal(&st.plan, &ca, &cb)?;
+            st.partitions.retain(|p| *p != pair);
+        } else {
+            net::partition(&st.plan, &ca, &cb)?;
+            if !st.partitions.contains(&pair) {
+                st.partitions.push(pair);
+            }
+        }
+        st.save()
+    }
+
     /// Status of every lab under `state_root` (for `mesh-lab status`).
     pub fn status_in(state_root: &Path) -> Result<Vec<LabStatus>> {
         let all_ns = net::list_netns()?;

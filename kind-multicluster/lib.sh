@@ -29,12 +29,14 @@ die() { printf '[%s] ERROR: %s\n' "$(basename "$0" .sh)" "$*" >&2; exit 1; }
 
 # The names of the clusters in use: c1 c2 [c3].
 cluster_names() {
-    case "${CLUSTERS}" in
-        2) echo c1 c2 ;;
-        3) echo c1 c2 c3 ;;
-        *) die "CLUSTERS must be 2 or 3 (got ${CLUSTERS})" ;;
-    esac
+    if [ "${CLUSTERS}" = 3 ]; then echo c1 c2 c3; else echo c1 c2; fi
 }
+
+# Checked here, at source time: a `die` inside "$(cluster_names)" would only end a subshell.
+case "${CLUSTERS}" in
+    2 | 3) ;;
+    *) die "CLUSTERS must be 2 or 3 (got ${CLUSTERS})" ;;
+esac
 
 # kubectl context of a kind cluster.
 ctx() { echo "kind-$1"; }

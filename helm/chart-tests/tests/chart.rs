@@ -2208,3 +2208,308 @@ fn install_helm_script_keeps_an_installed_helm_v4() {
         .unwrap();
     assert_eq!(before, after, "an installed helm v4 is left alone");
 }
+
+// ---------------------------------------------------------------------------------------------
+// kind-multicluster scripts, driven through stand-ins
+//
+// Docker, kind and a Kubernetes API are not available on the machines these tests run on, so the
+// scripts run here against stand-ins for docker, kind, kubectl, helm and clustermesh that log every
+// call and answer like a three-cluster kind setup. What is checked is the scripts' own logic: which
+// clusters, images, routes, installs and connections they ask for, and that a second run changes
+// nothing that exists.
+
+const STUBS: &[(&str, &str)] = &[
+    (
+        "kind",
+        r#"#!/bin/bash
+echo "kind $*" >> "$STUB_LOG"
+name=""; prev=""
+for a in "$@"; do [ "$prev" = --name ] && name="$a"; prev="$a"; done
+touch "$STUB_STATE/clusters"
+case "$1 $2" in
+  "get clusters") cat "$STUB_STATE/clusters" ;;
+  "create cluster") echo "$name" >> "$STUB_STATE/clusters" ;;
+  "delete cluster") grep -vx "$name" "$STUB_STATE/clusters" > "$STUB_STATE/c.new" || true; mv "$STUB_STATE/c.new" "$STUB_STATE/clusters" ;;
+  "get nodes") printf '%s-control-plane\n%s-worker\n' "$name" "$name" ;;
+esac
+"#,
+    ),
+    (
+        "docker",
+        "#!/bin/bash\necho \"docker $*\" >> \"$STUB_LOG\"\n",
+    ),
+    (
+        "helm",
+        "#!/bin/bash\nif [ \"$1 $2\" = \"version --short\" ]; then echo v4.1.4+stub; exit 0; fi\necho \"helm $*\" >> \"$STUB_LOG\"\n",
+    ),
+    (
+        "kubectl",
+        r#"#!/bin/bash
+echo "kubectl $*" >> "$STUB_LOG"
+ctx=""; prev=""
+for a in "$@"; do [ "$prev" = --context ] && ctx="$a"; prev="$a"; done
+n="${ctx#kind-c}"
+case "$*" in
+  *"get nodes"*podCIDR*) printf '10.%s0.0.0/24 172.18.%s.2\n10.%s0.1.0/24 172.18.%s.3\n' "$n" "$n" "$n" "$n" ;;
+  *"get nodes"*InternalIP*) printf '172.18.%s.2\n172.18.%s.3\n' "$n" "$n" ;;
+  *"get secret"*) printf 'c3R1Yg==' ;;
+  *"--dry-run=client -o yaml"*) echo "kind: Stub" ;;
+  *"apply -f -"*) cat > /dev/null ;;
+  *"jsonpath={.spec.replicas}"*) printf 2 ;;
+esac
+"#,
+    ),
+    (
+        "clustermesh",
+        r#"#!/bin/bash
+echo "clustermesh $*" >> "$STUB_LOG"
+if [ "$1 $2" = "ca init" ]; then
+  out=""; prev=""
+  for a in "$@"; do [ "$prev" = --out ] && out="$a"; prev="$a"; done
+  mkdir -p "$out" && touch "$out/trust-domain" "$out/root.crt" "$out/root.key" "$out/ca-bundle.pem"
+fi
+"#,
+    ),
+];
+
+struct KindStubs {
+    work: Scratch,
+}
+
+impl KindStubs {
+    fn new() -> Self {
+        let work = Scratch::new("kind-stubs");
+        let bin = work.0.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(work.0.join("state")).unwrap();
+        for (name, text) in STUBS {
+            let p = bin.join(name);
+            std::fs::write(&p, text).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+        Self { work }
+    }
+
+    fn mesh_work_dir(&self) -> PathBuf {
+        self.work.0.join("mesh")
+    }
+
+    /// Run a kind-multicluster script; returns (success, the calls it made, stderr).
+    fn run(&self, script: &str, extra_env: &[(&str, &str)]) -> (bool, Vec<String>, String) {
+        let log = self.work.0.join("calls.log");
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo_root().join("kind-multicluster").join(script))
+            .env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/bin:/bin", self.work.0.join("bin").display()),
+            )
+            .env("HOME", &self.work.0)
+            .env("STUB_LOG", &log)
+            .env("STUB_STATE", self.work.0.join("state"))
+            .env("WORK_DIR", self.mesh_work_dir())
+            .env("CLUSTERMESH", self.work.0.join("bin/clustermesh"))
+            .env("CLUSTERS", "3");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = run(cmd);
+        let calls = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        (out.status.success(), calls, stderr(&out))
+    }
+}
+
+fn calls_starting<'a>(calls: &'a [String], prefix: &str) -> Vec<&'a str> {
+    calls
+        .iter()
+        .filter(|c| c.starts_with(prefix))
+        .map(String::as_str)
+        .collect()
+}
+
+#[test]
+fn kind_scripts_bring_up_connect_drill_and_tear_down_three_clusters() {
+    let stubs = KindStubs::new();
+    let root = repo_root();
+    let repo = root.display().to_string();
+    let work = stubs.mesh_work_dir().display().to_string();
+
+    let (ok, calls, err) = stubs.run("up.sh", &[]);
+    assert!(ok, "up.sh failed:\n{err}\ncalls:\n{}", calls.join("\n"));
+    let names = ["c1", "c2", "c3"];
+    for (i, c) in names.iter().enumerate() {
+        let n = i + 1;
+        let create = format!(
+            "kind create cluster --name {c} --config {repo}/kind-multicluster/kind/{c}.yaml"
+        );
+        assert_eq!(
+            calls_starting(&calls, &create).len(),
+            1,
+            "{create}\n{calls:#?}"
+        );
+        let install = format!(
+            "helm upgrade --install clustermesh {repo}/helm/clustermesh --kube-context kind-{c}"
+        );
+        let installs = calls_starting(&calls, &install);
+        assert_eq!(installs.len(), 1, "{install}\n{calls:#?}");
+        assert!(
+            installs[0].contains(&format!("cluster.id={n}"))
+                && installs[0].contains("certs.job.caSecret=clustermesh-ca"),
+            "{}",
+            installs[0]
+        );
+        for image in ["clustermesh-apiserver", "node-sync", "clustermesh"] {
+            let load = format!("kind load docker-image --name {c} clustermesh/{image}:dev");
+            assert_eq!(calls_starting(&calls, &load).len(), 1, "{load}");
+        }
+        // Every other cluster's nodes get routes to this cluster's two pod CIDRs; its own do not.
+        for (j, other) in names.iter().enumerate() {
+            for node in ["control-plane", "worker"] {
+                let routes = calls_starting(
+                    &calls,
+                    &format!("docker exec {other}-{node} ip route replace 10.{n}0."),
+                );
+                assert_eq!(
+                    routes.len(),
+                    if i == j { 0 } else { 2 },
+                    "{other}-{node} routes to {c}: {routes:?}"
+                );
+            }
+        }
+    }
+    for image in ["clustermesh-apiserver", "node-sync", "clustermesh"] {
+        let build = format!(
+            "docker build -f {repo}/images/{image}.Dockerfile -t clustermesh/{image}:dev {repo}"
+        );
+        assert_eq!(calls_starting(&calls, &build).len(), 1, "{build}");
+        assert!(root.join(format!("images/{image}.Dockerfile")).is_file());
+    }
+    assert_eq!(
+        calls_starting(&calls, "clustermesh ca init"),
+        [
+            format!("clustermesh ca init --trust-domain kind.clustermesh.local --out {work}/ca")
+                .as_str()
+        ]
+    );
+    let connects = calls_starting(&calls, "clustermesh connect");
+    assert_eq!(
+        connects,
+        [(1, 2), (1, 3), (2, 3)]
+            .iter()
+            .map(|(a, b)| format!(
+                "clustermesh connect 172.18.{a}.2:32443 172.18.{b}.2:32443 --tls-dir {work}/c{a} --destination-tls-dir {work}/c{b} --wait"
+            ))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "every pair connected once"
+    );
+    let admin_key = std::fs::read_to_string(stubs.mesh_work_dir().join("c1/admin.key")).unwrap();
+    assert_eq!(
+        admin_key, "stub",
+        "admin certificates are taken out of the chart's Secret"
+    );
+    assert_eq!(
+        calls_starting(&calls, "clustermesh status --server 172.18.1.2:32443").len(),
+        1
+    );
+    let demo = calls
+        .iter()
+        .filter(|c| c.contains("-n demo rollout status deployment/echo-"))
+        .count();
+    assert_eq!(demo, 3, "the demo service in every cluster");
+
+    // Run again: clusters and CA exist, nothing is created twice.
+    let (ok, calls, err) = stubs.run("up.sh", &[("SKIP_BUILD", "1")]);
+    assert!(ok, "second up.sh failed:\n{err}");
+    assert!(
+        calls_starting(&calls, "kind create").is_empty(),
+        "{calls:#?}"
+    );
+    assert!(
+        calls_starting(&calls, "clustermesh ca init").is_empty(),
+        "{calls:#?}"
+    );
+    assert!(
+        calls_starting(&calls, "docker build").is_empty(),
+        "SKIP_BUILD=1"
+    );
+
+    // The drill fails the local backends through a hook and always restores them.
+    let (ok, calls, err) = stubs.run("drill.sh", &[]);
+    assert!(ok, "drill.sh failed:\n{err}");
+    let drill = calls_starting(&calls, "clustermesh drill");
+    assert_eq!(drill.len(), 1, "{calls:#?}");
+    assert!(
+        drill[0].contains("--service demo/echo") && drill[0].contains("--replicas=0"),
+        "{}",
+        drill[0]
+    );
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("kubectl --context kind-c1 -n demo scale deployment/echo-c1 --replicas=2"),
+        "the local backends are scaled back after the drill"
+    );
+
+    // Tear down: every cluster deleted, the work dir (CA, admin certificates) removed.
+    let (ok, calls, err) = stubs.run("down.sh", &[]);
+    assert!(ok, "down.sh failed:\n{err}");
+    for c in names {
+        assert_eq!(
+            calls_starting(&calls, &format!("kind delete cluster --name {c}")).len(),
+            1
+        );
+    }
+    assert!(
+        !stubs.mesh_work_dir().exists(),
+        "down.sh removes the work dir"
+    );
+}
+
+#[test]
+fn kind_scripts_refuse_a_cluster_count_other_than_two_or_three() {
+    let stubs = KindStubs::new();
+    let (ok, calls, err) = stubs.run("up.sh", &[("CLUSTERS", "4")]);
+    assert!(!ok, "CLUSTERS=4 must be refused");
+    assert!(err.contains("CLUSTERS must be 2 or 3"), "{err}");
+    assert!(
+        calls_starting(&calls, "kind create").is_empty(),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn kind_up_sh_makes_two_clusters_by_default() {
+    let stubs = KindStubs::new();
+    let (ok, calls, err) = stubs.run("up.sh", &[("CLUSTERS", "2")]);
+    assert!(ok, "up.sh failed:\n{err}");
+    assert_eq!(
+        calls_starting(&calls, "kind create cluster").len(),
+        2,
+        "{calls:#?}"
+    );
+    assert_eq!(calls_starting(&calls, "helm upgrade --install").len(), 2);
+    assert_eq!(
+        calls_starting(
+            &calls,
+            "clustermesh connect 172.18.1.2:32443 172.18.2.2:32443"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(calls_starting(&calls, "clustermesh connect").len(), 1);
+    assert!(
+        !calls.iter().any(|c| c.contains("c3")),
+        "no third cluster: {calls:#?}"
+    );
+}

@@ -66,6 +66,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = connect(&args.etcd_endpoints, tls.as_ref())
         .await
         .context("connecting to etcd")?;
+    crate::mesh_api::start(&args, &index, status.clone())
+        .await
+        .context("gRPC API")?;
     let mut cfg = PublisherConfig::new(index, replica);
     cfg.lease_ttl = args.leader_lease_ttl;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -82,6 +82,8 @@ struct Histogram {
 pub struct Status {
     snap: Mutex<StatusSnapshot>,
     latency: Mutex<Histogram>,
+    /// The mesh control, once the gRPC API runs: `/api/v1/status` then serves the mesh status.
+    pub mesh: crate::mesh_api::MeshSlot,
 }
 
 impl Status {
@@ -236,8 +238,45 @@ async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
     )
 }
 
-async fn status_json(State(s): State<Arc<Status>>) -> impl IntoResponse {
-    axum::Json(s.snapshot())
+async fn status_json(State(s): State<Arc<Status>>) -> axum::response::Response {
+    use clustermesh_api::MeshControl as _;
+    let snap = s.snapshot();
+    if let Some(control) = s.mesh.get() {
+        match control.status().await {
+            Ok(mesh) => {
+                let mut v = serde_json::to_value(&mesh).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "apiserverDetail".into(),
+                        serde_json::to_value(&snap).unwrap_or_default(),
+                    );
+                }
+                return axum::Json(v).into_response();
+            }
+            Err(e) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("mesh status: {e}\n"),
+                )
+                    .into_response();
+            }
+        }
+    }
+    axum::Json(snap).into_response()
+}
+
+async fn index_html() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        crate::mesh_api::INDEX_HTML,
+    )
+}
+
+async fn status_schema() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/schema+json")],
+        mesh_model::status::MeshStatus::json_schema(),
+    )
 }
 
 /// The status router.
@@ -247,6 +286,8 @@ pub fn router(status: Arc<Status>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status_json))
+        .route("/api/v1/status/schema", get(status_schema))
+        .route("/", get(index_html))
         .with_state(status)
 }
 

@@ -38,3 +38,15 @@ pub use datapath::{Datapath, DatapathConfig, DatapathView, EBPF_OBJECT, PROGRAMS
 pub use error::Error;
 pub use maps::{FakeMaps, LbMaps, ServiceMaps};
 pub use model::{Backend, BackendCounter, Frontend, Proto, Service};
+
+#[cfg(test)]
+mod tests {
+    /// node-sync keeps the datapath in an async task: it must be movable across threads.
+    #[test]
+    fn datapath_and_fake_are_send() {
+        fn send<T: Send>() {}
+        send::<crate::Datapath>();
+        send::<crate::FakeMaps>();
+        send::<crate::DatapathView>();
+    }
+}

@@ -700,8 +700,10 @@ fn only_the_certgen_job_may_touch_secrets_and_only_in_its_namespace() {
 // TLS wiring
 
 /// The files of a `clustermesh ca issue-cluster` directory each component reads from --tls-dir.
-fn tls_files(component: &str) -> Vec<String> {
+/// With KVStoreMesh the apiserver also reads other clusters' etcds (as remote-<cluster>).
+fn tls_files(component: &str, kvstoremesh: bool) -> Vec<String> {
     let roles: &[&str] = match component {
+        "apiserver" if kvstoremesh => &["etcd-server", "apiserver", "root", "admin", "remote"],
         "apiserver" => &["etcd-server", "apiserver", "root", "admin"],
         _ => &["node", "remote"],
     };
@@ -742,7 +744,10 @@ fn tls_secrets_are_mounted_where_tls_dir_points_with_every_file_the_binary_reads
                     panic!("{name}: {cname} --tls-dir={tls_dir} is not a volumeMount")
                 });
             let vol = volume_mounted_at(workload, c, tls_dir);
-            let want = tls_files(component);
+            let kvstoremesh = at(values, &["clustermesh", "kvstoremesh"])
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let want = tls_files(component, kvstoremesh);
             let mut files = BTreeSet::new();
             let mut secrets = BTreeSet::new();
             for src in seq_at(vol, &["projected", "sources"]) {
@@ -1888,7 +1893,7 @@ fn certgen_job_script_issues_and_stores_secrets_once_and_keeps_them() {
         (
             &api_name,
             issued.join("cluster"),
-            tls_files("apiserver")
+            tls_files("apiserver", true)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
@@ -1896,7 +1901,7 @@ fn certgen_job_script_issues_and_stores_secrets_once_and_keeps_them() {
         (
             &ns_name,
             issued.join("cluster"),
-            tls_files("nodeSync")
+            tls_files("nodeSync", false)
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),

@@ -1,11 +1,16 @@
 {{/*
 The TLS volume of a component: the files of a `clustermesh ca issue-cluster` directory that the
 component needs (ca-bundle.pem, cluster.json, <role>.crt, <role>.key), mounted at clustermesh.tlsDir
-and passed as --tls-dir.
+and passed as --tls-dir. With KVStoreMesh the apiserver also reads other clusters' etcds, as
+remote-<cluster>, so it gets remote.{crt,key} too.
 Call with (dict "root" . "component" "apiserver"|"nodeSync").
 */}}
 {{- define "clustermesh.tlsRoles" -}}
-{{- if eq .component "apiserver" -}}etcd-server apiserver root admin{{- else -}}node remote{{- end -}}
+{{- if eq .component "apiserver" -}}
+etcd-server apiserver root admin{{ if .root.Values.clustermesh.kvstoremesh }} remote{{ end }}
+{{- else -}}
+node remote
+{{- end -}}
 {{- end -}}
 
 {{- define "clustermesh.tlsVolume" -}}

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{
-    Env, GLB, TcpBackend, TestCgroup, UdpBackend, in_netns, ok, pin_dir, probe_in, probe_outside,
-    s, unique,
+    Env, GLB, PinGuard, TcpBackend, TestCgroup, UdpBackend, in_netns, ok, pin_dir, probe_in,
+    probe_outside, s, unique,
 };
 use global_lb_bpf::{Backend, Datapath, DatapathConfig, Error, Frontend, Proto, ServiceMaps};
 
@@ -317,6 +317,7 @@ fn services_keep_working_across_loader_restarts() {
             cgroup: cgroup.path.clone(),
             pin_dir: pin_dir(&name),
         };
+        let _pins = PinGuard(config.pin_dir.clone());
         let be = TcpBackend::start("10.1.0.40:8080", "b1");
         let _vip_owner = TcpBackend::start("10.96.0.40:80", "vip-itself");
 
@@ -378,6 +379,7 @@ fn open_errors_name_the_cgroup_or_pin_directory() {
     assert!(err.to_string().contains("-missing"), "{err}");
 
     let cgroup = TestCgroup::new(&name);
+    let _pins = PinGuard(pin_dir(&name));
     let tmp = tempfile::tempdir().unwrap();
     let err = Datapath::open(&DatapathConfig {
         cgroup: cgroup.path.clone(),
@@ -418,6 +420,7 @@ fn one_writer_per_pin_directory_and_readers_alongside() {
         cgroup: cgroup.path.clone(),
         pin_dir: pin_dir(&name),
     };
+    let _pins = PinGuard(config.pin_dir.clone());
     let mut dp = Datapath::open(&config).unwrap();
     dp.upsert_service(
         &frontend("tcp:10.96.0.50:80"),

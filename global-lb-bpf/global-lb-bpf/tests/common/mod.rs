@@ -102,6 +102,17 @@ pub fn pin_dir(name: &str) -> PathBuf {
     Path::new(mounts::DEFAULT_BPFFS).join(name)
 }
 
+/// Removes the datapath pinned at the path on drop (for tests that open it themselves).
+pub struct PinGuard(pub PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(e) = Datapath::remove(&self.0) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
 /// A cgroup with the datapath attached; detached and removed on drop.
 pub struct Env {
     pub dp: Option<Datapath>,

@@ -44,6 +44,8 @@ pub struct LabMeshSpec {
     pub affinity: String,
     /// Extra flags for every node-sync (e.g. `--stale-grace=3s`).
     pub node_sync_args: Vec<String>,
+    /// Cluster ids by cluster index (default: the 1-based index); a test sets a duplicate on purpose.
+    pub cluster_ids: BTreeMap<usize, u32>,
 }
 
 impl LabMeshSpec {
@@ -56,6 +58,7 @@ impl LabMeshSpec {
             bin_dir: default_bin_dir(),
             affinity: "local".into(),
             node_sync_args: Vec::new(),
+            cluster_ids: BTreeMap::new(),
         }
     }
 }
@@ -90,9 +93,18 @@ pub struct RunningProbe {
 }
 
 impl RunningProbe {
-    /// Milliseconds on the probe's clock (approximately: from when it was spawned).
+    /// Milliseconds on the probe's clock now. The probe stamps every sample with both its own clock and
+    /// the wall clock; their offset maps our wall clock onto the probe's (falls back to the time since
+    /// spawn before the first sample).
     pub fn now_ms(&self) -> f64 {
-        self.started.elapsed().as_secs_f64() * 1000.0
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or_default();
+        match self.samples.lock().ok().and_then(|v| v.first().cloned()) {
+            Some(s) => unix_now - (s.unix_ms as f64 - s.t_ms),
+            None => self.started.elapsed().as_secs_f64() * 1000.0,
+        }
     }
 
     /// Samples so far.
@@ -212,6 +224,11 @@ impl LabMesh {
     /// `vip:80` of cluster `c`.
     pub fn service_addr(&self, c: usize) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(self.vip(c), SERVICE_PORT))
+    }
+
+    /// The cluster id of cluster `c`.
+    pub fn cluster_id(&self, c: usize) -> u32 {
+        self.spec.cluster_ids.get(&c).copied().unwrap_or(c as u32)
     }
 
     /// The backend name on node `n` of cluster `c` (`c1-n1`).
@@ -357,7 +374,7 @@ impl LabMesh {
             .control_plane_command(c, self.spec.bin_dir.join("clustermesh-apiserver"))?;
         cmd.args([
             format!("--cluster-name={}", cl.name),
-            format!("--cluster-id={c}"),
+            format!("--cluster-id={}", self.cluster_id(c)),
             format!("--etcd-endpoints={}", cl.etcd.client_url),
             format!("--tls-dir={}", self.cert_dir(c)?.display()),
             "--source=manifests".into(),
@@ -394,7 +411,7 @@ impl LabMesh {
             .node_command(c, n, self.spec.bin_dir.join("node-sync"))?;
         cmd.args([
             format!("--cluster-name={}", cl.name),
-            format!("--cluster-id={c}"),
+            format!("--cluster-id={}", self.cluster_id(c)),
             format!("--node-name={}", node.name),
             format!("--etcd-endpoints={}", cl.etcd.client_url),
             format!("--tls-dir={}", self.cert_dir(c)?.display()),

@@ -2,6 +2,7 @@
 //! running mesh. The binary (`src/main.rs`) is a thin clap shell over it.
 
 pub mod connect;
+pub mod demo;
 pub mod drill;
 pub mod labmesh;
 pub mod workload;

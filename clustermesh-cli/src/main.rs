@@ -4,6 +4,7 @@
 //! (`ca.rs` for `ca` and `certs`); add a variant to [`Command`] and a match arm in `main`.
 
 mod ca;
+mod cmd_demo;
 mod cmd_mesh;
 mod cmd_workload;
 
@@ -47,6 +48,10 @@ enum Command {
     /// The mesh as one cluster sees it: apiserver, etcd, remotes and their nodes, global services.
     /// Exits 2 when unhealthy.
     Status(cmd_mesh::StatusArgs),
+    /// Two clusters of two nodes on this host, every component real (etcd, apiservers, node-syncs,
+    /// eBPF, backends, clients): connect them, publish a global service, run failover drills, print the
+    /// figures and the status page. Needs root and a kernel with BPF.
+    Demo(cmd_demo::DemoArgs),
     /// Drill workloads run inside lab nodes: an identity backend and a steady-rate probe.
     #[command(subcommand, hide = true)]
     Workload(cmd_workload::WorkloadCommand),
@@ -75,6 +80,7 @@ async fn main() -> ExitCode {
         Command::Connect(a) => cmd_mesh::run_connect(a).await,
         Command::Disconnect(a) => cmd_mesh::run_disconnect(a).await,
         Command::Status(a) => cmd_mesh::run_status(a).await,
+        Command::Demo(a) => cmd_demo::run_demo(a).await,
         Command::Workload(cmd) => ok(cmd_workload::run(cmd).await),
     };
     match result {

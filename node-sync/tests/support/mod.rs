@@ -389,3 +389,7 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+pub fn agent_with(opts: AgentOptions, writer: Box<dyn node_sync::lb::MapWriter>) -> Agent {
+    agent::start(opts, writer)
+}

@@ -1,0 +1,164 @@
+//! node-sync with the real eBPF datapath (global-lb-bpf attached to a fresh cgroup v2 directory)
+//! and two real etcd "clusters": a client process in the cgroup connects to the service VIP and
+//! lands on the local backend; when that backend dies it lands in the other cluster; when it comes
+//! back, traffic returns. Needs root (attaching cgroup programs, pinning on bpffs).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use global_lb_bpf::{Datapath, mounts};
+use mesh_model::values::Affinity;
+use node_sync::datapath::{self, ClusterIds};
+use support::*;
+
+fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    assert_eq!(
+        uid, "0",
+        "this test attaches eBPF programs to a cgroup and needs root"
+    );
+}
+
+struct Cleanup {
+    cgroup: PathBuf,
+    pins: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = Datapath::remove(&self.pins) {
+            eprintln!("cleanup {}: {e}", self.pins.display());
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// A backend that answers every connection with its name.
+fn serve(listener: tokio::net::TcpListener, name: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+            });
+        }
+    })
+}
+
+/// Connect to the VIP from a process inside the cgroup; the backend's name, or "" on failure.
+fn connect_in(cgroup: &Path, vip: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && exec 3<>"/dev/tcp/$1/80" && timeout 2 cat <&3"#)
+        .arg(cgroup)
+        .arg(vip)
+        .output()
+        .expect("spawning bash");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn wait_lands(cgroup: &Path, vip: &str, want: &str, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let cg = cgroup.to_owned();
+        let v = vip.to_owned();
+        let got = tokio::task::spawn_blocking(move || connect_in(&cg, &v))
+            .await
+            .unwrap();
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "new connects did not land on {want:?} within {limit:?} (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_datapath() {
+    require_root();
+    let name = format!("node-sync-test-{}", std::process::id());
+    let root = mounts::ensure_cgroup2().expect("a cgroup v2 hierarchy");
+    let cgroup = root.join(&name);
+    std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+    mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS)).expect("bpffs");
+    let pins = Path::new(mounts::DEFAULT_BPFFS).join(&name);
+    let _cleanup = Cleanup {
+        cgroup: cgroup.clone(),
+        pins: pins.clone(),
+    };
+
+    let l1 = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let p1 = l1.local_addr().unwrap().port();
+    let l2 = tokio::net::TcpListener::bind(("127.0.0.2", 0))
+        .await
+        .unwrap();
+    let p2 = l2.local_addr().unwrap().port();
+    let b1 = serve(l1, "c1");
+    let _b2 = serve(l2, "c2");
+
+    // A VIP of our own: other tests on this host may program the usual ones.
+    let vip = format!(
+        "10.253.{}.{}",
+        std::process::id() % 250,
+        1 + std::process::id() % 200
+    );
+    let with_vip = |mut s: mesh_model::values::ServiceSpec| {
+        s.frontends = vec![vip.parse().unwrap()];
+        s
+    };
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w1.publish_all(
+        vec![with_vip(spec("c1", Affinity::Local))],
+        vec![chunk("c1", 0, vec![endpoint("127.0.0.1", p1, "n1")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![with_vip(spec("c2", Affinity::Local))],
+        vec![chunk("c2", 0, vec![endpoint("127.0.0.2", p2, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+
+    let mut opts = options(&e1, "c1", 1, Some(dir.path()));
+    opts.cluster_ids = ClusterIds::default();
+    let writer = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
+        .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    let agent = agent_with(opts, writer);
+
+    wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
+
+    // SIGKILL-like: the local backend disappears.
+    b1.abort();
+    let _ = b1.await;
+    let took = wait_lands(&cgroup, &vip, "c2", Duration::from_secs(5)).await;
+    println!("failover through the datapath took {took:?}");
+
+    // It comes back on the same port.
+    let l1 = tokio::net::TcpListener::bind(("127.0.0.1", p1))
+        .await
+        .unwrap();
+    let _b1 = serve(l1, "c1");
+    let took = wait_lands(&cgroup, &vip, "c1", Duration::from_secs(5)).await;
+    println!("failback through the datapath took {took:?}");
+    assert!(agent.state().ready);
+    drop(agent);
+}

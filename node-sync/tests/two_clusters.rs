@@ -376,3 +376,51 @@ async fn relist_after_reconnect_sweeps_what_vanished_and_keeps_the_rest() {
         vec![format!("c2/{C2_EP}:8080"), "c2/127.0.0.3:8080".to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvstoremesh_reads_every_cluster_from_the_local_etcd_only() {
+    let e1 = Etcd::start().await;
+    // KVStoreMesh caches c2's keys in the local etcd, next to c1's own.
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e1, "c2", 2).await;
+    w1.publish_all(
+        vec![spec("c1", Affinity::None)],
+        vec![chunk("c1", 0, vec![endpoint(C1_EP, 9, "other")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    // A remote file is ignored in this mode (it points nowhere reachable).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c3.yaml"),
+        "name: c3\nendpoints: [\"http://127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let mut opts = options(&e1, "c1", 1, Some(dir.path()));
+    opts.kvstoremesh = true;
+    let maps = FakeMaps::new();
+    let agent = start_agent(opts, &maps);
+    let both = vec![format!("c1/{C1_EP}:9"), format!("c2/{C2_EP}:8080")];
+    wait_for(
+        "both clusters from the local etcd",
+        Duration::from_secs(15),
+        || programmed(&maps) == Some(both.clone()),
+    )
+    .await;
+    assert!(!agent.state().clusters.contains_key(&c("c3")));
+    // c2's cached heartbeat stops: after the grace its backends leave.
+    w2.stop_heartbeat();
+    wait_for("c2 stale", Duration::from_secs(10), || {
+        programmed(&maps) == Some(vec![format!("c1/{C1_EP}:9")])
+    })
+    .await;
+    w2.start_heartbeat();
+    wait_for("c2 back", Duration::from_secs(10), || {
+        programmed(&maps) == Some(both.clone())
+    })
+    .await;
+}

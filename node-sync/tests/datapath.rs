@@ -162,3 +162,145 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     assert!(agent.state().ready);
     drop(agent);
 }
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_node_sync(e1: &Etcd, remote_dir: &Path, pins: &Path, cgroup: &Path, port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_node-sync"))
+        .args([
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "n1",
+        ])
+        .args(["--etcd-endpoints", &e1.url()])
+        .arg("--remote-config-dir")
+        .arg(remote_dir)
+        .arg("--bpffs")
+        .arg(pins)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(["--status-listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn node-sync");
+    Proc(child)
+}
+
+async fn wait_ready(port: u16) {
+    let t0 = Instant::now();
+    loop {
+        let ok = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut b = Vec::new();
+            s.read_to_end(&mut b).await.ok()?;
+            Some(String::from_utf8_lossy(&b).starts_with("HTTP/1.0 200"))
+        }
+        .await;
+        if ok == Some(true) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node-sync not ready in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_of_node_sync_under_steady_connects_fails_none() {
+    require_root();
+    let name = format!("node-sync-restart-{}", std::process::id());
+    let root = mounts::ensure_cgroup2().expect("a cgroup v2 hierarchy");
+    let cgroup = root.join(&name);
+    std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+    mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS)).expect("bpffs");
+    let pins = Path::new(mounts::DEFAULT_BPFFS).join(&name);
+    let _cleanup = Cleanup {
+        cgroup: cgroup.clone(),
+        pins: pins.clone(),
+    };
+    let l1 = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let p1 = l1.local_addr().unwrap().port();
+    let l2 = tokio::net::TcpListener::bind(("127.0.0.2", 0))
+        .await
+        .unwrap();
+    let p2 = l2.local_addr().unwrap().port();
+    let _b1 = serve(l1, "c1");
+    let _b2 = serve(l2, "c2");
+    let vip = format!(
+        "10.254.{}.{}",
+        std::process::id() % 250,
+        1 + std::process::id() % 200
+    );
+    let with_vip = |mut s: mesh_model::values::ServiceSpec| {
+        s.frontends = vec![vip.parse().unwrap()];
+        s
+    };
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w1.publish_all(
+        vec![with_vip(spec("c1", Affinity::None))],
+        vec![chunk("c1", 0, vec![endpoint("127.0.0.1", p1, "n1")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![with_vip(spec("c2", Affinity::None))],
+        vec![chunk("c2", 0, vec![endpoint("127.0.0.2", p2, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    let port = free_port();
+    let first = spawn_node_sync(&e1, dir.path(), &pins, &cgroup, port);
+    wait_ready(port).await;
+    wait_lands(&cgroup, &vip, "c1", Duration::from_secs(10)).await;
+    wait_lands(&cgroup, &vip, "c2", Duration::from_secs(10)).await;
+
+    // A steady stream of new connections from the cgroup.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (cg, v, stop) = (cgroup.clone(), vip.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = connect_in(&cg, &v);
+                if got == "c1" || got == "c2" {
+                    ok += 1;
+                } else {
+                    failed.push(got);
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(first); // SIGKILL
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _second = spawn_node_sync(&e1, dir.path(), &pins, &cgroup, port);
+    wait_ready(port).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = stream.join().unwrap();
+    println!("{ok} connects across the restart, {} failed", failed.len());
+    assert!(ok > 20, "too few connects measured: {ok}");
+    assert!(failed.is_empty(), "failed connects: {failed:?}");
+}

@@ -137,6 +137,8 @@ pub struct ClusterStatus {
     pub bad_values: u64,
     /// When it went stale (wall clock).
     pub stale_since: Option<SystemTime>,
+    /// Left out of selection (stale, or not synced yet).
+    pub excluded: bool,
 }
 
 impl ClusterStatus {
@@ -153,6 +155,7 @@ impl ClusterStatus {
             reconnects: 0,
             bad_values: 0,
             stale_since: None,
+            excluded: false,
         }
     }
 }
@@ -554,11 +557,16 @@ fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
             continue;
         }
         tracing::info!(cluster = %n, endpoints = ?src.endpoints, "connecting to remote cluster");
-        let status = st
-            .clusters
-            .entry(n.clone())
-            .or_insert_with(|| ClusterStatus::new(None, Instant::now()));
-        status.source = Some(src.clone());
+        if !st.clusters.contains_key(&n) {
+            // Not trusted until its initial sync is done.
+            let mut status = ClusterStatus::new(None, Instant::now());
+            status.excluded = true;
+            st.clusters.insert(n.clone(), status);
+            st.index.set_stale(&n, true);
+        }
+        if let Some(status) = st.clusters.get_mut(&n) {
+            status.source = Some(src.clone());
+        }
         lock_registry(&tasks.registry).accepted.remove(&n);
         spawn_watcher(tasks, src, &opts);
     }
@@ -619,6 +627,7 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
                 tracing::info!(cluster = %conn, keys = cs.keys.len(), "initial sync done");
             }
             cs.synced = true;
+            apply_exclusion(st, &conn);
         }
         ConnEvent::BadValue { .. } => cs.bad_values += 1,
         ConnEvent::Heartbeat(c) => {
@@ -661,13 +670,16 @@ fn evaluate_liveness(st: &mut AgentState) {
     let grace = st.opts.stale_grace;
     let hb = st.opts.heartbeat_timeout;
     let local = st.opts.cluster.clone();
-    let mut changes = Vec::new();
-    for (n, c) in st.clusters.iter_mut() {
+    let names: Vec<ClusterName> = st.clusters.keys().cloned().collect();
+    for n in names {
+        let Some(c) = st.clusters.get_mut(&n) else {
+            continue;
+        };
         let s = c.liveness.evaluate(now, grace, hb);
         let was_stale = matches!(c.state, LiveState::Stale(_));
         let is_stale = matches!(s, LiveState::Stale(_));
         c.state = s;
-        if was_stale != is_stale && *n != local {
+        if was_stale != is_stale && n != local {
             if is_stale {
                 tracing::warn!(cluster = %n, grace = ?grace, "cluster not live beyond the grace: its backends leave selection");
                 c.stale_since = Some(SystemTime::now());
@@ -675,11 +687,24 @@ fn evaluate_liveness(st: &mut AgentState) {
                 tracing::info!(cluster = %n, "cluster live again: its backends are back in selection");
                 c.stale_since = None;
             }
-            changes.push((n.clone(), is_stale));
         }
+        apply_exclusion(st, &n);
     }
-    for (n, stale) in changes {
-        st.index.set_stale(&n, stale);
+}
+
+/// A remote's backends are selectable once its initial sync is done (canaries seen: its prefix is
+/// complete) and while it is not stale.
+fn apply_exclusion(st: &mut AgentState, name: &ClusterName) {
+    if *name == st.opts.cluster {
+        return;
+    }
+    let Some(c) = st.clusters.get_mut(name) else {
+        return;
+    };
+    let excluded = matches!(c.state, LiveState::Stale(_)) || !c.synced;
+    if excluded != c.excluded {
+        c.excluded = excluded;
+        st.index.set_stale(name, excluded);
     }
 }
 

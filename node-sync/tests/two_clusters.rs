@@ -424,3 +424,45 @@ async fn kvstoremesh_reads_every_cluster_from_the_local_etcd_only() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_is_not_trusted_before_its_sync_canaries() {
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w1.publish_all(
+        vec![spec("c1", Affinity::None)],
+        vec![chunk("c1", 0, vec![endpoint(C1_EP, 9, "other")])],
+    )
+    .await;
+    // c2's apiserver is still writing: config, spec and one chunk, no canaries yet.
+    w2.config(2).await;
+    w2.service(spec("c2", Affinity::None)).await;
+    w2.chunk(chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")]))
+        .await;
+    w2.start_heartbeat();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&e1, "c1", 1, Some(dir.path()));
+    opts.sync_timeout = Duration::from_millis(500);
+    let maps = FakeMaps::new();
+    let agent = start_agent(opts, &maps);
+    wait_for("ready", Duration::from_secs(15), || agent.state().ready).await;
+    remote_file(dir.path(), "c2", &e2);
+    wait_for("c2 connected", Duration::from_secs(10), || {
+        agent
+            .state()
+            .clusters
+            .get(&c("c2"))
+            .is_some_and(|s| s.liveness.connected())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(programmed(&maps), Some(vec![format!("c1/{C1_EP}:9")]));
+    w2.canaries().await;
+    wait_for(
+        "c2 trusted after its canaries",
+        Duration::from_secs(5),
+        || programmed(&maps).is_some_and(|b| b.len() == 2),
+    )
+    .await;
+}

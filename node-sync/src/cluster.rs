@@ -601,6 +601,7 @@ pub async fn watch_cluster(
         }
         let started = Instant::now();
         let err = session(&source, &scope, &settings, &validate, &tx, &mut state).await;
+        let err = explain(&source, &err);
         if tx.is_closed() {
             return;
         }
@@ -618,6 +619,34 @@ pub async fn watch_cluster(
         );
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Name the endpoints and, for TLS failures, say which side's files are at fault.
+pub fn explain(source: &ClusterSource, err: &str) -> String {
+    let mut msg = format!("etcd {}: {err}", source.endpoints.join(","));
+    if let Some(tls) = &source.tls {
+        let ca = match &tls.ca {
+            CaSource::File(p) => p.display().to_string(),
+            CaSource::Pem(_) => "the caBundle of the remotes/ entry".to_owned(),
+        };
+        if err.contains("UnknownIssuer") || err.contains("unknown issuer") {
+            msg.push_str(&format!(
+                " (the etcd server's certificate is not signed by a CA of our bundle {ca})"
+            ));
+        } else if err.contains("certificate required")
+            || err.contains("bad certificate")
+            || err.contains("unknown ca")
+            || err.contains("UnknownCA")
+        {
+            msg.push_str(&format!(
+                " (the etcd server refused our client certificate {})",
+                tls.cert.display()
+            ));
+        } else if err.contains("NotValidForName") || err.contains("not valid for name") {
+            msg.push_str(" (the etcd server's certificate does not name this address)");
+        }
+    }
+    msg
 }
 
 fn canaries_needed(scope: &KeyScope) -> Vec<SyncKind> {

@@ -44,6 +44,7 @@ pub async fn run_publisher(
     let mut last_health: Option<Vec<u8>> = None;
     let mut last_status: Option<Vec<u8>> = None;
     let mut attempt = 0u32;
+    let mut status_refused = false;
     loop {
         let err = async {
             let mut client: Client = connect(&local, Duration::from_secs(5)).await?;
@@ -57,13 +58,14 @@ pub async fn run_publisher(
                 .await
                 .map_err(|e| format!("keeping lease {lease} alive: {e}"))?;
             let opts = || Some(PutOptions::new().with_lease(lease));
-            for (k, v) in [(&health_key, &last_health), (&status_key, &last_status)] {
-                if let Some(v) = v {
-                    client
-                        .put(k.as_str(), v.clone(), opts())
-                        .await
-                        .map_err(|e| format!("etcd put {k}: {e}"))?;
-                }
+            if let Some(v) = &last_health {
+                client
+                    .put(health_key.as_str(), v.clone(), opts())
+                    .await
+                    .map_err(|e| format!("etcd put {health_key}: {e}"))?;
+            }
+            if let Some(v) = &last_status {
+                let _ = client.put(status_key.as_str(), v.clone(), opts()).await;
             }
             attempt = 0;
             let mut keepalive =
@@ -72,19 +74,30 @@ pub async fn run_publisher(
                 tokio::select! {
                     msg = rx.recv() => {
                         let Some(msg) = msg else { return Ok::<(), String>(()) };
-                        let (k, v) = match msg {
+                        match msg {
                             Publish::Health(h) => {
                                 let v = MeshValue::Health(h).encode();
                                 last_health = Some(v.clone());
-                                (&health_key, v)
+                                client
+                                    .put(health_key.as_str(), v, opts())
+                                    .await
+                                    .map_err(|e| format!("etcd put {health_key}: {e}"))?;
                             }
                             Publish::Status(s) => {
+                                // The summary is best effort: a refusal (e.g. RBAC) must not
+                                // hold up health verdicts.
                                 let v = MeshValue::NodeStatus(s).encode();
                                 last_status = Some(v.clone());
-                                (&status_key, v)
+                                if let Err(e) = client.put(status_key.as_str(), v, opts()).await {
+                                    if !status_refused {
+                                        tracing::warn!(key = %status_key, error = %e, "writing the node summary failed");
+                                    }
+                                    status_refused = true;
+                                } else {
+                                    status_refused = false;
+                                }
                             }
-                        };
-                        client.put(k.as_str(), v, opts()).await.map_err(|e| format!("etcd put {k}: {e}"))?;
+                        }
                     }
                     _ = keepalive.tick() => {
                         keeper.keep_alive().await.map_err(|e| format!("lease keep-alive: {e}"))?;

@@ -168,6 +168,15 @@ impl ApiWriter {
         }
     }
 
+    pub fn from_client(client: Client, cluster: &str, id: u32) -> Self {
+        Self {
+            client,
+            cluster: c(cluster),
+            id,
+            heartbeat: None,
+        }
+    }
+
     pub async fn put(&mut self, key: MeshKey, value: MeshValue) {
         let k = key.to_string();
         self.client
@@ -326,11 +335,16 @@ pub fn chunk(cluster: &str, n: u32, eps: Vec<Endpoint>) -> EndpointChunk {
 
 /// Agent options for tests: short grace and timeouts, plain http.
 pub fn options(local: &Etcd, cluster: &str, id: u32, remote_dir: Option<&Path>) -> AgentOptions {
+    options_url(&local.url(), cluster, id, remote_dir)
+}
+
+/// Agent options for a local etcd at `url`.
+pub fn options_url(url: &str, cluster: &str, id: u32, remote_dir: Option<&Path>) -> AgentOptions {
     AgentOptions {
         cluster: c(cluster),
         cluster_id: ClusterId::new(id, MaxConnectedClusters::DEFAULT).unwrap(),
         node: "n1".into(),
-        etcd_endpoints: vec![local.url()],
+        etcd_endpoints: vec![url.to_owned()],
         tls_dir: None,
         remote_config_dir: remote_dir.map(Path::to_owned),
         stale_grace: Duration::from_secs(2),

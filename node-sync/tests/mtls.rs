@@ -1,0 +1,173 @@
+//! node-sync over mTLS to etcds with `--client-cert-auth` and RBAC, using certificates issued by
+//! mesh-certs: the node certificate for the local etcd, the cluster's remote certificate
+//! (read-only user `remote-c1`) for the other cluster's etcd.
+
+mod support;
+
+use std::time::Duration;
+
+use mesh_certs::etcd::{EtcdAuthAdmin, EtcdSpec, connect_as};
+use mesh_certs::{ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use mesh_model::values::Affinity;
+use node_sync::lb::FakeMaps;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_with_the_nodes_certificates_and_read_only_remote_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = RootCa::init(
+        &tmp.path().join("ca"),
+        &TrustDomain::new("mesh.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let d1 = ca
+        .issue_cluster(&ClusterRequest::new("c1", 1, tmp.path().join("c1")).unwrap())
+        .unwrap();
+    let d2 = ca
+        .issue_cluster(&ClusterRequest::new("c2", 2, tmp.path().join("c2")).unwrap())
+        .unwrap();
+    let url = |p: u16, s: &str| format!("{s}://127.0.0.1:{p}");
+    let (u1, u2) = (url(free_port(), "https"), url(free_port(), "https"));
+    let s1 = EtcdSpec::for_cluster(&d1, tmp.path().join("e1"), &u1, url(free_port(), "http"))
+        .spawn(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let s2 = EtcdSpec::for_cluster(&d2, tmp.path().join("e2"), &u2, url(free_port(), "http"))
+        .spawn(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut a1 = EtcdAuthAdmin::connect(&s1.endpoints(), &d1.tls_files(Role::EtcdRoot))
+        .await
+        .unwrap();
+    a1.bootstrap(&c("c1")).await.unwrap();
+    let mut a2 = EtcdAuthAdmin::connect(&s2.endpoints(), &d2.tls_files(Role::EtcdRoot))
+        .await
+        .unwrap();
+    a2.bootstrap(&c("c2")).await.unwrap();
+    a2.add_remote_user(&c("c1")).await.unwrap();
+
+    // The apiservers publish as admin.
+    let mut w1 = ApiWriter::from_client(
+        connect_as(&d1, Role::Admin, &s1.endpoints()).await.unwrap(),
+        "c1",
+        1,
+    );
+    let mut w2 = ApiWriter::from_client(
+        connect_as(&d2, Role::Admin, &s2.endpoints()).await.unwrap(),
+        "c2",
+        2,
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    w1.publish_all(
+        vec![spec("c1", Affinity::None)],
+        vec![chunk("c1", 0, vec![endpoint("127.0.0.1", port, "n1")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint("127.0.0.2", 8080, "m1")])],
+    )
+    .await;
+
+    // node-sync: --tls-dir is the c1 cluster directory; the remote file names only endpoints.
+    let remotes = tempfile::tempdir().unwrap();
+    std::fs::write(
+        remotes.path().join("c2.yaml"),
+        format!("name: c2\nid: 2\nendpoints: [\"{u2}\"]\n"),
+    )
+    .unwrap();
+    let mut opts = options_url(&u1, "c1", 1, Some(remotes.path()));
+    opts.tls_dir = Some(d1.path.clone());
+    let maps = FakeMaps::new();
+    let agent = start_agent(opts, &maps);
+    wait_for(
+        "both clusters programmed over mTLS",
+        Duration::from_secs(20),
+        || programmed(&maps).is_some_and(|b| b.len() == 2),
+    )
+    .await;
+    // The node's health verdicts reach the local etcd (node user may write health/c1/).
+    wait_for("health published", Duration::from_secs(10), || {
+        agent.state().clusters[&c("c1")]
+            .keys
+            .contains("clustermesh/v1/health/c1/n1")
+    })
+    .await;
+    // The local backend dies: failover to c2 over the secured path.
+    drop(listener);
+    wait_for("failover to c2", Duration::from_secs(5), || {
+        programmed(&maps) == Some(vec!["c2/127.0.0.2:8080".to_string()])
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_does_not_trust_us_shows_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("mesh.test").unwrap();
+    let ca = RootCa::init(&tmp.path().join("ca"), &td, &Validity::default()).unwrap();
+    let other = RootCa::init(&tmp.path().join("other"), &td, &Validity::default()).unwrap();
+    let d1 = ca
+        .issue_cluster(&ClusterRequest::new("c1", 1, tmp.path().join("c1")).unwrap())
+        .unwrap();
+    let d2 = other
+        .issue_cluster(&ClusterRequest::new("c2", 2, tmp.path().join("c2")).unwrap())
+        .unwrap();
+    let u1 = format!("https://127.0.0.1:{}", free_port());
+    let u2 = format!("https://127.0.0.1:{}", free_port());
+    let s1 = EtcdSpec::for_cluster(
+        &d1,
+        tmp.path().join("e1"),
+        &u1,
+        format!("http://127.0.0.1:{}", free_port()),
+    )
+    .spawn(Duration::from_secs(20))
+    .await
+    .unwrap();
+    let _s2 = EtcdSpec::for_cluster(
+        &d2,
+        tmp.path().join("e2"),
+        &u2,
+        format!("http://127.0.0.1:{}", free_port()),
+    )
+    .spawn(Duration::from_secs(20))
+    .await
+    .unwrap();
+    let mut w1 = ApiWriter::from_client(
+        connect_as(&d1, Role::EtcdRoot, &s1.endpoints())
+            .await
+            .unwrap(),
+        "c1",
+        1,
+    );
+    w1.publish_all(vec![spec("c1", Affinity::None)], vec![])
+        .await;
+    let remotes = tempfile::tempdir().unwrap();
+    std::fs::write(
+        remotes.path().join("c2.yaml"),
+        format!("name: c2\nendpoints: [\"{u2}\"]\n"),
+    )
+    .unwrap();
+    let mut opts = options_url(&u1, "c1", 1, Some(remotes.path()));
+    opts.tls_dir = Some(d1.path.clone());
+    let maps = FakeMaps::new();
+    let agent = start_agent(opts, &maps);
+    wait_for("c2 error shown", Duration::from_secs(20), || {
+        agent
+            .state()
+            .clusters
+            .get(&c("c2"))
+            .and_then(|s| s.error.clone())
+            .is_some()
+    })
+    .await;
+    let err = agent.state().clusters[&c("c2")].error.clone().unwrap();
+    println!("c2: {err}");
+    assert!(err.contains(&u2), "{err}");
+    assert!(err.contains("not signed by a CA of our bundle"), "{err}");
+    assert!(!agent.state().clusters[&c("c2")].synced);
+}

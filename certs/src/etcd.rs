@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `root` | etcd's root role (user and role management); only used to bootstrap |
 //! | `admin-<cluster>` | read-write on every key |
-//! | `node-<cluster>` | read `clustermesh/v1/`; read-write `clustermesh/v1/health/<cluster>/` |
+//! | `node-<cluster>` | read `clustermesh/v1/`; read-write `clustermesh/v1/health/<cluster>/` and `clustermesh/v1/nodestatus/<cluster>/` |
 //! | `remote-<peer>` | read `clustermesh/v1/` (added by [`add_remote_user`] when a peer connects) |
 //!
 //! etcd 3.4 reads `--trusted-ca-file` only at start: after the bundle changes (rotation, retirement,
@@ -38,9 +38,15 @@ pub const DEFAULT_ETCD_BINARY: &str = "/usr/bin/etcd";
 /// The key prefix every mesh key lives under.
 pub const MESH_PREFIX: &str = mesh_model::keys::PREFIX;
 
-/// The prefix a cluster's node-syncs may write: `clustermesh/v1/health/<cluster>/`.
+/// The prefix a cluster's node-syncs may write their health verdicts under: `clustermesh/v1/health/<cluster>/`.
 pub fn health_prefix(cluster: &ClusterName) -> String {
     format!("{MESH_PREFIX}health/{cluster}/")
+}
+
+/// The prefix a cluster's node-syncs write their summaries under (read by `clustermesh status`):
+/// `clustermesh/v1/nodestatus/<cluster>/`.
+pub fn nodestatus_prefix(cluster: &ClusterName) -> String {
+    format!("{MESH_PREFIX}nodestatus/{cluster}/")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,6 +644,11 @@ impl EtcdAuthAdmin {
         self.grant(
             &node,
             Permission::read_write(health_prefix(cluster)).with_prefix(),
+        )
+        .await?;
+        self.grant(
+            &node,
+            Permission::read_write(nodestatus_prefix(cluster)).with_prefix(),
         )
         .await?;
         self.ensure_user(&node, &users).await?;

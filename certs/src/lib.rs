@@ -13,7 +13,7 @@
 //! | `apiserver` | `clustermesh-apiserver.<cluster>` | the clustermesh-apiserver gRPC server |
 //! | `root` | `root` | etcd's `root` user, only to bootstrap etcd auth ([`etcd::bootstrap_auth`]) |
 //! | `admin` | `admin-<cluster>` | the apiserver: read-write on its own etcd |
-//! | `node` | `node-<cluster>` | the cluster's node-syncs on their own etcd: read `clustermesh/v1/`, write `clustermesh/v1/health/<cluster>/` |
+//! | `node` | `node-<cluster>` | the cluster's node-syncs on their own etcd: read `clustermesh/v1/`, write `clustermesh/v1/health/<cluster>/` and `clustermesh/v1/nodestatus/<cluster>/` |
 //! | `remote` | `remote-<cluster>` | the cluster's node-syncs on *other* clusters' etcd: read-only `clustermesh/v1/` |
 //!
 //! Server certificates always get the SANs `localhost`, `127.0.0.1`, `::1` and their CN, plus

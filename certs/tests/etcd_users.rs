@@ -56,6 +56,15 @@ async fn admin_node_and_remote_users_get_exactly_their_rights() {
     node.put("clustermesh/v1/health/east/node-1", "ok", None)
         .await
         .expect("node writes its health prefix");
+    node.put("clustermesh/v1/nodestatus/east/node-1", "{}", None)
+        .await
+        .expect("node writes its node summary");
+    assert!(
+        node.put("clustermesh/v1/nodestatus/west/node-1", "{}", None)
+            .await
+            .is_err(),
+        "node-east must not write another cluster's node summaries"
+    );
     let lease = node
         .lease_grant(10, None)
         .await

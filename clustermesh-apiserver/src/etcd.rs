@@ -56,8 +56,17 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    /// The files of a TLS directory.
+    /// The files of a TLS directory: a cluster certificate directory of `clustermesh ca issue-cluster`
+    /// (`cluster.json` present: `ca-bundle.pem`, `admin.crt`, `admin.key`), or a Kubernetes TLS secret
+    /// (`ca.crt`, `tls.crt`, `tls.key`).
     pub fn from_dir(dir: &Path) -> Self {
+        if dir.join("cluster.json").is_file() {
+            return Self {
+                ca: dir.join("ca-bundle.pem"),
+                cert: dir.join("admin.crt"),
+                key: dir.join("admin.key"),
+            };
+        }
         Self {
             ca: dir.join("ca.crt"),
             cert: dir.join("tls.crt"),

@@ -68,6 +68,10 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
         warn!("no --tls-dir: the gRPC API (connect, disconnect, status) is off");
         return Ok(());
     };
+    if !tls_dir.join("cluster.json").is_file() {
+        warn!(dir = %tls_dir.display(), "--tls-dir is not a cluster certificate directory (no cluster.json): the gRPC API is off");
+        return Ok(());
+    }
     let dir =
         ClusterDir::open(tls_dir).with_context(|| format!("--tls-dir {}", tls_dir.display()))?;
     let config = ClusterConfig {

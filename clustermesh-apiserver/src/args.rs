@@ -61,9 +61,27 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
 
-    /// Directory with the etcd client TLS files ca.crt, tls.crt, tls.key (plain HTTP to etcd without it).
+    /// TLS directory: a cluster certificate directory from `clustermesh ca issue-cluster` (cluster.json,
+    /// ca-bundle.pem, admin.crt/key, ...; the apiserver connects to etcd as admin-<cluster> and publishes the CA
+    /// fingerprints), or a directory with ca.crt, tls.crt, tls.key. Plain HTTP to etcd without it.
     #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+
+    /// Client URL of the managed etcd (without --etcd-endpoints).
+    #[arg(
+        long,
+        env = "CLUSTERMESH_MANAGED_ETCD_CLIENT_URL",
+        default_value = "https://127.0.0.1:2379"
+    )]
+    pub managed_etcd_client_url: String,
+
+    /// Peer URL of the managed etcd.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_MANAGED_ETCD_PEER_URL",
+        default_value = "http://127.0.0.1:2380"
+    )]
+    pub managed_etcd_peer_url: String,
 
     /// Where Kubernetes objects come from.
     #[arg(

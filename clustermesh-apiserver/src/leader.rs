@@ -165,18 +165,37 @@ async fn try_campaign(
                 keepalive,
             });
         }
+        let (holder, holder_rev) = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                        kv.create_revision(),
+                    )
+                }),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if holder == replica && holder_rev > 0 {
+            // A previous incarnation of this replica (same id, e.g. a restarted container of the same pod)
+            // holds the key: it is dead, take over now instead of waiting for its lease to end.
+            info!(
+                key,
+                replica, "taking over the leader key of this replica's previous run"
+            );
+            client
+                .txn(
+                    Txn::new()
+                        .when([Compare::create_revision(key, CompareOp::Equal, holder_rev)])
+                        .and_then([TxnOp::delete(key, None)]),
+                )
+                .await
+                .map_err(|e| EtcdError::request(format!("delete stale {key}"), e))?;
+            continue;
+        }
         if !announced {
-            let holder = resp
-                .op_responses()
-                .into_iter()
-                .find_map(|r| match r {
-                    etcd_client::TxnOpResponse::Get(g) => g
-                        .kvs()
-                        .first()
-                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                    _ => None,
-                })
-                .unwrap_or_default();
             info!(key, leader = %holder, "standing by");
             announced = true;
         }

@@ -11,6 +11,7 @@ pub mod args;
 pub mod etcd;
 pub mod index;
 pub mod leader;
+pub mod managed;
 pub mod mesh_api;
 pub mod objects;
 pub mod publisher;

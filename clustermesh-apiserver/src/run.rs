@@ -8,6 +8,7 @@ use tracing::info;
 
 use crate::args::{Args, LogFormat, SourceKind};
 use crate::etcd::{EtcdTls, connect};
+use crate::managed::ManagedEtcd;
 use crate::publisher::{PublisherConfig, run as run_publisher};
 use crate::source::Source;
 use crate::source::manifests::ManifestSource;
@@ -59,14 +60,65 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ))]
         }
     };
-    if args.etcd_endpoints.is_empty() {
-        bail!("managed etcd is not available in this build yet: pass --etcd-endpoints");
+    // TLS: a cluster certificate directory (clustermesh ca issue-cluster), or a flat ca.crt/tls.crt/tls.key one.
+    let cluster_dir = match &args.tls_dir {
+        Some(d) if d.join("cluster.json").is_file() => Some(
+            mesh_certs::ClusterDir::open(d)
+                .with_context(|| format!("--tls-dir {}", d.display()))?,
+        ),
+        _ => None,
+    };
+    let mut index = index;
+    if let Some(dir) = &cluster_dir {
+        if dir.info.name != index.cluster {
+            bail!(
+                "--tls-dir {} holds the certificates of cluster {:?}, not {:?}",
+                dir.path.display(),
+                dir.info.name.as_str(),
+                index.cluster.as_str()
+            );
+        }
+        index.ca_fingerprints = dir.ca_fingerprints().context("reading the CA bundle")?;
     }
-    let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
-    let client = connect(&args.etcd_endpoints, tls.as_ref())
-        .await
-        .context("connecting to etcd")?;
-    crate::mesh_api::start(&args, &index, status.clone())
+    let managed = if args.etcd_endpoints.is_empty() {
+        let dir = cluster_dir.as_ref().context(
+            "managed etcd (no --etcd-endpoints) needs --tls-dir with a cluster certificate directory \
+             (clustermesh ca issue-cluster)",
+        )?;
+        Some(
+            ManagedEtcd::start(
+                dir,
+                &args.data_dir,
+                &args.managed_etcd_client_url,
+                &args.managed_etcd_peer_url,
+            )
+            .await
+            .context("starting managed etcd")?,
+        )
+    } else {
+        None
+    };
+    let endpoints = match &managed {
+        Some(m) => m.endpoints().to_vec(),
+        None => args.etcd_endpoints.clone(),
+    };
+    let client = match &cluster_dir {
+        Some(dir) => mesh_certs::etcd::connect_as(dir, mesh_certs::Role::Admin, &endpoints)
+            .await
+            .context("connecting to etcd as admin")?,
+        None => {
+            let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
+            connect(&endpoints, tls.as_ref())
+                .await
+                .context("connecting to etcd")?
+        }
+    };
+    let _supervisor = managed
+        .as_ref()
+        .map(|m| m.supervise(client.clone(), std::time::Duration::from_secs(2)));
+    let mut api_args = args.clone();
+    api_args.etcd_endpoints = endpoints.clone();
+    crate::mesh_api::start(&api_args, &index, status.clone())
         .await
         .context("gRPC API")?;
     let mut cfg = PublisherConfig::new(index, replica);

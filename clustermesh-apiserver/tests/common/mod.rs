@@ -150,7 +150,11 @@ impl Apiserver {
         let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
             .args(["--cluster-name", &o.cluster])
             .args(["--cluster-id", &o.cluster_id.to_string()])
-            .args(["--etcd-endpoints", &o.etcd])
+            .args(if o.etcd.is_empty() {
+                vec![]
+            } else {
+                vec!["--etcd-endpoints".to_owned(), o.etcd.clone()]
+            })
             .args(["--source", "manifests"])
             .arg("--manifest-dir")
             .arg(&o.manifest_dir)
@@ -177,15 +181,33 @@ impl Apiserver {
 
     pub async fn status(&self) -> Option<serde_json::Value> {
         let (code, body) = self.get("/api/v1/status").await?;
-        (code == 200).then(|| serde_json::from_str(&body).ok())?
+        let v: serde_json::Value = (code == 200).then(|| serde_json::from_str(&body).ok())??;
+        // With a mesh control (--tls-dir) the replica's own status sits under apiserverDetail.
+        match v.get("apiserverDetail") {
+            Some(d) => Some(d.clone()),
+            None => Some(v),
+        }
     }
 
     pub async fn wait_ready_leader(&self, timeout: Duration) {
-        eventually(timeout, "the apiserver to lead and be ready", || async {
-            let s = self.status().await?;
-            (s["role"] == "leader" && s["ready"] == true).then_some(())
-        })
-        .await
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status().await
+                && s["role"] == "leader"
+                && s["ready"] == true
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = self.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for the apiserver to lead and be ready; log tail:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// A metric's value from /metrics.

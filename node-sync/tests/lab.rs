@@ -132,7 +132,7 @@ fn lab_local_preferred_failover_on_sigkill_failback_and_partition() {
     spec1.frontends = vec![vip.parse().unwrap()];
     let mut spec2 = spec("c2", Affinity::Local);
     spec2.frontends = vec!["10.96.88.10".parse().unwrap()];
-    let (_w1, _w2) = rt.block_on(async {
+    let (mut w1, _w2) = rt.block_on(async {
         let d1 = lab.cluster_certs(1).unwrap().unwrap();
         let d2 = lab.cluster_certs(2).unwrap().unwrap();
         let mut w1 = ApiWriter::from_client(
@@ -191,6 +191,31 @@ fn lab_local_preferred_failover_on_sigkill_failback_and_partition() {
     let b1 = backend(&lab, 1, 2, "c1");
     let took = wait_lands(&lab, vip, "c1", Duration::from_secs(5));
     println!("lab failback: {took:?}");
+
+    // Affinity remote: cluster 2 first; none: both clusters.
+    let mut with = |a: Affinity| {
+        let mut s = spec("c1", a);
+        s.frontends = vec![vip.parse().unwrap()];
+        rt.block_on(w1.service(s));
+    };
+    with(Affinity::Remote);
+    wait_lands(&lab, vip, "c2", Duration::from_secs(5));
+    with(Affinity::None);
+    let t0 = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        seen.insert(connect(&lab, 1, vip));
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "affinity none: saw only {seen:?}"
+        );
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["c1", "c2"]);
+    with(Affinity::Local);
+    wait_lands(&lab, vip, "c1", Duration::from_secs(5));
+    for _ in 0..10 {
+        assert_eq!(connect(&lab, 1, vip), "c1");
+    }
 
     // Partition cluster 2 away: local traffic sees no error.
     lab.partition(1, 2).unwrap();

@@ -128,10 +128,12 @@ pub fn drill(
     }
     std::thread::sleep(opts.settle);
     progress("  restarting cluster 1's backends");
+    // Recovery starts when the backends are started: after a hard kill, the health checks let traffic
+    // back as soon as they answer.
+    let recover_ms = probe.now_ms();
     for n in 1..=nodes {
         mesh.start_backend(1, n)?;
     }
-    let recover_ms = probe.now_ms();
     if fault == Fault::Graceful {
         mesh.write_service(1, EndpointState::Ready)?;
     }
@@ -174,8 +176,13 @@ pub async fn bring_up(opts: &DemoOptions, progress: &mut dyn FnMut(&str)) -> Res
         addr: mesh.apiserver_grpc(2),
         tls_dir: mesh.cert_dir(2)?,
     };
-    wait_grpc(&a, Duration::from_secs(30)).await?;
-    wait_grpc(&b, Duration::from_secs(30)).await?;
+    for (c, side) in [(1, &a), (2, &b)] {
+        if let Err(e) = wait_grpc(side, Duration::from_secs(30)).await {
+            let name = mesh.cluster_name(c);
+            let tail = mesh.log_tail(&format!("apiserver-{name}"), 15);
+            return Err(e.context(format!("apiserver of {name}; its log ends with:\n{tail}")));
+        }
+    }
     let opts_c = ConnectOptions {
         unidirectional: false,
         federate: false,

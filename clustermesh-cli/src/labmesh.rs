@@ -589,10 +589,14 @@ impl LabMesh {
         )
     }
 
-    /// The log tail of a process (for error messages).
+    /// The log tail of a process (for error messages); a panic is shown with its message, not its
+    /// backtrace.
     pub fn log_tail(&self, what: &str, lines: usize) -> String {
         let text = std::fs::read_to_string(self.log_path(what)).unwrap_or_default();
-        let v: Vec<&str> = text.lines().collect();
+        let v: Vec<&str> = text.lines().filter(|l| !l.starts_with("  ")).collect();
+        if let Some(i) = v.iter().position(|l| l.contains("panicked at")) {
+            return v[i..(i + 3).min(v.len())].join("\n");
+        }
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 

@@ -5,6 +5,7 @@
 
 mod ca;
 mod cmd_demo;
+mod cmd_drill;
 mod cmd_mesh;
 mod cmd_workload;
 
@@ -48,6 +49,9 @@ enum Command {
     /// The mesh as one cluster sees it: apiserver, etcd, remotes and their nodes, global services.
     /// Exits 2 when unhealthy.
     Status(cmd_mesh::StatusArgs),
+    /// A failover drill against a running mesh: steady new connections, a fail hook, a recover hook;
+    /// reports failover, failback and failed connects. Exits 1 past --budget.
+    Drill(cmd_drill::DrillArgs),
     /// Two clusters of two nodes on this host, every component real (etcd, apiservers, node-syncs,
     /// eBPF, backends, clients): connect them, publish a global service, run failover drills, print the
     /// figures and the status page. Needs root and a kernel with BPF.
@@ -80,6 +84,7 @@ async fn main() -> ExitCode {
         Command::Connect(a) => cmd_mesh::run_connect(a).await,
         Command::Disconnect(a) => cmd_mesh::run_disconnect(a).await,
         Command::Status(a) => cmd_mesh::run_status(a).await,
+        Command::Drill(a) => cmd_drill::run_drill(a).await,
         Command::Demo(a) => cmd_demo::run_demo(a).await,
         Command::Workload(cmd) => ok(cmd_workload::run(cmd).await),
     };

@@ -10,6 +10,7 @@
 pub mod args;
 pub mod etcd;
 pub mod index;
+pub mod kvstoremesh;
 pub mod leader;
 pub mod managed;
 pub mod mesh_api;

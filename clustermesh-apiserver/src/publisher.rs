@@ -37,6 +37,8 @@ pub struct PublisherConfig {
     /// Read other clusters' `services/` keys from this etcd to allocate ClusterSetIP imports (they are there in
     /// KVStoreMesh mode). Only meaningful with a ClusterSet CIDR.
     pub remote_services: bool,
+    /// KVStoreMesh: mirror the remotes listed under `remotes/<self>/` into this etcd (leader only).
+    pub kvstoremesh: Option<crate::kvstoremesh::MirrorTls>,
 }
 
 impl PublisherConfig {
@@ -49,6 +51,7 @@ impl PublisherConfig {
             lease_ttl: Duration::from_secs(3),
             heartbeat: Duration::from_secs(1),
             remote_services,
+            kvstoremesh: None,
         }
     }
 }
@@ -295,6 +298,14 @@ async fn run_term(
         )));
     } else {
         drop(rtx);
+    }
+    if let Some(tls) = &cfg.kvstoremesh {
+        tasks.push(tokio::spawn(crate::kvstoremesh::run(
+            client.clone(),
+            cluster.clone(),
+            tls.clone(),
+            guard.clone(),
+        )));
     }
     let _tasks = Tasks(tasks);
     let mut remote_clusters: BTreeSet<ClusterName> = BTreeSet::new();

@@ -123,6 +123,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .context("gRPC API")?;
     let mut cfg = PublisherConfig::new(index, replica);
     cfg.lease_ttl = args.leader_lease_ttl;
+    if args.kvstoremesh {
+        cfg.kvstoremesh = Some(crate::kvstoremesh::MirrorTls {
+            cluster_dir: cluster_dir.clone(),
+            work_dir: args.data_dir.join("kvstoremesh"),
+        });
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         termination().await;

@@ -101,6 +101,7 @@ pub async fn data_keys(c: &mut Client, cluster: &str) -> BTreeMap<String, (Vec<u
             !k.starts_with("clustermesh/v1/heartbeat/")
                 && !k.starts_with("clustermesh/v1/leader/")
                 && !k.starts_with("clustermesh/v1/synced/")
+                && !k.starts_with("clustermesh/v1/remotes/")
         })
         .collect()
 }

@@ -1,0 +1,411 @@
+//! KVStoreMesh: the leader also mirrors every remote cluster's keys into the local etcd, so the cluster's
+//! node-syncs watch only their local etcd (remote watchers then scale with clusters, not with nodes).
+//!
+//! Remotes are the `clustermesh/v1/remotes/<self>/<peer>` keys of the local etcd (written by `clustermesh
+//! connect` through the gRPC API). For each peer: list its keys in its etcd, write what differs locally and delete
+//! local copies it no longer has (mark and sweep, so a reconnect never leaves an empty window), then write
+//! `synced/<peer>/<kind>` canaries of our own, then follow its watch. The peer's cluster config is stored with
+//! `capabilities.cached = true`. The peer's own canaries, leader key, remotes and node status are not mirrored.
+//! A removed remote's mirrored keys are deleted. Every write carries the leader's fencing comparison.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, EventType, Txn, TxnOp, WatchOptions};
+use mesh_model::ClusterName;
+use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
+use mesh_model::values::{MeshValue, RemoteCluster, format_time};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::etcd::{Backoff, EtcdError, list_prefix};
+use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches};
+
+/// Kinds of a peer's keys that are mirrored.
+pub const MIRRORED: [KeyKind; 9] = [
+    KeyKind::ClusterConfig,
+    KeyKind::Heartbeat,
+    KeyKind::Services,
+    KeyKind::Endpoints,
+    KeyKind::Health,
+    KeyKind::Identities,
+    KeyKind::Ips,
+    KeyKind::Nodes,
+    KeyKind::Imports,
+];
+
+/// How the mirror reaches remote etcds.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorTls {
+    /// Our cluster certificate directory: its `remote` certificate is presented to peers.
+    pub cluster_dir: Option<mesh_certs::ClusterDir>,
+    /// Where peers' CA bundles (from their remote entries) are written.
+    pub work_dir: PathBuf,
+}
+
+fn mirrored_prefixes(peer: &ClusterName) -> Vec<String> {
+    MIRRORED
+        .iter()
+        .map(|k| match k {
+            KeyKind::ClusterConfig | KeyKind::Heartbeat => {
+                // Exact keys; the trailing-slash prefix form would miss them.
+                format!("{}{peer}", k.prefix())
+            }
+            _ => k.cluster_prefix(peer),
+        })
+        .collect()
+}
+
+/// Whether `key` is a mirrored key of `peer`.
+fn is_mirrored(key: &str, peer: &ClusterName) -> bool {
+    match MeshKey::parse(key) {
+        Ok(k) => k.cluster() == peer && MIRRORED.contains(&k.kind()),
+        Err(_) => false,
+    }
+}
+
+/// The value stored locally for a peer's key: cluster configs are marked cached.
+fn local_value(key: &str, value: &[u8]) -> Vec<u8> {
+    if let Ok(k @ MeshKey::ClusterConfig { .. }) = MeshKey::parse(key)
+        && let Ok(MeshValue::ClusterConfig(mut c)) = MeshValue::decode(&k, value)
+    {
+        c.capabilities.cached = true;
+        return MeshValue::ClusterConfig(c).encode();
+    }
+    value.to_vec()
+}
+
+async fn list_mirrored(
+    c: &mut Client,
+    peer: &ClusterName,
+) -> Result<(BTreeMap<String, Vec<u8>>, i64), EtcdError> {
+    let mut out = BTreeMap::new();
+    let mut rev = 0;
+    for p in mirrored_prefixes(peer) {
+        let (kvs, r) = list_prefix(c, &p).await?;
+        rev = rev.max(r);
+        out.extend(
+            kvs.into_iter()
+                .filter(|(k, _)| is_mirrored(k, peer))
+                .map(|(k, (v, _))| (k, v)),
+        );
+    }
+    Ok((out, rev))
+}
+
+async fn write(local: &mut Client, ops: Vec<Op>, guard: &Compare) -> Result<usize, EtcdError> {
+    let mut n = 0;
+    for batch in batches(ops, MAX_TXN_OPS, MAX_TXN_BYTES) {
+        let txn_ops: Vec<TxnOp> = batch
+            .iter()
+            .map(|op| match &op.value {
+                Some(v) => TxnOp::put(op.key.as_str(), v.clone(), None),
+                None => TxnOp::delete(op.key.as_str(), None),
+            })
+            .collect();
+        n += txn_ops.len();
+        let resp = local
+            .txn(Txn::new().when([guard.clone()]).and_then(txn_ops))
+            .await
+            .map_err(|e| EtcdError::request("kvstoremesh txn", e))?;
+        if !resp.succeeded() {
+            return Err(EtcdError::LostLeadership);
+        }
+    }
+    Ok(n)
+}
+
+async fn connect_peer(remote: &RemoteCluster, tls: &MirrorTls) -> Result<Client, String> {
+    let https = remote.endpoints.iter().any(|e| e.starts_with("https://"));
+    if !https {
+        return crate::etcd::connect(&remote.endpoints, None)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let dir = tls.cluster_dir.as_ref().ok_or_else(|| {
+        format!(
+            "remote {} uses https but this apiserver has no cluster certificate directory (--tls-dir)",
+            remote.name.as_str()
+        )
+    })?;
+    let ca_bundle = if remote.ca_bundle.trim().is_empty() {
+        dir.ca_bundle()
+    } else {
+        let p = tls
+            .work_dir
+            .join(format!("remote-{}-ca-bundle.pem", remote.name.as_str()));
+        std::fs::create_dir_all(&tls.work_dir)
+            .and_then(|()| std::fs::write(&p, &remote.ca_bundle))
+            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        p
+    };
+    let files = mesh_certs::TlsFiles {
+        ca_bundle,
+        identity: Some(dir.cert_key(mesh_certs::Role::Remote)),
+    };
+    mesh_certs::etcd::connect(&remote.endpoints, &files)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Mirrors one peer until aborted or leadership is lost.
+async fn mirror_peer(
+    mut local: Client,
+    own: ClusterName,
+    remote: RemoteCluster,
+    tls: MirrorTls,
+    guard: Compare,
+) {
+    let peer = remote.name.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let r: Result<(), String> = async {
+            let mut rc = connect_peer(&remote, &tls).await?;
+            let (theirs, rev) = list_mirrored(&mut rc, &peer)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (ours, _) = list_mirrored(&mut local, &peer)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut ops = Vec::new();
+            for (k, v) in &theirs {
+                let lv = local_value(k, v);
+                if ours.get(k) != Some(&lv) {
+                    ops.push(Op {
+                        key: k.clone(),
+                        value: Some(lv),
+                    });
+                }
+            }
+            for k in ours.keys() {
+                if !theirs.contains_key(k) {
+                    ops.push(Op {
+                        key: k.clone(),
+                        value: None,
+                    });
+                }
+            }
+            let n = write(&mut local, ops, &guard)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Our canaries for the peer, once its full state is here.
+            let (canaries, _) = list_prefix(&mut local, &KeyKind::Synced.cluster_prefix(&peer))
+                .await
+                .map_err(|e| e.to_string())?;
+            let now = format_time(OffsetDateTime::now_utc()).into_bytes();
+            let missing: Vec<Op> = SyncKind::ALL
+                .into_iter()
+                .map(|kind| {
+                    MeshKey::Synced {
+                        cluster: peer.clone(),
+                        kind,
+                    }
+                    .to_string()
+                })
+                .filter(|k| !canaries.contains_key(k))
+                .map(|key| Op {
+                    key,
+                    value: Some(now.clone()),
+                })
+                .collect();
+            write(&mut local, missing, &guard)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(%own, %peer, keys = theirs.len(), written = n, "remote mirrored");
+            backoff.reset();
+            let mut w = rc
+                .watch(
+                    mesh_model::keys::PREFIX,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(rev + 1),
+                    ),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(resp) = w.message().await.map_err(|e| e.to_string())? {
+                if resp.canceled() {
+                    return Err(format!(
+                        "watch of {peer} canceled: {}",
+                        resp.cancel_reason()
+                    ));
+                }
+                let mut ops = Vec::new();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    if !is_mirrored(&key, &peer) {
+                        continue;
+                    }
+                    ops.push(Op {
+                        value: match ev.event_type() {
+                            EventType::Put => Some(local_value(&key, kv.value())),
+                            EventType::Delete => None,
+                        },
+                        key,
+                    });
+                }
+                if !ops.is_empty() {
+                    write(&mut local, ops, &guard)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Err(format!("watch of {peer} ended"))
+        }
+        .await;
+        if let Err(e) = r {
+            if e.contains("leadership lost") {
+                return;
+            }
+            let d = backoff.next_delay();
+            warn!(%peer, error = %e, retry_in = ?d, "kvstoremesh mirror");
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+/// Deletes every mirrored key and canary of `peer` from the local etcd.
+async fn forget_peer(
+    local: &mut Client,
+    peer: &ClusterName,
+    guard: &Compare,
+) -> Result<(), EtcdError> {
+    let (ours, _) = list_mirrored(local, peer).await?;
+    let (canaries, _) = list_prefix(local, &KeyKind::Synced.cluster_prefix(peer)).await?;
+    let ops: Vec<Op> = ours
+        .into_keys()
+        .chain(canaries.into_keys())
+        .map(|key| Op { key, value: None })
+        .collect();
+    write(local, ops, guard).await.map(|_| ())
+}
+
+/// Follows `remotes/<own>/` in the local etcd and runs one mirror per peer. Runs until aborted.
+pub async fn run(local: Client, own: ClusterName, tls: MirrorTls, guard: Compare) {
+    let prefix = KeyKind::Remotes.cluster_prefix(&own);
+    let mut mirrors: HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)> = HashMap::new();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut c = local.clone();
+    loop {
+        let r: Result<(), EtcdError> = async {
+            let (kvs, rev) = list_prefix(&mut c, &prefix).await?;
+            let mut wanted: BTreeMap<ClusterName, RemoteCluster> = BTreeMap::new();
+            for (k, (v, _)) in kvs {
+                if let Some(rcl) = decode_remote(&own, &k, &v) {
+                    wanted.insert(rcl.name.clone(), rcl);
+                }
+            }
+            reconcile(&local, &own, &tls, &guard, &mut mirrors, &wanted).await?;
+            backoff.reset();
+            let mut w = c
+                .watch(
+                    prefix.as_str(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(rev + 1),
+                    ),
+                )
+                .await
+                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?;
+            while let Some(resp) = w
+                .message()
+                .await
+                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?
+            {
+                if resp.events().is_empty() {
+                    continue;
+                }
+                let mut wanted: BTreeMap<ClusterName, RemoteCluster> = mirrors
+                    .iter()
+                    .map(|(n, (r, _))| (n.clone(), r.clone()))
+                    .collect();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match ev.event_type() {
+                        EventType::Put => {
+                            if let Some(rcl) = decode_remote(&own, &key, kv.value()) {
+                                wanted.insert(rcl.name.clone(), rcl);
+                            }
+                        }
+                        EventType::Delete => {
+                            if let Ok(MeshKey::Remote { remote, .. }) = MeshKey::parse(&key) {
+                                wanted.remove(&remote);
+                            }
+                        }
+                    }
+                }
+                reconcile(&local, &own, &tls, &guard, &mut mirrors, &wanted).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match r {
+            Err(EtcdError::LostLeadership) => break,
+            Err(e) => warn!(error = %e, "kvstoremesh remotes"),
+            Ok(()) => {}
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    for (_, (_, h)) in mirrors {
+        h.abort();
+    }
+}
+
+fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<RemoteCluster> {
+    let k = MeshKey::parse_for(key, own).ok()?;
+    match MeshValue::decode(&k, value) {
+        Ok(MeshValue::Remote(r)) => Some(r),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(key, error = %e, "ignoring a remote entry that does not decode");
+            None
+        }
+    }
+}
+
+async fn reconcile(
+    local: &Client,
+    own: &ClusterName,
+    tls: &MirrorTls,
+    guard: &Compare,
+    mirrors: &mut HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)>,
+    wanted: &BTreeMap<ClusterName, RemoteCluster>,
+) -> Result<(), EtcdError> {
+    let gone: Vec<ClusterName> = mirrors
+        .keys()
+        .filter(|n| !wanted.contains_key(*n))
+        .cloned()
+        .collect();
+    for peer in gone {
+        if let Some((_, h)) = mirrors.remove(&peer) {
+            h.abort();
+        }
+        info!(%peer, "remote removed; deleting its mirrored keys");
+        forget_peer(&mut local.clone(), &peer, guard).await?;
+    }
+    for (peer, rcl) in wanted {
+        let same = mirrors.get(peer).is_some_and(|(r, _)| r == rcl);
+        if same {
+            continue;
+        }
+        if let Some((_, h)) = mirrors.remove(peer) {
+            h.abort();
+        }
+        info!(%peer, endpoints = ?rcl.endpoints, "mirroring remote");
+        let h = tokio::spawn(mirror_peer(
+            local.clone(),
+            own.clone(),
+            rcl.clone(),
+            tls.clone(),
+            guard.clone(),
+        ));
+        mirrors.insert(peer.clone(), (rcl.clone(), h));
+    }
+    Ok(())
+}

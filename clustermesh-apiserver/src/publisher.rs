@@ -310,6 +310,29 @@ async fn run_term(
     let _tasks = Tasks(tasks);
     let mut remote_clusters: BTreeSet<ClusterName> = BTreeSet::new();
 
+    // Watch what we own, so a change made by someone else (a deleted or overwritten key, a stray key under our
+    // prefixes) is repaired; events of our own writes are recognised by revision and ignored.
+    let mut own_watch = {
+        let mut c = client.clone();
+        let start = writer.listed_at() + 1;
+        let opts = || WatchOptions::new().with_prefix().with_start_revision(start);
+        let mut watched: Vec<String> = prefixes.clone();
+        watched.push(KeyKind::Synced.cluster_prefix(&cluster));
+        let mut w = c
+            .watch(
+                cc_key.as_str(),
+                Some(WatchOptions::new().with_start_revision(start)),
+            )
+            .await
+            .map_err(|e| EtcdError::request(format!("watch {cc_key}"), e))?;
+        for p in &watched {
+            w.watch(p.as_str(), Some(opts()))
+                .await
+                .map_err(|e| EtcdError::request(format!("watch {p}"), e))?;
+        }
+        w
+    };
+
     let heartbeat_key = MeshKey::Heartbeat {
         cluster: cluster.clone(),
     }
@@ -323,6 +346,7 @@ async fn run_term(
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut first_event: Option<Instant> = None;
+    let mut repair_canaries = false;
 
     loop {
         let mut got_event = false;
@@ -372,6 +396,32 @@ async fn run_term(
                     n += 1;
                     if n < 10_000 {
                         next = rx.try_recv().ok();
+                    }
+                }
+            }
+            msg = own_watch.message() => {
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return Err(EtcdError::request("watch of own keys", etcd_client::Error::WatchError("stream ended".into()))),
+                    Err(e) => return Err(EtcdError::request("watch of own keys", e)),
+                };
+                if resp.canceled() {
+                    return Err(EtcdError::request("watch of own keys", etcd_client::Error::WatchError(resp.cancel_reason().to_owned())));
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let value = match ev.event_type() {
+                        EventType::Put => Some(kv.value()),
+                        EventType::Delete => None,
+                    };
+                    if writer.observe(&key, value, kv.mod_revision()) && synced_once {
+                        warn!(key = %key, deleted = value.is_none(), "key changed outside the apiserver; repairing");
+                        if canaries.contains(&key) {
+                            repair_canaries = true;
+                        } else {
+                            pending.insert(key);
+                        }
                     }
                 }
             }
@@ -430,6 +480,25 @@ async fn run_term(
             );
         } else {
             pending.extend(index.take_dirty());
+            if repair_canaries {
+                repair_canaries = false;
+                let missing: Vec<crate::writer::Op> = canaries
+                    .iter()
+                    .filter(|k| !writer.current().contains_key(*k))
+                    .map(|k| crate::writer::Op {
+                        key: k.clone(),
+                        value: Some(format_time(OffsetDateTime::now_utc()).into_bytes()),
+                    })
+                    .collect();
+                match writer.write(missing, &guard).await {
+                    Ok(_) => {}
+                    Err(EtcdError::LostLeadership) => return Ok(TermEnd::Lost),
+                    Err(e) => {
+                        warn!(error = %e, "rewriting sync canaries");
+                        repair_canaries = true;
+                    }
+                }
+            }
         }
         if pending.is_empty() || retry_at.is_some() {
             continue;

@@ -90,6 +90,10 @@ pub struct WriteStats {
 pub struct EtcdWriter {
     client: Client,
     current: HashMap<String, Vec<u8>>,
+    /// Last revision at which each key was seen or written (deletes included), to tell stale watch events.
+    revs: HashMap<String, i64>,
+    /// Revision of the initial listing.
+    listed_at: i64,
     /// Operations per transaction.
     pub max_ops: usize,
     /// Bytes per transaction.
@@ -113,24 +117,39 @@ impl EtcdWriter {
     ) -> Result<(Self, BTreeMap<String, Vec<u8>>), EtcdError> {
         let mut c = client.clone();
         let mut all = BTreeMap::new();
+        let mut revs = HashMap::new();
+        let mut listed_at = i64::MAX;
         for p in prefixes {
-            let (kvs, _) = list_prefix(&mut c, p).await?;
-            all.extend(kvs.into_iter().map(|(k, (v, _))| (k, v)));
+            let (kvs, rev) = list_prefix(&mut c, p).await?;
+            listed_at = listed_at.min(rev);
+            for (k, (v, r)) in kvs {
+                revs.insert(k.clone(), r);
+                all.insert(k, v);
+            }
         }
         for k in exact {
             let resp = c
                 .get(k.as_str(), None)
                 .await
                 .map_err(|e| EtcdError::request(format!("get {k}"), e))?;
+            if let Some(h) = resp.header() {
+                listed_at = listed_at.min(h.revision());
+            }
             if let Some(kv) = resp.kvs().first() {
+                revs.insert(k.clone(), kv.mod_revision());
                 all.insert(k.clone(), kv.value().to_vec());
             }
+        }
+        if listed_at == i64::MAX {
+            listed_at = 0;
         }
         let current = all.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok((
             Self {
                 client,
                 current,
+                revs,
+                listed_at,
                 max_ops: MAX_TXN_OPS,
                 max_bytes: MAX_TXN_BYTES,
             },
@@ -141,6 +160,30 @@ impl EtcdWriter {
     /// What etcd holds, as far as this writer knows.
     pub fn current(&self) -> &HashMap<String, Vec<u8>> {
         &self.current
+    }
+
+    /// Revision of the initial listing (a watch from the next revision misses nothing).
+    pub fn listed_at(&self) -> i64 {
+        self.listed_at
+    }
+
+    /// Records a change someone else made (seen on a watch at `revision`; `None` = deleted). Returns whether it
+    /// is news: events of our own writes, or older than what we know, are not.
+    pub fn observe(&mut self, key: &str, value: Option<&[u8]>, revision: i64) -> bool {
+        if self.revs.get(key).is_some_and(|r| *r >= revision) {
+            return false;
+        }
+        self.revs.insert(key.to_owned(), revision);
+        let same = self.current.get(key).map(Vec::as_slice) == value;
+        match value {
+            Some(v) => {
+                self.current.insert(key.to_owned(), v.to_vec());
+            }
+            None => {
+                self.current.remove(key);
+            }
+        }
+        !same
     }
 
     /// Sends `ops` in guarded transactions. On success of each transaction its keys are recorded as written; a
@@ -164,8 +207,10 @@ impl EtcdWriter {
             if !resp.succeeded() {
                 return Err(EtcdError::LostLeadership);
             }
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             stats.txns += 1;
             for op in batch {
+                self.revs.insert(op.key.clone(), rev);
                 debug!(key = %op.key, put = op.value.is_some(), "written");
                 match op.value {
                     Some(v) => {

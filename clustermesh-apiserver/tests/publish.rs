@@ -463,3 +463,44 @@ async fn two_replicas_the_standby_takes_over_when_the_leader_dies() {
     .await;
     eprintln!("takeover after leader kill: {takeover:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_changed_by_someone_else_are_repaired() {
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    base_manifests(dir.path());
+    let ap = Apiserver::start(&opts(&etcd, dir.path(), logs.path(), "r1"));
+    ap.wait_ready_leader(T).await;
+    let mut c = etcd.client().await;
+    let good = data_keys(&mut c, "c1").await;
+    // Delete a service, overwrite a chunk, add a stray key, delete a canary.
+    c.delete("clustermesh/v1/services/c1/shop/web", None)
+        .await
+        .unwrap();
+    c.put("clustermesh/v1/endpoints/c1/shop/api/0", "garbage", None)
+        .await
+        .unwrap();
+    c.put("clustermesh/v1/services/c1/shop/stray", "{}", None)
+        .await
+        .unwrap();
+    c.delete("clustermesh/v1/synced/c1/services", None)
+        .await
+        .unwrap();
+    eventually(T, "the state repaired", || {
+        let mut c = c.clone();
+        let good = good.clone();
+        async move {
+            let now = data_keys(&mut c, "c1").await;
+            let values = |m: &std::collections::BTreeMap<String, (Vec<u8>, i64)>| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect::<Vec<_>>()
+            };
+            (values(&now) == values(&good) && canaries(&mut c).await.len() == 6).then_some(())
+        }
+    })
+    .await;
+    let log = ap.log_text();
+    assert!(log.contains("changed outside the apiserver"), "{log}");
+}

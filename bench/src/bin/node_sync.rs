@@ -4,7 +4,11 @@
 //!    apply it to the merge index, take the changes, write the one changed frontend;
 //! 2. full resync of 100k endpoints from 8 clusters (8 real etcd processes; target <= 5 s,
 //!    node-sync RSS <= 150 MiB);
-//! 3. propagation put in a remote etcd -> map updated, 3 clusters (3 real etcds; target p99 <= 50 ms).
+//! 3. propagation put in a remote etcd -> map updated, 3 clusters (3 real etcds; target p99 <= 50 ms);
+//! 4. failover (local backend killed -> the map holds the remote backends, with the real health
+//!    checker at default settings and real etcds) and failback, p50/p99 (target p99 <= 500 ms).
+//!    Through the kernel datapath the same path is measured by node-sync's `tests/datapath.rs`
+//!    and `tests/lab.rs` (about 250 ms).
 //!
 //! Maps: node-sync's in-memory map writer, and for the ingest figure also global-lb-bpf's
 //! in-memory maps (`global_lb_bpf::FakeMaps`, the same slot-level update logic the kernel maps
@@ -539,6 +543,101 @@ async fn propagation(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---- 4. failover / failback ----------------------------------------------------------------------------
+
+/// Local backend killed -> map holds only the remote backend (health checker at default settings:
+/// 200 ms interval, 2 failures), and back when it listens again.
+async fn failover(root: &Path) -> anyhow::Result<()> {
+    let e1 = Etcd::start(root, "fo-c1").await?;
+    let e2 = Etcd::start(root, "fo-c2").await?;
+    let vip = "10.96.0.20";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let mut local_ep = ep(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    local_ep.ports[0].port = port;
+    local_ep.node = Some("bench-node".into());
+    let local_chunk = EndpointChunk {
+        cluster: c("c1"),
+        namespace: "bench".into(),
+        name: "fo".into(),
+        chunk: 0,
+        endpoints: vec![local_ep],
+    };
+    let _w1 = publish(
+        &e1.url,
+        "c1",
+        1,
+        vec![spec("c1", "fo", vip, Affinity::Local)],
+        vec![local_chunk],
+    )
+    .await?;
+    let _w2 = publish(
+        &e2.url,
+        "c2",
+        2,
+        vec![spec("c2", "fo", "10.97.0.20", Affinity::Local)],
+        chunks("c2", 2, "fo", 0, 1),
+    )
+    .await?;
+    let dir = root.join("fo-remotes");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("c2.yaml"),
+        format!("name: c2\nendpoints: [\"{}\"]\n", e2.url),
+    )?;
+    let maps = FakeMaps::new();
+    let mut opts = options(&e1.url, &dir);
+    opts.publish = true;
+    let agent = agent::start(opts, Box::new(maps.clone()));
+    let fe = Frontend {
+        ip: vip.parse()?,
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let on = |cluster: &str| {
+        maps.get(&fe)
+            .is_some_and(|b| !b.is_empty() && b.iter().all(|b| b.cluster.as_str() == cluster))
+    };
+    let wait = |cluster: &'static str, limit: Duration| {
+        let on = &on;
+        async move {
+            let t = Instant::now();
+            while !on(cluster) {
+                if t.elapsed() > limit {
+                    bail!("failover: {cluster} not selected within {limit:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok(t.elapsed())
+        }
+    };
+    wait("c1", Duration::from_secs(30)).await?;
+    let mut listener = Some(listener);
+    let (mut fo, mut fb) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        // Let a few healthy probes pass, as in steady state.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(listener.take());
+        fo.push(wait("c2", Duration::from_secs(5)).await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        listener = Some(std::net::TcpListener::bind(("127.0.0.1", port))?);
+        fb.push(wait("c1", Duration::from_secs(5)).await?);
+    }
+    println!(
+        "failover: local backend killed -> map holds the remote backends, {} runs: p50 {:?} p99 {:?} [target p99 <= 500 ms]",
+        fo.len(),
+        percentile(&mut fo, 0.5),
+        percentile(&mut fo, 0.99)
+    );
+    println!(
+        "failback: local backend back -> map holds it again: p50 {:?} p99 {:?} [target p99 <= 500 ms]",
+        percentile(&mut fb, 0.5),
+        percentile(&mut fb, 0.99)
+    );
+    agent.stop();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     println!(
         "node-sync benchmark (maps: in-memory map writers; kernel map writes: see bench --bin datapath)"
@@ -558,6 +657,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("node-sync-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let r = rt.block_on(async {
+        failover(&tmp).await?;
         propagation(&tmp).await?;
         resync(&tmp).await
     });

@@ -1,1 +1,831 @@
 //! Failover drills and randomized fault runs on the mesh lab.
+//!
+//! [`ChaosMesh`] wraps a [`LabMesh`] (every component real: network namespaces, TLS etcd per
+//! cluster, clustermesh-apiservers, a node-sync with the eBPF datapath on every node, identity
+//! backends) and keeps a [`Model`] of what the operator did to it: which endpoints are published
+//! ready, which backends run, which node-syncs, apiservers and etcds run, which clusters are
+//! partitioned. From the model it computes, for every node, the backend set DESIGN's selection
+//! rules give for the global service `default/echo` ([`Model::expected`]), and compares it with what
+//! the node's pinned BPF maps hold ([`ChaosMesh::observed`], read with
+//! `global_lb_bpf::Datapath::inspect`).
+//!
+//! Why an independent model and not node-sync's own index: the point is to check node-sync, so the
+//! expected state is recomputed from the inputs the test itself wrote (manifests, processes,
+//! partitions), with the selection rules spelled out again here (local usable backends, else the
+//! usable backends of the other clusters). Where the rules leave the answer to timing (a dead
+//! backend whose node-sync is dead too, so nobody reports it; a remote cluster that is cut off
+//! while it would be needed), the model says "unknown" and that node is not compared, and the
+//! caller is told how many nodes were skipped.
+//!
+//! [`Traffic`] is the steady stream of new connections: one probe on node 1 of every cluster, each
+//! to its own cluster's service address.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clustermesh_cli::connect::{ConnectOptions, Side};
+use clustermesh_cli::labmesh::{
+    BACKEND_PORT, LabMesh, LabMeshSpec, RunningProbe, SERVICE_PORT, preflight,
+};
+use clustermesh_cli::workload::ProbeSample;
+use global_lb_bpf::{Datapath, Proto};
+
+pub mod random;
+
+/// How an endpoint of the demo service is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// ready, serving.
+    Ready,
+    /// not ready, serving, terminating: a graceful drain.
+    Terminating,
+    /// not ready, not serving: what Kubernetes publishes for a pod on a node that stopped
+    /// answering (after its node-monitor grace period).
+    NotReady,
+}
+
+/// A backend as the maps name it: address and cluster id (the port is always the backend port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bk {
+    /// Node address the backend listens on.
+    pub addr: Ipv4Addr,
+    /// Cluster id.
+    pub cluster_id: u16,
+}
+
+/// What the operator did to the mesh (the inputs the expected maps are computed from).
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Clusters.
+    pub clusters: usize,
+    /// Nodes per cluster.
+    pub nodes: usize,
+    /// Published endpoint state per (cluster, node).
+    pub published: BTreeMap<(usize, usize), Published>,
+    /// Backends that run.
+    pub backend_up: BTreeSet<(usize, usize)>,
+    /// node-syncs that run.
+    pub node_sync_up: BTreeSet<(usize, usize)>,
+    /// Nodes crashed (every process of the node gone; nothing of it compared).
+    pub crashed: BTreeSet<(usize, usize)>,
+    /// Clusters whose apiserver is down.
+    pub apiserver_down: BTreeSet<usize>,
+    /// Clusters whose etcd is down.
+    pub etcd_down: BTreeSet<usize>,
+    /// Partitioned cluster pairs (a < b).
+    pub partitions: BTreeSet<(usize, usize)>,
+    /// node-syncs that were down while their backend was down: their last verdict may linger or
+    /// lapse with the lease, so those backends are unknown until they run again.
+    pub unreported: BTreeSet<(usize, usize)>,
+}
+
+/// Whether a backend counts as usable for selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usable {
+    Yes,
+    No,
+    Unknown,
+}
+
+impl Model {
+    fn new(clusters: usize, nodes: usize) -> Self {
+        let all: BTreeSet<(usize, usize)> = (1..=clusters)
+            .flat_map(|c| (1..=nodes).map(move |n| (c, n)))
+            .collect();
+        Self {
+            clusters,
+            nodes,
+            published: all.iter().map(|k| (*k, Published::Ready)).collect(),
+            backend_up: all.clone(),
+            node_sync_up: all,
+            crashed: BTreeSet::new(),
+            apiserver_down: BTreeSet::new(),
+            etcd_down: BTreeSet::new(),
+            partitions: BTreeSet::new(),
+            unreported: BTreeSet::new(),
+        }
+    }
+
+    fn usable(&self, c: usize, n: usize) -> Usable {
+        if self.published[&(c, n)] != Published::Ready {
+            return Usable::No;
+        }
+        if self.backend_up.contains(&(c, n)) {
+            // A backend that was down while nobody probed it may still carry a failing verdict
+            // from before, until its node-sync probes it again.
+            if self.unreported.contains(&(c, n)) {
+                return Usable::Unknown;
+            }
+            return Usable::Yes;
+        }
+        // Down: only its own node-sync's health checks notice.
+        if self.node_sync_up.contains(&(c, n)) && !self.unreported.contains(&(c, n)) {
+            Usable::No
+        } else {
+            Usable::Unknown
+        }
+    }
+
+    fn partitioned(&self, a: usize, b: usize) -> bool {
+        self.partitions.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Whether node-syncs of cluster `c` see cluster `r` as it is now (not cut off, its etcd and
+    /// apiserver up).
+    fn sees(&self, c: usize, r: usize) -> bool {
+        !self.partitioned(c, r) && !self.etcd_down.contains(&r) && !self.apiserver_down.contains(&r)
+    }
+
+    /// The backends a node of cluster `c` must have for the demo service (affinity local): the
+    /// usable local backends, else the usable backends of every other cluster. `None`: the rules
+    /// leave it to timing (see the crate docs).
+    pub fn expected(&self, c: usize) -> Option<BTreeSet<(usize, usize)>> {
+        let group = |cs: &[usize]| -> Option<BTreeSet<(usize, usize)>> {
+            let mut out = BTreeSet::new();
+            for &cl in cs {
+                for n in 1..=self.nodes {
+                    match self.usable(cl, n) {
+                        Usable::Yes => {
+                            out.insert((cl, n));
+                        }
+                        Usable::No => {}
+                        Usable::Unknown => return None,
+                    }
+                }
+            }
+            Some(out)
+        };
+        let local = group(&[c])?;
+        if !local.is_empty() {
+            return Some(local);
+        }
+        let remotes: Vec<usize> = (1..=self.clusters).filter(|r| *r != c).collect();
+        if remotes.iter().any(|r| !self.sees(c, *r)) {
+            return None;
+        }
+        let remote = group(&remotes)?;
+        if remote.is_empty() {
+            // Rule 4 (keep the last usable set while it serves): depends on history.
+            return None;
+        }
+        Some(remote)
+    }
+
+    /// Whether node `n` of cluster `c` has a node-sync whose maps are compared.
+    pub fn compared(&self, c: usize, n: usize) -> bool {
+        self.node_sync_up.contains(&(c, n)) && !self.crashed.contains(&(c, n))
+    }
+}
+
+/// The result of one comparison of every node's maps with the model.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    /// Time until every compared node matched.
+    pub took: Duration,
+    /// Nodes compared.
+    pub compared: usize,
+    /// Nodes the model could not decide (not compared).
+    pub unknown: usize,
+}
+
+/// A mesh on the lab with the model of what was done to it.
+pub struct ChaosMesh {
+    mesh: LabMesh,
+    rt: tokio::runtime::Runtime,
+    /// The model.
+    pub model: Model,
+}
+
+/// Options of [`ChaosMesh::up`].
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Lab prefix (at most 24 chars, unique per test).
+    pub prefix: String,
+    /// Clusters.
+    pub clusters: usize,
+    /// Nodes per cluster.
+    pub nodes: usize,
+    /// Extra node-sync flags.
+    pub node_sync_args: Vec<String>,
+}
+
+impl UpOptions {
+    /// `clusters` x `nodes`, default node-sync settings.
+    pub fn new(prefix: &str, clusters: usize, nodes: usize) -> Self {
+        Self {
+            prefix: prefix.into(),
+            clusters,
+            nodes,
+            node_sync_args: Vec::new(),
+        }
+    }
+}
+
+/// Fail with a message naming what is missing when this machine cannot run the lab.
+pub fn require_lab() -> Result<()> {
+    let missing = preflight();
+    if !missing.is_empty() {
+        bail!(
+            "the chaos tests need the mesh lab; missing:\n  - {}",
+            missing.join("\n  - ")
+        );
+    }
+    Ok(())
+}
+
+impl ChaosMesh {
+    /// Bring up the mesh, connect every pair of clusters, wait until every node's maps hold its
+    /// local backends and a client in every cluster lands on them.
+    pub fn up(opts: UpOptions) -> Result<Self> {
+        require_lab()?;
+        let started = Instant::now();
+        let mut spec = LabMeshSpec::new(opts.prefix.clone(), opts.clusters, opts.nodes);
+        spec.node_sync_args = opts.node_sync_args.clone();
+        let mesh = LabMesh::up(spec).with_context(|| format!("bring up mesh {}", opts.prefix))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("tokio runtime")?;
+        let mut me = Self {
+            model: Model::new(opts.clusters, opts.nodes),
+            mesh,
+            rt,
+        };
+        me.connect_all()?;
+        for c in 1..=opts.clusters {
+            let local = format!("{}-", me.mesh.cluster_name(c));
+            me.mesh
+                .wait_for_landing(c, 1, Duration::from_secs(30), |b| b.starts_with(&local))?;
+        }
+        me.converge(Duration::from_secs(20))
+            .context("maps right after bring-up")?;
+        eprintln!(
+            "[chaos] mesh {} up ({} clusters x {} nodes) in {:.1}s",
+            opts.prefix,
+            opts.clusters,
+            opts.nodes,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(me)
+    }
+
+    fn connect_all(&mut self) -> Result<()> {
+        let n = self.model.clusters;
+        let sides: Vec<Side> = (1..=n)
+            .map(|c| {
+                Ok(Side {
+                    addr: self.mesh.apiserver_grpc(c),
+                    tls_dir: self.mesh.cert_dir(c)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.rt.block_on(async {
+            for s in &sides {
+                wait_grpc(s, Duration::from_secs(30)).await?;
+            }
+            let opts = ConnectOptions {
+                unidirectional: false,
+                federate: false,
+                wait: Some(Duration::from_secs(60)),
+            };
+            for i in 0..n {
+                for j in i + 1..n {
+                    clustermesh_cli::connect::connect(&sides[i], &sides[j], &opts, &mut |_| {})
+                        .await
+                        .with_context(|| format!("connect cluster {} and {}", i + 1, j + 1))?;
+                }
+            }
+            anyhow::Ok(())
+        })
+    }
+
+    /// The mesh underneath.
+    pub fn mesh(&self) -> &LabMesh {
+        &self.mesh
+    }
+
+    /// The mesh underneath, mutable (for faults the model does not cover).
+    pub fn mesh_mut(&mut self) -> &mut LabMesh {
+        &mut self.mesh
+    }
+
+    /// Run a future on the mesh's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The backend key of node `n` of cluster `c`.
+    pub fn bk(&self, c: usize, n: usize) -> Bk {
+        Bk {
+            addr: self.mesh.lab().clusters()[c - 1].nodes[n - 1].addr,
+            cluster_id: self.mesh.cluster_id(c) as u16,
+        }
+    }
+
+    fn name_of(&self, b: &Bk) -> String {
+        for c in 1..=self.model.clusters {
+            for n in 1..=self.model.nodes {
+                if self.bk(c, n) == *b {
+                    return self.mesh.backend_name(c, n);
+                }
+            }
+        }
+        format!("{}@{}", b.addr, b.cluster_id)
+    }
+
+    fn names(&self, set: &BTreeSet<Bk>) -> String {
+        let v: Vec<String> = set.iter().map(|b| self.name_of(b)).collect();
+        format!("{{{}}}", v.join(", "))
+    }
+
+    /// The backends the maps of node `n` of cluster `c` hold for its cluster's service address
+    /// (weight > 0). Empty when the frontend is absent.
+    pub fn observed(&self, c: usize, n: usize) -> Result<BTreeSet<Bk>> {
+        let node = &self.mesh.lab().clusters()[c - 1].nodes[n - 1];
+        let view = Datapath::inspect(&node.bpffs)
+            .with_context(|| format!("read the maps of {}", node.bpffs.display()))?;
+        let vip = std::net::IpAddr::V4(self.mesh.vip(c));
+        let mut out = BTreeSet::new();
+        for s in view.services()? {
+            if s.frontend.addr == vip
+                && s.frontend.port == SERVICE_PORT
+                && s.frontend.proto == Proto::Tcp
+            {
+                for b in s.backends {
+                    if let (std::net::IpAddr::V4(addr), true) =
+                        (b.addr, b.weight > 0 && b.port == BACKEND_PORT)
+                    {
+                        out.insert(Bk {
+                            addr,
+                            cluster_id: b.cluster_id,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The expected backends of cluster `c`'s nodes as map keys (`None`: unknown).
+    pub fn expected(&self, c: usize) -> Option<BTreeSet<Bk>> {
+        self.model
+            .expected(c)
+            .map(|s| s.into_iter().map(|(c, n)| self.bk(c, n)).collect())
+    }
+
+    /// Differences between the maps and the model, one line per node (empty: all match).
+    pub fn diff(&self) -> Result<(Vec<String>, usize, usize)> {
+        let mut lines = Vec::new();
+        let (mut compared, mut unknown) = (0, 0);
+        for c in 1..=self.model.clusters {
+            let exp = self.expected(c);
+            for n in 1..=self.model.nodes {
+                if !self.model.compared(c, n) {
+                    continue;
+                }
+                let Some(exp) = &exp else {
+                    unknown += 1;
+                    continue;
+                };
+                compared += 1;
+                let got = self.observed(c, n)?;
+                if &got != exp {
+                    lines.push(format!(
+                        "{}: maps {} expected {}",
+                        self.mesh.backend_name(c, n),
+                        self.names(&got),
+                        self.names(exp)
+                    ));
+                }
+            }
+        }
+        Ok((lines, compared, unknown))
+    }
+
+    /// Wait until every compared node's maps equal the model, at most `within`. The error names
+    /// every node that differs, what it holds, what it should, and why node-sync says it chose.
+    pub fn converge(&self, within: Duration) -> Result<Convergence> {
+        let started = Instant::now();
+        loop {
+            let (lines, compared, unknown) = self.diff()?;
+            if lines.is_empty() {
+                return Ok(Convergence {
+                    took: started.elapsed(),
+                    compared,
+                    unknown,
+                });
+            }
+            if started.elapsed() >= within {
+                let mut why = Vec::new();
+                for c in 1..=self.model.clusters {
+                    if let Ok(doc) = self.mesh.node_sync_status_json(c, 1) {
+                        for s in doc["services"].as_array().into_iter().flatten() {
+                            for f in s["frontends"].as_array().into_iter().flatten() {
+                                why.push(format!(
+                                    "  node-sync {}: {} -> {} ({})",
+                                    self.mesh.backend_name(c, 1),
+                                    f["frontend"],
+                                    f["backends"],
+                                    f["why"]
+                                ));
+                            }
+                        }
+                    }
+                }
+                bail!(
+                    "maps differ from the model {:?} after the fault ended:\n  {}\n{}\nmodel: {:?}",
+                    within,
+                    lines.join("\n  "),
+                    why.join("\n"),
+                    self.model
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // ---- operations (each updates the model) ----
+
+    /// Publish every endpoint of cluster `c` in `state`.
+    pub fn publish_cluster(&mut self, c: usize, state: Published) -> Result<()> {
+        for n in 1..=self.model.nodes {
+            self.model.published.insert((c, n), state);
+        }
+        self.write_echo(c)
+    }
+
+    /// Publish node `n`'s endpoint of cluster `c` in `state`.
+    pub fn publish_node(&mut self, c: usize, n: usize, state: Published) -> Result<()> {
+        self.model.published.insert((c, n), state);
+        self.write_echo(c)
+    }
+
+    /// Write cluster `c`'s `echo.yaml` from the model (the same manifest as
+    /// `LabMesh::write_service`, with a state per endpoint).
+    fn write_echo(&self, c: usize) -> Result<()> {
+        let cl = &self.mesh.lab().clusters()[c - 1];
+        let mut endpoints = String::new();
+        for node in &cl.nodes {
+            let (ready, serving, terminating) = match self.model.published[&(c, node.index)] {
+                Published::Ready => (true, true, false),
+                Published::Terminating => (false, true, true),
+                Published::NotReady => (false, false, false),
+            };
+            endpoints.push_str(&format!(
+                "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n",
+                addr = node.addr,
+                node = node.name,
+                cluster = cl.name,
+                idx = node.index,
+            ));
+        }
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    clustermesh.io/global: \"true\"\n    clustermesh.io/affinity: {affinity}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {BACKEND_PORT}\n    protocol: TCP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-{cluster}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n{endpoints}",
+            affinity = self.mesh.spec().affinity,
+            vip = self.mesh.vip(c),
+            cluster = cl.name,
+        );
+        let dir = self.mesh.lab().state_dir().join("manifests").join(&cl.name);
+        let tmp = dir.join(".echo.yaml.chaos");
+        std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join("echo.yaml"))
+            .with_context(|| format!("rename into {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// SIGKILL the backend on node `n` of cluster `c`.
+    pub fn kill_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        self.model.backend_up.remove(&(c, n));
+        if !self.model.node_sync_up.contains(&(c, n)) {
+            self.model.unreported.insert((c, n));
+        }
+        self.mesh.kill_backend(c, n)
+    }
+
+    /// SIGTERM the backend on node `n` of cluster `c`.
+    pub fn stop_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        self.model.backend_up.remove(&(c, n));
+        if !self.model.node_sync_up.contains(&(c, n)) {
+            self.model.unreported.insert((c, n));
+        }
+        self.mesh.stop_backend(c, n)
+    }
+
+    /// Start the backend on node `n` of cluster `c` (returns once it listens).
+    pub fn start_backend(&mut self, c: usize, n: usize) -> Result<()> {
+        self.mesh.start_backend(c, n)?;
+        self.model.backend_up.insert((c, n));
+        Ok(())
+    }
+
+    /// SIGKILL node-sync on node `n` of cluster `c`.
+    pub fn kill_node_sync(&mut self, c: usize, n: usize) -> Result<()> {
+        self.model.node_sync_up.remove(&(c, n));
+        if !self.model.backend_up.contains(&(c, n)) {
+            self.model.unreported.insert((c, n));
+        }
+        self.mesh.kill_node_sync(c, n)
+    }
+
+    /// Start node-sync on node `n` of cluster `c` and wait until it reports ready.
+    pub fn start_node_sync(&mut self, c: usize, n: usize) -> Result<()> {
+        self.mesh.start_node_sync(c, n)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(doc) = self.mesh.node_sync_status_json(c, n)
+                && doc["ready"] == serde_json::Value::Bool(true)
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "node-sync {} not ready 20 s after its start:\n{}",
+                    self.mesh.backend_name(c, n),
+                    self.mesh
+                        .log_tail(&format!("node-sync-{}-n{n}", self.mesh.cluster_name(c)), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.model.node_sync_up.insert((c, n));
+        // Running again, it probes its backend and reports the truth.
+        self.model.unreported.remove(&(c, n));
+        Ok(())
+    }
+
+    /// SIGKILL cluster `c`'s apiserver.
+    pub fn kill_apiserver(&mut self, c: usize) -> Result<()> {
+        self.model.apiserver_down.insert(c);
+        self.mesh.kill_apiserver(c)
+    }
+
+    /// Start cluster `c`'s apiserver and wait until its gRPC API answers.
+    pub fn start_apiserver(&mut self, c: usize) -> Result<()> {
+        self.mesh.start_apiserver(c)?;
+        let side = Side {
+            addr: self.mesh.apiserver_grpc(c),
+            tls_dir: self.mesh.cert_dir(c)?,
+        };
+        self.rt
+            .block_on(wait_grpc(&side, Duration::from_secs(30)))?;
+        self.model.apiserver_down.remove(&c);
+        Ok(())
+    }
+
+    /// SIGKILL cluster `c`'s etcd.
+    pub fn kill_etcd(&mut self, c: usize) -> Result<()> {
+        self.model.etcd_down.insert(c);
+        self.mesh.lab().kill_etcd(c)?;
+        Ok(())
+    }
+
+    /// Start cluster `c`'s etcd (same data) and wait until it is healthy.
+    pub fn start_etcd(&mut self, c: usize) -> Result<()> {
+        self.mesh.lab().start_etcd(c)?;
+        self.model.etcd_down.remove(&c);
+        Ok(())
+    }
+
+    /// Cut clusters `a` and `b` apart.
+    pub fn partition(&mut self, a: usize, b: usize) -> Result<()> {
+        self.mesh.lab().partition(a, b)?;
+        self.model.partitions.insert((a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Heal the partition between `a` and `b`.
+    pub fn heal(&mut self, a: usize, b: usize) -> Result<()> {
+        self.mesh.lab().heal(a, b)?;
+        self.model.partitions.remove(&(a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Crash node `n` of cluster `c`: every process in it SIGKILLed at once (node-sync, backend,
+    /// any probe there).
+    pub fn crash_node(&mut self, c: usize, n: usize) -> Result<()> {
+        self.mesh.lab().crash_node(c, n)?;
+        // The handles in LabMesh see their processes gone; reap them.
+        let _ = self.mesh.kill_backend(c, n);
+        let _ = self.mesh.kill_node_sync(c, n);
+        self.model.crashed.insert((c, n));
+        self.model.backend_up.remove(&(c, n));
+        self.model.node_sync_up.remove(&(c, n));
+        self.model.unreported.insert((c, n));
+        Ok(())
+    }
+
+    /// Bring a crashed node back: backend, node-sync, endpoint published ready.
+    pub fn restore_node(&mut self, c: usize, n: usize) -> Result<()> {
+        self.start_backend(c, n)?;
+        self.start_node_sync(c, n)?;
+        self.model.crashed.remove(&(c, n));
+        self.publish_node(c, n, Published::Ready)
+    }
+}
+
+async fn wait_grpc(side: &Side, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match clustermesh_cli::connect::open(side).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("apiserver at {} did not come up", side.addr)));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Failed connects of one client.
+#[derive(Debug, Clone, Default)]
+pub struct ClientReport {
+    /// Cluster of the client.
+    pub cluster: usize,
+    /// Connects attempted.
+    pub total: u64,
+    /// Connects that failed.
+    pub failed: u64,
+    /// The first few errors, with their time on the probe's clock.
+    pub errors: Vec<(f64, String)>,
+    /// Backend name -> connects.
+    pub landed: BTreeMap<String, u64>,
+    /// Time of the last failure on the probe's clock.
+    pub last_failure_ms: Option<f64>,
+}
+
+impl fmt::Display for ClientReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "client in cluster {}: {} connects, {} failed, landed {:?}",
+            self.cluster, self.total, self.failed, self.landed
+        )?;
+        if !self.errors.is_empty() {
+            write!(f, ", first errors {:?}", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
+/// The steady stream of new connections: a probe on node 1 of every cluster to its service.
+pub struct Traffic {
+    probes: Vec<(usize, RunningProbe)>,
+}
+
+impl Traffic {
+    /// Start one probe per cluster (on node 1), one new connection every `interval`, and wait
+    /// until each has landed at least once.
+    pub fn start(m: &ChaosMesh, interval: Duration) -> Result<Self> {
+        let mut probes = Vec::new();
+        for c in 1..=m.model.clusters {
+            let p = m.mesh.spawn_probe(c, 1, m.mesh.service_addr(c), interval)?;
+            probes.push((c, p));
+        }
+        for (c, p) in &probes {
+            if !p.wait_for(0.0, Duration::from_secs(10), |s| s.ok) {
+                bail!("the client in cluster {c} made no successful connect in 10 s");
+            }
+        }
+        Ok(Self { probes })
+    }
+
+    /// The probe clock of the client in cluster `c` (for "after" filters).
+    pub fn now_ms(&self, c: usize) -> f64 {
+        self.probes
+            .iter()
+            .find(|(pc, _)| *pc == c)
+            .map_or(0.0, |(_, p)| p.now_ms())
+    }
+
+    /// The probe clocks of every client now.
+    pub fn mark(&self) -> BTreeMap<usize, f64> {
+        self.probes.iter().map(|(c, p)| (*c, p.now_ms())).collect()
+    }
+
+    /// Reports of every client so far (samples at or after `since`, per cluster).
+    pub fn report_since(&self, since: &BTreeMap<usize, f64>) -> Vec<ClientReport> {
+        self.probes
+            .iter()
+            .map(|(c, p)| report(*c, &p.samples(), since.get(c).copied().unwrap_or(0.0)))
+            .collect()
+    }
+
+    /// Stop the clients; every sample's report.
+    pub fn stop(self) -> Vec<ClientReport> {
+        self.probes
+            .into_iter()
+            .map(|(c, p)| report(c, &p.stop(), 0.0))
+            .collect()
+    }
+}
+
+fn report(cluster: usize, samples: &[ProbeSample], since: f64) -> ClientReport {
+    let mut r = ClientReport {
+        cluster,
+        ..Default::default()
+    };
+    for s in samples.iter().filter(|s| s.t_ms >= since) {
+        r.total += 1;
+        if s.ok {
+            if let Some(b) = &s.backend {
+                *r.landed.entry(b.clone()).or_default() += 1;
+            }
+        } else {
+            r.failed += 1;
+            r.last_failure_ms = Some(r.last_failure_ms.map_or(s.t_ms, |t: f64| t.max(s.t_ms)));
+            if r.errors.len() < 5 {
+                r.errors
+                    .push((s.t_ms, s.error.clone().unwrap_or_else(|| "?".into())));
+            }
+        }
+    }
+    r
+}
+
+/// Fail when any client saw a failed connect.
+pub fn assert_no_failures(reports: &[ClientReport], what: &str) -> Result<()> {
+    let bad: Vec<String> = reports
+        .iter()
+        .filter(|r| r.failed > 0)
+        .map(|r| r.to_string())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "{what}: clients saw failed connects:\n  {}",
+            bad.join("\n  ")
+        );
+    }
+    for r in reports {
+        if r.total == 0 {
+            bail!(
+                "{what}: the client in cluster {} made no connect",
+                r.cluster
+            );
+        }
+        eprintln!("[chaos] {what}: {r}");
+    }
+    Ok(())
+}
+
+/// Print the reports.
+pub fn print_reports(reports: &[ClientReport], what: &str) {
+    for r in reports {
+        eprintln!("[chaos] {what}: {r}");
+    }
+}
+
+/// The setting of the "maps equal the model within" check: `CHAOS_SETTLE_MS` or one second.
+pub fn settle_budget() -> Duration {
+    std::env::var("CHAOS_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_usable_backends_win() {
+        let m = Model::new(2, 2);
+        assert_eq!(m.expected(1), Some([(1, 1), (1, 2)].into()));
+    }
+
+    #[test]
+    fn a_drained_cluster_fails_over_to_the_others() {
+        let mut m = Model::new(3, 2);
+        for n in 1..=2 {
+            m.published.insert((1, n), Published::Terminating);
+        }
+        assert_eq!(m.expected(1), Some([(2, 1), (2, 2), (3, 1), (3, 2)].into()));
+        assert_eq!(m.expected(2), Some([(2, 1), (2, 2)].into()));
+        // cut off from a cluster it would need: timing decides
+        m.partitions.insert((1, 3));
+        assert_eq!(m.expected(1), None);
+        assert_eq!(m.expected(2), Some([(2, 1), (2, 2)].into()));
+    }
+
+    #[test]
+    fn a_dead_backend_is_out_only_when_its_node_sync_reports_it() {
+        let mut m = Model::new(2, 2);
+        m.backend_up.remove(&(1, 1));
+        assert_eq!(m.expected(1), Some([(1, 2)].into()));
+        m.node_sync_up.remove(&(1, 1));
+        m.unreported.insert((1, 1));
+        assert_eq!(m.expected(1), None);
+        assert!(!m.compared(1, 1));
+    }
+
+    #[test]
+    fn nothing_usable_anywhere_is_unknown() {
+        let mut m = Model::new(2, 1);
+        m.published.insert((1, 1), Published::NotReady);
+        m.published.insert((2, 1), Published::NotReady);
+        assert_eq!(m.expected(1), None);
+    }
+}

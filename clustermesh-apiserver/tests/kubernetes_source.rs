@@ -3,6 +3,8 @@
 //! BOOKMARK events, `ERROR` events carrying a 410 `Status`, 404 for a resource the cluster does not serve). It is
 //! not a kube-apiserver (none can run here); its shapes follow the API's documented ones.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -368,4 +370,50 @@ async fn list_watch_bookmark_watch_end_and_410_gone() {
     assert!(mock.list_calls(SERVICES) > lists, "410 Gone made it relist");
     assert!(has(&d.index, "clustermesh/v1/services/c1/shop/web"));
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_publishes_what_the_kubernetes_api_serves() {
+    let mock = MockKubeApiServer::start().await;
+    mock.change(SERVICES, service("web", "10.96.0.10"), None);
+    mock.change(
+        SLICES,
+        slice("web-1", "web", &["10.0.0.1", "10.0.0.2"]),
+        None,
+    );
+    let etcd = common::Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = mock.kubeconfig(dir.path());
+    let ap = common::Apiserver::start(&common::ApiserverOpts {
+        cluster: "c1".into(),
+        cluster_id: 1,
+        etcd: etcd.url.clone(),
+        manifest_dir: dir.path().join("unused"),
+        replica: "r1".into(),
+        extra: vec![
+            "--source".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ],
+        log_dir: dir.path().to_path_buf(),
+    });
+    ap.wait_ready_leader(Duration::from_secs(30)).await;
+    let mut c = etcd.client().await;
+    let keys = common::data_keys(&mut c, "c1").await;
+    assert!(
+        keys.contains_key("clustermesh/v1/services/c1/shop/web"),
+        "{keys:?}"
+    );
+    assert!(keys.contains_key("clustermesh/v1/endpoints/c1/shop/web/0"));
+    // A watch event reaches etcd.
+    mock.change(SERVICES, service("web", "10.96.0.10"), Some("DELETED"));
+    common::eventually(Duration::from_secs(30), "the deletion in etcd", || {
+        let mut c = c.clone();
+        async move {
+            let keys = common::data_keys(&mut c, "c1").await;
+            (!keys.keys().any(|k| k.contains("/shop/web"))).then_some(())
+        }
+    })
+    .await;
 }

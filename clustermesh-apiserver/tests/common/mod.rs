@@ -156,9 +156,16 @@ impl Apiserver {
             } else {
                 vec!["--etcd-endpoints".to_owned(), o.etcd.clone()]
             })
-            .args(["--source", "manifests"])
-            .arg("--manifest-dir")
-            .arg(&o.manifest_dir)
+            .args(if o.extra.iter().any(|a| a == "--source") {
+                vec![]
+            } else {
+                vec![
+                    "--source".to_owned(),
+                    "manifests".to_owned(),
+                    "--manifest-dir".to_owned(),
+                    o.manifest_dir.display().to_string(),
+                ]
+            })
             .args(["--status-listen", &format!("127.0.0.1:{status_port}")])
             .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--replica-id", &o.replica])

@@ -2518,3 +2518,96 @@ fn kind_up_sh_makes_two_clusters_by_default() {
         "no third cluster: {calls:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The managed etcd as the chart configures it, started for real by the apiserver's own code
+
+/// A TCP port that was free a moment ago (bound to port 0, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// With the chart's defaults (managed etcd), the apiserver's etcd must serve the pod's own
+/// addresses, not only 127.0.0.1: node-syncs of this cluster and of remote clusters come in through
+/// the Service, i.e. to the pod IP. This starts the real etcd through
+/// `clustermesh_apiserver::managed::ManagedEtcd` with the URLs the chart passes, on certificates
+/// issued with the SANs the chart's certgen Job passes, then connects as the apiserver does (admin,
+/// to the endpoints it advertises) and as a node-sync does through a non-127.0.0.1 address (here
+/// 127.0.0.2, given to the chart as an extra SAN, as a node or load balancer address would be).
+#[test]
+fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
+    let yaml = template_set(&["certs.extraSans={127.0.0.2}"]).expect("render");
+    let r = Rendered {
+        case: Case {
+            name: "managed etcd".to_owned(),
+            values_file: None,
+        },
+        values: Value::Null,
+        docs: parse_docs(&yaml),
+    };
+    let api = parse_apiserver(&r.case.name, &args(container(r.apiserver(), "apiserver")));
+    assert!(
+        api.etcd_endpoints.is_empty(),
+        "the default is the managed etcd"
+    );
+    let client_port = free_port();
+    let peer_port = free_port();
+    let client_url = api
+        .managed_etcd_client_url
+        .replace(":2379", &format!(":{client_port}"));
+    let peer_url = api
+        .managed_etcd_peer_url
+        .replace(":2380", &format!(":{peer_port}"));
+    assert_ne!(
+        client_url, api.managed_etcd_client_url,
+        "the chart's etcd client port is 2379"
+    );
+
+    // The cluster's certificates, with exactly the SANs the certgen Job asks for.
+    let sans_env = env(
+        container(r.one("Job", "-certgen"), "certgen"),
+        "SERVER_SANS",
+    )
+    .unwrap()
+    .to_owned();
+    let work = Scratch::new("managed-etcd");
+    let td = mesh_certs::TrustDomain::new("clustermesh.local").unwrap();
+    let root = mesh_certs::RootCa::init(&work.0.join("ca"), &td, &Default::default()).unwrap();
+    let mut req = mesh_certs::ClusterRequest::new("cluster1", 1, work.0.join("cluster")).unwrap();
+    req.sans = sans_env.split(',').map(|s| s.parse().unwrap()).collect();
+    let dir = root.issue_cluster(&req).expect("issue cluster");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let managed = clustermesh_apiserver::managed::ManagedEtcd::start(&dir, &work.0.join("data"), &client_url, &peer_url)
+            .await
+            .unwrap_or_else(|e| panic!("managed etcd with --managed-etcd-client-url={client_url}: {e}"));
+        // The apiserver connects to what the managed etcd advertises, as admin-<cluster>.
+        let mut admin = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Admin, managed.endpoints())
+            .await
+            .unwrap_or_else(|e| panic!("apiserver -> managed etcd {:?}: {e}", managed.endpoints()));
+        admin
+            .put("clustermesh/v1/heartbeat/cluster1", "2026-01-01T00:00:00Z", None)
+            .await
+            .expect("admin writes");
+        // A node-sync comes in on another address of the pod.
+        let via_pod_address = vec![format!("https://127.0.0.2:{client_port}")];
+        let mut node = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Node, &via_pod_address)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "node-sync -> managed etcd at {via_pod_address:?} (the chart passes --managed-etcd-client-url={}): {e}",
+                    api.managed_etcd_client_url
+                )
+            });
+        let got = node.get("clustermesh/v1/heartbeat/cluster1", None).await.expect("node reads");
+        assert_eq!(got.kvs().len(), 1, "node-sync reads what the apiserver wrote");
+    });
+}

@@ -98,6 +98,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- $svc := include "clustermesh.apiserver.fullname" . -}}
 {{- $ns := .Release.Namespace -}}
 {{- $sans := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) -}}
+{{- if eq .Values.etcd.mode "managed" -}}
+{{- /* the address the apiserver dials its own managed etcd on (it listens on all of the pod's addresses) */ -}}
+{{- $sans = append $sans "0.0.0.0" -}}
+{{- end -}}
 {{- concat $sans .Values.certs.extraSans | uniq | join "," -}}
 {{- end -}}
 

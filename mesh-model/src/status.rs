@@ -136,12 +136,14 @@ pub struct MeshStatus {
 }
 
 impl MeshStatus {
-    /// Aggregate.
+    /// Aggregate. `expected_nodes` is how many nodes the cluster has (its published `nodes/` keys); a
+    /// node that has not reported counts as not connected.
     pub fn compute(
         cluster: ClusterConfig,
         apiserver: ApiserverState,
         remotes: &[RemoteCluster],
         nodes: Vec<NodeStatus>,
+        expected_nodes: usize,
         generated_at: String,
     ) -> Self {
         let mut summaries: BTreeMap<String, RemoteSummary> = remotes
@@ -164,7 +166,7 @@ impl MeshStatus {
                 )
             })
             .collect();
-        let node_count = nodes.len() as u64;
+        let node_count = nodes.len().max(expected_nodes) as u64;
         for s in summaries.values_mut() {
             s.nodes = node_count;
         }
@@ -316,7 +318,11 @@ impl MeshStatus {
     pub fn connectivity_line(&self) -> String {
         let registered: Vec<&RemoteSummary> =
             self.remotes.iter().filter(|r| r.registered).collect();
-        let n = self.nodes.len();
+        let n = registered
+            .iter()
+            .map(|r| r.nodes)
+            .max()
+            .unwrap_or(self.nodes.len() as u64);
         if registered.is_empty() {
             return format!("{n} nodes, no remote cluster connected");
         }
@@ -430,6 +436,7 @@ mod tests {
             api(),
             &[remote()],
             vec![node("n1", true, 5), node("n2", true, 7)],
+            2,
             "t".into(),
         );
         assert!(s.healthy, "{:?}", s.problems);
@@ -451,6 +458,7 @@ mod tests {
             api(),
             &[remote()],
             vec![node("n1", true, 0), node("n2", false, 0)],
+            2,
             "t".into(),
         );
         assert!(!s.healthy);
@@ -472,12 +480,31 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_has_not_reported_yet_is_not_connected() {
+        let s = MeshStatus::compute(
+            config(),
+            api(),
+            &[remote()],
+            vec![node("n1", true, 1)],
+            2,
+            "t".into(),
+        );
+        assert!(!s.healthy);
+        assert_eq!(s.remotes[0].nodes, 2);
+        assert_eq!(
+            s.connectivity_line(),
+            "1/2 nodes are connected to all clusters [1 remotes]"
+        );
+    }
+
+    #[test]
     fn no_nodes_and_unready_apiserver_are_problems() {
         let s = MeshStatus::compute(
             config(),
             ApiserverState::default(),
             &[remote()],
             vec![],
+            0,
             "t".into(),
         );
         assert!(!s.healthy);
@@ -492,6 +519,7 @@ mod tests {
             api(),
             &[remote()],
             vec![node("n1", true, 1)],
+            1,
             "t".into(),
         );
         let doc = serde_json::to_value(&s).unwrap();

@@ -167,12 +167,24 @@ impl MeshControl for EtcdMeshControl {
             )
             .await
             .unwrap_or_default();
+        let expected_nodes = self
+            .list(
+                &KeyKind::Nodes.cluster_prefix(&self.config.name),
+                |v| match v {
+                    MeshValue::Node(n) => Some(n.name),
+                    _ => None,
+                },
+            )
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0);
         let now = format_time(time::OffsetDateTime::now_utc());
         Ok(MeshStatus::compute(
             self.config.clone(),
             apiserver,
             &remotes,
             nodes,
+            expected_nodes,
             now,
         ))
     }

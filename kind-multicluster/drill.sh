@@ -1,43 +1,56 @@
 #!/usr/bin/env bash
-# Failover drill against the kind mesh made by up.sh: new connections to the global service
-# demo/echo from a node of the first cluster, then the local backends fail (scaled to zero), traffic
-# must move to the other clusters, then the backends come back and traffic must return.
-# Prints failover time, failback time and failed connects; exits non-zero past BUDGET_MS.
+# Failover drill against the kind mesh made by up.sh, with `clustermesh drill`: from a node of the
+# first cluster (inside its pod cgroups, where the socket load balancer is attached), new connections
+# go to the global service demo/echo at a steady rate; the local backends are made to fail (scaled to
+# zero) and brought back, and the drill reports failover time, failback time and failed connects.
+# Exits non-zero past BUDGET_MS. The local backends are restored whatever happens.
 #
-# Environment (besides lib.sh's): SERVICE (default demo/echo), PORT (7000), BUDGET_MS (1000),
-# OUTPUT (table|json).
+# Environment (besides lib.sh's): PORT (7000), BUDGET_MS (1000), OUTPUT (text|json).
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-need kubectl
+need docker kubectl
 read -r -a clusters <<< "$(cluster_names)"
 local_cluster="${clusters[0]}"
 context="$(ctx "${local_cluster}")"
-service="${SERVICE:-${DEMO_NAMESPACE}/echo}"
 port="${PORT:-7000}"
 budget="${BUDGET_MS:-1000}"
-output="${OUTPUT:-table}"
+output="${OUTPUT:-text}"
 deployment="deployment/echo-${local_cluster}"
+node="${local_cluster}-control-plane"
+cli_in_node=/usr/local/bin/clustermesh
+probe_cgroup=/sys/fs/cgroup/kubelet.slice/clustermesh-drill
 
 kubectl --context "${context}" -n "${DEMO_NAMESPACE}" get "${deployment}" >/dev/null ||
     die "${DEMO_NAMESPACE}/echo-${local_cluster} not found in ${context}: run up.sh first"
 replicas="$(kubectl --context "${context}" -n "${DEMO_NAMESPACE}" get "${deployment}" -o jsonpath='{.spec.replicas}')"
+vip="$(kubectl --context "${context}" -n "${DEMO_NAMESPACE}" get service echo -o jsonpath='{.spec.clusterIP}')"
+[ -n "${vip}" ] || die "service ${DEMO_NAMESPACE}/echo has no ClusterIP in ${context}"
 
-# The fault and the recovery are hook commands: the drill runs them and times traffic around them.
-fail_cmd="kubectl --context ${context} -n ${DEMO_NAMESPACE} scale ${deployment} --replicas=0"
-recover_cmd="kubectl --context ${context} -n ${DEMO_NAMESPACE} scale ${deployment} --replicas=${replicas}"
+# The CLI runs inside the node: a local binary if CLUSTERMESH names one, else the one in the CLI image.
+mkdir -p "${WORK_DIR}"
+if [ -n "${CLUSTERMESH:-}" ]; then
+    cp "${CLUSTERMESH}" "${WORK_DIR}/clustermesh-cli"
+else
+    ctr="$(docker create "clustermesh/clustermesh:${IMAGE_TAG}")"
+    docker cp "${ctr}:/usr/local/bin/clustermesh" "${WORK_DIR}/clustermesh-cli"
+    docker rm "${ctr}" >/dev/null
+fi
+docker cp "${WORK_DIR}/clustermesh-cli" "${node}:${cli_in_node}"
+docker exec "${node}" mkdir -p "${probe_cgroup}"
 
-log "drill on ${service}:${port} from ${local_cluster}; local backends: echo-${local_cluster} (${replicas})"
-status=0
-# NOTE: `clustermesh drill` against a running mesh is still being built; these flags follow the
-# shape of `clustermesh status` (--server, --tls-dir) and the drill's design (hooks, budget).
-cm drill --server "$(grpc_addr "${local_cluster}")" --tls-dir "$(admin_dir "${local_cluster}")" \
-    --service "${service}" --port "${port}" \
-    --fail-hook "${fail_cmd}" --recover-hook "${recover_cmd}" \
-    --local-backend-prefix "echo-${local_cluster}-" \
-    --budget "${budget}ms" -o "${output}" || status=$?
+# The fault and the recovery: hook commands the drill runs (inside the node, with its admin kubeconfig).
+kube_in_node="kubectl --kubeconfig /etc/kubernetes/admin.conf -n ${DEMO_NAMESPACE}"
+restore() {
+    kubectl --context "${context}" -n "${DEMO_NAMESPACE}" scale "${deployment}" --replicas="${replicas}" >/dev/null
+}
+trap restore EXIT
 
-# Whatever happened, leave the local backends running.
-${recover_cmd} >/dev/null
-exit "${status}"
+log "drill on ${DEMO_NAMESPACE}/echo (${vip}:${port}) from ${node}; local backends: echo-${local_cluster} (${replicas})"
+docker exec "${node}" "${cli_in_node}" drill \
+    --service "${DEMO_NAMESPACE}/echo" --target "${vip}:${port}" \
+    --local-prefix "echo-${local_cluster}-" \
+    --fail "${kube_in_node} scale ${deployment} --replicas=0" \
+    --recover "${kube_in_node} scale ${deployment} --replicas=${replicas}" \
+    --cgroup "${probe_cgroup}" --budget "${budget}ms" -o "${output}"

@@ -2261,6 +2261,7 @@ case "$*" in
   *"--dry-run=client -o yaml"*) echo "kind: Stub" ;;
   *"apply -f -"*) cat > /dev/null ;;
   *"jsonpath={.spec.replicas}"*) printf 2 ;;
+  *"jsonpath={.spec.clusterIP}"*) printf '10.%s1.0.10' "$n" ;;
 esac
 "#,
     ),
@@ -2450,16 +2451,47 @@ fn kind_scripts_bring_up_connect_drill_and_tear_down_three_clusters() {
         "SKIP_BUILD=1"
     );
 
-    // The drill fails the local backends through a hook and always restores them.
+    // The drill runs the CLI inside c1's control-plane node (in its pod cgroups) against the
+    // service's ClusterIP, fails the local backends through a hook, and always restores them.
     let (ok, calls, err) = stubs.run("drill.sh", &[]);
     assert!(ok, "drill.sh failed:\n{err}");
-    let drill = calls_starting(&calls, "clustermesh drill");
-    assert_eq!(drill.len(), 1, "{calls:#?}");
-    assert!(
-        drill[0].contains("--service demo/echo") && drill[0].contains("--replicas=0"),
-        "{}",
-        drill[0]
+    assert_eq!(
+        calls_starting(
+            &calls,
+            "docker cp stub-container:/usr/local/bin/clustermesh "
+        )
+        .len(),
+        0,
+        "CLUSTERMESH names a local binary: the image is not needed"
     );
+    assert_eq!(
+        calls_starting(&calls, "docker cp ")
+            .iter()
+            .filter(|c| c.ends_with("c1-control-plane:/usr/local/bin/clustermesh"))
+            .count(),
+        1,
+        "{calls:#?}"
+    );
+    let drill = calls_starting(
+        &calls,
+        "docker exec c1-control-plane /usr/local/bin/clustermesh drill",
+    );
+    assert_eq!(drill.len(), 1, "{calls:#?}");
+    for part in [
+        "--service demo/echo",
+        "--target 10.11.0.10:7000",
+        "--local-prefix echo-c1-",
+        "--fail kubectl --kubeconfig /etc/kubernetes/admin.conf -n demo scale deployment/echo-c1 --replicas=0",
+        "--recover kubectl --kubeconfig /etc/kubernetes/admin.conf -n demo scale deployment/echo-c1 --replicas=2",
+        "--cgroup /sys/fs/cgroup/kubelet.slice/clustermesh-drill",
+        "--budget 1000ms",
+    ] {
+        assert!(
+            drill[0].contains(part),
+            "drill lacks {part:?}: {}",
+            drill[0]
+        );
+    }
     assert_eq!(
         calls.last().map(String::as_str),
         Some("kubectl --context kind-c1 -n demo scale deployment/echo-c1 --replicas=2"),

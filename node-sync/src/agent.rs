@@ -180,6 +180,8 @@ pub struct AgentState {
     dir_errors: Vec<String>,
     /// Recent failovers and failbacks (newest last).
     pub failover_log: std::collections::VecDeque<FailoverEvent>,
+    /// Connections the datapath sent to each backend, refreshed with the node summary.
+    pub connections: HashMap<(std::net::IpAddr, u16), u64>,
 }
 
 impl AgentState {
@@ -237,7 +239,11 @@ impl AgentState {
                                     local: b.cluster == self.opts.cluster,
                                     selected: true,
                                     unusable: None,
-                                    connections: 0,
+                                    connections: self
+                                        .connections
+                                        .get(&(b.ip, b.port))
+                                        .copied()
+                                        .unwrap_or(0),
                                 })
                                 .collect()
                         })
@@ -270,6 +276,9 @@ impl MapWriter for Box<dyn MapWriter> {
         &mut self,
     ) -> Result<HashMap<crate::lb::Frontend, Vec<crate::lb::Backend>>, MapError> {
         (**self).services()
+    }
+    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
+        (**self).connection_counts()
     }
 }
 
@@ -327,6 +336,7 @@ pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
         dir_sources: BTreeMap::new(),
         dir_errors: Vec::new(),
         failover_log: std::collections::VecDeque::new(),
+        connections: HashMap::new(),
         opts,
     };
     let shared = Arc::new(Mutex::new(state));
@@ -462,7 +472,12 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 }
             }
             _ = status_tick.tick() => {
-                let st = lock(&shared);
+                let mut st = lock(&shared);
+                let ready = st.ready;
+                if let Some(r) = st.reconciler.as_mut().filter(|_| ready) {
+                    let counts = r.connection_counts();
+                    st.connections = counts;
+                }
                 if opts.publish && st.ready {
                     let _ = pub_tx.send(Publish::Status(st.node_status()));
                 }

@@ -126,6 +126,19 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
             .map_err(|e| map_err("delete", frontend, e))
     }
 
+    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
+        let counters = self.maps.counters().map_err(|e| MapError {
+            op: "counters",
+            frontend: "*".into(),
+            detail: e.to_string(),
+        })?;
+        let mut out = HashMap::new();
+        for c in counters {
+            *out.entry((c.addr, c.port)).or_default() += c.connections;
+        }
+        Ok(out)
+    }
+
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
         let list = self.maps.services().map_err(|e| MapError {
             op: "list",

@@ -139,6 +139,11 @@ pub trait MapWriter: Send {
     fn delete_service(&mut self, frontend: &Frontend) -> Result<(), MapError>;
     /// Everything programmed now (read back from pinned maps after a restart).
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError>;
+
+    /// Connections the datapath sent to each backend (ip, port); empty when it does not count.
+    fn connection_counts(&mut self) -> Result<HashMap<(IpAddr, u16), u64>, MapError> {
+        Ok(HashMap::new())
+    }
 }
 
 /// Counts of writes, for tests and the bench.
@@ -297,6 +302,14 @@ impl<M: MapWriter> Reconciler<M> {
     /// Map operations that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors
+    }
+
+    /// Connections per backend (ip, port), as the datapath counts them.
+    pub fn connection_counts(&mut self) -> HashMap<(IpAddr, u16), u64> {
+        self.maps.connection_counts().unwrap_or_else(|error| {
+            tracing::debug!(%error, "reading connection counters failed");
+            HashMap::new()
+        })
     }
 
     /// Full reconcile: make the maps equal `desired`. Returns the writes done. A frontend

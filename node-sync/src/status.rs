@@ -102,6 +102,7 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
                 "frontends": s.frontends.iter().map(|f| json!({
                     "frontend": f.frontend.to_string(),
                     "backends": f.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                    "connections": f.backends.iter().map(|b| st.connections.get(&(b.ip, b.port)).copied().unwrap_or(0)).collect::<Vec<_>>(),
                     "reason": f.reason,
                     "why": f.reason.to_string(),
                 })).collect::<Vec<_>>(),

@@ -160,6 +160,24 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     let took = wait_lands(&cgroup, &vip, "c1", Duration::from_secs(5)).await;
     println!("failback through the datapath took {took:?}");
     assert!(agent.state().ready);
+    // The datapath's per-backend counters (of the backends in the maps now) reach the status.
+    let t0 = Instant::now();
+    loop {
+        let local = agent
+            .state()
+            .connections
+            .get(&("127.0.0.1".parse().unwrap(), p1))
+            .copied()
+            .unwrap_or(0);
+        if local > 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "connection counter of the local backend not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(agent);
 }
 

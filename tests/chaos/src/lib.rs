@@ -436,8 +436,22 @@ impl ChaosMesh {
                         }
                     }
                 }
+                // How long it really takes, for the report.
+                let extra = Instant::now();
+                let later = loop {
+                    if self.diff().is_ok_and(|(l, _, _)| l.is_empty()) {
+                        break format!("they matched {:?} after the start", started.elapsed());
+                    }
+                    if extra.elapsed() >= Duration::from_secs(10) {
+                        break format!(
+                            "they still differed {:?} after the start",
+                            started.elapsed()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
                 bail!(
-                    "maps differ from the model {:?} after the fault ended:\n  {}\n{}\nmodel: {:?}",
+                    "maps differ from the model {:?} after the fault ended ({later}):\n  {}\n{}\nmodel: {:?}",
                     within,
                     lines.join("\n  "),
                     why.join("\n"),
@@ -574,6 +588,68 @@ impl ChaosMesh {
             .block_on(wait_grpc(&side, Duration::from_secs(30)))?;
         self.model.apiserver_down.remove(&c);
         Ok(())
+    }
+
+    /// Wait until cluster `c`'s apiserver is the leader and has written its state (a restarted
+    /// replica waits for the dead one's leader lease to lapse first), and every node-sync of the mesh
+    /// reports every cluster connected. Returns how long that took.
+    pub fn wait_control_plane(&self, c: usize, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut last = String::new();
+        loop {
+            let leader =
+                match clustermesh_cli::labmesh::http_get(self.mesh.apiserver_status(c), "/metrics")
+                {
+                    Ok((200, body)) => {
+                        body.lines()
+                            .any(|l| l.trim() == "clustermesh_apiserver_leader 1")
+                            && body
+                                .lines()
+                                .any(|l| l.trim() == "clustermesh_apiserver_ready 1")
+                    }
+                    Ok((code, _)) => {
+                        last = format!("apiserver metrics: HTTP {code}");
+                        false
+                    }
+                    Err(e) => {
+                        last = format!("apiserver metrics: {e:#}");
+                        false
+                    }
+                };
+            let mut connected = leader;
+            if leader {
+                'nodes: for cl in 1..=self.model.clusters {
+                    for n in 1..=self.model.nodes {
+                        if !self.model.compared(cl, n) {
+                            continue;
+                        }
+                        let doc = self.mesh.node_sync_status_json(cl, n)?;
+                        for x in doc["clusters"].as_array().into_iter().flatten() {
+                            if x["connected"] != serde_json::Value::Bool(true) {
+                                last = format!(
+                                    "node-sync {}: cluster {} not connected ({})",
+                                    self.mesh.backend_name(cl, n),
+                                    x["name"],
+                                    x["error"]
+                                );
+                                connected = false;
+                                break 'nodes;
+                            }
+                        }
+                    }
+                }
+            } else if last.is_empty() {
+                last = "apiserver not leader and ready yet".into();
+            }
+            if connected {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                bail!("control plane of cluster {c} not back within {timeout:?}: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL cluster `c`'s etcd.

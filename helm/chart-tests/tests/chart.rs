@@ -883,8 +883,18 @@ fn schema_refuses_bad_cluster_ids() {
     for sets in [
         &["cluster.id=1"][..],
         &["cluster.id=255"][..],
-        &["cluster.id=256", "clustermesh.maxConnectedClusters=511"][..],
-        &["cluster.id=511", "clustermesh.maxConnectedClusters=511"][..],
+        &[
+            "cluster.id=256",
+            "clustermesh.maxConnectedClusters=511",
+            "certs.mode=existing",
+            "certs.existing.apiserverSecret=a",
+        ][..],
+        &[
+            "cluster.id=511",
+            "clustermesh.maxConnectedClusters=511",
+            "certs.mode=existing",
+            "certs.existing.apiserverSecret=a",
+        ][..],
     ] {
         let yaml = template_set(sets).unwrap_or_else(|e| panic!("--set {sets:?} must render: {e}"));
         let id = sets[0].trim_start_matches("cluster.id=");
@@ -955,6 +965,10 @@ fn chart_refuses_settings_that_cannot_work() {
         (
             &["nodeSync.health.interval=fast"][..],
             "/nodeSync/health/interval",
+        ),
+        (
+            &["cluster.id=300", "clustermesh.maxConnectedClusters=511"][..],
+            "issues cluster ids 1..255 only",
         ),
     ] {
         let err = template_set(sets).expect_err(&format!("--set {sets:?} must fail"));

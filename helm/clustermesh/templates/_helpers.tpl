@@ -129,6 +129,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- $_ := set $seen .name true -}}
 {{- end -}}
+{{- if and (eq .Values.certs.mode "job") (gt (int .Values.cluster.id) 255) -}}
+{{- fail (printf "certs.mode=job: `clustermesh ca issue-cluster` issues cluster ids 1..255 only, and cluster.id is %d; use certs.mode=existing or certManager" (int .Values.cluster.id)) -}}
+{{- end -}}
 {{- if and (eq .Values.certs.mode "certManager") (not .Values.certs.certManager.issuerRef.name) (not .Values.certs.certManager.caSecret) -}}
 {{- fail "certs.mode=certManager needs certs.certManager.issuerRef.name or certs.certManager.caSecret" -}}
 {{- end -}}

@@ -226,28 +226,24 @@ impl AgentState {
                 .map(|s| ServiceState {
                     service: s.service.to_string(),
                     frontends: s.frontends.iter().map(|f| f.frontend.to_string()).collect(),
-                    backends: s
-                        .frontends
-                        .first()
-                        .map(|f| {
-                            f.backends
-                                .iter()
-                                .map(|b| BackendState {
-                                    ip: b.ip,
-                                    port: b.port,
-                                    cluster: b.cluster.name().clone(),
-                                    local: b.cluster == self.opts.cluster,
-                                    selected: true,
-                                    unusable: None,
-                                    connections: self
-                                        .connections
-                                        .get(&(b.ip, b.port))
-                                        .copied()
-                                        .unwrap_or(0),
-                                })
-                                .collect()
+                    backends: self
+                        .index
+                        .backend_states(&s.service)
+                        .into_iter()
+                        .map(|(b, selected, why)| BackendState {
+                            ip: b.ip,
+                            port: b.port,
+                            cluster: b.cluster.name().clone(),
+                            local: b.cluster == self.opts.cluster,
+                            selected,
+                            unusable: why.map(str::to_owned),
+                            connections: self
+                                .connections
+                                .get(&(b.ip, b.port))
+                                .copied()
+                                .unwrap_or(0),
                         })
-                        .unwrap_or_default(),
+                        .collect(),
                     reason: s
                         .frontends
                         .first()

@@ -484,6 +484,73 @@ impl MergeIndex {
         self.services.get(name).and_then(|e| e.status.as_ref())
     }
 
+    /// Every known backend of a service for its first frontend, with whether it is selected and,
+    /// when it is not usable, why (`cluster stale`, `failing health check`, `terminating`,
+    /// `not ready`). Computed on demand for the status page.
+    pub fn backend_states(&self, name: &ServiceName) -> Vec<(Backend, bool, Option<&'static str>)> {
+        let Some(entry) = self.services.get(name) else {
+            return Vec::new();
+        };
+        let Some(sel) = entry.status.as_ref().and_then(|s| s.frontends.first()) else {
+            return Vec::new();
+        };
+        let Some(sp) = entry
+            .specs
+            .get(&self.local)
+            .map(|s| s.ports.as_slice())
+            .or(entry.import.as_ref().map(|i| i.ports.as_slice()))
+            .and_then(|p| {
+                p.iter()
+                    .find(|p| p.port == sel.frontend.port && p.protocol == sel.frontend.protocol)
+            })
+        else {
+            return Vec::new();
+        };
+        let selected: HashSet<&Backend> = sel.backends.iter().collect();
+        let mut out = Vec::new();
+        for (cref, chunks) in &entry.endpoints {
+            let sharing = entry
+                .specs
+                .get(cref.name())
+                .is_some_and(|s| *cref == self.local || s.shared);
+            if !sharing {
+                continue;
+            }
+            for ep in chunks.values().flatten() {
+                if ep.ip.is_ipv4() != sel.frontend.ip.is_ipv4() {
+                    continue;
+                }
+                let Some(port) = match_port(sp, ep) else {
+                    continue;
+                };
+                let b = Backend {
+                    cluster: cref.clone(),
+                    ip: ep.ip,
+                    port,
+                    protocol: sp.protocol,
+                };
+                let failing = self
+                    .health
+                    .get(&(ep.ip, port, sp.protocol))
+                    .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                let why = if *cref != self.local && self.stale.contains(cref.name()) {
+                    Some("cluster stale")
+                } else if failing {
+                    Some("failing health check")
+                } else if ep.conditions.terminating && !ep.conditions.usable() {
+                    Some("terminating")
+                } else if !ep.conditions.usable() {
+                    Some("not ready")
+                } else {
+                    None
+                };
+                let is_selected = selected.contains(&b);
+                out.push((b, is_selected, why));
+            }
+        }
+        out
+    }
+
     /// How many times a frontend moved from its preferred group to a failover group.
     pub fn failovers(&self) -> u64 {
         self.failovers

@@ -708,3 +708,51 @@ impl TapHttp for ServiceSpec {
         self
     }
 }
+
+#[test]
+fn backend_states_say_why_a_backend_is_not_used() {
+    let mut ix = three_clusters(Affinity::Local, &[]);
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, true, true), ep("10.1.0.2")],
+    ));
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.2", Verdict::Failing)]));
+    ix.set_stale(&c("c3"), true);
+    let states: Vec<(String, bool, Option<&str>)> = ix
+        .backend_states(&web())
+        .into_iter()
+        .map(|(b, sel, why)| (format!("{}/{}", b.cluster, b.ip), sel, why))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("c1/10.1.0.1".to_string(), false, Some("terminating")),
+            (
+                "c1/10.1.0.2".to_string(),
+                false,
+                Some("failing health check")
+            ),
+            ("c2/10.2.0.1".to_string(), true, None),
+            ("c3/10.3.0.1".to_string(), false, Some("cluster stale")),
+        ]
+    );
+}
+
+#[test]
+fn group_changes_record_failover_and_failback() {
+    let mut ix = three_clusters(Affinity::Local, &["c2"]);
+    ix.take_group_changes();
+    local_unready(&mut ix);
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1")]));
+    let g = ix.take_group_changes();
+    assert_eq!(g.len(), 2);
+    assert_eq!(
+        (g[0].from.clone(), g[0].to.clone()),
+        (vec![c("c1")], vec![c("c2")])
+    );
+    assert_eq!(
+        (g[1].from.clone(), g[1].to.clone()),
+        (vec![c("c2")], vec![c("c1")])
+    );
+}

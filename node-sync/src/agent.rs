@@ -427,7 +427,7 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
             opts.cluster.clone(),
             ClusterStatus::new(Some(src.clone()), Instant::now()),
         );
-        spawn_watcher(&mut tasks, src, &opts);
+        spawn_watcher(&mut tasks, src, &opts, HashSet::new());
         reread_remote_dir(&mut st);
         reconcile_connections(&mut st, &mut tasks);
     }
@@ -482,7 +482,12 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
     }
 }
 
-fn spawn_watcher(tasks: &mut Tasks, source: ClusterSource, opts: &AgentOptions) {
+fn spawn_watcher(
+    tasks: &mut Tasks,
+    source: ClusterSource,
+    opts: &AgentOptions,
+    known: HashSet<String>,
+) {
     let scope = if source.name == opts.cluster {
         if opts.kvstoremesh {
             KeyScope::All(opts.cluster.clone())
@@ -501,6 +506,7 @@ fn spawn_watcher(tasks: &mut Tasks, source: ClusterSource, opts: &AgentOptions) 
         opts.watch.clone(),
         tasks.validator.clone(),
         tasks.tx.clone(),
+        known,
     ));
     tasks.watchers.insert(source.name.clone(), (source, h));
 }
@@ -579,7 +585,12 @@ fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
             status.source = Some(src.clone());
         }
         lock_registry(&tasks.registry).accepted.remove(&n);
-        spawn_watcher(tasks, src, &opts);
+        let known = st
+            .clusters
+            .get(&n)
+            .map(|c| c.keys.clone())
+            .unwrap_or_default();
+        spawn_watcher(tasks, src, &opts, known);
     }
 }
 

@@ -578,16 +578,19 @@ struct WatchState {
 }
 
 /// Run the watcher of one connection until the receiver is dropped or the task is aborted.
+/// `known` are the keys a previous watcher of the same cluster forwarded (its source changed):
+/// the first list re-sends them and deletes those it lacks, as after a reconnect.
 pub async fn watch_cluster(
     source: ClusterSource,
     scope: KeyScope,
     settings: WatchSettings,
     validate: Validator,
     tx: mpsc::UnboundedSender<(ClusterName, ConnEvent)>,
+    known: HashSet<String>,
 ) {
     let me = source.name.clone();
     let mut state = WatchState {
-        known: HashMap::new(),
+        known: known.into_iter().map(|k| (k, (0, 0))).collect(),
         synced_sent: false,
     };
     let mut attempt: u32 = 0;

@@ -466,3 +466,45 @@ async fn a_remote_is_not_trusted_before_its_sync_canaries() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_remote_file_moves_to_the_new_endpoints_and_sweeps_what_they_lack() {
+    let (e1, e2, e2b) = tokio::join!(Etcd::start(), Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    w1.publish_all(vec![spec("c1", Affinity::None)], vec![])
+        .await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![
+            chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")]),
+            chunk("c2", 1, vec![endpoint("127.0.0.4", 8080, "m1")]),
+        ],
+    )
+    .await;
+    // The same cluster served from another etcd, without chunk 1.
+    let mut w2b = ApiWriter::new(&e2b, "c2", 2).await;
+    w2b.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    let maps = FakeMaps::new();
+    let _agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    wait_for("two c2 backends", Duration::from_secs(15), || {
+        programmed(&maps).is_some_and(|b| b.len() == 2)
+    })
+    .await;
+    maps.record_history(true);
+    remote_file(dir.path(), "c2", &e2b);
+    wait_for(
+        "chunk 1 swept after the move",
+        Duration::from_secs(10),
+        || programmed(&maps) == Some(vec![format!("c2/{C2_EP}:8080")]),
+    )
+    .await;
+    // The move never left the service without backends: one write, from two backends to one.
+    assert_eq!(maps.take_history().len(), 1);
+}

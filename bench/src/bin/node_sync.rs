@@ -14,7 +14,8 @@
 //! in-memory maps (`global_lb_bpf::FakeMaps`, the same slot-level update logic the kernel maps
 //! get). The kernel map writes themselves are measured by `bench --bin datapath`.
 //!
-//! Run: `cargo run --release -p mesh-bench --bin node_sync` (needs /usr/bin/etcd).
+//! Run: `cargo run --release -p mesh-bench --bin node_sync` (needs /usr/bin/etcd). On a busy host
+//! the tails measure the scheduler; `chrt -f 10 target/release/node_sync` gives stable p99s.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

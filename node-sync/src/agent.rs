@@ -180,6 +180,9 @@ pub struct AgentState {
     dir_errors: Vec<String>,
     /// Recent failovers and failbacks (newest last).
     pub failover_log: std::collections::VecDeque<FailoverEvent>,
+    /// The initial reconcile ran without the local cluster's sync: services the maps hold and
+    /// the index lacks are kept until it is synced.
+    pub sweep_pending: bool,
     /// Connections the datapath sent to each backend, refreshed with the node summary.
     pub connections: HashMap<(std::net::IpAddr, u16), u64>,
 }
@@ -332,6 +335,7 @@ pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
         dir_sources: BTreeMap::new(),
         dir_errors: Vec::new(),
         failover_log: std::collections::VecDeque::new(),
+        sweep_pending: false,
         connections: HashMap::new(),
         opts,
     };
@@ -768,10 +772,16 @@ fn after_batch(st: &mut AgentState) {
         let Some(mut r) = st.reconciler.take() else {
             return;
         };
+        if !local_synced {
+            tracing::warn!(
+                "sync timeout without the local cluster's sync: programming what is known, keeping the other services in the maps"
+            );
+        }
         match r.reload() {
             Ok(()) => {
                 st.index.take_changes();
-                let w = r.reconcile_all(st.index.desired().iter());
+                let w = r.reconcile(st.index.desired().iter(), local_synced);
+                st.sweep_pending = !local_synced;
                 st.map_writes.0 += w.upserts;
                 st.map_writes.1 += w.deletes;
                 tracing::info!(
@@ -789,6 +799,21 @@ fn after_batch(st: &mut AgentState) {
                 return;
             }
         }
+        return;
+    }
+    if st.sweep_pending && st.clusters.get(&st.opts.cluster).is_some_and(|c| c.synced) {
+        if let Some(r) = st.reconciler.as_mut() {
+            st.index.take_changes();
+            let w = r.reconcile_all(st.index.desired().iter());
+            st.map_writes.0 += w.upserts;
+            st.map_writes.1 += w.deletes;
+            tracing::info!(
+                upserts = w.upserts,
+                deletes = w.deletes,
+                "local cluster synced: full reconcile done"
+            );
+        }
+        st.sweep_pending = false;
         return;
     }
     if !st.index.has_changes() {

@@ -319,6 +319,16 @@ impl<M: MapWriter> Reconciler<M> {
         &mut self,
         desired: impl IntoIterator<Item = (&'a Frontend, &'a Backends)>,
     ) -> WriteCounts {
+        self.reconcile(desired, true)
+    }
+
+    /// Like [`Reconciler::reconcile_all`], but frontends the maps hold and `desired` lacks are
+    /// kept (`sweep == false`): used when the desired state is known to be incomplete.
+    pub fn reconcile<'a>(
+        &mut self,
+        desired: impl IntoIterator<Item = (&'a Frontend, &'a Backends)>,
+        sweep: bool,
+    ) -> WriteCounts {
         let mut counts = WriteCounts::default();
         let mut wanted = std::collections::HashSet::new();
         for (fe, backends) in desired {
@@ -332,6 +342,9 @@ impl<M: MapWriter> Reconciler<M> {
                 continue;
             }
             counts = add(counts, self.set(fe, Some(backends.clone())));
+        }
+        if !sweep {
+            return counts;
         }
         let stale: Vec<Frontend> = self
             .programmed

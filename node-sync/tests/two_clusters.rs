@@ -508,3 +508,28 @@ async fn a_changed_remote_file_moves_to_the_new_endpoints_and_sweeps_what_they_l
     // The move never left the service without backends: one write, from two backends to one.
     assert_eq!(maps.take_history().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_local_etcd_at_restart_never_empties_the_maps() {
+    let be = Backend {
+        cluster: c("c1").into(),
+        ip: "10.1.0.1".parse().unwrap(),
+        port: 8080,
+        protocol: mesh_model::values::Protocol::Tcp,
+    };
+    let maps = FakeMaps::with(HashMap::from([(vip(), vec![be])]));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut opts = options_url(&dead, "c1", 1, None);
+    opts.sync_timeout = Duration::from_millis(300);
+    let agent = start_agent(opts, &maps);
+    wait_for(
+        "ready after the sync timeout",
+        Duration::from_secs(10),
+        || agent.state().ready,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(maps.get(&vip()).map(|b| b.len()), Some(1));
+    assert_eq!(maps.counts().deletes, 0);
+    assert!(agent.state().sweep_pending);
+}

@@ -29,15 +29,18 @@ impl HealthTracker {
         }
     }
 
-    /// Set the targets; new ones start healthy, vanished ones are forgotten. Returns whether the
-    /// set changed.
+    /// Set the targets; vanished ones are forgotten. A new target has no history, so its first
+    /// probe decides its verdict (after a restart a dead backend is reported failing at once, not
+    /// after `failures` more probes); from then on `failures` misses in a row make it failing.
+    /// Returns whether the set changed.
     pub fn set_targets(&mut self, targets: &BTreeSet<ProbeTarget>) -> bool {
         let before = self.state.len();
         self.state.retain(|t, _| targets.contains(t));
         let mut changed = self.state.len() != before;
         for t in targets {
             if !self.state.contains_key(t) {
-                self.state.insert(t.clone(), (0, Verdict::Healthy));
+                self.state
+                    .insert(t.clone(), (self.failures_needed - 1, Verdict::Healthy));
                 changed = true;
             }
         }
@@ -194,6 +197,11 @@ mod tests {
         let mut h = HealthTracker::new(2);
         let a = t(1, ProbeKind::Tcp);
         assert!(h.set_targets(&BTreeSet::from([a.clone()])));
+        // The first probe of a new target decides.
+        assert!(h.record(&a, false));
+        assert_eq!(h.verdict(&a), Some(Verdict::Failing));
+        assert!(h.record(&a, true));
+        // From then on two misses in a row.
         assert!(!h.record(&a, false));
         assert_eq!(h.verdict(&a), Some(Verdict::Healthy));
         assert!(h.record(&a, false));

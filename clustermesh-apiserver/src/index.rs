@@ -291,6 +291,8 @@ pub struct MeshIndex {
     nodes: BTreeMap<String, Node>,
     /// Endpoint chunk assignment per service (seeded from etcd).
     chunks: HashMap<ServiceName, ChunkedEndpoints>,
+    /// Services whose endpoints are not published but whose chunk assignment is kept (see `compact`).
+    unpublished: BTreeSet<ServiceName>,
     /// Chunk numbers whose keys are in `desired`, per service.
     published_chunks: HashMap<ServiceName, BTreeSet<u32>>,
     identities: IdentityAllocator,
@@ -323,6 +325,7 @@ impl MeshIndex {
             namespaces: BTreeMap::new(),
             nodes: BTreeMap::new(),
             chunks: HashMap::new(),
+            unpublished: BTreeSet::new(),
             published_chunks: HashMap::new(),
             identities: IdentityAllocator::default(),
             ip_claims: BTreeMap::new(),
@@ -398,6 +401,24 @@ impl MeshIndex {
         if let Some(alloc) = &mut self.imports {
             for (svc, ip) in imports {
                 alloc.seed(svc, ip);
+            }
+        }
+    }
+
+    /// Forgets the endpoint chunk assignments of services whose endpoints are not published (deleted, not
+    /// global, not shared, or seeded from etcd and never seen). Call once every source has synced: before that an
+    /// assignment seeded from etcd must wait for its Service to arrive, so a restart rewrites nothing.
+    pub fn compact(&mut self) {
+        self.compact_unpublished();
+        let published = &self.published_chunks;
+        self.chunks.retain(|svc, _| published.contains_key(svc));
+    }
+
+    /// The cheap part of [`MeshIndex::compact`]: only the services that became unpublished since the last call.
+    pub fn compact_unpublished(&mut self) {
+        for svc in std::mem::take(&mut self.unpublished) {
+            if !self.published_chunks.contains_key(&svc) {
+                self.chunks.remove(&svc);
             }
         }
     }
@@ -871,31 +892,41 @@ impl MeshIndex {
             service: svc.clone(),
         }
         .to_string();
-        let endpoints = match &spec {
-            Some(spec) if spec.shared => self.service_endpoints(svc),
-            _ => Vec::new(),
+        let publish_endpoints = matches!(&spec, Some(s) if s.shared);
+        let endpoints = if publish_endpoints {
+            self.service_endpoints(svc)
+        } else {
+            Vec::new()
         };
         self.set(
             key,
             spec.as_ref()
                 .map(|s| MeshValue::Service(s.clone()).encode()),
         );
-        // Endpoint chunks: stable assignment, then (re)publish changed or not yet published chunks.
-        let chunker = self.chunks.entry(svc.clone()).or_default();
-        let changed = chunker.set_all(endpoints);
-        let now: BTreeSet<u32> = chunker.chunk_numbers().collect();
+        // Endpoint chunks: stable assignment, then (re)publish changed or not yet published chunks. While the
+        // service is not published its assignment is kept (objects may arrive in any order after a restart, and
+        // the assignment seeded from etcd must survive until the Service is there); `compact` drops it later.
         let published = self.published_chunks.remove(svc).unwrap_or_default();
         let mut writes: Vec<(u32, Option<Vec<Endpoint>>)> = Vec::new();
-        for n in &now {
-            if changed.contains(n) || !published.contains(n) {
-                writes.push((*n, chunker.chunk(*n)));
+        let mut now: BTreeSet<u32> = BTreeSet::new();
+        if publish_endpoints {
+            let chunker = self.chunks.entry(svc.clone()).or_default();
+            let changed = chunker.set_all(endpoints);
+            now = chunker.chunk_numbers().collect();
+            for n in &now {
+                if changed.contains(n) || !published.contains(n) {
+                    writes.push((*n, chunker.chunk(*n)));
+                }
             }
+            if chunker.is_empty() {
+                self.chunks.remove(svc);
+            }
+            self.unpublished.remove(svc);
+        } else if self.chunks.contains_key(svc) {
+            self.unpublished.insert(svc.clone());
         }
         for n in published.difference(&now) {
             writes.push((*n, None));
-        }
-        if chunker.is_empty() {
-            self.chunks.remove(svc);
         }
         for (n, eps) in writes {
             let key = MeshKey::EndpointChunk {

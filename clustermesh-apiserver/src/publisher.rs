@@ -509,6 +509,9 @@ async fn run_term(
             Ok(st) => {
                 pending.clear();
                 backoff.reset();
+                if synced_once {
+                    index.compact_unpublished();
+                }
                 status.update(|s| {
                     s.keys_put_total += st.puts;
                     s.keys_deleted_total += st.deletes;
@@ -532,6 +535,7 @@ async fn run_term(
                     match writer.write(missing, &guard).await {
                         Ok(cst) => {
                             synced_once = true;
+                            index.compact();
                             info!(
                                 puts = st.puts,
                                 deletes = st.deletes,

@@ -84,10 +84,29 @@ pub fn run(m: &mut ChaosMesh, seed: u64, steps: usize, budget: Duration) -> Resu
     for i in 0..steps {
         let fault = pick(&mut rng, m.model.clusters, m.model.nodes);
         let hold = Duration::from_millis(rng.random_range(300..2000));
+        // Half the episodes run while one cluster is drained, so its nodes depend on the others
+        // (a partition, a remote etcd or apiserver crash then matters to their maps).
+        // (Not with a graceful drain: two drained clusters whose backends stop is an outage the
+        // operator made, not a fault.)
+        let drained = (m.model.clusters > 1 && rng.random_bool(0.5))
+            .then(|| rng.random_range(1..=m.model.clusters))
+            .filter(|_| !matches!(fault, Fault::GracefulDrain { .. }));
         let mark = traffic.mark();
-        let ep = episode(m, fault, hold, budget).with_context(|| {
+        let ep = (|| {
+            if let Some(d) = drained {
+                m.publish_cluster(d, Published::Terminating)?;
+                m.converge(budget).context("after the background drain")?;
+            }
+            let ep = episode(m, fault, hold, budget)?;
+            if let Some(d) = drained {
+                m.publish_cluster(d, Published::Ready)?;
+                m.converge(budget).context("after the background drain ended")?;
+            }
+            anyhow::Ok(ep)
+        })()
+        .with_context(|| {
             format!(
-                "seed {seed}, episode {}/{steps}: {fault:?} (hold {hold:?})",
+                "seed {seed}, episode {}/{steps}: {fault:?} (hold {hold:?}, drained cluster {drained:?})",
                 i + 1
             )
         })?;
@@ -98,9 +117,10 @@ pub fn run(m: &mut ChaosMesh, seed: u64, steps: usize, budget: Duration) -> Resu
             ..ep
         };
         eprintln!(
-            "[chaos] seed {seed} #{:>3} {:<45} settled in {:>4} ms ({} nodes compared, {} unknown), {} / {} connects failed",
+            "[chaos] seed {seed} #{:>3} {:<45} drained {:<7} settled in {:>4} ms ({} nodes compared, {} unknown), {} / {} connects failed",
             i + 1,
             format!("{fault:?}"),
+            format!("{drained:?}"),
             ep.settle.as_millis(),
             ep.compared,
             ep.unknown,

@@ -185,6 +185,10 @@ pub struct AgentState {
     pub sweep_pending: bool,
     /// Connections the datapath sent to each backend, refreshed with the node summary.
     pub connections: HashMap<(std::net::IpAddr, u16), u64>,
+    /// Query counters of the clusterset.local DNS server, when one runs (shown in /metrics).
+    pub dns_metrics: Option<Arc<clusterset_dns::DnsMetrics>>,
+    dns_zone: watch::Sender<Arc<clusterset_dns::Zone>>,
+    dns_generation: u64,
 }
 
 impl AgentState {
@@ -298,6 +302,12 @@ impl Agent {
         self.shared.clone()
     }
 
+    /// The clusterset.local zone, kept current while someone holds a receiver (for
+    /// `clusterset_dns::DnsServer`).
+    pub fn dns_zone(&self) -> watch::Receiver<Arc<clusterset_dns::Zone>> {
+        self.state().dns_zone.subscribe()
+    }
+
     /// Stop the agent and its tasks.
     pub fn stop(&self) {
         self.task.abort();
@@ -337,6 +347,9 @@ pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
         failover_log: std::collections::VecDeque::new(),
         sweep_pending: false,
         connections: HashMap::new(),
+        dns_metrics: None,
+        dns_zone: watch::channel(Arc::new(clusterset_dns::Zone::default())).0,
+        dns_generation: u64::MAX,
         opts,
     };
     let shared = Arc::new(Mutex::new(state));
@@ -460,6 +473,7 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 let mut st = lock(&shared);
                 evaluate_liveness(&mut st);
                 after_batch(&mut st);
+                refresh_dns_zone(&mut st);
                 let targets = st.index.probe_targets(&st.opts.node);
                 targets_tx.send_if_modified(|cur| {
                     if *cur != targets { *cur = targets; true } else { false }
@@ -689,6 +703,23 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
         }
     }
     false
+}
+
+/// Rebuild the DNS zone when the index changed and someone serves it.
+fn refresh_dns_zone(st: &mut AgentState) {
+    if st.dns_zone.receiver_count() == 0 || st.dns_generation == st.index.generation() {
+        return;
+    }
+    st.dns_generation = st.index.generation();
+    let zone = Arc::new(st.index.dns_zone());
+    st.dns_zone.send_if_modified(|cur| {
+        if **cur != *zone {
+            *cur = zone;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 fn evaluate_liveness(st: &mut AgentState) {

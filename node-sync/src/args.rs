@@ -108,6 +108,19 @@ pub struct Args {
     )]
     pub status_listen: SocketAddr,
 
+    /// Serve `clusterset.local` (Kubernetes Multi-Cluster Services DNS names) on this address
+    /// (UDP and TCP); off when unset.
+    #[arg(long, env = "CLUSTERMESH_DNS_LISTEN")]
+    pub dns_listen: Option<SocketAddr>,
+
+    /// Forward questions outside `clusterset.local` to this resolver (refused when unset).
+    #[arg(long, env = "CLUSTERMESH_DNS_FORWARD")]
+    pub dns_forward: Option<SocketAddr>,
+
+    /// TTL of the clusterset.local records, in seconds.
+    #[arg(long, env = "CLUSTERMESH_DNS_TTL", default_value_t = 5)]
+    pub dns_ttl: u32,
+
     /// Use the in-memory map writer instead of the eBPF maps (tests and demos without BPF).
     #[arg(long, env = "CLUSTERMESH_FAKE_MAPS")]
     pub fake_maps: bool,

@@ -183,6 +183,7 @@ pub struct MergeIndex {
     changed: HashSet<Frontend>,
     failovers: u64,
     group_changes: Vec<GroupChange>,
+    generation: u64,
 }
 
 /// The cluster group a service's traffic goes to changed (failover, failback, or loss).
@@ -222,6 +223,7 @@ impl MergeIndex {
             changed: HashSet::new(),
             failovers: 0,
             group_changes: Vec::new(),
+            generation: 0,
         }
     }
 
@@ -551,6 +553,71 @@ impl MergeIndex {
         out
     }
 
+    /// A number that grows whenever a service is recomputed (to rebuild derived views lazily).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The `clusterset.local` view: every global service with its ClusterSetIPs (the local
+    /// Service's addresses or this cluster's import) and, for headless services, the usable
+    /// endpoints of the live clusters that share it, local ones first.
+    pub fn dns_zone(&self) -> clusterset_dns::Zone {
+        let mut zone = clusterset_dns::Zone::default();
+        for (name, e) in &self.services {
+            let local_spec = e.specs.get(&self.local);
+            let governing = local_spec.or_else(|| e.specs.values().next());
+            let headless = governing.is_some_and(|s| s.headless);
+            let (ips, ports) = match (local_spec, &e.import) {
+                (Some(s), _) => (s.frontends.clone(), s.ports.clone()),
+                (None, Some(i)) => (i.ips.clone(), i.ports.clone()),
+                (None, None) if headless => (
+                    Vec::new(),
+                    governing.map(|s| s.ports.clone()).unwrap_or_default(),
+                ),
+                (None, None) => continue,
+            };
+            let mut endpoints = Vec::new();
+            if headless {
+                for (cref, chunks) in &e.endpoints {
+                    let is_local = *cref == self.local;
+                    let shares = e
+                        .specs
+                        .get(cref.name())
+                        .is_some_and(|s| is_local || s.shared);
+                    if !shares || (!is_local && self.stale.contains(cref.name())) {
+                        continue;
+                    }
+                    for ep in chunks.values().flatten() {
+                        let failing = ep.ports.iter().any(|p| {
+                            self.health
+                                .get(&(ep.ip, p.port, p.protocol))
+                                .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing))
+                        });
+                        if !ep.conditions.usable() || failing {
+                            continue;
+                        }
+                        endpoints.push(clusterset_dns::DnsEndpoint {
+                            ip: ep.ip,
+                            cluster: cref.name().clone(),
+                            hostname: ep.hostname.clone(),
+                            local: is_local,
+                            ports: ep.ports.clone(),
+                        });
+                    }
+                }
+                endpoints.sort_by_key(|d| !d.local);
+            }
+            zone.insert(clusterset_dns::DnsService {
+                name: name.clone(),
+                cluster_set_ips: if headless { Vec::new() } else { ips },
+                headless,
+                ports,
+                endpoints,
+            });
+        }
+        zone
+    }
+
     /// How many times a frontend moved from its preferred group to a failover group.
     pub fn failovers(&self) -> u64 {
         self.failovers
@@ -635,6 +702,7 @@ impl MergeIndex {
         let Some(mut entry) = self.services.remove(name) else {
             return;
         };
+        self.generation += 1;
         let old = entry.status.take();
         let old_groups = selected_clusters(old.as_ref().and_then(|s| s.frontends.first()));
         if entry.is_empty() {

@@ -35,6 +35,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the status server to {}", args.status_listen))?;
     let agent = agent::start(opts, maps);
+    let _dns = match args.dns_listen {
+        Some(listen) => {
+            let metrics = std::sync::Arc::new(clusterset_dns::DnsMetrics::default());
+            node_sync::agent::lock(&agent.shared()).dns_metrics = Some(metrics.clone());
+            let config = clusterset_dns::DnsConfig {
+                ttl: args.dns_ttl,
+                forward: args.dns_forward,
+                ..Default::default()
+            };
+            let server = clusterset_dns::DnsServer::bind(listen, agent.dns_zone(), config, metrics)
+                .await
+                .with_context(|| format!("binding the clusterset.local DNS server to {listen}"))?;
+            tracing::info!(listen = %server.local_addr, "serving clusterset.local");
+            Some(server)
+        }
+        None => None,
+    };
     let status = tokio::spawn(node_sync::status::serve(listener, agent.shared()));
     tracing::info!(cluster = %args.cluster_name, node = %args.node_name, status = %args.status_listen, "node-sync started");
     tokio::select! {

@@ -280,6 +280,9 @@ pub fn render_metrics(st: &AgentState) -> String {
         "Endpoints held from every cluster",
     );
     let _ = writeln!(o, "nodesync_endpoints {}", st.index.endpoint_count());
+    if let Some(dns) = &st.dns_metrics {
+        o.push_str(&dns.prometheus());
+    }
     o
 }
 

@@ -1084,6 +1084,9 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
         "nodeSync.health.interval=1s",
         "nodeSync.staleGrace=2m",
         "nodeSync.syncTimeout=1m30s",
+        "nodeSync.dns.enabled=true",
+        "nodeSync.dns.forward=10.96.0.10:53",
+        "nodeSync.dns.ttl=3",
     ])
     .expect("render with every optional flag");
     let r = Rendered {
@@ -1124,6 +1127,9 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
     );
     assert!(parsed.kvstoremesh);
     assert_eq!(parsed.stale_grace, std::time::Duration::from_secs(120));
+    assert_eq!(parsed.dns_listen.map(|a| a.port()), Some(10053));
+    assert_eq!(parsed.dns_forward, Some("10.96.0.10:53".parse().unwrap()));
+    assert_eq!(parsed.dns_ttl, 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2656,4 +2662,87 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
         let got = node.get("clustermesh/v1/heartbeat/cluster1", None).await.expect("node reads");
         assert_eq!(got.kvs().len(), 1, "node-sync reads what the apiserver wrote");
     });
+}
+
+/// With `nodeSync.dns.enabled`, node-sync serves clusterset.local on the port its container
+/// declares (UDP and TCP), and a node-local Service (internalTrafficPolicy: Local) sends queries to
+/// the node-sync of the node they come from; without it there is neither flag nor Service.
+#[test]
+fn clusterset_dns_is_served_by_node_sync_behind_a_node_local_service() {
+    let mut enabled_cases = 0;
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let c = container(r.node_sync(), "node-sync");
+        let parsed = parse_node_sync(name, &args(c));
+        let enabled = at(&r.values, &["nodeSync", "dns", "enabled"])
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let services: Vec<&Value> = r
+            .of_kind("Service")
+            .filter(|s| {
+                str_at(s, &["metadata", "name"]).is_some_and(|n| n.ends_with("-node-sync-dns"))
+            })
+            .collect();
+        if !enabled {
+            assert!(parsed.dns_listen.is_none(), "{name}: DNS is off by default");
+            assert!(
+                services.is_empty(),
+                "{name}: no DNS Service when DNS is off"
+            );
+            continue;
+        }
+        enabled_cases += 1;
+        let listen = parsed
+            .dns_listen
+            .unwrap_or_else(|| panic!("{name}: --dns-listen"));
+        let ports = seq_at(c, &["ports"]);
+        for proto in ["UDP", "TCP"] {
+            let p = ports
+                .iter()
+                .find(|p| {
+                    str_at(p, &["protocol"]) == Some(proto)
+                        && at(p, &["containerPort"]).and_then(Value::as_u64)
+                            == Some(u64::from(listen.port()))
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name}: no {proto} container port {} for --dns-listen",
+                        listen.port()
+                    )
+                });
+            let port_name = str_at(p, &["name"]).unwrap();
+            assert_eq!(services.len(), 1, "{name}: one DNS Service");
+            let svc = services[0];
+            assert_eq!(
+                str_at(svc, &["spec", "internalTrafficPolicy"]),
+                Some("Local"),
+                "{name}"
+            );
+            let sp = seq_at(svc, &["spec", "ports"])
+                .iter()
+                .find(|sp| str_at(sp, &["protocol"]) == Some(proto))
+                .unwrap_or_else(|| panic!("{name}: DNS Service has no {proto} port"));
+            assert_eq!(
+                at(sp, &["port"]).and_then(Value::as_u64),
+                Some(53),
+                "{name}"
+            );
+            assert_eq!(
+                str_at(sp, &["targetPort"]),
+                Some(port_name),
+                "{name}: {proto} target port"
+            );
+        }
+        if let Some(ip) = str_at(&r.values, &["nodeSync", "dns", "clusterIP"]) {
+            assert_eq!(
+                str_at(services[0], &["spec", "clusterIP"]),
+                Some(ip),
+                "{name}"
+            );
+        }
+    }
+    assert!(
+        enabled_cases >= 1,
+        "no example enables the clusterset.local DNS"
+    );
 }

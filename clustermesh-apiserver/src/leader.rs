@@ -101,6 +101,16 @@ fn spawn_keepalive(
     })
 }
 
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
 /// Campaigns until this replica holds the leader key. Keeps a standby waiting on a watch of the key (no polling).
 pub async fn campaign(
     client: &Client,
@@ -135,11 +145,11 @@ async fn try_campaign(
         .map_err(|e| EtcdError::request("lease grant", e))?
         .id();
     let (lost_tx, lost_rx) = watch::channel(false);
-    let keepalive = spawn_keepalive(client.clone(), lease, ttl, lost_tx);
+    // Aborted if this attempt fails (an error return drops it); handed to the term on success.
+    let mut keepalive = AbortOnDrop(Some(spawn_keepalive(client.clone(), lease, ttl, lost_tx)));
     let mut announced = false;
     loop {
         if *lost_rx.borrow() {
-            keepalive.abort();
             return Err(EtcdError::LostLeadership);
         }
         let txn = Txn::new()
@@ -157,6 +167,9 @@ async fn try_campaign(
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             info!(key, replica, revision = rev, "became leader");
+            let Some(keepalive) = keepalive.0.take() else {
+                return Err(EtcdError::LostLeadership);
+            };
             return Ok(LeaderTerm {
                 key: key.to_owned(),
                 revision: rev,

@@ -75,6 +75,22 @@ for c in "${clusters[@]}"; do
         --dry-run=client -o yaml | kubectl --context "${context}" apply -f - >/dev/null
     # Remote clusters reach the managed etcd on any node's address: all of them go into the SANs.
     sans="$(node_ips "${c}" | paste -sd, -)"
+    # The other clusters as static remotes of node-sync, at their etcd NodePort on every node
+    # (`clustermesh connect` below adds the etcd users and the registrations; these files give
+    # node-sync addresses it can reach from this cluster).
+    peers=()
+    i=0
+    for other in "${clusters[@]}"; do
+        [ "${other}" = "${c}" ] && continue
+        peers+=(--set "clustermesh.config.clusters[${i}].name=${other}")
+        peers+=(--set "clustermesh.config.clusters[${i}].id=$(cluster_id "${other}")")
+        j=0
+        while read -r ip; do
+            peers+=(--set "clustermesh.config.clusters[${i}].endpoints[${j}]=https://${ip}:${ETCD_NODE_PORT}")
+            j=$((j + 1))
+        done < <(node_ips "${other}")
+        i=$((i + 1))
+    done
     log "installing the chart in ${c} (id $(cluster_id "${c}"), server SANs ${sans})"
     helm upgrade --install "${RELEASE}" "${repo}/helm/clustermesh" \
         --kube-context "${context}" --namespace "${NAMESPACE}" \
@@ -88,6 +104,7 @@ for c in "${clusters[@]}"; do
         --set image.cli.tag="${IMAGE_TAG}" --set image.pullPolicy=Never \
         --set apiserver.logFormat=plain --set nodeSync.logFormat=plain \
         --set nodeSync.cgroup.attachPath=kubelet.slice \
+        "${peers[@]}" \
         --wait --timeout 5m
 done
 

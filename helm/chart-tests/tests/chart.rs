@@ -2069,20 +2069,23 @@ fn certgen_job_script_issues_from_a_shared_ca_secret_without_making_a_new_ca() {
 
 /// The arguments up.sh passes to `helm upgrade --install` for cluster `c`, computed by bash itself
 /// from up.sh's own text (helm replaced by a function that prints its arguments).
-fn up_sh_helm_args(c: &str, sans: &str) -> Vec<String> {
+fn up_sh_helm_args(c: &str) -> Vec<String> {
     let dir = repo_root().join("kind-multicluster");
     let up = std::fs::read_to_string(dir.join("up.sh")).unwrap();
     let start = up
-        .find("    helm upgrade --install")
-        .expect("up.sh runs helm upgrade --install");
+        .find("    sans=\"$(node_ips")
+        .expect("up.sh computes the server SANs, then runs helm upgrade --install");
     let end = start
         + up[start..]
             .find("--wait --timeout")
             .expect("helm ... --wait")
         + "--wait --timeout 5m".len();
     let snippet = &up[start..end];
+    // Nodes of cN have the addresses 172.18.N.2 and 172.18.N.3.
     let script = format!(
-        "set -euo pipefail\nsource {lib}\nc={c}\ncontext=kind-{c}\nsans={sans}\nhelm() {{ printf '%s\\0' \"$@\"; }}\n{snippet}\n",
+        "set -euo pipefail\nsource {lib}\nclusters=(c1 c2 c3)\nc={c}\ncontext=kind-{c}\n\
+         node_ips() {{ printf '172.18.%s.2\\n172.18.%s.3\\n' \"${{1#c}}\" \"${{1#c}}\"; }}\n\
+         helm() {{ printf '%s\\0' \"$@\"; }}\n{snippet}\n",
         lib = dir.join("lib.sh").display()
     );
     let mut cmd = Command::new("bash");
@@ -2104,7 +2107,7 @@ fn up_sh_helm_args(c: &str, sans: &str) -> Vec<String> {
 #[test]
 fn up_sh_installs_the_chart_with_values_the_chart_and_the_binaries_accept() {
     for (c, id) in [("c1", 1), ("c2", 2), ("c3", 3)] {
-        let helm_args = up_sh_helm_args(c, "172.18.0.2,172.18.0.3");
+        let helm_args = up_sh_helm_args(c);
         assert_eq!(&helm_args[..2], ["upgrade", "--install"], "{helm_args:?}");
         assert!(
             helm_args[3].ends_with("/helm/clustermesh"),
@@ -2137,9 +2140,44 @@ fn up_sh_installs_the_chart_with_values_the_chart_and_the_binaries_accept() {
         let job = r.one("Job", "-certgen");
         let server_sans = env(container(job, "certgen"), "SERVER_SANS").unwrap();
         assert!(
-            server_sans.contains("172.18.0.2") && server_sans.contains("172.18.0.3"),
+            server_sans.contains(&format!("172.18.{id}.2"))
+                && server_sans.contains(&format!("172.18.{id}.3")),
             "{server_sans}"
         );
+        // The other clusters are static remotes of node-sync at their etcd NodePort on each node,
+        // in files node-sync's own parser accepts.
+        let cm = r.one("ConfigMap", "-node-sync-remotes");
+        let data = at(cm, &["data"])
+            .and_then(Value::as_mapping)
+            .cloned()
+            .unwrap_or_default();
+        let mut peers = Vec::new();
+        for (file, text) in &data {
+            let path = Path::new("/etc/clustermesh/remotes").join(file.as_str().unwrap());
+            let src = node_sync::cluster::parse_remote_file(
+                &path,
+                text.as_str().unwrap(),
+                Some(Path::new("/etc/clustermesh/tls")),
+            )
+            .unwrap_or_else(|e| panic!("{c}: node-sync refuses {}: {e}", path.display()));
+            let n = src.name.as_str().trim_start_matches('c').to_owned();
+            assert_eq!(
+                src.endpoints,
+                [
+                    format!("https://172.18.{n}.2:32379"),
+                    format!("https://172.18.{n}.3:32379")
+                ],
+                "{c}: endpoints of {}",
+                src.name
+            );
+            peers.push(src.name.to_string());
+        }
+        let want: Vec<String> = ["c1", "c2", "c3"]
+            .iter()
+            .filter(|p| **p != c)
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(peers, want, "{c}: every other cluster is a static remote");
         // The images up.sh builds and loads are the ones the chart runs, never pulled.
         for (w, cname) in [(r.apiserver(), "apiserver"), (r.node_sync(), "node-sync")] {
             let cont = container(w, cname);

@@ -299,6 +299,11 @@ pub struct BackendVerdict {
     pub protocol: Protocol,
     /// The verdict.
     pub verdict: Verdict,
+    /// When the evidence for this verdict began (RFC 3339): for `failing`, the first failed probe of the
+    /// streak; for `healthy` after a failure, the first good probe. Lets every node measure failover and
+    /// failback from the moment the backend changed, not from when it heard of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 /// `health/<cluster>/<node>`: verdicts on the backends running on a node.
@@ -934,6 +939,7 @@ mod tests {
                     port: 8080,
                     protocol: Protocol::Tcp,
                     verdict: Verdict::Failing,
+                    since: Some("2026-11-23T15:00:00Z".into()),
                 }],
             }),
         );

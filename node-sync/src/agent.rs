@@ -766,16 +766,31 @@ fn apply_exclusion(st: &mut AgentState, name: &ClusterName) {
 }
 
 fn after_batch(st: &mut AgentState) {
-    let at = mesh_model::values::format_time(time::OffsetDateTime::now_utc());
+    let now = time::OffsetDateTime::now_utc();
+    let at = mesh_model::values::format_time(now);
     let groups = st.index.take_group_changes();
     for g in groups.into_iter().filter(|_| st.ready) {
-        tracing::info!(service = %g.service, from = ?g.from, to = ?g.to, "service traffic moved");
+        // How long the move took, when a health verdict caused it: from the first failed probe of the
+        // clusters traffic left (failover), or from the recovery of the clusters it went to (failback).
+        // Moves caused by endpoint conditions (a graceful drain) carry no probe time.
+        let started = st
+            .index
+            .verdict_since(&g.service, &g.from, mesh_model::values::Verdict::Failing)
+            .or_else(|| {
+                st.index
+                    .verdict_since(&g.service, &g.to, mesh_model::values::Verdict::Healthy)
+            });
+        let duration_ms = started
+            .map(|t| (now - t).whole_milliseconds())
+            .filter(|ms| (0..60_000).contains(ms))
+            .map(|ms| ms as u64);
+        tracing::info!(service = %g.service, from = ?g.from, to = ?g.to, ?duration_ms, "service traffic moved");
         st.failover_log.push_back(FailoverEvent {
             service: g.service.to_string(),
             from: g.from.iter().map(|c| c.to_string()).collect(),
             to: g.to.iter().map(|c| c.to_string()).collect(),
             at: at.clone(),
-            duration_ms: None,
+            duration_ms,
         });
         while st.failover_log.len() > 50 {
             st.failover_log.pop_front();

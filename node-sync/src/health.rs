@@ -18,6 +18,9 @@ use crate::index::{ProbeKind, ProbeTarget};
 pub struct HealthTracker {
     failures_needed: u32,
     state: BTreeMap<ProbeTarget, (u32, Verdict)>,
+    /// When the current streak began: the first failed probe of a failure streak, or the first good
+    /// probe after failing.
+    since: BTreeMap<ProbeTarget, std::time::SystemTime>,
 }
 
 impl HealthTracker {
@@ -26,6 +29,7 @@ impl HealthTracker {
         Self {
             failures_needed: failures_needed.max(1),
             state: BTreeMap::new(),
+            since: BTreeMap::new(),
         }
     }
 
@@ -36,6 +40,7 @@ impl HealthTracker {
     pub fn set_targets(&mut self, targets: &BTreeSet<ProbeTarget>) -> bool {
         let before = self.state.len();
         self.state.retain(|t, _| targets.contains(t));
+        self.since.retain(|t, _| targets.contains(t));
         let mut changed = self.state.len() != before;
         for t in targets {
             if !self.state.contains_key(t) {
@@ -58,10 +63,19 @@ impl HealthTracker {
             return false;
         };
         let old = *verdict;
+        let now = std::time::SystemTime::now();
         if ok {
+            if *fails > 0 || old == Verdict::Failing {
+                // A good probe after failures: the recovery started now.
+                self.since.insert(target.clone(), now);
+            }
             *fails = 0;
             *verdict = Verdict::Healthy;
         } else {
+            if *fails == 0 {
+                // The first failed probe of a streak: the failure started now.
+                self.since.insert(target.clone(), now);
+            }
             *fails = fails.saturating_add(1);
             if *fails >= self.failures_needed {
                 *verdict = Verdict::Failing;
@@ -88,6 +102,10 @@ impl HealthTracker {
                     port: t.port,
                     protocol: t.protocol,
                     verdict: *v,
+                    since: self
+                        .since
+                        .get(t)
+                        .map(|at| mesh_model::values::format_time(time::OffsetDateTime::from(*at))),
                 })
                 .collect(),
         }
@@ -190,6 +208,39 @@ mod tests {
             protocol: Protocol::Tcp,
             check,
         }
+    }
+
+    #[test]
+    fn verdicts_carry_when_their_streak_began() {
+        let mut h = HealthTracker::new(2);
+        let a = t(1, ProbeKind::Tcp);
+        let c = ClusterName::new("c1").unwrap();
+        h.set_targets(&BTreeSet::from([a.clone()]));
+        h.record(&a, true);
+        let healthy_since = h.report(&c, "n1").verdicts[0].since.clone();
+        h.record(&a, true);
+        assert_eq!(
+            h.report(&c, "n1").verdicts[0].since,
+            healthy_since,
+            "good probes in a row do not move it"
+        );
+        h.record(&a, false);
+        let first_miss = h.report(&c, "n1").verdicts[0]
+            .since
+            .clone()
+            .expect("streak start");
+        h.record(&a, false);
+        let r = h.report(&c, "n1");
+        assert_eq!(r.verdicts[0].verdict, Verdict::Failing);
+        assert_eq!(
+            r.verdicts[0].since.as_ref(),
+            Some(&first_miss),
+            "failing since the first miss, not the second"
+        );
+        h.record(&a, true);
+        let r = h.report(&c, "n1");
+        assert_eq!(r.verdicts[0].verdict, Verdict::Healthy);
+        assert!(r.verdicts[0].since.as_ref().unwrap() >= &first_miss);
     }
 
     #[test]

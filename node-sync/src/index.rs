@@ -668,6 +668,44 @@ impl MergeIndex {
     }
 
     /// Number of endpoints held (all clusters).
+    /// When the backends of `service` in `clusters` last changed to `verdict`, by their reporters' clocks:
+    /// the earliest `since` of a failing verdict (a failover started when the first backend began to fail),
+    /// or the latest `since` of a healthy one (a failback started when the last backend recovered).
+    pub fn verdict_since(
+        &self,
+        service: &ServiceName,
+        clusters: &[ClusterName],
+        verdict: Verdict,
+    ) -> Option<time::OffsetDateTime> {
+        let entry = self.services.get(service)?;
+        let ips: HashSet<IpAddr> = entry
+            .endpoints
+            .iter()
+            .filter(|(c, _)| clusters.contains(c.name()))
+            .flat_map(|(_, chunks)| chunks.values().flatten().map(|e| e.ip))
+            .collect();
+        let times = self
+            .reports
+            .values()
+            .flat_map(|r| r.verdicts.iter())
+            .filter_map(|v| {
+                (v.verdict == verdict && ips.contains(&v.ip))
+                    .then(|| v.since.as_deref())
+                    .flatten()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+            });
+        match verdict {
+            Verdict::Failing => times.min(),
+            Verdict::Healthy => times.max(),
+        }
+    }
+
     pub fn endpoint_count(&self) -> usize {
         self.services
             .values()

@@ -116,6 +116,7 @@ fn report(cluster: &str, node: &str, v: &[(&str, Verdict)]) -> HealthReport {
                 port: 8080,
                 protocol: Protocol::Tcp,
                 verdict: *verdict,
+                since: None,
             })
             .collect(),
     }

@@ -116,6 +116,7 @@ async fn clusterset_local_follows_the_index() {
             port: 5432,
             protocol: Protocol::Tcp,
             verdict: Verdict::Failing,
+            since: None,
         }],
     };
     w1.put(

@@ -690,7 +690,7 @@ impl MergeIndex {
             .flat_map(|r| r.verdicts.iter())
             .filter_map(|v| {
                 (v.verdict == verdict && ips.contains(&v.ip))
-                    .then(|| v.since.as_deref())
+                    .then_some(v.since.as_deref())
                     .flatten()
                     .and_then(|t| {
                         time::OffsetDateTime::parse(

@@ -44,6 +44,11 @@ pub async fn connect_with(
     addr: SocketAddr,
     files: &TlsFiles,
 ) -> Result<ClusterMeshClient<Channel>, ClientError> {
+    Ok(ClusterMeshClient::new(channel(addr, files).await?))
+}
+
+/// An mTLS channel to the apiserver (for the gRPC health service or other clients).
+pub async fn channel(addr: SocketAddr, files: &TlsFiles) -> Result<Channel, ClientError> {
     mesh_certs::etcd::check_client_files(files)
         .map_err(|e| ClientError::Credentials(e.to_string()))?;
     let cfg = mesh_certs::tls::grpc_client_config(files)
@@ -73,7 +78,7 @@ pub async fn connect_with(
             addr,
             detail: error_chain(&e),
         })?;
-    Ok(ClusterMeshClient::new(channel))
+    Ok(channel)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

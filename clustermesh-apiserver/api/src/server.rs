@@ -188,7 +188,13 @@ pub async fn serve<C: MeshControl>(
             });
         }
     });
+    // The standard gRPC health service: SERVING for the whole server and for clustermesh.v1.ClusterMesh.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<ClusterMeshServer<MeshService<C>>>()
+        .await;
     let result = tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(MeshService::new(control).into_server())
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await

@@ -92,6 +92,21 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
         },
     ));
 
+    // The standard gRPC health service answers SERVING for the API.
+    let ch = clustermesh_api::client::channel(addr, &c1.tls_files(Role::Node))
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "clustermesh.v1.ClusterMesh".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     // Any certificate of the mesh reads.
     let mut node = clustermesh_api::client::connect(addr, &c1, Role::Node)
         .await

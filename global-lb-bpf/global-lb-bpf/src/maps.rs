@@ -474,6 +474,8 @@ impl<S: MapStore> LbMaps<S> {
         // 1. backends: new ones (counter zeroed first), changed flags rewritten in place.
         let mut wanted: Vec<(u32, u16)> = Vec::with_capacity(backends.len());
         let mut acquired: Vec<u32> = Vec::new();
+        // A set, not the slot list: a 10k-backend service must not cost 10k x 10k comparisons.
+        let old_ids: HashSet<u32> = old_slots.iter().copied().collect();
         for b in &backends {
             let value = backend_value(b);
             let id = match self.backend_ids.get(&b.identity()) {
@@ -504,7 +506,7 @@ impl<S: MapStore> LbMaps<S> {
                     id
                 }
             };
-            if !old_slots.contains(&id) {
+            if !old_ids.contains(&id) {
                 acquired.push(id);
             }
             wanted.push((id, b.weight));

@@ -61,6 +61,16 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
 
+    /// etcd client URLs that other clusters' node-syncs should use (what `clustermesh connect`
+    /// registers), comma-separated: e.g. the NodePort or LoadBalancer address of the etcd Service.
+    /// Default: the endpoints this apiserver uses. They must be on the etcd server certificate.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_ADVERTISE_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub advertise_etcd_endpoints: Vec<String>,
+
     /// TLS directory: a cluster certificate directory from `clustermesh ca issue-cluster` (cluster.json,
     /// ca-bundle.pem, admin.crt/key, ...; the apiserver connects to etcd as admin-<cluster> and publishes the CA
     /// fingerprints), or a directory with ca.crt, tls.crt, tls.key. Plain HTTP to etcd without it.

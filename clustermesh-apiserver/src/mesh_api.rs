@@ -101,7 +101,11 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
         config,
         dir.clone(),
         args.etcd_endpoints.clone(),
-        args.etcd_endpoints.clone(),
+        if args.advertise_etcd_endpoints.is_empty() {
+            args.etcd_endpoints.clone()
+        } else {
+            args.advertise_etcd_endpoints.clone()
+        },
         rx,
     );
     status.mesh.set(control.clone());

@@ -64,6 +64,9 @@ pub struct Episode {
     pub fault: Fault,
     /// Time from the end of the fault until the maps matched.
     pub settle: Duration,
+    /// For control-plane restarts: from the restart until the apiserver led again and every
+    /// node-sync was connected (the settle time counts from then).
+    pub recovery: Option<Duration>,
     /// Nodes compared / left to timing by the model.
     pub compared: usize,
     /// Nodes the model could not decide.
@@ -117,10 +120,12 @@ pub fn run(m: &mut ChaosMesh, seed: u64, steps: usize, budget: Duration) -> Resu
             ..ep
         };
         eprintln!(
-            "[chaos] seed {seed} #{:>3} {:<45} drained {:<7} settled in {:>4} ms ({} nodes compared, {} unknown), {} / {} connects failed",
+            "[chaos] seed {seed} #{:>3} {:<45} drained {:<7} recovered {:>6} settled in {:>4} ms ({} nodes compared, {} unknown), {} / {} connects failed",
             i + 1,
             format!("{fault:?}"),
             format!("{drained:?}"),
+            ep.recovery
+                .map_or("-".to_string(), |d| format!("{}ms", d.as_millis())),
             ep.settle.as_millis(),
             ep.compared,
             ep.unknown,
@@ -136,6 +141,7 @@ pub fn run(m: &mut ChaosMesh, seed: u64, steps: usize, budget: Duration) -> Resu
 fn episode(m: &mut ChaosMesh, fault: Fault, hold: Duration, budget: Duration) -> Result<Episode> {
     // A mid-fault check where the rules give a definite answer soon (health checks, drains).
     let mid = Duration::from_secs(5);
+    let mut recovery = None;
     match fault {
         Fault::BackendKill { c, n } => {
             m.kill_backend(c, n)?;
@@ -164,11 +170,16 @@ fn episode(m: &mut ChaosMesh, fault: Fault, hold: Duration, budget: Duration) ->
             m.kill_apiserver(c)?;
             std::thread::sleep(hold);
             m.start_apiserver(c)?;
+            // The fault ends when the restarted apiserver leads again (after the dead one's lease
+            // lapses): until then nothing the cluster publishes reaches etcd.
+            recovery = Some(m.wait_control_plane(c, Duration::from_secs(20))?);
         }
         Fault::EtcdRestart { c } => {
             m.kill_etcd(c)?;
             std::thread::sleep(hold);
             m.start_etcd(c)?;
+            // ... when the apiserver and every node-sync are connected again.
+            recovery = Some(m.wait_control_plane(c, Duration::from_secs(20))?);
         }
         Fault::Partition { a, b } => {
             m.partition(a, b)?;
@@ -195,6 +206,7 @@ fn episode(m: &mut ChaosMesh, fault: Fault, hold: Duration, budget: Duration) ->
     Ok(Episode {
         fault,
         settle: conv.took,
+        recovery,
         compared: conv.compared,
         unknown: conv.unknown,
         failed_connects: 0,

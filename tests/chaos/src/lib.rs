@@ -597,6 +597,9 @@ impl ChaosMesh {
         let started = Instant::now();
         let deadline = started + timeout;
         let mut last = String::new();
+        // CHAOS_VERBOSE=1: print what is still awaited whenever it changes.
+        let verbose = std::env::var_os("CHAOS_VERBOSE").is_some();
+        let mut shown = String::new();
         loop {
             let leader =
                 match clustermesh_cli::labmesh::http_get(self.mesh.apiserver_status(c), "/metrics")
@@ -644,6 +647,13 @@ impl ChaosMesh {
             }
             if connected {
                 return Ok(started.elapsed());
+            }
+            if verbose && last != shown {
+                eprintln!(
+                    "[chaos] {:>6} ms: waiting: {last}",
+                    started.elapsed().as_millis()
+                );
+                shown = last.clone();
             }
             if Instant::now() >= deadline {
                 bail!("control plane of cluster {c} not back within {timeout:?}: {last}");

@@ -231,7 +231,7 @@ WHY = {
     "resync": "the initial list of 8 etcds and the first full map write take longer on this machine; closing it: parallel initial lists per cluster and one batched map write.",
     "rss": "the figure is the RSS of the whole bench process (it also holds the etcd writers' buffers and the 100k published values); node-sync's own RSS is the agent share. Closing it: run node-sync as its own process in the bench and read its RSS.",
     "propagation": "see the raw output; the watch -> index -> map path exceeds 50 ms at p99 on this loaded 2-core machine.",
-    "datapath": "the hook does the same fixed number of hash lookups at every service count, so a miss at one count and not at the others is mostly drift between rows: in this run the very same direct connect, in the cgroup, measured {drift} against the floor row, several percent of noise on a shared 2-core machine. Closing it: more connects and rounds on an idle machine (BENCH_CONNECTS, BENCH_ROUNDS); if it still misses, one lookup less per connect (service and first backend in one map value).",
+    "datapath": "the hook does the same fixed number of hash lookups at every service count; rows drift by a few percent on a shared 2-core machine (in this run the very same direct connect, in the cgroup, measured {drift} against the floor row), so a miss by a few tenths may be drift. If the same count misses run after run, the cost is real: larger maps mean more cache misses per lookup; closing it: one lookup less per connect (service and first backend in one map value), and confirming with more connects and rounds on an idle machine (BENCH_CONNECTS, BENCH_ROUNDS).",
     "publish_change": "see the raw output.",
     "publish_put": "see the raw output.",
 }

@@ -189,6 +189,8 @@ pub struct AgentState {
     pub dns_metrics: Option<Arc<clusterset_dns::DnsMetrics>>,
     dns_zone: watch::Sender<Arc<clusterset_dns::Zone>>,
     dns_generation: u64,
+    /// Index generation the probe targets were last computed at.
+    probe_generation: u64,
 }
 
 impl AgentState {
@@ -350,6 +352,7 @@ pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
         dns_metrics: None,
         dns_zone: watch::channel(Arc::new(clusterset_dns::Zone::default())).0,
         dns_generation: u64::MAX,
+        probe_generation: u64::MAX,
         opts,
     };
     let shared = Arc::new(Mutex::new(state));
@@ -474,10 +477,15 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 evaluate_liveness(&mut st);
                 after_batch(&mut st);
                 refresh_dns_zone(&mut st);
-                let targets = st.index.probe_targets(&st.opts.node);
-                targets_tx.send_if_modified(|cur| {
-                    if *cur != targets { *cur = targets; true } else { false }
-                });
+                // Only when the index changed: a walk over every local endpoint ten times a second
+                // would cost the most where the mesh is largest.
+                if st.probe_generation != st.index.generation() {
+                    st.probe_generation = st.index.generation();
+                    let targets = st.index.probe_targets(&st.opts.node);
+                    targets_tx.send_if_modified(|cur| {
+                        if *cur != targets { *cur = targets; true } else { false }
+                    });
+                }
             }
             _ = dir_poll.tick() => {
                 let mut st = lock(&shared);

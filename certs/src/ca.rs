@@ -630,13 +630,31 @@ impl ClusterDir {
         })
     }
 
+    /// Whether `path` holds a cluster directory (its `cluster.json`), without reading it: for programs
+    /// that accept either this layout or a Kubernetes TLS secret (`ca.crt`, `tls.crt`, `tls.key`).
+    pub fn is_cluster_dir(path: &Path) -> bool {
+        path.join("cluster.json").is_file()
+    }
+
+    /// The TLS files of `role` in the cluster directory at `path`, without reading anything (so the
+    /// layout is spelled in one place; a missing file is reported when it is used).
+    pub fn tls_files_at(path: &Path, role: Role) -> TlsFiles {
+        TlsFiles {
+            ca_bundle: path.join("ca-bundle.pem"),
+            identity: Some(CertKeyPaths {
+                cert: path.join(format!("{}.crt", role.as_str())),
+                key: path.join(format!("{}.key", role.as_str())),
+            }),
+        }
+    }
+
     /// `cluster.json`.
     pub fn info_file(&self) -> PathBuf {
         self.path.join("cluster.json")
     }
     /// `ca-bundle.pem`: the roots this cluster trusts.
     pub fn ca_bundle(&self) -> PathBuf {
-        self.path.join("ca-bundle.pem")
+        Self::tls_files_at(&self.path, Role::Admin).ca_bundle
     }
     /// `<role>.crt`: leaf first, then the intermediate (for [`Role::Intermediate`]: the intermediate alone).
     pub fn cert(&self, role: Role) -> PathBuf {

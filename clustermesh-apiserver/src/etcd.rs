@@ -56,17 +56,10 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    /// The files of a TLS directory: a cluster certificate directory of `clustermesh ca issue-cluster`
-    /// (`cluster.json` present: `ca-bundle.pem`, `admin.crt`, `admin.key`), or a Kubernetes TLS secret
-    /// (`ca.crt`, `tls.crt`, `tls.key`).
+    /// The files of a Kubernetes TLS secret directory (`ca.crt`, `tls.crt`, `tls.key`). A cluster
+    /// certificate directory (`clustermesh ca issue-cluster`) is opened with `mesh_certs::ClusterDir`
+    /// instead (see `run`).
     pub fn from_dir(dir: &Path) -> Self {
-        if dir.join("cluster.json").is_file() {
-            return Self {
-                ca: dir.join("ca-bundle.pem"),
-                cert: dir.join("admin.crt"),
-                key: dir.join("admin.key"),
-            };
-        }
         Self {
             ca: dir.join("ca.crt"),
             cert: dir.join("tls.crt"),

@@ -68,7 +68,7 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
         warn!("no --tls-dir: the gRPC API (connect, disconnect, status) is off");
         return Ok(());
     };
-    if !tls_dir.join("cluster.json").is_file() {
+    if !ClusterDir::is_cluster_dir(tls_dir) {
         warn!(dir = %tls_dir.display(), "--tls-dir is not a cluster certificate directory (no cluster.json): the gRPC API is off");
         return Ok(());
     }

@@ -62,7 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     // TLS: a cluster certificate directory (clustermesh ca issue-cluster), or a flat ca.crt/tls.crt/tls.key one.
     let cluster_dir = match &args.tls_dir {
-        Some(d) if d.join("cluster.json").is_file() => Some(
+        Some(d) if mesh_certs::ClusterDir::is_cluster_dir(d) => Some(
             mesh_certs::ClusterDir::open(d)
                 .with_context(|| format!("--tls-dir {}", d.display()))?,
         ),

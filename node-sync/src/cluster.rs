@@ -78,13 +78,20 @@ pub struct ClusterSource {
 ///   `node.{crt,key}` for the local etcd or `remote.{crt,key}` for other clusters' etcds;
 /// * a Kubernetes TLS secret: `ca.crt`, `tls.crt`, `tls.key` for every connection.
 pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
-    if dir.join("ca-bundle.pem").exists() {
-        let role = if remote { "remote" } else { "node" };
-        return TlsFiles {
-            ca: CaSource::File(dir.join("ca-bundle.pem")),
-            cert: dir.join(format!("{role}.crt")),
-            key: dir.join(format!("{role}.key")),
+    if mesh_certs::ClusterDir::is_cluster_dir(dir) {
+        let role = if remote {
+            mesh_certs::Role::Remote
+        } else {
+            mesh_certs::Role::Node
         };
+        let f = mesh_certs::ClusterDir::tls_files_at(dir, role);
+        if let Some(id) = f.identity {
+            return TlsFiles {
+                ca: CaSource::File(f.ca_bundle),
+                cert: id.cert,
+                key: id.key,
+            };
+        }
     }
     TlsFiles {
         ca: CaSource::File(dir.join("ca.crt")),

@@ -274,6 +274,14 @@ impl MapWriter for Box<dyn MapWriter> {
     ) -> Result<(), MapError> {
         (**self).upsert_service(frontend, backends)
     }
+    fn update_service(
+        &mut self,
+        frontend: &crate::lb::Frontend,
+        old: &[crate::lb::Backend],
+        new: &[crate::lb::Backend],
+    ) -> Result<(), MapError> {
+        (**self).update_service(frontend, old, new)
+    }
     fn delete_service(&mut self, frontend: &crate::lb::Frontend) -> Result<(), MapError> {
         (**self).delete_service(frontend)
     }

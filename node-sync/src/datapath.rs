@@ -71,6 +71,41 @@ impl<S: ServiceMaps> GlbWriter<S> {
     pub fn maps(&self) -> &S {
         &self.maps
     }
+
+    fn glb_backend(&self, b: &Backend) -> global_lb_bpf::Backend {
+        global_lb_bpf::Backend::new(b.ip, b.port, self.ids.id(&b.cluster))
+            .with_local(b.cluster == self.local)
+    }
+}
+
+/// Past this many changed entries a whole-set upsert is as cheap as an update.
+const SMALL_CHANGE: usize = 64;
+
+/// The backends that leave and join when `old` becomes `new`, if that is a small change: the
+/// merge index emits a frontend's backends in a stable order, so one endpoint change leaves a
+/// common prefix and suffix and a short middle. Two passes of equality checks, no hashing of the
+/// 10k unchanged ones. `None` when the middles are long (a reorder, a failover): upsert then.
+fn small_change<'a>(
+    old: &'a [Backend],
+    new: &'a [Backend],
+) -> Option<(Vec<&'a Backend>, Vec<&'a Backend>)> {
+    let whole_new = new;
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let (old, new) = (&old[prefix..], &new[prefix..]);
+    let suffix = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
+    if old.len() + new.len() > SMALL_CHANGE {
+        return None;
+    }
+    // Removed: what `new` lacks anywhere (a backend listed twice must not go because one copy
+    // did). An entry in both middles moved: listing it as added keeps it.
+    let removed = old.iter().filter(|b| !whole_new.contains(b)).collect();
+    Some((removed, new.iter().collect()))
 }
 
 fn proto(p: Protocol) -> Option<Proto> {
@@ -103,17 +138,34 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         let Some(fe) = glb_frontend(frontend) else {
             return Ok(());
         };
-        let bs: Vec<global_lb_bpf::Backend> = backends
-            .iter()
-            .map(|b| {
-                global_lb_bpf::Backend::new(b.ip, b.port, self.ids.id(&b.cluster))
-                    .with_local(b.cluster == self.local)
-            })
-            .collect();
+        let bs: Vec<global_lb_bpf::Backend> =
+            backends.iter().map(|b| self.glb_backend(b)).collect();
         self.maps
             .upsert_service(&fe, &bs)
             .map(|_| ())
             .map_err(|e| map_err("upsert", frontend, e))
+    }
+
+    fn update_service(
+        &mut self,
+        frontend: &Frontend,
+        old: &[Backend],
+        new: &[Backend],
+    ) -> Result<(), MapError> {
+        let Some(fe) = glb_frontend(frontend) else {
+            return Ok(());
+        };
+        let Some((removed, added)) = small_change(old, new) else {
+            return self.upsert_service(frontend, new);
+        };
+        let removed: Vec<global_lb_bpf::Backend> =
+            removed.iter().map(|b| self.glb_backend(b)).collect();
+        let added: Vec<global_lb_bpf::Backend> =
+            added.iter().map(|b| self.glb_backend(b)).collect();
+        self.maps
+            .update_backends(&fe, &added, &removed)
+            .map(|_| ())
+            .map_err(|e| map_err("update", frontend, e))
     }
 
     fn delete_service(&mut self, frontend: &Frontend) -> Result<(), MapError> {
@@ -234,6 +286,95 @@ mod tests {
         assert_eq!(n.upserts + n.deletes, 0);
         r.set(&fe, None);
         assert!(r.programmed().is_empty());
+    }
+
+    #[test]
+    fn one_endpoint_change_is_a_small_update_and_ends_like_an_upsert() {
+        let ids = ClusterIds::default();
+        ids.set(&c("c1"), 1);
+        ids.set(&c("c2"), 2);
+        let fe = Frontend {
+            ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let b = |cl: &str, i: u32| Backend {
+            cluster: c(cl).into(),
+            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        };
+        let all: Vec<Backend> = (0..500)
+            .map(|i| b(if i % 2 == 0 { "c1" } else { "c2" }, i))
+            .collect();
+        let mut r = Reconciler::new(GlbWriter::new(
+            global_lb_bpf::FakeMaps::new(),
+            c("c1"),
+            ids.clone(),
+        ))
+        .unwrap();
+        let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
+        // Each step: drop one, bring one back, replace the set with a reordered one (a large
+        // change), drop the first and last, a duplicate entry (bad data) then its removal.
+        let mut steps: Vec<Vec<Backend>> = vec![all.clone()];
+        let mut s = all.clone();
+        s.remove(17);
+        steps.push(s.clone());
+        s.insert(17, all[17].clone());
+        steps.push(s.clone());
+        s.reverse();
+        steps.push(s.clone());
+        s.remove(0);
+        s.pop();
+        steps.push(s.clone());
+        s.insert(3, s[200].clone());
+        steps.push(s.clone());
+        s.remove(3);
+        steps.push(s.clone());
+        s.push(b("c2", 9_999));
+        steps.push(s.clone());
+        for (i, step) in steps.iter().enumerate() {
+            let step: crate::lb::Backends = step.clone().into();
+            r.set(&fe, Some(step.clone()));
+            upserted.upsert_service(&fe, &step).unwrap();
+            let svc = |w: &GlbWriter<global_lb_bpf::FakeMaps>| -> Vec<_> {
+                let mut v: Vec<_> = w.maps().services().unwrap()[0]
+                    .backends
+                    .iter()
+                    .map(|x| (x.addr, x.cluster_id, x.local))
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
+        }
+        assert_eq!(svc_len(r.maps()), 499);
+        assert_eq!(r.errors(), 0);
+    }
+
+    fn svc_len(w: &GlbWriter<global_lb_bpf::FakeMaps>) -> usize {
+        w.maps().services().unwrap()[0].backends.len()
+    }
+
+    #[test]
+    fn small_change_finds_the_middle() {
+        let b = |i: u32| Backend {
+            cluster: c("c1").into(),
+            ip: std::net::Ipv4Addr::from(i).into(),
+            port: 1,
+            protocol: Protocol::Tcp,
+        };
+        let old: Vec<Backend> = (0..100).map(b).collect();
+        let mut new = old.clone();
+        new[40] = b(1000);
+        let (removed, added) = small_change(&old, &new).unwrap();
+        assert_eq!(removed, vec![&b(40)]);
+        assert_eq!(added, vec![&b(1000)]);
+        let reversed: Vec<Backend> = old.iter().rev().cloned().collect();
+        assert!(small_change(&old, &reversed).is_none());
+        let (removed, added) = small_change(&old, &old[1..]).unwrap();
+        assert_eq!((removed, added.len()), (vec![&b(0)], 0));
     }
 
     #[test]

@@ -135,6 +135,18 @@ pub trait MapWriter: Send {
     /// Program `frontend` with exactly `backends` (may be empty: connects then fail fast).
     fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend])
     -> Result<(), MapError>;
+    /// Program `frontend`, which holds `old` now, with exactly `new`. Writers that can change a
+    /// few backends without rewriting the whole set override this (one endpoint change of a
+    /// 10k-backend service must not cost a 10k-backend rewrite); the default upserts `new`.
+    fn update_service(
+        &mut self,
+        frontend: &Frontend,
+        old: &[Backend],
+        new: &[Backend],
+    ) -> Result<(), MapError> {
+        let _ = old;
+        self.upsert_service(frontend, new)
+    }
     /// Remove `frontend` from the maps.
     fn delete_service(&mut self, frontend: &Frontend) -> Result<(), MapError>;
     /// Everything programmed now (read back from pinned maps after a restart).
@@ -299,6 +311,11 @@ impl<M: MapWriter> Reconciler<M> {
         &self.programmed
     }
 
+    /// The map writer underneath.
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
     /// Map operations that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors
@@ -363,10 +380,12 @@ impl<M: MapWriter> Reconciler<M> {
         let mut counts = WriteCounts::default();
         match backends {
             Some(b) => {
-                if self.programmed.get(frontend).is_some_and(|cur| *cur == b) {
-                    return counts;
-                }
-                match self.maps.upsert_service(frontend, &b) {
+                let written = match self.programmed.get(frontend) {
+                    Some(cur) if *cur == b => return counts,
+                    Some(cur) => self.maps.update_service(frontend, cur, &b),
+                    None => self.maps.upsert_service(frontend, &b),
+                };
+                match written {
                     Ok(()) => {
                         self.programmed.insert(*frontend, b);
                         counts.upserts += 1;

@@ -278,6 +278,15 @@ impl ServiceMaps for Datapath {
         self.maps.upsert_service(frontend, backends)
     }
 
+    fn update_backends(
+        &mut self,
+        frontend: &Frontend,
+        add: &[crate::Backend],
+        remove: &[crate::Backend],
+    ) -> Result<u32, Error> {
+        self.maps.update_backends(frontend, add, remove)
+    }
+
     fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
         self.maps.delete_service(frontend)
     }

@@ -36,6 +36,23 @@ pub trait ServiceMaps {
     /// service id. Nothing is written when the update cannot fit in the maps.
     fn upsert_service(&mut self, frontend: &Frontend, backends: &[Backend]) -> Result<u32, Error>;
 
+    /// Changes some backends of `frontend` and leaves the others in the slots they hold: every
+    /// backend of `remove` (matched by address, port and cluster) leaves the service, then every
+    /// backend of `add` joins it or gets the weight and flags given (a weight of 0 removes it).
+    /// A backend in both lists ends as `add` says. The result is what [`upsert_service`] of the
+    /// whole new list would give, but the work is proportional to the change (plus one pass over
+    /// the service's slot ids), not to the service's size: this is the path for one endpoint
+    /// change of a large service. A frontend not in the maps is created with `add`. Same
+    /// validation, room checks and write order as [`upsert_service`].
+    ///
+    /// [`upsert_service`]: ServiceMaps::upsert_service
+    fn update_backends(
+        &mut self,
+        frontend: &Frontend,
+        add: &[Backend],
+        remove: &[Backend],
+    ) -> Result<u32, Error>;
+
     /// Removes `frontend`; connects to it are left alone afterwards. Returns whether it existed.
     fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error>;
 
@@ -402,6 +419,17 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
             .map_err(|e| self.after_error(e))
     }
 
+    fn update_backends(
+        &mut self,
+        frontend: &Frontend,
+        add: &[Backend],
+        remove: &[Backend],
+    ) -> Result<u32, Error> {
+        self.sweep_if_needed()?;
+        self.try_update(frontend, add, remove)
+            .map_err(|e| self.after_error(e))
+    }
+
     fn delete_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
         self.sweep_if_needed()?;
         self.try_delete(frontend).map_err(|e| self.after_error(e))
@@ -517,8 +545,38 @@ impl<S: MapStore> LbMaps<S> {
             }
         }
 
-        // 2. slots 1..=new_count, rewriting only those that change.
         let new_slots = assign_slots(&old_slots, &wanted);
+        let kept: HashSet<u32> = new_slots.iter().copied().collect();
+        let dropped: Vec<u32> = old_slots
+            .iter()
+            .copied()
+            .filter(|id| !kept.contains(id))
+            .collect();
+        self.commit_slots(
+            frontend,
+            service_id,
+            old.is_none(),
+            &old_slots,
+            new_slots,
+            dropped,
+        )?;
+        debug!(%frontend, service_id, backends = backends.len(), "service written");
+        Ok(service_id)
+    }
+
+    /// Steps 2 to 4 of an update (module docs): slots `1..=new_count` that change, slot 0 when
+    /// the count changes (or the service is new), stale slots, then `dropped` backends (ids no
+    /// slot of this service holds any more) lose this service's reference. The backends of
+    /// `new_slots` must be in the backends map and referenced already.
+    fn commit_slots(
+        &mut self,
+        frontend: &Frontend,
+        service_id: u32,
+        is_new: bool,
+        old_slots: &[u32],
+        new_slots: Vec<u32>,
+        dropped: Vec<u32>,
+    ) -> Result<(), Error> {
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
                 self.store.put_slot(
@@ -532,9 +590,7 @@ impl<S: MapStore> LbMaps<S> {
                 )?;
             }
         }
-
-        // 3. the switch: slot 0 with the new count.
-        if old.is_none() || old_slots.len() != new_slots.len() {
+        if is_new || old_slots.len() != new_slots.len() {
             self.store.put_slot(
                 &frontend.key(0),
                 &ServiceValue {
@@ -546,19 +602,11 @@ impl<S: MapStore> LbMaps<S> {
             )?;
         }
         self.service_ids.insert(service_id);
-
-        // 4. stale slots, then backends nobody uses.
         for slot in new_slots.len()..old_slots.len() {
             self.store.delete_slot(&frontend.key(slot as u32 + 1))?;
         }
-        self.service_entries = self.service_entries + 1 + new_slots.len()
-            - old.as_ref().map_or(0, |s| 1 + s.slots.len());
-        let kept: HashSet<u32> = new_slots.iter().copied().collect();
-        let dropped: Vec<u32> = old_slots
-            .iter()
-            .copied()
-            .filter(|id| !kept.contains(id))
-            .collect();
+        let old_entries = if is_new { 0 } else { 1 + old_slots.len() };
+        self.service_entries = self.service_entries + 1 + new_slots.len() - old_entries;
         self.services.insert(
             *frontend,
             ServiceState {
@@ -566,8 +614,179 @@ impl<S: MapStore> LbMaps<S> {
                 slots: new_slots,
             },
         );
-        self.release_backends(dropped)?;
-        debug!(%frontend, service_id, backends = backends.len(), "service written");
+        self.release_backends(dropped)
+    }
+
+    /// [`ServiceMaps::update_backends`]: a pass over the service's slot ids against the few ids
+    /// that change (a sorted list, no hashing per slot), holes refilled in place, the tail moved
+    /// into holes that remain.
+    fn try_update(
+        &mut self,
+        frontend: &Frontend,
+        add: &[Backend],
+        remove: &[Backend],
+    ) -> Result<u32, Error> {
+        let Some(old) = self.services.get(frontend) else {
+            return self.try_upsert(frontend, add);
+        };
+        let service_id = old.service_id;
+        let old_slots = old.slots.clone();
+        // Weight 0 in `add` removes; validation merges duplicates and checks the family.
+        let drained: Vec<BackendIdentity> = add
+            .iter()
+            .filter(|b| b.weight == 0)
+            .map(Backend::identity)
+            .collect();
+        let add = Self::validate(frontend, add)?;
+        let add_ids: HashSet<BackendIdentity> = add.iter().map(Backend::identity).collect();
+
+        // Ids whose slots change: removed backends, and added ones that exist already.
+        let mut touched: Vec<u32> = remove
+            .iter()
+            .map(Backend::identity)
+            .chain(drained)
+            .filter(|i| !add_ids.contains(i))
+            .chain(add_ids.iter().copied())
+            .filter_map(|i| self.backend_ids.get(&i).copied())
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let mut held = vec![0usize; touched.len()];
+        let mut positions: Vec<usize> = Vec::new();
+        for (pos, id) in old_slots.iter().enumerate() {
+            if let Ok(t) = touched.binary_search(id) {
+                held[t] += 1;
+                positions.push(pos);
+            }
+        }
+        let held_by = |id: u32| touched.binary_search(&id).map_or(0, |t| held[t]);
+
+        // What each added backend needs: nothing (same weight and value), a value rewrite, or
+        // its slots redone (new, or another weight).
+        let mut fill: Vec<(u32, u16)> = Vec::new();
+        let mut new_backends: Vec<(&Backend, common::Backend)> = Vec::new();
+        let mut rewritten: Vec<(u32, common::Backend)> = Vec::new();
+        let mut keep: Vec<u32> = Vec::new();
+        for b in &add {
+            let value = backend_value(b);
+            match self.backend_ids.get(&b.identity()).copied() {
+                Some(id) => {
+                    if self.backends[&id].value != value {
+                        rewritten.push((id, value));
+                    }
+                    if held_by(id) != usize::from(b.weight) {
+                        fill.push((id, b.weight));
+                    } else {
+                        keep.push(id);
+                    }
+                }
+                None => new_backends.push((b, value)),
+            }
+        }
+        keep.sort_unstable();
+        // Holes: the slots of touched ids that do not keep theirs.
+        let holes: Vec<usize> = positions
+            .into_iter()
+            .filter(|p| keep.binary_search(&old_slots[*p]).is_err())
+            .collect();
+        let added_slots: usize = fill.iter().map(|(_, w)| usize::from(*w)).sum::<usize>()
+            + new_backends
+                .iter()
+                .map(|(b, _)| usize::from(b.weight))
+                .sum::<usize>();
+        let new_total = old_slots.len() - holes.len() + added_slots;
+
+        // Room checks before any write.
+        if new_total > common::MAX_SLOTS_PER_SERVICE as usize {
+            return Err(Error::InvalidService {
+                frontend: *frontend,
+                reason: format!(
+                    "{new_total} slots (sum of weights) exceed the limit of {}",
+                    common::MAX_SLOTS_PER_SERVICE
+                ),
+            });
+        }
+        if self.backends.len() + new_backends.len() >= common::MAX_BACKENDS as usize {
+            return Err(Error::MapFull {
+                map: common::BACKENDS_MAP,
+                capacity: common::MAX_BACKENDS,
+            });
+        }
+        if self.service_entries + new_total.saturating_sub(old_slots.len())
+            > common::MAX_SERVICE_ENTRIES as usize
+        {
+            return Err(Error::MapFull {
+                map: common::SERVICES_MAP,
+                capacity: common::MAX_SERVICE_ENTRIES,
+            });
+        }
+
+        // 1. backends: new ones (counter zeroed first), changed flags rewritten in place.
+        for (id, value) in rewritten {
+            self.store.put_backend(id, &value)?;
+            if let Some(state) = self.backends.get_mut(&id) {
+                state.value = value;
+            }
+        }
+        for (b, value) in new_backends {
+            let id = self.allocate_backend_id()?;
+            self.store.reset_counter(id)?;
+            self.store.put_backend(id, &value)?;
+            self.backends.insert(
+                id,
+                BackendState {
+                    value,
+                    identity: b.identity(),
+                    refs: 0,
+                },
+            );
+            self.backend_ids.insert(b.identity(), id);
+            fill.push((id, b.weight));
+        }
+        // This service's reference: taken by ids it did not hold, given back by ids it drops.
+        for (id, _) in &fill {
+            if held_by(*id) == 0
+                && let Some(state) = self.backends.get_mut(id)
+            {
+                state.refs += 1;
+            }
+        }
+        let refilled: Vec<u32> = fill.iter().map(|(id, _)| *id).collect();
+        let dropped: Vec<u32> = touched
+            .iter()
+            .zip(&held)
+            .filter(|(id, n)| **n > 0 && keep.binary_search(id).is_err() && !refilled.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+
+        // 2-4. the new slot list: holes refilled in order, extra slots appended, holes that
+        // remain filled from the tail, then the shared write order.
+        let mut new_slots = old_slots.clone();
+        let mut fills = fill
+            .iter()
+            .flat_map(|(id, w)| std::iter::repeat_n(*id, usize::from(*w)));
+        let mut open: Vec<usize> = Vec::new();
+        for h in holes {
+            match fills.next() {
+                Some(id) => new_slots[h] = id,
+                None => open.push(h),
+            }
+        }
+        new_slots.extend(fills);
+        if !open.is_empty() {
+            // Move the last live slots into the lowest open holes, then cut the tail.
+            let len = new_slots.len() - open.len();
+            let mut tail = (len..new_slots.len())
+                .rev()
+                .filter(|p| open.binary_search(p).is_err());
+            for h in open.iter().copied().filter(|h| *h < len) {
+                let from = tail.next().expect("as many live tail slots as low holes");
+                new_slots[h] = new_slots[from];
+            }
+            new_slots.truncate(len);
+        }
+        self.commit_slots(frontend, service_id, false, &old_slots, new_slots, dropped)?;
+        debug!(%frontend, service_id, added = add.len(), removed = remove.len(), "service updated");
         Ok(service_id)
     }
 
@@ -750,6 +969,213 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// Replays `ops` over `start` one at a time; after each, every slot a client could pick must
+    /// resolve to a backend of `allowed` or miss (the program then re-reads slot 0).
+    fn assert_every_step_serves(
+        start: MemStore,
+        ops: Vec<MapOp>,
+        f: &Frontend,
+        allowed: &HashSet<(std::net::IpAddr, u16)>,
+    ) {
+        let mut replay = start;
+        for op in ops {
+            match op {
+                MapOp::PutSlot(k, v) => {
+                    replay.slots.insert(k, v);
+                }
+                MapOp::DeleteSlot(k) => {
+                    replay.slots.remove(&k);
+                }
+                MapOp::PutBackend(id, v) => {
+                    replay.backends.insert(id, v);
+                }
+                MapOp::DeleteBackend(id) => {
+                    replay.backends.remove(&id);
+                }
+            }
+            let Some(head) = replay.slots.get(&f.key(0)).copied() else {
+                continue;
+            };
+            for slot in 1..=head.count {
+                if let Some(b) = replay.resolve(&f.key(0), slot) {
+                    let b = backend_from_value(&b);
+                    assert!(allowed.contains(&(b.addr, b.port)), "{b:?} after {op:?}");
+                }
+            }
+        }
+    }
+
+    fn big_service(n: u32) -> Vec<Backend> {
+        (0..n)
+            .map(|i| {
+                be(&format!(
+                    "10.{}.{}.{}:80@{}",
+                    i >> 16,
+                    (i >> 8) & 255,
+                    i & 255,
+                    1 + i % 2
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_endpoint_change_of_a_10k_service_is_a_few_writes() {
+        let f = fe("tcp:127.10.0.1:80");
+        let mut set = big_service(10_000);
+        let mut maps = FakeMaps::new();
+        maps.upsert_service(&f, &set).unwrap();
+
+        // Remove one: the last slot moves into its hole, the count drops, the tail slot and the
+        // backend go.
+        let gone = set.remove(17);
+        let start = maps.store().clone();
+        maps.store_mut().log.clear();
+        maps.update_backends(&f, &[], &[gone]).unwrap();
+        let log = maps.store().log.clone();
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert_eq!(
+            log.iter()
+                .filter(|op| matches!(op, MapOp::DeleteBackend(_)))
+                .count(),
+            1
+        );
+        let mut allowed: HashSet<_> = set.iter().map(|b| (b.addr, b.port)).collect();
+        assert_every_step_serves(start, log, &f, &allowed);
+        assert_eq!(maps.services().unwrap()[0].backends.len(), 9_999);
+        assert!(!reachable(&maps, &f).contains(&gone));
+
+        // Add it back: backend (counter zeroed), one slot, the count.
+        let start = maps.store().clone();
+        maps.store_mut().log.clear();
+        maps.update_backends(&f, &[gone], &[]).unwrap();
+        let log = maps.store().log.clone();
+        assert_eq!(log.len(), 3, "{log:?}");
+        allowed.insert((gone.addr, gone.port));
+        assert_every_step_serves(start, log, &f, &allowed);
+        set.push(gone);
+        set.sort();
+        assert_eq!(maps.services().unwrap()[0].backends, set);
+
+        // Adding what is there already writes nothing.
+        maps.store_mut().log.clear();
+        maps.update_backends(&f, &[gone], &[]).unwrap();
+        assert!(maps.store().log.is_empty(), "{:?}", maps.store().log);
+    }
+
+    #[test]
+    fn update_of_a_missing_frontend_creates_it_and_bad_backends_are_refused() {
+        let f = fe("tcp:127.10.0.1:80");
+        let mut maps = FakeMaps::new();
+        maps.update_backends(&f, &[be("127.0.0.2:80@1")], &[be("127.0.0.3:80@1")])
+            .unwrap();
+        assert_eq!(reachable(&maps, &f), vec![be("127.0.0.2:80@1")]);
+        let err = maps
+            .update_backends(&f, &[be("[::1]:80@1")], &[])
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidService { .. }), "{err}");
+        assert_eq!(reachable(&maps, &f), vec![be("127.0.0.2:80@1")]);
+    }
+
+    mod update_model {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Backend `i` of a pool of 12 (two clusters share addresses), with a weight and flag.
+        fn pooled(i: u8, weight: u16, local: bool) -> Backend {
+            let mut b = be(&format!("127.0.0.{}:80@{}", 1 + i % 6, 1 + i / 6));
+            b.weight = weight;
+            b.local = local;
+            b
+        }
+
+        fn arb_backends(max: usize) -> impl Strategy<Value = Vec<Backend>> {
+            prop::collection::vec((0u8..12, 0u16..4, any::<bool>()), 0..max)
+                .prop_map(|v| v.into_iter().map(|(i, w, l)| pooled(i, w, l)).collect())
+        }
+
+        /// The backend list `update_backends` promises, as a list to give `upsert_service`.
+        fn expected(current: &[Backend], add: &[Backend], remove: &[Backend]) -> Vec<Backend> {
+            let mut m: BTreeMap<BackendIdentity, Backend> =
+                current.iter().map(|b| (b.identity(), *b)).collect();
+            for r in remove {
+                m.remove(&r.identity());
+            }
+            let mut merged: BTreeMap<BackendIdentity, Backend> = BTreeMap::new();
+            for a in add.iter().filter(|a| a.weight == 0) {
+                m.remove(&a.identity());
+            }
+            for a in add.iter().filter(|a| a.weight > 0) {
+                merged
+                    .entry(a.identity())
+                    .and_modify(|m| {
+                        m.weight = m.weight.saturating_add(a.weight);
+                        m.local |= a.local;
+                    })
+                    .or_insert(*a);
+            }
+            m.extend(merged);
+            m.into_values().collect()
+        }
+
+        proptest! {
+            /// Any sequence of updates over two services sharing backends ends where upserting
+            /// the whole new lists ends; the maps read back by a new process say the same; every
+            /// intermediate state serves old or new backends only.
+            #[test]
+            fn updates_equal_upserts(
+                steps in prop::collection::vec((any::<bool>(), arb_backends(6), arb_backends(6)), 1..12)
+            ) {
+                let fronts = [fe("tcp:127.10.0.1:80"), fe("tcp:127.10.0.2:80")];
+                let mut maps = FakeMaps::new();
+                let mut model = FakeMaps::new();
+                for (which, add, remove) in steps {
+                    let f = fronts[usize::from(which)];
+                    let current = maps
+                        .services()
+                        .unwrap()
+                        .into_iter()
+                        .find(|s| s.frontend == f)
+                        .map(|s| s.backends)
+                        .unwrap_or_default();
+                    let want = expected(&current, &add, &remove);
+                    let start = maps.store().clone();
+                    maps.store_mut().log.clear();
+                    maps.update_backends(&f, &add, &remove).unwrap();
+                    let allowed: HashSet<_> = current
+                        .iter()
+                        .chain(&want)
+                        .map(|b| (b.addr, b.port))
+                        .collect();
+                    assert_every_step_serves(start, maps.store().log.clone(), &f, &allowed);
+                    model.upsert_service(&f, &want).unwrap();
+                    let got = maps.services().unwrap();
+                    let wanted = model.services().unwrap();
+                    prop_assert_eq!(
+                        got.iter().map(|s| (s.frontend, s.backends.clone())).collect::<Vec<_>>(),
+                        wanted.iter().map(|s| (s.frontend, s.backends.clone())).collect::<Vec<_>>()
+                    );
+                    let mut slots = reachable(&maps, &f);
+                    slots.sort();
+                    let mut want_slots: Vec<Backend> = want
+                        .iter()
+                        .flat_map(|b| std::iter::repeat_n(b.with_weight(1), usize::from(b.weight)))
+                        .collect();
+                    want_slots.sort();
+                    prop_assert_eq!(slots, want_slots);
+                    // Nothing leaked or lost: a restart reads the same services and finds no
+                    // leftovers to sweep.
+                    let mut store = maps.store().clone();
+                    store.log.clear();
+                    let again = LbMaps::recover(store).unwrap();
+                    prop_assert!(again.store().log.is_empty(), "leftovers: {:?}", again.store().log);
+                    prop_assert_eq!(again.services().unwrap(), got);
+                    prop_assert_eq!(maps.store().backends.len(), model.store().backends.len());
+                }
+            }
+        }
     }
 
     #[test]

@@ -152,6 +152,101 @@ pub enum ProbeKind {
 type BackendAddr = (IpAddr, u16, Protocol);
 type Reporter = (ClusterName, String);
 
+/// Nodes whose health publication lapsed, and the backends nobody checks any more because of it.
+///
+/// Only a node's own node-sync probes the backends on that node, and it publishes the verdicts
+/// under `health/<cluster>/<node>` bound to a lease. A node cut off from the network (or whose
+/// node-sync is gone for longer than the lease TTL) loses its lease, the key is deleted, and its
+/// verdicts vanish. Read as "no verdict, so not failing", that kept the backends of an unreachable
+/// node selected by everybody. So: when a node that was publishing stops (its report is deleted),
+/// the backends it covered are *orphaned*, treated as failing unless that would leave a frontend
+/// with no usable backend at all, until the node (or any other reporter) publishes verdicts on
+/// them again.
+///
+/// Why the deletion of the report and not the `nodes/<cluster>/<node>` entry: the report's lease is
+/// kept alive by the very process that runs the probes, so its expiry is exactly "nobody checks
+/// these backends", and it comes within the lease TTL (10 s). The `nodes/` entry is written by the
+/// apiserver from Kubernetes Node objects: it says nothing about the prober and only changes after
+/// Kubernetes' node-monitor grace period (40 s by default), if at all. "Was publishing before"
+/// matters: a node whose node-sync never ran (or that a relist never showed a report for) has
+/// nothing to lapse, so nothing changes for it.
+///
+/// A node's backends are the addresses of its last report (what it probed) and the endpoints that
+/// name it as their node (`nodeName`), so an endpoint placed on that node after the lapse is
+/// covered too.
+#[derive(Debug, Default)]
+struct Lapsed {
+    /// Reporter -> the addresses its last report covered.
+    reporters: HashMap<Reporter, Vec<BackendAddr>>,
+    /// Lapsed node names per cluster.
+    nodes: HashMap<ClusterName, HashSet<String>>,
+    /// Addresses covered by a lapsed report, with the number of such reports.
+    addrs: HashMap<BackendAddr, u32>,
+}
+
+impl Lapsed {
+    fn is_empty(&self) -> bool {
+        self.reporters.is_empty()
+    }
+
+    /// `reporter`'s report was deleted. Returns false when it was lapsed already.
+    fn insert(&mut self, reporter: Reporter, covered: Vec<BackendAddr>) -> bool {
+        if self.reporters.contains_key(&reporter) {
+            return false;
+        }
+        for a in &covered {
+            *self.addrs.entry(*a).or_default() += 1;
+        }
+        self.nodes
+            .entry(reporter.0.clone())
+            .or_default()
+            .insert(reporter.1.clone());
+        self.reporters.insert(reporter, covered);
+        true
+    }
+
+    /// `reporter` publishes again (or its cluster is gone). Returns whether it was lapsed.
+    fn remove(&mut self, reporter: &Reporter) -> bool {
+        let Some(covered) = self.reporters.remove(reporter) else {
+            return false;
+        };
+        for a in &covered {
+            if let Some(n) = self.addrs.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.addrs.remove(a);
+                }
+            }
+        }
+        if let Some(s) = self.nodes.get_mut(&reporter.0) {
+            s.remove(&reporter.1);
+            if s.is_empty() {
+                self.nodes.remove(&reporter.0);
+            }
+        }
+        true
+    }
+
+    /// Whether the backend `addr` of endpoint `ep` (published by `cluster`) lost its prober: no
+    /// live report has a verdict on it, and its node's (or a report covering it) lapsed.
+    fn orphaned(
+        &self,
+        cluster: &ClusterName,
+        ep: &Endpoint,
+        addr: &BackendAddr,
+        health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+    ) -> bool {
+        if self.is_empty() || health.contains_key(addr) {
+            return false;
+        }
+        self.addrs.contains_key(addr)
+            || ep
+                .node
+                .as_ref()
+                .is_some_and(|n| self.nodes.get(cluster).is_some_and(|s| s.contains(n)))
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceEntry {
     specs: BTreeMap<ClusterName, ServiceSpec>,
@@ -176,6 +271,8 @@ pub struct MergeIndex {
     /// Verdicts by backend address and reporter.
     health: HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
     reports: HashMap<Reporter, HealthReport>,
+    /// Reporters whose publication lapsed (see [`Lapsed`]).
+    lapsed: Lapsed,
     /// Which services have an endpoint on an address (with a count of occurrences).
     ip_services: HashMap<IpAddr, HashMap<ServiceName, u32>>,
     desired: HashMap<Frontend, Backends>,
@@ -217,6 +314,7 @@ impl MergeIndex {
             stale: BTreeSet::new(),
             health: HashMap::new(),
             reports: HashMap::new(),
+            lapsed: Lapsed::default(),
             ip_services: HashMap::new(),
             desired: HashMap::new(),
             frontend_owner: HashMap::new(),
@@ -368,18 +466,45 @@ impl MergeIndex {
                 .insert(reporter.clone(), v.verdict);
             touched.insert(v.ip);
         }
+        // Publishing again: its backends are checked again.
+        let recovered = self.lapsed.remove(&reporter);
         self.reports.insert(reporter, report);
-        self.recompute_ips(&touched);
+        if recovered {
+            // Its endpoints may be anywhere (matched by node name too); lapses are rare.
+            self.recompute_all();
+        } else {
+            self.recompute_ips(&touched);
+        }
     }
 
-    /// A health report was deleted (its node's lease expired, or it stopped probing).
+    /// A health report was deleted: its node's lease expired (the node is cut off, or its
+    /// node-sync has been gone longer than the lease TTL), or a relist no longer found it. The
+    /// node's backends count as failing from now on unless nothing else is usable, until it
+    /// publishes again (see [`Lapsed`]).
     pub fn delete_health(&mut self, cluster: &ClusterName, node: &str) {
         let reporter = (cluster.clone(), node.to_owned());
         let mut touched = HashSet::new();
-        if let Some(old) = self.reports.remove(&reporter) {
-            self.unlink_report(&reporter, &old, &mut touched);
+        let Some(old) = self.reports.remove(&reporter) else {
+            return;
+        };
+        self.unlink_report(&reporter, &old, &mut touched);
+        let covered = old
+            .verdicts
+            .iter()
+            .map(|v| (v.ip, v.port, v.protocol))
+            .collect();
+        if self.lapsed.insert(reporter, covered) {
+            self.recompute_all();
+        } else {
+            self.recompute_ips(&touched);
         }
-        self.recompute_ips(&touched);
+    }
+
+    /// Nodes whose health publication lapsed, as `(cluster, node)`, sorted.
+    pub fn lapsed_nodes(&self) -> Vec<(ClusterName, String)> {
+        let mut v: Vec<_> = self.lapsed.reporters.keys().cloned().collect();
+        v.sort();
+        v
     }
 
     fn unlink_report(
@@ -442,6 +567,16 @@ impl MergeIndex {
             if let Some(old) = self.reports.remove(&r) {
                 self.unlink_report(&r, &old, &mut touched);
             }
+        }
+        let lapsed: Vec<Reporter> = self
+            .lapsed
+            .reporters
+            .keys()
+            .filter(|(c, _)| c == cluster)
+            .cloned()
+            .collect();
+        for r in lapsed {
+            self.lapsed.remove(&r);
         }
         self.stale.remove(cluster);
         self.recompute_all();
@@ -535,10 +670,19 @@ impl MergeIndex {
                     .health
                     .get(&(ep.ip, port, sp.protocol))
                     .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                let orphaned = self.lapsed.orphaned(
+                    cref.name(),
+                    ep,
+                    &(ep.ip, port, sp.protocol),
+                    &self.health,
+                );
                 let why = if *cref != self.local && self.stale.contains(cref.name()) {
                     Some("cluster stale")
                 } else if failing {
                     Some("failing health check")
+                } else if orphaned && !selected.contains(&b) {
+                    // Left out while others are usable; used when nothing else is.
+                    Some("its node stopped publishing health verdicts")
                 } else if ep.conditions.terminating && !ep.conditions.usable() {
                     Some("terminating")
                 } else if !ep.conditions.usable() {
@@ -761,6 +905,7 @@ impl MergeIndex {
             &self.local,
             &self.stale,
             &self.health,
+            &self.lapsed,
             old.as_ref(),
             &entry,
         );
@@ -855,6 +1000,8 @@ struct Candidate<'a> {
     port: u16,
     conditions: &'a Conditions,
     failing: bool,
+    /// Its node's health publication lapsed (see [`Lapsed`]).
+    orphaned: bool,
 }
 
 fn serialize_backends<S: serde::Serializer>(b: &Backends, s: S) -> Result<S::Ok, S::Error> {
@@ -866,6 +1013,7 @@ fn select(
     local: &ClusterName,
     stale: &BTreeSet<ClusterName>,
     health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+    lapsed: &Lapsed,
     old: Option<&ServiceStatus>,
     entry: &ServiceEntry,
 ) -> ServiceStatus {
@@ -978,17 +1126,32 @@ fn select(
                         && health
                             .get(&(ep.ip, port, sp.protocol))
                             .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                    let orphaned =
+                        lapsed.orphaned(cref.name(), ep, &(ep.ip, port, sp.protocol), health);
                     cands.push(Candidate {
                         ip: ep.ip,
                         port,
                         conditions: &ep.conditions,
                         failing,
+                        orphaned,
                     });
                 }
                 total += cands.len();
                 per_cluster.push((cref, cands));
             }
-            let usable = |c: &Candidate<'_>| c.conditions.usable() && !c.failing;
+            // First without the backends whose node stopped publishing verdicts; only when that
+            // leaves nothing anywhere, with them (never zero backends while usable ones exist).
+            let any_orphaned = per_cluster
+                .iter()
+                .any(|(_, cands)| cands.iter().any(|c| c.orphaned));
+            let passes: &[bool] = if any_orphaned {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            let usable = |c: &Candidate<'_>, strict: bool| {
+                c.conditions.usable() && !c.failing && !(strict && c.orphaned)
+            };
             let backend = |cref: &ClusterRef, c: &Candidate<'_>| Backend {
                 cluster: cref.clone(),
                 ip: c.ip,
@@ -996,30 +1159,37 @@ fn select(
                 protocol: sp.protocol,
             };
             let mut chosen: Option<(Vec<Backend>, Reason)> = None;
-            for (i, g) in groups.iter().enumerate() {
-                let mut picked: Vec<Backend> = Vec::new();
-                for (cref, cands) in &per_cluster {
-                    if !g.contains(&cref.name()) {
+            'passes: for &strict in passes {
+                for (i, g) in groups.iter().enumerate() {
+                    let mut picked: Vec<Backend> = Vec::new();
+                    for (cref, cands) in &per_cluster {
+                        if !g.contains(&cref.name()) {
+                            continue;
+                        }
+                        picked.extend(
+                            cands
+                                .iter()
+                                .filter(|c| usable(c, strict))
+                                .map(|c| backend(cref, c)),
+                        );
+                    }
+                    if picked.is_empty() {
                         continue;
                     }
-                    picked.extend(cands.iter().filter(|c| usable(c)).map(|c| backend(cref, c)));
+                    let reason = if affinity == Affinity::None {
+                        Reason::AllUsable
+                    } else if i == 0 {
+                        Reason::Preferred {
+                            clusters: g.iter().map(|c| (*c).clone()).collect(),
+                        }
+                    } else {
+                        Reason::FailedOver {
+                            clusters: g.iter().map(|c| (*c).clone()).collect(),
+                        }
+                    };
+                    chosen = Some((picked, reason));
+                    break 'passes;
                 }
-                if picked.is_empty() {
-                    continue;
-                }
-                let reason = if affinity == Affinity::None {
-                    Reason::AllUsable
-                } else if i == 0 {
-                    Reason::Preferred {
-                        clusters: g.iter().map(|c| (*c).clone()).collect(),
-                    }
-                } else {
-                    Reason::FailedOver {
-                        clusters: g.iter().map(|c| (*c).clone()).collect(),
-                    }
-                };
-                chosen = Some((picked, reason));
-                break;
             }
             let (backends, reason) = match chosen {
                 Some((b, r)) => (Backends::from(b), r),

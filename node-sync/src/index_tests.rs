@@ -280,9 +280,10 @@ fn failing_health_verdicts_make_local_backends_unusable_and_recovery_brings_them
         ],
     ));
     assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
-    // The report vanishing (lease expired) forgets its verdicts.
+    // The report vanishing (lease expired) forgets its verdicts, and nobody checks those backends
+    // any more: out while others are usable (see the lapse tests below).
     ix.delete_health(&c("c1"), "n1");
-    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
 }
 
 #[test]
@@ -756,4 +757,179 @@ fn group_changes_record_failover_and_failback() {
         (g[1].from.clone(), g[1].to.clone()),
         (vec![c("c2")], vec![c("c1")])
     );
+}
+
+// ---- lapsed health publication (a node cut off, or its node-sync gone past the lease TTL) ---------
+
+fn on(mut e: Endpoint, node: &str) -> Endpoint {
+    e.node = Some(node.into());
+    e
+}
+
+/// c1 (local) with 10.1.0.1 on n1 and 10.1.0.2 on n2, c2 with 10.2.0.1 on n1; every node reports
+/// its own backend healthy.
+fn two_clusters_reporting(affinity: Affinity) -> MergeIndex {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").affinity(affinity).build());
+    ix.upsert_service(SpecB::new("c2").frontends(&["10.97.0.10"]).build());
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![on(ep("10.1.0.1"), "n1"), on(ep("10.1.0.2"), "n2")],
+    ));
+    ix.upsert_chunk(chunk("c2", 0, vec![on(ep("10.2.0.1"), "n1")]));
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Healthy)]));
+    ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Healthy)]));
+    ix.upsert_health(report("c2", "n1", &[("10.2.0.1", Verdict::Healthy)]));
+    ix
+}
+
+#[test]
+fn a_node_whose_report_lapses_leaves_selection_and_comes_back_when_it_publishes() {
+    let mut ix = two_clusters_reporting(Affinity::Local);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    ix.take_changes();
+    // n2 is cut off: its lease expires, its report is deleted.
+    ix.delete_health(&c("c1"), "n2");
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    assert_eq!(ix.take_changes().len(), 1, "the frontend is rewritten");
+    assert_eq!(ix.lapsed_nodes(), [(c("c1"), "n2".to_string())]);
+    let why: Vec<_> = ix
+        .backend_states(&web())
+        .into_iter()
+        .filter(|(b, _, _)| b.ip.to_string() == "10.1.0.2")
+        .collect();
+    assert_eq!(why.len(), 1);
+    assert!(!why[0].1);
+    assert_eq!(
+        why[0].2,
+        Some("its node stopped publishing health verdicts")
+    );
+    // It publishes again (healed): back at once.
+    ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Healthy)]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert!(ix.lapsed_nodes().is_empty());
+    // A failing verdict after the recovery counts as before.
+    ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Failing)]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+}
+
+#[test]
+fn a_node_that_never_published_has_nothing_to_lapse() {
+    let mut ix = two_clusters_reporting(Affinity::Local);
+    ix.delete_health(&c("c1"), "n7");
+    ix.delete_health(&c("c1"), "n2");
+    // Deleted twice (a relist sweep after the watch saw it): still one lapse, same selection.
+    ix.delete_health(&c("c1"), "n2");
+    assert_eq!(ix.lapsed_nodes(), [(c("c1"), "n2".to_string())]);
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    // Without any report at all (no node-sync ever ran), nothing is orphaned.
+    let mut fresh = MergeIndex::new(c("c1"));
+    fresh.upsert_service(SpecB::new("c1").build());
+    fresh.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![on(ep("10.1.0.1"), "n1"), on(ep("10.1.0.2"), "n2")],
+    ));
+    fresh.delete_health(&c("c1"), "n2");
+    assert_eq!(picked(&fresh, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn lapsed_backends_are_kept_when_nothing_else_is_usable() {
+    let mut ix = two_clusters_reporting(Affinity::Local);
+    // The local backend n1 fails its health check, n2 lapses, the remote lapses too: the only
+    // backends that may still work are the lapsed ones (never zero while some are usable).
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Failing)]));
+    ix.delete_health(&c("c1"), "n2");
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c2/10.2.0.1"],
+        "fails over to the live remote"
+    );
+    assert!(matches!(reason(&ix), Reason::FailedOver { .. }));
+    ix.delete_health(&c("c2"), "n1");
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.2"],
+        "the lapsed local one, in order"
+    );
+    // The remote publishes again: it is checked, so preferred to the unchecked local one.
+    ix.upsert_health(report("c2", "n1", &[("10.2.0.1", Verdict::Healthy)]));
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1"]);
+    // The local n1 recovers: local again, without the lapsed n2.
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Healthy)]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+}
+
+#[test]
+fn a_remote_node_lapse_applies_to_its_backends_everywhere() {
+    let mut ix = two_clusters_reporting(Affinity::None);
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c2/10.2.0.1"]
+    );
+    ix.delete_health(&c("c2"), "n1");
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    // Same node name in another cluster: c1's n1 is not affected.
+    assert!(picked(&ix, &fe()).contains(&"c1/10.1.0.1".to_string()));
+    ix.upsert_health(report("c2", "n1", &[("10.2.0.1", Verdict::Healthy)]));
+    assert_eq!(picked(&ix, &fe()).len(), 3);
+}
+
+#[test]
+fn an_endpoint_placed_on_a_lapsed_node_is_covered_by_its_node_name() {
+    let mut ix = two_clusters_reporting(Affinity::Local);
+    ix.delete_health(&c("c1"), "n2");
+    // A new pod lands on n2 after the lapse: its address was in no report, its node name says.
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![
+            on(ep("10.1.0.1"), "n1"),
+            on(ep("10.1.0.2"), "n2"),
+            on(ep("10.1.0.3"), "n2"),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    ix.upsert_health(report(
+        "c1",
+        "n2",
+        &[
+            ("10.1.0.2", Verdict::Healthy),
+            ("10.1.0.3", Verdict::Healthy),
+        ],
+    ));
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.1.0.1", "c1/10.1.0.2", "c1/10.1.0.3"]
+    );
+}
+
+#[test]
+fn a_live_verdict_from_another_reporter_overrides_the_lapse() {
+    let mut ix = two_clusters_reporting(Affinity::Local);
+    ix.delete_health(&c("c1"), "n2");
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    // The pod moved: n3 now reports the address, healthy.
+    ix.upsert_health(report("c1", "n3", &[("10.1.0.2", Verdict::Healthy)]));
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![on(ep("10.1.0.1"), "n1"), on(ep("10.1.0.2"), "n3")],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+}
+
+#[test]
+fn removing_a_cluster_forgets_its_lapsed_nodes() {
+    let mut ix = two_clusters_reporting(Affinity::None);
+    ix.delete_health(&c("c2"), "n1");
+    assert_eq!(ix.lapsed_nodes().len(), 1);
+    ix.remove_cluster(&c("c2"));
+    assert!(ix.lapsed_nodes().is_empty());
+    // Reconnected, its endpoints without a report yet are usable (nothing lapsed since).
+    ix.upsert_service(SpecB::new("c2").frontends(&["10.97.0.10"]).build());
+    ix.upsert_chunk(chunk("c2", 0, vec![on(ep("10.2.0.1"), "n1")]));
+    assert_eq!(picked(&ix, &fe()).len(), 3);
 }

@@ -251,6 +251,11 @@ impl Lab {
         Ok(c.resolve(&self.plan)?.etcd.client_url.clone())
     }
 
+    /// Every client URL of cluster `c`'s etcd (one per member), for clients that take a list.
+    pub fn etcd_endpoints(&self, c: impl ClusterRef) -> Result<Vec<String>> {
+        Ok(c.resolve(&self.plan)?.etcd.client_urls())
+    }
+
     /// TLS files of cluster `c`'s etcd (CA bundle, server and `root` client cert/key, and the certificate
     /// directory); `None` for plain etcd.
     pub fn etcd_tls(&self, c: impl ClusterRef) -> Result<Option<&EtcdTlsFiles>> {
@@ -544,6 +549,41 @@ impl Lab {
             self.partition(cl, other)?;
         }
         Ok(())
+    }
+
+    /// Cuts node `n` of cluster `c` off the network: nothing enters or leaves its namespace (nft drop rules on its
+    /// `eth0`, inside the namespace), while its processes keep running. Peers see silence (connects time out), as
+    /// with a node whose link or switch port died. Loopback inside the node still works; the host reads its pinned
+    /// maps through bpffs as before. Idempotent.
+    pub fn isolate_node(&self, c: impl ClusterRef, n: usize) -> Result<()> {
+        let node = self.node(c, n)?.clone();
+        net::isolate_member(&node.netns)?;
+        let mut inner = self.inner();
+        if !inner
+            .state
+            .isolated_nodes
+            .contains(&(node.cluster, node.index))
+        {
+            inner.state.isolated_nodes.push((node.cluster, node.index));
+        }
+        inner.state.save()
+    }
+
+    /// Reconnects a node cut off by [`Lab::isolate_node`] (no-op when it is not).
+    pub fn heal_node(&self, c: impl ClusterRef, n: usize) -> Result<()> {
+        let node = self.node(c, n)?.clone();
+        net::heal_member(&node.netns)?;
+        let mut inner = self.inner();
+        inner
+            .state
+            .isolated_nodes
+            .retain(|x| *x != (node.cluster, node.index));
+        inner.state.save()
+    }
+
+    /// Nodes cut off the network, as `(cluster, node)` indices.
+    pub fn isolated_nodes(&self) -> Vec<(usize, usize)> {
+        self.inner().state.isolated_nodes.clone()
     }
 
     /// Heals every partition.

@@ -165,6 +165,36 @@ pub fn heal(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
     Ok(())
 }
 
+/// nft table (family inet) a cut-off node's namespace gets.
+const ISOLATE_TABLE: &str = "meshlab-isolate";
+
+/// The ruleset that cuts a member namespace off: everything in or out of `eth0` dropped (loopback keeps
+/// working, so the node's own processes still talk to each other).
+pub(crate) fn isolate_ruleset() -> String {
+    format!(
+        "table inet {ISOLATE_TABLE} {{\n\
+         \tchain input {{ type filter hook input priority -300; policy accept; iifname \"eth0\" drop; }}\n\
+         \tchain output {{ type filter hook output priority -300; policy accept; oifname \"eth0\" drop; }}\n\
+         }}\n"
+    )
+}
+
+/// Cuts the namespace `netns` off the network (see [`isolate_ruleset`]). Idempotent.
+pub fn isolate_member(netns: &str) -> Result<()> {
+    // `add table` then flush: re-isolating replaces the rules instead of doubling them.
+    cmd::in_netns(netns, "nft", &["add", "table", "inet", ISOLATE_TABLE])?;
+    cmd::in_netns(netns, "nft", &["delete", "table", "inet", ISOLATE_TABLE])?;
+    cmd::in_netns_input(netns, "nft", &["-f", "-"], &isolate_ruleset())?;
+    Ok(())
+}
+
+/// Undoes [`isolate_member`] (no-op when the namespace is not cut off).
+pub fn heal_member(netns: &str) -> Result<()> {
+    cmd::in_netns(netns, "nft", &["add", "table", "inet", ISOLATE_TABLE])?;
+    cmd::in_netns(netns, "nft", &["delete", "table", "inet", ISOLATE_TABLE])?;
+    Ok(())
+}
+
 /// Routes the impairer's table into its TUN device and turns reverse-path filtering off for it (packets come back
 /// from the TUN device with sources that live behind a bridge).
 pub fn setup_impairer_routing(plan: &LabPlan) -> Result<()> {

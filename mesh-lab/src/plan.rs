@@ -209,6 +209,13 @@ pub struct EtcdInfo {
     pub tls: Option<EtcdTlsFiles>,
 }
 
+impl EtcdInfo {
+    /// Every client URL (one per member).
+    pub fn client_urls(&self) -> Vec<String> {
+        self.client_url.split(',').map(str::to_owned).collect()
+    }
+}
+
 /// PEM files of a cluster's TLS etcd, in the cluster's certificate directory (a `mesh_certs::ClusterDir`, which
 /// also holds the `admin`, `node`, `remote` and `apiserver` certificates of the cluster).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -81,6 +81,9 @@ pub struct LabState {
     pub partitions: Vec<(usize, usize)>,
     /// Latency/loss in force.
     pub impairments: Vec<ImpairmentRecord>,
+    /// Nodes cut off the network `(cluster, node)` ([`crate::Lab::isolate_node`]).
+    #[serde(default)]
+    pub isolated_nodes: Vec<(usize, usize)>,
 }
 
 impl LabState {
@@ -95,6 +98,7 @@ impl LabState {
             processes: Vec::new(),
             partitions: Vec::new(),
             impairments: Vec::new(),
+            isolated_nodes: Vec::new(),
         }
     }
 

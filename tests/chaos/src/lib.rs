@@ -80,7 +80,21 @@ pub struct Model {
     /// node-syncs that were down while their backend was down: their last verdict may linger or
     /// lapse with the lease, so those backends are unknown until they run again.
     pub unreported: BTreeSet<(usize, usize)>,
+    /// Nodes cut off the network (processes running, nothing in or out): not compared.
+    pub isolated: BTreeSet<(usize, usize)>,
+    /// Nodes whose health publication lapsed (their `health/<cluster>/<node>` key is gone from
+    /// etcd, seen by the test): every node-sync treats their backends as failing while others are
+    /// usable, until they publish again.
+    pub lapsed: BTreeSet<(usize, usize)>,
+    /// When each node-sync that is down went down: once it has been down long enough for its
+    /// lease to lapse (see [`LEASE_LAPSE_FROM`]), its backends are unknown.
+    pub node_sync_down_since: BTreeMap<(usize, usize), Instant>,
 }
+
+/// node-sync's health lease: 10 s TTL, kept alive every 3 s, so a node-sync that dies takes its
+/// verdicts with it between about 7 s and 10 s later. From this long on, the model no longer
+/// knows whether other nodes still count its backends (they do not once the lease is gone).
+pub const LEASE_LAPSE_FROM: Duration = Duration::from_secs(6);
 
 /// Whether a backend counts as usable for selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,12 +120,27 @@ impl Model {
             etcd_down: BTreeSet::new(),
             partitions: BTreeSet::new(),
             unreported: BTreeSet::new(),
+            isolated: BTreeSet::new(),
+            lapsed: BTreeSet::new(),
+            node_sync_down_since: BTreeMap::new(),
         }
     }
 
     fn usable(&self, c: usize, n: usize) -> Usable {
         if self.published[&(c, n)] != Published::Ready {
             return Usable::No;
+        }
+        // Nobody checks it any more: out while others are usable (when nothing else is, the
+        // selection depends on more than the model says: `expected` answers unknown then).
+        if self.lapsed.contains(&(c, n)) {
+            return Usable::No;
+        }
+        if self
+            .node_sync_down_since
+            .get(&(c, n))
+            .is_some_and(|t| t.elapsed() >= LEASE_LAPSE_FROM)
+        {
+            return Usable::Unknown;
         }
         if self.backend_up.contains(&(c, n)) {
             // A backend that was down while nobody probed it may still carry a failing verdict
@@ -176,7 +205,9 @@ impl Model {
 
     /// Whether node `n` of cluster `c` has a node-sync whose maps are compared.
     pub fn compared(&self, c: usize, n: usize) -> bool {
-        self.node_sync_up.contains(&(c, n)) && !self.crashed.contains(&(c, n))
+        self.node_sync_up.contains(&(c, n))
+            && !self.crashed.contains(&(c, n))
+            && !self.isolated.contains(&(c, n))
     }
 }
 
@@ -539,6 +570,10 @@ impl ChaosMesh {
     /// SIGKILL node-sync on node `n` of cluster `c`.
     pub fn kill_node_sync(&mut self, c: usize, n: usize) -> Result<()> {
         self.model.node_sync_up.remove(&(c, n));
+        self.model
+            .node_sync_down_since
+            .entry((c, n))
+            .or_insert_with(Instant::now);
         if !self.model.backend_up.contains(&(c, n)) {
             self.model.unreported.insert((c, n));
         }
@@ -568,6 +603,8 @@ impl ChaosMesh {
         self.model.node_sync_up.insert((c, n));
         // Running again, it probes its backend and reports the truth.
         self.model.unreported.remove(&(c, n));
+        self.model.node_sync_down_since.remove(&(c, n));
+        self.model.lapsed.remove(&(c, n));
         Ok(())
     }
 
@@ -700,8 +737,105 @@ impl ChaosMesh {
         self.model.crashed.insert((c, n));
         self.model.backend_up.remove(&(c, n));
         self.model.node_sync_up.remove(&(c, n));
+        self.model
+            .node_sync_down_since
+            .entry((c, n))
+            .or_insert_with(Instant::now);
         self.model.unreported.insert((c, n));
         Ok(())
+    }
+
+    /// Cut node `n` of cluster `c` off the network (its processes keep running; see
+    /// `mesh_lab::Lab::isolate_node`). Its maps are not compared until [`ChaosMesh::heal_node`].
+    pub fn isolate_node(&mut self, c: usize, n: usize) -> Result<()> {
+        self.mesh.lab().isolate_node(c, n)?;
+        self.model.isolated.insert((c, n));
+        Ok(())
+    }
+
+    /// Reconnect a node cut off by [`ChaosMesh::isolate_node`]. Its health publication stays
+    /// lapsed (if it had) until [`ChaosMesh::wait_health_published`] sees it back.
+    pub fn heal_node(&mut self, c: usize, n: usize) -> Result<()> {
+        self.mesh.lab().heal_node(c, n)?;
+        self.model.isolated.remove(&(c, n));
+        Ok(())
+    }
+
+    /// The etcd key node `n` of cluster `c` publishes its health verdicts under.
+    pub fn health_key(&self, c: usize, n: usize) -> String {
+        format!(
+            "clustermesh/v1/health/{}/{}",
+            self.mesh.cluster_name(c),
+            self.mesh.lab().clusters()[c - 1].nodes[n - 1].name
+        )
+    }
+
+    /// Whether node `n` of cluster `c` has health verdicts in its cluster's etcd now.
+    pub fn health_published(&self, c: usize, n: usize) -> Result<bool> {
+        let key = self.health_key(c, n);
+        let lab = self.mesh.lab();
+        let dir = lab
+            .cluster_certs(c)?
+            .context("the lab runs plain etcd; the chaos tests need TLS")?;
+        let endpoints = lab.etcd_endpoints(c)?;
+        self.rt.block_on(async {
+            let mut client = tokio::time::timeout(
+                Duration::from_secs(3),
+                mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Admin, &endpoints),
+            )
+            .await
+            .context("connect to etcd: no answer in 3 s")??;
+            let r = tokio::time::timeout(Duration::from_secs(3), client.get(key.as_str(), None))
+                .await
+                .with_context(|| format!("etcd get {key}: no answer in 3 s"))??;
+            anyhow::Ok(!r.kvs().is_empty())
+        })
+    }
+
+    /// Wait until node `n` of cluster `c`'s health key is gone from etcd (its lease lapsed),
+    /// at most `timeout`; from then on the model counts its backends as lapsed. Returns the wait.
+    pub fn wait_health_lapsed(
+        &mut self,
+        c: usize,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        while self.health_published(c, n)? {
+            if started.elapsed() >= timeout {
+                bail!(
+                    "{} still in etcd {timeout:?} later (node-sync's lease TTL is 10 s)",
+                    self.health_key(c, n)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.model.lapsed.insert((c, n));
+        Ok(started.elapsed())
+    }
+
+    /// Wait until node `n` of cluster `c` publishes health verdicts again, at most `timeout`; from
+    /// then on the model counts its backends as checked again. Returns the wait.
+    pub fn wait_health_published(
+        &mut self,
+        c: usize,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        while !self.health_published(c, n)? {
+            if started.elapsed() >= timeout {
+                bail!(
+                    "{} not back in etcd {timeout:?} later:\n{}",
+                    self.health_key(c, n),
+                    self.mesh
+                        .log_tail(&format!("node-sync-{}-n{n}", self.mesh.cluster_name(c)), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.model.lapsed.remove(&(c, n));
+        Ok(started.elapsed())
     }
 
     /// Bring a crashed node back: backend, node-sync, endpoint published ready.

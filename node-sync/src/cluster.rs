@@ -126,6 +126,10 @@ struct RemoteFile {
 /// cert-file: /etc/clustermesh/tls.crt
 /// key-file: /etc/clustermesh/tls.key
 /// ```
+///
+/// A relative `ca-file`, `cert-file` or `key-file` is resolved against the directory of the file
+/// itself (the config dir): `clustermesh connect --context` writes `c2.yaml` next to `c2.ca-bundle.pem`,
+/// `c2.remote.crt` and `c2.remote.key` in one Secret that node-sync mounts as `--remote-config-dir`.
 pub fn parse_remote_file(
     path: &Path,
     text: &str,
@@ -152,16 +156,26 @@ pub fn parse_remote_file(
         }
     }
     let defaults = tls_dir.map(|d| tls_from_dir(d, true));
+    let config_dir = path.parent().unwrap_or(Path::new(""));
+    let resolve = |p: PathBuf| {
+        if p.is_relative() {
+            config_dir.join(p)
+        } else {
+            p
+        }
+    };
     let tls = if f.endpoints.iter().any(|e| e.starts_with("https://")) {
         let ca = f
             .ca_file
-            .map(CaSource::File)
+            .map(|p| CaSource::File(resolve(p)))
             .or_else(|| defaults.as_ref().map(|d| d.ca.clone()));
         let cert = f
             .cert_file
+            .map(resolve)
             .or_else(|| defaults.as_ref().map(|d| d.cert.clone()));
         let key = f
             .key_file
+            .map(resolve)
             .or_else(|| defaults.as_ref().map(|d| d.key.clone()));
         match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
@@ -971,6 +985,27 @@ mod tests {
             let e = parse_remote_file(p, text, None).unwrap_err().to_string();
             assert!(e.contains("c2.yaml") && e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn relative_tls_paths_resolve_against_the_config_dir() {
+        let p = Path::new("/etc/clustermesh/remotes/c2.yaml");
+        let s = parse_remote_file(
+            p,
+            "name: c2\nendpoints: [\"https://10.0.0.2:2379\"]\nca-file: c2.ca-bundle.pem\ncert-file: c2.remote.crt\nkey-file: /abs/remote.key\n",
+            Some(Path::new("/tls")),
+        )
+        .unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(
+            tls.ca,
+            CaSource::File("/etc/clustermesh/remotes/c2.ca-bundle.pem".into())
+        );
+        assert_eq!(
+            tls.cert,
+            Path::new("/etc/clustermesh/remotes/c2.remote.crt")
+        );
+        assert_eq!(tls.key, Path::new("/abs/remote.key"), "absolute paths stay");
     }
 
     #[test]

@@ -136,7 +136,10 @@ if "node_sync" in ran:
     ing = r": p50 (\S+) p99 (\S+) \(index alone: p50 (\S+) p99 (\S+)\)"
     m = re.search(r"^ingest: .*\(node-sync FakeMaps\)" + ing, t, re.M)
     m2 = re.search(r"^ingest: .*\(global-lb-bpf LbMaps over MemStore\)" + ing, t, re.M)
-    for mm, label, key in ((m, "node-sync's in-memory map writer", "ingest"), (m2, "global-lb-bpf's slot logic, as the kernel maps get it", "ingest_glb")):
+    m3 = re.search(r"^ingest: .*\(global-lb-bpf Datapath: kernel maps\)" + ing, t, re.M)
+    for mm, label, key in ((m, "node-sync's in-memory map writer", "ingest"),
+                           (m2, "global-lb-bpf's slot logic over memory", "ingest_glb"),
+                           (m3, "through global-lb-bpf into the kernel maps", "ingest_kernel")):
         if mm:
             p99 = ms(mm.group(2))
             add(f"ingest one endpoint change of a 10k-backend service ({label})", f"p50 {mm.group(1)}, p99 {mm.group(2)} (index alone: p50 {mm.group(3)}, p99 {mm.group(4)})",
@@ -226,8 +229,9 @@ WHY = {
     "graceful_failback": "the same path as the drain (manifest poll, etcd, watch) plus the backend's start; closing it: as for failover (no poll).",
     "hard-kill_failback": "the restarted backend is used again once its node-sync's next probe succeeds and the verdict travels through etcd; closing it: probe failing backends more often than healthy ones.",
     "graceful_failed": "a connect failed on the path that must lose none: see the drill lines in the raw output.",
-    "ingest": "the merge index alone stays within the target (its p99 is in the measured column); the rest is the reconciler and map writer handling the whole 10k-backend set of the changed frontend, on a shared 2-core machine (see load). Closing it: hand the writer the one changed backend (a delta upsert) so the cost stops growing with the size of the service, and measure on an idle machine.",
-    "ingest_glb": "global-lb-bpf's upsert_service compared every old slot with every new one (10k x 10k for a 10k-backend service) until commit 3a295b6 made it a set lookup; a run at an older commit misses for that reason, and re-running closes it. If a newer run still misses: the upsert takes the whole backend list and recomputes the service's slots, so a delta operation in ServiceMaps (add or remove one backend's slots) that node-sync's reconciler calls when one endpoint changes would close it.",
+    "ingest": "the merge index alone stays within the target (its p99 is in the measured column); node-sync's in-memory writer copies the whole backend list of the changed frontend (it is a test double). See load: on a shared 2-core machine the tails measure the scheduler.",
+    "ingest_glb": "one endpoint change goes to global-lb-bpf as update_backends (the change only, found by a prefix/suffix walk of the old and new lists); if it misses, see load, and the index-alone figure for the share of the merge index.",
+    "ingest_kernel": "as for the in-memory slot logic, plus three or four bpf() map writes; if it misses, see load and the datapath bench's map-write figures.",
     "resync": "the initial list of 8 etcds and the first full map write take longer on this machine; closing it: parallel initial lists per cluster and one batched map write.",
     "rss": "the figure is the RSS of the whole bench process (it also holds the etcd writers' buffers and the 100k published values); node-sync's own RSS is the agent share. Closing it: run node-sync as its own process in the bench and read its RSS.",
     "propagation": "see the raw output; the watch -> index -> map path exceeds 50 ms at p99 on this loaded 2-core machine.",

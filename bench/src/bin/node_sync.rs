@@ -10,12 +10,14 @@
 //!    Through the kernel datapath the same path is measured by node-sync's `tests/datapath.rs`
 //!    and `tests/lab.rs` (about 250 ms).
 //!
-//! Maps: node-sync's in-memory map writer, and for the ingest figure also global-lb-bpf's
-//! in-memory maps (`global_lb_bpf::FakeMaps`, the same slot-level update logic the kernel maps
-//! get). The kernel map writes themselves are measured by `bench --bin datapath`.
+//! Maps: node-sync's in-memory map writer; for the ingest figure also global-lb-bpf's in-memory
+//! maps (`global_lb_bpf::FakeMaps`, the slot-level update logic the kernel maps get) and the
+//! kernel maps themselves (global-lb-bpf's `Datapath`, loaded and pinned in a bpffs directory of
+//! its own, attached to a cgroup of its own: needs root and BPF).
 //!
-//! Run: `cargo run --release -p mesh-bench --bin node_sync` (needs /usr/bin/etcd). On a busy host
-//! the tails measure the scheduler; `chrt -f 10 target/release/node_sync` gives stable p99s.
+//! Run: `cargo run --release -p mesh-bench --bin node_sync` (needs root and /usr/bin/etcd);
+//! `... --bin node_sync -- ingest` measures only the ingest. On a busy host the tails measure the
+//! scheduler; `chrt -f 10 target/release/node_sync` gives stable p99s.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -181,6 +183,38 @@ fn ingest_with(writer: Box<dyn MapWriter>, label: &str) -> anyhow::Result<()> {
         percentile(&mut index_only, 0.5),
         percentile(&mut index_only, 0.99),
     );
+    Ok(())
+}
+
+/// The ingest through the kernel maps: global-lb-bpf's datapath loaded, pinned under a bpffs
+/// directory and attached to a cgroup made for this run, both removed at the end.
+fn ingest_kernel(ids: ClusterIds) -> anyhow::Result<()> {
+    use global_lb_bpf::{Datapath, DatapathConfig, mounts};
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the kernel-map ingest needs root (BPF maps, cgroups): run the benchmark as root");
+    }
+    mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS))
+        .context("mounting bpffs for the kernel-map ingest")?;
+    let cg_root = mounts::ensure_cgroup2().context("a cgroup v2 for the kernel-map ingest")?;
+    let name = format!("node-sync-bench-{}", std::process::id());
+    let config = DatapathConfig {
+        cgroup: cg_root.join(&name),
+        pin_dir: Path::new(mounts::DEFAULT_BPFFS).join(&name),
+    };
+    std::fs::create_dir(&config.cgroup)
+        .with_context(|| format!("mkdir {}", config.cgroup.display()))?;
+    let result = Datapath::open(&config)
+        .context("loading the datapath for the kernel-map ingest")
+        .and_then(|dp| {
+            ingest_with(
+                Box::new(GlbWriter::new(dp, c("c1"), ids)),
+                "global-lb-bpf Datapath: kernel maps",
+            )
+        });
+    let removed = Datapath::remove(&config.pin_dir);
+    let _ = std::fs::remove_dir(&config.cgroup);
+    result?;
+    removed.context("removing the benchmark's pinned datapath")?;
     Ok(())
 }
 
@@ -641,16 +675,24 @@ async fn failover(root: &Path) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     println!(
-        "node-sync benchmark (maps: in-memory map writers; kernel map writes: see bench --bin datapath)"
+        "node-sync benchmark (maps: in-memory map writers; for the ingest also the kernel maps)"
     );
     ingest_with(Box::new(FakeMaps::new()), "node-sync FakeMaps")?;
     let ids = ClusterIds::default();
     ids.set(&c("c1"), 1);
     ids.set(&c("c2"), 2);
     ingest_with(
-        Box::new(GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids)),
+        Box::new(GlbWriter::new(
+            global_lb_bpf::FakeMaps::new(),
+            c("c1"),
+            ids.clone(),
+        )),
         "global-lb-bpf LbMaps over MemStore",
     )?;
+    ingest_kernel(ids)?;
+    if std::env::args().nth(1).as_deref() == Some("ingest") {
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

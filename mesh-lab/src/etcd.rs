@@ -10,9 +10,28 @@ use crate::error::{LabError, Result};
 use crate::plan::{ClusterInfo, ETCD_CLIENT_PORT, EtcdInfo};
 use crate::process::{LabProcess, poll_until};
 
-/// Command-line flags of a cluster's etcd. Plain: our own flags; TLS: `mesh_certs::etcd::EtcdSpec::args` (mTLS,
-/// `--client-cert-auth`) over the cluster's certificate directory. The data directory is reused across restarts;
-/// the initial-cluster flags are ignored by etcd once it holds data.
+/// Command-line flags of a cluster's etcd (a single member, or member `member` of a multi-member one). Plain: our
+/// own flags; TLS: `mesh_certs::etcd::EtcdSpec::args` (mTLS, `--client-cert-auth`, peer mTLS with https peer URLs)
+/// over the cluster's certificate directory. The data directory is reused across restarts; the initial-cluster
+/// flags are ignored by etcd once it holds data.
+pub fn member_args(prefix: &str, cluster: &EtcdInfo, member: usize) -> Result<Vec<String>> {
+    let etcd = cluster.member(member).ok_or_else(|| {
+        LabError::Spec(format!(
+            "etcd {} has {} member(s), no member {member}",
+            cluster.name,
+            cluster.member_count()
+        ))
+    })?;
+    let mut a = etcd_args(prefix, &etcd)?;
+    if let Some(initial) = cluster.initial_cluster() {
+        // Later flags win: every member lists every peer and shares one token.
+        a.push(format!("--initial-cluster={initial}"));
+        a.push(format!("--initial-cluster-token={prefix}-{}", cluster.name));
+    }
+    Ok(a)
+}
+
+/// Command-line flags of a single-member etcd (see [`member_args`]).
 pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
     if let Some(tls) = &etcd.tls {
         let dir = mesh_certs::ClusterDir::open(&tls.dir).map_err(|e| LabError::Certs {
@@ -62,6 +81,15 @@ pub fn issue_certs(plan: &crate::plan::LabPlan, ca_dir: &Path) -> Result<()> {
         req.sans.push(mesh_certs::San::Ip(std::net::IpAddr::V4(
             c.control_plane.addr,
         )));
+        for m in c
+            .etcd
+            .members
+            .iter()
+            .filter(|m| m.addr != c.control_plane.addr)
+        {
+            req.sans
+                .push(mesh_certs::San::Ip(std::net::IpAddr::V4(m.addr)));
+        }
         ca.issue_cluster(&req)
             .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
     }
@@ -74,11 +102,11 @@ pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
     for c in &plan.clusters {
         let Some(tls) = &c.etcd.tls else { continue };
         let files = root_files(tls);
-        let url = c.etcd.client_url.clone();
+        let urls = c.etcd.client_urls();
         let name = c.name.clone();
         on_runtime(|| async move {
             let cluster = mesh_model::ClusterName::new(&name).map_err(|e| e.to_string())?;
-            mesh_certs::etcd::bootstrap_auth(&[url], &files, &cluster)
+            mesh_certs::etcd::bootstrap_auth(&urls, &files, &cluster)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -130,11 +158,11 @@ pub fn add_remote_user(prefix: &str, target: &ClusterInfo, peer: &ClusterInfo) -
         return Ok(());
     };
     let files = root_files(tls);
-    let url = target.etcd.client_url.clone();
+    let urls = target.etcd.client_urls();
     let peer_name = peer.name.clone();
     on_runtime(|| async move {
         let peer = mesh_model::ClusterName::new(&peer_name).map_err(|e| e.to_string())?;
-        mesh_certs::etcd::add_remote_user(&[url], &files, &peer)
+        mesh_certs::etcd::add_remote_user(&urls, &files, &peer)
             .await
             .map_err(|e| e.to_string())
     })
@@ -184,9 +212,19 @@ fn http_health(addr: SocketAddr) -> std::io::Result<String> {
     Ok(out)
 }
 
-/// One health probe of a cluster's etcd from the host: `Ok(())` when it reports healthy, else what it said.
+/// One health probe of a cluster's etcd from the host: `Ok(())` when every member reports healthy, else what the
+/// first that did not said.
 pub fn probe(cluster: &ClusterInfo) -> std::result::Result<(), String> {
-    let addr = SocketAddr::from((cluster.control_plane.addr, ETCD_CLIENT_PORT));
+    (1..=cluster.etcd.member_count()).try_for_each(|m| probe_member(cluster, m))
+}
+
+/// One health probe of member `m` (1-based) of a cluster's etcd.
+pub fn probe_member(cluster: &ClusterInfo, m: usize) -> std::result::Result<(), String> {
+    let (ip, url) = match cluster.etcd.members.get(m.wrapping_sub(1)) {
+        Some(x) => (x.addr, x.client_url.clone()),
+        None => (cluster.control_plane.addr, cluster.etcd.client_url.clone()),
+    };
+    let addr = SocketAddr::from((ip, ETCD_CLIENT_PORT));
     match &cluster.etcd.tls {
         None => match http_health(addr) {
             Ok(body) if body.contains("\"health\":\"true\"") => Ok(()),
@@ -196,12 +234,30 @@ pub fn probe(cluster: &ClusterInfo) -> std::result::Result<(), String> {
             )),
             Err(e) => Err(format!("GET http://{addr}/health: {e}")),
         },
-        Some(tls) => tls_status(&cluster.etcd.client_url, tls),
+        Some(tls) => match tls_status(&url, tls)? {
+            s if s.leader == 0 => Err(format!("{url}: no leader yet")),
+            _ => Ok(()),
+        },
     }
 }
 
-/// One etcd `status` call over mTLS with the `root` client certificate.
-fn tls_status(url: &str, tls: &crate::plan::EtcdTlsFiles) -> std::result::Result<(), String> {
+/// What one member says about itself and its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// This member's id.
+    pub member_id: u64,
+    /// The leader's id as this member knows it (0: none).
+    pub leader: u64,
+    /// Raft term.
+    pub raft_term: u64,
+}
+
+/// One etcd `status` call over mTLS with the `root` client certificate (a maintenance API call: a member answers
+/// it without a leader too).
+pub fn tls_status(
+    url: &str,
+    tls: &crate::plan::EtcdTlsFiles,
+) -> std::result::Result<MemberStatus, String> {
     let files = root_files(tls);
     let url = url.to_string();
     on_runtime(|| async move {
@@ -209,7 +265,12 @@ fn tls_status(url: &str, tls: &crate::plan::EtcdTlsFiles) -> std::result::Result
             let mut c = mesh_certs::etcd::connect(std::slice::from_ref(&url), &files)
                 .await
                 .map_err(|e| e.to_string())?;
-            c.status().await.map(|_| ()).map_err(|e| e.to_string())
+            let s = c.status().await.map_err(|e| e.to_string())?;
+            Ok(MemberStatus {
+                member_id: s.header().map_or(0, |h| h.member_id()),
+                leader: s.leader(),
+                raft_term: s.raft_term(),
+            })
         };
         tokio::time::timeout(Duration::from_secs(3), call)
             .await
@@ -217,8 +278,17 @@ fn tls_status(url: &str, tls: &crate::plan::EtcdTlsFiles) -> std::result::Result
     })
 }
 
-/// Waits until `proc` (the etcd of `cluster`) reports healthy; fails early when it exits.
-pub fn wait_healthy(cluster: &ClusterInfo, proc: &mut LabProcess, timeout: Duration) -> Result<()> {
+/// Waits until `proc` (member `m` of the etcd of `cluster`) answers; fails early when it exits.
+pub fn wait_member_healthy(
+    cluster: &ClusterInfo,
+    m: usize,
+    proc: &mut LabProcess,
+    timeout: Duration,
+) -> Result<()> {
+    let log = cluster
+        .etcd
+        .member(m)
+        .map_or(cluster.etcd.log_file.clone(), |e| e.log_file);
     let mut last = String::from("no answer yet");
     let mut exited = None;
     let ok = poll_until(timeout, || {
@@ -226,7 +296,7 @@ pub fn wait_healthy(cluster: &ClusterInfo, proc: &mut LabProcess, timeout: Durat
             exited = Some(st);
             return true;
         }
-        match probe(cluster) {
+        match probe_member(cluster, m) {
             Ok(()) => true,
             Err(e) => {
                 last = e;
@@ -236,8 +306,8 @@ pub fn wait_healthy(cluster: &ClusterInfo, proc: &mut LabProcess, timeout: Durat
     });
     let fail = |detail: String| LabError::Etcd {
         cluster: cluster.name.clone(),
-        detail: format!("{detail}; log tail:\n{}", tail(&cluster.etcd.log_file, 8)),
-        log: cluster.etcd.log_file.clone(),
+        detail: format!("member {m}: {detail}; log tail:\n{}", tail(&log, 8)),
+        log: log.clone(),
     };
     if let Some(st) = exited {
         return Err(fail(format!("etcd exited ({st})")));

@@ -109,7 +109,8 @@ pub struct Lab {
 #[derive(Debug)]
 struct Inner {
     state: LabState,
-    etcd: Vec<Option<LabProcess>>,
+    /// Per cluster, per member (index 0 is member 1).
+    etcd: Vec<Vec<Option<LabProcess>>>,
     impairer: Option<Impairer>,
 }
 
@@ -164,7 +165,7 @@ impl Lab {
             etcd_ready_timeout: spec.etcd_ready_timeout,
             inner: Mutex::new(Inner {
                 state,
-                etcd: (0..n).map(|_| None).collect(),
+                etcd: (0..n).map(|_| Vec::new()).collect(),
                 impairer: None,
             }),
             keep: false,
@@ -185,11 +186,13 @@ impl Lab {
         }
         let mut starting = Vec::new();
         for c in &lab.plan.clusters {
-            starting.push((c, lab.launch_etcd(c)?));
+            for m in 1..=c.etcd.member_count() {
+                starting.push((c, m, lab.launch_member(c, m)?));
+            }
         }
-        for (c, mut p) in starting {
-            etcd::wait_healthy(c, &mut p, lab.etcd_ready_timeout)?;
-            lab.inner().etcd[c.index - 1] = Some(p);
+        for (c, m, mut p) in starting {
+            etcd::wait_member_healthy(c, m, &mut p, lab.etcd_ready_timeout)?;
+            lab.put_member(c, m, p);
         }
         etcd::bootstrap_auth(&lab.plan)?;
         {
@@ -293,10 +296,25 @@ impl Lab {
         &self.plan.state_dir
     }
 
-    /// PID of cluster `c`'s etcd, `None` while stopped.
+    /// PID of cluster `c`'s etcd (its first member), `None` while stopped.
     pub fn etcd_pid(&self, c: impl ClusterRef) -> Result<Option<u32>> {
-        let i = c.resolve(&self.plan)?.index - 1;
-        Ok(self.inner().etcd[i].as_ref().map(LabProcess::pid))
+        self.etcd_member_pid(c, 1)
+    }
+
+    /// PID of member `m` (1-based) of cluster `c`'s etcd, `None` while stopped.
+    pub fn etcd_member_pid(&self, c: impl ClusterRef, m: usize) -> Result<Option<u32>> {
+        let cl = c.resolve(&self.plan)?;
+        self.check_member(cl, m)?;
+        let inner = self.inner();
+        Ok(inner.etcd[cl.index - 1]
+            .get(m - 1)
+            .and_then(Option::as_ref)
+            .map(LabProcess::pid))
+    }
+
+    /// Members of cluster `c`'s etcd.
+    pub fn etcd_members(&self, c: impl ClusterRef) -> Result<usize> {
+        Ok(c.resolve(&self.plan)?.etcd.member_count())
     }
 
     // ---- processes ----
@@ -420,10 +438,24 @@ impl Lab {
 
     // ---- etcd ----
 
-    fn launch_etcd(&self, c: &ClusterInfo) -> Result<LabProcess> {
-        let (out, err) = etcd::prepare(&c.etcd)?;
+    fn check_member(&self, cl: &ClusterInfo, m: usize) -> Result<()> {
+        let k = cl.etcd.member_count();
+        if m == 0 || m > k {
+            return Err(LabError::Spec(format!(
+                "etcd of cluster {} has members 1..={k}, no member {m}",
+                cl.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn launch_member(&self, c: &ClusterInfo, m: usize) -> Result<LabProcess> {
+        let view = c.etcd.member(m).ok_or_else(|| {
+            LabError::Spec(format!("etcd of cluster {} has no member {m}", c.name))
+        })?;
+        let (out, err) = etcd::prepare(&view)?;
         let mut cmd = Self::member_command(&c.control_plane, &self.etcd_binary);
-        cmd.args(etcd::etcd_args(&self.plan.prefix, &c.etcd)?)
+        cmd.args(etcd::member_args(&self.plan.prefix, &c.etcd, m)?)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -433,49 +465,158 @@ impl Lab {
             command: cmd::describe(&cmd),
             source,
         })?;
-        let p = LabProcess::new(child, format!("etcd {}", c.name));
+        let p = LabProcess::new(child, format!("etcd {}", view.name));
         let mut inner = self.inner();
-        inner.state.etcd[c.index - 1] = ProcRecord::of(p.pid() as i32, p.label());
+        let rec = ProcRecord::of(p.pid() as i32, p.label());
+        if m == 1 {
+            inner.state.etcd[c.index - 1] = rec;
+        } else if let Some(rec) = rec {
+            // other members are recorded with the lab's processes (a crashed run's sweep kills them)
+            inner.state.processes.push(rec);
+        }
         inner.state.save()?;
         Ok(p)
     }
 
-    /// Starts cluster `c`'s etcd (same data directory) and waits until it is healthy. No-op when it runs.
+    fn put_member(&self, c: &ClusterInfo, m: usize, p: LabProcess) {
+        let mut inner = self.inner();
+        let slots = &mut inner.etcd[c.index - 1];
+        if slots.len() < m {
+            slots.resize_with(m, || None);
+        }
+        slots[m - 1] = Some(p);
+    }
+
+    fn take_member(&self, cl: &ClusterInfo, m: usize) -> Result<Option<LabProcess>> {
+        let mut inner = self.inner();
+        let p = inner.etcd[cl.index - 1]
+            .get_mut(m - 1)
+            .and_then(Option::take);
+        if m == 1 {
+            inner.state.etcd[cl.index - 1] = None;
+        }
+        inner.state.save()?;
+        Ok(p)
+    }
+
+    fn member_running(&self, cl: &ClusterInfo, m: usize) -> bool {
+        self.inner().etcd[cl.index - 1]
+            .get(m - 1)
+            .is_some_and(Option::is_some)
+    }
+
+    /// Starts cluster `c`'s etcd (every stopped member, same data directories) and waits until each member is
+    /// healthy. No-op when all run.
     pub fn start_etcd(&self, c: impl ClusterRef) -> Result<()> {
         let cl = c.resolve(&self.plan)?;
-        if self.inner().etcd[cl.index - 1].is_some() {
-            return Ok(());
+        let mut starting = Vec::new();
+        for m in 1..=cl.etcd.member_count() {
+            if !self.member_running(cl, m) {
+                starting.push((m, self.launch_member(cl, m)?));
+            }
         }
-        let mut p = self.launch_etcd(cl)?;
-        etcd::wait_healthy(cl, &mut p, self.etcd_ready_timeout)?;
-        self.inner().etcd[cl.index - 1] = Some(p);
+        for (m, mut p) in starting {
+            etcd::wait_member_healthy(cl, m, &mut p, self.etcd_ready_timeout)?;
+            self.put_member(cl, m, p);
+        }
         Ok(())
     }
 
-    fn take_etcd(&self, cl: &ClusterInfo) -> Result<Option<LabProcess>> {
-        let mut inner = self.inner();
-        let p = inner.etcd[cl.index - 1].take();
-        inner.state.etcd[cl.index - 1] = None;
-        inner.state.save()?;
-        Ok(p)
-    }
-
-    /// Stops cluster `c`'s etcd gracefully (SIGTERM, then SIGKILL after a grace period).
+    /// Stops cluster `c`'s etcd (every member) gracefully (SIGTERM, then SIGKILL after a grace period).
     pub fn stop_etcd(&self, c: impl ClusterRef) -> Result<()> {
         let cl = c.resolve(&self.plan)?;
-        if let Some(mut p) = self.take_etcd(cl)? {
-            p.stop()?;
+        for m in 1..=cl.etcd.member_count() {
+            if let Some(mut p) = self.take_member(cl, m)? {
+                p.stop()?;
+            }
         }
         Ok(())
     }
 
-    /// Kills cluster `c`'s etcd with SIGKILL (a crash).
+    /// Kills cluster `c`'s etcd (every member) with SIGKILL (a crash).
     pub fn kill_etcd(&self, c: impl ClusterRef) -> Result<()> {
         let cl = c.resolve(&self.plan)?;
-        if let Some(mut p) = self.take_etcd(cl)? {
+        for m in 1..=cl.etcd.member_count() {
+            if let Some(mut p) = self.take_member(cl, m)? {
+                p.kill()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills member `m` (1-based) of cluster `c`'s etcd with SIGKILL. No-op when it is stopped.
+    pub fn kill_etcd_member(&self, c: impl ClusterRef, m: usize) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        self.check_member(cl, m)?;
+        if let Some(mut p) = self.take_member(cl, m)? {
             p.kill()?;
         }
         Ok(())
+    }
+
+    /// Starts member `m` (1-based) of cluster `c`'s etcd again (same data directory: it rejoins as the member it
+    /// was) and waits until it answers and knows a leader. No-op when it runs.
+    pub fn start_etcd_member(&self, c: impl ClusterRef, m: usize) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        self.check_member(cl, m)?;
+        if self.member_running(cl, m) {
+            return Ok(());
+        }
+        let mut p = self.launch_member(cl, m)?;
+        etcd::wait_member_healthy(cl, m, &mut p, self.etcd_ready_timeout)?;
+        self.put_member(cl, m, p);
+        Ok(())
+    }
+
+    /// What member `m` (1-based) of cluster `c`'s etcd says (its id, the leader it knows, the term), through the
+    /// maintenance `status` API over mTLS. TLS etcd only.
+    pub fn etcd_member_status(&self, c: impl ClusterRef, m: usize) -> Result<etcd::MemberStatus> {
+        let cl = c.resolve(&self.plan)?;
+        self.check_member(cl, m)?;
+        let tls = cl.etcd.tls.as_ref().ok_or_else(|| {
+            LabError::Spec(format!(
+                "etcd status of cluster {} needs TLS etcd (the lab runs plain)",
+                cl.name
+            ))
+        })?;
+        let url = cl
+            .etcd
+            .member(m)
+            .map(|e| e.client_url)
+            .unwrap_or_else(|| cl.etcd.client_url.clone());
+        etcd::tls_status(&url, tls).map_err(|detail| LabError::Etcd {
+            cluster: cl.name.clone(),
+            detail: format!("member {m} status: {detail}"),
+            log: cl
+                .etcd
+                .member(m)
+                .map_or(cl.etcd.log_file.clone(), |e| e.log_file),
+        })
+    }
+
+    /// The member (1-based) of cluster `c`'s etcd that leads now, as the running members see it: `None` while
+    /// they know no leader or disagree (an election in progress). TLS etcd only.
+    pub fn etcd_leader(&self, c: impl ClusterRef) -> Result<Option<usize>> {
+        let cl = c.resolve(&self.plan)?;
+        let mut ids = Vec::new();
+        for m in 1..=cl.etcd.member_count() {
+            if !self.member_running(cl, m) {
+                continue;
+            }
+            if let Ok(st) = self.etcd_member_status(cl, m) {
+                ids.push((m, st));
+            }
+        }
+        let Some(leader) = ids.first().map(|(_, s)| s.leader) else {
+            return Ok(None);
+        };
+        if leader == 0 || ids.iter().any(|(_, s)| s.leader != leader) {
+            return Ok(None);
+        }
+        Ok(ids
+            .iter()
+            .find(|(_, s)| s.member_id == leader)
+            .map(|(m, _)| *m))
     }
 
     /// Stops (SIGTERM) and starts cluster `c`'s etcd with the same data, waiting until it is healthy again.
@@ -691,7 +832,7 @@ impl Lab {
             }
         }
         let _ = inner.state.save();
-        for p in inner.etcd.drain(..).flatten() {
+        for p in inner.etcd.drain(..).flatten().flatten() {
             p.detach();
         }
     }
@@ -707,7 +848,7 @@ impl Lab {
             let mut inner = self.inner();
             // the TUN device holds the router namespace: close it first
             inner.impairer = None;
-            for mut p in inner.etcd.drain(..).flatten() {
+            for mut p in inner.etcd.drain(..).flatten().flatten() {
                 let _ = p.kill();
             }
             inner.state.clone()

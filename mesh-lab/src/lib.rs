@@ -63,8 +63,11 @@ pub mod process;
 pub mod state;
 
 pub use error::{LabError, Result};
+pub use etcd::MemberStatus;
 pub use lab::{ClusterRef, Lab, LabStatus};
 pub use nix::sys::signal::Signal;
-pub use plan::{ClusterInfo, EtcdInfo, EtcdSecurity, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo};
+pub use plan::{
+    ClusterInfo, EtcdInfo, EtcdMember, EtcdSecurity, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo,
+};
 pub use process::LabProcess;
 pub use state::{Impairment, ImpairmentRecord};

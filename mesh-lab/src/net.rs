@@ -115,6 +115,12 @@ pub fn build(plan: &LabPlan) -> Result<()> {
             let mut b = String::new();
             let _ = writeln!(b, "link set lo up");
             let _ = writeln!(b, "addr add {}/{} dev eth0", m.addr, c.prefix_len);
+            if m.index == 0 {
+                // the other members of a multi-member etcd (member 1 is on the control-plane address)
+                for e in c.etcd.members.iter().filter(|e| e.addr != m.addr) {
+                    let _ = writeln!(b, "addr add {}/{} dev eth0", e.addr, c.prefix_len);
+                }
+            }
             let _ = writeln!(b, "link set eth0 up");
             let _ = writeln!(b, "route add default via {}", c.gateway);
             cmd::ip_batch(Some(&m.netns), &b)?;

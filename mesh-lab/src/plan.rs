@@ -14,6 +14,7 @@
 //! namespace, where partitions (nft) and latency/loss (tc netem on the bridge of the destination cluster) apply.
 //! The host reaches every lab address through its veth, so tests and the CLI talk to etcd directly.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,11 @@ pub const DEFAULT_STATE_ROOT: &str = "/run/mesh-lab";
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd peer port on every control-plane address.
 pub const ETCD_PEER_PORT: u16 = 2380;
+/// Most members one cluster's etcd may have.
+pub const MAX_ETCD_MEMBERS: usize = 5;
+/// Environment variable read by [`LabSpec::new`] for [`LabSpec::etcd_members`]: `<cluster>=<members>` pairs,
+/// comma-separated (e.g. `1=3`). For harnesses that build the spec themselves and have no option for it.
+pub const ETCD_MEMBERS_ENV: &str = "MESH_LAB_ETCD_MEMBERS";
 /// Most clusters one lab may have.
 pub const MAX_CLUSTERS: usize = 64;
 /// Most nodes one cluster may have.
@@ -73,6 +79,10 @@ pub struct LabSpec {
     pub state_root: PathBuf,
     /// How long to wait for each etcd to report healthy.
     pub etcd_ready_timeout: Duration,
+    /// Members of a cluster's etcd by cluster index (1-based); clusters not named here get one member. A cluster
+    /// with `k > 1` members runs them all in its control-plane namespace, member `m` (1-based) on address `.1+m`
+    /// (`.2`, `.3`, `.4`, ...), with peer TLS like the clients'. Default: [`ETCD_MEMBERS_ENV`], else empty.
+    pub etcd_members: BTreeMap<usize, usize>,
 }
 
 impl LabSpec {
@@ -87,7 +97,21 @@ impl LabSpec {
             etcd_binary: PathBuf::from("/usr/bin/etcd"),
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             etcd_ready_timeout: Duration::from_secs(30),
+            etcd_members: std::env::var(ETCD_MEMBERS_ENV)
+                .map(|v| parse_etcd_members(&v))
+                .unwrap_or_default(),
         }
+    }
+
+    /// Gives cluster `cluster` (1-based) an etcd of `members` members (odd, at most [`MAX_ETCD_MEMBERS`]).
+    pub fn etcd_members(mut self, cluster: usize, members: usize) -> Self {
+        self.etcd_members.insert(cluster, members);
+        self
+    }
+
+    /// Members of cluster `index`'s etcd.
+    fn members_of(&self, index: usize) -> usize {
+        self.etcd_members.get(&index).copied().unwrap_or(1)
     }
 
     /// Sets the etcd security mode.
@@ -105,6 +129,19 @@ impl LabSpec {
     /// Checks every rule; the error says which one failed.
     pub fn validate(&self) -> Result<()> {
         check_prefix(&self.prefix)?;
+        for (&c, &k) in &self.etcd_members {
+            if c == 0 || c > self.clusters {
+                return Err(LabError::Spec(format!(
+                    "etcd members given for cluster {c}, but the lab has clusters 1..={}",
+                    self.clusters
+                )));
+            }
+            if k == 0 || k > MAX_ETCD_MEMBERS || k % 2 == 0 {
+                return Err(LabError::Spec(format!(
+                    "cluster {c}: etcd members must be odd and 1..={MAX_ETCD_MEMBERS} (a quorum), got {k}"
+                )));
+            }
+        }
         if !(1..=MAX_CLUSTERS).contains(&self.clusters) {
             return Err(LabError::Spec(format!(
                 "clusters must be 1..={MAX_CLUSTERS}, got {}",
@@ -143,6 +180,16 @@ impl LabSpec {
             .cloned()
             .unwrap_or_else(|| format!("c{index}"))
     }
+}
+
+/// Parses [`ETCD_MEMBERS_ENV`]: `1=3,2=3`. Pairs that do not parse are ignored (validation names bad counts).
+pub fn parse_etcd_members(v: &str) -> BTreeMap<usize, usize> {
+    v.split(',')
+        .filter_map(|p| {
+            let (c, k) = p.trim().split_once('=')?;
+            Some((c.trim().parse().ok()?, k.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// Checks a lab prefix: `[a-z][a-z0-9-]*`, at most [`MAX_PREFIX_LEN`] chars, not ending in `-`.
@@ -197,7 +244,9 @@ pub struct NodeInfo {
 pub struct EtcdInfo {
     /// etcd member name.
     pub name: String,
-    /// Client URL (`http://` or `https://<control-plane addr>:2379`), reachable from the host and every node.
+    /// Client URL (`http://` or `https://<control-plane addr>:2379`), reachable from the host and every node. With
+    /// several members: every member's client URL, comma-separated (the form `--etcd-endpoints` takes, so the
+    /// apiserver and node-syncs started with it know every member); [`EtcdInfo::client_urls`] splits it.
     pub client_url: String,
     /// Peer URL.
     pub peer_url: String,
@@ -207,12 +256,68 @@ pub struct EtcdInfo {
     pub log_file: PathBuf,
     /// TLS material, when etcd runs with TLS.
     pub tls: Option<EtcdTlsFiles>,
+    /// With more than one member: every member, the first being the one the fields above describe (except
+    /// `client_url`, which then lists every member's). Empty for a single-member etcd.
+    #[serde(default)]
+    pub members: Vec<EtcdMember>,
+}
+
+/// One member of a multi-member etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdMember {
+    /// 1-based member index.
+    pub index: usize,
+    /// etcd member name (`<cluster>` for member 1, `<cluster>-m<i>` for the others).
+    pub name: String,
+    /// Address in the control-plane namespace.
+    pub addr: Ipv4Addr,
+    /// Client URL of this member alone.
+    pub client_url: String,
+    /// Peer URL.
+    pub peer_url: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log file.
+    pub log_file: PathBuf,
 }
 
 impl EtcdInfo {
     /// Every client URL (one per member).
     pub fn client_urls(&self) -> Vec<String> {
         self.client_url.split(',').map(str::to_owned).collect()
+    }
+
+    /// Number of members.
+    pub fn member_count(&self) -> usize {
+        self.members.len().max(1)
+    }
+
+    /// `--initial-cluster` of a multi-member etcd (`None` with one member).
+    pub fn initial_cluster(&self) -> Option<String> {
+        (!self.members.is_empty()).then(|| {
+            self.members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+
+    /// Member `m` (1-based) as a single-member view (its own name, URLs, data and log), for starting it.
+    pub fn member(&self, m: usize) -> Option<EtcdInfo> {
+        if self.members.is_empty() {
+            return (m == 1).then(|| self.clone());
+        }
+        let x = self.members.get(m.checked_sub(1)?)?;
+        Some(EtcdInfo {
+            name: x.name.clone(),
+            client_url: x.client_url.clone(),
+            peer_url: x.peer_url.clone(),
+            data_dir: x.data_dir.clone(),
+            log_file: x.log_file.clone(),
+            tls: self.tls.clone(),
+            members: Vec::new(),
+        })
     }
 }
 
@@ -376,8 +481,50 @@ impl LabPlan {
                 let name = spec.cluster_name(c);
                 let scheme = if tls { "https" } else { "http" };
                 let cdir = state_dir.join(format!("c{c}"));
+                let k = spec.members_of(c);
+                let members: Vec<EtcdMember> = if k == 1 {
+                    Vec::new()
+                } else {
+                    (1..=k)
+                        .map(|m| {
+                            let addr = Ipv4Addr::new(10, octet, c8, 1 + m as u8);
+                            let (mname, data, log) = if m == 1 {
+                                (
+                                    name.clone(),
+                                    "etcd-data".to_string(),
+                                    "etcd.log".to_string(),
+                                )
+                            } else {
+                                (
+                                    format!("{name}-m{m}"),
+                                    format!("etcd-data-m{m}"),
+                                    format!("etcd-m{m}.log"),
+                                )
+                            };
+                            EtcdMember {
+                                index: m,
+                                name: mname,
+                                addr,
+                                client_url: format!("{scheme}://{addr}:{ETCD_CLIENT_PORT}"),
+                                peer_url: format!("{scheme}://{addr}:{ETCD_PEER_PORT}"),
+                                data_dir: cdir.join(data),
+                                log_file: cdir.join(log),
+                            }
+                        })
+                        .collect()
+                };
+                let client_url = if members.is_empty() {
+                    format!("{scheme}://{}:{ETCD_CLIENT_PORT}", cp.addr)
+                } else {
+                    members
+                        .iter()
+                        .map(|m| m.client_url.clone())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
                 let etcd = EtcdInfo {
-                    client_url: format!("{scheme}://{}:{ETCD_CLIENT_PORT}", cp.addr),
+                    client_url,
+                    members,
                     peer_url: format!("{scheme}://{}:{ETCD_PEER_PORT}", cp.addr),
                     data_dir: cdir.join("etcd-data"),
                     log_file: cdir.join("etcd.log"),
@@ -599,6 +746,62 @@ mod tests {
         let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
         assert_eq!(p.clusters[1].name, "west");
         assert_eq!(p.clusters[1].etcd.name, "west");
+    }
+
+    #[test]
+    fn a_three_member_etcd_gets_three_addresses_every_url_and_one_initial_cluster() {
+        let spec = LabSpec::new("t", 2, 1).etcd_members(1, 3);
+        let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
+        let e = &p.clusters[0].etcd;
+        assert_eq!(e.member_count(), 3);
+        assert_eq!(
+            e.client_urls(),
+            [
+                "https://10.100.1.2:2379",
+                "https://10.100.1.3:2379",
+                "https://10.100.1.4:2379"
+            ]
+        );
+        assert_eq!(
+            e.initial_cluster().unwrap(),
+            "c1=https://10.100.1.2:2380,c1-m2=https://10.100.1.3:2380,c1-m3=https://10.100.1.4:2380"
+        );
+        let m1 = e.member(1).unwrap();
+        assert_eq!(m1.client_url, "https://10.100.1.2:2379");
+        assert_eq!(
+            m1.data_dir, e.data_dir,
+            "member 1 keeps the single-member paths"
+        );
+        let m3 = e.member(3).unwrap();
+        assert_eq!(m3.name, "c1-m3");
+        assert!(m3.data_dir.ends_with("c1/etcd-data-m3"));
+        assert!(e.member(4).is_none());
+        // the default stays one member, unchanged
+        let e2 = &p.clusters[1].etcd;
+        assert_eq!(e2.member_count(), 1);
+        assert!(e2.members.is_empty() && e2.initial_cluster().is_none());
+        assert_eq!(e2.client_urls(), ["https://10.100.2.2:2379"]);
+        assert_eq!(e2.member(1).as_ref(), Some(e2));
+    }
+
+    #[test]
+    fn etcd_member_counts_are_checked() {
+        for (c, k, want) in [
+            (1, 2, "odd"),
+            (1, 7, "odd and 1..=5"),
+            (3, 3, "clusters 1..=2"),
+        ] {
+            let e = LabSpec::new("t", 2, 1)
+                .etcd_members(c, k)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{c}={k}: {e}");
+        }
+        assert_eq!(
+            parse_etcd_members("1=3, 2=5,x=1,3"),
+            BTreeMap::from([(1, 3), (2, 5)])
+        );
     }
 
     #[test]

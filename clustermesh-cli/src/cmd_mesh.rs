@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use clustermesh_cli::connect::{ConnectOptions, Side, connect, disconnect, render_status, status};
+use clustermesh_cli::kube_connect::{self, KubeOptions};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 30s, 2m): {e}"))
@@ -21,26 +23,77 @@ pub enum Output {
     Json,
 }
 
+/// Kubernetes mode: the clusters are kubeconfig contexts, and the registration is written as
+/// Secrets through the Kubernetes API (instead of the gRPC addresses A B and their TLS dirs).
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// Kubernetes mode: kubeconfig context of cluster A (replaces A, B, --tls-dir, --destination-tls-dir).
+    #[arg(long, requires = "destination_context")]
+    pub context: Option<String>,
+    /// Kubernetes mode: kubeconfig context of cluster B.
+    #[arg(long, requires = "context")]
+    pub destination_context: Option<String>,
+    /// Kubeconfig file [default: $KUBECONFIG (a list of files is merged), else ~/.kube/config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace the clustermesh chart is installed in, in both clusters.
+    #[arg(
+        short = 'n',
+        long,
+        env = "CLUSTERMESH_NAMESPACE",
+        default_value = "clustermesh"
+    )]
+    pub namespace: String,
+    /// Helm release name of the chart in both clusters (object names derive from it).
+    #[arg(long, env = "CLUSTERMESH_RELEASE", default_value = "clustermesh")]
+    pub release: String,
+}
+
+impl KubeArgs {
+    fn contexts(&self) -> Option<(&str, &str)> {
+        Some((
+            self.context.as_deref()?,
+            self.destination_context.as_deref()?,
+        ))
+    }
+
+    fn options(&self) -> KubeOptions {
+        KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            namespace: self.namespace.clone(),
+            release: self.release.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
     /// gRPC address of cluster A's clustermesh-apiserver (HOST:PORT).
-    pub a: SocketAddr,
+    #[arg(required_unless_present = "context", conflicts_with = "context")]
+    pub a: Option<SocketAddr>,
     /// gRPC address of cluster B's clustermesh-apiserver (HOST:PORT).
-    pub b: SocketAddr,
+    #[arg(required_unless_present = "context", conflicts_with = "context")]
+    pub b: Option<SocketAddr>,
     /// Cluster A's certificate directory (admin.crt/key and ca-bundle.pem; from `clustermesh ca issue-cluster`).
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
-    pub tls_dir: PathBuf,
+    #[arg(long, env = "CLUSTERMESH_TLS_DIR", required_unless_present = "context")]
+    pub tls_dir: Option<PathBuf>,
     /// Cluster B's certificate directory.
-    #[arg(long, env = "CLUSTERMESH_DESTINATION_TLS_DIR")]
-    pub destination_tls_dir: PathBuf,
+    #[arg(
+        long,
+        env = "CLUSTERMESH_DESTINATION_TLS_DIR",
+        required_unless_present = "context"
+    )]
+    pub destination_tls_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Only let A's nodes reach B (register B at A), not the reverse.
     #[arg(long)]
     pub unidirectional: bool,
     /// Exchange trust bundles when the clusters do not share a root CA (federation).
     #[arg(long)]
     pub federate: bool,
-    /// Wait until every node of each side reports the other connected and synced.
-    #[arg(long)]
+    /// Wait until every node of each side reports the other connected and synced (gRPC mode).
+    #[arg(long, conflicts_with = "context")]
     pub wait: bool,
     /// How long --wait waits.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -53,18 +106,45 @@ pub struct ConnectArgs {
 #[derive(Debug, Args)]
 pub struct DisconnectArgs {
     /// gRPC address of cluster A's clustermesh-apiserver.
-    pub a: SocketAddr,
+    #[arg(required_unless_present = "context", conflicts_with = "context")]
+    pub a: Option<SocketAddr>,
     /// gRPC address of cluster B's clustermesh-apiserver.
-    pub b: SocketAddr,
+    #[arg(required_unless_present = "context", conflicts_with = "context")]
+    pub b: Option<SocketAddr>,
     /// Cluster A's certificate directory.
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
-    pub tls_dir: PathBuf,
+    #[arg(long, env = "CLUSTERMESH_TLS_DIR", required_unless_present = "context")]
+    pub tls_dir: Option<PathBuf>,
     /// Cluster B's certificate directory.
-    #[arg(long, env = "CLUSTERMESH_DESTINATION_TLS_DIR")]
-    pub destination_tls_dir: PathBuf,
+    #[arg(
+        long,
+        env = "CLUSTERMESH_DESTINATION_TLS_DIR",
+        required_unless_present = "context"
+    )]
+    pub destination_tls_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     /// Only remove B from A.
     #[arg(long)]
     pub unidirectional: bool,
+}
+
+/// The two gRPC sides of the address mode (clap makes them present outside the Kubernetes mode).
+fn grpc_sides(
+    a: Option<SocketAddr>,
+    b: Option<SocketAddr>,
+    tls_dir: Option<PathBuf>,
+    destination_tls_dir: Option<PathBuf>,
+) -> anyhow::Result<(Side, Side)> {
+    Ok((
+        Side {
+            addr: a.context("cluster A's address is missing")?,
+            tls_dir: tls_dir.context("--tls-dir is missing")?,
+        },
+        Side {
+            addr: b.context("cluster B's address is missing")?,
+            tls_dir: destination_tls_dir.context("--destination-tls-dir is missing")?,
+        },
+    ))
 }
 
 #[derive(Debug, Args)]
@@ -87,14 +167,6 @@ pub struct StatusArgs {
 }
 
 pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
-    let sa = Side {
-        addr: a.a,
-        tls_dir: a.tls_dir,
-    };
-    let sb = Side {
-        addr: a.b,
-        tls_dir: a.destination_tls_dir,
-    };
     let opts = ConnectOptions {
         unidirectional: a.unidirectional,
         federate: a.federate,
@@ -108,7 +180,15 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
             println!("{l}");
         }
     };
-    let report = connect(&sa, &sb, &opts, &mut progress).await?;
+    let report = match a.kube.contexts() {
+        Some((ca, cb)) => {
+            kube_connect::connect(ca, cb, &a.kube.options(), &opts, &mut progress).await?
+        }
+        None => {
+            let (sa, sb) = grpc_sides(a.a, a.b, a.tls_dir, a.destination_tls_dir)?;
+            connect(&sa, &sb, &opts, &mut progress).await?
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -118,15 +198,16 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run_disconnect(a: DisconnectArgs) -> anyhow::Result<ExitCode> {
-    let sa = Side {
-        addr: a.a,
-        tls_dir: a.tls_dir,
+    let lines = match a.kube.contexts() {
+        Some((ca, cb)) => {
+            kube_connect::disconnect(ca, cb, &a.kube.options(), a.unidirectional).await?
+        }
+        None => {
+            let (sa, sb) = grpc_sides(a.a, a.b, a.tls_dir, a.destination_tls_dir)?;
+            disconnect(&sa, &sb, a.unidirectional).await?
+        }
     };
-    let sb = Side {
-        addr: a.b,
-        tls_dir: a.destination_tls_dir,
-    };
-    for l in disconnect(&sa, &sb, a.unidirectional).await? {
+    for l in lines {
         println!("{l}");
     }
     Ok(ExitCode::SUCCESS)

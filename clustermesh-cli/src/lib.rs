@@ -4,5 +4,6 @@
 pub mod connect;
 pub mod demo;
 pub mod drill;
+pub mod kube_connect;
 pub mod labmesh;
 pub mod workload;

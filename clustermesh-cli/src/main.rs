@@ -43,8 +43,12 @@ enum Command {
     Certs(ca::CertsCommand),
     /// Join two clusters (both ways by default) after a preflight: reachability, names, ids,
     /// maxConnectedClusters, trust, CIDR overlap.
+    ///
+    /// Either `connect A B` with apiserver gRPC addresses
+    /// and admin certificates, or `connect --context A --destination-context B` with kubeconfig
+    /// contexts, where the registration is written as node-sync's remotes Secret.
     Connect(cmd_mesh::ConnectArgs),
-    /// Undo `connect`: the other side's backends leave every node's maps.
+    /// Undo `connect` (same two modes): the other side's backends leave every node's maps.
     Disconnect(cmd_mesh::DisconnectArgs),
     /// The mesh as one cluster sees it: apiserver, etcd, remotes and their nodes, global services.
     /// Exits 2 when unhealthy.
@@ -122,6 +126,69 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connect_takes_addresses_or_kubernetes_contexts_but_not_both() {
+        let cli = Cli::try_parse_from([
+            "clustermesh",
+            "connect",
+            "--context",
+            "kind-c1",
+            "--destination-context",
+            "kind-c2",
+            "--kubeconfig",
+            "/k",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Connect(a) => {
+                assert_eq!(a.kube.context.as_deref(), Some("kind-c1"));
+                assert_eq!(a.kube.namespace, "clustermesh");
+                assert!(a.a.is_none());
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        for bad in [
+            &["connect", "--context", "c1"][..],
+            &[
+                "connect",
+                "1.2.3.4:1",
+                "--context",
+                "c1",
+                "--destination-context",
+                "c2",
+            ],
+            &[
+                "connect",
+                "--context",
+                "c1",
+                "--destination-context",
+                "c2",
+                "--wait",
+            ],
+            &["connect", "1.2.3.4:1", "1.2.3.4:2"],
+            &["disconnect", "--destination-context", "c2"],
+        ] {
+            let argv: Vec<&str> = std::iter::once("clustermesh")
+                .chain(bad.iter().copied())
+                .collect();
+            assert!(
+                Cli::try_parse_from(&argv).is_err(),
+                "{argv:?} must be refused"
+            );
+        }
+        assert!(
+            Cli::try_parse_from([
+                "clustermesh",
+                "disconnect",
+                "--context",
+                "c1",
+                "--destination-context",
+                "c2"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -1,0 +1,794 @@
+//! `clustermesh connect --context A --destination-context B` (and `disconnect`) against two
+//! `MockKubeApiServer`s: HTTP servers in this test that speak the Kubernetes core/v1 JSON for the few
+//! objects connect uses (GET/POST/PUT/PATCH/DELETE, `resourceVersion`, 404 `Status` objects, 409
+//! conflicts). They are not kube-apiservers (none can run here); their shapes follow the API's
+//! documented ones. The clusters' certificates come from the real mesh-certs CA code, and the end of
+//! the story is real: the Secret connect wrote is laid out as kubelet does, node-sync's remote loader
+//! reads it, and node-sync's connection code reaches a real etcd over mTLS with those files.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use base64::Engine as _;
+use mesh_certs::etcd::{self, EtcdAuthAdmin, EtcdSpec};
+use mesh_certs::{ClusterDir, ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use serde_json::{Value, json};
+
+const NS: &str = "clustermesh";
+const MESH_INFO: &str = "clustermesh-mesh-info";
+const REMOTE_TLS: &str = "clustermesh-node-sync-tls";
+const REMOTES: &str = "clustermesh-node-sync-remotes";
+
+mod mock_kube {
+    //! `MockKubeApiServer`: a stand-in for a kube-apiserver, serving core/v1 objects from memory.
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::to_bytes;
+    use axum::extract::{Request, State};
+    use axum::http::{Method, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+
+    /// (resource, namespace, name); namespace "" for cluster-scoped objects.
+    type Key = (String, String, String);
+
+    #[derive(Default)]
+    struct MockState {
+        rv: u64,
+        objects: BTreeMap<Key, Value>,
+        writes: Vec<String>,
+    }
+
+    /// Serves GET (one object or a list), POST, PUT, PATCH (JSON merge patch) and DELETE for
+    /// `/api/v1/namespaces/{ns}/{resource}[/{name}]` and `/api/v1/{resource}[/{name}]`.
+    #[derive(Clone)]
+    pub struct MockKubeApiServer {
+        state: Arc<Mutex<MockState>>,
+        /// `http://127.0.0.1:PORT`.
+        pub url: String,
+    }
+
+    fn kind_of(resource: &str) -> &'static str {
+        match resource {
+            "configmaps" => "ConfigMap",
+            "secrets" => "Secret",
+            "services" => "Service",
+            "nodes" => "Node",
+            _ => "Unknown",
+        }
+    }
+
+    fn status(code: StatusCode, reason: &str, message: String) -> Response {
+        let body = json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+            "message":message,"reason":reason,"code":code.as_u16()});
+        (code, axum::Json(body)).into_response()
+    }
+
+    fn not_found(resource: &str, name: &str) -> Response {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{resource} \"{name}\" not found"),
+        )
+    }
+
+    /// (resource, namespace, name) of a request path.
+    fn route(path: &str) -> Option<(String, String, Option<String>)> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        match parts.as_slice() {
+            ["namespaces", ns, res] => Some(((*res).into(), (*ns).into(), None)),
+            ["namespaces", ns, res, name] => {
+                Some(((*res).into(), (*ns).into(), Some((*name).into())))
+            }
+            [res] => Some(((*res).into(), String::new(), None)),
+            [res, name] => Some(((*res).into(), String::new(), Some((*name).into()))),
+            _ => None,
+        }
+    }
+
+    /// RFC 7386 JSON merge patch.
+    fn merge(target: &mut Value, patch: &Value) {
+        match patch {
+            Value::Object(p) => {
+                if !target.is_object() {
+                    *target = json!({});
+                }
+                let t = target.as_object_mut().unwrap();
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+            other => *target = other.clone(),
+        }
+    }
+
+    async fn handle(State(st): State<Arc<Mutex<MockState>>>, req: Request) -> Response {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let body = to_bytes(req.into_body(), 16 << 20)
+            .await
+            .unwrap_or_default();
+        let Some((res, ns, name)) = route(&path) else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            );
+        };
+        let kind = kind_of(&res);
+        let mut s = st.lock().unwrap();
+        if method != Method::GET {
+            s.writes.push(format!(
+                "{method} {res} {ns}/{}",
+                name.clone().unwrap_or_default()
+            ));
+        }
+        let body: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string());
+                }
+            }
+        };
+        match (method, name) {
+            (Method::GET, None) => {
+                let items: Vec<Value> = s
+                    .objects
+                    .iter()
+                    .filter(|((r, n, _), _)| *r == res && (ns.is_empty() || *n == ns))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                axum::Json(json!({"kind": format!("{kind}List"), "apiVersion": "v1",
+                    "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}))
+                .into_response()
+            }
+            (Method::GET, Some(name)) => match s.objects.get(&(res.clone(), ns, name.clone())) {
+                Some(o) => axum::Json(o.clone()).into_response(),
+                None => not_found(&res, &name),
+            },
+            (Method::POST, None) => {
+                let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return status(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        "metadata.name: Required value".into(),
+                    );
+                };
+                let key = (res.clone(), ns.clone(), name.clone());
+                if s.objects.contains_key(&key) {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        format!("{res} \"{name}\" already exists"),
+                    );
+                }
+                s.rv += 1;
+                let mut obj = body;
+                obj["metadata"]["namespace"] = json!(ns);
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                obj["metadata"]["uid"] = json!(format!("uid-{}", s.rv));
+                obj["kind"] = json!(kind);
+                obj["apiVersion"] = json!("v1");
+                s.objects.insert(key, obj.clone());
+                (StatusCode::CREATED, axum::Json(obj)).into_response()
+            }
+            (Method::PUT, Some(name)) => {
+                let key = (res.clone(), ns.clone(), name.clone());
+                let Some(cur) = s.objects.get(&key) else {
+                    return not_found(&res, &name);
+                };
+                let want = body["metadata"]["resourceVersion"].as_str().unwrap_or("");
+                if !want.is_empty() && Some(want) != cur["metadata"]["resourceVersion"].as_str() {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!(
+                            "Operation cannot be fulfilled on {res} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                let uid = cur["metadata"]["uid"].clone();
+                s.rv += 1;
+                let mut obj = body;
+                obj["metadata"]["namespace"] = json!(ns);
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                obj["metadata"]["uid"] = uid;
+                s.objects.insert(key, obj.clone());
+                axum::Json(obj).into_response()
+            }
+            (Method::PATCH, Some(name)) => {
+                let key = (res.clone(), ns.clone(), name.clone());
+                let Some(mut obj) = s.objects.get(&key).cloned() else {
+                    return not_found(&res, &name);
+                };
+                merge(&mut obj, &body);
+                s.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                s.objects.insert(key, obj.clone());
+                axum::Json(obj).into_response()
+            }
+            (Method::DELETE, Some(name)) => {
+                match s.objects.remove(&(res.clone(), ns, name.clone())) {
+                    Some(_) => axum::Json(json!({"kind":"Status","apiVersion":"v1",
+                        "metadata":{},"status":"Success","details":{"name":name,"kind":res}}))
+                    .into_response(),
+                    None => not_found(&res, &name),
+                }
+            }
+            (m, _) => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{m} is not supported on {path}"),
+            ),
+        }
+    }
+
+    impl MockKubeApiServer {
+        pub async fn start() -> Self {
+            let state = Arc::new(Mutex::new(MockState {
+                rv: 1000,
+                ..Default::default()
+            }));
+            let app = axum::Router::new()
+                .fallback(handle)
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            Self { state, url }
+        }
+
+        /// Put an object in place (as `kubectl apply` before the test) without counting a write.
+        pub fn seed(&self, resource: &str, mut obj: Value) {
+            let mut s = self.state.lock().unwrap();
+            s.rv += 1;
+            obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            obj["apiVersion"] = json!("v1");
+            obj["kind"] = json!(kind_of(resource));
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
+            s.objects.insert((resource.into(), ns, name), obj);
+        }
+
+        pub fn get(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+            let s = self.state.lock().unwrap();
+            s.objects
+                .get(&(resource.into(), ns.into(), name.into()))
+                .cloned()
+        }
+
+        /// Every non-GET request so far, as `METHOD resource ns/name`.
+        pub fn writes(&self) -> Vec<String> {
+            self.state.lock().unwrap().writes.clone()
+        }
+    }
+}
+
+use mock_kube::MockKubeApiServer;
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn unb64(v: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().expect("base64 string"))
+        .expect("valid base64")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn init_ca(dir: &Path) -> RootCa {
+    RootCa::init(
+        dir,
+        &TrustDomain::new("mesh.test").unwrap(),
+        &Validity::default(),
+    )
+    .expect("ca init")
+}
+
+fn issue(ca: &RootCa, name: &str, id: u32, out: &Path) -> ClusterDir {
+    ca.issue_cluster(&ClusterRequest::new(name, id, out).unwrap())
+        .expect("issue cluster")
+}
+
+/// One cluster: its certificates and its mock API with the objects the chart would have made.
+struct Cluster {
+    dir: ClusterDir,
+    mock: MockKubeApiServer,
+    /// The etcd NodePort (remote nodes dial `https://127.0.0.1:<node_port>`).
+    node_port: u16,
+}
+
+async fn cluster(dir: ClusterDir, pod_cidr: &str) -> Cluster {
+    let mock = MockKubeApiServer::start().await;
+    let node_port = free_port();
+    let name = dir.info.name.to_string();
+    let id = dir.info.id.get();
+    let labels =
+        json!({"app.kubernetes.io/part-of": "clustermesh", "clustermesh.io/cluster-name": name});
+    mock.seed(
+        "configmaps",
+        json!({"metadata": {"name": MESH_INFO, "namespace": NS, "labels": labels},
+            "data": {
+                "cluster-name": name, "cluster-id": id.to_string(), "max-connected-clusters": "255",
+                "etcd-service": "clustermesh-apiserver", "etcd-service-port": "etcd", "etcd-endpoints": "",
+                "remote-tls-secret": REMOTE_TLS, "remote-tls-keys": "ca-bundle.pem,remote.crt,remote.key",
+                "remotes-secret": REMOTES}}),
+    );
+    // The Secret the certgen Job stores for node-sync (same keys).
+    let mut data = serde_json::Map::new();
+    for f in [
+        "cluster.json",
+        "ca-bundle.pem",
+        "node.crt",
+        "node.key",
+        "remote.crt",
+        "remote.key",
+    ] {
+        data.insert(
+            f.into(),
+            json!(b64(&std::fs::read(dir.path.join(f)).unwrap())),
+        );
+    }
+    mock.seed(
+        "secrets",
+        json!({"metadata": {"name": REMOTE_TLS, "namespace": NS, "labels": labels},
+            "type": "Opaque", "data": data}),
+    );
+    mock.seed(
+        "services",
+        json!({"metadata": {"name": "clustermesh-apiserver", "namespace": NS},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [
+                {"name": "etcd", "port": 2379, "targetPort": "etcd", "protocol": "TCP", "nodePort": node_port},
+                {"name": "grpc", "port": 9443, "targetPort": "grpc", "protocol": "TCP", "nodePort": 31443}]},
+            "status": {"loadBalancer": {}}}),
+    );
+    mock.seed(
+        "nodes",
+        json!({"metadata": {"name": format!("{name}-control-plane")},
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": format!("{name}-control-plane")}]}}),
+    );
+    Cluster {
+        dir,
+        mock,
+        node_port,
+    }
+}
+
+/// A kubeconfig with one context per cluster, named after the cluster.
+fn kubeconfig(dir: &Path, clusters: &[&Cluster]) -> PathBuf {
+    let mut s = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    for c in clusters {
+        s += &format!(
+            "- name: {n}\n  cluster:\n    server: {}\n",
+            c.mock.url,
+            n = c.dir.info.name
+        );
+    }
+    s += "contexts:\n";
+    for c in clusters {
+        s += &format!(
+            "- name: {n}\n  context:\n    cluster: {n}\n    user: {n}-admin\n",
+            n = c.dir.info.name
+        );
+    }
+    s += "users:\n";
+    for c in clusters {
+        s += &format!(
+            "- name: {}-admin\n  user:\n    token: test\n",
+            c.dir.info.name
+        );
+    }
+    s += &format!("current-context: {}\n", clusters[0].dir.info.name);
+    let p = dir.join("kubeconfig");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+async fn clustermesh(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_clustermesh"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("CLUSTERMESH_TLS_DIR")
+        .env_remove("CLUSTERMESH_DESTINATION_TLS_DIR")
+        .output()
+        .await
+        .expect("run clustermesh")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn kc(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn remotes_keys(c: &Cluster) -> Vec<String> {
+    c.mock
+        .get("secrets", NS, REMOTES)
+        .map(|s| {
+            s["data"]
+                .as_object()
+                .map(|d| d.keys().cloned().collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_writes_each_side_once_and_disconnect_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = init_ca(&tmp.path().join("ca"));
+    let c1 = cluster(issue(&ca, "c1", 1, &tmp.path().join("c1")), "10.1.0.0/16").await;
+    let c2 = cluster(issue(&ca, "c2", 2, &tmp.path().join("c2")), "10.2.0.0/16").await;
+    let kcfg = kubeconfig(tmp.path(), &[&c1, &c2]);
+    let args = [
+        "--kubeconfig",
+        kc(&kcfg),
+        "--context",
+        "c1",
+        "--destination-context",
+        "c2",
+    ];
+
+    let out = clustermesh(&[&["connect"][..], &args].concat()).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "✔ reachable: c1 (id 1) and c2 (id 2) answer",
+        "✔ cluster ids: 1 and 2 are distinct",
+        "✔ maxConnectedClusters: 255 on both",
+        "✔ trust: shared root",
+        "✔ cidrs: no overlapping pod or service CIDRs",
+        &format!(
+            "✔ c2 registered at c1 (secret clustermesh/{REMOTES} in context c1: https://127.0.0.1:{})",
+            c2.node_port
+        ),
+        "✔ c1 registered at c2",
+        "connected",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    // Each side holds the other's entry: remote file plus that cluster's CA bundle and read-only cert.
+    assert_eq!(
+        remotes_keys(&c1),
+        [
+            "c2.ca-bundle.pem",
+            "c2.remote.crt",
+            "c2.remote.key",
+            "c2.yaml"
+        ]
+    );
+    assert_eq!(
+        remotes_keys(&c2),
+        [
+            "c1.ca-bundle.pem",
+            "c1.remote.crt",
+            "c1.remote.key",
+            "c1.yaml"
+        ]
+    );
+    let s1 = c1.mock.get("secrets", NS, REMOTES).unwrap();
+    assert_eq!(
+        unb64(&s1["data"]["c2.remote.crt"]),
+        std::fs::read(c2.dir.cert(Role::Remote)).unwrap(),
+        "c1 reaches c2 with c2's own read-only remote certificate"
+    );
+    assert_eq!(
+        unb64(&s1["data"]["c2.ca-bundle.pem"]),
+        std::fs::read(c2.dir.ca_bundle()).unwrap()
+    );
+    let yaml = String::from_utf8(unb64(&s1["data"]["c2.yaml"])).unwrap();
+    let src = node_sync::cluster::parse_remote_file(
+        Path::new("/etc/clustermesh/remotes/c2.yaml"),
+        &yaml,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("node-sync refuses the written file: {e}\n{yaml}"));
+    assert_eq!(
+        src.endpoints,
+        [format!("https://127.0.0.1:{}", c2.node_port)]
+    );
+    assert_eq!(src.expected_id.map(|i| i.get()), Some(2));
+    assert_eq!(
+        s1["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        json!("clustermesh")
+    );
+    let w1 = c1.mock.writes();
+    let w2 = c2.mock.writes();
+    assert_eq!(w1, [format!("POST secrets {NS}/")]);
+    assert_eq!(w2, [format!("POST secrets {NS}/")]);
+
+    // Twice: every registration unchanged, and no request writes anything.
+    let out = clustermesh(&[&["connect"][..], &args].concat()).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.matches(" unchanged").count(), 2, "{stdout}");
+    assert_eq!(c1.mock.writes(), w1, "second connect wrote to c1");
+    assert_eq!(c2.mock.writes(), w2, "second connect wrote to c2");
+
+    // JSON output: the same checks and registrations, for scripts.
+    let out = clustermesh(&[&["connect", "-o", "json"][..], &args].concat()).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["registrations"][0], json!(["c1 -> c2", false]));
+    assert_eq!(report["checks"][2]["verdict"], json!("ok"));
+
+    // A third cluster's entry at c1 survives disconnecting c2.
+    let mut s = c1.mock.get("secrets", NS, REMOTES).unwrap();
+    s["data"]["c3.yaml"] = json!(b64(b"name: c3\nendpoints: [\"http://127.0.0.1:1\"]\n"));
+    c1.mock.seed("secrets", s);
+
+    let out = clustermesh(&[&["disconnect"][..], &args].concat()).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("✔ c2 unregistered at c1"), "{stdout}");
+    assert!(stdout.contains("✔ c1 unregistered at c2"), "{stdout}");
+    assert_eq!(remotes_keys(&c1), ["c3.yaml"]);
+    assert!(remotes_keys(&c2).is_empty());
+    let (w1, w2) = (c1.mock.writes(), c2.mock.writes());
+    assert_eq!(w1.last().unwrap(), &format!("PUT secrets {NS}/{REMOTES}"));
+    let out = clustermesh(&[&["disconnect"][..], &args].concat()).await;
+    let (stdout, _) = text(&out);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout.matches("(was not registered)").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!((c1.mock.writes(), c2.mock.writes()), (w1, w2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_preflights_write_nothing_and_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = init_ca(&tmp.path().join("ca"));
+    let other_ca = init_ca(&tmp.path().join("other-ca"));
+    let c1 = cluster(issue(&ca, "c1", 1, &tmp.path().join("c1")), "10.1.0.0/16").await;
+    let c3 = cluster(issue(&ca, "c3", 1, &tmp.path().join("c3")), "10.3.0.0/16").await;
+    let c4 = cluster(
+        issue(&other_ca, "c4", 4, &tmp.path().join("c4")),
+        "10.1.128.0/17",
+    )
+    .await;
+    let kcfg = kubeconfig(tmp.path(), &[&c1, &c3, &c4]);
+    let connect = |b: &'static str, extra: &'static [&'static str]| {
+        let kcfg = kcfg.clone();
+        async move {
+            let mut a = vec![
+                "connect".to_owned(),
+                "--kubeconfig".into(),
+                kc(&kcfg).into(),
+                "--context".into(),
+                "c1".into(),
+                "--destination-context".into(),
+                b.into(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            clustermesh(&refs).await
+        }
+    };
+
+    // Duplicate cluster id.
+    let out = connect("c3", &[]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("✘ cluster ids: c1 and c3 both have cluster id 1; ids must be unique"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("preflight failed; nothing was changed"),
+        "{stderr}"
+    );
+    // No shared root without --federate (and overlapping pod CIDRs are warned about).
+    let out = connect("c4", &[]).await;
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("✘ trust: no shared root") && stdout.contains("--federate"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("! cidrs: overlapping CIDRs 10.1.0.0/16~10.1.128.0/17"),
+        "{stdout}"
+    );
+    for c in [&c1, &c3, &c4] {
+        assert!(
+            c.mock.writes().is_empty(),
+            "{}: {:?}",
+            c.dir.info.name,
+            c.mock.writes()
+        );
+    }
+    // With --federate and --unidirectional: only c1 learns c4 (each entry carries c4's own bundle).
+    let out = connect("c4", &["--federate", "--unidirectional"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("! trust: no shared root"), "{stdout}");
+    assert_eq!(remotes_keys(&c1).len(), 4);
+    assert!(c4.mock.writes().is_empty(), "{:?}", c4.mock.writes());
+
+    // A cluster without the chart: the error names the context and the object.
+    let empty = MockKubeApiServer::start().await;
+    let mut bare = cluster(issue(&ca, "c9", 9, &tmp.path().join("c9")), "10.9.0.0/16").await;
+    bare.mock = empty;
+    let kcfg9 = kubeconfig(&tmp.path().join("c9"), &[&c1, &bare]);
+    let out = clustermesh(&[
+        "connect",
+        "--kubeconfig",
+        kc(&kcfg9),
+        "--context",
+        "c1",
+        "--destination-context",
+        "c9",
+    ])
+    .await;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("context c9: configmap clustermesh/clustermesh-mesh-info not found"),
+        "{stderr}"
+    );
+    let out = clustermesh(&[
+        "connect",
+        "--kubeconfig",
+        kc(&kcfg9),
+        "--context",
+        "c1",
+        "--destination-context",
+        "nope",
+    ])
+    .await;
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("context nope: not in the kubeconfig (contexts: c1, c9)"),
+        "{stderr}"
+    );
+}
+
+/// Lay out a Secret's data as kubelet does for a volume: the files in a timestamped directory,
+/// `..data` pointing at it, and one symlink per key at the top.
+fn materialize_like_kubelet(secret: &Value, dir: &Path) {
+    let stamp = dir.join("..2026_11_23_18_00_00.000000001");
+    std::fs::create_dir_all(&stamp).unwrap();
+    for (k, v) in secret["data"].as_object().unwrap() {
+        std::fs::write(stamp.join(k), unb64(v)).unwrap();
+    }
+    std::os::unix::fs::symlink(stamp.file_name().unwrap(), dir.join("..data")).unwrap();
+    for k in secret["data"].as_object().unwrap().keys() {
+        std::os::unix::fs::symlink(Path::new("..data").join(k), dir.join(k)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
+    assert!(
+        Path::new(etcd::DEFAULT_ETCD_BINARY).exists(),
+        "this test needs etcd at {} (Debian package etcd-server)",
+        etcd::DEFAULT_ETCD_BINARY
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = init_ca(&tmp.path().join("ca"));
+    let c1 = cluster(issue(&ca, "c1", 1, &tmp.path().join("c1")), "10.1.0.0/16").await;
+    let c2 = cluster(issue(&ca, "c2", 2, &tmp.path().join("c2")), "10.2.0.0/16").await;
+    // c2's etcd listens where c2's NodePort says (kind: node address + node port).
+    let url = format!("https://127.0.0.1:{}", c2.node_port);
+    let mut etcd2 = EtcdSpec::for_cluster(
+        &c2.dir,
+        tmp.path().join("etcd-c2"),
+        url.clone(),
+        format!("http://127.0.0.1:{}", free_port()),
+    )
+    .spawn(Duration::from_secs(30))
+    .await
+    .expect("etcd of c2 starts with TLS and --client-cert-auth");
+    let eps = etcd2.endpoints();
+    // The apiserver's secure bootstrap, and the read-only user of c2's own remote certificate.
+    let mut root = EtcdAuthAdmin::connect(&eps, &c2.dir.tls_files(Role::EtcdRoot))
+        .await
+        .unwrap();
+    root.bootstrap(&c2.dir.info.name).await.unwrap();
+    root.add_remote_user(&c2.dir.info.name).await.unwrap();
+    let mut admin = etcd::connect_as(&c2.dir, Role::Admin, &eps).await.unwrap();
+    admin
+        .put(
+            "clustermesh/v1/cluster-config/c2",
+            "{\"name\":\"c2\"}",
+            None,
+        )
+        .await
+        .unwrap();
+
+    let kcfg = kubeconfig(tmp.path(), &[&c1, &c2]);
+    let out = clustermesh(&[
+        "connect",
+        "--kubeconfig",
+        kc(&kcfg),
+        "--context",
+        "c1",
+        "--destination-context",
+        "c2",
+    ])
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+
+    // c1's remotes Secret as node-sync sees it at --remote-config-dir.
+    let remotes = tmp.path().join("remotes");
+    std::fs::create_dir_all(&remotes).unwrap();
+    materialize_like_kubelet(&c1.mock.get("secrets", NS, REMOTES).unwrap(), &remotes);
+    let (sources, errors) = node_sync::cluster::read_remote_dir(&remotes, None);
+    assert!(errors.is_empty(), "{errors:?}");
+    let names: Vec<String> = sources.keys().map(ToString::to_string).collect();
+    assert_eq!(names, ["c2"]);
+    let src = sources.values().next().unwrap();
+    assert_eq!(src.endpoints, [url]);
+    let tls = src.tls.as_ref().expect("https endpoints carry TLS files");
+    assert_eq!(tls.cert, remotes.join("c2.remote.crt"));
+
+    // Real mTLS with those files: c2's etcd accepts c2's read-only certificate and refuses writes.
+    let mut client = node_sync::cluster::connect(src, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("node-sync cannot reach c2's etcd with the Secret's files: {e}")
+        });
+    let got = client
+        .get("clustermesh/v1/cluster-config/c2", None)
+        .await
+        .expect("the remote certificate reads the mesh prefix");
+    assert_eq!(got.kvs()[0].value_str().unwrap(), "{\"name\":\"c2\"}");
+    let e = client
+        .put("clustermesh/v1/services/c2/x", "{}", None)
+        .await
+        .expect_err("the remote certificate is read-only");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+    // The files carry no one else's identity: without them, c2's etcd refuses the handshake.
+    let mut foreign = src.clone();
+    if let Some(t) = foreign.tls.as_mut() {
+        t.cert = c1.dir.cert(Role::Node);
+        t.key = c1.dir.key(Role::Node);
+    }
+    let refused = async {
+        let mut c = node_sync::cluster::connect(&foreign, Duration::from_secs(5)).await?;
+        c.get("clustermesh/v1/cluster-config/c2", None)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    assert!(
+        refused.is_err(),
+        "node-c1 has no user in c2's etcd: {refused:?}"
+    );
+    etcd2.stop();
+}

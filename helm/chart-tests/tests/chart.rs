@@ -1434,8 +1434,11 @@ fn node_sync_parses_every_rendered_remote_cluster_file() {
             .unwrap_or_else(|| panic!("{name}: no --remote-config-dir"));
         let tls_dir = flag(&a, "tls-dir").map(Path::new);
         let vol = volume_mounted_at(ds, c, dir);
-        let cm_name = str_at(vol, &["configMap", "name"])
-            .unwrap_or_else(|| panic!("{name}: remotes volume: {vol:?}"));
+        let sources = seq_at(vol, &["projected", "sources"]);
+        let cm_name = sources
+            .iter()
+            .find_map(|s| str_at(s, &["configMap", "name"]))
+            .unwrap_or_else(|| panic!("{name}: remotes volume has no ConfigMap source: {vol:?}"));
         let cm = r.one("ConfigMap", cm_name);
         let data = at(cm, &["data"])
             .and_then(Value::as_mapping)
@@ -1484,6 +1487,128 @@ fn node_sync_parses_every_rendered_remote_cluster_file() {
         parsed >= 2,
         "no example renders static remote clusters ({parsed})"
     );
+}
+
+/// The mesh-info ConfigMap `clustermesh connect --context` reads (parsed with the CLI's own parser)
+/// tells the truth about the rendered chart: the cluster's identity, an etcd Service with that port
+/// (or the external endpoints), the Secret node-sync itself takes its remote certificate from, and
+/// the remotes Secret node-sync projects (optional: connect creates it) into --remote-config-dir
+/// next to the static-remotes ConfigMap, without items, so every key of it becomes a file there.
+#[test]
+fn mesh_info_tells_connect_where_the_chart_keeps_everything() {
+    use clustermesh_cli::kube_connect::{MeshInfo, mesh_info_name};
+    for r in Rendered::all() {
+        let name = &r.case.name;
+        let cm = r.one("ConfigMap", "-mesh-info");
+        assert_eq!(
+            str_at(cm, &["metadata", "name"]),
+            Some(mesh_info_name(RELEASE).as_str()),
+            "{name}: connect derives the ConfigMap's name from the release as the chart does"
+        );
+        let data: std::collections::BTreeMap<String, String> =
+            serde_yaml::from_value(at(cm, &["data"]).cloned().unwrap()).unwrap();
+        let m = MeshInfo::from_data(&data)
+            .unwrap_or_else(|e| panic!("{name}: connect refuses the mesh-info ConfigMap: {e}"));
+        let want_name = str_at(&r.values, &["cluster", "name"]).unwrap_or("cluster1");
+        let want_id = at(&r.values, &["cluster", "id"])
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        assert_eq!(
+            (m.cluster_name.as_str(), u64::from(m.cluster_id)),
+            (want_name, want_id),
+            "{name}"
+        );
+        let mcc = at(&r.values, &["clustermesh", "maxConnectedClusters"])
+            .and_then(Value::as_u64)
+            .unwrap_or(255);
+        assert_eq!(u64::from(m.max_connected_clusters), mcc, "{name}");
+        match &m.etcd_service {
+            Some(svc) => {
+                let service = r
+                    .of_kind("Service")
+                    .find(|s| str_at(s, &["metadata", "name"]) == Some(svc.as_str()))
+                    .unwrap_or_else(|| panic!("{name}: no Service {svc}"));
+                assert!(
+                    seq_at(service, &["spec", "ports"])
+                        .iter()
+                        .any(|p| str_at(p, &["name"]) == Some(m.etcd_service_port.as_str())),
+                    "{name}: Service {svc} has no port {}",
+                    m.etcd_service_port
+                );
+            }
+            None => assert!(
+                !m.etcd_endpoints.is_empty(),
+                "{name}: external etcd endpoints"
+            ),
+        }
+        // node-sync's own TLS volume takes the remote certificate from the Secret connect copies.
+        let ds = r.node_sync();
+        let tls = volume(ds, "tls");
+        let [ca_k, cert_k, key_k] = &m.remote_tls_keys;
+        let src = seq_at(tls, &["projected", "sources"])
+            .iter()
+            .find(|s| str_at(s, &["secret", "name"]) == Some(m.remote_tls_secret.as_str()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: node-sync's tls volume has no source {}",
+                    m.remote_tls_secret
+                )
+            });
+        let keys: Vec<&str> = seq_at(src, &["secret", "items"])
+            .iter()
+            .filter_map(|i| str_at(i, &["key"]))
+            .collect();
+        for k in [cert_k, key_k] {
+            assert!(keys.contains(&k.as_str()), "{name}: {k} not in {keys:?}");
+        }
+        let mode = str_at(&r.values, &["certs", "mode"]).unwrap_or("job");
+        if mode != "certManager" {
+            assert!(
+                keys.contains(&ca_k.as_str()),
+                "{name}: {ca_k} not in {keys:?}"
+            );
+        }
+        if mode == "job" {
+            let job = r.one("Job", "-certgen");
+            let script = seq_at(container(job, "certgen"), &["args"])[0]
+                .as_str()
+                .unwrap();
+            assert!(
+                script.contains(r#"store "$NODE_SYNC_SECRET" "$work/cluster" cluster.json ca-bundle.pem node.crt node.key remote.crt remote.key"#),
+                "{name}: the certgen Job stores remote.crt/key in the node-sync Secret"
+            );
+            let env_secret = env(container(job, "certgen"), "NODE_SYNC_SECRET");
+            assert_eq!(env_secret, Some(m.remote_tls_secret.as_str()), "{name}");
+        }
+        // The remotes volume: the static ConfigMap plus connect's optional Secret.
+        let c = container(ds, "node-sync");
+        let dir = flag(&args(c), "remote-config-dir").unwrap().to_owned();
+        let vol = volume_mounted_at(ds, c, &dir);
+        let sources = seq_at(vol, &["projected", "sources"]);
+        let secret = sources
+            .iter()
+            .find(|s| str_at(s, &["secret", "name"]) == Some(m.remotes_secret.as_str()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: remotes volume does not project {}",
+                    m.remotes_secret
+                )
+            });
+        assert_eq!(
+            at(secret, &["secret", "optional"]).and_then(Value::as_bool),
+            Some(true),
+            "{name}: node-sync must start before connect made the Secret"
+        );
+        assert!(
+            at(secret, &["secret", "items"]).is_none(),
+            "{name}: every key"
+        );
+        assert!(
+            r.of_kind("Secret")
+                .all(|s| str_at(s, &["metadata", "name"]) != Some(m.remotes_secret.as_str())),
+            "{name}: the chart must not render the remotes Secret (an upgrade would drop connect's entries)"
+        );
+    }
 }
 
 /// Every metric the Grafana dashboard queries is one the binaries export: the apiserver's from its

@@ -63,7 +63,8 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &str, verdict: Verdict, detail: impl Into<String>) -> Self {
+    /// A check with its verdict.
+    pub fn new(name: &str, verdict: Verdict, detail: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             verdict,

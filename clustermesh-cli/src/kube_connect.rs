@@ -36,7 +36,7 @@ use kube::{Client, Config};
 use mesh_certs::TrustBundle;
 use serde::Serialize;
 
-use crate::connect::{ConnectOptions, ConnectReport, Verdict, preflight};
+use crate::connect::{Check, ConnectOptions, ConnectReport, Verdict, preflight};
 
 /// Where the chart is installed and which kubeconfig to read.
 #[derive(Debug, Clone)]
@@ -451,6 +451,23 @@ pub fn apply_entry(
 }
 
 impl KubeCluster {
+    /// Whether `remote` is already a static remote of this cluster (a `<remote>.yaml` key of the chart's
+    /// static-remotes ConfigMap, which has the remotes Secret's name and shares its directory).
+    pub async fn static_remote(&self, remote: &str) -> Result<Option<String>> {
+        let ns = self.namespace.as_str();
+        let name = self.mesh.remotes_secret.as_str();
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let cm = api
+            .get_opt(name)
+            .await
+            .map_err(|e| kube_err(&self.context, "configmap", ns, name, e))?;
+        let key = format!("{remote}.yaml");
+        Ok(cm
+            .and_then(|c| c.data)
+            .filter(|d| d.contains_key(&key))
+            .map(|_| format!("configmap {ns}/{name} key {key}")))
+    }
+
     /// Write (`Some`) or remove (`None`) `remote`'s entry in this cluster's remotes Secret; returns
     /// whether the Secret changed. Reads first and writes only a difference; a 409 (someone else
     /// wrote in between) is retried from a fresh read.
@@ -532,7 +549,31 @@ pub async fn connect(
     }
     let ka = open_context(opts, a).await?;
     let kb = open_context(opts, b).await?;
-    let checks = preflight(&ka.info, &kb.info, copts.federate);
+    let mut checks = preflight(&ka.info, &kb.info, copts.federate);
+    let mut pairs = vec![(&ka, &kb)];
+    if !copts.unidirectional {
+        pairs.push((&kb, &ka));
+    }
+    // Kubernetes only: a static remote of the same name would be a second file of that name in
+    // node-sync's remote config dir.
+    let mut statics = Vec::new();
+    for (at, other) in &pairs {
+        if let Some(found) = at.static_remote(&other.info.name).await? {
+            statics.push(format!(
+                "{} is already a static remote of {} ({found}, chart value clustermesh.config.clusters): remove it there first",
+                other.info.name, at.info.name
+            ));
+        }
+    }
+    checks.push(if statics.is_empty() {
+        Check::new(
+            "static remotes",
+            Verdict::Ok,
+            "no static remote of the same name",
+        )
+    } else {
+        Check::new("static remotes", Verdict::Fail, statics.join("; "))
+    });
     for c in &checks {
         progress(&c.line());
     }
@@ -540,10 +581,6 @@ pub async fn connect(
         bail!("preflight failed; nothing was changed");
     }
     let mut registrations = Vec::new();
-    let mut pairs = vec![(&ka, &kb)];
-    if !copts.unidirectional {
-        pairs.push((&kb, &ka));
-    }
     for (at, other) in pairs {
         let entry = remote_entry(&other.info, &other.remote_tls);
         let changed = at.set_entry(&other.info.name, Some(&entry)).await?;

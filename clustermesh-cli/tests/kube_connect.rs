@@ -470,6 +470,7 @@ async fn connect_writes_each_side_once_and_disconnect_removes_it() {
         "✔ maxConnectedClusters: 255 on both",
         "✔ trust: shared root",
         "✔ cidrs: no overlapping pod or service CIDRs",
+        "✔ static remotes: no static remote of the same name",
         &format!(
             "✔ c2 registered at c1 (secret clustermesh/{REMOTES} in context c1: https://127.0.0.1:{})",
             c2.node_port
@@ -581,6 +582,12 @@ async fn refused_preflights_write_nothing_and_say_why() {
     )
     .await;
     let kcfg = kubeconfig(tmp.path(), &[&c1, &c3, &c4]);
+    // c3 is also a static remote of c1 (chart value clustermesh.config.clusters).
+    c1.mock.seed(
+        "configmaps",
+        json!({"metadata": {"name": REMOTES, "namespace": NS},
+            "data": {"c3.yaml": "name: c3\nendpoints: [\"https://127.0.0.1:1\"]\n"}}),
+    );
     let connect = |b: &'static str, extra: &'static [&'static str]| {
         let kcfg = kcfg.clone();
         async move {
@@ -605,6 +612,10 @@ async fn refused_preflights_write_nothing_and_say_why() {
     assert!(!out.status.success(), "{stdout}");
     assert!(
         stdout.contains("✘ cluster ids: c1 and c3 both have cluster id 1; ids must be unique"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("✘ static remotes: c3 is already a static remote of c1 (configmap {NS}/{REMOTES} key c3.yaml")),
         "{stdout}"
     );
     assert!(

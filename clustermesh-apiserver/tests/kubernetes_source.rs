@@ -381,13 +381,13 @@ async fn the_binary_publishes_what_the_kubernetes_api_serves() {
         slice("web-1", "web", &["10.0.0.1", "10.0.0.2"]),
         None,
     );
-    let etcd = common::Etcd::start().await.unwrap();
+    let etcd = common::Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = mock.kubeconfig(dir.path());
     let ap = common::Apiserver::start(&common::ApiserverOpts {
         cluster: "c1".into(),
         cluster_id: 1,
-        etcd: etcd.url.clone(),
+        etcd: etcd.url(),
         manifest_dir: dir.path().join("unused"),
         replica: "r1".into(),
         extra: vec![

@@ -15,8 +15,8 @@ const T: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_a_remote_follows_it_imports_its_services_and_forgets_it() {
-    let etcd_a = Etcd::start().await.unwrap();
-    let etcd_b = Etcd::start().await.unwrap();
+    let etcd_a = Etcd::start().await;
+    let etcd_b = Etcd::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir_a = tmp.path().join("a");
     let dir_b = tmp.path().join("b");
@@ -36,7 +36,7 @@ async fn mirrors_a_remote_follows_it_imports_its_services_and_forgets_it() {
     let c2 = Apiserver::start(&ApiserverOpts {
         cluster: "c2".into(),
         cluster_id: 2,
-        etcd: etcd_b.url.clone(),
+        etcd: etcd_b.url(),
         manifest_dir: dir_b.clone(),
         replica: "c2-r1".into(),
         extra: vec![],
@@ -45,7 +45,7 @@ async fn mirrors_a_remote_follows_it_imports_its_services_and_forgets_it() {
     let c1 = Apiserver::start(&ApiserverOpts {
         cluster: "c1".into(),
         cluster_id: 1,
-        etcd: etcd_a.url.clone(),
+        etcd: etcd_a.url(),
         manifest_dir: dir_a.clone(),
         replica: "c1-r1".into(),
         extra: vec![
@@ -69,7 +69,7 @@ async fn mirrors_a_remote_follows_it_imports_its_services_and_forgets_it() {
     let value = MeshValue::Remote(RemoteCluster {
         name: ClusterName::new("c2").unwrap(),
         id: ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
-        endpoints: vec![etcd_b.url.clone()],
+        endpoints: vec![etcd_b.url()],
         ca_bundle: String::new(),
     });
     a.put(key.to_string(), value.encode(), None).await.unwrap();

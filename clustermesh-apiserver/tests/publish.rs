@@ -15,7 +15,7 @@ fn opts(etcd: &Etcd, dir: &Path, logs: &Path, replica: &str) -> ApiserverOpts {
     ApiserverOpts {
         cluster: "c1".into(),
         cluster_id: 1,
-        etcd: etcd.url.clone(),
+        etcd: etcd.url(),
         manifest_dir: dir.to_path_buf(),
         replica: replica.into(),
         extra: vec![],
@@ -64,7 +64,7 @@ async fn canaries(c: &mut etcd_client::Client) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_exactly_the_expected_keys_then_diffs_one_chunk_and_deletes_a_service() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     base_manifests(dir.path());
@@ -162,7 +162,7 @@ async fn publishes_exactly_the_expected_keys_then_diffs_one_chunk_and_deletes_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_rewrites_nothing_and_deletes_nothing_before_sync() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     base_manifests(dir.path());
@@ -230,7 +230,7 @@ async fn a_restart_rewrites_nothing_and_deletes_nothing_before_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_the_initial_sync_leaves_no_canary() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     // 3000 services x 10 endpoints: 6000 keys, many transactions.
@@ -291,7 +291,7 @@ async fn a_kill_during_the_initial_sync_leaves_no_canary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_reported_and_skipped_while_the_rest_stays_published() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -411,7 +411,7 @@ async fn bad_input_is_reported_and_skipped_while_the_rest_stays_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_the_standby_takes_over_when_the_leader_dies() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     base_manifests(dir.path());
@@ -466,7 +466,7 @@ async fn two_replicas_the_standby_takes_over_when_the_leader_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_changed_by_someone_else_are_repaired() {
-    let etcd = Etcd::start().await.unwrap();
+    let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     base_manifests(dir.path());

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use mesh_certs::etcd::{EtcdAuthAdmin, EtcdSpec, connect_as};
+use mesh_certs::etcd::{EtcdAuthAdmin, connect_as};
 use mesh_certs::{ClusterRequest, Role, RootCa, TrustDomain, Validity};
 use mesh_model::values::Affinity;
 use node_sync::lb::FakeMaps;
@@ -27,16 +27,8 @@ async fn mtls_with_the_nodes_certificates_and_read_only_remote_user() {
     let d2 = ca
         .issue_cluster(&ClusterRequest::new("c2", 2, tmp.path().join("c2")).unwrap())
         .unwrap();
-    let url = |p: u16, s: &str| format!("{s}://127.0.0.1:{p}");
-    let (u1, u2) = (url(free_port(), "https"), url(free_port(), "https"));
-    let s1 = EtcdSpec::for_cluster(&d1, tmp.path().join("e1"), &u1, url(free_port(), "http"))
-        .spawn(Duration::from_secs(20))
-        .await
-        .unwrap();
-    let s2 = EtcdSpec::for_cluster(&d2, tmp.path().join("e2"), &u2, url(free_port(), "http"))
-        .spawn(Duration::from_secs(20))
-        .await
-        .unwrap();
+    let (s1, s2) = tokio::join!(tls_etcd(&d1, tmp.path()), tls_etcd(&d2, tmp.path()));
+    let (u1, u2) = (s1.endpoints()[0].clone(), s2.endpoints()[0].clone());
     let mut a1 = EtcdAuthAdmin::connect(&s1.endpoints(), &d1.tls_files(Role::EtcdRoot))
         .await
         .unwrap();
@@ -117,26 +109,8 @@ async fn a_remote_that_does_not_trust_us_shows_a_clear_error() {
     let d2 = other
         .issue_cluster(&ClusterRequest::new("c2", 2, tmp.path().join("c2")).unwrap())
         .unwrap();
-    let u1 = format!("https://127.0.0.1:{}", free_port());
-    let u2 = format!("https://127.0.0.1:{}", free_port());
-    let s1 = EtcdSpec::for_cluster(
-        &d1,
-        tmp.path().join("e1"),
-        &u1,
-        format!("http://127.0.0.1:{}", free_port()),
-    )
-    .spawn(Duration::from_secs(20))
-    .await
-    .unwrap();
-    let _s2 = EtcdSpec::for_cluster(
-        &d2,
-        tmp.path().join("e2"),
-        &u2,
-        format!("http://127.0.0.1:{}", free_port()),
-    )
-    .spawn(Duration::from_secs(20))
-    .await
-    .unwrap();
+    let (s1, _s2) = tokio::join!(tls_etcd(&d1, tmp.path()), tls_etcd(&d2, tmp.path()));
+    let (u1, u2) = (s1.endpoints()[0].clone(), _s2.endpoints()[0].clone());
     let mut w1 = ApiWriter::from_client(
         connect_as(&d1, Role::EtcdRoot, &s1.endpoints())
             .await

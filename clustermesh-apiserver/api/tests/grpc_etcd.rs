@@ -3,13 +3,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clustermesh_api::control::EtcdMeshControl;
 use clustermesh_api::pb::{
     GetClusterInfoRequest, GetStatusRequest, RegisterRemoteRequest, UnregisterRemoteRequest,
 };
-use mesh_certs::etcd::{EtcdSpec, bootstrap_auth};
+use mesh_certs::etcd::bootstrap_auth;
 use mesh_certs::tls::ClientAuth;
 use mesh_certs::{ClusterDir, ClusterRequest, Role, RootCa, TrustDomain, Validity};
 use mesh_model::status::{ApiserverState, MeshStatus};
@@ -17,14 +16,6 @@ use mesh_model::values::{Capabilities, ClusterConfig};
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 use tokio::net::TcpListener;
 use tonic::Code;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn issue(ca: &RootCa, cluster: &str, id: u32, out: &Path) -> ClusterDir {
     ca.issue_cluster(&ClusterRequest {
@@ -39,10 +30,6 @@ fn issue(ca: &RootCa, cluster: &str, id: u32, out: &Path) -> ClusterDir {
 
 #[tokio::test]
 async fn register_and_unregister_through_grpc_with_admin_only() {
-    assert!(
-        Path::new(mesh_certs::etcd::DEFAULT_ETCD_BINARY).exists(),
-        "this test needs etcd (Debian etcd-server)"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let ca = RootCa::init(
         &tmp.path().join("ca"),
@@ -52,12 +39,7 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
     .unwrap();
     let c1 = issue(&ca, "c1", 1, &tmp.path().join("c1"));
     let c2 = issue(&ca, "c2", 2, &tmp.path().join("c2"));
-    let client_url = format!("https://127.0.0.1:{}", free_port());
-    let peer_url = format!("http://127.0.0.1:{}", free_port());
-    let etcd = EtcdSpec::for_cluster(&c1, tmp.path().join("etcd"), client_url, peer_url)
-        .spawn(Duration::from_secs(30))
-        .await
-        .unwrap();
+    let etcd = mesh_testkit::tls_etcd(&c1, tmp.path()).await;
     let eps = etcd.endpoints();
     bootstrap_auth(&eps, &c1.tls_files(Role::EtcdRoot), &c1.info.name)
         .await

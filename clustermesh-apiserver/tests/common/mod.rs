@@ -2,86 +2,15 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use etcd_client::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub const ETCD: &str = "/usr/bin/etcd";
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real etcd process, killed on drop.
-pub struct Etcd {
-    child: Child,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub async fn start() -> anyhow::Result<Self> {
-        if !Path::new(ETCD).exists() {
-            bail!("{ETCD} is missing: install Debian's etcd-server to run these tests");
-        }
-        let dir = tempfile::tempdir()?;
-        let client_port = free_port();
-        let peer_port = free_port();
-        let url = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-        let child = Command::new(ETCD)
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
-            .env("ETCD_UNSUPPORTED_ARCH", "arm64")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning etcd")?;
-        let me = Self {
-            child,
-            url,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = Client::connect([me.url.as_str()], None).await
-                && c.status().await.is_ok()
-            {
-                return Ok(me);
-            }
-            if Instant::now() > deadline {
-                bail!("etcd at {} did not come up", me.url);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub async fn client(&self) -> Client {
-        Client::connect([self.url.as_str()], None).await.unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use mesh_testkit::{ETCD, Etcd, free_port, http_get};
 
 /// Keys under `prefix` with value and mod revision.
 pub async fn snapshot(c: &mut Client, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
@@ -247,24 +176,6 @@ impl Drop for Apiserver {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
 }
 
 // ---- manifest builders ----

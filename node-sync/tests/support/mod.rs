@@ -3,9 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
@@ -19,120 +17,11 @@ use node_sync::agent::{self, Agent, AgentOptions};
 use node_sync::cluster::WatchSettings;
 use node_sync::lb::{Backend, FakeMaps, Frontend};
 
-pub const ETCD: &str = "/usr/bin/etcd";
+// Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use mesh_testkit::{ETCD, Etcd, free_port, http_get, tls_etcd};
+
 pub const VIP: &str = "10.96.0.10";
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real etcd process on loopback; killed (by its PID) on drop.
-pub struct Etcd {
-    child: Option<Child>,
-    pub dir: PathBuf,
-    pub client_port: u16,
-    peer_port: u16,
-    _tmp: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub async fn start() -> Self {
-        assert!(
-            Path::new(ETCD).exists(),
-            "{ETCD} is missing: install Debian's etcd-server to run these tests"
-        );
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("data");
-        let mut e = Etcd {
-            child: None,
-            dir,
-            client_port: free_port(),
-            peer_port: free_port(),
-            _tmp: tmp,
-        };
-        e.spawn().await;
-        e
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    async fn spawn(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
-        let child = Command::new(ETCD)
-            .arg("--name")
-            .arg("t")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .arg("--listen-client-urls")
-            .arg(self.url())
-            .arg("--advertise-client-urls")
-            .arg(self.url())
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("t={peer}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {ETCD}: {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = Client::connect([self.url()], None).await
-                && c.status().await.is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd on {} did not come up in 20 s (log: {})",
-                self.url(),
-                self.dir.with_extension("log").display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL the process.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Start it again on the same ports and data.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-
-    /// Start it again on the same ports with an empty data dir (a rebuilt cluster).
-    pub async fn restart_empty(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        self.spawn().await;
-    }
-
-    pub async fn client(&self) -> Client {
-        Client::connect([self.url()], None).await.unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 pub fn c(n: &str) -> ClusterName {
     ClusterName::new(n).unwrap()

@@ -63,8 +63,8 @@ pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
 }
 
 /// Issues the lab's certificates: a root CA in `ca_dir` (trust domain `<prefix>.mesh-lab`) and, per cluster, an
-/// intermediate and every leaf of `mesh_certs` (etcd server with the control-plane address as SAN, apiserver,
-/// root, admin, node, remote) into the cluster's certificate directory.
+/// intermediate and every leaf of `mesh_certs` (etcd server with the control-plane address and every etcd member's
+/// address as SANs, apiserver, root, admin, node, remote) into the cluster's certificate directory.
 pub fn issue_certs(plan: &crate::plan::LabPlan, ca_dir: &Path) -> Result<()> {
     let err = |detail: String| LabError::Certs {
         prefix: plan.prefix.clone(),
@@ -75,24 +75,50 @@ pub fn issue_certs(plan: &crate::plan::LabPlan, ca_dir: &Path) -> Result<()> {
     let ca = mesh_certs::RootCa::init(ca_dir, &td, &mesh_certs::Validity::default())
         .map_err(|e| err(format!("CA in {}: {e}", ca_dir.display())))?;
     for c in &plan.clusters {
-        let Some(tls) = &c.etcd.tls else { continue };
-        let mut req = mesh_certs::ClusterRequest::new(&c.name, c.index as u32, &tls.dir)
-            .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
-        req.sans.push(mesh_certs::San::Ip(std::net::IpAddr::V4(
-            c.control_plane.addr,
-        )));
-        for m in c
-            .etcd
-            .members
-            .iter()
-            .filter(|m| m.addr != c.control_plane.addr)
-        {
-            req.sans
-                .push(mesh_certs::San::Ip(std::net::IpAddr::V4(m.addr)));
-        }
-        ca.issue_cluster(&req)
-            .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
+        issue_cluster(plan, &ca, c)?;
     }
+    Ok(())
+}
+
+/// (Re-)issues cluster `c`'s certificate directory with the current root of the CA in `ca_dir`: a new
+/// intermediate, every leaf (new keys), the CA's bundle. What an operator does after `clustermesh ca rotate`. No-op
+/// for plain etcd.
+pub fn reissue_cluster(plan: &crate::plan::LabPlan, ca_dir: &Path, c: &ClusterInfo) -> Result<()> {
+    let ca = mesh_certs::RootCa::load(ca_dir).map_err(|e| LabError::Certs {
+        prefix: plan.prefix.clone(),
+        detail: format!("CA in {}: {e}", ca_dir.display()),
+    })?;
+    issue_cluster(plan, &ca, c)
+}
+
+fn issue_cluster(
+    plan: &crate::plan::LabPlan,
+    ca: &mesh_certs::RootCa,
+    c: &ClusterInfo,
+) -> Result<()> {
+    let err = |detail: String| LabError::Certs {
+        prefix: plan.prefix.clone(),
+        detail,
+    };
+    let Some(tls) = &c.etcd.tls else {
+        return Ok(());
+    };
+    let mut req = mesh_certs::ClusterRequest::new(&c.name, c.index as u32, &tls.dir)
+        .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
+    req.sans.push(mesh_certs::San::Ip(std::net::IpAddr::V4(
+        c.control_plane.addr,
+    )));
+    for m in c
+        .etcd
+        .members
+        .iter()
+        .filter(|m| m.addr != c.control_plane.addr)
+    {
+        req.sans
+            .push(mesh_certs::San::Ip(std::net::IpAddr::V4(m.addr)));
+    }
+    ca.issue_cluster(&req)
+        .map_err(|e| err(format!("cluster {}: {e}", c.name)))?;
     Ok(())
 }
 

@@ -281,6 +281,18 @@ impl Lab {
             })
     }
 
+    /// Re-issues cluster `c`'s certificate directory with the current root of the lab's CA (after
+    /// `clustermesh ca rotate --ca <ca_dir>`): a new intermediate, every leaf with a new key (the etcd server
+    /// certificate included: etcd reads it on each new handshake), the CA's bundle. Processes pick the files up on
+    /// their next connection. No-op for plain etcd.
+    pub fn reissue_certs(&self, c: impl ClusterRef) -> Result<()> {
+        let cl = c.resolve(&self.plan)?;
+        let Some(ca_dir) = &self.plan.ca_dir else {
+            return Ok(());
+        };
+        etcd::reissue_cluster(&self.plan, ca_dir, cl)
+    }
+
     /// The lab's root CA directory (`mesh_certs` layout); `None` for plain etcd.
     pub fn ca_dir(&self) -> Option<&Path> {
         self.plan.ca_dir.as_deref()

@@ -40,6 +40,9 @@ mod mock_kube {
         rv: u64,
         objects: BTreeMap<Key, Value>,
         writes: Vec<String>,
+        /// Objects another writer changes right after the next GET of them (the next PUT made
+        /// from that GET then answers 409).
+        race: Vec<Key>,
     }
 
     /// Serves GET (one object or a list), POST, PUT, PATCH (JSON merge patch) and DELETE for
@@ -153,10 +156,21 @@ mod mock_kube {
                     "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}))
                 .into_response()
             }
-            (Method::GET, Some(name)) => match s.objects.get(&(res.clone(), ns, name.clone())) {
-                Some(o) => axum::Json(o.clone()).into_response(),
-                None => not_found(&res, &name),
-            },
+            (Method::GET, Some(name)) => {
+                let key = (res.clone(), ns, name.clone());
+                let Some(o) = s.objects.get(&key).cloned() else {
+                    return not_found(&res, &name);
+                };
+                if let Some(i) = s.race.iter().position(|k| *k == key) {
+                    s.race.remove(i);
+                    s.rv += 1;
+                    let rv = s.rv.to_string();
+                    let other = s.objects.get_mut(&key).unwrap();
+                    other["metadata"]["resourceVersion"] = json!(rv);
+                    other["metadata"]["annotations"] = json!({"touched-by": "someone else"});
+                }
+                axum::Json(o).into_response()
+            }
             (Method::POST, None) => {
                 let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
                     return status(
@@ -271,6 +285,15 @@ mod mock_kube {
             s.objects
                 .get(&(resource.into(), ns.into(), name.into()))
                 .cloned()
+        }
+
+        /// Another writer changes the object right after the next GET of it.
+        pub fn race_next_get(&self, resource: &str, ns: &str, name: &str) {
+            self.state
+                .lock()
+                .unwrap()
+                .race
+                .push((resource.into(), ns.into(), name.into()));
         }
 
         /// Every non-GET request so far, as `METHOD resource ns/name`.
@@ -549,6 +572,10 @@ async fn connect_writes_each_side_once_and_disconnect_removes_it() {
     s["data"]["c3.yaml"] = json!(b64(b"name: c3\nendpoints: [\"http://127.0.0.1:1\"]\n"));
     c1.mock.seed("secrets", s);
 
+    // Someone else writes c1's Secret between disconnect's read and its write: the 409 is retried
+    // from a fresh read, and the other writer's change is kept.
+    c1.mock.race_next_get("secrets", NS, REMOTES);
+    let before = c1.mock.writes().len();
     let out = clustermesh(&[&["disconnect"][..], &args].concat()).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -557,7 +584,18 @@ async fn connect_writes_each_side_once_and_disconnect_removes_it() {
     assert_eq!(remotes_keys(&c1), ["c3.yaml"]);
     assert!(remotes_keys(&c2).is_empty());
     let (w1, w2) = (c1.mock.writes(), c2.mock.writes());
-    assert_eq!(w1.last().unwrap(), &format!("PUT secrets {NS}/{REMOTES}"));
+    assert_eq!(
+        w1[before..],
+        [
+            format!("PUT secrets {NS}/{REMOTES}"),
+            format!("PUT secrets {NS}/{REMOTES}")
+        ],
+        "one PUT refused with 409, one retried"
+    );
+    assert_eq!(
+        c1.mock.get("secrets", NS, REMOTES).unwrap()["metadata"]["annotations"]["touched-by"],
+        json!("someone else")
+    );
     let out = clustermesh(&[&["disconnect"][..], &args].concat()).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success());

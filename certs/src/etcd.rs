@@ -9,6 +9,7 @@
 //! | `admin-<cluster>` | read-write on every key |
 //! | `node-<cluster>` | read `clustermesh/v1/`; read-write `clustermesh/v1/health/<cluster>/` and `clustermesh/v1/nodestatus/<cluster>/` |
 //! | `remote-<peer>` | read `clustermesh/v1/` (added by [`add_remote_user`] when a peer connects) |
+//! | `remote-<cluster>` | read `clustermesh/v1/`: the cluster's own remote certificate, which `clustermesh connect --context` hands to the peers it registers (Kubernetes mode: no etcd access to add per-peer users); created by [`EtcdAuthAdmin::bootstrap`] |
 //!
 //! etcd 3.4 reads `--trusted-ca-file` only at start: after the bundle changes (rotation, retirement,
 //! federation), restart etcd. Its server certificate is re-read on each handshake.
@@ -619,7 +620,8 @@ impl EtcdAuthAdmin {
         Self { client }
     }
 
-    /// Create `root`, `admin-<cluster>` and `node-<cluster>` with their roles, and enable auth.
+    /// Create `root`, `admin-<cluster>`, `node-<cluster>` and `remote-<cluster>` (read-only, for
+    /// peers given this cluster's own remote certificate) with their roles, and enable auth.
     /// Idempotent: running it again on a bootstrapped etcd changes nothing.
     pub async fn bootstrap(&mut self, cluster: &ClusterName) -> Result<()> {
         let users = self.user_names().await?;
@@ -653,6 +655,13 @@ impl EtcdAuthAdmin {
         .await?;
         self.ensure_user(&node, &users).await?;
         self.grant_role(&node, &node).await?;
+
+        let remote = etcd_user(Role::Remote, cluster);
+        self.ensure_role_named(&remote, &roles).await?;
+        self.grant(&remote, Permission::read(MESH_PREFIX).with_prefix())
+            .await?;
+        self.ensure_user(&remote, &users).await?;
+        self.grant_role(&remote, &remote).await?;
 
         self.client
             .auth_enable()

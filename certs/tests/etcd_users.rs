@@ -28,7 +28,13 @@ async fn admin_node_and_remote_users_get_exactly_their_rights() {
     admin_api.add_remote_user(&west.info.name).await.unwrap();
     admin_api.add_remote_user(&west.info.name).await.unwrap();
     let users = admin_api.user_names().await.unwrap();
-    for u in ["root", "admin-east", "node-east", "remote-west"] {
+    for u in [
+        "root",
+        "admin-east",
+        "node-east",
+        "remote-east",
+        "remote-west",
+    ] {
         assert!(
             users.contains(&u.to_string()),
             "user {u} missing: {users:?}"
@@ -152,6 +158,22 @@ async fn admin_node_and_remote_users_get_exactly_their_rights() {
         )
         .await
         .expect_err("remote deletes");
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    // remote-east (east's own remote certificate, which `connect --context` hands to peers)
+    // reads the mesh prefix on east's etcd and writes nothing.
+    let mut own_remote = etcd::connect_as(&east, Role::Remote, &eps).await.unwrap();
+    own_remote
+        .get(
+            "clustermesh/v1/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("east's own remote certificate reads the mesh prefix");
+    let e = own_remote
+        .put("clustermesh/v1/services/east/default/web", "x", None)
+        .await
+        .expect_err("east's own remote certificate writes");
     assert!(e.to_string().contains("permission denied"), "{e}");
 
     // Disconnect: the remote user is gone and its certificate reads nothing any more.

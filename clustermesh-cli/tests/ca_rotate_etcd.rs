@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_certs::etcd::{self, EtcdSpec};
+use mesh_certs::etcd;
 use mesh_certs::{CertKeyPaths, ClusterDir, Error, Role, TlsFiles};
 
 fn clustermesh(args: &[&str]) -> String {
@@ -24,25 +24,12 @@ fn clustermesh(args: &[&str]) -> String {
     stdout
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
 #[tokio::test]
 async fn rotate_and_retire_with_the_cli_against_etcd() {
-    assert!(
-        Path::new(etcd::DEFAULT_ETCD_BINARY).exists(),
-        "this test needs etcd at {}",
-        etcd::DEFAULT_ETCD_BINARY
-    );
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca");
     let east_dir = tmp.path().join("east");
@@ -71,13 +58,7 @@ async fn rotate_and_retire_with_the_cli_against_etcd() {
     issue();
     let east = ClusterDir::open(&east_dir).unwrap();
 
-    let spec = EtcdSpec::for_cluster(
-        &east,
-        tmp.path().join("etcd-east"),
-        format!("https://127.0.0.1:{}", free_port()),
-        format!("http://127.0.0.1:{}", free_port()),
-    );
-    let mut etcd_east = spec.spawn(Duration::from_secs(30)).await.unwrap();
+    let mut etcd_east = mesh_testkit::tls_etcd(&east, tmp.path()).await;
     let eps = etcd_east.endpoints();
     etcd::bootstrap_auth(&eps, &east.tls_files(Role::EtcdRoot), &east.info.name)
         .await

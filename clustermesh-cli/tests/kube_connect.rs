@@ -6,6 +6,7 @@
 //! the story is real: the Secret connect wrote is laid out as kubelet does, node-sync's remote loader
 //! reads it, and node-sync's connection code reaches a real etcd over mTLS with those files.
 
+use mesh_testkit::free_port;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -313,14 +314,6 @@ fn unb64(v: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(v.as_str().expect("base64 string"))
         .expect("valid base64")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn init_ca(dir: &Path) -> RootCa {
@@ -763,12 +756,12 @@ async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
     .await
     .expect("etcd of c2 starts with TLS and --client-cert-auth");
     let eps = etcd2.endpoints();
-    // The apiserver's secure bootstrap, and the read-only user of c2's own remote certificate.
+    // The apiserver's secure bootstrap; it creates the read-only user of c2's own remote
+    // certificate, which connect hands to c1.
     let mut root = EtcdAuthAdmin::connect(&eps, &c2.dir.tls_files(Role::EtcdRoot))
         .await
         .unwrap();
     root.bootstrap(&c2.dir.info.name).await.unwrap();
-    root.add_remote_user(&c2.dir.info.name).await.unwrap();
     let mut admin = etcd::connect_as(&c2.dir, Role::Admin, &eps).await.unwrap();
     admin
         .put(

@@ -7,8 +7,9 @@
 //! * no connect fails (no backend changed) and every node's maps equal the model within the
 //!   settle budget after the new leader is up;
 //! * the killed member restarts on its data and rejoins (it follows the new leader); then the
-//!   apiserver leads, every node-sync is connected, the maps equal the model, and a change (cluster
-//!   1 drained, then ready) reaches every node within the budget.
+//!   apiserver leads, every node-sync is connected, the maps equal the model again (what changed
+//!   while the member was down catches up), and a change (cluster 1 drained, then ready) reaches
+//!   every node within the budget.
 //!
 //! While the member is down, whether a change still gets through is printed, not asserted: see
 //! the known gap in the test body (etcd-client does not skip a dead endpoint).
@@ -35,6 +36,21 @@ fn wait_leader(m: &ChaosMesh, not: Option<usize>, timeout: Duration) -> Result<u
         }
         if started.elapsed() >= timeout {
             bail!("cluster 1's etcd has no leader (other than {not:?}) after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long until every compared node's maps equal the model, if within `within` (no error: for
+/// what is measured, not asserted).
+fn matches_within(m: &ChaosMesh, within: Duration) -> Result<Option<Duration>> {
+    let started = Instant::now();
+    loop {
+        if m.diff()?.0.is_empty() {
+            return Ok(Some(started.elapsed()));
+        }
+        if started.elapsed() >= within {
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -94,12 +110,11 @@ fn three_member_etcd_loses_its_leader() -> Result<()> {
     // failure), not in the lab.
     let probe = Instant::now();
     m.publish_cluster(1, Published::Terminating)?;
-    match m.converge(Duration::from_secs(6)) {
-        Ok(c) => eprintln!(
-            "[chaos] with member {leader} down, a drain of cluster 1 reached every node in {:?}",
-            c.took
+    match matches_within(&m, Duration::from_secs(6))? {
+        Some(took) => eprintln!(
+            "[chaos] with member {leader} down, a drain of cluster 1 reached every node in {took:?}"
         ),
-        Err(_) => eprintln!(
+        None => eprintln!(
             "[chaos] KNOWN GAP: with member {leader} down, a drain of cluster 1 did not reach every node in {:?} (etcd-client sends requests to the dead member)",
             probe.elapsed()
         ),
@@ -128,7 +143,8 @@ fn three_member_etcd_loses_its_leader() -> Result<()> {
     eprintln!(
         "[chaos] after the rejoin: apiserver leads and every node-sync is connected {back:?} later"
     );
-    let c = m.converge(budget)?;
+    // What was changed during the gap catches up now (not timed: part of the gap).
+    let c = m.converge(Duration::from_secs(10))?;
     eprintln!(
         "[chaos] after the rejoin maps equal the model ({:?})",
         c.took

@@ -562,3 +562,124 @@ fn a_killed_owner_leaves_a_lab_the_next_up_removes() {
     let t = median((0..3).map(|_| connect_time(&lab, 1, 1, 2)).collect());
     assert!(t < 0.1, "connect time c1 -> c2 in the fresh lab {t}s");
 }
+
+#[test]
+fn a_cut_off_node_neither_reaches_nor_is_reached_until_healed_and_its_processes_keep_running() {
+    let lab = lab("mlt-iso", 1, 2);
+    assert!(reaches_etcd(&lab, 1, 1, 1, 3 * SECOND));
+    let mut sleeper = lab
+        .spawn_in_node(1, 1, Command::new("sleep").arg("1000"))
+        .unwrap();
+    let peer = lab.node(1, 1).unwrap().addr;
+    lab.isolate_node(1, 1).unwrap();
+    lab.isolate_node(1, 1).unwrap(); // idempotent
+    assert_eq!(lab.isolated_nodes(), [(1, 1)]);
+    assert!(
+        !reaches_etcd(&lab, 1, 1, 1, SECOND),
+        "the cut-off node still reaches etcd"
+    );
+    // nothing reaches it either, from its own cluster or the host
+    let (ok, text) = curl_from(&lab, 1, 2, &format!("http://{peer}:2379/health"), SECOND);
+    assert!(!ok, "c1/n2 reached the cut-off node: {text}");
+    assert!(
+        std::net::TcpStream::connect_timeout(&(peer, 22).into(), SECOND).is_err(),
+        "the host reached the cut-off node"
+    );
+    // its processes keep running, loopback inside works
+    assert!(sleeper.try_wait().unwrap().is_none());
+    // (a closed port on loopback is refused at once, not dropped)
+    let (ok, text) = curl_from(&lab, 1, 1, "http://127.0.0.1:1/", SECOND);
+    assert!(
+        !ok && (text.contains("refused") || text.contains("Couldn't connect")),
+        "loopback inside the cut-off node: {text}"
+    );
+    // the other node is untouched
+    assert!(reaches_etcd(&lab, 1, 2, 1, 3 * SECOND));
+    lab.heal_node(1, 1).unwrap();
+    lab.heal_node(1, 1).unwrap(); // idempotent
+    assert!(lab.isolated_nodes().is_empty());
+    assert!(
+        reaches_etcd(&lab, 1, 1, 1, 3 * SECOND),
+        "healed node reaches etcd"
+    );
+    let _ = sleeper.kill();
+    lab.teardown().unwrap();
+}
+
+#[test]
+fn a_three_member_etcd_elects_a_new_leader_when_its_leader_dies_and_the_old_one_rejoins() {
+    let lab = Lab::up(LabSpec::new("mlt-etcd3", 2, 1).etcd_members(1, 3))
+        .unwrap_or_else(|e| panic!("lab up: {e}"));
+    assert_eq!(lab.etcd_members(1).unwrap(), 3);
+    assert_eq!(lab.etcd_members(2).unwrap(), 1);
+    assert_eq!(lab.etcd_endpoints(1).unwrap().len(), 3);
+    let leader_of = |not: Option<usize>| {
+        let started = Instant::now();
+        loop {
+            if let Some(l) = lab.etcd_leader(1).unwrap()
+                && Some(l) != not
+            {
+                return (l, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < 10 * SECOND,
+                "no leader other than {not:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (leader, _) = leader_of(None);
+    assert!(lab.etcd_member_pid(1, leader).unwrap().is_some());
+    lab.kill_etcd_member(1, leader).unwrap();
+    assert!(lab.etcd_member_pid(1, leader).unwrap().is_none());
+    let (new, took) = leader_of(Some(leader));
+    assert_ne!(new, leader);
+    eprintln!("member {leader} killed: member {new} leads {took:?} later");
+    // the cluster still serves through the others (root client, every endpoint but the dead one)
+    let dir = lab.cluster_certs(1).unwrap().unwrap();
+    let live: Vec<String> = lab
+        .etcd_endpoints(1)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i + 1 != leader)
+        .map(|(_, u)| u)
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &live)
+            .await
+            .unwrap();
+        c.put("mlt/k", "v", None).await.unwrap();
+    });
+    lab.start_etcd_member(1, leader).unwrap();
+    let st = lab.etcd_member_status(1, leader).unwrap();
+    assert!(st.leader != 0 && st.leader != st.member_id, "{st:?}");
+    // the rejoined member has the write made while it was down
+    let only: Vec<String> = vec![lab.etcd_endpoints(1).unwrap()[leader - 1].clone()];
+    rt.block_on(async {
+        let mut c = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &only)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            let r = c.get("mlt/k", None).await.unwrap();
+            if r.kvs().first().is_some_and(|kv| kv.value() == b"v") {
+                break;
+            }
+            assert!(
+                started.elapsed() < 5 * SECOND,
+                "rejoined member lacks the write"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // a whole-cluster restart brings every member back
+    lab.kill_etcd(1).unwrap();
+    lab.start_etcd(1).unwrap();
+    assert!(lab.etcd_healthy(1).unwrap());
+    lab.teardown().unwrap();
+}

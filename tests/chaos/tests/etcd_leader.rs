@@ -139,7 +139,7 @@ fn three_member_etcd_loses_its_leader() -> Result<()> {
         started.elapsed(),
         st.raft_term
     );
-    let back = m.wait_control_plane(1, Duration::from_secs(15))?;
+    let back = m.wait_control_plane(1, Duration::from_secs(20))?;
     eprintln!(
         "[chaos] after the rejoin: apiserver leads and every node-sync is connected {back:?} later"
     );

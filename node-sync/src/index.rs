@@ -721,6 +721,9 @@ impl MergeIndex {
                 (None, None) => continue,
             };
             let mut endpoints = Vec::new();
+            // Endpoints whose node stopped publishing verdicts: left out unless nothing else is
+            // usable (as for the maps).
+            let mut orphans = Vec::new();
             if headless {
                 for (cref, chunks) in &e.endpoints {
                     let is_local = *cref == self.local;
@@ -740,14 +743,31 @@ impl MergeIndex {
                         if !ep.conditions.usable() || failing {
                             continue;
                         }
-                        endpoints.push(clusterset_dns::DnsEndpoint {
+                        let orphaned = !ep.ports.is_empty()
+                            && ep.ports.iter().all(|p| {
+                                self.lapsed.orphaned(
+                                    cref.name(),
+                                    ep,
+                                    &(ep.ip, p.port, p.protocol),
+                                    &self.health,
+                                )
+                            });
+                        let d = clusterset_dns::DnsEndpoint {
                             ip: ep.ip,
                             cluster: cref.name().clone(),
                             hostname: ep.hostname.clone(),
                             local: is_local,
                             ports: ep.ports.clone(),
-                        });
+                        };
+                        if orphaned {
+                            orphans.push(d);
+                        } else {
+                            endpoints.push(d);
+                        }
                     }
+                }
+                if endpoints.is_empty() {
+                    endpoints = orphans;
                 }
                 endpoints.sort_by_key(|d| !d.local);
             }

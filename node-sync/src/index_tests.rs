@@ -933,3 +933,39 @@ fn removing_a_cluster_forgets_its_lapsed_nodes() {
     ix.upsert_chunk(chunk("c2", 0, vec![on(ep("10.2.0.1"), "n1")]));
     assert_eq!(picked(&ix, &fe()).len(), 3);
 }
+
+#[test]
+fn headless_dns_leaves_out_endpoints_of_a_lapsed_node_unless_nothing_else_is_usable() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").headless().build());
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![on(ep("10.1.0.1"), "n1"), on(ep("10.1.0.2"), "n2")],
+    ));
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Healthy)]));
+    ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Healthy)]));
+    let ips = |ix: &MergeIndex| -> Vec<String> {
+        let z = ix.dns_zone();
+        let mut v: Vec<String> = z.services[&web()]
+            .endpoints
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ips(&ix), ["10.1.0.1", "10.1.0.2"]);
+    ix.delete_health(&c("c1"), "n2");
+    assert_eq!(ips(&ix), ["10.1.0.1"]);
+    ix.delete_health(&c("c1"), "n1");
+    assert_eq!(
+        ips(&ix),
+        ["10.1.0.1", "10.1.0.2"],
+        "never none while some may work"
+    );
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Healthy)]));
+    assert_eq!(ips(&ix), ["10.1.0.1"]);
+    ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Healthy)]));
+    assert_eq!(ips(&ix), ["10.1.0.1", "10.1.0.2"]);
+}

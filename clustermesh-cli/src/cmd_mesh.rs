@@ -33,10 +33,17 @@ pub struct KubeArgs {
     /// Kubernetes mode: kubeconfig context of cluster B.
     #[arg(long, requires = "context")]
     pub destination_context: Option<String>,
+    #[command(flatten)]
+    pub install: KubeInstall,
+}
+
+/// Where the chart is, in the Kubernetes mode.
+#[derive(Debug, Args)]
+pub struct KubeInstall {
     /// Kubeconfig file [default: $KUBECONFIG (a list of files is merged), else ~/.kube/config].
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace the clustermesh chart is installed in, in both clusters.
+    /// Namespace the clustermesh chart is installed in (in every cluster named).
     #[arg(
         short = 'n',
         long,
@@ -44,9 +51,19 @@ pub struct KubeArgs {
         default_value = "clustermesh"
     )]
     pub namespace: String,
-    /// Helm release name of the chart in both clusters (object names derive from it).
+    /// Helm release name of the chart (object names derive from it).
     #[arg(long, env = "CLUSTERMESH_RELEASE", default_value = "clustermesh")]
     pub release: String,
+}
+
+impl KubeInstall {
+    fn options(&self) -> KubeOptions {
+        KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            namespace: self.namespace.clone(),
+            release: self.release.clone(),
+        }
+    }
 }
 
 impl KubeArgs {
@@ -58,11 +75,7 @@ impl KubeArgs {
     }
 
     fn options(&self) -> KubeOptions {
-        KubeOptions {
-            kubeconfig: self.kubeconfig.clone(),
-            namespace: self.namespace.clone(),
-            release: self.release.clone(),
-        }
+        self.install.options()
     }
 }
 
@@ -92,8 +105,9 @@ pub struct ConnectArgs {
     /// Exchange trust bundles when the clusters do not share a root CA (federation).
     #[arg(long)]
     pub federate: bool,
-    /// Wait until every node of each side reports the other connected and synced (gRPC mode).
-    #[arg(long, conflicts_with = "context")]
+    /// Wait until every node of each side reports the other connected and synced (in the
+    /// Kubernetes mode, read from each apiserver's status through the API server's service proxy).
+    #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
@@ -150,11 +164,22 @@ fn grpc_sides(
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// gRPC address of the cluster's clustermesh-apiserver.
-    #[arg(long, env = "CLUSTERMESH_SERVER")]
-    pub server: SocketAddr,
+    #[arg(
+        long,
+        env = "CLUSTERMESH_SERVER",
+        required_unless_present = "context",
+        conflicts_with = "context"
+    )]
+    pub server: Option<SocketAddr>,
     /// The cluster's certificate directory.
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
-    pub tls_dir: PathBuf,
+    #[arg(long, env = "CLUSTERMESH_TLS_DIR", required_unless_present = "context")]
+    pub tls_dir: Option<PathBuf>,
+    /// Kubernetes mode: kubeconfig context of the cluster (the apiserver's status is read through
+    /// the Kubernetes API server's service proxy; replaces --server and --tls-dir).
+    #[arg(long)]
+    pub context: Option<String>,
+    #[command(flatten)]
+    pub install: KubeInstall,
     /// Wait until the mesh is healthy.
     #[arg(long)]
     pub wait: bool,
@@ -214,11 +239,17 @@ pub async fn run_disconnect(a: DisconnectArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let side = Side {
-        addr: a.server,
-        tls_dir: a.tls_dir,
+    let wait = a.wait.then_some(a.wait_timeout);
+    let s = match &a.context {
+        Some(ctx) => kube_connect::status(&a.install.options(), ctx, wait).await?,
+        None => {
+            let side = Side {
+                addr: a.server.context("--server is missing")?,
+                tls_dir: a.tls_dir.context("--tls-dir is missing")?,
+            };
+            status(&side, wait).await?
+        }
     };
-    let s = status(&side, a.wait.then_some(a.wait_timeout)).await?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Text => print!("{}", render_status(&s)),

@@ -353,21 +353,57 @@ pub async fn connect(
     })
 }
 
-/// Poll `peer`'s status until every node reports `remote` connected and synced.
-async fn wait_connected(
-    peer: &mut Peer,
+/// Where a cluster's mesh status comes from: its apiserver's gRPC API, or (Kubernetes mode) its
+/// status endpoint through the Kubernetes API server's service proxy.
+pub trait StatusSource {
+    /// The cluster's name, for progress lines.
+    fn cluster_name(&self) -> &str;
+    /// The cluster's mesh status now.
+    fn mesh_status(&mut self) -> impl std::future::Future<Output = Result<MeshStatus>>;
+}
+
+impl StatusSource for Peer {
+    fn cluster_name(&self) -> &str {
+        &self.info.name
+    }
+    async fn mesh_status(&mut self) -> Result<MeshStatus> {
+        get_status(&mut self.client).await
+    }
+}
+
+/// Poll `peer`'s status until every node reports `remote` connected and synced; `false` when
+/// `deadline` passes first.
+pub async fn wait_connected(
+    peer: &mut impl StatusSource,
     remote: &str,
     deadline: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<bool> {
     let mut last = String::new();
     loop {
-        let status = get_status(&mut peer.client).await?;
+        // A status that cannot be read yet (apiserver restarting) is shown and polled again.
+        let status = match peer.mesh_status().await {
+            Ok(s) => s,
+            Err(e) if Instant::now() < deadline => {
+                let line = format!("{}: status not readable: {e:#}", peer.cluster_name());
+                if line != last {
+                    progress(&format!("… {line}"));
+                    last = line;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let line = match status.remotes.iter().find(|r| r.name == remote) {
             Some(r) => {
                 let l = format!(
                     "{}: {}/{} nodes connected to {remote}, {}/{} synced",
-                    peer.info.name, r.nodes_connected, r.nodes, r.nodes_synced, r.nodes
+                    peer.cluster_name(),
+                    r.nodes_connected,
+                    r.nodes,
+                    r.nodes_synced,
+                    r.nodes
                 );
                 if r.healthy() {
                     progress(&format!("✔ {l}"));
@@ -375,7 +411,7 @@ async fn wait_connected(
                 }
                 l
             }
-            None => format!("{}: no node reports {remote} yet", peer.info.name),
+            None => format!("{}: no node reports {remote} yet", peer.cluster_name()),
         };
         if line != last {
             progress(&format!("… {line}"));
@@ -540,10 +576,31 @@ pub fn render_status(s: &MeshStatus) -> String {
 pub async fn status(side: &Side, wait: Option<Duration>) -> Result<MeshStatus> {
     let dir = ClusterDir::open(&side.tls_dir)
         .with_context(|| format!("credentials {}", side.tls_dir.display()))?;
-    let mut client = clustermesh_api::client::connect(side.addr, &dir, Role::Admin).await?;
+    let client = clustermesh_api::client::connect(side.addr, &dir, Role::Admin).await?;
+    let mut peer = Peer {
+        side: side.clone(),
+        client,
+        info: ClusterInfo::default(),
+    };
+    status_of(&mut peer, wait).await
+}
+
+/// `source`'s status; with `wait`, polled until healthy or until `wait` passes (the last one).
+pub async fn status_of(
+    source: &mut impl StatusSource,
+    wait: Option<Duration>,
+) -> Result<MeshStatus> {
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
-        let s = get_status(&mut client).await?;
+        let s = match source.mesh_status().await {
+            Ok(s) => s,
+            // With --wait, an unreadable status (apiserver restarting) is polled again.
+            Err(_) if deadline.is_some_and(|d| Instant::now() < d) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         match deadline {
             Some(d) if !s.healthy && Instant::now() < d => {
                 tokio::time::sleep(Duration::from_millis(500)).await

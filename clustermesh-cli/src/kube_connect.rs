@@ -12,19 +12,23 @@
 //! | `etcd-service`, `etcd-service-port` | the Service in front of the managed etcd and its port name: a LoadBalancer's ingress addresses, or every node's InternalIP with the NodePort |
 //! | `remote-tls-secret`, `remote-tls-keys` | the Secret with the cluster's read-only `remote` client certificate and the keys of its CA bundle, certificate and key |
 //! | `remotes-secret` | the Secret node-sync mounts (with the static-remotes ConfigMap) as `--remote-config-dir` |
+//! | `status-service`, `status-service-port` | the Service and port name of the apiserver's status endpoint, read through the Kubernetes API server's service proxy (`connect --wait`, `status --context`) |
 //!
 //! Connecting A to B reads both, runs the same [`preflight`] as the gRPC mode, and (when it passes)
 //! writes into A's remotes Secret the entry of B: `B.yaml` (a node-sync remote file: name, id,
 //! endpoints and TLS file names relative to the config dir), `B.ca-bundle.pem`, `B.remote.crt` and
-//! `B.remote.key` (B's read-only remote certificate, with which B's etcd must know the read-only user
-//! `remote-B`: the managed etcd's bootstrap does not create it yet); and
-//! the reverse into B's unless `--unidirectional`. Each entry carries its cluster's own CA bundle and
+//! `B.remote.key` (B's read-only remote certificate, user `remote-B` of B's etcd, which every etcd
+//! bootstrap creates read-only); and the reverse into B's unless `--unidirectional`. Each entry carries its cluster's own CA bundle and
 //! certificate, so no trust has to be installed elsewhere; `--federate` only lets the preflight pass
 //! without a shared root. A Secret whose entries already hold these bytes is not written (running
 //! connect twice changes nothing); a conflicting concurrent write (409) is retried from a fresh read.
+//! With `--wait`, connect then polls each side's mesh status (the apiserver's `/api/v1/status`
+//! through `GET /api/v1/namespaces/<ns>/services/<status-service>:<port>/proxy/api/v1/status`)
+//! until every node reports the other cluster connected and synced.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clustermesh_api::pb::ClusterInfo;
@@ -34,9 +38,13 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use mesh_certs::TrustBundle;
+use mesh_model::status::MeshStatus;
 use serde::Serialize;
 
-use crate::connect::{Check, ConnectOptions, ConnectReport, Verdict, preflight};
+use crate::connect::{
+    Check, ConnectOptions, ConnectReport, StatusSource, Verdict, preflight, status_of,
+    wait_connected,
+};
 
 /// Where the chart is installed and which kubeconfig to read.
 #[derive(Debug, Clone)]
@@ -90,6 +98,11 @@ pub struct MeshInfo {
     pub remote_tls_keys: [String; 3],
     /// The Secret node-sync mounts at `--remote-config-dir` (written by connect).
     pub remotes_secret: String,
+    /// The Service in front of the apiserver's status endpoint (`None`: status not reachable
+    /// through Kubernetes).
+    pub status_service: Option<String>,
+    /// Name of its port.
+    pub status_service_port: String,
 }
 
 impl MeshInfo {
@@ -146,6 +159,15 @@ impl MeshInfo {
             remote_tls_secret: get("remote-tls-secret")?,
             remote_tls_keys,
             remotes_secret: get("remotes-secret")?,
+            status_service: data
+                .get("status-service")
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty()),
+            status_service_port: data
+                .get("status-service-port")
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "status".to_owned()),
         })
     }
 }
@@ -191,7 +213,7 @@ pub async fn client_for(opts: &KubeOptions, context: &str) -> Result<Client> {
             have.join(", ")
         );
     }
-    let config = Config::from_custom_kubeconfig(
+    let mut config = Config::from_custom_kubeconfig(
         kc,
         &KubeConfigOptions {
             context: Some(context.to_owned()),
@@ -200,6 +222,10 @@ pub async fn client_for(opts: &KubeOptions, context: &str) -> Result<Client> {
     )
     .await
     .with_context(|| format!("context {context}"))?;
+    // kube's default retries 429/503/504 up to 15 times with backoff growing to minutes: a
+    // command would sit silent for minutes on a "no endpoints available" 503. Errors are
+    // reported at once instead; `--wait` polls again until its own deadline.
+    config.default_retry = false;
     Client::try_from(config).with_context(|| format!("context {context}: building the client"))
 }
 
@@ -227,8 +253,8 @@ fn secret_key<'a>(
         .ok_or_else(|| anyhow!("context {context}: secret {ns}/{name} has no key {key:?}"))
 }
 
-/// Read what a cluster publishes through `context`.
-pub async fn open_context(opts: &KubeOptions, context: &str) -> Result<KubeCluster> {
+/// A cluster's client and mesh-info ConfigMap, through `context`.
+async fn open_mesh_info(opts: &KubeOptions, context: &str) -> Result<(Client, MeshInfo)> {
     let client = client_for(opts, context).await?;
     let ns = opts.namespace.as_str();
     let cm_name = mesh_info_name(&opts.release);
@@ -239,6 +265,85 @@ pub async fn open_context(opts: &KubeOptions, context: &str) -> Result<KubeClust
         .map_err(|e| kube_err(context, "configmap", ns, &cm_name, e))?;
     let mesh = MeshInfo::from_data(&cm.data.unwrap_or_default())
         .map_err(|e| anyhow!("context {context}: configmap {ns}/{cm_name}: {e}"))?;
+    Ok((client, mesh))
+}
+
+/// The mesh status of a cluster: its apiserver's `/api/v1/status`, through the Kubernetes API
+/// server's service proxy to the `status-service` of its mesh-info.
+async fn proxied_status(
+    client: &Client,
+    context: &str,
+    ns: &str,
+    mesh: &MeshInfo,
+) -> Result<MeshStatus> {
+    let svc = mesh.status_service.as_deref().ok_or_else(|| {
+        anyhow!(
+            "context {context}: the mesh-info ConfigMap names no status-service (chart too old?)"
+        )
+    })?;
+    let path = format!(
+        "/api/v1/namespaces/{ns}/services/{svc}:{}/proxy/api/v1/status",
+        mesh.status_service_port
+    );
+    let req = http::Request::get(&path)
+        .body(Vec::new())
+        .with_context(|| format!("context {context}: GET {path}"))?;
+    let text = client
+        .request_text(req)
+        .await
+        .map_err(|e| kube_err(context, "status through service", ns, svc, e))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!("context {context}: service {ns}/{svc}: the answer of {path} is not a mesh status")
+    })
+}
+
+/// A cluster's mesh status through `context` (`clustermesh status --context`); with `wait`,
+/// polled until healthy or until `wait` passes.
+pub async fn status(
+    opts: &KubeOptions,
+    context: &str,
+    wait: Option<Duration>,
+) -> Result<MeshStatus> {
+    let (client, mesh) = open_mesh_info(opts, context).await?;
+    let mut source = ProxiedStatus {
+        client,
+        context: context.to_owned(),
+        namespace: opts.namespace.clone(),
+        mesh,
+    };
+    status_of(&mut source, wait).await
+}
+
+/// A cluster's status through the service proxy, as a [`StatusSource`].
+struct ProxiedStatus {
+    client: Client,
+    context: String,
+    namespace: String,
+    mesh: MeshInfo,
+}
+
+impl StatusSource for ProxiedStatus {
+    fn cluster_name(&self) -> &str {
+        &self.mesh.cluster_name
+    }
+    async fn mesh_status(&mut self) -> Result<MeshStatus> {
+        proxied_status(&self.client, &self.context, &self.namespace, &self.mesh).await
+    }
+}
+
+impl StatusSource for &KubeCluster {
+    fn cluster_name(&self) -> &str {
+        &self.info.name
+    }
+    async fn mesh_status(&mut self) -> Result<MeshStatus> {
+        proxied_status(&self.client, &self.context, &self.namespace, &self.mesh).await
+    }
+}
+
+/// Read what a cluster publishes through `context`.
+pub async fn open_context(opts: &KubeOptions, context: &str) -> Result<KubeCluster> {
+    let (client, mesh) = open_mesh_info(opts, context).await?;
+    let ns = opts.namespace.as_str();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let tls_name = &mesh.remote_tls_secret;
     let s = secrets
@@ -544,9 +649,6 @@ pub async fn connect(
     copts: &ConnectOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ConnectReport> {
-    if copts.wait.is_some() {
-        bail!("--wait needs the gRPC mode (node status is read through the apiserver)");
-    }
     let ka = open_context(opts, a).await?;
     let kb = open_context(opts, b).await?;
     let mut checks = preflight(&ka.info, &kb.info, copts.federate);
@@ -596,10 +698,26 @@ pub async fn connect(
         ));
         registrations.push((format!("{} -> {}", at.info.name, other.info.name), changed));
     }
+    let mut synced = None;
+    if let Some(timeout) = copts.wait {
+        let deadline = Instant::now() + timeout;
+        let mut all = true;
+        let mut sides = vec![(&ka, kb.info.name.as_str())];
+        if !copts.unidirectional {
+            sides.push((&kb, ka.info.name.as_str()));
+        }
+        for (mut side, remote) in sides {
+            all &= wait_connected(&mut side, remote, deadline, progress).await?;
+        }
+        synced = Some(all);
+        if !all {
+            bail!("timed out after {timeout:?} waiting for every node to connect and sync");
+        }
+    }
     Ok(ConnectReport {
         checks,
         registrations,
-        synced: None,
+        synced,
     })
 }
 

@@ -144,7 +144,7 @@ mod tests {
         match cli.command {
             Command::Connect(a) => {
                 assert_eq!(a.kube.context.as_deref(), Some("kind-c1"));
-                assert_eq!(a.kube.namespace, "clustermesh");
+                assert_eq!(a.kube.install.namespace, "clustermesh");
                 assert!(a.a.is_none());
             }
             other => panic!("parsed as {other:?}"),
@@ -159,14 +159,8 @@ mod tests {
                 "--destination-context",
                 "c2",
             ],
-            &[
-                "connect",
-                "--context",
-                "c1",
-                "--destination-context",
-                "c2",
-                "--wait",
-            ],
+            &["status", "--context", "c1", "--server", "1.2.3.4:1"],
+            &["status"],
             &["connect", "1.2.3.4:1", "1.2.3.4:2"],
             &["disconnect", "--destination-context", "c2"],
         ] {
@@ -189,6 +183,22 @@ mod tests {
             ])
             .is_ok()
         );
+        for good in [
+            &[
+                "connect",
+                "--context",
+                "c1",
+                "--destination-context",
+                "c2",
+                "--wait",
+            ][..],
+            &["status", "--context", "c1", "-n", "mesh"],
+        ] {
+            let argv: Vec<&str> = std::iter::once("clustermesh")
+                .chain(good.iter().copied())
+                .collect();
+            assert!(Cli::try_parse_from(&argv).is_ok(), "{good:?} is refused");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ const NS: &str = "clustermesh";
 const MESH_INFO: &str = "clustermesh-mesh-info";
 const REMOTE_TLS: &str = "clustermesh-node-sync-tls";
 const REMOTES: &str = "clustermesh-node-sync-remotes";
+const STATUS_SVC: &str = "clustermesh-apiserver-status";
 
 mod mock_kube {
     //! `MockKubeApiServer`: a stand-in for a kube-apiserver, serving core/v1 objects from memory.
@@ -44,6 +45,57 @@ mod mock_kube {
         /// Objects another writer changes right after the next GET of them (the next PUT made
         /// from that GET then answers 409).
         race: Vec<Key>,
+        /// Service proxy: (namespace, service, port name) -> the loopback port of its endpoint.
+        endpoints: BTreeMap<(String, String, String), u16>,
+    }
+
+    /// `/api/v1/namespaces/{ns}/services/{svc}:{port}/proxy{rest}` -> (ns, svc, port, rest).
+    fn proxy_route(path: &str) -> Option<(String, String, String, String)> {
+        let rest = path.strip_prefix("/api/v1/namespaces/")?;
+        let (ns, rest) = rest.split_once("/services/")?;
+        let (target, rest) = rest.split_once("/proxy")?;
+        let (svc, port) = target.split_once(':')?;
+        let rest = if rest.is_empty() { "/" } else { rest };
+        Some((ns.into(), svc.into(), port.into(), rest.into()))
+    }
+
+    /// The API server's service proxy: GET forwarded to the service's endpoint; 503 with the
+    /// real message when it has none.
+    async fn proxy(
+        st: &Arc<Mutex<MockState>>,
+        ns: String,
+        svc: String,
+        port: String,
+        rest: &str,
+    ) -> Response {
+        let upstream = st
+            .lock()
+            .unwrap()
+            .endpoints
+            .get(&(ns, svc.clone(), port))
+            .copied();
+        let Some(upstream) = upstream else {
+            return status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("no endpoints available for service \"{svc}\""),
+            );
+        };
+        match mesh_testkit::http_get(upstream, rest).await {
+            Some((code, body)) => (
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                [("content-type", "application/json")],
+                body,
+            )
+                .into_response(),
+            None => status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!(
+                    "error trying to reach service: dial tcp 127.0.0.1:{upstream}: connection refused"
+                ),
+            ),
+        }
     }
 
     /// Serves GET (one object or a list), POST, PUT, PATCH (JSON merge patch) and DELETE for
@@ -120,6 +172,9 @@ mod mock_kube {
         let body = to_bytes(req.into_body(), 16 << 20)
             .await
             .unwrap_or_default();
+        if let Some((ns, svc, port, rest)) = proxy_route(&path) {
+            return proxy(&st, ns, svc, port, &rest).await;
+        }
         let Some((res, ns, name)) = route(&path) else {
             return status(
                 StatusCode::NOT_FOUND,
@@ -297,6 +352,15 @@ mod mock_kube {
                 .push((resource.into(), ns.into(), name.into()));
         }
 
+        /// Give a Service's port an endpoint (a server on 127.0.0.1:`port`) for the service proxy.
+        pub fn endpoint(&self, ns: &str, svc: &str, port_name: &str, port: u16) {
+            self.state
+                .lock()
+                .unwrap()
+                .endpoints
+                .insert((ns.into(), svc.into(), port_name.into()), port);
+        }
+
         /// Every non-GET request so far, as `METHOD resource ns/name`.
         pub fn writes(&self) -> Vec<String> {
             self.state.lock().unwrap().writes.clone()
@@ -352,7 +416,8 @@ async fn cluster(dir: ClusterDir, pod_cidr: &str) -> Cluster {
                 "cluster-name": name, "cluster-id": id.to_string(), "max-connected-clusters": "255",
                 "etcd-service": "clustermesh-apiserver", "etcd-service-port": "etcd", "etcd-endpoints": "",
                 "remote-tls-secret": REMOTE_TLS, "remote-tls-keys": "ca-bundle.pem,remote.crt,remote.key",
-                "remotes-secret": REMOTES}}),
+                "remotes-secret": REMOTES,
+                "status-service": STATUS_SVC, "status-service-port": "status"}}),
     );
     // The Secret the certgen Job stores for node-sync (same keys).
     let mut data = serde_json::Map::new();
@@ -833,4 +898,188 @@ async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
         "node-c1 has no user in c2's etcd: {refused:?}"
     );
     etcd2.stop();
+}
+
+/// A cluster's apiserver status endpoint as node-sync would make it look: its `nodes` nodes report
+/// a remote connected and synced once that remote's entry is in the cluster's remotes Secret (as
+/// node-sync picks up its --remote-config-dir), unless `stuck`. The status is the real
+/// `MeshStatus::compute` of mesh-model, served at `/api/v1/status` like the apiserver's.
+async fn status_endpoint(c: &Cluster, nodes: usize, stuck: bool) -> u16 {
+    use mesh_model::status::{ApiserverState, MeshStatus};
+    use mesh_model::values::{Capabilities, ClusterConfig, NodeStatus, RemoteState};
+    let mock = c.mock.clone();
+    let name = c.dir.info.name.clone();
+    let id = c.dir.info.id;
+    let app = axum::Router::new().route(
+        "/api/v1/status",
+        axum::routing::get(move || {
+            let mock = mock.clone();
+            let name = name.clone();
+            async move {
+                let registered: Vec<String> = mock
+                    .get("secrets", NS, REMOTES)
+                    .and_then(|s| s["data"].as_object().cloned())
+                    .map(|d| {
+                        d.keys()
+                            .filter_map(|k| k.strip_suffix(".yaml").map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let now = time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap();
+                let node_reports = (0..nodes)
+                    .map(|i| NodeStatus {
+                        cluster: name.clone(),
+                        node: format!("{name}-n{i}"),
+                        updated_at: now.clone(),
+                        remotes: registered
+                            .iter()
+                            .map(|r| RemoteState {
+                                name: mesh_model::ClusterName::new(r).unwrap(),
+                                connected: !stuck,
+                                synced: !stuck,
+                                heartbeat_age_ms: Some(200),
+                                stale_since: None,
+                                keys: 4,
+                                error: stuck.then(|| "connection refused".to_owned()),
+                            })
+                            .collect(),
+                        services: 0,
+                        service_states: vec![],
+                        failovers: vec![],
+                    })
+                    .collect();
+                let st = MeshStatus::compute(
+                    ClusterConfig {
+                        name: name.clone(),
+                        id,
+                        max_connected_clusters: Default::default(),
+                        capabilities: Capabilities::default(),
+                        ca_fingerprints: vec![],
+                    },
+                    ApiserverState {
+                        replica: format!("{name}-apiserver-0"),
+                        is_leader: true,
+                        ready: true,
+                        etcd_healthy: true,
+                        ..Default::default()
+                    },
+                    &[],
+                    node_reports,
+                    nodes,
+                    now,
+                );
+                axum::Json(st)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    c.mock.endpoint(NS, STATUS_SVC, "status", port);
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_and_status_read_each_apiserver_through_the_service_proxy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = init_ca(&tmp.path().join("ca"));
+    let c1 = cluster(issue(&ca, "c1", 1, &tmp.path().join("c1")), "10.1.0.0/16").await;
+    let c2 = cluster(issue(&ca, "c2", 2, &tmp.path().join("c2")), "10.2.0.0/16").await;
+    let c3 = cluster(issue(&ca, "c3", 3, &tmp.path().join("c3")), "10.3.0.0/16").await;
+    let kcfg = kubeconfig(tmp.path(), &[&c1, &c2, &c3]);
+    status_endpoint(&c1, 2, false).await;
+    status_endpoint(&c2, 3, false).await;
+    status_endpoint(&c3, 2, true).await;
+
+    // Before connect, c1's status has no remote: healthy, exit 0, read through the proxy.
+    let out = clustermesh(&[
+        "status",
+        "--kubeconfig",
+        kc(&kcfg),
+        "--context",
+        "c1",
+        "-o",
+        "json",
+    ])
+    .await;
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    let st: Value = serde_json::from_str(&o).unwrap();
+    assert_eq!(st["cluster"]["name"], "c1");
+    assert_eq!(st["remotes"].as_array().unwrap().len(), 0);
+
+    // connect --wait: the nodes pick the Secret up; connect reports every node of each side.
+    let out = clustermesh(&[
+        "connect",
+        "--kubeconfig",
+        kc(&kcfg),
+        "--context",
+        "c1",
+        "--destination-context",
+        "c2",
+        "--wait",
+        "--wait-timeout",
+        "20s",
+    ])
+    .await;
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(
+        o.contains("✔ c1: 2/2 nodes connected to c2, 2/2 synced"),
+        "{o}"
+    );
+    assert!(
+        o.contains("✔ c2: 3/3 nodes connected to c1, 3/3 synced"),
+        "{o}"
+    );
+    let out = clustermesh(&["status", "--kubeconfig", kc(&kcfg), "--context", "c2"]).await;
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(
+        o.contains("All 3 nodes are connected to all clusters [1 remotes]"),
+        "{o}"
+    );
+
+    // c3's nodes never connect: --wait gives up at its timeout, says so, exits non-zero; the
+    // registration stays (it is not undone), and status names the problem with exit 2.
+    let out = clustermesh(&[
+        "connect",
+        "--kubeconfig",
+        kc(&kcfg),
+        "--context",
+        "c3",
+        "--destination-context",
+        "c1",
+        "--unidirectional",
+        "--wait",
+        "--wait-timeout",
+        "2s",
+    ])
+    .await;
+    let (o, e) = text(&out);
+    assert!(!out.status.success(), "{o}\n{e}");
+    assert!(
+        o.contains("… c3: 0/2 nodes connected to c1, 0/2 synced"),
+        "{o}"
+    );
+    assert!(e.contains("timed out after 2s"), "{e}");
+    let out = clustermesh(&["status", "--kubeconfig", kc(&kcfg), "--context", "c3"]).await;
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{o}\n{e}");
+    assert!(o.contains("connection refused"), "{o}");
+
+    // A cluster whose status Service has no endpoint: the error names the context and service.
+    let c4 = cluster(issue(&ca, "c4", 4, &tmp.path().join("c4")), "10.4.0.0/16").await;
+    let kcfg = kubeconfig(tmp.path(), &[&c1, &c4]);
+    let out = clustermesh(&["status", "--kubeconfig", kc(&kcfg), "--context", "c4"]).await;
+    let (o, e) = text(&out);
+    assert!(!out.status.success(), "{o}\n{e}");
+    assert!(
+        e.contains("context c4") && e.contains(STATUS_SVC) && e.contains("no endpoints available"),
+        "{e}"
+    );
 }

@@ -44,7 +44,9 @@ pub struct RemoteSummary {
     /// Remote cluster id, when registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u16>,
-    /// Registered under `remotes/` (by `clustermesh connect`).
+    /// Registered under `remotes/` (the gRPC mode of `clustermesh connect`); `false`: known only
+    /// from the nodes' reports (a `--remote-config-dir` entry: a static remote, or `clustermesh
+    /// connect --context`). Both count for health.
     pub registered: bool,
     /// Nodes reporting.
     pub nodes: u64,
@@ -280,9 +282,6 @@ impl MeshStatus {
         }
         let remotes: Vec<RemoteSummary> = summaries.into_values().collect();
         for r in &remotes {
-            if !r.registered {
-                continue;
-            }
             if r.nodes == 0 {
                 problems.push(format!("no node reports its connection to {}", r.name));
             } else if !r.healthy() {
@@ -316,8 +315,7 @@ impl MeshStatus {
 
     /// One line in Cilium's words: "All 2 nodes are connected to all clusters [1 remotes]".
     pub fn connectivity_line(&self) -> String {
-        let registered: Vec<&RemoteSummary> =
-            self.remotes.iter().filter(|r| r.registered).collect();
+        let registered: Vec<&RemoteSummary> = self.remotes.iter().collect();
         let n = registered
             .iter()
             .map(|r| r.nodes)
@@ -449,6 +447,39 @@ mod tests {
         assert_eq!(svc.connections_remote, 2);
         assert_eq!(svc.backends[0].selected_on, 2);
         assert_eq!(svc.backends_by_cluster.get("c2"), Some(&1));
+    }
+
+    #[test]
+    fn a_remote_known_only_from_the_nodes_config_dir_counts_for_health() {
+        // No `remotes/` entry (clustermesh connect --context writes a Secret node-sync mounts).
+        let down = MeshStatus::compute(
+            config(),
+            api(),
+            &[],
+            vec![node("n1", true, 0), node("n2", false, 0)],
+            2,
+            "t".into(),
+        );
+        assert!(!down.healthy);
+        assert!(!down.remotes[0].registered);
+        assert!(
+            down.problems[0].contains("c2: 1/2 nodes connected"),
+            "{:?}",
+            down.problems
+        );
+        assert_eq!(
+            down.connectivity_line(),
+            "1/2 nodes are connected to all clusters [1 remotes]"
+        );
+        let up = MeshStatus::compute(
+            config(),
+            api(),
+            &[],
+            vec![node("n1", true, 0), node("n2", true, 0)],
+            2,
+            "t".into(),
+        );
+        assert!(up.healthy, "{:?}", up.problems);
     }
 
     #[test]

@@ -1541,6 +1541,34 @@ fn mesh_info_tells_connect_where_the_chart_keeps_everything() {
                 "{name}: external etcd endpoints"
             ),
         }
+        // `connect --wait` and `status --context` read the apiserver's status through this
+        // Service's port (the Kubernetes API server's service proxy).
+        let status_svc = m
+            .status_service
+            .as_deref()
+            .unwrap_or_else(|| panic!("{name}: mesh-info names no status-service"));
+        let service = r
+            .of_kind("Service")
+            .find(|s| str_at(s, &["metadata", "name"]) == Some(status_svc))
+            .unwrap_or_else(|| panic!("{name}: no Service {status_svc}"));
+        let port = seq_at(service, &["spec", "ports"])
+            .iter()
+            .find(|p| str_at(p, &["name"]) == Some(m.status_service_port.as_str()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: Service {status_svc} has no port {}",
+                    m.status_service_port
+                )
+            });
+        let target = str_at(port, &["targetPort"]).unwrap_or_default();
+        let apiserver = r.one("Deployment", "-apiserver");
+        assert!(
+            seq_at(apiserver, &["spec", "template", "spec", "containers"])
+                .iter()
+                .flat_map(|c| seq_at(c, &["ports"]))
+                .any(|p| str_at(p, &["name"]) == Some(target)),
+            "{name}: the status Service's port targets {target:?}, which no apiserver container port is"
+        );
         // node-sync's own TLS volume takes the remote certificate from the Secret connect copies.
         let ds = r.node_sync();
         let tls = volume(ds, "tls");

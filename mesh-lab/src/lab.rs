@@ -249,7 +249,9 @@ impl Lab {
     }
 
     /// The etcd client endpoint of cluster `c` (`http://10.X.c.2:2379`, or `https://` with TLS). Reachable from the
-    /// host (through the host's veth into the router) and from every node of every cluster.
+    /// host (through the host's veth into the router) and from every node of every cluster. With several etcd
+    /// members: every member's URL, comma-separated (the `--etcd-endpoints` form); [`Lab::etcd_endpoints`] lists
+    /// them.
     pub fn etcd_endpoint(&self, c: impl ClusterRef) -> Result<String> {
         Ok(c.resolve(&self.plan)?.etcd.client_url.clone())
     }

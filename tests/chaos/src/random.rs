@@ -29,6 +29,9 @@ pub enum Fault {
     LatencyLoss { a: usize, b: usize },
     /// Crash a whole node, mark its endpoint not ready (as Kubernetes would), bring it back.
     NodeCrash { c: usize, n: usize },
+    /// Cut a node's namespace off the network (its processes keep running) for less than its
+    /// health lease, heal. (A cut long enough for the lease to lapse is `node_isolation.rs`.)
+    NodeIsolation { c: usize, n: usize },
 }
 
 /// Pick a fault for a mesh of `clusters` x `nodes`.
@@ -40,7 +43,7 @@ pub fn pick(rng: &mut StdRng, clusters: usize, nodes: usize) -> Fault {
         if o >= c { o + 1 } else { o }
     };
     let (a, b) = (c.min(other), c.max(other));
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
         0 => Fault::BackendKill { c, n },
         1 => Fault::GracefulDrain { c },
         2 => Fault::NodeSyncRestart { c, n },
@@ -50,6 +53,10 @@ pub fn pick(rng: &mut StdRng, clusters: usize, nodes: usize) -> Fault {
         6 if clusters > 1 => Fault::LatencyLoss { a, b },
         // Not node 1: the cluster's client runs there.
         7 if nodes > 1 => Fault::NodeCrash {
+            c,
+            n: 2 + (n - 1) % (nodes - 1),
+        },
+        8 if nodes > 1 => Fault::NodeIsolation {
             c,
             n: 2 + (n - 1) % (nodes - 1),
         },
@@ -200,6 +207,14 @@ fn episode(m: &mut ChaosMesh, fault: Fault, hold: Duration, budget: Duration) ->
                 .context("after the crashed node's endpoint went not ready")?;
             std::thread::sleep(hold);
             m.restore_node(c, n)?;
+        }
+        Fault::NodeIsolation { c, n } => {
+            m.isolate_node(c, n)?;
+            // Holds stay far below the 10 s lease: nobody stops counting its backend.
+            std::thread::sleep(hold);
+            m.heal_node(c, n)?;
+            // ... when its node-sync is connected again to every cluster.
+            recovery = Some(m.wait_control_plane(c, Duration::from_secs(20))?);
         }
     }
     let conv = m.converge(budget).context("after the fault ended")?;

@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
-use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, Proto, ServiceMaps, mounts};
+use global_lb_bpf::{
+    Backend, Datapath, DatapathConfig, Frontend, Proto, RunStats, ServiceMaps, mounts,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,7 +40,7 @@ struct Args {
     /// Service counts to measure the eBPF path at.
     #[arg(long, env = "BENCH_SERVICES", value_delimiter = ',', default_values_t = [10usize, 10_000, 100_000])]
     services: Vec<usize>,
-    /// Number of DNAT rules / map entries for the nftables rows.
+    /// Number of DNAT rules / map entries for the nftables rows (0: no nftables rows).
     #[arg(long, env = "BENCH_NFT_SERVICES", default_value_t = 10_000)]
     nft_services: usize,
 }
@@ -205,24 +207,45 @@ fn summarize(path: &str, services: &str, mut samples: Vec<u64>, baseline: Option
     }
 }
 
+/// Runs of the `connect4` program and nanoseconds spent in them (kernel bpf_stats).
+type ProgRuns = (u64, u64);
+
+/// Runs (count, time) of the `connect4` program, from the kernel's bpf_stats.
+fn connect4_stats(dp: Option<&Datapath>) -> Result<ProgRuns> {
+    let Some(dp) = dp else { return Ok((0, 0)) };
+    let stats = dp.program_stats()?;
+    let c4 = stats
+        .iter()
+        .find(|s| s.program == "connect4")
+        .context("connect4 is not attached")?;
+    Ok((c4.run_count, c4.run_time_ns))
+}
+
 /// Measures each target in `targets` (label, cgroup, address) in `rounds` interleaved rounds.
+/// With `dp`, also returns per target the `connect4` runs and nanoseconds spent in them.
 fn interleaved(
     targets: &[(&str, Option<&Path>, &str)],
     connects: usize,
     rounds: usize,
-) -> Result<Vec<Vec<u64>>> {
+    dp: Option<&Datapath>,
+) -> Result<(Vec<Vec<u64>>, Vec<ProgRuns>)> {
     let per_round = connects.div_ceil(rounds.max(1));
     let mut all = vec![Vec::with_capacity(connects); targets.len()];
+    let mut prog = vec![(0u64, 0u64); targets.len()];
     // Warm-up: first connects pay for page faults and cold caches.
     for (_, cg, addr) in targets {
         measure(*cg, addr, 200)?;
     }
     for _ in 0..rounds.max(1) {
         for (i, (_, cg, addr)) in targets.iter().enumerate() {
+            let before = connect4_stats(dp)?;
             all[i].extend(measure(*cg, addr, per_round)?);
+            let after = connect4_stats(dp)?;
+            prog[i].0 += after.0 - before.0;
+            prog[i].1 += after.1 - before.1;
         }
     }
-    Ok(all)
+    Ok((all, prog))
 }
 
 /// The `i`-th filler service address (never the measured one).
@@ -272,9 +295,18 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         .collect();
     let cg = Some(config.cgroup.as_path());
     let mut rows = Vec::new();
+    // (services, connect4 runs/ns on direct connects, on VIP connects), from bpf_stats.
+    let mut hook_rows: Vec<(String, ProgRuns, ProgRuns)> = Vec::new();
+    // The kernel counts program runs only while statistics are on; off again when this drops.
+    let _stats = RunStats::enable()?;
 
     // No hook at all: the floor.
-    let floor = interleaved(&[("direct", None, BACKEND)], args.connects, args.rounds)?;
+    let (floor, _) = interleaved(
+        &[("direct", None, BACKEND)],
+        args.connects,
+        args.rounds,
+        None,
+    )?;
     rows.push(summarize(
         "direct to backend, outside the cgroup",
         "-",
@@ -295,11 +327,13 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         }
         fill_times.push((n, started.elapsed()));
         let label = human(n);
-        let samples = interleaved(
+        let (samples, prog) = interleaved(
             &[("direct", cg, BACKEND), ("vip", cg, VIP)],
             args.connects,
             args.rounds,
+            Some(&dp),
         )?;
+        hook_rows.push((label.clone(), prog[0], prog[1]));
         let mut it = samples.into_iter();
         let direct = summarize(
             "direct to backend, in the cgroup",
@@ -320,79 +354,9 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     drop(dp);
     Datapath::remove(&config.pin_dir)?;
 
-    // nftables DNAT, kube-proxy style: one rule per service, the measured one last.
-    let n = args.nft_services;
-    let mut linear = format!(
-        "table ip {NFT_TABLE} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n"
-    );
-    for i in 1..n {
-        let _ = writeln!(
-            linear,
-            "  ip daddr {} tcp dport 80 dnat to 10.2.0.1:8080",
-            filler_vip(i)
-        );
+    if args.nft_services > 0 {
+        nft_rows(args, &mut rows)?;
     }
-    let _ = writeln!(
-        linear,
-        "  ip daddr 10.100.0.1 tcp dport 80 dnat to {BACKEND}"
-    );
-    linear.push_str(" }\n}\n");
-    nft(&linear)?;
-    let samples = interleaved(
-        &[("direct", None, BACKEND), ("dnat", None, VIP)],
-        args.connects,
-        args.rounds,
-    )?;
-    let mut it = samples.into_iter();
-    let direct = summarize(
-        "direct to backend, nft table loaded",
-        &human(n),
-        it.next().unwrap_or_default(),
-        None,
-    );
-    let base = direct.p50;
-    rows.push(direct);
-    rows.push(summarize(
-        "nftables DNAT, one rule per service (matched last)",
-        &human(n),
-        it.next().unwrap_or_default(),
-        Some(base),
-    ));
-    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
-
-    // nftables DNAT through one verdict map (the best nftables can do).
-    let mut mapped = format!(
-        "table ip {NFT_TABLE} {{\n map svc {{\n  type ipv4_addr . inet_service : ipv4_addr . inet_service\n  elements = {{\n"
-    );
-    for i in 1..n {
-        let _ = writeln!(mapped, "   {} . 80 : 10.2.0.1 . 8080,", filler_vip(i));
-    }
-    mapped.push_str("   10.100.0.1 . 80 : 10.1.0.1 . 8080\n  }\n }\n");
-    mapped.push_str(
-        " chain out {\n  type nat hook output priority -100; policy accept;\n  dnat ip addr . port to ip daddr . tcp dport map @svc\n }\n}\n",
-    );
-    nft(&mapped)?;
-    let samples = interleaved(
-        &[("direct", None, BACKEND), ("dnat-map", None, VIP)],
-        args.connects,
-        args.rounds,
-    )?;
-    let mut it = samples.into_iter();
-    let direct = summarize(
-        "direct to backend, nft map loaded",
-        &human(n),
-        it.next().unwrap_or_default(),
-        None,
-    );
-    let base = direct.p50;
-    rows.push(direct);
-    rows.push(summarize(
-        "nftables DNAT, one map lookup",
-        &human(n),
-        it.next().unwrap_or_default(),
-        Some(base),
-    ));
-    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -426,6 +390,37 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
          same nft ruleset loaded); floor = first row, no cgroup hook and no nft rules. With one nat\n  \
          rule per service every new connection walks the chain, direct ones included."
     );
+    let _ = writeln!(
+        out,
+        "\nconnect4 program's own cost (kernel bpf_stats run_time_ns / run_cnt, same rounds as above)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<52} {:>9} {:>9} {:>12}",
+        "connect() to", "services", "runs", "ns per run"
+    );
+    let per_run = |(n, ns): ProgRuns| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            ns as f64 / n as f64
+        }
+    };
+    for (label, direct, vip) in &hook_rows {
+        for (what, v) in [
+            ("a non-service address (direct to backend)", direct),
+            ("the service address (translated)", vip),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<52} {:>9} {:>9} {:>12.0}",
+                what,
+                label,
+                v.0,
+                per_run(*v)
+            );
+        }
+    }
     for (n, t) in fill_times {
         let _ = writeln!(
             out,
@@ -444,4 +439,85 @@ fn human(n: usize) -> String {
     } else {
         n.to_string()
     }
+}
+
+/// The nftables DNAT rows (no eBPF datapath loaded).
+fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    // nftables DNAT, kube-proxy style: one rule per service, the measured one last.
+    let n = args.nft_services;
+    let mut linear = format!(
+        "table ip {NFT_TABLE} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n"
+    );
+    for i in 1..n {
+        let _ = writeln!(
+            linear,
+            "  ip daddr {} tcp dport 80 dnat to 10.2.0.1:8080",
+            filler_vip(i)
+        );
+    }
+    let _ = writeln!(
+        linear,
+        "  ip daddr 10.100.0.1 tcp dport 80 dnat to {BACKEND}"
+    );
+    linear.push_str(" }\n}\n");
+    nft(&linear)?;
+    let (samples, _) = interleaved(
+        &[("direct", None, BACKEND), ("dnat", None, VIP)],
+        args.connects,
+        args.rounds,
+        None,
+    )?;
+    let mut it = samples.into_iter();
+    let direct = summarize(
+        "direct to backend, nft table loaded",
+        &human(n),
+        it.next().unwrap_or_default(),
+        None,
+    );
+    let base = direct.p50;
+    rows.push(direct);
+    rows.push(summarize(
+        "nftables DNAT, one rule per service (matched last)",
+        &human(n),
+        it.next().unwrap_or_default(),
+        Some(base),
+    ));
+    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+
+    // nftables DNAT through one verdict map (the best nftables can do).
+    let mut mapped = format!(
+        "table ip {NFT_TABLE} {{\n map svc {{\n  type ipv4_addr . inet_service : ipv4_addr . inet_service\n  elements = {{\n"
+    );
+    for i in 1..n {
+        let _ = writeln!(mapped, "   {} . 80 : 10.2.0.1 . 8080,", filler_vip(i));
+    }
+    mapped.push_str("   10.100.0.1 . 80 : 10.1.0.1 . 8080\n  }\n }\n");
+    mapped.push_str(
+        " chain out {\n  type nat hook output priority -100; policy accept;\n  dnat ip addr . port to ip daddr . tcp dport map @svc\n }\n}\n",
+    );
+    nft(&mapped)?;
+    let (samples, _) = interleaved(
+        &[("direct", None, BACKEND), ("dnat-map", None, VIP)],
+        args.connects,
+        args.rounds,
+        None,
+    )?;
+    let mut it = samples.into_iter();
+    let direct = summarize(
+        "direct to backend, nft map loaded",
+        &human(n),
+        it.next().unwrap_or_default(),
+        None,
+    );
+    let base = direct.p50;
+    rows.push(direct);
+    rows.push(summarize(
+        "nftables DNAT, one map lookup",
+        &human(n),
+        it.next().unwrap_or_default(),
+        Some(base),
+    ));
+    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+
+    Ok(())
 }

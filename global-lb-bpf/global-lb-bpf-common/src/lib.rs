@@ -9,9 +9,13 @@
 //!
 //! Map contents:
 //! - [`SERVICES_MAP`]: [`ServiceKey`] -> [`ServiceValue`]. Slot 0 of a frontend holds the backend
-//!   count and the service id; slots `1..=count` hold one backend id each. A backend with weight
-//!   `w` fills `w` slots; the programs pick a slot at random.
-//! - [`BACKENDS_MAP`]: backend id (`u32`) -> [`Backend`].
+//!   count and the service id; slots `1..=count` hold one backend each. A backend with weight
+//!   `w` fills `w` slots; the programs pick a slot at random. Every slot value carries its
+//!   backend's address, port and family (fixed for a backend id), and slot 0 carries slot 1's
+//!   backend too, so a connect costs one lookup for a one-backend service (and for a `1/count`
+//!   share of the others) and two otherwise, and never a backends-map lookup.
+//! - [`BACKENDS_MAP`]: backend id (`u32`) -> [`Backend`]. For the loader (cluster id, flags,
+//!   restarts); the programs do not read it.
 //! - [`REV_NAT_MAP`]: [`RevNatKey`] (socket cookie + backend address) -> [`RevNatValue`]
 //!   (service address), so replies and `getpeername` show the service address.
 //! - [`COUNTERS_MAP`]: per-CPU array of `u64` indexed by backend id: connections (TCP connects,
@@ -90,16 +94,43 @@ pub struct ServiceKey {
 }
 
 /// Value of the services map.
+///
+/// The first 16 bytes are the whole value of the first layout ([`ServiceValueV1`]), which held
+/// no address (the programs looked the backend id up in the backends map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceValue {
-    /// Backend id in a backend slot; 0 in slot 0.
+    /// Backend id of this slot; in slot 0, slot 1's (0 when `count` is 0).
     pub backend_id: u32,
     /// Number of backend slots (slot 0 only); 0 means "refuse connections".
     pub count: u32,
     /// Service id, the same in every slot of a service.
     pub service_id: u32,
     /// Reserved, 0.
+    pub flags: u32,
+    /// Address of `backend_id` (IPv4-mapped for IPv4), network byte order.
+    pub addr: [u32; 4],
+    /// Port of `backend_id`, network byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] of `backend_id`; 0 when there is no backend.
+    pub family: u8,
+    /// Always 0.
+    pub pad: u8,
+}
+
+/// Value of the services map in the first layout (16 bytes; the programs then looked every slot's
+/// backend id up in the backends map). Only read, when maps pinned by such a build are carried
+/// over to the current layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValueV1 {
+    /// Backend id in a backend slot; 0 in slot 0.
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only).
+    pub count: u32,
+    /// Service id.
+    pub service_id: u32,
+    /// Reserved.
     pub flags: u32,
 }
 
@@ -149,6 +180,66 @@ pub struct RevNatValue {
     pub service_id: u32,
 }
 
+/// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
+/// them; a pinned map that differs was made by another layout and is not reused as it is.
+pub const MAP_SPECS: [(&str, MapSpec); 4] = [
+    (
+        SERVICES_MAP,
+        MapSpec {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size: core::mem::size_of::<ServiceKey>() as u32,
+            value_size: core::mem::size_of::<ServiceValue>() as u32,
+            max_entries: MAX_SERVICE_ENTRIES,
+            flags: BPF_F_NO_PREALLOC,
+        },
+    ),
+    (
+        BACKENDS_MAP,
+        MapSpec {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size: 4,
+            value_size: core::mem::size_of::<Backend>() as u32,
+            max_entries: MAX_BACKENDS,
+            flags: BPF_F_NO_PREALLOC,
+        },
+    ),
+    (
+        REV_NAT_MAP,
+        MapSpec {
+            map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+            key_size: core::mem::size_of::<RevNatKey>() as u32,
+            value_size: core::mem::size_of::<RevNatValue>() as u32,
+            max_entries: MAX_REV_NAT_ENTRIES,
+            flags: 0,
+        },
+    ),
+    (
+        COUNTERS_MAP,
+        MapSpec {
+            map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
+            key_size: 4,
+            value_size: 8,
+            max_entries: MAX_BACKENDS,
+            flags: 0,
+        },
+    ),
+];
+
+/// The shape of a map, as the kernel reports it (`bpf_map_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod pod {
@@ -157,6 +248,7 @@ mod pod {
     // fields, so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::ServiceValueV1 {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::RevNatKey {}
     unsafe impl aya::Pod for super::RevNatValue {}
@@ -170,7 +262,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 24);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 36);
+        assert_eq!(size_of::<ServiceValueV1>(), 16);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);

@@ -8,7 +8,10 @@
 //! - `recvmsg4`/`recvmsg6`, `getpeername4`/`getpeername6`: translate a backend address back to the
 //!   service address the socket asked for, through the reverse-NAT map keyed by socket cookie.
 //!
-//! Anything not in the services map is left alone.
+//! Anything not in the services map is left alone; that costs one lookup. A translated connect
+//! costs one services lookup for a one-backend service (slot 0 carries slot 1's backend), two
+//! otherwise, and the reverse-NAT insert, which is most of the program's run time (see
+//! `bench --bin datapath`).
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -18,17 +21,20 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use global_lb_bpf_common::{
-    BPF_F_NO_PREALLOC, Backend, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_BACKENDS,
-    MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, is_v4_mapped, v4_mapped,
+    BPF_F_NO_PREALLOC, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_REV_NAT_ENTRIES,
+    MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(MAX_SERVICE_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Not read by the programs (slots carry the backend); declared so the loader pins it with the
+/// rest and the object describes every map.
 #[map(name = "GLB_BACKENDS")]
-static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+static BACKENDS: HashMap<u32, global_lb_bpf_common::Backend> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "GLB_REV_NAT")]
 static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
@@ -42,9 +48,19 @@ const ALLOW: i32 = 1;
 /// Reject the operation; the syscall returns what `bpf_set_retval` set (EPERM if nothing).
 const REJECT: i32 = 0;
 
-/// How often a lookup is retried when a concurrent service update removed the slot or backend
-/// this program was about to use (it then re-reads the service's slot 0).
+/// How often a lookup is retried when a concurrent service update removed the slot this program
+/// was about to use (it then re-reads the service's slot 0).
 const SELECT_ATTEMPTS: u32 = 3;
+
+/// The backend a slot sends to.
+#[derive(Clone, Copy)]
+struct Chosen {
+    backend_id: u32,
+    service_id: u32,
+    addr: [u32; 4],
+    port: u16,
+    family: u8,
+}
 
 /// Outcome of a service lookup.
 enum Selection {
@@ -53,17 +69,13 @@ enum Selection {
     /// A service with no usable backend: refuse.
     NoBackend,
     /// Send the socket to this backend.
-    Backend {
-        backend_id: u32,
-        service_id: u32,
-        backend: Backend,
-    },
+    Backend(Chosen),
 }
 
-/// Picks a backend for (addr, port, proto). Slot 0 gives the slot count; a random slot in
-/// `1..=count` gives the backend id. The loader writes new slots before the count and removes
-/// stale slots and backends after it, so a miss here means an update raced with us: read slot 0
-/// again.
+/// Picks a backend for (addr, port, proto). Slot 0 gives the slot count and slot 1's backend; a
+/// random slot in `1..=count` other than 1 costs a second lookup. The loader writes new slots
+/// before the count and removes stale slots after it, so a miss here means an update raced with
+/// us: read slot 0 again.
 #[inline(always)]
 fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
     let mut key = ServiceKey {
@@ -81,29 +93,32 @@ fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
             // Deleted (or never there): a service that vanished mid-update is "not a service".
             return Selection::NotAService;
         };
-        // SAFETY: the pointer comes from a successful map lookup and is read at once.
+        // SAFETY: the pointer comes from a successful map lookup and is read at once (the map is
+        // not preallocated: a replaced element stays intact until this program is done).
         let svc = unsafe { core::ptr::read(svc) };
         if svc.count == 0 {
             return Selection::NoBackend;
         }
         // SAFETY: a helper without arguments.
         let rnd = unsafe { bpf_get_prandom_u32() };
-        key.slot = rnd % svc.count + 1;
-        let Some(slot) = SERVICES.get_ptr(&key) else {
-            continue;
+        let slot = rnd % svc.count + 1;
+        let chosen = if slot == 1 {
+            svc
+        } else {
+            key.slot = slot;
+            let Some(v) = SERVICES.get_ptr(&key) else {
+                continue;
+            };
+            // SAFETY: as above.
+            unsafe { core::ptr::read(v) }
         };
-        // SAFETY: as above.
-        let slot = unsafe { core::ptr::read(slot) };
-        let Some(backend) = BACKENDS.get_ptr(&slot.backend_id) else {
-            continue;
-        };
-        // SAFETY: as above.
-        let backend = unsafe { core::ptr::read(backend) };
-        return Selection::Backend {
-            backend_id: slot.backend_id,
+        return Selection::Backend(Chosen {
+            backend_id: chosen.backend_id,
             service_id: svc.service_id,
-            backend,
-        };
+            addr: chosen.addr,
+            port: chosen.port,
+            family: chosen.family,
+        });
     }
     Selection::NoBackend
 }
@@ -117,7 +132,7 @@ fn count_connection(backend_id: u32) {
 }
 
 #[inline(always)]
-fn remember_service(ctx: &SockAddrContext, backend: &Backend, service: RevNatValue) {
+fn remember_service(ctx: &SockAddrContext, backend: &Chosen, service: RevNatValue) {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = RevNatKey {
@@ -200,11 +215,7 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
     match select(vip, port, proto) {
         Selection::NotAService => ALLOW,
         Selection::NoBackend => refuse(),
-        Selection::Backend {
-            backend_id,
-            service_id,
-            backend,
-        } => {
+        Selection::Backend(backend) => {
             if backend.family != FAMILY_V4 {
                 // The loader never pairs an IPv4 service with an IPv6 backend.
                 return refuse();
@@ -212,7 +223,7 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
             // SAFETY: `sa` is the program context; user_ip4 is writable in these hooks.
             unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[3]) };
             write_port(sa, backend.port);
-            count_connection(backend_id);
+            count_connection(backend.backend_id);
             remember_service(
                 ctx,
                 &backend,
@@ -220,7 +231,7 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
                     addr: vip,
                     port,
                     pad: [0; 2],
-                    service_id,
+                    service_id: backend.service_id,
                 },
             );
             ALLOW
@@ -238,11 +249,7 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
     match select(vip, port, proto) {
         Selection::NotAService => ALLOW,
         Selection::NoBackend => refuse(),
-        Selection::Backend {
-            backend_id,
-            service_id,
-            backend,
-        } => {
+        Selection::Backend(backend) => {
             let wanted = if is_v4_mapped(&vip) {
                 FAMILY_V4
             } else {
@@ -253,7 +260,7 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
             }
             write_ip6(sa, &backend.addr);
             write_port(sa, backend.port);
-            count_connection(backend_id);
+            count_connection(backend.backend_id);
             remember_service(
                 ctx,
                 &backend,
@@ -261,7 +268,7 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
                     addr: vip,
                     port,
                     pad: [0; 2],
-                    service_id,
+                    service_id: backend.service_id,
                 },
             );
             ALLOW

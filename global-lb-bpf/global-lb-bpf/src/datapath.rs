@@ -15,13 +15,15 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    HashMap as AyaHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use global_lb_bpf_common::{self as common, ServiceKey, ServiceValue};
 use nix::fcntl::{Flock, FlockArg};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::maps::{LbMaps, ServiceMaps};
 use crate::mounts::{is_bpffs, is_cgroup2};
@@ -118,8 +120,40 @@ impl Datapath {
         prepare_pin_dir(&config.pin_dir)?;
         let lock = lock_pin_dir(&config.pin_dir)?;
 
+        // Pinned maps of another layout (an older build) are not reused as they are: the
+        // programs would misread them. They are replaced by maps of this layout, the services
+        // carried over, before this build's programs are attached.
+        let stale = stale_pins(&config.pin_dir)?;
+        let carried = if stale
+            .iter()
+            .any(|(name, _)| *name == common::SERVICES_MAP || *name == common::BACKENDS_MAP)
+        {
+            Some(carry_services(&config.pin_dir, &stale))
+        } else {
+            None
+        };
+        let mut replaced_maps: Vec<&'static str> = stale.iter().map(|(name, _)| *name).collect();
+        if carried.is_some() {
+            // The services and backends maps go together: slots name backend ids.
+            for name in [common::SERVICES_MAP, common::BACKENDS_MAP] {
+                if !replaced_maps.contains(&name) {
+                    replaced_maps.push(name);
+                }
+            }
+        }
+        for (name, found) in &stale {
+            let (_, want) = spec_of(name);
+            warn!(
+                map = name,
+                pinned = ?found,
+                wanted = ?want,
+                "pinned map has another layout (another build): replacing it"
+            );
+        }
+
         let map_pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
+            .filter(|name| !replaced_maps.contains(name))
             .map(|name| (*name, config.pin_dir.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
@@ -130,6 +164,12 @@ impl Datapath {
             pin_dir: config.pin_dir.clone(),
             source: Box::new(source),
         })?;
+
+        let maps = if replaced_maps.is_empty() {
+            LbMaps::recover(AyaStore::take(&mut ebpf)?)?
+        } else {
+            replace_maps(&mut ebpf, &config.pin_dir, &replaced_maps, carried)?
+        };
 
         let mut links = Vec::with_capacity(PROGRAMS.len());
         let mut reused_links = 0;
@@ -182,13 +222,12 @@ impl Datapath {
             links.push(new_link);
         }
 
-        let store = AyaStore::take(&mut ebpf)?;
-        let maps = LbMaps::recover(store)?;
         info!(
             cgroup = %config.cgroup.display(),
             pin_dir = %config.pin_dir.display(),
             reused_links,
             replaced_links,
+            replaced_maps = replaced_maps.len(),
             services = maps.services().map(|s| s.len()).unwrap_or(0),
             "datapath ready"
         );
@@ -266,6 +305,76 @@ impl Datapath {
     /// How many pinned links held another build's program and were replaced by this build's.
     pub fn replaced_links(&self) -> usize {
         self.replaced_links
+    }
+
+    /// The kernel's run statistics of each attached program, in [`PROGRAMS`] order. The kernel
+    /// counts only while statistics are enabled (see [`RunStats::enable`]); the figures are
+    /// totals since the program was loaded.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, Error> {
+        let ids: Vec<(&'static str, u32)> = PROGRAMS
+            .iter()
+            .zip(&self.links)
+            .map(|(program, link)| {
+                link.info()
+                    .map(|info| (*program, info.program_id()))
+                    .map_err(|e| Error::Link {
+                        program,
+                        path: self.config.pin_dir.join(format!("link_{program}")),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out: Vec<ProgramStats> = ids
+            .iter()
+            .map(|(program, id)| ProgramStats {
+                program,
+                id: *id,
+                run_count: 0,
+                run_time_ns: 0,
+            })
+            .collect();
+        for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+            if let Some(s) = out.iter_mut().find(|s| s.id == info.id()) {
+                s.run_count = info.run_count();
+                s.run_time_ns = u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Run statistics of one attached program, from the kernel (`bpftool prog show` shows the same
+/// `run_time_ns` and `run_cnt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// Program name, one of [`PROGRAMS`].
+    pub program: &'static str,
+    /// Kernel program id.
+    pub id: u32,
+    /// Runs counted while statistics were enabled.
+    pub run_count: u64,
+    /// Time spent in those runs, in nanoseconds.
+    pub run_time_ns: u64,
+}
+
+/// The kernel's BPF run-time statistics (`run_time_ns`, `run_cnt`), on while this guard lives:
+/// `BPF_ENABLE_STATS`, which leaves `kernel.bpf_stats_enabled` as it was and turns itself off
+/// when the guard is dropped or the process dies.
+#[derive(Debug)]
+pub struct RunStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunStats {
+    /// Turns statistics on (kernel 5.8 or later, root).
+    pub fn enable() -> Result<Self, Error> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| Self { _fd: fd })
+            .map_err(|e| Error::Io {
+                what: "enabling BPF run-time statistics (BPF_ENABLE_STATS) for",
+                path: "the bpf() syscall".into(),
+                source: e.io_error,
+            })
     }
 }
 
@@ -406,6 +515,220 @@ fn attach_and_pin(
     })?;
     debug!(program, path = %path.display(), "program attached and link pinned");
     Ok(pinned.into())
+}
+
+// ---- map layouts ----
+
+/// This build's shape of map `name`.
+fn spec_of(name: &str) -> (&'static str, common::MapSpec) {
+    common::MAP_SPECS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .copied()
+        .expect("every map has a spec")
+}
+
+/// The shape of the map pinned at `path`, if one is.
+fn pinned_spec(name: &'static str, path: &Path) -> Result<Option<common::MapSpec>, Error> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| Error::MapLayout {
+        map: name,
+        reason: format!("reading the pin {}: {e}", path.display()),
+    })?;
+    Ok(Some(common::MapSpec {
+        map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    }))
+}
+
+/// Pinned maps whose shape differs from this build's, with the shape found.
+fn stale_pins(pin_dir: &Path) -> Result<Vec<(&'static str, common::MapSpec)>, Error> {
+    let mut out = Vec::new();
+    for (name, want) in common::MAP_SPECS {
+        if let Some(found) = pinned_spec(name, &pin_dir.join(name))?
+            && found != want
+        {
+            out.push((name, found));
+        }
+    }
+    Ok(out)
+}
+
+/// The services held by the services and backends maps pinned under `pin_dir`, read in the
+/// layout they were written in (the first layout, 16-byte slot values, or this one). A layout
+/// this build cannot read carries nothing over (and says so): the caller writes its services
+/// again.
+fn carry_services(pin_dir: &Path, stale: &[(&'static str, common::MapSpec)]) -> Vec<Service> {
+    match read_pinned_services(pin_dir, stale) {
+        Ok(services) => {
+            info!(
+                services = services.len(),
+                "carrying the services over to the maps of this layout"
+            );
+            services
+        }
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot read the services of the pinned maps of another layout; starting with \
+                 empty maps (services must be written again)"
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn read_pinned_services(
+    pin_dir: &Path,
+    stale: &[(&'static str, common::MapSpec)],
+) -> Result<Vec<Service>, Error> {
+    let open = |name: &'static str| -> Result<Option<MapData>, Error> {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        MapData::from_pin(&path)
+            .map(Some)
+            .map_err(|e| Error::MapLayout {
+                map: name,
+                reason: format!("opening the pin {}: {e}", path.display()),
+            })
+    };
+    let found = |name: &str| {
+        stale
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(spec_of(name).1, |(_, s)| *s)
+    };
+    let (Some(services), Some(backends)) =
+        (open(common::SERVICES_MAP)?, open(common::BACKENDS_MAP)?)
+    else {
+        return Ok(Vec::new());
+    };
+    let mut mem = crate::store::MemStore::new();
+    let backends = AyaHashMap::<_, u32, common::Backend>::try_from(Map::HashMap(backends))
+        .map_err(layout_err(common::BACKENDS_MAP))?;
+    for entry in backends.iter() {
+        let (id, value) = entry.map_err(map_err(common::BACKENDS_MAP, "iterate"))?;
+        mem.backends.insert(id, value);
+    }
+    let services_spec = found(common::SERVICES_MAP);
+    if services_spec.value_size as usize == std::mem::size_of::<common::ServiceValueV1>() {
+        let services =
+            AyaHashMap::<_, ServiceKey, common::ServiceValueV1>::try_from(Map::HashMap(services))
+                .map_err(layout_err(common::SERVICES_MAP))?;
+        let mut heads = Vec::new();
+        for entry in services.iter() {
+            let (key, old) = entry.map_err(map_err(common::SERVICES_MAP, "iterate"))?;
+            let mut value = ServiceValue {
+                backend_id: old.backend_id,
+                count: old.count,
+                service_id: old.service_id,
+                ..ServiceValue::default()
+            };
+            if let Some(b) = mem.backends.get(&old.backend_id) {
+                (value.addr, value.port, value.family) = (b.addr, b.port, b.family);
+            }
+            if key.slot == 0 {
+                heads.push(key);
+            }
+            mem.slots.insert(key, value);
+        }
+        // The first layout's slot 0 carried no backend; this one carries slot 1's.
+        for key in heads {
+            let mut one = key;
+            one.slot = 1;
+            if let Some(first) = mem.slots.get(&one).copied()
+                && let Some(head) = mem.slots.get_mut(&key)
+            {
+                (head.backend_id, head.addr, head.port, head.family) =
+                    (first.backend_id, first.addr, first.port, first.family);
+            }
+        }
+    } else {
+        let services = AyaHashMap::<_, ServiceKey, ServiceValue>::try_from(Map::HashMap(services))
+            .map_err(layout_err(common::SERVICES_MAP))?;
+        for entry in services.iter() {
+            let (key, value) = entry.map_err(map_err(common::SERVICES_MAP, "iterate"))?;
+            mem.slots.insert(key, value);
+        }
+    }
+    LbMaps::read_only(mem)?.services()
+}
+
+/// Replaces the pinned maps `replaced` (created unpinned by the loader) : writes the `carried`
+/// services into the new services and backends maps, then pins each new map next to the old
+/// one and renames it over the old pin. Programs still attached keep the old maps until their
+/// links are replaced.
+fn replace_maps(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    replaced: &[&'static str],
+    carried: Option<Vec<Service>>,
+) -> Result<LbMaps<AyaStore>, Error> {
+    let mut taken: Vec<(&'static str, Map)> = Vec::new();
+    for name in replaced {
+        if *name != common::SERVICES_MAP
+            && *name != common::BACKENDS_MAP
+            && *name != common::COUNTERS_MAP
+        {
+            taken.push((name, take_map(ebpf, name)?));
+        }
+    }
+    let store = AyaStore::take(ebpf)?;
+    let mut maps = if carried.is_some() {
+        // New, empty services and backends maps (counters are reused or new: zeroed per new
+        // backend id either way).
+        let mut maps = LbMaps::with_empty_store(store);
+        for service in carried.unwrap_or_default() {
+            maps.upsert_service(&service.frontend, &service.backends)?;
+        }
+        maps
+    } else {
+        LbMaps::recover(store)?
+    };
+    let pin = |name: &'static str, map: &MapData| -> Result<(), Error> {
+        let path = pin_dir.join(name);
+        let staging = pin_dir.join(format!("{name}_new"));
+        remove_pin(&staging)?;
+        map.pin(&staging).map_err(|e| Error::MapLayout {
+            map: name,
+            reason: format!("pinning at {}: {e}", staging.display()),
+        })?;
+        fs::rename(&staging, &path).map_err(|source| Error::Io {
+            what: "replacing pinned map",
+            path: path.clone(),
+            source,
+        })?;
+        info!(map = name, path = %path.display(), "pinned map replaced by this layout's");
+        Ok(())
+    };
+    for (name, map) in &taken {
+        pin(name, map_data(map))?;
+    }
+    let store = maps.store_mut();
+    for name in replaced {
+        match *name {
+            common::SERVICES_MAP => pin(name, store.services.map())?,
+            common::BACKENDS_MAP => pin(name, store.backends.map())?,
+            common::COUNTERS_MAP => pin(name, store.counters.map())?,
+            _ => {}
+        }
+    }
+    Ok(maps)
+}
+
+/// The map data under any kind of map this crate uses.
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) => m,
+        other => unreachable!("no map of this crate is a {other:?}"),
+    }
 }
 
 // ---- the aya map store ----

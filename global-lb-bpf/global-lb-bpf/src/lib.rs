@@ -34,7 +34,9 @@ mod model;
 pub mod mounts;
 pub mod store;
 
-pub use datapath::{Datapath, DatapathConfig, DatapathView, EBPF_OBJECT, PROGRAMS};
+pub use datapath::{
+    Datapath, DatapathConfig, DatapathView, EBPF_OBJECT, PROGRAMS, ProgramStats, RunStats,
+};
 pub use error::Error;
 pub use maps::{FakeMaps, LbMaps, ServiceMaps};
 pub use model::{Backend, BackendCounter, Frontend, Proto, Service};

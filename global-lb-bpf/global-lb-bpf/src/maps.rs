@@ -174,18 +174,51 @@ impl<S: MapStore> LbMaps<S> {
         let backend_values: HashMap<u32, common::Backend> = stored_backends.into_iter().collect();
         let mut repairs: Vec<(Frontend, Vec<Backend>)> = Vec::new();
 
+        // A slot is sound when its backend exists and the slot carries that backend's address.
+        // Position 0 (slot 1) is what the programs serve: the backend slot 0 carries. An unsound
+        // position is kept as id 0 (never a backend id), so the repair below rewrites it.
+        let carries = |v: &ServiceValue| {
+            backend_values
+                .get(&v.backend_id)
+                .is_some_and(|b| b.addr == v.addr && b.port == v.port && b.family == v.family)
+        };
+        let mut stale_first: Vec<Frontend> = Vec::new();
         for (frontend, head) in &heads {
             let mut ids = Vec::with_capacity(head.count as usize);
             let mut broken = false;
             for slot in 1..=head.count {
-                match by_key.get(&frontend.key(slot)) {
-                    Some(v) if backend_values.contains_key(&v.backend_id) => ids.push(v.backend_id),
-                    _ => broken = true,
+                let sound = if slot == 1 {
+                    Some(head).filter(|h| carries(h))
+                } else {
+                    by_key.get(&frontend.key(slot)).filter(|v| carries(v))
+                };
+                match sound {
+                    Some(v) => ids.push(v.backend_id),
+                    None => {
+                        broken = true;
+                        ids.push(0);
+                    }
                 }
+            }
+            // Slot 1's own entry is not read by the programs (slot 0 carries it); an update
+            // interrupted between the two leaves it ahead of slot 0: rewritten in the sweep.
+            if let Some(&first) = ids.first()
+                && first != 0
+                && by_key
+                    .get(&frontend.key(1))
+                    .map(|v| (v.backend_id, v.addr, v.port))
+                    != Some((head.backend_id, head.addr, head.port))
+            {
+                stale_first.push(*frontend);
             }
             me.service_ids.insert(head.service_id);
             me.next_service_id = me.next_service_id.max(head.service_id.wrapping_add(1));
-            for id in ids.iter().copied().collect::<HashSet<_>>() {
+            for id in ids
+                .iter()
+                .copied()
+                .filter(|id| *id != 0)
+                .collect::<HashSet<_>>()
+            {
                 let value = backend_values[&id];
                 let identity = backend_from_value(&value).identity();
                 me.backend_ids.insert(identity, id);
@@ -201,7 +234,7 @@ impl<S: MapStore> LbMaps<S> {
             }
             me.service_entries += 1 + ids.len();
             if broken {
-                warn!(%frontend, "service slots point at missing backends; rewriting it");
+                warn!(%frontend, "service slots point at missing or other backends; rewriting it");
                 repairs.push((*frontend, me.backends_of(&ids)));
             }
             me.services.insert(
@@ -228,6 +261,13 @@ impl<S: MapStore> LbMaps<S> {
         if !sweep {
             return Ok(());
         }
+        for frontend in stale_first {
+            if let Some(state) = me.services.get(&frontend) {
+                let value = me.slot_value(state.slots[0], 0, state.service_id);
+                debug!(%frontend, "rewriting slot 1 as slot 0 carries it");
+                me.store.put_slot(&frontend.key(1), &value)?;
+            }
+        }
         if !orphans.is_empty() {
             debug!(count = orphans.len(), "removing leftover service slots");
         }
@@ -244,7 +284,8 @@ impl<S: MapStore> LbMaps<S> {
             me.next_backend_id = 1;
         }
         for (frontend, backends) in repairs {
-            me.upsert_service(&frontend, &backends)?;
+            // Not `upsert_service`: a failure must not re-enter this sweep.
+            me.try_upsert(&frontend, &backends)?;
         }
         Ok(())
     }
@@ -579,27 +620,15 @@ impl<S: MapStore> LbMaps<S> {
     ) -> Result<(), Error> {
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                self.store.put_slot(
-                    &frontend.key(i as u32 + 1),
-                    &ServiceValue {
-                        backend_id: *id,
-                        count: 0,
-                        service_id,
-                        flags: 0,
-                    },
-                )?;
+                let value = self.slot_value(*id, 0, service_id);
+                self.store.put_slot(&frontend.key(i as u32 + 1), &value)?;
             }
         }
-        if is_new || old_slots.len() != new_slots.len() {
-            self.store.put_slot(
-                &frontend.key(0),
-                &ServiceValue {
-                    backend_id: 0,
-                    count: new_slots.len() as u32,
-                    service_id,
-                    flags: 0,
-                },
-            )?;
+        // Slot 0 carries the count and slot 1's backend: rewritten when either changes.
+        if is_new || old_slots.len() != new_slots.len() || old_slots.first() != new_slots.first() {
+            let first = new_slots.first().copied().unwrap_or(0);
+            let value = self.slot_value(first, new_slots.len() as u32, service_id);
+            self.store.put_slot(&frontend.key(0), &value)?;
         }
         self.service_ids.insert(service_id);
         for slot in new_slots.len()..old_slots.len() {
@@ -615,6 +644,23 @@ impl<S: MapStore> LbMaps<S> {
             },
         );
         self.release_backends(dropped)
+    }
+
+    /// The services-map value of a slot holding backend `id` (0: none), with the backend's
+    /// address, port and family, which never change for an id.
+    fn slot_value(&self, id: u32, count: u32, service_id: u32) -> ServiceValue {
+        let mut value = ServiceValue {
+            backend_id: id,
+            count,
+            service_id,
+            ..ServiceValue::default()
+        };
+        if let Some(b) = self.backends.get(&id) {
+            value.addr = b.value.addr;
+            value.port = b.value.port;
+            value.family = b.value.family;
+        }
+        value
     }
 
     /// [`ServiceMaps::update_backends`]: a pass over the service's slot ids against the few ids
@@ -944,6 +990,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn slot_zero_carries_slot_one_and_an_interrupted_switch_is_repaired_on_restart() {
+        let f = fe("tcp:127.10.0.1:80");
+        let mut maps = FakeMaps::new();
+        maps.upsert_service(&f, &[be("127.0.0.2:80@1")]).unwrap();
+        let head = maps.store().slots[&f.key(0)];
+        assert_eq!(head.count, 1);
+        assert_eq!(head.backend_id, maps.store().slots[&f.key(1)].backend_id);
+        assert_eq!(reachable(&maps, &f), vec![be("127.0.0.2:80@1")]);
+
+        // Replacing the only backend: backend, slot 1, then slot 0 (the switch), then cleanup.
+        let start = maps.store().clone();
+        maps.store_mut().log.clear();
+        maps.upsert_service(&f, &[be("127.0.0.3:80@1")]).unwrap();
+        let log = maps.store().log.clone();
+        let pos = |want: u32| {
+            log.iter()
+                .position(|op| matches!(op, MapOp::PutSlot(k, _) if k.slot == want))
+                .unwrap()
+        };
+        assert!(pos(1) < pos(0), "{log:?}");
+        let allowed = [be("127.0.0.2:80@1"), be("127.0.0.3:80@1")]
+            .iter()
+            .map(|b| (b.addr, b.port))
+            .collect();
+        assert_every_step_serves(start.clone(), log.clone(), &f, &allowed);
+
+        // A loader that died right after writing slot 1: programs still serve the old backend
+        // (slot 0 carries it); a restart keeps serving it and rewrites slot 1 to match.
+        let mut crashed = start;
+        for op in log.iter().take(pos(1) + 1) {
+            match op {
+                MapOp::PutSlot(k, v) => {
+                    crashed.slots.insert(*k, *v);
+                }
+                MapOp::PutBackend(id, v) => {
+                    crashed.backends.insert(*id, *v);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        crashed.log.clear();
+        assert_eq!(
+            backend_from_value(&crashed.resolve(&f.key(0), 1).unwrap()),
+            be("127.0.0.2:80@1")
+        );
+        let recovered = FakeMaps::recover(crashed).unwrap();
+        assert_eq!(
+            recovered.services().unwrap()[0].backends,
+            vec![be("127.0.0.2:80@1")]
+        );
+        let head = recovered.store().slots[&f.key(0)];
+        let one = recovered.store().slots[&f.key(1)];
+        assert_eq!((one.backend_id, one.addr), (head.backend_id, head.addr));
     }
 
     #[test]

@@ -64,12 +64,26 @@ impl MemStore {
     }
 
     /// What a connecting client would see right now for `key`'s frontend if it picked slot
-    /// `slot`: the backend, or None (miss). Mirrors the eBPF program's lookups.
+    /// `slot`: the backend, or None (miss). Mirrors the eBPF program: slot 1 comes from slot 0,
+    /// which carries it, any other slot from its own entry; the address, port and family are the
+    /// ones the slot carries (the program never reads the backends map), the cluster id and flags
+    /// those of the backends map (0 if the backend is gone).
     pub fn resolve(&self, frontend_key: &ServiceKey, slot: u32) -> Option<Backend> {
         let mut k = *frontend_key;
-        k.slot = slot;
+        k.slot = if slot == 1 { 0 } else { slot };
         let v = self.slots.get(&k)?;
-        self.backends.get(&v.backend_id).copied()
+        if v.family == 0 {
+            return None;
+        }
+        let known = self.backends.get(&v.backend_id);
+        Some(Backend {
+            addr: v.addr,
+            port: v.port,
+            cluster_id: known.map_or(0, |b| b.cluster_id),
+            flags: known.map_or(0, |b| b.flags),
+            family: v.family,
+            pad: [0; 2],
+        })
     }
 }
 

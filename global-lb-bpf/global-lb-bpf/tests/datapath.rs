@@ -521,3 +521,149 @@ fn weights_share_connections_by_slot_replication() {
         assert!((0.69..=0.81).contains(&share), "heavy share {share}: {v}");
     });
 }
+
+/// `bpftool` with `args`; panics with its stderr when it fails.
+fn bpftool(args: &[&str]) {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool (needed to create maps of another layout)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Bytes as `bpftool` wants them: `hex 0a 60 ...`.
+fn hex(bytes: &[u8]) -> Vec<String> {
+    std::iter::once("hex".to_owned())
+        .chain(bytes.iter().map(|b| format!("{b:02x}")))
+        .collect()
+}
+
+/// A services-map key (the layout of `global-lb-bpf-common`): IPv4-mapped address, port in
+/// network order, protocol, pad, slot.
+fn key_bytes(ip: [u8; 4], port: u16, proto: u8, slot: u32) -> Vec<u8> {
+    let mut k = vec![0u8; 10];
+    k.extend([0xff, 0xff]);
+    k.extend(ip);
+    k.extend(port.to_be_bytes());
+    k.extend([proto, 0]);
+    k.extend(slot.to_ne_bytes());
+    k
+}
+
+fn map_update(path: &std::path::Path, key: &[u8], value: &[u8]) {
+    let path = path.to_str().unwrap();
+    let mut args: Vec<String> = vec!["map".into(), "update".into(), "pinned".into(), path.into()];
+    args.push("key".into());
+    args.extend(hex(key));
+    args.push("value".into());
+    args.extend(hex(value));
+    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// Pinned maps of the first layout (16-byte slot values, programs looked backends up by id):
+/// the loader replaces them by maps of this layout, carries the service over (it keeps
+/// working), and says so; maps of a layout it cannot read are replaced empty, never misread.
+#[test]
+fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
+    in_netns(&["10.96.0.80/32", "10.1.0.80/32"], || {
+        let name = unique("layout");
+        let cgroup = TestCgroup::new(&name);
+        let config = DatapathConfig {
+            cgroup: cgroup.path.clone(),
+            pin_dir: pin_dir(&name),
+        };
+        let _pins = PinGuard(config.pin_dir.clone());
+        std::fs::create_dir_all(&config.pin_dir).unwrap();
+        let _be = TcpBackend::start("10.1.0.80:8080", "b1");
+        let _vip_owner = TcpBackend::start("10.96.0.80:80", "vip-itself");
+
+        // The first layout, as an older build pinned it: tcp:10.96.0.80:80 -> backend 7.
+        let services = config.pin_dir.join("GLB_SERVICES");
+        let backends = config.pin_dir.join("GLB_BACKENDS");
+        for (path, key, value, entries) in [
+            (&services, "24", "16", "524288"),
+            (&backends, "4", "24", "65536"),
+        ] {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            bpftool(&[
+                "map",
+                "create",
+                path.to_str().unwrap(),
+                "type",
+                "hash",
+                "key",
+                key,
+                "value",
+                value,
+                "entries",
+                entries,
+                "name",
+                name,
+                "flags",
+                "1",
+            ]);
+        }
+        let word = |v: u32| v.to_ne_bytes();
+        let slot0: Vec<u8> = [word(0), word(1), word(42), word(0)].concat();
+        let slot1: Vec<u8> = [word(7), word(0), word(42), word(0)].concat();
+        map_update(&services, &key_bytes([10, 96, 0, 80], 80, 6, 0), &slot0);
+        map_update(&services, &key_bytes([10, 96, 0, 80], 80, 6, 1), &slot1);
+        let mut value = vec![0u8; 10];
+        value.extend([0xff, 0xff, 10, 1, 0, 80]);
+        value.extend(8080u16.to_be_bytes());
+        value.extend(3u16.to_ne_bytes()); // cluster id
+        value.extend([1, 4, 0, 0]); // local, IPv4, pad
+        map_update(&backends, &7u32.to_ne_bytes(), &value);
+
+        let dp = Datapath::open(&config).unwrap();
+        let listed = dp.services().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].frontend, frontend("tcp:10.96.0.80:80"));
+        assert_eq!(
+            listed[0].backends,
+            vec![backend("10.1.0.80:8080", 3).with_local(true)]
+        );
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.80:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1", "carried over: {v}");
+        assert_eq!(s(&v, "peer"), "10.96.0.80:80");
+        let info = aya::maps::MapInfo::from_pin(&services).unwrap();
+        assert_eq!(
+            info.value_size() as usize,
+            std::mem::size_of::<global_lb_bpf_common::ServiceValue>()
+        );
+        drop(dp);
+        // The next start finds this layout and reuses it as it is.
+        let dp = Datapath::open(&config).unwrap();
+        assert_eq!(dp.reused_links(), global_lb_bpf::PROGRAMS.len());
+        assert_eq!(dp.services().unwrap(), listed);
+        drop(dp);
+
+        // A layout nobody can read (20-byte slot values): replaced, empty.
+        Datapath::remove(&config.pin_dir).unwrap();
+        std::fs::create_dir_all(&config.pin_dir).unwrap();
+        bpftool(&[
+            "map",
+            "create",
+            services.to_str().unwrap(),
+            "type",
+            "hash",
+            "key",
+            "24",
+            "value",
+            "20",
+            "entries",
+            "16",
+            "name",
+            "GLB_SERVICES",
+        ]);
+        map_update(&services, &key_bytes([10, 96, 0, 80], 80, 6, 0), &[0u8; 20]);
+        let dp = Datapath::open(&config).unwrap();
+        assert!(dp.services().unwrap().is_empty());
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.80:80"]);
+        assert_eq!(s(ok(&v), "reply"), "vip-itself", "nothing misread: {v}");
+    });
+}

@@ -179,6 +179,14 @@ pub enum Error {
         /// What happened (exit status, last error, log tail).
         detail: String,
     },
+    /// No member of a multi-member etcd answered.
+    #[error("no etcd member of {endpoints} answers: {tried}")]
+    NoEtcdMember {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// What each one said.
+        tried: String,
+    },
     /// The TCP connection to etcd failed.
     #[error("cannot reach etcd at {endpoint}: {detail}")]
     EtcdUnreachable {

@@ -365,8 +365,23 @@ pub fn check_client_files(files: &TlsFiles) -> Result<()> {
 /// certificate, a key that does not match, or a server we do not trust.
 pub async fn connect(endpoints: &[String], files: &TlsFiles) -> Result<Client> {
     check_client_files(files)?;
-    if let Some(first) = endpoints.first() {
-        probe(first, files).await?;
+    // The first member that completes a handshake answers for all; when none is reachable, the
+    // first one's error is the answer. A refusal (trust, certificate) is returned at once.
+    let mut unreachable = None;
+    for ep in endpoints {
+        match probe(ep, files).await {
+            Ok(()) => {
+                unreachable = None;
+                break;
+            }
+            Err(e @ Error::EtcdUnreachable { .. }) => {
+                unreachable.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(e) = unreachable {
+        return Err(e);
     }
     connect_unchecked(endpoints, files).await
 }
@@ -390,15 +405,159 @@ pub fn tls_options(files: &TlsFiles) -> Result<TlsOptions> {
     Ok(tls)
 }
 
-/// Build the etcd client without any check (errors then surface on the first request).
-pub async fn connect_unchecked(endpoints: &[String], files: &TlsFiles) -> Result<Client> {
-    let opts = ConnectOptions::new()
+/// The connect options of [`connect`]: mTLS with `files`, connect timeout, keepalive.
+pub fn client_options(files: &TlsFiles) -> Result<ConnectOptions> {
+    Ok(ConnectOptions::new()
         .with_tls(tls_options(files)?)
         .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5)))
+}
+
+/// Build the etcd client without any check (errors then surface on the first request). With
+/// several endpoints, the client talks to one member that answers ([`connect_any_member`]).
+pub async fn connect_unchecked(endpoints: &[String], files: &TlsFiles) -> Result<Client> {
+    let opts = client_options(files)?;
+    if endpoints.len() > 1 {
+        return connect_any_member(endpoints, &opts, Duration::from_secs(5)).await;
+    }
     Client::connect(endpoints, Some(opts))
         .await
         .map_err(|e| Error::etcd(format!("connect {}", endpoints.join(",")), e))
+}
+
+/// Whether the member at `endpoint` answers a status request within `timeout` and knows a
+/// leader (a member cut off from the others answers without one).
+async fn member_answers(
+    endpoint: &str,
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> std::result::Result<Client, String> {
+    let attempt = async {
+        let mut c = Client::connect([endpoint], Some(opts.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let st = c.status().await.map_err(|e| e.to_string())?;
+        if st.leader() == 0 {
+            return Err("no leader (cut off from the other members?)".to_owned());
+        }
+        Ok(c)
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+/// Keeps the balanced channel of a long-lived client of a multi-member etcd on the members that
+/// answer (see [`connect_tracked`]); stops when dropped.
+#[derive(Debug)]
+pub struct MemberTracker {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MemberTracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A long-lived client of a multi-member etcd: its balanced channel holds the members that
+/// answer (a status request within `timeout`, with a leader), checked before it is handed back
+/// and then every `every` by the returned [`MemberTracker`], which removes a member that stops
+/// answering (its streams break; requests go to the others) and adds it back when it answers
+/// again. The last member is never removed. etcd-client alone keeps sending a share of the
+/// requests to a dead member (etcdv3/etcd-client#39).
+pub async fn connect_tracked(
+    endpoints: &[String],
+    opts: &ConnectOptions,
+    timeout: Duration,
+    every: Duration,
+) -> Result<(Client, MemberTracker)> {
+    let mut live = Vec::new();
+    let mut tried = Vec::new();
+    for ep in endpoints {
+        match member_answers(ep, opts, timeout).await {
+            Ok(_) => live.push(ep.clone()),
+            Err(e) => tried.push(format!("{ep}: {e}")),
+        }
+    }
+    if live.is_empty() {
+        return Err(Error::NoEtcdMember {
+            endpoints: endpoints.join(","),
+            tried: tried.join("; "),
+        });
+    }
+    if !tried.is_empty() {
+        tracing::warn!(down = %tried.join("; "), "etcd members not answering; left out until they do");
+    }
+    let client = Client::connect(&live, Some(opts.clone()))
+        .await
+        .map_err(|e| Error::etcd(format!("connect {}", live.join(",")), e))?;
+    let tracked = client.clone();
+    let all = endpoints.to_vec();
+    let opts = opts.clone();
+    let task = tokio::spawn(async move {
+        let mut in_set: std::collections::BTreeSet<String> = live.into_iter().collect();
+        loop {
+            tokio::time::sleep(every).await;
+            for ep in &all {
+                let answers = member_answers(ep, &opts, timeout).await;
+                let known = in_set.contains(ep);
+                match answers {
+                    Ok(_) if !known && tracked.add_endpoint(ep).await.is_ok() => {
+                        tracing::info!(endpoint = %ep, "etcd member answers again; using it");
+                        in_set.insert(ep.clone());
+                    }
+                    Err(e)
+                        if known
+                            && in_set.len() > 1
+                            && tracked.remove_endpoint(ep).await.is_ok() =>
+                    {
+                        tracing::warn!(endpoint = %ep, error = %e, "etcd member stopped answering; left out");
+                        in_set.remove(ep);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    Ok((client, MemberTracker { task }))
+}
+
+/// A client of one member of a multi-member etcd: the first, from a random start (so clients
+/// spread over the members), that answers a status request within `timeout` and knows a leader.
+///
+/// etcd-client balances requests over every endpoint it is given and keeps sending to one that
+/// refuses connections (etcdv3/etcd-client#39): with one member of three down, a client of all
+/// three fails a share of its requests until that member returns. A client of one member fails
+/// only when that member does; callers reconnect, and the reconnect picks a member that answers.
+pub async fn connect_any_member(
+    endpoints: &[String],
+    opts: &ConnectOptions,
+    timeout: Duration,
+) -> Result<Client> {
+    let n = endpoints.len();
+    if n == 0 {
+        return Err(Error::NoEtcdMember {
+            endpoints: String::new(),
+            tried: "no endpoint given".into(),
+        });
+    }
+    let start = rand::random_range(0..n);
+    let mut tried = Vec::with_capacity(n);
+    for i in 0..n {
+        let ep = &endpoints[(start + i) % n];
+        match member_answers(ep, opts, timeout).await {
+            Ok(c) => {
+                tracing::debug!(endpoint = %ep, "connected to etcd member");
+                return Ok(c);
+            }
+            Err(e) => tried.push(format!("{ep}: {e}")),
+        }
+    }
+    Err(Error::NoEtcdMember {
+        endpoints: endpoints.join(","),
+        tried: tried.join("; "),
+    })
 }
 
 /// One TLS handshake to `endpoint` (`https://host:port`) with our files, then an HTTP/2 preface,

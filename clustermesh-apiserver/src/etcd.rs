@@ -31,6 +31,9 @@ pub enum EtcdError {
     /// This replica no longer holds the leader key; it must stop writing.
     #[error("leadership lost")]
     LostLeadership,
+    /// No member of a multi-member etcd answered.
+    #[error("etcd: {0}")]
+    Unreachable(String),
 }
 
 impl EtcdError {
@@ -75,8 +78,8 @@ fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
     })
 }
 
-/// Connects to etcd, with mTLS when `tls` is given.
-pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdError> {
+/// The connect options of [`connect`]: mTLS when `tls` is given, timeouts, keepalive.
+pub fn connect_options(tls: Option<&EtcdTls>) -> Result<ConnectOptions, EtcdError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(5))
@@ -85,6 +88,20 @@ pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Clie
         let ca = etcd_client::Certificate::from_pem(read(&t.ca)?);
         let id = etcd_client::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
         opts = opts.with_tls(TlsOptions::new().ca_certificate(ca).identity(id));
+    }
+    Ok(opts)
+}
+
+/// Connects to etcd, with mTLS when `tls` is given. Several endpoints: one member that answers
+/// (for clients that reconnect on failure; the apiserver's own long-lived client is
+/// [`mesh_certs::etcd::connect_tracked`]).
+pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdError> {
+    let opts = connect_options(tls)?;
+    if endpoints.len() > 1 {
+        // One member that answers, not all: see mesh_certs::etcd::connect_any_member.
+        return mesh_certs::etcd::connect_any_member(endpoints, &opts, Duration::from_secs(3))
+            .await
+            .map_err(|e| EtcdError::Unreachable(e.to_string()));
     }
     Client::connect(endpoints, Some(opts))
         .await

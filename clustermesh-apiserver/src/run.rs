@@ -102,16 +102,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(m) => m.endpoints().to_vec(),
         None => args.etcd_endpoints.clone(),
     };
+    let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
     let client = match &cluster_dir {
         Some(dir) => mesh_certs::etcd::connect_as(dir, mesh_certs::Role::Admin, &endpoints)
             .await
             .context("connecting to etcd as admin")?,
-        None => {
-            let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
-            connect(&endpoints, tls.as_ref())
-                .await
-                .context("connecting to etcd")?
-        }
+        None => connect(&endpoints, tls.as_ref())
+            .await
+            .context("connecting to etcd")?,
+    };
+    // Several members: this process's one long-lived client keeps its requests on the members
+    // that answer (a killed member is left out within a second, and taken back when it returns).
+    let (client, _members) = if endpoints.len() > 1 {
+        let opts = match &cluster_dir {
+            Some(dir) => mesh_certs::etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
+            None => crate::etcd::connect_options(tls.as_ref())?,
+        };
+        let (c, t) = mesh_certs::etcd::connect_tracked(
+            &endpoints,
+            &opts,
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1),
+        )
+        .await
+        .context("connecting to the etcd members")?;
+        (c, Some(t))
+    } else {
+        (client, None)
     };
     let _supervisor = managed
         .as_ref()

@@ -585,10 +585,15 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
                 .identity(Identity::from_pem(cert, key)),
         );
     }
-    tokio::time::timeout(timeout, Client::connect(&source.endpoints, Some(opts)))
+    if source.endpoints.len() <= 1 {
+        return tokio::time::timeout(timeout, Client::connect(&source.endpoints, Some(opts)))
+            .await
+            .map_err(|_| format!("connecting to {:?}: timed out", source.endpoints))?
+            .map_err(|e| format!("connecting to {:?}: {e}", source.endpoints));
+    }
+    mesh_certs::etcd::connect_any_member(&source.endpoints, &opts, timeout)
         .await
-        .map_err(|_| format!("connecting to {:?}: timed out", source.endpoints))?
-        .map_err(|e| format!("connecting to {:?}: {e}", source.endpoints))
+        .map_err(|e| e.to_string())
 }
 
 struct WatchState {

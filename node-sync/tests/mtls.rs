@@ -69,7 +69,11 @@ async fn mtls_with_the_nodes_certificates_and_read_only_remote_user() {
     let remotes = tempfile::tempdir().unwrap();
     std::fs::write(
         remotes.path().join("c2.yaml"),
-        format!("name: c2\nid: 2\nendpoints: [\"{u2}\"]\n"),
+        // A member that is down listed first: node-sync connects to one that answers.
+        format!(
+            "name: c2\nid: 2\nendpoints: [\"https://127.0.0.1:{}\", \"{u2}\"]\n",
+            free_port()
+        ),
     )
     .unwrap();
     let mut opts = options_url(&u1, "c1", 1, Some(remotes.path()));

@@ -14,6 +14,9 @@
 //!   backend's address, port and family (fixed for a backend id), and slot 0 carries slot 1's
 //!   backend too, so a connect costs one lookup for a one-backend service (and for a `1/count`
 //!   share of the others) and two otherwise, and never a backends-map lookup.
+//! - [`FILTER_MAP`]: array of [`FILTER_WORDS`] `u64` words, one bit per [`filter_bit`] of a
+//!   frontend (address, port, protocol): a connect whose bit is clear is not a service, without
+//!   a hash lookup (the common case, a connect to anything else, costs an array read).
 //! - [`BACKENDS_MAP`]: backend id (`u32`) -> [`Backend`]. For the loader (cluster id, flags,
 //!   restarts); the programs do not read it.
 //! - [`REV_NAT_MAP`]: [`RevNatKey`] (socket cookie + backend address) -> [`RevNatValue`]
@@ -41,6 +44,31 @@ pub const SERVICES_MAP: &str = "GLB_SERVICES";
 pub const BACKENDS_MAP: &str = "GLB_BACKENDS";
 /// Name of the reverse-NAT map.
 pub const REV_NAT_MAP: &str = "GLB_REV_NAT";
+/// Name of the frontend pre-filter map.
+pub const FILTER_MAP: &str = "GLB_FILTER";
+
+/// The pre-filter has `1 << FILTER_BITS_LOG2` bits (512 KiB): with 100k frontends about 2.4 % of
+/// the bits are set, so about 97.6 % of connects to non-services skip the services lookup
+/// (2^20 bits would leave 9 % paying the lookup as well as the array read).
+pub const FILTER_BITS_LOG2: u32 = 22;
+/// Number of `u64` words of the pre-filter.
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+
+/// The pre-filter bit of a frontend (services-map key fields, network byte order). The same
+/// function runs in the programs and in the loader.
+#[inline(always)]
+pub const fn filter_bit(addr: &[u32; 4], port: u16, proto: u8) -> u32 {
+    let mut h = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ (port as u32)
+        ^ ((proto as u32) << 16);
+    h = h.wrapping_mul(0x9E37_79B1);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x85EB_CA77);
+    h >> (32 - FILTER_BITS_LOG2)
+}
 /// Name of the per-backend connection counters map.
 pub const COUNTERS_MAP: &str = "GLB_COUNTERS";
 
@@ -182,7 +210,7 @@ pub struct RevNatValue {
 
 /// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
 /// them; a pinned map that differs was made by another layout and is not reused as it is.
-pub const MAP_SPECS: [(&str, MapSpec); 4] = [
+pub const MAP_SPECS: [(&str, MapSpec); 5] = [
     (
         SERVICES_MAP,
         MapSpec {
@@ -210,6 +238,16 @@ pub const MAP_SPECS: [(&str, MapSpec); 4] = [
             key_size: core::mem::size_of::<RevNatKey>() as u32,
             value_size: core::mem::size_of::<RevNatValue>() as u32,
             max_entries: MAX_REV_NAT_ENTRIES,
+            flags: 0,
+        },
+    ),
+    (
+        FILTER_MAP,
+        MapSpec {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size: 8,
+            max_entries: FILTER_WORDS,
             flags: 0,
         },
     ),
@@ -267,6 +305,25 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);
+    }
+
+    #[test]
+    fn filter_bits_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000u32 {
+            let bit = filter_bit(
+                &v4_mapped((0x0a60_0000 + i).to_be()),
+                80u16.to_be(),
+                PROTO_TCP,
+            );
+            assert!(bit < 1 << FILTER_BITS_LOG2);
+            seen.insert(bit);
+        }
+        // 10k frontends in 4M bits: a few collisions at most.
+        assert!(seen.len() > 9_950, "{}", seen.len());
+        let a = filter_bit(&v4_mapped(1), 80, PROTO_TCP);
+        assert_ne!(a, filter_bit(&v4_mapped(1), 80, PROTO_UDP));
+        assert_ne!(a, filter_bit(&v4_mapped(1), 81, PROTO_TCP));
     }
 
     #[test]

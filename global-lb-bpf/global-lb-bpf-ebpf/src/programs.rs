@@ -8,7 +8,8 @@
 //! - `recvmsg4`/`recvmsg6`, `getpeername4`/`getpeername6`: translate a backend address back to the
 //!   service address the socket asked for, through the reverse-NAT map keyed by socket cookie.
 //!
-//! Anything not in the services map is left alone; that costs one lookup. A translated connect
+//! Anything not in the services map is left alone; that costs an array read (the pre-filter)
+//! and, for the few non-services whose filter bit is shared with a service, one lookup. A translated connect
 //! costs one services lookup for a one-backend service (slot 0 carries slot 1's backend), two
 //! otherwise, and the reverse-NAT insert, which is most of the program's run time (see
 //! `bench --bin datapath`).
@@ -17,13 +18,13 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use global_lb_bpf_common::{
-    BPF_F_NO_PREALLOC, ECONNREFUSED, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_REV_NAT_ENTRIES,
-    MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
-    is_v4_mapped, v4_mapped,
+    BPF_F_NO_PREALLOC, ECONNREFUSED, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS,
+    MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, filter_bit, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
@@ -35,6 +36,10 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "GLB_BACKENDS")]
 static BACKENDS: HashMap<u32, global_lb_bpf_common::Backend> =
     HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// One bit per frontend (`filter_bit`): clear means "not a service", no hash lookup needed.
+#[map(name = "GLB_FILTER")]
+static FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
 #[map(name = "GLB_REV_NAT")]
 static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
@@ -85,6 +90,14 @@ fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
         pad: 0,
         slot: 0,
     };
+    // The pre-filter: an array read (inlined by the verifier) instead of a hash lookup for the
+    // common case, a connect to something that is not a service. The loader sets a frontend's
+    // bit before writing its slot 0 and clears it after removing it.
+    let bit = filter_bit(&addr, port, proto);
+    match FILTER.get(bit >> 6) {
+        Some(word) if *word & (1u64 << (bit & 63)) != 0 => {}
+        _ => return Selection::NotAService,
+    }
     let mut attempt = 0;
     while attempt < SELECT_ATTEMPTS {
         attempt += 1;

@@ -16,7 +16,8 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
-    HashMap as AyaHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    Array, HashMap as AyaHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    PerCpuValues,
 };
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
@@ -46,11 +47,12 @@ pub const PROGRAMS: [&str; 8] = [
     "getpeername6",
 ];
 
-const MAPS: [&str; 4] = [
+const MAPS: [&str; 5] = [
     common::SERVICES_MAP,
     common::BACKENDS_MAP,
     common::REV_NAT_MAP,
     common::COUNTERS_MAP,
+    common::FILTER_MAP,
 ];
 
 /// Where to attach and where to pin.
@@ -151,6 +153,14 @@ impl Datapath {
             );
         }
 
+        // A map that is not pinned yet (added by this build, or its pin removed) is new: programs
+        // attached before use another one (or none), so they are all replaced below even when
+        // their code is this build's.
+        let new_maps: Vec<&str> = MAPS
+            .iter()
+            .copied()
+            .filter(|name| replaced_maps.contains(name) || !config.pin_dir.join(name).exists())
+            .collect();
         let map_pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
             .filter(|name| !replaced_maps.contains(name))
@@ -200,7 +210,7 @@ impl Datapath {
                 .ok()
                 .and_then(|info| program_tag(info.program_id()));
             let our_tag = prog.info().ok().map(|info| info.tag());
-            if pinned_tag.is_some() && pinned_tag == our_tag {
+            if pinned_tag.is_some() && pinned_tag == our_tag && new_maps.is_empty() {
                 reused_links += 1;
                 links.push(link);
                 continue;
@@ -676,6 +686,7 @@ fn replace_maps(
         if *name != common::SERVICES_MAP
             && *name != common::BACKENDS_MAP
             && *name != common::COUNTERS_MAP
+            && *name != common::FILTER_MAP
         {
             taken.push((name, take_map(ebpf, name)?));
         }
@@ -717,6 +728,11 @@ fn replace_maps(
             common::SERVICES_MAP => pin(name, store.services.map())?,
             common::BACKENDS_MAP => pin(name, store.backends.map())?,
             common::COUNTERS_MAP => pin(name, store.counters.map())?,
+            common::FILTER_MAP => {
+                if let Some(filter) = &store.filter {
+                    pin(name, filter.map())?;
+                }
+            }
             _ => {}
         }
     }
@@ -726,7 +742,7 @@ fn replace_maps(
 /// The map data under any kind of map this crate uses.
 fn map_data(map: &Map) -> &MapData {
     match map {
-        Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) => m,
+        Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::Array(m) => m,
         other => unreachable!("no map of this crate is a {other:?}"),
     }
 }
@@ -738,6 +754,8 @@ pub struct AyaStore {
     services: AyaHashMap<MapData, ServiceKey, ServiceValue>,
     backends: AyaHashMap<MapData, u32, common::Backend>,
     counters: PerCpuArray<MapData, u64>,
+    /// The pre-filter; absent in a read-only view.
+    filter: Option<Array<MapData, u64>>,
     nr_cpus: usize,
 }
 
@@ -789,11 +807,16 @@ fn is_not_found(e: &MapError) -> bool {
 
 impl AyaStore {
     fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
-        Self::from_maps(
+        let mut store = Self::from_maps(
             take_map(ebpf, common::SERVICES_MAP)?,
             take_map(ebpf, common::BACKENDS_MAP)?,
             take_map(ebpf, common::COUNTERS_MAP)?,
-        )
+        )?;
+        store.filter = Some(
+            Array::try_from(take_map(ebpf, common::FILTER_MAP)?)
+                .map_err(layout_err(common::FILTER_MAP))?,
+        );
+        Ok(store)
     }
 
     fn from_maps(services: Map, backends: Map, counters: Map) -> Result<Self, Error> {
@@ -809,6 +832,7 @@ impl AyaStore {
             services,
             backends,
             counters,
+            filter: None,
             nr_cpus,
         })
     }
@@ -883,5 +907,27 @@ impl MapStore for AyaStore {
             }
         }
         Ok(out)
+    }
+    fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        let filter = self.filter.as_mut().ok_or_else(|| Error::MapLayout {
+            map: common::FILTER_MAP,
+            reason: "not opened for writing (read-only view)".into(),
+        })?;
+        filter
+            .set(index, word, 0)
+            .map_err(map_err(common::FILTER_MAP, "update"))
+    }
+
+    fn filter(&self) -> Result<Vec<u64>, Error> {
+        let Some(filter) = &self.filter else {
+            return Ok(vec![0; common::FILTER_WORDS as usize]);
+        };
+        (0..common::FILTER_WORDS)
+            .map(|i| {
+                filter
+                    .get(&i, 0)
+                    .map_err(map_err(common::FILTER_MAP, "read"))
+            })
+            .collect()
     }
 }

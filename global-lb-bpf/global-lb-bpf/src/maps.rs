@@ -108,6 +108,10 @@ pub struct LbMaps<S> {
     service_entries: usize,
     /// A failed write could not be cleaned up yet: sweep before the next write.
     needs_sweep: bool,
+    /// The pre-filter's words as written to the store.
+    filter: Vec<u64>,
+    /// Frontends per pre-filter bit (a bit is cleared when its last frontend goes).
+    filter_refs: HashMap<u32, u32>,
 }
 
 impl<S: MapStore> LbMaps<S> {
@@ -123,6 +127,8 @@ impl<S: MapStore> LbMaps<S> {
             next_service_id: 1,
             service_entries: 0,
             needs_sweep: false,
+            filter: vec![0; common::FILTER_WORDS as usize],
+            filter_refs: HashMap::new(),
         }
     }
 
@@ -152,6 +158,7 @@ impl<S: MapStore> LbMaps<S> {
         self.backend_ids.clear();
         self.service_ids.clear();
         self.service_entries = 0;
+        self.filter_refs.clear();
         let me = self;
         let slots = me.store.slots()?;
         let stored_backends = me.store.backends()?;
@@ -258,8 +265,27 @@ impl<S: MapStore> LbMaps<S> {
                 orphans.push(*key);
             }
         }
+        // The pre-filter: one bit per frontend.
+        let mut wanted = vec![0u64; common::FILTER_WORDS as usize];
+        for frontend in heads.keys() {
+            let bit = filter_bit(frontend);
+            *me.filter_refs.entry(bit).or_insert(0) += 1;
+            wanted[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
         if !sweep {
+            me.filter = wanted;
             return Ok(());
+        }
+        // Bits of existing frontends first (before anything else is swept), so that every
+        // frontend in the maps passes the filter; bits of frontends that are gone are cleared
+        // with them.
+        let stored = me.store.filter()?;
+        me.filter = stored;
+        for (i, want) in wanted.iter().enumerate() {
+            if me.filter[i] != *want {
+                me.store.put_filter(i as u32, *want)?;
+                me.filter[i] = *want;
+            }
         }
         for frontend in stale_first {
             if let Some(state) = me.services.get(&frontend) {
@@ -429,6 +455,12 @@ impl<S: MapStore> LbMaps<S> {
         }
         Ok(())
     }
+}
+
+/// The pre-filter bit of a frontend, as the programs compute it.
+fn filter_bit(frontend: &Frontend) -> u32 {
+    let key = frontend.key(0);
+    common::filter_bit(&key.addr, key.port, key.proto)
 }
 
 /// New slot list: a backend keeps the slots it already had (up to its new weight); freed and
@@ -618,6 +650,10 @@ impl<S: MapStore> LbMaps<S> {
         new_slots: Vec<u32>,
         dropped: Vec<u32>,
     ) -> Result<(), Error> {
+        if is_new {
+            // The programs look a frontend up only if its filter bit is set: before slot 0.
+            self.filter_add(frontend)?;
+        }
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
                 let value = self.slot_value(*id, 0, service_id);
@@ -644,6 +680,36 @@ impl<S: MapStore> LbMaps<S> {
             },
         );
         self.release_backends(dropped)
+    }
+
+    /// Counts `frontend` in its pre-filter bit, setting the bit if it is the first.
+    fn filter_add(&mut self, frontend: &Frontend) -> Result<(), Error> {
+        let bit = filter_bit(frontend);
+        let refs = self.filter_refs.entry(bit).or_insert(0);
+        *refs += 1;
+        let (i, mask) = ((bit >> 6) as usize, 1u64 << (bit & 63));
+        if self.filter[i] & mask == 0 {
+            self.store.put_filter(i as u32, self.filter[i] | mask)?;
+            self.filter[i] |= mask;
+        }
+        Ok(())
+    }
+
+    /// Uncounts `frontend` from its pre-filter bit, clearing the bit if it was the last.
+    fn filter_remove(&mut self, frontend: &Frontend) -> Result<(), Error> {
+        let bit = filter_bit(frontend);
+        let refs = self.filter_refs.entry(bit).or_insert(1);
+        *refs = refs.saturating_sub(1);
+        if *refs > 0 {
+            return Ok(());
+        }
+        self.filter_refs.remove(&bit);
+        let (i, mask) = ((bit >> 6) as usize, 1u64 << (bit & 63));
+        if self.filter[i] & mask != 0 {
+            self.store.put_filter(i as u32, self.filter[i] & !mask)?;
+            self.filter[i] &= !mask;
+        }
+        Ok(())
     }
 
     /// The services-map value of a slot holding backend `id` (0: none), with the backend's
@@ -841,6 +907,8 @@ impl<S: MapStore> LbMaps<S> {
             return Ok(false);
         };
         self.store.delete_slot(&frontend.key(0))?;
+        // Cleared only once slot 0 is gone (and no other frontend shares the bit).
+        self.filter_remove(frontend)?;
         for slot in 1..=state.slots.len() {
             self.store.delete_slot(&frontend.key(slot as u32))?;
         }
@@ -973,7 +1041,14 @@ mod tests {
                     MapOp::DeleteBackend(id) => {
                         replay.backends.remove(&id);
                     }
+                    MapOp::PutFilter(i, w) => {
+                        replay.put_filter(i, w).unwrap();
+                    }
                 }
+                assert!(
+                    replay.passes_filter(&f.key(0)),
+                    "filter bit set after {op:?}"
+                );
                 let head = replay.slots[&f.key(0)];
                 assert!(head.count > 0);
                 for slot in 1..=head.count {
@@ -1049,6 +1124,58 @@ mod tests {
     }
 
     #[test]
+    fn filter_bits_follow_frontends() {
+        let f = fe("tcp:127.10.0.1:80");
+        let g = fe("udp:127.10.0.1:80");
+        let mut maps = FakeMaps::new();
+        assert!(!maps.store().passes_filter(&f.key(0)));
+        maps.upsert_service(&f, &[be("127.0.0.2:80@1")]).unwrap();
+        maps.upsert_service(&g, &[]).unwrap();
+        assert!(maps.store().passes_filter(&f.key(0)));
+        assert!(maps.store().passes_filter(&g.key(0)));
+        // A second frontend on the same bit keeps it set until the last one goes.
+        let bit = filter_bit(&f);
+        let h = (1..1u32 << 24)
+            .map(|i| {
+                Frontend::new(
+                    std::net::Ipv4Addr::from(0x7f00_0000 + i).into(),
+                    80,
+                    Proto::Tcp,
+                )
+            })
+            .find(|h| *h != f && filter_bit(h) == bit)
+            .expect("some address shares the bit");
+        maps.upsert_service(&h, &[]).unwrap();
+        assert!(maps.delete_service(&f).unwrap());
+        assert!(
+            maps.store().passes_filter(&f.key(0)),
+            "h still uses the bit"
+        );
+        assert!(maps.delete_service(&h).unwrap());
+        assert!(!maps.store().passes_filter(&f.key(0)));
+        assert!(maps.delete_service(&g).unwrap());
+        assert!(maps.store().filter.is_empty(), "{:?}", maps.store().filter);
+        // Deleting: slot 0 first, then the bit.
+        maps.upsert_service(&f, &[]).unwrap();
+        maps.store_mut().log.clear();
+        maps.delete_service(&f).unwrap();
+        let log = &maps.store().log;
+        assert!(
+            matches!(log[0], MapOp::DeleteSlot(k) if k.slot == 0),
+            "{log:?}"
+        );
+        assert!(matches!(log[1], MapOp::PutFilter(..)), "{log:?}");
+        // A restart on maps whose filter was lost sets the bits again before anything else.
+        maps.upsert_service(&f, &[be("127.0.0.2:80@1")]).unwrap();
+        let mut store = maps.store().clone();
+        store.filter.clear();
+        store.log.clear();
+        let recovered = FakeMaps::recover(store).unwrap();
+        assert!(recovered.store().passes_filter(&f.key(0)));
+        assert!(matches!(recovered.store().log[0], MapOp::PutFilter(..)));
+    }
+
+    #[test]
     fn one_backend_change_rewrites_one_slot() {
         let mut maps = FakeMaps::new();
         let f = fe("tcp:127.10.0.1:80");
@@ -1096,10 +1223,17 @@ mod tests {
                 MapOp::DeleteBackend(id) => {
                     replay.backends.remove(&id);
                 }
+                MapOp::PutFilter(i, w) => {
+                    replay.put_filter(i, w).unwrap();
+                }
             }
             let Some(head) = replay.slots.get(&f.key(0)).copied() else {
                 continue;
             };
+            assert!(
+                replay.passes_filter(&f.key(0)),
+                "a frontend in the maps passes the filter after {op:?}"
+            );
             for slot in 1..=head.count {
                 if let Some(b) = replay.resolve(&f.key(0), slot) {
                     let b = backend_from_value(&b);
@@ -1445,6 +1579,13 @@ mod tests {
         }
         fn backends(&self) -> Result<Vec<(u32, common::Backend)>, Error> {
             self.inner.backends()
+        }
+        fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+            self.spend()?;
+            self.inner.put_filter(index, word)
+        }
+        fn filter(&self) -> Result<Vec<u64>, Error> {
+            self.inner.filter()
         }
     }
 

@@ -29,6 +29,10 @@ pub trait MapStore {
     fn slots(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, Error>;
     /// Every backend.
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Error>;
+    /// Writes word `index` of the frontend pre-filter.
+    fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error>;
+    /// The pre-filter's words (`FILTER_WORDS` of them).
+    fn filter(&self) -> Result<Vec<u64>, Error>;
 }
 
 /// One operation on the maps, as recorded by [`MemStore`].
@@ -42,6 +46,8 @@ pub enum MapOp {
     PutBackend(u32, Backend),
     /// [`MapStore::delete_backend`].
     DeleteBackend(u32),
+    /// [`MapStore::put_filter`].
+    PutFilter(u32, u64),
 }
 
 /// The maps in memory, with the kernel maps' capacities, recording every write in order.
@@ -53,6 +59,8 @@ pub struct MemStore {
     pub backends: BTreeMap<u32, Backend>,
     /// Connection counters (tests bump them to play the datapath).
     pub counters: HashMap<u32, u64>,
+    /// Non-zero words of the frontend pre-filter.
+    pub filter: BTreeMap<u32, u64>,
     /// Every write, in order.
     pub log: Vec<MapOp>,
 }
@@ -63,12 +71,24 @@ impl MemStore {
         Self::default()
     }
 
+    /// Whether the pre-filter lets a connect to `key`'s frontend through to the services map
+    /// (the programs' first check).
+    pub fn passes_filter(&self, key: &ServiceKey) -> bool {
+        let bit = common::filter_bit(&key.addr, key.port, key.proto);
+        self.filter
+            .get(&(bit >> 6))
+            .is_some_and(|w| w & (1 << (bit & 63)) != 0)
+    }
+
     /// What a connecting client would see right now for `key`'s frontend if it picked slot
     /// `slot`: the backend, or None (miss). Mirrors the eBPF program: slot 1 comes from slot 0,
     /// which carries it, any other slot from its own entry; the address, port and family are the
     /// ones the slot carries (the program never reads the backends map), the cluster id and flags
     /// those of the backends map (0 if the backend is gone).
     pub fn resolve(&self, frontend_key: &ServiceKey, slot: u32) -> Option<Backend> {
+        if !self.passes_filter(frontend_key) {
+            return None;
+        }
         let mut k = *frontend_key;
         k.slot = if slot == 1 { 0 } else { slot };
         let v = self.slots.get(&k)?;
@@ -141,5 +161,23 @@ impl MapStore for MemStore {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>, Error> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        if word == 0 {
+            self.filter.remove(&index);
+        } else {
+            self.filter.insert(index, word);
+        }
+        self.log.push(MapOp::PutFilter(index, word));
+        Ok(())
+    }
+
+    fn filter(&self) -> Result<Vec<u64>, Error> {
+        let mut out = vec![0; common::FILTER_WORDS as usize];
+        for (i, w) in &self.filter {
+            out[*i as usize] = *w;
+        }
+        Ok(out)
     }
 }

@@ -569,7 +569,7 @@ fn map_update(path: &std::path::Path, key: &[u8], value: &[u8]) {
 /// working), and says so; maps of a layout it cannot read are replaced empty, never misread.
 #[test]
 fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
-    in_netns(&["10.96.0.80/32", "10.1.0.80/32"], || {
+    in_netns(&["10.96.0.80/32", "10.96.0.81/32", "10.1.0.80/32"], || {
         let name = unique("layout");
         let cgroup = TestCgroup::new(&name);
         let config = DatapathConfig {
@@ -640,6 +640,33 @@ fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
         let dp = Datapath::open(&config).unwrap();
         assert_eq!(dp.reused_links(), global_lb_bpf::PROGRAMS.len());
         assert_eq!(dp.services().unwrap(), listed);
+        drop(dp);
+
+        // A map pin gone (as after an upgrade from a build without the pre-filter map): a new
+        // one is made and filled, and the programs, though of this build, are replaced so they
+        // use it: a service written afterwards works.
+        std::fs::remove_file(config.pin_dir.join("GLB_FILTER")).unwrap();
+        let mut dp = Datapath::open(&config).unwrap();
+        assert_eq!(dp.replaced_links(), global_lb_bpf::PROGRAMS.len());
+        assert_eq!(
+            s(
+                ok(&probe_in(&cgroup.path, &["tcp", "10.96.0.80:80"])),
+                "reply"
+            ),
+            "b1"
+        );
+        let _vip2_owner = TcpBackend::start("10.96.0.81:80", "vip2-itself");
+        dp.upsert_service(
+            &frontend("tcp:10.96.0.81:80"),
+            &[backend("10.1.0.80:8080", 3)],
+        )
+        .unwrap();
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.81:80"]);
+        assert_eq!(
+            s(ok(&v), "reply"),
+            "b1",
+            "new service through the new filter: {v}"
+        );
         drop(dp);
 
         // A layout nobody can read (20-byte slot values): replaced, empty.

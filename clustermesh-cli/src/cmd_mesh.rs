@@ -79,8 +79,9 @@ impl KubeArgs {
     }
 }
 
+/// The two clusters: gRPC addresses with admin credentials, or (Kubernetes mode) contexts.
 #[derive(Debug, Args)]
-pub struct ConnectArgs {
+pub struct PairArgs {
     /// gRPC address of cluster A's clustermesh-apiserver (HOST:PORT).
     #[arg(required_unless_present = "context", conflicts_with = "context")]
     pub a: Option<SocketAddr>,
@@ -99,6 +100,31 @@ pub struct ConnectArgs {
     pub destination_tls_dir: Option<PathBuf>,
     #[command(flatten)]
     pub kube: KubeArgs,
+}
+
+impl PairArgs {
+    /// The two gRPC sides of the address mode (clap makes them present outside the Kubernetes mode).
+    fn grpc_sides(&self) -> anyhow::Result<(Side, Side)> {
+        Ok((
+            Side {
+                addr: self.a.context("cluster A's address is missing")?,
+                tls_dir: self.tls_dir.clone().context("--tls-dir is missing")?,
+            },
+            Side {
+                addr: self.b.context("cluster B's address is missing")?,
+                tls_dir: self
+                    .destination_tls_dir
+                    .clone()
+                    .context("--destination-tls-dir is missing")?,
+            },
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub pair: PairArgs,
     /// Only let A's nodes reach B (register B at A), not the reverse.
     #[arg(long)]
     pub unidirectional: bool,
@@ -119,46 +145,11 @@ pub struct ConnectArgs {
 
 #[derive(Debug, Args)]
 pub struct DisconnectArgs {
-    /// gRPC address of cluster A's clustermesh-apiserver.
-    #[arg(required_unless_present = "context", conflicts_with = "context")]
-    pub a: Option<SocketAddr>,
-    /// gRPC address of cluster B's clustermesh-apiserver.
-    #[arg(required_unless_present = "context", conflicts_with = "context")]
-    pub b: Option<SocketAddr>,
-    /// Cluster A's certificate directory.
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR", required_unless_present = "context")]
-    pub tls_dir: Option<PathBuf>,
-    /// Cluster B's certificate directory.
-    #[arg(
-        long,
-        env = "CLUSTERMESH_DESTINATION_TLS_DIR",
-        required_unless_present = "context"
-    )]
-    pub destination_tls_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub kube: KubeArgs,
+    pub pair: PairArgs,
     /// Only remove B from A.
     #[arg(long)]
     pub unidirectional: bool,
-}
-
-/// The two gRPC sides of the address mode (clap makes them present outside the Kubernetes mode).
-fn grpc_sides(
-    a: Option<SocketAddr>,
-    b: Option<SocketAddr>,
-    tls_dir: Option<PathBuf>,
-    destination_tls_dir: Option<PathBuf>,
-) -> anyhow::Result<(Side, Side)> {
-    Ok((
-        Side {
-            addr: a.context("cluster A's address is missing")?,
-            tls_dir: tls_dir.context("--tls-dir is missing")?,
-        },
-        Side {
-            addr: b.context("cluster B's address is missing")?,
-            tls_dir: destination_tls_dir.context("--destination-tls-dir is missing")?,
-        },
-    ))
 }
 
 #[derive(Debug, Args)]
@@ -205,12 +196,12 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
             println!("{l}");
         }
     };
-    let report = match a.kube.contexts() {
+    let report = match a.pair.kube.contexts() {
         Some((ca, cb)) => {
-            kube_connect::connect(ca, cb, &a.kube.options(), &opts, &mut progress).await?
+            kube_connect::connect(ca, cb, &a.pair.kube.options(), &opts, &mut progress).await?
         }
         None => {
-            let (sa, sb) = grpc_sides(a.a, a.b, a.tls_dir, a.destination_tls_dir)?;
+            let (sa, sb) = a.pair.grpc_sides()?;
             connect(&sa, &sb, &opts, &mut progress).await?
         }
     };
@@ -223,12 +214,12 @@ pub async fn run_connect(a: ConnectArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run_disconnect(a: DisconnectArgs) -> anyhow::Result<ExitCode> {
-    let lines = match a.kube.contexts() {
+    let lines = match a.pair.kube.contexts() {
         Some((ca, cb)) => {
-            kube_connect::disconnect(ca, cb, &a.kube.options(), a.unidirectional).await?
+            kube_connect::disconnect(ca, cb, &a.pair.kube.options(), a.unidirectional).await?
         }
         None => {
-            let (sa, sb) = grpc_sides(a.a, a.b, a.tls_dir, a.destination_tls_dir)?;
+            let (sa, sb) = a.pair.grpc_sides()?;
             disconnect(&sa, &sb, a.unidirectional).await?
         }
     };

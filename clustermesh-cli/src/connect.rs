@@ -335,16 +335,7 @@ pub async fn connect(
             let pb2 = open(b).await?;
             sides.push((pb2, sides[0].0.info.name.clone()));
         }
-        let deadline = Instant::now() + timeout;
-        let mut all = true;
-        for (peer, remote) in &mut sides {
-            let ok = wait_connected(peer, remote, deadline, progress).await?;
-            all &= ok;
-        }
-        synced = Some(all);
-        if !all {
-            bail!("timed out after {timeout:?} waiting for every node to connect and sync");
-        }
+        synced = Some(wait_all_connected(sides, timeout, progress).await?);
     }
     Ok(ConnectReport {
         checks,
@@ -369,6 +360,24 @@ impl StatusSource for Peer {
     async fn mesh_status(&mut self) -> Result<MeshStatus> {
         get_status(&mut self.client).await
     }
+}
+
+/// `--wait` of connect: each side's status polled until every node reports its remote
+/// connected and synced; an error when `timeout` passes first.
+pub async fn wait_all_connected<S: StatusSource>(
+    sides: Vec<(S, String)>,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&str),
+) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    let mut all = true;
+    for (mut side, remote) in sides {
+        all &= wait_connected(&mut side, &remote, deadline, progress).await?;
+    }
+    if !all {
+        bail!("timed out after {timeout:?} waiting for every node to connect and sync");
+    }
+    Ok(all)
 }
 
 /// Poll `peer`'s status until every node reports `remote` connected and synced; `false` when

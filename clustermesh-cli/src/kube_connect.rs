@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clustermesh_api::pb::ClusterInfo;
@@ -43,7 +43,7 @@ use serde::Serialize;
 
 use crate::connect::{
     Check, ConnectOptions, ConnectReport, StatusSource, Verdict, preflight, status_of,
-    wait_connected,
+    wait_all_connected,
 };
 
 /// Where the chart is installed and which kubeconfig to read.
@@ -700,19 +700,11 @@ pub async fn connect(
     }
     let mut synced = None;
     if let Some(timeout) = copts.wait {
-        let deadline = Instant::now() + timeout;
-        let mut all = true;
-        let mut sides = vec![(&ka, kb.info.name.as_str())];
+        let mut sides = vec![(&ka, kb.info.name.clone())];
         if !copts.unidirectional {
-            sides.push((&kb, ka.info.name.as_str()));
+            sides.push((&kb, ka.info.name.clone()));
         }
-        for (mut side, remote) in sides {
-            all &= wait_connected(&mut side, remote, deadline, progress).await?;
-        }
-        synced = Some(all);
-        if !all {
-            bail!("timed out after {timeout:?} waiting for every node to connect and sync");
-        }
+        synced = Some(wait_all_connected(sides, timeout, progress).await?);
     }
     Ok(ConnectReport {
         checks,

@@ -143,9 +143,9 @@ mod tests {
         .unwrap();
         match cli.command {
             Command::Connect(a) => {
-                assert_eq!(a.kube.context.as_deref(), Some("kind-c1"));
-                assert_eq!(a.kube.install.namespace, "clustermesh");
-                assert!(a.a.is_none());
+                assert_eq!(a.pair.kube.context.as_deref(), Some("kind-c1"));
+                assert_eq!(a.pair.kube.install.namespace, "clustermesh");
+                assert!(a.pair.a.is_none());
             }
             other => panic!("parsed as {other:?}"),
         }

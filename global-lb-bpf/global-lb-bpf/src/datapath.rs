@@ -254,6 +254,17 @@ impl Datapath {
     /// Reads the services and counters pinned under `pin_dir` without attaching, locking or
     /// changing anything (safe while another process owns the datapath).
     pub fn inspect(pin_dir: &Path) -> Result<DatapathView, Error> {
+        if let Some((map, found)) = stale_pins(pin_dir)?.into_iter().next() {
+            let (_, want) = spec_of(map);
+            return Err(Error::MapLayout {
+                map,
+                reason: format!(
+                    "pinned by a build with another layout ({found:?}; this build's is \
+                     {want:?}): not read; opening the datapath with this build (`glb attach`) \
+                     converts it"
+                ),
+            });
+        }
         let open = |name: &'static str| -> Result<Map, Error> {
             let path = pin_dir.join(name);
             if !path.exists() {

@@ -619,6 +619,13 @@ fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
         value.extend([1, 4, 0, 0]); // local, IPv4, pad
         map_update(&backends, &7u32.to_ne_bytes(), &value);
 
+        // A reader of this build refuses the old layout, saying what to do.
+        let err = Datapath::inspect(&config.pin_dir)
+            .err()
+            .expect("old layout refused");
+        assert!(matches!(err, Error::MapLayout { .. }), "{err}");
+        assert!(err.to_string().contains("another layout"), "{err}");
+
         let dp = Datapath::open(&config).unwrap();
         let listed = dp.services().unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");

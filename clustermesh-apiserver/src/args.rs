@@ -153,6 +153,11 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_REPLICA_ID")]
     pub replica_id: Option<String>,
 
+    /// How often the TLS files (--tls-dir) are checked for a change; on a change this replica
+    /// resigns, reconnects to etcd with the new certificate and campaigns again.
+    #[arg(long, env = "CLUSTERMESH_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+
     /// TTL of the leader lease: a dead leader is replaced after about this long.
     #[arg(long, env = "CLUSTERMESH_LEADER_LEASE_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
     pub leader_lease_ttl: Duration,

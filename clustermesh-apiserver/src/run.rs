@@ -103,36 +103,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => args.etcd_endpoints.clone(),
     };
     let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
-    let client = match &cluster_dir {
-        Some(dir) => mesh_certs::etcd::connect_as(dir, mesh_certs::Role::Admin, &endpoints)
-            .await
-            .context("connecting to etcd as admin")?,
-        None => connect(&endpoints, tls.as_ref())
-            .await
-            .context("connecting to etcd")?,
-    };
-    // Several members: this process's one long-lived client keeps its requests on the members
-    // that answer (a killed member is left out within a second, and taken back when it returns).
-    let (client, _members) = if endpoints.len() > 1 {
-        let opts = match &cluster_dir {
-            Some(dir) => mesh_certs::etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
-            None => crate::etcd::connect_options(tls.as_ref())?,
-        };
-        let (c, t) = mesh_certs::etcd::connect_tracked(
-            &endpoints,
-            &opts,
-            std::time::Duration::from_secs(2),
-            std::time::Duration::from_secs(1),
-        )
-        .await
-        .context("connecting to the etcd members")?;
-        (c, Some(t))
-    } else {
-        (client, None)
-    };
-    let _supervisor = managed
-        .as_ref()
-        .map(|m| m.supervise(client.clone(), std::time::Duration::from_secs(2)));
     let mut api_args = args.clone();
     api_args.etcd_endpoints = endpoints.clone();
     crate::mesh_api::start(&api_args, &index, status.clone())
@@ -146,14 +116,154 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             work_dir: args.data_dir.join("kvstoremesh"),
         });
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (term_tx, term_rx) = watch::channel(false);
     tokio::spawn(async move {
         termination().await;
         info!("termination signal; shutting down");
-        let _ = stop_tx.send(true);
+        let _ = term_tx.send(true);
     });
-    run_publisher(client, cfg, sources, status, stop_rx)
+
+    // The etcd client reads its certificate once, at connect: when the TLS files change
+    // (renewal, root rotation) this replica resigns, reconnects with the new files, republishes
+    // the CA fingerprints and campaigns again (a standby leads meanwhile; the writer diffs against
+    // what etcd holds, so nothing is rewritten). Without it, a renewed or re-rooted certificate
+    // would only be used after a restart, and a broken connection could not come back once etcd
+    // refuses the old one.
+    let creds = credential_files(cluster_dir.as_ref(), tls.as_ref());
+    let mut stamp = files_stamp(&creds);
+    let mut first = true;
+    loop {
+        let client = match connect_client(&endpoints, cluster_dir.as_ref(), tls.as_ref()).await {
+            Ok(c) => c,
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                // Files mid-rotation, or etcd restarting: try again; only a signal stops us.
+                tracing::warn!(error = %format!("{e:#}"), "reconnecting to etcd with the new TLS files");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    _ = wait_true(term_rx.clone()) => return Ok(()),
+                }
+            }
+        };
+        first = false;
+        let (client, _members) = client;
+        let supervisor = managed
+            .as_ref()
+            .map(|m| m.supervise(client.clone(), std::time::Duration::from_secs(2)));
+        if let Some(dir) = &cluster_dir {
+            match dir.ca_fingerprints() {
+                Ok(f) => cfg.index.ca_fingerprints = f,
+                Err(e) => tracing::warn!(error = %e, "reading the CA bundle; fingerprints kept"),
+            }
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut term = term_rx.clone();
+        let watched = creds.clone();
+        let interval = args.tls_reload_interval;
+        let known = stamp;
+        let watcher = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {
+                        let now = files_stamp(&watched);
+                        if now != known {
+                            info!(files = ?watched, "TLS files changed; resigning to reconnect with them");
+                            let _ = stop_tx.send(true);
+                            return Some(now);
+                        }
+                    }
+                    _ = term.wait_for(|t| *t) => {
+                        let _ = stop_tx.send(true);
+                        return None;
+                    }
+                }
+            }
+        });
+        let r = run_publisher(
+            client,
+            cfg.clone(),
+            sources.clone(),
+            status.clone(),
+            stop_rx,
+        )
+        .await;
+        watcher.abort();
+        if let Some(s) = supervisor {
+            s.abort();
+        }
+        r.context("publisher")?;
+        if *term_rx.borrow() {
+            return Ok(());
+        }
+        stamp = files_stamp(&creds);
+    }
+}
+
+/// Resolves once `rx` holds `true`.
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|t| *t).await;
+}
+
+/// The files the etcd client's credentials come from.
+fn credential_files(
+    dir: Option<&mesh_certs::ClusterDir>,
+    tls: Option<&EtcdTls>,
+) -> Vec<std::path::PathBuf> {
+    match (dir, tls) {
+        (Some(d), _) => {
+            let f = d.tls_files(mesh_certs::Role::Admin);
+            let mut v = vec![f.ca_bundle.clone()];
+            if let Some(id) = &f.identity {
+                v.push(id.cert.clone());
+                v.push(id.key.clone());
+            }
+            v
+        }
+        (None, Some(t)) => vec![t.ca.clone(), t.cert.clone(), t.key.clone()],
+        (None, None) => vec![],
+    }
+}
+
+/// A digest of the files' contents (a missing file counts as empty).
+fn files_stamp(files: &[std::path::PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// The etcd client, with the TLS files as they are now. Several members: a long-lived client
+/// kept on the members that answer (a killed member is left out within a second, and taken back
+/// when it returns), with its tracker.
+async fn connect_client(
+    endpoints: &[String],
+    cluster_dir: Option<&mesh_certs::ClusterDir>,
+    tls: Option<&EtcdTls>,
+) -> anyhow::Result<(etcd_client::Client, Option<mesh_certs::etcd::MemberTracker>)> {
+    if endpoints.len() > 1 {
+        let opts = match cluster_dir {
+            Some(dir) => mesh_certs::etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
+            None => crate::etcd::connect_options(tls)?,
+        };
+        let (c, t) = mesh_certs::etcd::connect_tracked(
+            endpoints,
+            &opts,
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1),
+        )
         .await
-        .context("publisher")?;
-    Ok(())
+        .context("connecting to the etcd members")?;
+        return Ok((c, Some(t)));
+    }
+    let client = match cluster_dir {
+        Some(dir) => mesh_certs::etcd::connect_as(dir, mesh_certs::Role::Admin, endpoints)
+            .await
+            .context("connecting to etcd as admin")?,
+        None => connect(endpoints, tls)
+            .await
+            .context("connecting to etcd")?,
+    };
+    Ok((client, None))
 }

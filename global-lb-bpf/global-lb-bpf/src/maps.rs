@@ -1028,23 +1028,7 @@ mod tests {
                 .collect();
             let mut replay = start;
             for op in ops {
-                match op {
-                    MapOp::PutSlot(k, v) => {
-                        replay.slots.insert(k, v);
-                    }
-                    MapOp::DeleteSlot(k) => {
-                        replay.slots.remove(&k);
-                    }
-                    MapOp::PutBackend(id, v) => {
-                        replay.backends.insert(id, v);
-                    }
-                    MapOp::DeleteBackend(id) => {
-                        replay.backends.remove(&id);
-                    }
-                    MapOp::PutFilter(i, w) => {
-                        replay.put_filter(i, w).unwrap();
-                    }
-                }
+                replay_op(&mut replay, &op);
                 assert!(
                     replay.passes_filter(&f.key(0)),
                     "filter bit set after {op:?}"
@@ -1200,6 +1184,27 @@ mod tests {
         );
     }
 
+    /// One logged map write applied to a copy of the maps.
+    fn replay_op(replay: &mut MemStore, op: &MapOp) {
+        match *op {
+            MapOp::PutSlot(k, v) => {
+                replay.slots.insert(k, v);
+            }
+            MapOp::DeleteSlot(k) => {
+                replay.slots.remove(&k);
+            }
+            MapOp::PutBackend(id, v) => {
+                replay.backends.insert(id, v);
+            }
+            MapOp::DeleteBackend(id) => {
+                replay.backends.remove(&id);
+            }
+            MapOp::PutFilter(i, w) => {
+                replay.put_filter(i, w).unwrap();
+            }
+        }
+    }
+
     /// Replays `ops` over `start` one at a time; after each, every slot a client could pick must
     /// resolve to a backend of `allowed` or miss (the program then re-reads slot 0).
     fn assert_every_step_serves(
@@ -1210,23 +1215,7 @@ mod tests {
     ) {
         let mut replay = start;
         for op in ops {
-            match op {
-                MapOp::PutSlot(k, v) => {
-                    replay.slots.insert(k, v);
-                }
-                MapOp::DeleteSlot(k) => {
-                    replay.slots.remove(&k);
-                }
-                MapOp::PutBackend(id, v) => {
-                    replay.backends.insert(id, v);
-                }
-                MapOp::DeleteBackend(id) => {
-                    replay.backends.remove(&id);
-                }
-                MapOp::PutFilter(i, w) => {
-                    replay.put_filter(i, w).unwrap();
-                }
-            }
+            replay_op(&mut replay, &op);
             let Some(head) = replay.slots.get(&f.key(0)).copied() else {
                 continue;
             };

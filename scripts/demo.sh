@@ -10,5 +10,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 echo "[demo] building (release)" >&2
 cargo build --release --bins >&2
-export PATH="$PWD/target/release:$PATH"
+# CARGO_TARGET_DIR or a build.target-dir setting may put the binaries elsewhere than target/.
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export PATH="$target_dir/release:$PATH"
 exec clustermesh demo "$@"

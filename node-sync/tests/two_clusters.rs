@@ -456,7 +456,15 @@ async fn a_remote_is_not_trusted_before_its_sync_canaries() {
             .is_some_and(|s| s.liveness.connected())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // c2's service and endpoint have arrived (held, not trusted): still only c1 is programmed.
+    wait_for("c2's keys held", Duration::from_secs(10), || {
+        agent
+            .state()
+            .clusters
+            .get(&c("c2"))
+            .is_some_and(|s| s.keys.iter().any(|k| k.contains("/endpoints/")))
+    })
+    .await;
     assert_eq!(programmed(&maps), Some(vec![format!("c1/{C1_EP}:9")]));
     w2.canaries().await;
     wait_for(

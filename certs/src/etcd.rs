@@ -451,12 +451,25 @@ async fn member_answers(
 /// answer (see [`connect_tracked`]); stops when dropped.
 #[derive(Debug)]
 pub struct MemberTracker {
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for MemberTracker {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Whether the member behind `c` (a client of that one member) answers a status request within
+/// `timeout` with a leader.
+async fn still_answers(c: &mut Client, timeout: Duration) -> std::result::Result<(), String> {
+    match tokio::time::timeout(timeout, c.status()).await {
+        Ok(Ok(st)) if st.leader() != 0 => Ok(()),
+        Ok(Ok(_)) => Err("no leader (cut off from the other members?)".to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -465,7 +478,9 @@ impl Drop for MemberTracker {
 /// and then every `every` by the returned [`MemberTracker`], which removes a member that stops
 /// answering (its streams break; requests go to the others) and adds it back when it answers
 /// again. The last member is never removed. etcd-client alone keeps sending a share of the
-/// requests to a dead member (etcdv3/etcd-client#39).
+/// requests to a dead member (etcdv3/etcd-client#39). Each member is probed by a task of its
+/// own over a client of that member kept between probes (one TLS handshake per member, not
+/// per probe), so a member that does not answer delays nobody else's probe.
 pub async fn connect_tracked(
     endpoints: &[String],
     opts: &ConnectOptions,
@@ -473,11 +488,18 @@ pub async fn connect_tracked(
     every: Duration,
 ) -> Result<(Client, MemberTracker)> {
     let mut live = Vec::new();
+    let mut probes: Vec<(String, Option<Client>)> = Vec::new();
     let mut tried = Vec::new();
     for ep in endpoints {
         match member_answers(ep, opts, timeout).await {
-            Ok(_) => live.push(ep.clone()),
-            Err(e) => tried.push(format!("{ep}: {e}")),
+            Ok(c) => {
+                live.push(ep.clone());
+                probes.push((ep.clone(), Some(c)));
+            }
+            Err(e) => {
+                tried.push(format!("{ep}: {e}"));
+                probes.push((ep.clone(), None));
+            }
         }
     }
     if live.is_empty() {
@@ -492,35 +514,51 @@ pub async fn connect_tracked(
     let client = Client::connect(&live, Some(opts.clone()))
         .await
         .map_err(|e| Error::etcd(format!("connect {}", live.join(",")), e))?;
-    let tracked = client.clone();
-    let all = endpoints.to_vec();
-    let opts = opts.clone();
-    let task = tokio::spawn(async move {
-        let mut in_set: std::collections::BTreeSet<String> = live.into_iter().collect();
-        loop {
-            tokio::time::sleep(every).await;
-            for ep in &all {
-                let answers = member_answers(ep, &opts, timeout).await;
-                let known = in_set.contains(ep);
-                match answers {
-                    Ok(_) if !known && tracked.add_endpoint(ep).await.is_ok() => {
-                        tracing::info!(endpoint = %ep, "etcd member answers again; using it");
-                        in_set.insert(ep.clone());
-                    }
-                    Err(e)
-                        if known
-                            && in_set.len() > 1
-                            && tracked.remove_endpoint(ep).await.is_ok() =>
-                    {
-                        tracing::warn!(endpoint = %ep, error = %e, "etcd member stopped answering; left out");
-                        in_set.remove(ep);
-                    }
-                    _ => {}
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, std::result::Result<(), String>)>(
+        probes.len().max(1),
+    );
+    let mut tasks = Vec::new();
+    for (ep, mut cached) in probes {
+        let (tx, opts) = (tx.clone(), opts.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let answer = match cached.as_mut() {
+                    Some(c) => still_answers(c, timeout).await,
+                    None => member_answers(&ep, &opts, timeout).await.map(|c| {
+                        cached = Some(c);
+                    }),
+                };
+                if answer.is_err() {
+                    cached = None;
+                }
+                if tx.send((ep.clone(), answer)).await.is_err() {
+                    return;
                 }
             }
+        }));
+    }
+    let tracked = client.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut in_set: std::collections::BTreeSet<String> = live.into_iter().collect();
+        while let Some((ep, answer)) = rx.recv().await {
+            let known = in_set.contains(&ep);
+            match answer {
+                Ok(()) if !known && tracked.add_endpoint(&ep).await.is_ok() => {
+                    tracing::info!(endpoint = %ep, "etcd member answers again; using it");
+                    in_set.insert(ep);
+                }
+                Err(e)
+                    if known && in_set.len() > 1 && tracked.remove_endpoint(&ep).await.is_ok() =>
+                {
+                    tracing::warn!(endpoint = %ep, error = %e, "etcd member stopped answering; left out");
+                    in_set.remove(&ep);
+                }
+                _ => {}
+            }
         }
-    });
-    Ok((client, MemberTracker { task }))
+    }));
+    Ok((client, MemberTracker { tasks }))
 }
 
 /// A client of one member of a multi-member etcd: the first, from a random start (so clients

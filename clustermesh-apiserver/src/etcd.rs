@@ -126,10 +126,20 @@ pub async fn list_prefix(
     client: &mut Client,
     prefix: &str,
 ) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
+    list_prefix_at(client, prefix, 0).await
+}
+
+/// [`list_prefix`] at `revision` (0: the current one), so that several prefixes listed one after
+/// another form one consistent snapshot to watch from.
+pub async fn list_prefix_at(
+    client: &mut Client,
+    prefix: &str,
+    revision: i64,
+) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
     let end = prefix_end(prefix);
     let mut out = BTreeMap::new();
     let mut start = prefix.as_bytes().to_vec();
-    let mut revision = 0;
+    let mut revision = revision;
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
         if revision > 0 {

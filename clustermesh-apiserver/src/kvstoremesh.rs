@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::etcd::{Backoff, EtcdError, list_prefix};
+use crate::etcd::{Backoff, EtcdError, list_prefix, list_prefix_at};
 use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches};
 
 /// Kinds of a peer's keys that are mirrored.
@@ -81,11 +81,13 @@ async fn list_mirrored(
     c: &mut Client,
     peer: &ClusterName,
 ) -> Result<(BTreeMap<String, Vec<u8>>, i64), EtcdError> {
+    // Every prefix at the revision of the first list: one snapshot, so the watch from the next
+    // revision misses no change made while the later prefixes were listed.
     let mut out = BTreeMap::new();
     let mut rev = 0;
     for p in mirrored_prefixes(peer) {
-        let (kvs, r) = list_prefix(c, &p).await?;
-        rev = rev.max(r);
+        let (kvs, r) = list_prefix_at(c, &p, rev).await?;
+        rev = r;
         out.extend(
             kvs.into_iter()
                 .filter(|(k, _)| is_mirrored(k, peer))

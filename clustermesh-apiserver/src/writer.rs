@@ -170,7 +170,14 @@ impl EtcdWriter {
     /// Records a change someone else made (seen on a watch at `revision`; `None` = deleted). Returns whether it
     /// is news: events of our own writes, or older than what we know, are not.
     pub fn observe(&mut self, key: &str, value: Option<&[u8]>, revision: i64) -> bool {
-        if self.revs.get(key).is_some_and(|r| *r >= revision) {
+        if let Some(&r) = self.revs.get(key)
+            && r >= revision
+        {
+            // The watch has reached our own delete: nothing older can follow, so the deleted
+            // key's revision need not be kept (churned keys would otherwise pile up).
+            if value.is_none() && r == revision && !self.current.contains_key(key) {
+                self.revs.remove(key);
+            }
             return false;
         }
         self.revs.insert(key.to_owned(), revision);

@@ -658,25 +658,21 @@ impl ClusterDir {
     }
     /// `<role>.crt`: leaf first, then the intermediate (for [`Role::Intermediate`]: the intermediate alone).
     pub fn cert(&self, role: Role) -> PathBuf {
-        self.path.join(format!("{}.crt", role.as_str()))
+        self.cert_key(role).cert
     }
     /// `<role>.key`: PKCS#8 PEM, mode 0600.
     pub fn key(&self, role: Role) -> PathBuf {
-        self.path.join(format!("{}.key", role.as_str()))
+        self.cert_key(role).key
     }
     /// Certificate and key paths of a role.
     pub fn cert_key(&self, role: Role) -> CertKeyPaths {
-        CertKeyPaths {
-            cert: self.cert(role),
-            key: self.key(role),
-        }
+        self.tls_files(role)
+            .identity
+            .unwrap_or_else(|| unreachable!("tls_files_at always names an identity"))
     }
     /// The TLS files of a role: this cluster's bundle plus the role's certificate.
     pub fn tls_files(&self, role: Role) -> TlsFiles {
-        TlsFiles {
-            ca_bundle: self.ca_bundle(),
-            identity: Some(self.cert_key(role)),
-        }
+        Self::tls_files_at(&self.path, role)
     }
     /// The etcd user name of a client role in this cluster.
     pub fn etcd_user(&self, role: Role) -> String {

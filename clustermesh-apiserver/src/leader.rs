@@ -37,11 +37,6 @@ impl LeaderTerm {
         Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
     }
 
-    /// Whether the lease is known to be gone.
-    pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
-    }
-
     /// Resolves when the lease is gone (keepalive refused or failing for longer than the TTL).
     pub async fn lost(&self) {
         let mut rx = self.lost.clone();

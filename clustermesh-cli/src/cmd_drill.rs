@@ -18,11 +18,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::cmd_mesh::Output;
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration (like 500ms, 2s): {e}"))
-}
-
 #[derive(Debug, Args)]
 pub struct DrillArgs {
     /// The global service (NAMESPACE/NAME), for the report.
@@ -47,16 +42,16 @@ pub struct DrillArgs {
     #[arg(long)]
     pub cgroup: Option<std::path::PathBuf>,
     /// Time between two new connections.
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = clustermesh_cli::parse_duration)]
     pub interval: Duration,
     /// Traffic before the fault and after each settle.
-    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = clustermesh_cli::parse_duration)]
     pub settle: Duration,
     /// Longest wait for traffic to move.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = clustermesh_cli::parse_duration)]
     pub timeout: Duration,
     /// Exit 1 when failover or failback takes longer, or does not happen.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = clustermesh_cli::parse_duration)]
     pub budget: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]

@@ -10,10 +10,6 @@ use clap::{Args, ValueEnum};
 use clustermesh_cli::connect::{ConnectOptions, Side, connect, disconnect, render_status, status};
 use clustermesh_cli::kube_connect::{self, KubeOptions};
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 30s, 2m): {e}"))
-}
-
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -136,7 +132,7 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = clustermesh_cli::parse_duration)]
     pub wait_timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -175,7 +171,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = clustermesh_cli::parse_duration)]
     pub wait_timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]

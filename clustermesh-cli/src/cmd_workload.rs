@@ -6,11 +6,6 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use clustermesh_cli::workload::{ProbeConfig, run_backend, run_probe};
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration (like 10ms, 30s): {e}"))
-}
-
 #[derive(Debug, Subcommand)]
 pub enum WorkloadCommand {
     /// Answer every TCP connection and UDP datagram with this backend's name; SIGTERM stops gracefully.
@@ -38,13 +33,13 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub target: SocketAddr,
     /// Time between two attempts.
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = clustermesh_cli::parse_duration)]
     pub interval: Duration,
     /// Timeout of one attempt.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = clustermesh_cli::parse_duration)]
     pub timeout: Duration,
     /// Stop after this long (default: until SIGTERM).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = clustermesh_cli::parse_duration)]
     pub duration: Option<Duration>,
     /// Probe over UDP instead of TCP.
     #[arg(long)]

@@ -310,10 +310,10 @@ pub async fn connect(
     }
     let mut synced = None;
     if let Some(timeout) = opts.wait {
-        let mut sides = vec![(pa, pb.info.name.clone())];
+        let (na, nb) = (pa.info.name.clone(), pb.info.name.clone());
+        let mut sides = vec![(pa, nb)];
         if !opts.unidirectional {
-            let pb2 = open(b).await?;
-            sides.push((pb2, sides[0].0.info.name.clone()));
+            sides.push((pb, na));
         }
         synced = Some(wait_all_connected(sides, timeout, progress).await?);
     }

@@ -7,3 +7,9 @@ pub mod drill;
 pub mod kube_connect;
 pub mod labmesh;
 pub mod workload;
+
+/// A duration flag (`500ms`, `30s`, `2m`), with an error that says what was wrong.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (like 500ms, 30s, 2m): {e}"))
+}

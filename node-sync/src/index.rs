@@ -205,11 +205,10 @@ impl Lapsed {
         true
     }
 
-    /// `reporter` publishes again (or its cluster is gone). Returns whether it was lapsed.
-    fn remove(&mut self, reporter: &Reporter) -> bool {
-        let Some(covered) = self.reporters.remove(reporter) else {
-            return false;
-        };
+    /// `reporter` publishes again (or its cluster is gone). Returns the addresses its lapsed
+    /// report covered, if it was lapsed.
+    fn remove(&mut self, reporter: &Reporter) -> Option<Vec<BackendAddr>> {
+        let covered = self.reporters.remove(reporter)?;
         for a in &covered {
             if let Some(n) = self.addrs.get_mut(a) {
                 *n -= 1;
@@ -224,7 +223,7 @@ impl Lapsed {
                 self.nodes.remove(&reporter.0);
             }
         }
-        true
+        Some(covered)
     }
 
     /// Whether the backend `addr` of endpoint `ep` (published by `cluster`) lost its prober: no
@@ -468,11 +467,13 @@ impl MergeIndex {
         }
         // Publishing again: its backends are checked again.
         let recovered = self.lapsed.remove(&reporter);
-        self.reports.insert(reporter, report);
-        if recovered {
-            // Its endpoints may be anywhere (matched by node name too); lapses are rare.
-            self.recompute_all();
+        if let Some(covered) = recovered {
+            touched.extend(covered.iter().map(|a| a.0));
+            let node = reporter.clone();
+            self.reports.insert(reporter, report);
+            self.recompute_node(&node, &touched);
         } else {
+            self.reports.insert(reporter, report);
             self.recompute_ips(&touched);
         }
     }
@@ -493,10 +494,31 @@ impl MergeIndex {
             .iter()
             .map(|v| (v.ip, v.port, v.protocol))
             .collect();
-        if self.lapsed.insert(reporter, covered) {
-            self.recompute_all();
-        } else {
-            self.recompute_ips(&touched);
+        // A reporter is never in both `reports` and `lapsed`, so this always inserts.
+        self.lapsed.insert(reporter.clone(), covered);
+        self.recompute_node(&reporter, &touched);
+    }
+
+    /// Recompute the services a node's lapse or return can change: those with a backend at one
+    /// of `ips` (its report covered them) or an endpoint on that node (matched by name).
+    fn recompute_node(&mut self, (cluster, node): &Reporter, ips: &HashSet<IpAddr>) {
+        let mut names: HashSet<ServiceName> = ips
+            .iter()
+            .filter_map(|ip| self.ip_services.get(ip))
+            .flat_map(|m| m.keys().cloned())
+            .collect();
+        for (name, e) in &self.services {
+            if e.endpoints.get(cluster).is_some_and(|chunks| {
+                chunks
+                    .values()
+                    .flatten()
+                    .any(|ep| ep.node.as_deref() == Some(node.as_str()))
+            }) {
+                names.insert(name.clone());
+            }
+        }
+        for n in names {
+            self.recompute(&n, false);
         }
     }
 

@@ -786,8 +786,9 @@ fn after_batch(st: &mut AgentState) {
     let at = mesh_model::values::format_time(now);
     let groups = st.index.take_group_changes();
     for g in groups.into_iter().filter(|_| st.ready) {
-        // How long the move took, when a health verdict caused it: from the first failed probe of the
-        // clusters traffic left (failover), or from the recovery of the clusters it went to (failback).
+        // How long the move took, when a health verdict caused it: from the failure of the last usable
+        // backend of the clusters traffic left (failover), or from the first recovery in the clusters it
+        // went to (failback).
         // Moves caused by endpoint conditions (a graceful drain) carry no probe time.
         let started = st
             .index

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, EventType, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, EventType, WatchOptions};
 use mesh_model::ClusterName;
 use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
 use mesh_model::values::{MeshValue, RemoteCluster, format_time};
@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::etcd::{Backoff, EtcdError, list_prefix, list_prefix_at};
-use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches};
+use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches, send_guarded};
 
 /// Kinds of a peer's keys that are mirrored.
 pub const MIRRORED: [KeyKind; 9] = [
@@ -100,21 +100,8 @@ async fn list_mirrored(
 async fn write(local: &mut Client, ops: Vec<Op>, guard: &Compare) -> Result<usize, EtcdError> {
     let mut n = 0;
     for batch in batches(ops, MAX_TXN_OPS, MAX_TXN_BYTES) {
-        let txn_ops: Vec<TxnOp> = batch
-            .iter()
-            .map(|op| match &op.value {
-                Some(v) => TxnOp::put(op.key.as_str(), v.clone(), None),
-                None => TxnOp::delete(op.key.as_str(), None),
-            })
-            .collect();
-        n += txn_ops.len();
-        let resp = local
-            .txn(Txn::new().when([guard.clone()]).and_then(txn_ops))
-            .await
-            .map_err(|e| EtcdError::request("kvstoremesh txn", e))?;
-        if !resp.succeeded() {
-            return Err(EtcdError::LostLeadership);
-        }
+        send_guarded(local, &batch, guard).await?;
+        n += batch.len();
     }
     Ok(n)
 }

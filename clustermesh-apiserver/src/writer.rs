@@ -86,6 +86,31 @@ pub struct WriteStats {
     pub txns: u64,
 }
 
+/// Sends `batch` as one transaction guarded by `guard`; returns its revision. A failed guard
+/// means leadership is lost.
+pub async fn send_guarded(
+    client: &mut Client,
+    batch: &[Op],
+    guard: &Compare,
+) -> Result<i64, EtcdError> {
+    let txn_ops: Vec<TxnOp> = batch
+        .iter()
+        .map(|op| match &op.value {
+            Some(v) => TxnOp::put(op.key.as_str(), v.clone(), None),
+            None => TxnOp::delete(op.key.as_str(), None),
+        })
+        .collect();
+    let n = txn_ops.len();
+    let resp = client
+        .txn(Txn::new().when([guard.clone()]).and_then(txn_ops))
+        .await
+        .map_err(|e| EtcdError::request(format!("txn of {n} ops"), e))?;
+    if !resp.succeeded() {
+        return Err(EtcdError::LostLeadership);
+    }
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+}
+
 /// Writes to etcd and remembers what etcd holds under the owned prefixes.
 pub struct EtcdWriter {
     client: Client,
@@ -198,23 +223,7 @@ impl EtcdWriter {
     pub async fn write(&mut self, ops: Vec<Op>, guard: &Compare) -> Result<WriteStats, EtcdError> {
         let mut stats = WriteStats::default();
         for batch in batches(ops, self.max_ops, self.max_bytes) {
-            let txn_ops: Vec<TxnOp> = batch
-                .iter()
-                .map(|op| match &op.value {
-                    Some(v) => TxnOp::put(op.key.as_str(), v.clone(), None),
-                    None => TxnOp::delete(op.key.as_str(), None),
-                })
-                .collect();
-            let n = txn_ops.len();
-            let resp = self
-                .client
-                .txn(Txn::new().when([guard.clone()]).and_then(txn_ops))
-                .await
-                .map_err(|e| EtcdError::request(format!("txn of {n} ops"), e))?;
-            if !resp.succeeded() {
-                return Err(EtcdError::LostLeadership);
-            }
-            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let rev = send_guarded(&mut self.client, &batch, guard).await?;
             stats.txns += 1;
             for op in batch {
                 self.revs.insert(op.key.clone(), rev);

@@ -153,14 +153,6 @@ impl Datapath {
             );
         }
 
-        // A map that is not pinned yet (added by this build, or its pin removed) is new: programs
-        // attached before use another one (or none), so they are all replaced below even when
-        // their code is this build's.
-        let new_maps: Vec<&str> = MAPS
-            .iter()
-            .copied()
-            .filter(|name| replaced_maps.contains(name) || !config.pin_dir.join(name).exists())
-            .collect();
         let map_pins: Vec<(&str, PathBuf)> = MAPS
             .iter()
             .filter(|name| !replaced_maps.contains(name))
@@ -205,12 +197,20 @@ impl Datapath {
                     reason: e.to_string(),
                 })?
                 .into();
-            let pinned_tag = link
+            // Reused only when it runs this build's code over these very maps: the same tag and
+            // the same map ids as the program just loaded over the pins. A program of this build
+            // still bound to maps that were replaced or re-created (an earlier start that died
+            // before it swapped the links) is replaced too.
+            let pinned = link
                 .info()
                 .ok()
-                .and_then(|info| program_tag(info.program_id()));
-            let our_tag = prog.info().ok().map(|info| info.tag());
-            if pinned_tag.is_some() && pinned_tag == our_tag && new_maps.is_empty() {
+                .and_then(|info| program_identity(info.program_id()));
+            let ours = prog.info().ok().and_then(|info| {
+                let mut maps = info.map_ids().ok().flatten()?;
+                maps.sort_unstable();
+                Some((info.tag(), maps))
+            });
+            if pinned.is_some() && pinned == ours {
                 reused_links += 1;
                 links.push(link);
                 continue;
@@ -499,11 +499,14 @@ fn load_program<'a>(
 }
 
 /// The tag (hash of the instructions) of the loaded program with this id.
-fn program_tag(id: u32) -> Option<u64> {
-    aya::programs::loaded_programs()
+/// The tag and the (sorted) map ids of the loaded program `id`.
+fn program_identity(id: u32) -> Option<(u64, Vec<u32>)> {
+    let p = aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .map(|p| p.tag())
+        .find(|p| p.id() == id)?;
+    let mut maps = p.map_ids().ok().flatten()?;
+    maps.sort_unstable();
+    Some((p.tag(), maps))
 }
 
 /// Attaches a loaded program to the cgroup through a BPF link and pins the link at `path`.

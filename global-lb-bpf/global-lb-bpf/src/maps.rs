@@ -428,6 +428,28 @@ impl<S: MapStore> LbMaps<S> {
         Err(Error::IdsExhausted { what: "backend" })
     }
 
+    /// A backend new to the maps: an id, its counter zeroed, its value written; no service
+    /// references it yet.
+    fn add_backend(
+        &mut self,
+        identity: BackendIdentity,
+        value: common::Backend,
+    ) -> Result<u32, Error> {
+        let id = self.allocate_backend_id()?;
+        self.store.reset_counter(id)?;
+        self.store.put_backend(id, &value)?;
+        self.backends.insert(
+            id,
+            BackendState {
+                value,
+                identity,
+                refs: 0,
+            },
+        );
+        self.backend_ids.insert(identity, id);
+        Ok(id)
+    }
+
     fn allocate_service_id(&mut self) -> Result<u32, Error> {
         for _ in 0..u32::MAX {
             let id = self.next_service_id;
@@ -591,21 +613,7 @@ impl<S: MapStore> LbMaps<S> {
                     }
                     id
                 }
-                None => {
-                    let id = self.allocate_backend_id()?;
-                    self.store.reset_counter(id)?;
-                    self.store.put_backend(id, &value)?;
-                    self.backends.insert(
-                        id,
-                        BackendState {
-                            value,
-                            identity: b.identity(),
-                            refs: 0,
-                        },
-                    );
-                    self.backend_ids.insert(b.identity(), id);
-                    id
-                }
+                None => self.add_backend(b.identity(), value)?,
             };
             if !old_ids.contains(&id) {
                 acquired.push(id);
@@ -841,18 +849,7 @@ impl<S: MapStore> LbMaps<S> {
             }
         }
         for (b, value) in new_backends {
-            let id = self.allocate_backend_id()?;
-            self.store.reset_counter(id)?;
-            self.store.put_backend(id, &value)?;
-            self.backends.insert(
-                id,
-                BackendState {
-                    value,
-                    identity: b.identity(),
-                    refs: 0,
-                },
-            );
-            self.backend_ids.insert(b.identity(), id);
+            let id = self.add_backend(b.identity(), value)?;
             fill.push((id, b.weight));
         }
         // This service's reference: taken by ids it did not hold, given back by ids it drops.

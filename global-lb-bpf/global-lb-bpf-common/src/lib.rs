@@ -42,8 +42,16 @@ pub const BACKEND_FLAG_LOCAL: u8 = 1;
 pub const SERVICES_MAP: &str = "GLB_SERVICES";
 /// Name of the backends map.
 pub const BACKENDS_MAP: &str = "GLB_BACKENDS";
-/// Name of the reverse-NAT map.
+/// Name of the reverse-NAT map of the first layouts (an LRU hash keyed by socket cookie). No
+/// longer written; read as a fallback, for one release, for sockets translated by an older build
+/// before an upgrade (see [`SOCK_REV_NAT_MAP`]).
 pub const REV_NAT_MAP: &str = "GLB_REV_NAT";
+/// Name of the socket-local reverse-NAT storage of connected sockets (TCP, connected UDP):
+/// `BPF_MAP_TYPE_SK_STORAGE` with a [`SockRevNat`] per translated socket.
+pub const SOCK_REV_NAT_MAP: &str = "GLB_SOCK_REV_NAT";
+/// Name of the socket-local reverse-NAT storage of unconnected UDP sockets (`sendmsg`):
+/// `BPF_MAP_TYPE_SK_STORAGE` with a [`SockRevNatUdp`] per socket that sent to a service.
+pub const SOCK_REV_NAT_UDP_MAP: &str = "GLB_SOCK_REV_NAT_UDP";
 /// Name of the frontend pre-filter map.
 pub const FILTER_MAP: &str = "GLB_FILTER";
 
@@ -76,10 +84,14 @@ pub const COUNTERS_MAP: &str = "GLB_COUNTERS";
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 19;
 /// Capacity of the backends map; backend ids are `1..MAX_BACKENDS` (0 is never used).
 pub const MAX_BACKENDS: u32 = 1 << 16;
-/// Capacity of the reverse-NAT LRU map (one entry per client socket and backend; about 7 MiB,
-/// LRU maps are always preallocated). The oldest entries are evicted first, so only a socket
-/// idle behind 64k newer ones loses its translation (its replies then show the backend address).
+/// Capacity of the reverse-NAT LRU map of the first layouts, as they created it. This build never
+/// writes that map; it creates it with one entry when none is pinned (see [`REV_NAT_MAP`]).
 pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 16;
+/// How many (backend -> service) pairs an unconnected UDP socket remembers: the last
+/// `SOCK_REV_NAT_UDP_SLOTS` distinct backends it sent a datagram to (through any services).
+pub const SOCK_REV_NAT_UDP_SLOTS: usize = 8;
+/// `BPF_MAP_TYPE_SK_STORAGE`.
+pub const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 /// Largest number of slots one service may use (sum of its backends' weights).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 1 << 16;
 
@@ -208,9 +220,40 @@ pub struct RevNatValue {
     pub service_id: u32,
 }
 
+/// Socket-local reverse NAT: the backend a translated socket was sent to and the service it asked
+/// for. One per connected socket ([`SOCK_REV_NAT_MAP`]); lives and dies with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SockRevNat {
+    /// Backend address (IPv4-mapped for IPv4), network byte order.
+    pub backend: [u32; 4],
+    /// Service address (IPv4-mapped for IPv4), network byte order.
+    pub service: [u32; 4],
+    /// Backend port, network byte order; 0 marks an unused slot.
+    pub backend_port: u16,
+    /// Service port, network byte order.
+    pub service_port: u16,
+    /// Service id.
+    pub service_id: u32,
+}
+
+/// Socket-local reverse NAT of an unconnected UDP socket ([`SOCK_REV_NAT_UDP_MAP`]): one slot per
+/// backend it sent to, the last [`SOCK_REV_NAT_UDP_SLOTS`] distinct ones. A datagram to a backend
+/// already in a slot rewrites that slot's service; another backend takes slot `next % SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SockRevNatUdp {
+    /// Slot the next new backend takes (modulo [`SOCK_REV_NAT_UDP_SLOTS`]).
+    pub next: u32,
+    /// Always 0.
+    pub pad: u32,
+    /// The pairs.
+    pub slots: [SockRevNat; SOCK_REV_NAT_UDP_SLOTS],
+}
+
 /// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
 /// them; a pinned map that differs was made by another layout and is not reused as it is.
-pub const MAP_SPECS: [(&str, MapSpec); 5] = [
+pub const MAP_SPECS: [(&str, MapSpec); 7] = [
     (
         SERVICES_MAP,
         MapSpec {
@@ -239,6 +282,26 @@ pub const MAP_SPECS: [(&str, MapSpec); 5] = [
             value_size: core::mem::size_of::<RevNatValue>() as u32,
             max_entries: MAX_REV_NAT_ENTRIES,
             flags: 0,
+        },
+    ),
+    (
+        SOCK_REV_NAT_MAP,
+        MapSpec {
+            map_type: BPF_MAP_TYPE_SK_STORAGE,
+            key_size: 4,
+            value_size: core::mem::size_of::<SockRevNat>() as u32,
+            max_entries: 0,
+            flags: BPF_F_NO_PREALLOC,
+        },
+    ),
+    (
+        SOCK_REV_NAT_UDP_MAP,
+        MapSpec {
+            map_type: BPF_MAP_TYPE_SK_STORAGE,
+            key_size: 4,
+            value_size: core::mem::size_of::<SockRevNatUdp>() as u32,
+            max_entries: 0,
+            flags: BPF_F_NO_PREALLOC,
         },
     ),
     (
@@ -290,6 +353,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::RevNatKey {}
     unsafe impl aya::Pod for super::RevNatValue {}
+    unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::SockRevNatUdp {}
 }
 
 #[cfg(test)]
@@ -305,6 +370,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);
+        assert_eq!(size_of::<SockRevNat>(), 40);
+        assert_eq!(size_of::<SockRevNatUdp>(), 8 + 40 * SOCK_REV_NAT_UDP_SLOTS);
     }
 
     #[test]

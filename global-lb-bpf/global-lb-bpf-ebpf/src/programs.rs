@@ -6,17 +6,24 @@
 //!   backends fails the `connect()` with `ECONNREFUSED` at once (`bpf_set_retval`).
 //! - `sendmsg4`/`sendmsg6`: the same per datagram for unconnected UDP.
 //! - `recvmsg4`/`recvmsg6`, `getpeername4`/`getpeername6`: translate a backend address back to the
-//!   service address the socket asked for, through the reverse-NAT map keyed by socket cookie.
+//!   service address the socket asked for, through socket-local storage (`SK_STORAGE`): the
+//!   state lives on the socket and is freed with it, so it has no capacity and nothing evicts
+//!   the state of a live socket.
 //!
 //! Anything not in the services map is left alone; that costs an array read (the pre-filter)
-//! and, for the few non-services whose filter bit is shared with a service, one lookup. A translated connect
-//! costs one services lookup for a one-backend service (slot 0 carries slot 1's backend), two
-//! otherwise, and the reverse-NAT insert, which is most of the program's run time (see
+//! and, for the few non-services whose filter bit is shared with a service, one lookup. A
+//! translated connect costs one services lookup for a one-backend service (slot 0 carries slot
+//! 1's backend), two otherwise, and the creation of the socket's storage (see
 //! `bench --bin datapath`).
 
+use core::ffi::c_void;
+use core::marker::PhantomData;
+
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
+    helpers::generated::{
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
@@ -24,7 +31,8 @@ use aya_ebpf::{
 use global_lb_bpf_common::{
     BPF_F_NO_PREALLOC, ECONNREFUSED, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS,
     MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, filter_bit, is_v4_mapped, v4_mapped,
+    SOCK_REV_NAT_UDP_SLOTS, ServiceKey, ServiceValue, SockRevNat, SockRevNatUdp, filter_bit,
+    is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
@@ -41,9 +49,77 @@ static BACKENDS: HashMap<u32, global_lb_bpf_common::Backend> =
 #[map(name = "GLB_FILTER")]
 static FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
+/// The reverse-NAT map of the first layouts (cookie-keyed LRU). Never written by this build: read
+/// as a fallback, for one release, so sockets an older build translated before an upgrade keep
+/// seeing their service address. The loader creates it with one entry when none is pinned.
 #[map(name = "GLB_REV_NAT")]
 static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::with_max_entries(MAX_REV_NAT_ENTRIES, 0);
+
+/// Named so that bpf-linker leaves the struct holding it anonymous in BTF (what libbpf-style BTF
+/// map definitions look like).
+#[repr(transparent)]
+struct AyaBtfMapMarker(PhantomData<()>);
+
+/// A BTF-defined `BPF_MAP_TYPE_SK_STORAGE` map (the kernel wants BTF for its key and value, so it
+/// cannot be a legacy `maps` definition): the fields only carry types for BTF, the way libbpf's
+/// `__uint`/`__type` macros do.
+#[repr(C)]
+struct SkStorageDef<V> {
+    r#type: *const [i32; 24],
+    key: *const i32,
+    value: *const V,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    _anon: AyaBtfMapMarker,
+}
+
+// SAFETY: never read or written by the program; only its address is passed to helpers.
+unsafe impl<V> Sync for SkStorageDef<V> {}
+
+impl<V> SkStorageDef<V> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            _anon: AyaBtfMapMarker(PhantomData),
+        }
+    }
+
+    /// The socket's storage in this map; created (zeroed) first when `create` and absent.
+    #[inline(always)]
+    fn get(&self, ctx: &SockAddrContext, create: bool) -> Option<*mut V> {
+        // SAFETY: `ctx.sock_addr` is the program context; its `sk` is the socket (never NULL in
+        // sock_addr programs), which bpf_sk_storage_get accepts.
+        let p = unsafe {
+            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+            bpf_sk_storage_get(
+                (self as *const Self).cast_mut().cast::<c_void>(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                if create {
+                    u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+                } else {
+                    0
+                },
+            )
+        };
+        if p.is_null() { None } else { Some(p.cast()) }
+    }
+}
+
+/// Connected sockets (TCP, connected UDP): the backend `connect()` was sent to and the service.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "GLB_SOCK_REV_NAT")]
+static GLB_SOCK_REV_NAT: SkStorageDef<SockRevNat> = SkStorageDef::new();
+
+/// Unconnected UDP sockets: the last few backends they sent to (`sendmsg`) and their services.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "GLB_SOCK_REV_NAT_UDP")]
+static GLB_SOCK_REV_NAT_UDP: SkStorageDef<SockRevNatUdp> = SkStorageDef::new();
 
 #[map(name = "GLB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -144,19 +220,47 @@ fn count_connection(backend_id: u32) {
     }
 }
 
+/// Where a forward translation keeps what the reverse translations need.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Remember {
+    /// `connect()`: the socket has one peer from now on.
+    Connected,
+    /// `sendmsg()` with an address: one datagram; the socket may send to several services.
+    Datagram,
+}
+
 #[inline(always)]
-fn remember_service(ctx: &SockAddrContext, backend: &Chosen, service: RevNatValue) {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let key = RevNatKey {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        pad: [0; 6],
-    };
-    // A full LRU map evicts its oldest entry, so this cannot fail for lack of room; if it fails
-    // anyway, only getpeername/recvmsg translation is lost, the connection itself still works.
-    let _ = REV_NAT.insert(&key, &service, 0);
+fn remember_service(ctx: &SockAddrContext, how: Remember, entry: &SockRevNat) {
+    // If the storage cannot be created (memory), only getpeername/recvmsg translation is lost,
+    // the connection itself still works.
+    match how {
+        Remember::Connected => {
+            if let Some(slot) = GLB_SOCK_REV_NAT.get(ctx, true) {
+                // SAFETY: the storage of this socket in this map, valid for the program run.
+                unsafe { core::ptr::write(slot, *entry) };
+            }
+        }
+        Remember::Datagram => {
+            let Some(udp) = GLB_SOCK_REV_NAT_UDP.get(ctx, true) else {
+                return;
+            };
+            // SAFETY: as above. Two threads sending on one socket at once may race here; the
+            // worst outcome is one reply that shows the backend address.
+            let udp = unsafe { &mut *udp };
+            let mut i = 0;
+            while i < SOCK_REV_NAT_UDP_SLOTS {
+                let slot = &mut udp.slots[i];
+                if slot.backend_port == entry.backend_port && slot.backend == entry.backend {
+                    *slot = *entry;
+                    return;
+                }
+                i += 1;
+            }
+            let at = (udp.next as usize) % SOCK_REV_NAT_UDP_SLOTS;
+            udp.slots[at] = *entry;
+            udp.next = udp.next.wrapping_add(1);
+        }
+    }
 }
 
 #[inline(always)]
@@ -219,7 +323,7 @@ fn protocol(sa: *const bpf_sock_addr) -> Option<u8> {
 
 /// Forward translation for an IPv4 socket: returns the program's verdict.
 #[inline(always)]
-fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
+fn xlate_fwd4(ctx: &SockAddrContext, proto: u8, how: Remember) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the program context.
     let ip4 = unsafe { core::ptr::read_volatile(&(*sa).user_ip4) };
@@ -239,11 +343,12 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
             count_connection(backend.backend_id);
             remember_service(
                 ctx,
-                &backend,
-                RevNatValue {
-                    addr: vip,
-                    port,
-                    pad: [0; 2],
+                how,
+                &SockRevNat {
+                    backend: backend.addr,
+                    service: vip,
+                    backend_port: backend.port,
+                    service_port: port,
                     service_id: backend.service_id,
                 },
             );
@@ -255,7 +360,7 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8) -> i32 {
 /// Forward translation for an IPv6 socket (including IPv4-mapped destinations of dual-stack
 /// sockets, which find the IPv4 service and get an IPv4-mapped backend address).
 #[inline(always)]
-fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
+fn xlate_fwd6(ctx: &SockAddrContext, proto: u8, how: Remember) -> i32 {
     let sa = ctx.sock_addr;
     let vip = read_ip6(sa);
     let port = read_port(sa);
@@ -276,11 +381,12 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
             count_connection(backend.backend_id);
             remember_service(
                 ctx,
-                &backend,
-                RevNatValue {
-                    addr: vip,
-                    port,
-                    pad: [0; 2],
+                how,
+                &SockRevNat {
+                    backend: backend.addr,
+                    service: vip,
+                    backend_port: backend.port,
+                    service_port: port,
                     service_id: backend.service_id,
                 },
             );
@@ -291,30 +397,57 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> i32 {
     match protocol(ctx.sock_addr) {
-        Some(proto) => xlate_fwd4(ctx, proto),
+        Some(proto) => xlate_fwd4(ctx, proto, Remember::Connected),
         None => ALLOW,
     }
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> i32 {
     match protocol(ctx.sock_addr) {
-        Some(proto) => xlate_fwd6(ctx, proto),
+        Some(proto) => xlate_fwd6(ctx, proto, Remember::Connected),
         None => ALLOW,
     }
 }
 
 fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
-    xlate_fwd4(ctx, PROTO_UDP)
+    xlate_fwd4(ctx, PROTO_UDP, Remember::Datagram)
 }
 
 fn try_sendmsg6(ctx: &SockAddrContext) -> i32 {
-    xlate_fwd6(ctx, PROTO_UDP)
+    xlate_fwd6(ctx, PROTO_UDP, Remember::Datagram)
 }
 
 // ---- reverse translation: recvmsg and getpeername ----
 
+/// The service address (and port) a socket asked for when it was sent to backend `addr:port`:
+/// its connected storage, then (`recvmsg` only) its unconnected-UDP storage, then the first
+/// layouts' cookie-keyed map (sockets translated by an older build before an upgrade).
 #[inline(always)]
-fn service_of(ctx: &SockAddrContext, addr: [u32; 4], port: u16) -> Option<RevNatValue> {
+fn service_of(
+    ctx: &SockAddrContext,
+    addr: [u32; 4],
+    port: u16,
+    datagrams: bool,
+) -> Option<([u32; 4], u16)> {
+    if let Some(c) = GLB_SOCK_REV_NAT.get(ctx, false) {
+        // SAFETY: the storage of this socket, valid for the program run.
+        let c = unsafe { &*c };
+        if c.backend_port == port && c.backend == addr {
+            return Some((c.service, c.service_port));
+        }
+    }
+    if datagrams && let Some(udp) = GLB_SOCK_REV_NAT_UDP.get(ctx, false) {
+        // SAFETY: as above.
+        let udp = unsafe { &*udp };
+        let mut i = 0;
+        while i < SOCK_REV_NAT_UDP_SLOTS {
+            let slot = &udp.slots[i];
+            if slot.backend_port == port && slot.backend == addr {
+                return Some((slot.service, slot.service_port));
+            }
+            i += 1;
+        }
+    }
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = RevNatKey {
@@ -324,29 +457,32 @@ fn service_of(ctx: &SockAddrContext, addr: [u32; 4], port: u16) -> Option<RevNat
         pad: [0; 6],
     };
     // SAFETY: the value is copied at once.
-    REV_NAT.get_ptr(&key).map(|v| unsafe { core::ptr::read(v) })
+    REV_NAT
+        .get_ptr(&key)
+        .map(|v| unsafe { core::ptr::read(v) })
+        .map(|v| (v.addr, v.port))
 }
 
-fn try_xlate_rev4(ctx: &SockAddrContext) -> i32 {
+fn try_xlate_rev4(ctx: &SockAddrContext, datagrams: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the program context.
     let ip4 = unsafe { core::ptr::read_volatile(&(*sa).user_ip4) };
     let port = read_port(sa);
-    if let Some(svc) = service_of(ctx, v4_mapped(ip4), port) {
+    if let Some((addr, port)) = service_of(ctx, v4_mapped(ip4), port, datagrams) {
         // SAFETY: `sa` is the program context; user_ip4 is writable in these hooks.
-        unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, svc.addr[3]) };
-        write_port(sa, svc.port);
+        unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, addr[3]) };
+        write_port(sa, port);
     }
     ALLOW
 }
 
-fn try_xlate_rev6(ctx: &SockAddrContext) -> i32 {
+fn try_xlate_rev6(ctx: &SockAddrContext, datagrams: bool) -> i32 {
     let sa = ctx.sock_addr;
     let addr = read_ip6(sa);
     let port = read_port(sa);
-    if let Some(svc) = service_of(ctx, addr, port) {
-        write_ip6(sa, &svc.addr);
-        write_port(sa, svc.port);
+    if let Some((addr, port)) = service_of(ctx, addr, port, datagrams) {
+        write_ip6(sa, &addr);
+        write_port(sa, port);
     }
     ALLOW
 }
@@ -375,22 +511,22 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    try_xlate_rev4(&ctx)
+    try_xlate_rev4(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
-    try_xlate_rev6(&ctx)
+    try_xlate_rev6(&ctx, true)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    try_xlate_rev4(&ctx)
+    try_xlate_rev4(&ctx, false)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
-    try_xlate_rev6(&ctx)
+    try_xlate_rev6(&ctx, false)
 }
 
 #[panic_handler]

@@ -35,22 +35,26 @@ use crate::{BackendCounter, Error, Frontend, Service};
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/global-lb-bpf"));
 
-/// The programs, in attach order.
+/// The programs, in attach (and replace) order: the reverse translations first, so that during an
+/// upgrade no socket translated by a new `connect`/`sendmsg` program meets an old
+/// `getpeername`/`recvmsg` program that does not know where the new one keeps its state.
 pub const PROGRAMS: [&str; 8] = [
-    "connect4",
-    "connect6",
-    "sendmsg4",
-    "sendmsg6",
     "recvmsg4",
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
 ];
 
-const MAPS: [&str; 5] = [
+const MAPS: [&str; 7] = [
     common::SERVICES_MAP,
     common::BACKENDS_MAP,
     common::REV_NAT_MAP,
+    common::SOCK_REV_NAT_MAP,
+    common::SOCK_REV_NAT_UDP_MAP,
     common::COUNTERS_MAP,
     common::FILTER_MAP,
 ];
@@ -161,6 +165,11 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        // The first layouts' reverse-NAT LRU is only read (sockets an older build translated
+        // before an upgrade): kept as pinned when there is one, else made as small as can be.
+        if !config.pin_dir.join(common::REV_NAT_MAP).exists() {
+            loader.map_max_entries(common::REV_NAT_MAP, 1);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
             pin_dir: config.pin_dir.clone(),
@@ -570,12 +579,24 @@ fn pinned_spec(name: &'static str, path: &Path) -> Result<Option<common::MapSpec
     }))
 }
 
+/// Whether a map pinned with shape `found` is what this build's programs expect of map `name`.
+/// The legacy reverse-NAT LRU is read only, at whatever capacity it was made with.
+fn same_shape(name: &str, found: &common::MapSpec, want: &common::MapSpec) -> bool {
+    if name == common::REV_NAT_MAP {
+        return common::MapSpec {
+            max_entries: want.max_entries,
+            ..*found
+        } == *want;
+    }
+    found == want
+}
+
 /// Pinned maps whose shape differs from this build's, with the shape found.
 fn stale_pins(pin_dir: &Path) -> Result<Vec<(&'static str, common::MapSpec)>, Error> {
     let mut out = Vec::new();
     for (name, want) in common::MAP_SPECS {
         if let Some(found) = pinned_spec(name, &pin_dir.join(name))?
-            && found != want
+            && !same_shape(name, &found, &want)
         {
             out.push((name, found));
         }
@@ -770,7 +791,11 @@ fn replace_maps(
 /// The map data under any kind of map this crate uses.
 fn map_data(map: &Map) -> &MapData {
     match map {
-        Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::Array(m) => m,
+        Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::Array(m)
+        | Map::SkStorage(m) => m,
         other => unreachable!("no map of this crate is a {other:?}"),
     }
 }

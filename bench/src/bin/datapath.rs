@@ -1,5 +1,6 @@
-//! connect() latency through the eBPF socket load balancer vs straight to the backend, at 10,
-//! 10k and 100k services, and through nftables DNAT with 10k services, measured in one run.
+//! connect() latency through the eBPF socket load balancer vs straight to the backend, at 1k,
+//! 10k, 30k and 100k services, and through nftables DNAT (one map lookup; one rule per service)
+//! at 10k, 30k and 100k services, measured in one run, with a side-by-side summary.
 //!
 //! Everything happens inside a network namespace private to this process (gone when it exits),
 //! with a fresh cgroup v2 directory for the datapath (removed at the end). The client is this
@@ -38,11 +39,15 @@ struct Args {
     #[arg(long, env = "BENCH_ROUNDS", default_value_t = 10)]
     rounds: usize,
     /// Service counts to measure the eBPF path at.
-    #[arg(long, env = "BENCH_SERVICES", value_delimiter = ',', default_values_t = [10usize, 10_000, 100_000])]
+    #[arg(long, env = "BENCH_SERVICES", value_delimiter = ',', default_values_t = [1_000usize, 10_000, 30_000, 100_000])]
     services: Vec<usize>,
-    /// Number of DNAT rules / map entries for the nftables rows (0: no nftables rows).
-    #[arg(long, env = "BENCH_NFT_SERVICES", default_value_t = 10_000)]
-    nft_services: usize,
+    /// Service counts (DNAT rules / map entries) for the nftables rows (0 alone: no nftables rows).
+    #[arg(long, env = "BENCH_NFT_SERVICES", value_delimiter = ',', default_values_t = [10_000usize, 30_000, 100_000])]
+    nft_services: Vec<usize>,
+    /// Connects per nftables row (a chain of 100k rules costs milliseconds per connect, so
+    /// these rows get fewer than the others).
+    #[arg(long, env = "BENCH_NFT_CONNECTS", default_value_t = 2_000)]
+    nft_connects: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -354,8 +359,8 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     drop(dp);
     Datapath::remove(&config.pin_dir)?;
 
-    if args.nft_services > 0 {
-        nft_rows(args, &mut rows)?;
+    for &n in args.nft_services.iter().filter(|n| **n > 0) {
+        nft_rows(args, n, &mut rows)?;
     }
 
     let mut out = String::new();
@@ -390,6 +395,7 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
          same nft ruleset loaded); floor = first row, no cgroup hook and no nft rules. With one nat\n  \
          rule per service every new connection walks the chain, direct ones included."
     );
+    side_by_side(&mut out, args, &rows);
     let _ = writeln!(
         out,
         "\nconnect4 program's own cost (kernel bpf_stats run_time_ns / run_cnt, same rounds as above)"
@@ -433,6 +439,65 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     Ok(out)
 }
 
+/// What a user would run instead, beside the socket LB, at the nftables service counts: the p50
+/// of a connect() to the service, what it adds over the floor (first row: no hook, no rules), and
+/// what a connect to anything else pays in the same setup (the straight connect of the same
+/// rounds, over the floor): a chain of DNAT rules is walked by every new connection.
+fn side_by_side(out: &mut String, args: &Args, rows: &[Row]) {
+    let floor = rows.first().map(|r| r.p50).unwrap_or(f64::NAN);
+    let find = |path: &str, services: &str| {
+        rows.iter()
+            .position(|r| r.path == path && r.services == services)
+            .map(|i| (rows[i].p50, i.checked_sub(1).map(|d| rows[d].p50)))
+    };
+    let sizes: Vec<String> = args
+        .nft_services
+        .iter()
+        .filter(|n| **n > 0)
+        .map(|n| human(*n))
+        .collect();
+    if sizes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nside by side, same run: a connect() to the service, over the floor ({floor:.1} us p50), and what a connect to anything else pays in that setup"
+    );
+    let _ = writeln!(
+        out,
+        "{:<52} {:>9} {:>9} {:>12} {:>16}",
+        "path", "services", "p50 us", "vs floor", "others vs floor"
+    );
+    let pct = |v: f64| format!("{:+.1}%", (v - floor) / floor * 100.0);
+    for n in &sizes {
+        for (label, path) in [
+            ("socket LB (eBPF)", "eBPF socket LB via service address"),
+            (
+                "nftables DNAT, one map lookup",
+                "nftables DNAT, one map lookup",
+            ),
+            (
+                "nftables DNAT, one rule per service",
+                "nftables DNAT, one rule per service (matched last)",
+            ),
+        ] {
+            match find(path, n) {
+                Some((p50, others)) => {
+                    let others = others.map(pct).unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "{label:<52} {n:>9} {p50:>9.1} {:>12} {others:>16}",
+                        pct(p50)
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{label:<52} {n:>9} {:>9}", "not run");
+                }
+            }
+        }
+    }
+}
+
 fn human(n: usize) -> String {
     if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
@@ -445,6 +510,7 @@ fn human(n: usize) -> String {
 /// (the second compared with the first); the table is removed afterwards.
 fn nft_pair(
     args: &Args,
+    n: usize,
     rows: &mut Vec<Row>,
     ruleset: &str,
     direct_label: &str,
@@ -453,11 +519,11 @@ fn nft_pair(
     nft(ruleset)?;
     let (samples, _) = interleaved(
         &[("direct", None, BACKEND), ("dnat", None, VIP)],
-        args.connects,
+        args.nft_connects,
         args.rounds,
         None,
     )?;
-    let services = human(args.nft_services);
+    let services = human(n);
     let mut it = samples.into_iter();
     let direct = summarize(direct_label, &services, it.next().unwrap_or_default(), None);
     let base = direct.p50;
@@ -472,9 +538,8 @@ fn nft_pair(
 }
 
 /// The nftables DNAT rows (no eBPF datapath loaded).
-fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+fn nft_rows(args: &Args, n: usize, rows: &mut Vec<Row>) -> Result<()> {
     // nftables DNAT, kube-proxy style: one rule per service, the measured one last.
-    let n = args.nft_services;
     let mut linear = format!(
         "table ip {NFT_TABLE} {{\n chain out {{\n  type nat hook output priority -100; policy accept;\n"
     );
@@ -492,6 +557,7 @@ fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     linear.push_str(" }\n}\n");
     nft_pair(
         args,
+        n,
         rows,
         &linear,
         "direct to backend, nft table loaded",
@@ -511,6 +577,7 @@ fn nft_rows(args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     );
     nft_pair(
         args,
+        n,
         rows,
         &mapped,
         "direct to backend, nft map loaded",

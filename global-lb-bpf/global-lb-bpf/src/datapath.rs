@@ -2,7 +2,9 @@
 //! maps to [`LbMaps`].
 //!
 //! Pin layout under the pin directory (on bpffs):
-//! - `GLB_SERVICES`, `GLB_BACKENDS`, `GLB_REV_NAT`, `GLB_COUNTERS`: the maps;
+//! - `GLB_SERVICES`, `GLB_BACKENDS`, `GLB_FILTER`, `GLB_COUNTERS`, `GLB_SOCK_REV_NAT`,
+//!   `GLB_SOCK_REV_NAT_UDP` (socket-local storage) and `GLB_REV_NAT` (the earlier layouts'
+//!   reverse NAT, read only): the maps;
 //! - `link_<program>` (e.g. `link_connect4`): one BPF link per program, attached to the cgroup.
 //!
 //! A pinned link keeps its program attached after the loader exits, and a pinned map keeps its

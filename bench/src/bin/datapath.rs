@@ -440,15 +440,16 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
 }
 
 /// What a user would run instead, beside the socket LB, at the nftables service counts: the p50
-/// of a connect() to the service, what it adds over the floor (first row: no hook, no rules), and
-/// what a connect to anything else pays in the same setup (the straight connect of the same
-/// rounds, over the floor): a chain of DNAT rules is walked by every new connection.
+/// of a connect() to the service and what it adds over a straight connect with no DNAT rules
+/// loaded (the eBPF section's direct connect at that count, in the cgroup: the hook's pre-filter
+/// only), and what a connect to anything else pays in the same setup: a chain of DNAT rules is
+/// walked by every new connection.
 fn side_by_side(out: &mut String, args: &Args, rows: &[Row]) {
     let floor = rows.first().map(|r| r.p50).unwrap_or(f64::NAN);
-    let find = |path: &str, services: &str| {
+    let p50 = |path: &str, services: &str| {
         rows.iter()
-            .position(|r| r.path == path && r.services == services)
-            .map(|i| (rows[i].p50, i.checked_sub(1).map(|d| rows[d].p50)))
+            .find(|r| r.path == path && r.services == services)
+            .map(|r| r.p50)
     };
     let sizes: Vec<String> = args
         .nft_services
@@ -461,37 +462,46 @@ fn side_by_side(out: &mut String, args: &Args, rows: &[Row]) {
     }
     let _ = writeln!(
         out,
-        "\nside by side, same run: a connect() to the service, over the floor ({floor:.1} us p50), and what a connect to anything else pays in that setup"
+        "\nside by side, same run: a connect() to the service vs a straight one with no DNAT rules loaded (base), and what a connect to anything else pays in that setup"
     );
     let _ = writeln!(
         out,
-        "{:<52} {:>9} {:>9} {:>12} {:>16}",
-        "path", "services", "p50 us", "vs floor", "others vs floor"
+        "{:<40} {:>9} {:>9} {:>9} {:>10} {:>9} {:>16}",
+        "path", "services", "base us", "p50 us", "added us", "added", "others added"
     );
-    let pct = |v: f64| format!("{:+.1}%", (v - floor) / floor * 100.0);
     for n in &sizes {
-        for (label, path) in [
-            ("socket LB (eBPF)", "eBPF socket LB via service address"),
+        let base = p50("direct to backend, in the cgroup", n).unwrap_or(floor);
+        for (label, path, others) in [
             (
-                "nftables DNAT, one map lookup",
-                "nftables DNAT, one map lookup",
+                "socket LB (eBPF)",
+                "eBPF socket LB via service address",
+                "direct to backend, in the cgroup",
             ),
             (
-                "nftables DNAT, one rule per service",
+                "nft DNAT, one map lookup",
+                "nftables DNAT, one map lookup",
+                "direct to backend, nft map loaded",
+            ),
+            (
+                "nft DNAT, one rule per service",
                 "nftables DNAT, one rule per service (matched last)",
+                "direct to backend, nft table loaded",
             ),
         ] {
-            match find(path, n) {
-                Some((p50, others)) => {
-                    let others = others.map(pct).unwrap_or_default();
+            match p50(path, n) {
+                Some(v) => {
+                    let others = p50(others, n)
+                        .map(|o| format!("{:+.1}%", (o - base) / base * 100.0))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "{label:<52} {n:>9} {p50:>9.1} {:>12} {others:>16}",
-                        pct(p50)
+                        "{label:<40} {n:>9} {base:>9.1} {v:>9.1} {:>+10.1} {:>9} {others:>16}",
+                        v - base,
+                        format!("{:+.1}%", (v - base) / base * 100.0)
                     );
                 }
                 None => {
-                    let _ = writeln!(out, "{label:<52} {n:>9} {:>9}", "not run");
+                    let _ = writeln!(out, "{label:<40} {n:>9} {:>9}", "not run");
                 }
             }
         }

@@ -84,6 +84,7 @@ fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
         ];
         args.extend(udp_args.iter().map(String::as_str));
         let v = env.probe(&args);
+        eprintln!("glb-probe hold: {v}");
         ok(&v);
         let rounds_out = v["rounds"].as_array().expect("rounds");
         assert_eq!(rounds_out.len(), rounds, "{v}");

@@ -222,7 +222,7 @@ if "datapath" in ran:
                 "<= 250 ns (issue 21)", "LRU reverse NAT: 598-1038 ns", ns <= 250, "hook_service")
         else:
             add(f"connect4 hook's own cost, connect to a non-service, {n} services (bpf_stats)", f"{ns} ns per run, {share}",
-                "flat from 10 to 100k services", "", None, "hook_miss")
+                "flat across service counts", "", None, "hook_miss")
     if not ebpf:
         add("connect() through the VIP vs direct", f"benchmark failed (exit {rc('datapath')})", "<= 3 % slower p50", "", False, "datapath_run")
 

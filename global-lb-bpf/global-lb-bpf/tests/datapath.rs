@@ -461,6 +461,27 @@ fn a_pinned_program_of_another_build_is_replaced_without_a_gap() {
         // (sendmsg4's), and the sendmsg4 pin is gone.
         let pins = env.config.pin_dir.clone();
         std::fs::rename(pins.join("link_sendmsg4"), pins.join("link_connect4")).unwrap();
+        // The replaced pin's link is released after an RCU grace period (bpffs frees its inodes
+        // that way), so the old connect4 stays attached for a moment: wait until the kernel no
+        // longer lists it (it has no event to wait on), at most 10 s.
+        let attached = |program: &str| {
+            let shown = Command::new("bpftool")
+                .args(["cgroup", "show"])
+                .arg(&env.config.cgroup)
+                .output()
+                .expect("bpftool");
+            String::from_utf8_lossy(&shown.stdout)
+                .matches(&format!(" {program} "))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while attached("connect4") > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replaced connect4 link is still attached after 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         // Until a loader runs again, TCP connects are not translated.
         assert_eq!(
             s(ok(&env.probe(&["tcp", "10.96.0.60:80"])), "reply"),

@@ -29,10 +29,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use global_lb_bpf_common::{
-    BPF_F_NO_PREALLOC, ECONNREFUSED, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS,
-    MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue,
-    SOCK_REV_NAT_UDP_SLOTS, ServiceKey, ServiceValue, SockRevNat, SockRevNatUdp, filter_bit,
-    is_v4_mapped, v4_mapped,
+    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, ECONNREFUSED, FAMILY_V4, FAMILY_V6, FILTER_WORDS,
+    MAX_BACKENDS, MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey,
+    RevNatValue, SOCK_REV_NAT_UDP_SLOTS, ServiceKey, ServiceValue, SockRevNat, SockRevNatUdp,
+    filter_bit, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
@@ -66,7 +66,7 @@ struct AyaBtfMapMarker(PhantomData<()>);
 /// `__uint`/`__type` macros do.
 #[repr(C)]
 struct SkStorageDef<V> {
-    r#type: *const [i32; 24],
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
     key: *const i32,
     value: *const V,
     max_entries: *const [i32; 0],

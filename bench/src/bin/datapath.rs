@@ -57,6 +57,10 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         count: usize,
+        /// Connect one UDP socket `count` times instead (its reverse-NAT state is created by the
+        /// first connect and found by the others).
+        #[arg(long)]
+        udp_reconnect: bool,
     },
 }
 
@@ -68,8 +72,17 @@ const NFT_TABLE: &str = "glb_bench";
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(Cmd::Client { addr, count }) = args.command {
-        return client(addr, count);
+    if let Some(Cmd::Client {
+        addr,
+        count,
+        udp_reconnect,
+    }) = args.command
+    {
+        return if udp_reconnect {
+            client_udp_reconnect(addr, count)
+        } else {
+            client(addr, count)
+        };
     }
     ensure!(
         nix::unistd::geteuid().is_root(),
@@ -105,6 +118,22 @@ fn client(addr: SocketAddr, count: usize) -> Result<()> {
         nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
             .context("SO_LINGER")?;
         drop(stream);
+        writeln!(out, "{ns}").expect("write to String");
+    }
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// Times `count` connect()s of one UDP socket to `addr` (no datagram is sent).
+fn client_udp_reconnect(addr: SocketAddr, count: usize) -> Result<()> {
+    let mut out = String::with_capacity(count * 8);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    for _ in 0..count {
+        let started = Instant::now();
+        socket
+            .connect(addr)
+            .with_context(|| format!("UDP connect {addr}"))?;
+        let ns = started.elapsed().as_nanos();
         writeln!(out, "{ns}").expect("write to String");
     }
     std::io::stdout().write_all(out.as_bytes())?;
@@ -169,8 +198,13 @@ fn measure(cgroup: Option<&Path>, addr: &str, count: usize) -> Result<Vec<u64>> 
         }
         None => Command::new(&exe),
     };
+    let (addr, mode): (&str, &[&str]) = match addr.strip_prefix("udp-reconnect:") {
+        Some(a) => (a, &["--udp-reconnect"]),
+        None => (addr, &[]),
+    };
     let out = cmd
         .args(["client", addr, "--count", &count.to_string()])
+        .args(mode)
         .output()
         .context("running the client")?;
     if !out.status.success() {
@@ -300,8 +334,9 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         .collect();
     let cg = Some(config.cgroup.as_path());
     let mut rows = Vec::new();
-    // (services, connect4 runs/ns on direct connects, on VIP connects), from bpf_stats.
-    let mut hook_rows: Vec<(String, ProgRuns, ProgRuns)> = Vec::new();
+    // (services, connect4 runs/ns on direct connects, on VIP connects, on UDP reconnects to the
+    // VIP), from bpf_stats.
+    let mut hook_rows: Vec<(String, ProgRuns, ProgRuns, ProgRuns)> = Vec::new();
     // The kernel counts program runs only while statistics are on; off again when this drops.
     let _stats = RunStats::enable()?;
 
@@ -320,7 +355,12 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     ));
 
     dp.upsert_service(&vip, &[backend])?;
-    let mut filled = 1usize;
+    // The same service address over UDP: a connected UDP socket connecting again finds its
+    // reverse-NAT state instead of creating it, which shows what the creation costs.
+    let vip_udp: Frontend = format!("udp:{VIP}").parse().map_err(anyhow::Error::msg)?;
+    dp.upsert_service(&vip_udp, &[backend])?;
+    let udp_reconnect = format!("udp-reconnect:{VIP}");
+    let mut filled = 2usize;
     let mut fill_times = Vec::new();
     for &n in &args.services {
         let started = Instant::now();
@@ -333,12 +373,16 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         fill_times.push((n, started.elapsed()));
         let label = human(n);
         let (samples, prog) = interleaved(
-            &[("direct", cg, BACKEND), ("vip", cg, VIP)],
+            &[
+                ("direct", cg, BACKEND),
+                ("vip", cg, VIP),
+                ("vip-udp-reconnect", cg, &udp_reconnect),
+            ],
             args.connects,
             args.rounds,
             Some(&dp),
         )?;
-        hook_rows.push((label.clone(), prog[0], prog[1]));
+        hook_rows.push((label.clone(), prog[0], prog[1], prog[2]));
         let mut it = samples.into_iter();
         let direct = summarize(
             "direct to backend, in the cgroup",
@@ -412,10 +456,14 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
             ns as f64 / n as f64
         }
     };
-    for (label, direct, vip) in &hook_rows {
+    for (label, direct, vip, reconnect) in &hook_rows {
         for (what, v) in [
             ("a non-service address (direct to backend)", direct),
             ("the service address (translated)", vip),
+            (
+                "the service, UDP socket reconnecting (state found)",
+                reconnect,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -426,6 +474,22 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
                 per_run(*v)
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "pieces of a translated connect (from the rows above): the pre-filter and the run itself \
+         (a non-service connect); the selection, rewrite and an update of existing reverse-NAT \
+         state (a UDP reconnect, minus that); creating the socket's state (a translated TCP \
+         connect, minus a UDP reconnect)"
+    );
+    for (label, direct, vip, reconnect) in &hook_rows {
+        let (d, v, r) = (per_run(*direct), per_run(*vip), per_run(*reconnect));
+        let _ = writeln!(
+            out,
+            "  {label:>5} services: pre-filter+run {d:.0} ns, selection+rewrite {:.0} ns, state creation {:.0} ns",
+            r - d,
+            v - r
+        );
     }
     for (n, t) in fill_times {
         let _ = writeln!(

@@ -31,10 +31,12 @@ fn n(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number {key:?} in {v}"))
 }
 
-/// 100k TCP connections and 10k unconnected UDP sockets (each sending to three services) open
+/// 10k unconnected UDP sockets (each sending to three services), then 100k TCP connections, open
 /// at once: 130k translated (socket, backend) pairs, twice the old LRU's capacity. Every socket,
-/// oldest first, answers getpeername()/recvfrom() with its service; the storage is on the
-/// sockets while they are open and gone once they close, round after round.
+/// the oldest (the UDP ones, their replies read last) included, answers getpeername()/recvfrom()
+/// with its service; the storage is on the sockets while they are open and gone once they close,
+/// round after round. (Against the LRU layout 34,640 TCP sockets and all 30k UDP replies showed
+/// the backend.)
 #[test]
 fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
     in_netns(&[], || {

@@ -5,9 +5,9 @@
 //! - `glb-probe udp ADDR [--connected]`: send one datagram, receive the reply and its source.
 //! - `glb-probe tcp-storm ADDR --connections N --threads T`: N connects from T threads; prints
 //!   how many replies each server name got and every error.
-//! - `glb-probe hold ...`: many translated sockets open at once (TCP connections to a service,
-//!   unconnected UDP sockets that each send to several services), then every one of them,
-//!   oldest first, asked what it sees: `getpeername` for TCP, the source of each queued reply for
+//! - `glb-probe hold ...`: many translated sockets open at once (unconnected UDP sockets that
+//!   each send to several services, then TCP connections to a service), then every one of them
+//!   asked what it sees: `getpeername` for TCP, the source of each queued reply for
 //!   UDP. Serves the backends itself. Repeats for `--rounds`, reporting the kernel's slab memory
 //!   of memcg-accounted `kmalloc` objects (where socket-local storage lives) before, while open,
 //!   and after the close of every round.
@@ -382,8 +382,9 @@ fn hold(args: &HoldArgs, timeout: Duration) -> Result<Value> {
         let mut udp_local = Vec::new();
         let (mut tcp_next, mut udp_next) = (0usize, 0usize);
         while tcp_next < args.tcp_sockets || udp_next < args.udp_sockets {
-            let tcp_n = (args.tcp_sockets - tcp_next).min(PER_WORKER);
-            let udp_n = (args.udp_sockets - udp_next).min(PER_WORKER - tcp_n);
+            // UDP sockets first: they are the oldest, with 100k TCP connections opened after them.
+            let udp_n = (args.udp_sockets - udp_next).min(PER_WORKER);
+            let tcp_n = (args.tcp_sockets - tcp_next).min(PER_WORKER - udp_n);
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("--timeout-ms")
                 .arg(timeout.as_millis().to_string())
@@ -543,15 +544,6 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
         "--drop-storage needs --pin-dir"
     );
     let source = |i: usize| nth_addr(args.source, (i as u32) % args.sources.max(1));
-    let mut tcp_socks = Vec::with_capacity(args.tcp_count);
-    if let Some(svc) = &args.tcp {
-        for i in args.tcp_first..args.tcp_first + args.tcp_count {
-            let fd = bound_socket(source(i), SockType::Stream)?;
-            connect(fd.as_raw_fd(), &SockaddrStorage::from(*svc))
-                .map_err(|e| anyhow::anyhow!("connect #{i} to {svc}: {e}"))?;
-            tcp_socks.push(TcpStream::from(fd));
-        }
-    }
     let mut udp_socks = Vec::with_capacity(args.udp_count);
     for i in args.udp_first..args.udp_first + args.udp_count {
         let s = UdpSocket::from(bound_socket(source(i), SockType::Datagram)?);
@@ -560,6 +552,15 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
             s.send_to(b"ping", svc)?;
         }
         udp_socks.push(s);
+    }
+    let mut tcp_socks = Vec::with_capacity(args.tcp_count);
+    if let Some(svc) = &args.tcp {
+        for i in args.tcp_first..args.tcp_first + args.tcp_count {
+            let fd = bound_socket(source(i), SockType::Stream)?;
+            connect(fd.as_raw_fd(), &SockaddrStorage::from(*svc))
+                .map_err(|e| anyhow::anyhow!("connect #{i} to {svc}: {e}"))?;
+            tcp_socks.push(TcpStream::from(fd));
+        }
     }
     if args.drop_storage
         && let (Some(st), Some(ust)) = (&mut storage, &mut udp_storage)

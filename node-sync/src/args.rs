@@ -4,17 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
-}
+pub use mesh_logging::LogFormat;
 
 fn parse_cluster_name(s: &str) -> Result<ClusterName, String> {
     ClusterName::new(s).map_err(|e| e.to_string())

@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# setup.sh installs what is missing, then checks every promise (each program at its version, protoc's
+# well-known types, mounts) and stops here naming the package that brings a missing piece.
 bash scripts/setup.sh
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+echo "[test] shellcheck scripts/*.sh"
+shellcheck scripts/*.sh .ci/run
 
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check

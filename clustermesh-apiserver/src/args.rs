@@ -19,14 +19,7 @@ pub enum SourceKind {
     Manifests,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Plain,
-}
+pub use mesh_logging::LogFormat;
 
 /// Flags of `clustermesh-apiserver`.
 #[derive(Debug, Clone, Parser)]

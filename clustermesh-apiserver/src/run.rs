@@ -14,15 +14,9 @@ use crate::source::Source;
 use crate::source::manifests::ManifestSource;
 use crate::status::Status;
 
-/// Installs the tracing subscriber for `format` (RUST_LOG filters; default info).
+/// Installs the tracing subscriber for `format` on stderr (RUST_LOG filters; default info).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Plain => b.try_init(),
-    };
+    mesh_logging::init(format, mesh_logging::filter_from_env("info"));
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -504,3 +504,21 @@ async fn keys_changed_by_someone_else_are_repaired() {
     let log = ap.log_text();
     assert!(log.contains("changed outside the apiserver"), "{log}");
 }
+
+/// `clustermesh-apiserver ... > apiserver.log 2>&1`: plain log lines in a file carry no terminal colour
+/// codes (journald, less and log shippers would show them as garbage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_logs_written_to_a_file_carry_no_colour_codes() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    base_manifests(dir.path());
+    let mut a = Apiserver::start(&opts(&etcd, dir.path(), logs.path(), "r1"));
+    a.wait_ready_leader(T).await;
+    a.terminate();
+    let text = a.log_text();
+    let lines = text.lines().filter(|l| l.contains(" INFO ")).count();
+    assert!(lines >= 3, "expected INFO lines, got:\n{text}");
+    let escapes = text.bytes().filter(|&b| b == 0x1b).count();
+    assert_eq!(escapes, 0, "escape bytes in a log file:\n{text:?}");
+}

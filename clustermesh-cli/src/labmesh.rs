@@ -379,6 +379,9 @@ impl LabMesh {
             format!("--tls-dir={}", self.cert_dir(c)?.display()),
             "--source=manifests".into(),
             format!("--manifest-dir={}", self.manifest_dir(c).display()),
+            // Kubernetes delivers a change to a watch in milliseconds; the manifest source polls, so
+            // poll often enough that drills measure the mesh, not the poll.
+            "--manifest-poll-interval=50ms".into(),
             format!("--grpc-listen={cp}:{APISERVER_GRPC_PORT}"),
             format!("--status-listen={cp}:{APISERVER_STATUS_PORT}"),
             format!("--data-dir={}", data_dir.display()),

@@ -11,7 +11,8 @@ mod cmd_workload;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use mesh_logging::LogFormat;
 
 /// Multi-cluster mesh control plane: certificates, connecting clusters, status, failover drills.
 #[derive(Debug, Parser)]
@@ -25,12 +26,6 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,15 +61,7 @@ enum Command {
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    mesh_logging::init(format, mesh_logging::filter_from_directive(filter, "warn"));
 }
 
 #[tokio::main]

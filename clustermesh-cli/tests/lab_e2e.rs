@@ -304,6 +304,49 @@ fn connect_status_drill_page_disconnect() {
     assert!(r["failback_ms"].as_f64().unwrap() < 1000.0, "{r}");
     assert_eq!(r["within_budget"], true);
 
+    // The status tells the truth about that drill: one record per node, naming it, caused by the
+    // endpoint change, timed within 100 ms of what the client measured (the client's figure also
+    // holds the apiserver's pick-up and publication, which the node does not see).
+    for (from, to, key) in [("c1", "c2", "failover_ms"), ("c2", "c1", "failback_ms")] {
+        let client_ms = r[key].as_f64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let rec = loop {
+            let mut sj = clustermesh();
+            sj.args(["status", "-o", "json", "--server"])
+                .arg(mesh.apiserver_grpc(1).to_string())
+                .arg("--tls-dir")
+                .arg(mesh.cert_dir(1).unwrap());
+            let (_, json) = run(sj);
+            let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_default();
+            let found = v["failovers"].as_array().and_then(|fo| {
+                fo.iter()
+                    .rev()
+                    .find(|f| {
+                        f["service"] == "default/echo"
+                            && f["node"] == node.name.as_str()
+                            && f["from"] == serde_json::json!([from])
+                            && f["to"] == serde_json::json!([to])
+                    })
+                    .cloned()
+            });
+            if let Some(f) = found {
+                break f;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {from} -> {to} record of node {} in the status: {v}",
+                node.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(rec["cause"], "endpoints", "{rec}");
+        let took = rec["durationMs"].as_f64().expect("a duration");
+        assert!(
+            (took - client_ms).abs() <= 100.0,
+            "status says {from} -> {to} took {took} ms, the client measured {client_ms} ms: {rec}"
+        );
+    }
+
     // The page shows the failover.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -697,6 +697,19 @@ impl Lab {
         inner.state.save()
     }
 
+    /// Cuts the control planes of `a` and `b` apart: neither cluster reaches the other's etcd or
+    /// apiserver, while traffic between their nodes (backends) flows. Idempotent.
+    pub fn partition_control_plane(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        net::partition_control_plane(&self.plan, a, b)
+    }
+
+    /// Removes the control-plane cut between `a` and `b` (no-op without one).
+    pub fn heal_control_plane(&self, a: impl ClusterRef, b: impl ClusterRef) -> Result<()> {
+        let (a, b) = self.pair(a, b)?;
+        net::heal_control_plane(&self.plan, a, b)
+    }
+
     /// Partitions cluster `c` from every other cluster (the host still reaches it).
     pub fn isolate(&self, c: impl ClusterRef) -> Result<()> {
         let cl = c.resolve(&self.plan)?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_lab::{EtcdSecurity, Lab, LabSpec, LabStatus};
+use mesh_logging::LogFormat;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,12 +22,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -99,15 +94,7 @@ enum Output {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Plain => fmt.init(),
-        LogFormat::Json => fmt.json().init(),
-    }
+    mesh_logging::init(cli.log_format, mesh_logging::filter_from_env("info"));
     match cli.command {
         Cmd::Up {
             clusters,

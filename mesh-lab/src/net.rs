@@ -171,6 +171,63 @@ pub fn heal(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
     Ok(())
 }
 
+/// nft table (family inet) in the router that cuts the control planes of `a` and `b` apart.
+fn control_plane_table(a: &ClusterInfo, b: &ClusterInfo) -> String {
+    let (lo, hi) = if a.index < b.index { (a, b) } else { (b, a) };
+    format!("meshlab-cp-{}-{}", lo.index, hi.index)
+}
+
+/// The ruleset that cuts the control planes of `a` and `b` apart: every packet between a cluster
+/// and the other's control-plane namespace (its etcd and apiserver) is dropped in the router, so
+/// neither cluster's nodes reach the other's etcd, while node-to-node (backend) traffic flows.
+pub(crate) fn control_plane_ruleset(a: &ClusterInfo, b: &ClusterInfo) -> String {
+    let table = control_plane_table(a, b);
+    let mut rules = String::new();
+    for (x, y) in [(a, b), (b, a)] {
+        rules.push_str(&format!(
+            "\t\tip saddr {} ip daddr {} drop\n\t\tip saddr {} ip daddr {} drop\n",
+            x.cidr(),
+            y.control_plane.addr,
+            y.control_plane.addr,
+            x.cidr()
+        ));
+    }
+    format!(
+        "table inet {table} {{\n\tchain forward {{\n\t\ttype filter hook forward priority -5; policy accept;\n{rules}\t}}\n}}\n"
+    )
+}
+
+/// Drops all traffic between each of `a` and `b` and the other's control plane (etcd, apiserver);
+/// backends stay reachable. Idempotent.
+pub fn partition_control_plane(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
+    let table = control_plane_table(a, b);
+    cmd::in_netns(&plan.router_netns, "nft", &["add", "table", "inet", &table])?;
+    cmd::in_netns(
+        &plan.router_netns,
+        "nft",
+        &["delete", "table", "inet", &table],
+    )?;
+    cmd::in_netns_input(
+        &plan.router_netns,
+        "nft",
+        &["-f", "-"],
+        &control_plane_ruleset(a, b),
+    )?;
+    Ok(())
+}
+
+/// Removes the control-plane cut between `a` and `b` (no-op without one).
+pub fn heal_control_plane(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
+    let table = control_plane_table(a, b);
+    cmd::in_netns(&plan.router_netns, "nft", &["add", "table", "inet", &table])?;
+    cmd::in_netns(
+        &plan.router_netns,
+        "nft",
+        &["delete", "table", "inet", &table],
+    )?;
+    Ok(())
+}
+
 /// nft table (family inet) a cut-off node's namespace gets.
 const ISOLATE_TABLE: &str = "meshlab-isolate";
 

@@ -221,7 +221,7 @@ impl Default for Conditions {
 }
 
 impl Conditions {
-    /// DESIGN rule 2: usable when ready, or serving and not terminating.
+    /// DESIGN.md rule 2: usable when ready, or serving and not terminating.
     pub fn usable(&self) -> bool {
         self.ready || (self.serving && !self.terminating)
     }
@@ -537,9 +537,16 @@ pub struct FailoverEvent {
     pub to: Vec<String>,
     /// When (RFC 3339).
     pub at: String,
-    /// Time from the first failing probe (or the event that caused it) to the new selection, when known.
+    /// Time from the first signal (the endpoint change received, the first failed probe or the
+    /// first good one of a recovery) to the map write on the node, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The node whose maps moved (each node records its own moves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What moved it: `endpoints`, `health` or `liveness`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// A value of the layout, typed.

@@ -27,6 +27,7 @@ use crate::health;
 use crate::index::{MergeIndex, ProbeTarget};
 use crate::lb::{MapError, MapWriter, Reconciler};
 use crate::publish::{self, Publish};
+use crate::reach::{self, ReachChange};
 
 /// Settings of the agent.
 #[derive(Debug, Clone)]
@@ -55,6 +56,11 @@ pub struct AgentOptions {
     pub health_interval: Duration,
     /// Failed probes before failing.
     pub health_failures: u32,
+    /// Good probes in a row before a failing backend is healthy again.
+    pub health_rise: u32,
+    /// Timeout of the probes that check, from this node, that remote clusters' selected backends
+    /// answer (`None`: not checked).
+    pub remote_probe_timeout: Option<Duration>,
     /// Watcher settings.
     pub watch: WatchSettings,
     /// How often the remote config dir is re-read.
@@ -83,6 +89,9 @@ impl AgentOptions {
             kvstoremesh: a.kvstoremesh,
             health_interval: a.health_interval,
             health_failures: a.health_failures,
+            health_rise: a.health_rise,
+            remote_probe_timeout: (!a.remote_probe_timeout.is_zero())
+                .then_some(a.remote_probe_timeout),
             watch: WatchSettings::default(),
             remote_dir_poll: Duration::from_secs(1),
             status_every: Duration::from_secs(5),
@@ -137,6 +146,8 @@ pub struct ClusterStatus {
     pub bad_values: u64,
     /// When it went stale (wall clock).
     pub stale_since: Option<SystemTime>,
+    /// Since when its backends do not answer from this node (first silent probe), while they do not.
+    pub unreachable_since: Option<SystemTime>,
     /// Left out of selection (stale, or not synced yet).
     pub excluded: bool,
 }
@@ -155,6 +166,7 @@ impl ClusterStatus {
             reconnects: 0,
             bad_values: 0,
             stale_since: None,
+            unreachable_since: None,
             excluded: false,
         }
     }
@@ -434,6 +446,7 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
             opts.node.clone(),
             opts.health_interval,
             opts.health_failures,
+            opts.health_rise,
             targets_rx,
             h_tx,
         )));
@@ -445,6 +458,18 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 }
             }
         }));
+    }
+
+    // Data-plane reachability of remote clusters from this node.
+    let (reach_targets_tx, reach_targets_rx) = watch::channel(BTreeMap::new());
+    let (reach_tx, mut reach_rx) = mpsc::unbounded_channel::<ReachChange>();
+    if let Some(timeout) = opts.remote_probe_timeout {
+        tasks.others.push(tokio::spawn(reach::run_reach_prober(
+            opts.health_interval,
+            timeout,
+            reach_targets_rx,
+            reach_tx,
+        )));
     }
 
     // The local cluster.
@@ -470,6 +495,7 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
+                let received = SystemTime::now();
                 let mut st = lock(&shared);
                 let mut conns_changed = handle(&mut st, ev);
                 while let Ok(ev) = rx.try_recv() {
@@ -478,12 +504,21 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 if conns_changed {
                     reconcile_connections(&mut st, &mut tasks);
                 }
-                after_batch(&mut st);
+                after_batch(&mut st, received);
+            }
+            Some(change) = reach_rx.recv() => {
+                let received = SystemTime::now();
+                let mut st = lock(&shared);
+                apply_reach(&mut st, change);
+                while let Ok(change) = reach_rx.try_recv() {
+                    apply_reach(&mut st, change);
+                }
+                after_batch(&mut st, received);
             }
             _ = tick.tick() => {
                 let mut st = lock(&shared);
                 evaluate_liveness(&mut st);
-                after_batch(&mut st);
+                after_batch(&mut st, SystemTime::now());
                 refresh_dns_zone(&mut st);
                 // Only when the index changed: a walk over every local endpoint ten times a second
                 // would cost the most where the mesh is largest.
@@ -492,6 +527,10 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                     let targets = st.index.probe_targets(&st.opts.node);
                     targets_tx.send_if_modified(|cur| {
                         if *cur != targets { *cur = targets; true } else { false }
+                    });
+                    let remote = st.index.remote_probe_targets();
+                    reach_targets_tx.send_if_modified(|cur| {
+                        if *cur != remote { *cur = remote; true } else { false }
                     });
                 }
             }
@@ -765,6 +804,15 @@ fn evaluate_liveness(st: &mut AgentState) {
     }
 }
 
+/// A remote cluster's backends stopped (or started again) answering from this node.
+fn apply_reach(st: &mut AgentState, change: ReachChange) {
+    if let Some(c) = st.clusters.get_mut(&change.cluster) {
+        c.unreachable_since = change.unreachable.then_some(change.since);
+    }
+    st.index
+        .set_unreachable(&change.cluster, change.unreachable);
+}
+
 /// A remote's backends are selectable once its initial sync is done (canaries seen: its prefix is
 /// complete) and while it is not stale.
 fn apply_exclusion(st: &mut AgentState, name: &ClusterName) {
@@ -781,38 +829,68 @@ fn apply_exclusion(st: &mut AgentState, name: &ClusterName) {
     }
 }
 
-fn after_batch(st: &mut AgentState) {
-    let now = time::OffsetDateTime::now_utc();
-    let at = mesh_model::values::format_time(now);
+/// After a batch of events (received at `received`) or a liveness tick: write what changed into
+/// the maps, then record the moves of traffic between cluster groups, timed to the map write.
+fn after_batch(st: &mut AgentState, received: SystemTime) {
     let groups = st.index.take_group_changes();
-    for g in groups.into_iter().filter(|_| st.ready) {
-        // How long the move took, when a health verdict caused it: from the failure of the last usable
-        // backend of the clusters traffic left (failover), or from the first recovery in the clusters it
-        // went to (failback).
-        // Moves caused by endpoint conditions (a graceful drain) carry no probe time.
-        let started = st
-            .index
-            .verdict_since(&g.service, &g.from, mesh_model::values::Verdict::Failing)
-            .or_else(|| {
-                st.index
-                    .verdict_since(&g.service, &g.to, mesh_model::values::Verdict::Healthy)
-            });
+    // Moves while the initial sync runs are not failovers: only a ready node records them.
+    let was_ready = st.ready;
+    write_changes(st);
+    if !was_ready {
+        return;
+    }
+    let written = time::OffsetDateTime::now_utc();
+    let at = mesh_model::values::format_time(written);
+    for g in groups {
+        // How long the move took on this node, from its first signal to the map write: the
+        // endpoint change received (a graceful drain), the failure of the last usable backend of
+        // the clusters traffic left (a failover on probes), or the latest recovery in the clusters
+        // it went to (a failback). A liveness move (a cluster stale by timer) has no such signal.
+        use crate::index::MoveCause;
+        use mesh_model::values::Verdict;
+        let started = match g.cause {
+            MoveCause::Endpoints => Some(time::OffsetDateTime::from(received)),
+            MoveCause::Health => st
+                .index
+                .verdict_since(&g.service, &g.from, Verdict::Failing)
+                .into_iter()
+                .chain(st.index.verdict_since(&g.service, &g.to, Verdict::Healthy))
+                .filter(|t| *t <= written)
+                .max(),
+            MoveCause::Liveness => None,
+            // From the first silent probe of the clusters traffic left, or the answer of the
+            // clusters it went back to.
+            MoveCause::Reachability => g
+                .from
+                .iter()
+                .filter_map(|c| st.clusters.get(c).and_then(|c| c.unreachable_since))
+                .min()
+                .map(time::OffsetDateTime::from)
+                .or(Some(time::OffsetDateTime::from(received))),
+        };
         let duration_ms = started
-            .map(|t| (now - t).whole_milliseconds())
+            .map(|t| (written - t).whole_milliseconds())
             .filter(|ms| (0..60_000).contains(ms))
             .map(|ms| ms as u64);
-        tracing::info!(service = %g.service, from = ?g.from, to = ?g.to, ?duration_ms, "service traffic moved");
+        tracing::info!(service = %g.service, from = ?g.from, to = ?g.to, cause = g.cause.as_str(), ?duration_ms, "service traffic moved");
         st.failover_log.push_back(FailoverEvent {
             service: g.service.to_string(),
             from: g.from.iter().map(|c| c.to_string()).collect(),
             to: g.to.iter().map(|c| c.to_string()).collect(),
             at: at.clone(),
             duration_ms,
+            node: Some(st.opts.node.clone()),
+            cause: Some(g.cause.as_str().to_owned()),
         });
         while st.failover_log.len() > 50 {
             st.failover_log.pop_front();
         }
     }
+}
+
+/// The map writes of a batch: the initial reconcile once everything synced, the full sweep once the
+/// local cluster synced, else the frontends whose backends changed.
+fn write_changes(st: &mut AgentState) {
     if !st.ready {
         let all_synced = st.clusters.values().all(|c| c.synced || c.refused);
         let timed_out = st.started.elapsed() >= st.opts.sync_timeout;

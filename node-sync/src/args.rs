@@ -4,17 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
-}
+pub use mesh_logging::LogFormat;
 
 fn parse_cluster_name(s: &str) -> Result<ClusterName, String> {
     ClusterName::new(s).map_err(|e| e.to_string())
@@ -87,6 +80,19 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_HEALTH_FAILURES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub health_failures: u32,
 
+    /// Good probes in a row that bring a failing backend back (failback hold-down: a backend that
+    /// fails every other probe takes no traffic back until it is steady). After the first good
+    /// probe the next comes a quarter interval later.
+    #[arg(long, env = "CLUSTERMESH_HEALTH_RISE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_rise: u32,
+
+    /// Timeout of the probes that check, from this node, that the remote backends it sends traffic
+    /// to answer (a few per remote cluster every --health-interval). A cluster whose probes all go
+    /// unanswered twice in a row leaves this node's selection at once, whatever the affinity, until
+    /// one answers. 0 turns the check off.
+    #[arg(long, env = "CLUSTERMESH_REMOTE_PROBE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub remote_probe_timeout: Duration,
+
     /// How long a cluster that is not live keeps its backends in selection before they are
     /// marked stale (kept in memory, used again as soon as it is live).
     #[arg(long, env = "CLUSTERMESH_STALE_GRACE", default_value = "30s", value_parser = parse_duration)]
@@ -158,6 +164,7 @@ mod tests {
         let a = Args::try_parse_from(base()).unwrap();
         assert_eq!(a.health_interval, Duration::from_millis(200));
         assert_eq!(a.health_failures, 2);
+        assert_eq!(a.health_rise, 2);
         assert_eq!(a.stale_grace, Duration::from_secs(30));
         assert_eq!(a.etcd_endpoints.len(), 2);
         assert!(!a.kvstoremesh);

@@ -13,21 +13,40 @@ use tokio::sync::{mpsc, watch};
 
 use crate::index::{ProbeKind, ProbeTarget};
 
-/// Consecutive probe results -> verdicts.
+/// One target's probe history.
+#[derive(Debug, Clone)]
+struct Track {
+    /// Failed probes in a row.
+    fails: u32,
+    /// Good probes in a row.
+    goods: u32,
+    verdict: Verdict,
+}
+
+/// Consecutive probe results -> verdicts, with a failback hold-down.
+///
+/// `failures` misses in a row make a healthy backend failing; a failing backend comes back after
+/// `rise` good probes in a row, so a backend that fails every other probe never takes traffic back
+/// until it is steady. (A hold-down that grows with each flap was tried and left out: a rehearsed
+/// drill, kill then restart then kill again within seconds, is indistinguishable from a flap, and
+/// the chaos scenarios' backends then came back seconds later than their 1 s window.)
 #[derive(Debug)]
 pub struct HealthTracker {
     failures_needed: u32,
-    state: BTreeMap<ProbeTarget, (u32, Verdict)>,
+    rise: u32,
+    state: BTreeMap<ProbeTarget, Track>,
     /// When the current streak began: the first failed probe of a failure streak, or the first good
     /// probe after failing.
     since: BTreeMap<ProbeTarget, std::time::SystemTime>,
 }
 
 impl HealthTracker {
-    /// A tracker that declares a backend failing after `failures_needed` failed probes in a row.
-    pub fn new(failures_needed: u32) -> Self {
+    /// A tracker that declares a backend failing after `failures_needed` failed probes in a row
+    /// and healthy again after `rise` good ones in a row.
+    pub fn new(failures_needed: u32, rise: u32) -> Self {
         Self {
             failures_needed: failures_needed.max(1),
+            rise: rise.max(1),
             state: BTreeMap::new(),
             since: BTreeMap::new(),
         }
@@ -44,8 +63,14 @@ impl HealthTracker {
         let mut changed = self.state.len() != before;
         for t in targets {
             if !self.state.contains_key(t) {
-                self.state
-                    .insert(t.clone(), (self.failures_needed - 1, Verdict::Healthy));
+                self.state.insert(
+                    t.clone(),
+                    Track {
+                        fails: self.failures_needed - 1,
+                        goods: 0,
+                        verdict: Verdict::Healthy,
+                    },
+                );
                 changed = true;
             }
         }
@@ -57,36 +82,49 @@ impl HealthTracker {
         self.state.keys()
     }
 
+    /// Whether `target` is failing and has started a good streak that is not yet enough.
+    pub fn rising(&self, target: &ProbeTarget) -> bool {
+        self.state
+            .get(target)
+            .is_some_and(|t| t.verdict == Verdict::Failing && t.goods > 0)
+    }
+
     /// Record a probe result; returns whether the verdict changed.
     pub fn record(&mut self, target: &ProbeTarget, ok: bool) -> bool {
-        let Some((fails, verdict)) = self.state.get_mut(target) else {
+        let rise = self.rise;
+        let failures_needed = self.failures_needed;
+        let Some(t) = self.state.get_mut(target) else {
             return false;
         };
-        let old = *verdict;
-        let now = std::time::SystemTime::now();
+        let old = t.verdict;
+        let wall = std::time::SystemTime::now();
         if ok {
-            if *fails > 0 || old == Verdict::Failing {
+            if t.fails > 0 || (old == Verdict::Failing && t.goods == 0) {
                 // A good probe after failures: the recovery started now.
-                self.since.insert(target.clone(), now);
+                self.since.insert(target.clone(), wall);
             }
-            *fails = 0;
-            *verdict = Verdict::Healthy;
+            t.fails = 0;
+            t.goods = t.goods.saturating_add(1);
+            if old == Verdict::Failing && t.goods >= rise {
+                t.verdict = Verdict::Healthy;
+            }
         } else {
-            if *fails == 0 {
+            if t.fails == 0 && (old == Verdict::Healthy || t.goods > 0) {
                 // The first failed probe of a streak: the failure started now.
-                self.since.insert(target.clone(), now);
+                self.since.insert(target.clone(), wall);
             }
-            *fails = fails.saturating_add(1);
-            if *fails >= self.failures_needed {
-                *verdict = Verdict::Failing;
+            t.goods = 0;
+            t.fails = t.fails.saturating_add(1);
+            if old == Verdict::Healthy && t.fails >= failures_needed {
+                t.verdict = Verdict::Failing;
             }
         }
-        old != *verdict
+        old != t.verdict
     }
 
     /// The verdict on a target.
     pub fn verdict(&self, target: &ProbeTarget) -> Option<Verdict> {
-        self.state.get(target).map(|(_, v)| *v)
+        self.state.get(target).map(|t| t.verdict)
     }
 
     /// The report to publish.
@@ -97,11 +135,11 @@ impl HealthTracker {
             verdicts: self
                 .state
                 .iter()
-                .map(|(t, (_, v))| BackendVerdict {
+                .map(|(t, track)| BackendVerdict {
                     ip: t.ip,
                     port: t.port,
                     protocol: t.protocol,
-                    verdict: *v,
+                    verdict: track.verdict,
                     since: self
                         .since
                         .get(t)
@@ -150,15 +188,16 @@ pub async fn run_health_checker(
     node: String,
     interval: Duration,
     failures: u32,
+    rise: u32,
     mut targets: watch::Receiver<BTreeSet<ProbeTarget>>,
     publish: mpsc::UnboundedSender<HealthReport>,
 ) {
-    let mut tracker = HealthTracker::new(failures);
+    let mut tracker = HealthTracker::new(failures, rise);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.max(Duration::from_millis(100));
     // After a miss, the next probe of that backend comes sooner, so `failures` misses in a row
-    // are confirmed in a fraction of the interval.
+    // are confirmed in a fraction of the interval; so are the good probes of a recovery.
     let retry = (interval / 4).max(Duration::from_millis(10));
     let mut retry_list: Vec<ProbeTarget> = Vec::new();
     let mut published_once = false;
@@ -183,7 +222,9 @@ pub async fn run_health_checker(
                 tracing::info!(backend = %format!("{}:{}", t.ip, t.port), healthy = ok, "health verdict changed");
                 changed = true;
             }
-            if !ok && tracker.verdict(t) == Some(Verdict::Healthy) {
+            let confirm_miss = !ok && tracker.verdict(t) == Some(Verdict::Healthy);
+            let confirm_rise = ok && tracker.rising(t);
+            if confirm_miss || confirm_rise {
                 retry_list.push(t.clone());
             }
         }
@@ -212,7 +253,7 @@ mod tests {
 
     #[test]
     fn verdicts_carry_when_their_streak_began() {
-        let mut h = HealthTracker::new(2);
+        let mut h = HealthTracker::new(2, 1);
         let a = t(1, ProbeKind::Tcp);
         let c = ClusterName::new("c1").unwrap();
         h.set_targets(&BTreeSet::from([a.clone()]));
@@ -244,13 +285,16 @@ mod tests {
     }
 
     #[test]
-    fn failing_after_n_misses_and_healthy_after_one_success() {
-        let mut h = HealthTracker::new(2);
+    fn failing_after_n_misses_and_healthy_after_rise_successes() {
+        let mut h = HealthTracker::new(2, 2);
         let a = t(1, ProbeKind::Tcp);
         assert!(h.set_targets(&BTreeSet::from([a.clone()])));
         // The first probe of a new target decides.
         assert!(h.record(&a, false));
         assert_eq!(h.verdict(&a), Some(Verdict::Failing));
+        // Two good probes in a row bring it back.
+        assert!(!h.record(&a, true));
+        assert!(h.rising(&a));
         assert!(h.record(&a, true));
         // From then on two misses in a row.
         assert!(!h.record(&a, false));
@@ -258,16 +302,33 @@ mod tests {
         assert!(h.record(&a, false));
         assert_eq!(h.verdict(&a), Some(Verdict::Failing));
         assert!(!h.record(&a, false));
-        assert!(h.record(&a, true));
-        assert_eq!(h.verdict(&a), Some(Verdict::Healthy));
-        // A success in between resets the count.
-        h.record(&a, false);
+        // A miss in between restarts the good streak.
         h.record(&a, true);
-        assert!(!h.record(&a, false));
+        h.record(&a, false);
+        assert_eq!(h.verdict(&a), Some(Verdict::Failing));
+        assert!(!h.rising(&a));
         let r = h.report(&ClusterName::new("c1").unwrap(), "n1");
         assert_eq!(r.verdicts.len(), 1);
         assert!(h.set_targets(&BTreeSet::new()));
         assert_eq!(h.verdict(&a), None);
+    }
+
+    #[test]
+    fn a_backend_failing_every_other_probe_never_comes_back() {
+        let mut h = HealthTracker::new(2, 2);
+        let a = t(1, ProbeKind::Tcp);
+        h.set_targets(&BTreeSet::from([a.clone()]));
+        h.record(&a, false);
+        assert_eq!(h.verdict(&a), Some(Verdict::Failing));
+        // 10 s of probes at 200 ms, every other one failing.
+        for i in 0..50 {
+            h.record(&a, i % 2 == 0);
+            assert_eq!(h.verdict(&a), Some(Verdict::Failing), "probe {i}");
+        }
+        // Steady again: back after two good probes.
+        h.record(&a, true);
+        assert!(h.record(&a, true));
+        assert_eq!(h.verdict(&a), Some(Verdict::Healthy));
     }
 
     #[tokio::test]

@@ -40,6 +40,16 @@ pub enum Reason {
     },
     /// Affinity none: every usable backend of every candidate cluster.
     AllUsable,
+    /// Every ready backend is judged failing by its health checks: rather than refuse every connect
+    /// (a probe that cannot reach pods, a wrong probe port), the ready backends of the first group
+    /// that has any are used anyway, as Envoy's panic threshold does. Loud: a warning in the log, a
+    /// metric, this reason on the status page.
+    FailOpen {
+        /// Clusters of the group in use.
+        clusters: Vec<ClusterName>,
+        /// Ready backends failing their health check (all of the group's).
+        failing: usize,
+    },
     /// Nothing is usable anywhere: the last usable backends that still serve (terminating) are kept.
     KeepServing,
     /// Nothing is usable anywhere: no backend, so connects fail fast.
@@ -73,6 +83,11 @@ impl fmt::Display for Reason {
                 names(clusters)
             ),
             Reason::AllUsable => f.write_str("affinity none: every usable backend"),
+            Reason::FailOpen { clusters, failing } => write!(
+                f,
+                "failing open: all {failing} ready backends fail their health check, using the ready backends of {} anyway",
+                names(clusters)
+            ),
             Reason::KeepServing => f.write_str(
                 "no usable backend anywhere: keeping the last usable backends that still serve",
             ),
@@ -120,6 +135,9 @@ pub struct ServiceStatus {
     pub clusters: Vec<ClusterName>,
     /// Clusters left out because they are stale.
     pub stale_clusters: Vec<ClusterName>,
+    /// Clusters left out because their backends do not answer from this node (data plane).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreachable_clusters: Vec<ClusterName>,
     /// Frontends and their selections.
     pub frontends: Vec<FrontendSelection>,
     /// Set when the service has no frontend here.
@@ -152,6 +170,56 @@ pub enum ProbeKind {
 type BackendAddr = (IpAddr, u16, Protocol);
 type Reporter = (ClusterName, String);
 
+/// Health verdicts by the cluster whose node published them, then backend address, then reporting
+/// node. A node probes only its own cluster's backends, so a verdict applies to the backend of that
+/// address *in the reporter's cluster*: with overlapping pod CIDRs, one cluster's verdict on
+/// 10.0.1.5:8080 never moves another cluster's backend of the same address.
+#[derive(Debug, Default)]
+struct Verdicts(HashMap<ClusterName, HashMap<BackendAddr, BTreeMap<String, Verdict>>>);
+
+impl Verdicts {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether any node of `cluster` judges its backend `addr` failing.
+    fn failing(&self, cluster: &ClusterName, addr: &BackendAddr) -> bool {
+        self.0
+            .get(cluster)
+            .and_then(|m| m.get(addr))
+            .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing))
+    }
+
+    /// Whether some node of `cluster` has a verdict on its backend `addr`.
+    fn has(&self, cluster: &ClusterName, addr: &BackendAddr) -> bool {
+        self.0.get(cluster).is_some_and(|m| m.contains_key(addr))
+    }
+
+    fn insert(&mut self, (cluster, node): &Reporter, addr: BackendAddr, verdict: Verdict) {
+        self.0
+            .entry(cluster.clone())
+            .or_default()
+            .entry(addr)
+            .or_default()
+            .insert(node.clone(), verdict);
+    }
+
+    fn remove(&mut self, (cluster, node): &Reporter, addr: &BackendAddr) {
+        let Some(by_addr) = self.0.get_mut(cluster) else {
+            return;
+        };
+        if let Some(m) = by_addr.get_mut(addr) {
+            m.remove(node);
+            if m.is_empty() {
+                by_addr.remove(addr);
+            }
+        }
+        if by_addr.is_empty() {
+            self.0.remove(cluster);
+        }
+    }
+}
+
 /// Nodes whose health publication lapsed, and the backends nobody checks any more because of it.
 ///
 /// Only a node's own node-sync probes the backends on that node, and it publishes the verdicts
@@ -180,8 +248,9 @@ struct Lapsed {
     reporters: HashMap<Reporter, Vec<BackendAddr>>,
     /// Lapsed node names per cluster.
     nodes: HashMap<ClusterName, HashSet<String>>,
-    /// Addresses covered by a lapsed report, with the number of such reports.
-    addrs: HashMap<BackendAddr, u32>,
+    /// Addresses covered by a lapsed report, per the reporter's cluster, with the number of such
+    /// reports.
+    addrs: HashMap<ClusterName, HashMap<BackendAddr, u32>>,
 }
 
 impl Lapsed {
@@ -194,8 +263,9 @@ impl Lapsed {
         if self.reporters.contains_key(&reporter) {
             return false;
         }
+        let addrs = self.addrs.entry(reporter.0.clone()).or_default();
         for a in &covered {
-            *self.addrs.entry(*a).or_default() += 1;
+            *addrs.entry(*a).or_default() += 1;
         }
         self.nodes
             .entry(reporter.0.clone())
@@ -209,12 +279,17 @@ impl Lapsed {
     /// report covered, if it was lapsed.
     fn remove(&mut self, reporter: &Reporter) -> Option<Vec<BackendAddr>> {
         let covered = self.reporters.remove(reporter)?;
-        for a in &covered {
-            if let Some(n) = self.addrs.get_mut(a) {
-                *n -= 1;
-                if *n == 0 {
-                    self.addrs.remove(a);
+        if let Some(addrs) = self.addrs.get_mut(&reporter.0) {
+            for a in &covered {
+                if let Some(n) = addrs.get_mut(a) {
+                    *n -= 1;
+                    if *n == 0 {
+                        addrs.remove(a);
+                    }
                 }
+            }
+            if addrs.is_empty() {
+                self.addrs.remove(&reporter.0);
             }
         }
         if let Some(s) = self.nodes.get_mut(&reporter.0) {
@@ -233,12 +308,14 @@ impl Lapsed {
         cluster: &ClusterName,
         ep: &Endpoint,
         addr: &BackendAddr,
-        health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+        health: &Verdicts,
     ) -> bool {
-        if self.is_empty() || health.contains_key(addr) {
+        if self.is_empty() || health.has(cluster, addr) {
             return false;
         }
-        self.addrs.contains_key(addr)
+        self.addrs
+            .get(cluster)
+            .is_some_and(|m| m.contains_key(addr))
             || ep
                 .node
                 .as_ref()
@@ -267,8 +344,10 @@ pub struct MergeIndex {
     local: ClusterName,
     services: HashMap<ServiceName, ServiceEntry>,
     stale: BTreeSet<ClusterName>,
-    /// Verdicts by backend address and reporter.
-    health: HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
+    /// Remote clusters whose backends do not answer from this node (see `crate::reach`).
+    unreachable: BTreeSet<ClusterName>,
+    /// Verdicts by reporting cluster, backend address and reporting node.
+    health: Verdicts,
     reports: HashMap<Reporter, HealthReport>,
     /// Reporters whose publication lapsed (see [`Lapsed`]).
     lapsed: Lapsed,
@@ -279,6 +358,8 @@ pub struct MergeIndex {
     changed: HashSet<Frontend>,
     failovers: u64,
     group_changes: Vec<GroupChange>,
+    /// The cause of recomputes that are not input changes (set by the event being applied).
+    cause: MoveCause,
     generation: u64,
 }
 
@@ -291,6 +372,34 @@ pub struct GroupChange {
     pub from: Vec<ClusterName>,
     /// Clusters selected now (empty: none).
     pub to: Vec<ClusterName>,
+    /// What moved it: the first signal the move's duration is measured from.
+    pub cause: MoveCause,
+}
+
+/// What made a service's traffic move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveCause {
+    /// Its specs, import or endpoints changed (endpoints terminating or not ready, a scale-down).
+    Endpoints,
+    /// Health verdicts (a probe failed or recovered, a node's verdicts lapsed).
+    Health,
+    /// A cluster became stale or live again, or was removed.
+    Liveness,
+    /// A remote cluster's backends stopped (or started again) answering probes from this node.
+    Reachability,
+}
+
+impl MoveCause {
+    /// The name shown in records and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveCause::Endpoints => "endpoints",
+            MoveCause::Health => "health",
+            MoveCause::Liveness => "liveness",
+            MoveCause::Reachability => "reachability",
+        }
+    }
 }
 
 fn selected_clusters(sel: Option<&FrontendSelection>) -> Vec<ClusterName> {
@@ -311,7 +420,8 @@ impl MergeIndex {
             local,
             services: HashMap::new(),
             stale: BTreeSet::new(),
-            health: HashMap::new(),
+            unreachable: BTreeSet::new(),
+            health: Verdicts::default(),
             reports: HashMap::new(),
             lapsed: Lapsed::default(),
             ip_services: HashMap::new(),
@@ -320,6 +430,7 @@ impl MergeIndex {
             changed: HashSet::new(),
             failovers: 0,
             group_changes: Vec::new(),
+            cause: MoveCause::Health,
             generation: 0,
         }
     }
@@ -460,9 +571,7 @@ impl MergeIndex {
         }
         for v in &report.verdicts {
             self.health
-                .entry((v.ip, v.port, v.protocol))
-                .or_default()
-                .insert(reporter.clone(), v.verdict);
+                .insert(&reporter, (v.ip, v.port, v.protocol), v.verdict);
             touched.insert(v.ip);
         }
         // Publishing again: its backends are checked again.
@@ -536,13 +645,7 @@ impl MergeIndex {
         touched: &mut HashSet<IpAddr>,
     ) {
         for v in &old.verdicts {
-            let addr = (v.ip, v.port, v.protocol);
-            if let Some(m) = self.health.get_mut(&addr) {
-                m.remove(reporter);
-                if m.is_empty() {
-                    self.health.remove(&addr);
-                }
-            }
+            self.health.remove(reporter, &(v.ip, v.port, v.protocol));
             touched.insert(v.ip);
         }
     }
@@ -555,8 +658,70 @@ impl MergeIndex {
             self.stale.remove(cluster)
         };
         if changed {
+            self.cause = MoveCause::Liveness;
             self.recompute_all();
+            self.cause = MoveCause::Health;
         }
+    }
+
+    /// Mark a remote cluster unreachable from this node (its backends leave this node's selection,
+    /// kept in memory) or reachable again. The local cluster is never left out.
+    pub fn set_unreachable(&mut self, cluster: &ClusterName, unreachable: bool) {
+        if *cluster == self.local {
+            return;
+        }
+        let changed = if unreachable {
+            self.unreachable.insert(cluster.clone())
+        } else {
+            self.unreachable.remove(cluster)
+        };
+        if changed {
+            self.cause = MoveCause::Reachability;
+            self.recompute_all();
+            self.cause = MoveCause::Health;
+        }
+    }
+
+    /// Remote clusters marked unreachable from this node.
+    pub fn unreachable_clusters(&self) -> &BTreeSet<ClusterName> {
+        &self.unreachable
+    }
+
+    /// What the reachability prober checks from this node, per remote cluster: the TCP backends
+    /// selected here (the traffic this node sends), and every usable-by-conditions TCP backend of a
+    /// cluster marked unreachable (to see it answer again). Sorted, deduplicated.
+    pub fn remote_probe_targets(&self) -> BTreeMap<ClusterName, Vec<std::net::SocketAddr>> {
+        let mut out: BTreeMap<ClusterName, BTreeSet<std::net::SocketAddr>> = BTreeMap::new();
+        for b in self.desired.values().flat_map(|b| b.iter()) {
+            if b.cluster != self.local && b.protocol == Protocol::Tcp {
+                out.entry(b.cluster.name().clone())
+                    .or_default()
+                    .insert(std::net::SocketAddr::new(b.ip, b.port));
+            }
+        }
+        for cluster in &self.unreachable {
+            for e in self.services.values() {
+                if e.status.as_ref().is_none_or(|s| s.frontends.is_empty()) {
+                    continue;
+                }
+                let Some(chunks) = e.endpoints.get(cluster) else {
+                    continue;
+                };
+                for ep in chunks.values().flatten() {
+                    if !ep.conditions.usable() {
+                        continue;
+                    }
+                    for p in ep.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                        out.entry(cluster.clone())
+                            .or_default()
+                            .insert(std::net::SocketAddr::new(ep.ip, p.port));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(c, s)| (c, s.into_iter().collect()))
+            .collect()
     }
 
     /// Forget everything read from `cluster` (it was disconnected).
@@ -601,7 +766,10 @@ impl MergeIndex {
             self.lapsed.remove(&r);
         }
         self.stale.remove(cluster);
+        self.unreachable.remove(cluster);
+        self.cause = MoveCause::Liveness;
         self.recompute_all();
+        self.cause = MoveCause::Health;
     }
 
     // ---- outputs -----------------------------------------------------------------------------
@@ -690,8 +858,7 @@ impl MergeIndex {
                 };
                 let failing = self
                     .health
-                    .get(&(ep.ip, port, sp.protocol))
-                    .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                    .failing(cref.name(), &(ep.ip, port, sp.protocol));
                 let orphaned = self.lapsed.orphaned(
                     cref.name(),
                     ep,
@@ -700,6 +867,8 @@ impl MergeIndex {
                 );
                 let why = if *cref != self.local && self.stale.contains(cref.name()) {
                     Some("cluster stale")
+                } else if *cref != self.local && self.unreachable.contains(cref.name()) {
+                    Some("cluster unreachable from this node")
                 } else if failing {
                     Some("failing health check")
                 } else if orphaned && !selected.contains(&b) {
@@ -754,14 +923,17 @@ impl MergeIndex {
                         .specs
                         .get(cref.name())
                         .is_some_and(|s| is_local || s.shared);
-                    if !shares || (!is_local && self.stale.contains(cref.name())) {
+                    if !shares
+                        || (!is_local
+                            && (self.stale.contains(cref.name())
+                                || self.unreachable.contains(cref.name())))
+                    {
                         continue;
                     }
                     for ep in chunks.values().flatten() {
                         let failing = ep.ports.iter().any(|p| {
                             self.health
-                                .get(&(ep.ip, p.port, p.protocol))
-                                .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing))
+                                .failing(cref.name(), &(ep.ip, p.port, p.protocol))
                         });
                         if !ep.conditions.usable() || failing {
                             continue;
@@ -803,6 +975,23 @@ impl MergeIndex {
             });
         }
         zone
+    }
+
+    /// Frontends failing open now (every ready backend fails its health check), with their service.
+    pub fn fail_open(&self) -> Vec<(&ServiceName, Frontend)> {
+        let mut v: Vec<_> = self
+            .services
+            .values()
+            .filter_map(|e| e.status.as_ref())
+            .flat_map(|s| {
+                s.frontends
+                    .iter()
+                    .filter(|f| matches!(f.reason, Reason::FailOpen { .. }))
+                    .map(move |f| (&s.service, f.frontend))
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// How many times a frontend moved from its preferred group to a failover group.
@@ -857,8 +1046,9 @@ impl MergeIndex {
     /// Number of endpoints held (all clusters).
     /// When the backends of `service` in `clusters` last changed to `verdict`, by their reporters' clocks:
     /// the latest `since` of a failing verdict (a failover starts when the last usable backend fails;
-    /// a backend failing for long before does not count), or the earliest `since` of a healthy one (a
-    /// failback starts when the first backend of the preferred group recovers).
+    /// a backend failing for long before does not count), or the latest `since` of a healthy one (a
+    /// failback follows a recovery just seen; backends healthy for long, unusable for another reason,
+    /// must not count).
     pub fn verdict_since(
         &self,
         service: &ServiceName,
@@ -866,18 +1056,19 @@ impl MergeIndex {
         verdict: Verdict,
     ) -> Option<time::OffsetDateTime> {
         let entry = self.services.get(service)?;
-        let ips: HashSet<IpAddr> = entry
+        // Verdicts apply to the reporter's own cluster's backends (see [`Verdicts`]).
+        let ips: HashSet<(&ClusterName, IpAddr)> = entry
             .endpoints
             .iter()
             .filter(|(c, _)| clusters.contains(c.name()))
-            .flat_map(|(_, chunks)| chunks.values().flatten().map(|e| e.ip))
+            .flat_map(|(c, chunks)| chunks.values().flatten().map(move |e| (c.name(), e.ip)))
             .collect();
         let times = self
             .reports
-            .values()
-            .flat_map(|r| r.verdicts.iter())
-            .filter_map(|v| {
-                (v.verdict == verdict && ips.contains(&v.ip))
+            .iter()
+            .flat_map(|((c, _), r)| r.verdicts.iter().map(move |v| (c, v)))
+            .filter_map(|(c, v)| {
+                (v.verdict == verdict && ips.contains(&(c, v.ip)))
                     .then_some(v.since.as_deref())
                     .flatten()
                     .and_then(|t| {
@@ -888,10 +1079,7 @@ impl MergeIndex {
                         .ok()
                     })
             });
-        match verdict {
-            Verdict::Failing => times.max(),
-            Verdict::Healthy => times.min(),
-        }
+        times.max()
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -936,12 +1124,18 @@ impl MergeIndex {
         }
         let old = entry.status.take();
         let old_groups = selected_clusters(old.as_ref().and_then(|s| s.frontends.first()));
+        let cause = if inputs_changed {
+            MoveCause::Endpoints
+        } else {
+            self.cause
+        };
         if entry.is_empty() {
             if !old_groups.is_empty() {
                 self.group_changes.push(GroupChange {
                     service: name.clone(),
                     from: old_groups,
                     to: Vec::new(),
+                    cause,
                 });
             }
             for f in old.iter().flat_map(|s| s.frontends.iter()) {
@@ -949,15 +1143,14 @@ impl MergeIndex {
             }
             return;
         }
-        let status = select(
-            name,
-            &self.local,
-            &self.stale,
-            &self.health,
-            &self.lapsed,
-            old.as_ref(),
-            &entry,
-        );
+        let ctx = SelectContext {
+            local: &self.local,
+            stale: &self.stale,
+            unreachable: &self.unreachable,
+            health: &self.health,
+            lapsed: &self.lapsed,
+        };
+        let status = select(name, &ctx, old.as_ref(), &entry);
         if let Some(old) = &old {
             for f in &old.frontends {
                 if !status.frontends.iter().any(|n| n.frontend == f.frontend) {
@@ -966,6 +1159,27 @@ impl MergeIndex {
             }
         }
         for sel in &status.frontends {
+            let was_fail_open = old.as_ref().is_some_and(|o| {
+                o.frontends.iter().any(|f| {
+                    f.frontend == sel.frontend && matches!(f.reason, Reason::FailOpen { .. })
+                })
+            });
+            match (&sel.reason, was_fail_open) {
+                (Reason::FailOpen { failing, .. }, false) => tracing::warn!(
+                    service = %name,
+                    frontend = %sel.frontend,
+                    failing,
+                    backends = sel.backends.len(),
+                    "every ready backend fails its health check: failing open (connects spread over the ready backends; check the probe port and what blocks node-to-pod probes)"
+                ),
+                (r, true) if !matches!(r, Reason::FailOpen { .. }) => tracing::info!(
+                    service = %name,
+                    frontend = %sel.frontend,
+                    reason = %r,
+                    "no longer failing open"
+                ),
+                _ => {}
+            }
             let was_failed_over = old.as_ref().is_some_and(|o| {
                 o.frontends.iter().any(|f| {
                     f.frontend == sel.frontend && matches!(f.reason, Reason::FailedOver { .. })
@@ -1001,6 +1215,7 @@ impl MergeIndex {
                 service: name.clone(),
                 from: old_groups,
                 to: new_groups,
+                cause,
             });
         }
         entry.status = Some(status);
@@ -1066,15 +1281,28 @@ fn serialize_backends<S: serde::Serializer>(b: &Backends, s: S) -> Result<S::Ok,
     s.collect_seq(b.iter())
 }
 
+/// What selection reads besides the service itself.
+struct SelectContext<'a> {
+    local: &'a ClusterName,
+    stale: &'a BTreeSet<ClusterName>,
+    unreachable: &'a BTreeSet<ClusterName>,
+    health: &'a Verdicts,
+    lapsed: &'a Lapsed,
+}
+
 fn select(
     name: &ServiceName,
-    local: &ClusterName,
-    stale: &BTreeSet<ClusterName>,
-    health: &HashMap<BackendAddr, BTreeMap<Reporter, Verdict>>,
-    lapsed: &Lapsed,
+    ctx: &SelectContext<'_>,
     old: Option<&ServiceStatus>,
     entry: &ServiceEntry,
 ) -> ServiceStatus {
+    let SelectContext {
+        local,
+        stale,
+        unreachable,
+        health,
+        lapsed,
+    } = *ctx;
     let local_spec = entry.specs.get(local);
     // The spec that governs affinity and failover order: the local one, else the first remote one.
     let governing = local_spec.or_else(|| entry.specs.values().next());
@@ -1096,9 +1324,14 @@ fn select(
         .filter(|c| **c != local && stale.contains(**c))
         .map(|c| (*c).clone())
         .collect();
+    let unreachable_clusters: Vec<ClusterName> = sharing
+        .iter()
+        .filter(|c| **c != local && unreachable.contains(**c) && !stale.contains(**c))
+        .map(|c| (*c).clone())
+        .collect();
     let candidate_clusters: Vec<&ClusterName> = sharing
         .iter()
-        .filter(|c| **c == local || !stale.contains(**c))
+        .filter(|c| **c == local || !(stale.contains(**c) || unreachable.contains(**c)))
         .copied()
         .collect();
 
@@ -1107,6 +1340,7 @@ fn select(
         affinity,
         clusters: sharing.iter().map(|c| (*c).clone()).collect(),
         stale_clusters,
+        unreachable_clusters,
         frontends: Vec::new(),
         no_frontend: None,
     };
@@ -1181,9 +1415,7 @@ fn select(
                         continue;
                     };
                     let failing = !health.is_empty()
-                        && health
-                            .get(&(ep.ip, port, sp.protocol))
-                            .is_some_and(|m| m.values().any(|v| *v == Verdict::Failing));
+                        && health.failing(cref.name(), &(ep.ip, port, sp.protocol));
                     let orphaned =
                         lapsed.orphaned(cref.name(), ep, &(ep.ip, port, sp.protocol), health);
                     cands.push(Candidate {
@@ -1247,6 +1479,27 @@ fn select(
                     };
                     chosen = Some((picked, reason));
                     break 'passes;
+                }
+            }
+            if chosen.is_none() {
+                // Fail open: ready backends exist but every one fails its health check.
+                for g in &groups {
+                    let mut picked: Vec<Backend> = Vec::new();
+                    let mut failing = 0;
+                    for (cref, cands) in &per_cluster {
+                        if !g.contains(&cref.name()) {
+                            continue;
+                        }
+                        for c in cands.iter().filter(|c| c.conditions.usable()) {
+                            failing += usize::from(c.failing);
+                            picked.push(backend(cref, c));
+                        }
+                    }
+                    if !picked.is_empty() {
+                        let clusters = g.iter().map(|c| (*c).clone()).collect();
+                        chosen = Some((picked, Reason::FailOpen { clusters, failing }));
+                        break;
+                    }
                 }
             }
             let (backends, reason) = match chosen {

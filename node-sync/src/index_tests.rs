@@ -1,7 +1,6 @@
 //! Unit tests of the merge index: every selection rule and the transitions between them.
 
 use super::*;
-use crate::lb::Backends;
 use mesh_model::values::{BackendVerdict, EndpointPort};
 
 // ---- builders ------------------------------------------------------------------------------------
@@ -311,7 +310,7 @@ fn health_change_recomputes_only_services_on_those_addresses() {
     let mut other = SpecB::new("c1").frontends(&["10.96.0.99"]).build();
     other.name = "other".into();
     ix.upsert_service(other);
-    let mut ch = chunk("c1", 0, vec![ep("10.1.9.9")]);
+    let mut ch = chunk("c1", 0, vec![ep("10.1.9.9"), ep("10.1.9.8")]);
     ch.name = "other".into();
     ix.upsert_chunk(ch);
     ix.take_changes();
@@ -319,7 +318,14 @@ fn health_change_recomputes_only_services_on_those_addresses() {
     let changes = ix.take_changes();
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].0.ip.to_string(), "10.96.0.99");
-    assert_eq!(changes[0].1, Some(Backends::from(Vec::new())));
+    let left: Vec<String> = changes[0]
+        .1
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|b| b.ip.to_string())
+        .collect();
+    assert_eq!(left, ["10.1.9.8"]);
 }
 
 // ---- affinity remote / none ------------------------------------------------------------------------
@@ -498,7 +504,7 @@ fn serving_not_terminating_is_usable_even_when_not_ready() {
 }
 
 #[test]
-fn all_failing_health_gives_no_backends_even_if_serving() {
+fn every_ready_backend_failing_its_probe_fails_open_over_the_preferred_group() {
     let mut ix = three_clusters(Affinity::Local, &[]);
     ix.upsert_health(report(
         "c1",
@@ -506,20 +512,85 @@ fn all_failing_health_gives_no_backends_even_if_serving() {
         &[
             ("10.1.0.1", Verdict::Failing),
             ("10.1.0.2", Verdict::Failing),
-            ("10.2.0.1", Verdict::Failing),
-            ("10.3.0.1", Verdict::Failing),
         ],
     ));
+    // Remote backends are healthy: an ordinary failover, not failing open.
+    assert_eq!(picked(&ix, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
+    assert!(ix.fail_open().is_empty());
+    ix.upsert_health(report("c2", "n1", &[("10.2.0.1", Verdict::Failing)]));
+    ix.upsert_health(report("c3", "n1", &[("10.3.0.1", Verdict::Failing)]));
+    // Probes fail everywhere (a NetworkPolicy blocking node-to-pod traffic, a wrong probe port):
+    // spread over the ready backends of the preferred group rather than refuse every connect.
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert_eq!(
+        reason(&ix),
+        Reason::FailOpen {
+            clusters: vec![c("c1")],
+            failing: 2
+        }
+    );
+    assert!(reason(&ix).to_string().starts_with("failing open"));
+    assert_eq!(ix.fail_open(), [(&web(), fe())]);
+    // One backend answering its probe again ends failing open.
+    ix.upsert_health(report(
+        "c1",
+        "n1",
+        &[
+            ("10.1.0.1", Verdict::Healthy),
+            ("10.1.0.2", Verdict::Failing),
+        ],
+    ));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1"]);
+    assert!(ix.fail_open().is_empty());
+}
+
+#[test]
+fn no_ready_backend_at_all_still_refuses_at_once() {
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").build());
+    ix.upsert_chunk(chunk(
+        "c1",
+        0,
+        vec![cond(ep("10.1.0.1"), false, false, false)],
+    ));
+    ix.upsert_health(report("c1", "n1", &[("10.1.0.1", Verdict::Failing)]));
     assert_eq!(picked(&ix, &fe()), Vec::<String>::new());
     assert_eq!(
         reason(&ix),
         Reason::NoUsableBackends {
-            candidates: 4,
-            failing_health: 4
+            candidates: 1,
+            failing_health: 1
         }
     );
+    assert!(ix.fail_open().is_empty());
+}
+
+#[test]
+fn a_verdict_moves_only_the_backend_of_the_reporters_cluster() {
+    // Overlapping pod CIDRs: c1 and c2 both have a backend at 10.0.1.5:8080.
+    let mut ix = MergeIndex::new(c("c1"));
+    ix.upsert_service(SpecB::new("c1").affinity(Affinity::None).build());
+    ix.upsert_service(SpecB::new("c2").build());
+    ix.upsert_chunk(chunk("c1", 0, vec![ep("10.0.1.5"), ep("10.1.0.1")]));
+    ix.upsert_chunk(chunk("c2", 0, vec![ep("10.0.1.5")]));
+    ix.upsert_health(report("c2", "n1", &[("10.0.1.5", Verdict::Failing)]));
+    assert_eq!(
+        picked(&ix, &fe()),
+        ["c1/10.0.1.5", "c1/10.1.0.1"],
+        "c2's verdict takes out c2's backend only"
+    );
+    ix.upsert_health(report("c2", "n1", &[("10.0.1.5", Verdict::Healthy)]));
+    ix.upsert_health(report("c1", "n1", &[("10.0.1.5", Verdict::Failing)]));
+    assert_eq!(picked(&ix, &fe()), ["c1/10.1.0.1", "c2/10.0.1.5"]);
+    // A lapse of c1's node n1 orphans c1's backends on it, not c2's of the same address.
     ix.delete_health(&c("c1"), "n1");
-    assert_eq!(picked(&ix, &fe()).len(), 2);
+    assert_eq!(picked(&ix, &fe()), ["c2/10.0.1.5"]);
+    let states = ix.backend_states(&web());
+    let c2_state = states
+        .iter()
+        .find(|(b, _, _)| b.cluster.name().as_str() == "c2")
+        .unwrap();
+    assert!(c2_state.1 && c2_state.2.is_none(), "{states:?}");
 }
 
 // ---- frontends -----------------------------------------------------------------------------------

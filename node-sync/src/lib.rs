@@ -15,4 +15,5 @@ pub mod health;
 pub mod index;
 pub mod lb;
 pub mod publish;
+pub mod reach;
 pub mod status;

@@ -3,21 +3,13 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use node_sync::agent::{self, AgentOptions};
-use node_sync::args::{Args, LogFormat};
+use node_sync::args::Args;
 use node_sync::lb::{FakeMaps, MapWriter};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Plain => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    mesh_logging::init(args.log_format, mesh_logging::filter_from_env("info"));
     let opts = AgentOptions::from_args(&args);
     let maps: Box<dyn MapWriter> = if args.fake_maps {
         tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");

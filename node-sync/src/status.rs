@@ -80,6 +80,7 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
                 "refused": c.refused,
                 "heartbeatAgeMs": c.liveness.heartbeat_age(now).map(|d| d.as_millis() as u64),
                 "staleSince": c.stale_since.map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
+                "unreachableSince": c.unreachable_since.map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
                 "keys": c.keys.len(),
                 "reconnects": c.reconnects,
                 "badValues": c.bad_values,
@@ -98,6 +99,7 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
                 "affinity": s.affinity,
                 "clusters": s.clusters,
                 "staleClusters": s.stale_clusters,
+                "unreachableClusters": s.unreachable_clusters,
                 "noFrontend": s.no_frontend,
                 "frontends": s.frontends.iter().map(|f| json!({
                     "frontend": f.frontend.to_string(),
@@ -167,6 +169,12 @@ pub fn render_metrics(st: &AgentState) -> String {
             "gauge",
             "1 when the cluster is stale (left out of selection)",
             Box::new(|c| f64::from(u8::from(matches!(c.state, LiveState::Stale(_))))),
+        ),
+        (
+            "nodesync_remote_unreachable",
+            "gauge",
+            "1 while no probed backend of the cluster answers from this node (left out of this node's selection)",
+            Box::new(|c| f64::from(u8::from(c.unreachable_since.is_some()))),
         ),
         (
             "nodesync_remote_refused",
@@ -243,6 +251,24 @@ pub fn render_metrics(st: &AgentState) -> String {
         "Frontends moved from their preferred clusters to a failover group",
     );
     let _ = writeln!(o, "nodesync_failovers_total {}", st.index.failovers());
+    family(
+        &mut o,
+        "nodesync_service_fail_open",
+        "gauge",
+        "1 while every ready backend of the frontend fails its health check and connects are spread over them anyway (fail open)",
+    );
+    let fail_open = st.index.fail_open();
+    if fail_open.is_empty() {
+        let _ = writeln!(o, "nodesync_service_fail_open 0");
+    }
+    for (svc, fe) in fail_open {
+        let _ = writeln!(
+            o,
+            "nodesync_service_fail_open{{service=\"{}\",frontend=\"{}\"}} 1",
+            esc(&svc.to_string()),
+            esc(&fe.to_string())
+        );
+    }
     family(
         &mut o,
         "nodesync_ready",

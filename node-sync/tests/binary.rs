@@ -176,3 +176,48 @@ fn help_documents_every_flag() {
         "env fallbacks shown"
     );
 }
+
+/// `node-sync ... > node-sync.log 2>&1`, as a shell redirect or a systemd unit does: the file holds
+/// plain text, no terminal colour codes (the user reads it with less, grep or journald).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_logs_written_to_a_file_carry_no_colour_codes() {
+    let e1 = Etcd::start().await;
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    w1.publish_all(
+        vec![spec("c1", Affinity::Local)],
+        vec![chunk("c1", 0, vec![endpoint("127.0.0.1", 1, "other-node")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node-sync.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_node-sync"))
+        .args(["--cluster-name", "c1", "--cluster-id", "1"])
+        .args(["--node-name", "n1", "--etcd-endpoints", &e1.url()])
+        .args(["--status-listen", &format!("127.0.0.1:{port}")])
+        .arg("--fake-maps")
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .expect("spawn node-sync");
+    let mut p = Proc(child);
+    let t0 = std::time::Instant::now();
+    while !matches!(http_get(port, "/readyz").await, Some((200, _))) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node-sync never became ready:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = p.0.kill();
+    let _ = p.0.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.lines().filter(|l| l.contains(" INFO ")).count();
+    assert!(lines >= 3, "expected start-up INFO lines, got:\n{text}");
+    let escapes = text.bytes().filter(|&b| b == 0x1b).count();
+    assert_eq!(escapes, 0, "escape bytes in a log file:\n{text:?}");
+}

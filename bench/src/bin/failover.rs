@@ -1,4 +1,4 @@
-//! Failover and failback on the mesh lab (DESIGN "Performance targets": failover p99 <= 500 ms,
+//! Failover and failback on the mesh lab (DESIGN.md "Performance targets": failover p99 <= 500 ms,
 //! failback p99 <= 500 ms, default settings), measured by `clustermesh demo`'s drills repeated
 //! on one two-cluster lab: every component real (TLS etcd, clustermesh-apiservers, node-syncs with
 //! the eBPF datapath, backends and a client in network namespaces).

@@ -374,6 +374,8 @@ fn options(local_url: &str, remote_dir: &Path) -> AgentOptions {
         kvstoremesh: false,
         health_interval: Duration::from_millis(200),
         health_failures: 2,
+        health_rise: 2,
+        remote_probe_timeout: Some(Duration::from_millis(250)),
         watch: WatchSettings::default(),
         remote_dir_poll: Duration::from_secs(1),
         status_every: Duration::from_secs(5),

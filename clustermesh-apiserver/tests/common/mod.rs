@@ -101,6 +101,7 @@ impl Apiserver {
             .args(["--manifest-poll-interval", "50ms"])
             .args(&o.extra)
             .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()

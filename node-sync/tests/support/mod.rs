@@ -242,6 +242,8 @@ pub fn options_url(url: &str, cluster: &str, id: u32, remote_dir: Option<&Path>)
         kvstoremesh: false,
         health_interval: Duration::from_millis(200),
         health_failures: 2,
+        health_rise: 2,
+        remote_probe_timeout: Some(Duration::from_millis(250)),
         watch: WatchSettings {
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_millis(500),

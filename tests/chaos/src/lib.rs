@@ -4,7 +4,7 @@
 //! cluster, clustermesh-apiservers, a node-sync with the eBPF datapath on every node, identity
 //! backends) and keeps a [`Model`] of what the operator did to it: which endpoints are published
 //! ready, which backends run, which node-syncs, apiservers and etcds run, which clusters are
-//! partitioned. From the model it computes, for every node, the backend set DESIGN's selection
+//! partitioned. From the model it computes, for every node, the backend set DESIGN.md's selection
 //! rules give for the global service `default/echo` ([`Model::expected`]), and compares it with what
 //! the node's pinned BPF maps hold ([`ChaosMesh::observed`], read with
 //! `global_lb_bpf::Datapath::inspect`).
@@ -77,6 +77,10 @@ pub struct Model {
     pub etcd_down: BTreeSet<usize>,
     /// Partitioned cluster pairs (a < b).
     pub partitions: BTreeSet<(usize, usize)>,
+    /// Cluster pairs (a < b) whose control planes are cut apart (backends still reach each other).
+    pub control_plane_cuts: BTreeSet<(usize, usize)>,
+    /// The demo service's affinity is `none` (else `local`).
+    pub affinity_none: bool,
     /// node-syncs that were down while their backend was down: their last verdict may linger or
     /// lapse with the lease, so those backends are unknown until they run again.
     pub unreported: BTreeSet<(usize, usize)>,
@@ -119,6 +123,8 @@ impl Model {
             apiserver_down: BTreeSet::new(),
             etcd_down: BTreeSet::new(),
             partitions: BTreeSet::new(),
+            control_plane_cuts: BTreeSet::new(),
+            affinity_none: false,
             unreported: BTreeSet::new(),
             isolated: BTreeSet::new(),
             lapsed: BTreeSet::new(),
@@ -165,13 +171,19 @@ impl Model {
     /// Whether node-syncs of cluster `c` see cluster `r` as it is now (not cut off, its etcd and
     /// apiserver up).
     fn sees(&self, c: usize, r: usize) -> bool {
-        !self.partitioned(c, r) && !self.etcd_down.contains(&r) && !self.apiserver_down.contains(&r)
+        !self.partitioned(c, r)
+            && !self.control_plane_cuts.contains(&(c.min(r), c.max(r)))
+            && !self.etcd_down.contains(&r)
+            && !self.apiserver_down.contains(&r)
     }
 
     /// The backends a node of cluster `c` must have for the demo service (affinity local): the
     /// usable local backends, else the usable backends of every other cluster. `None`: the rules
     /// leave it to timing (see the crate docs).
     pub fn expected(&self, c: usize) -> Option<BTreeSet<(usize, usize)>> {
+        if self.affinity_none {
+            return self.expected_none(c);
+        }
         let group = |cs: &[usize]| -> Option<BTreeSet<(usize, usize)>> {
             let mut out = BTreeSet::new();
             for &cl in cs {
@@ -191,7 +203,12 @@ impl Model {
         if !local.is_empty() {
             return Some(local);
         }
-        let remotes: Vec<usize> = (1..=self.clusters).filter(|r| *r != c).collect();
+        // A remote cut off from this cluster (data and control plane) leaves its nodes' selection
+        // within a second (their own probes); one seen only partly (its control plane down or cut
+        // off) leaves the answer to timing.
+        let remotes: Vec<usize> = (1..=self.clusters)
+            .filter(|r| *r != c && !self.partitioned(c, *r))
+            .collect();
         if remotes.iter().any(|r| !self.sees(c, *r)) {
             return None;
         }
@@ -201,6 +218,33 @@ impl Model {
             return None;
         }
         Some(remote)
+    }
+
+    /// Affinity none: the usable backends of this cluster and of every cluster whose backends this
+    /// cluster's nodes reach. A cluster cut off (data and control plane) leaves within a second, by
+    /// the nodes' own probes; one whose control plane alone is cut off stays (its backends answer;
+    /// the staleness timer, 30 s, is longer than any scenario).
+    fn expected_none(&self, c: usize) -> Option<BTreeSet<(usize, usize)>> {
+        let mut out = BTreeSet::new();
+        for cl in 1..=self.clusters {
+            if cl != c && self.partitioned(c, cl) {
+                continue;
+            }
+            if cl != c && (self.etcd_down.contains(&cl) || self.apiserver_down.contains(&cl)) {
+                // Its verdicts and endpoint changes no longer arrive: the model cannot tell.
+                return None;
+            }
+            for n in 1..=self.nodes {
+                match self.usable(cl, n) {
+                    Usable::Yes => {
+                        out.insert((cl, n));
+                    }
+                    Usable::No => {}
+                    Usable::Unknown => return None,
+                }
+            }
+        }
+        (!out.is_empty()).then_some(out)
     }
 
     /// Whether node `n` of cluster `c` has a node-sync whose maps are compared.
@@ -241,6 +285,8 @@ pub struct UpOptions {
     pub nodes: usize,
     /// Extra node-sync flags.
     pub node_sync_args: Vec<String>,
+    /// Affinity of the demo service: `local` (default) or `none`.
+    pub affinity: String,
 }
 
 impl UpOptions {
@@ -251,7 +297,14 @@ impl UpOptions {
             clusters,
             nodes,
             node_sync_args: Vec::new(),
+            affinity: "local".into(),
         }
+    }
+
+    /// The same with affinity `none`.
+    pub fn affinity_none(mut self) -> Self {
+        self.affinity = "none".into();
+        self
     }
 }
 
@@ -275,17 +328,21 @@ impl ChaosMesh {
         let started = Instant::now();
         let mut spec = LabMeshSpec::new(opts.prefix.clone(), opts.clusters, opts.nodes);
         spec.node_sync_args = opts.node_sync_args.clone();
+        spec.affinity = opts.affinity.clone();
+        anyhow::ensure!(
+            matches!(opts.affinity.as_str(), "local" | "none"),
+            "the chaos model knows affinity local and none, not {}",
+            opts.affinity
+        );
         let mesh = LabMesh::up(spec).with_context(|| format!("bring up mesh {}", opts.prefix))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("tokio runtime")?;
-        let mut me = Self {
-            model: Model::new(opts.clusters, opts.nodes),
-            mesh,
-            rt,
-        };
+        let mut model = Model::new(opts.clusters, opts.nodes);
+        model.affinity_none = opts.affinity == "none";
+        let mut me = Self { model, mesh, rt };
         me.connect_all()?;
         for c in 1..=opts.clusters {
             let local = format!("{}-", me.mesh.cluster_name(c));
@@ -717,6 +774,20 @@ impl ChaosMesh {
     pub fn partition(&mut self, a: usize, b: usize) -> Result<()> {
         self.mesh.lab().partition(a, b)?;
         self.model.partitions.insert((a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Cut the control planes of `a` and `b` apart (their backends still reach each other).
+    pub fn partition_control_plane(&mut self, a: usize, b: usize) -> Result<()> {
+        self.mesh.lab().partition_control_plane(a, b)?;
+        self.model.control_plane_cuts.insert((a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Heal the control-plane cut between `a` and `b`.
+    pub fn heal_control_plane(&mut self, a: usize, b: usize) -> Result<()> {
+        self.mesh.lab().heal_control_plane(a, b)?;
+        self.model.control_plane_cuts.remove(&(a.min(b), a.max(b)));
         Ok(())
     }
 

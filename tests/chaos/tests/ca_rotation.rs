@@ -1,5 +1,5 @@
 //! Rotation of the mesh's root CA and of every cluster's certificates (etcd's server certificate
-//! included) while traffic flows, the way DESIGN and `clustermesh ca --help` tell an operator to:
+//! included) while traffic flows, the way DESIGN.md and `clustermesh ca --help` tell an operator to:
 //!
 //! 1. `clustermesh ca rotate --ca <lab CA> --cluster-dir <c1> --cluster-dir <c2>`: a new root, the
 //!    bundle of every cluster holds old + new; etcd of both clusters restarted (etcd 3.4 reads its

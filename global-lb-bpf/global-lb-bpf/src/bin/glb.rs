@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, ServiceMaps, mounts};
-use tracing_subscriber::EnvFilter;
+use mesh_logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(name = "glb", about = "eBPF socket load balancer for global services")]
@@ -22,9 +22,9 @@ struct Args {
     /// Mount bpffs at /sys/fs/bpf first if it is not mounted.
     #[arg(long, env = "GLB_MOUNT_BPFFS")]
     mount_bpffs: bool,
-    /// Log format.
-    #[arg(long, env = "GLB_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
-    log_format: String,
+    /// Log format on stderr.
+    #[arg(long, env = "GLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,15 +57,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        subscriber.json().init();
-    } else {
-        subscriber.init();
-    }
+    mesh_logging::init(args.log_format, mesh_logging::filter_from_env("info"));
     if args.mount_bpffs {
         mounts::ensure_bpffs(std::path::Path::new(mounts::DEFAULT_BPFFS))?;
     }

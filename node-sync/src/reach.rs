@@ -1,0 +1,438 @@
+//! Data-plane reachability of remote clusters, from this node.
+//!
+//! Control-plane silence (a broken watch, a late heartbeat) says nothing about whether a remote
+//! cluster's backends still answer, and it comes too late: heartbeats are a second apart, and the
+//! staleness timer waits `--stale-grace` more. A whole remote cluster cut off (data and control
+//! plane) then left its backends selected for about 34 s, and every connect to them hung.
+//!
+//! So node-sync checks, from this node, the remote backends it actually sends traffic to (those
+//! selected on this node), a few per cluster every `--health-interval`. A probe is a TCP connect:
+//! an answer or a refusal (RST) proves the path works; only *silence* (a timeout, no route) counts
+//! against the cluster. When every probe of a cluster is silent for [`DARK_ROUNDS`] rounds in a row
+//! (the second round follows the first after a quarter interval), the cluster is *unreachable from
+//! this node*: its backends leave this node's selection at once, under every affinity, and the
+//! probes go on over all its candidate backends; the first answer brings them back. A
+//! control-plane-only cut (its etcd unreachable, its backends answering) changes nothing: no
+//! needless failover. The staleness timer stays as the last resort.
+//!
+//! The timeout follows the path: `--remote-probe-timeout` (default 250 ms) or three times the
+//! smoothed round trip of the cluster's answered probes, whichever is longer (at most 2 s); a
+//! cluster not yet answered from this node gets 1 s. A far cluster (200 ms each way) is thus not
+//! mistaken for a dead one; its cut is seen later, as it must be.
+//!
+//! Only TCP backends are probed (a UDP backend's silence proves nothing). The verdict is this
+//! node's alone and is not published: another node may well reach the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use mesh_model::ClusterName;
+use tokio::sync::{mpsc, watch};
+
+/// Silent rounds in a row before a cluster is unreachable.
+pub const DARK_ROUNDS: u32 = 2;
+
+/// Backends probed per cluster per round.
+pub const PROBES_PER_ROUND: usize = 4;
+
+/// Probe timeout for a cluster with no answered probe yet.
+pub const FIRST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The longest probe timeout, whatever the round trip.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What one probe saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connect succeeded.
+    Answered,
+    /// The connect was refused (RST) or reset: the path works, the backend does not.
+    Refused,
+    /// No answer within the timeout, or no route: the path itself may be gone.
+    Silent,
+}
+
+/// A change of a cluster's reachability from this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReachChange {
+    /// The cluster.
+    pub cluster: ClusterName,
+    /// Unreachable now (else reachable again).
+    pub unreachable: bool,
+    /// The first signal: the first silent probe of the streak (unreachable) or the answer
+    /// (reachable again).
+    pub since: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct ClusterReach {
+    dark_rounds: u32,
+    first_silent: Option<SystemTime>,
+    unreachable: bool,
+    cursor: usize,
+    /// Smoothed round trip of answered probes (as TCP's SRTT: 7/8 old + 1/8 new).
+    srtt: Option<Duration>,
+    /// The latest answered round trip (a path that just got slower counts at once).
+    last_rtt: Option<Duration>,
+}
+
+/// Probe outcomes -> reachability per cluster (pure).
+#[derive(Debug, Default)]
+pub struct ReachTracker {
+    clusters: BTreeMap<ClusterName, ClusterReach>,
+}
+
+impl ReachTracker {
+    /// Keep state only for `clusters` (a cluster no longer probed is forgotten; one that was
+    /// unreachable is reported reachable, so nothing stays excluded for a cluster nobody checks).
+    pub fn retain(
+        &mut self,
+        clusters: &BTreeSet<&ClusterName>,
+        now: SystemTime,
+    ) -> Vec<ReachChange> {
+        let mut changes = Vec::new();
+        self.clusters.retain(|c, r| {
+            let keep = clusters.contains(c);
+            if !keep && r.unreachable {
+                changes.push(ReachChange {
+                    cluster: c.clone(),
+                    unreachable: false,
+                    since: now,
+                });
+            }
+            keep
+        });
+        changes
+    }
+
+    /// The backends to probe this round for `cluster`: up to `n`, taking turns over `targets`.
+    pub fn pick(
+        &mut self,
+        cluster: &ClusterName,
+        targets: &[SocketAddr],
+        n: usize,
+    ) -> Vec<SocketAddr> {
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        let r = self.clusters.entry(cluster.clone()).or_default();
+        let n = n.min(targets.len());
+        let out = (0..n)
+            .map(|i| targets[(r.cursor + i) % targets.len()])
+            .collect();
+        r.cursor = (r.cursor + n) % targets.len();
+        out
+    }
+
+    /// The probe timeout for `cluster`: `base` or three round trips (the smoothed one or the
+    /// latest, the longer), whichever is longer, at most [`MAX_TIMEOUT`]; [`FIRST_TIMEOUT`] before
+    /// any answer, and [`MAX_TIMEOUT`] while it is unreachable (a path that only got slower must be
+    /// able to answer, or it would stay out).
+    pub fn timeout(&self, cluster: &ClusterName, base: Duration) -> Duration {
+        let Some(r) = self.clusters.get(cluster) else {
+            return FIRST_TIMEOUT.max(base).min(MAX_TIMEOUT);
+        };
+        if r.unreachable {
+            return MAX_TIMEOUT.max(base);
+        }
+        match (r.srtt, r.last_rtt) {
+            (Some(s), Some(l)) => base.max(s.max(l) * 3).min(MAX_TIMEOUT),
+            _ => FIRST_TIMEOUT.max(base).min(MAX_TIMEOUT),
+        }
+    }
+
+    /// Record the round trip of an answered probe of `cluster`.
+    pub fn record_rtt(&mut self, cluster: &ClusterName, rtt: Duration) {
+        let r = self.clusters.entry(cluster.clone()).or_default();
+        r.srtt = Some(match r.srtt {
+            Some(s) => (s * 7 + rtt) / 8,
+            None => rtt,
+        });
+        r.last_rtt = Some(rtt);
+    }
+
+    /// Whether `cluster` has a silent streak that is not yet a verdict (its next round comes sooner).
+    pub fn suspect(&self, cluster: &ClusterName) -> bool {
+        self.clusters
+            .get(cluster)
+            .is_some_and(|r| r.dark_rounds > 0 && !r.unreachable)
+    }
+
+    /// Whether `cluster` is unreachable from this node.
+    pub fn unreachable(&self, cluster: &ClusterName) -> bool {
+        self.clusters.get(cluster).is_some_and(|r| r.unreachable)
+    }
+
+    /// Record one round of probes of `cluster`; returns the change of its reachability, if any.
+    pub fn record_round(
+        &mut self,
+        cluster: &ClusterName,
+        outcomes: &[Outcome],
+        started: SystemTime,
+        now: SystemTime,
+    ) -> Option<ReachChange> {
+        if outcomes.is_empty() {
+            return None;
+        }
+        let r = self.clusters.entry(cluster.clone()).or_default();
+        if outcomes.iter().all(|o| *o == Outcome::Silent) {
+            if r.dark_rounds == 0 {
+                r.first_silent = Some(started);
+            }
+            r.dark_rounds = r.dark_rounds.saturating_add(1);
+            if !r.unreachable && r.dark_rounds >= DARK_ROUNDS {
+                r.unreachable = true;
+                return Some(ReachChange {
+                    cluster: cluster.clone(),
+                    unreachable: true,
+                    since: r.first_silent.unwrap_or(started),
+                });
+            }
+            None
+        } else {
+            r.dark_rounds = 0;
+            r.first_silent = None;
+            if r.unreachable {
+                r.unreachable = false;
+                return Some(ReachChange {
+                    cluster: cluster.clone(),
+                    unreachable: false,
+                    since: now,
+                });
+            }
+            None
+        }
+    }
+}
+
+/// One TCP connect to `addr` within `timeout`, with the time it took.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> (Outcome, Duration) {
+    let t0 = std::time::Instant::now();
+    let outcome = probe_outcome(addr, timeout).await;
+    (outcome, t0.elapsed())
+}
+
+async fn probe_outcome(addr: SocketAddr, timeout: Duration) -> Outcome {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Outcome::Answered,
+        Ok(Err(e)) => match e.kind() {
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => {
+                Outcome::Refused
+            }
+            // No route, network unreachable, timed out in the kernel: nothing answered.
+            _ => Outcome::Silent,
+        },
+        Err(_) => Outcome::Silent,
+    }
+}
+
+/// Run the prober: every `interval` (a quarter of it while a cluster is suspect), probe a few of
+/// each cluster's `targets` (timeout: `timeout` or more, see the module docs), and send every
+/// change of reachability to `changes`.
+pub async fn run_reach_prober(
+    interval: Duration,
+    timeout: Duration,
+    mut targets: watch::Receiver<BTreeMap<ClusterName, Vec<SocketAddr>>>,
+    changes: mpsc::UnboundedSender<ReachChange>,
+) {
+    let mut tracker = ReachTracker::default();
+    let quick = (interval / 4).max(Duration::from_millis(10));
+    loop {
+        let current = targets.borrow_and_update().clone();
+        let now = SystemTime::now();
+        let keep: BTreeSet<&ClusterName> = current.keys().collect();
+        for c in tracker.retain(&keep, now) {
+            if changes.send(c).is_err() {
+                return;
+            }
+        }
+        let round: Vec<(ClusterName, Vec<SocketAddr>, Duration)> = current
+            .iter()
+            .map(|(c, t)| {
+                let addrs = tracker.pick(c, t, PROBES_PER_ROUND);
+                (c.clone(), addrs, tracker.timeout(c, timeout))
+            })
+            .filter(|(_, p, _)| !p.is_empty())
+            .collect();
+        let started = SystemTime::now();
+        let results = futures::future::join_all(round.iter().map(|(_, addrs, to)| async move {
+            futures::future::join_all(addrs.iter().map(|a| probe(*a, *to))).await
+        }))
+        .await;
+        let now = SystemTime::now();
+        for ((cluster, addrs, _), results) in round.iter().zip(results) {
+            for (o, rtt) in &results {
+                if *o == Outcome::Answered {
+                    tracker.record_rtt(cluster, *rtt);
+                }
+            }
+            let outcomes: Vec<Outcome> = results.iter().map(|(o, _)| *o).collect();
+            if let Some(change) = tracker.record_round(cluster, &outcomes, started, now) {
+                if change.unreachable {
+                    tracing::warn!(cluster = %cluster, probed = ?addrs, rounds = DARK_ROUNDS, "no backend of the cluster answers from this node: its backends leave this node's selection");
+                } else {
+                    tracing::info!(cluster = %cluster, "the cluster's backends answer from this node again: back in selection");
+                }
+                if changes.send(change).is_err() {
+                    return;
+                }
+            }
+        }
+        let wait = if current.keys().any(|c| tracker.suspect(c)) {
+            quick
+        } else {
+            interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            r = targets.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                // A new target set is probed on the normal beat, not at once (selection churn must
+                // not turn into a probe storm).
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    #[test]
+    fn two_silent_rounds_make_a_cluster_unreachable_and_one_answer_brings_it_back() {
+        let mut t = ReachTracker::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let c2 = c("c2");
+        use Outcome::*;
+        assert_eq!(
+            t.record_round(&c2, &[Answered, Answered], at(0), at(1)),
+            None
+        );
+        assert_eq!(
+            t.record_round(&c2, &[Silent, Silent], at(200), at(450)),
+            None
+        );
+        assert!(t.suspect(&c2));
+        let ch = t
+            .record_round(&c2, &[Silent, Silent], at(500), at(750))
+            .expect("unreachable");
+        assert!(ch.unreachable);
+        assert_eq!(ch.since, at(200), "timed from the first silent probe");
+        assert!(t.unreachable(&c2) && !t.suspect(&c2));
+        assert_eq!(t.record_round(&c2, &[Silent], at(1000), at(1250)), None);
+        let back = t
+            .record_round(&c2, &[Silent, Answered], at(1400), at(1401))
+            .unwrap();
+        assert!(!back.unreachable);
+        assert!(!t.unreachable(&c2));
+    }
+
+    #[test]
+    fn the_timeout_follows_the_round_trip() {
+        let mut t = ReachTracker::default();
+        let c2 = c("c2");
+        let base = Duration::from_millis(250);
+        assert_eq!(t.timeout(&c2, base), FIRST_TIMEOUT, "no answer yet");
+        t.record_rtt(&c2, Duration::from_micros(200));
+        assert_eq!(t.timeout(&c2, base), base, "a near cluster: the base");
+        t.record_rtt(&c2, Duration::from_millis(400));
+        assert_eq!(
+            t.timeout(&c2, base),
+            Duration::from_millis(1200),
+            "a path that just got slower counts at once"
+        );
+        for _ in 0..50 {
+            t.record_rtt(&c2, Duration::from_millis(400));
+        }
+        let far = t.timeout(&c2, base);
+        assert!(
+            far > Duration::from_millis(1100) && far <= Duration::from_millis(1200),
+            "a far cluster: three round trips, got {far:?}"
+        );
+        for _ in 0..50 {
+            t.record_rtt(&c2, Duration::from_secs(5));
+        }
+        assert_eq!(t.timeout(&c2, base), MAX_TIMEOUT);
+        t.record_rtt(&c2, Duration::from_micros(100));
+        let now = SystemTime::now();
+        for _ in 0..2 {
+            for _ in 0..20 {
+                t.record_rtt(&c2, Duration::from_micros(100));
+            }
+            t.record_round(&c2, &[Outcome::Silent], now, now);
+        }
+        assert!(t.unreachable(&c2));
+        assert_eq!(
+            t.timeout(&c2, base),
+            MAX_TIMEOUT,
+            "an unreachable cluster gets the longest timeout"
+        );
+    }
+
+    #[test]
+    fn a_refusal_proves_the_path_works() {
+        let mut t = ReachTracker::default();
+        let now = SystemTime::now();
+        let c2 = c("c2");
+        for _ in 0..5 {
+            assert_eq!(
+                t.record_round(&c2, &[Outcome::Refused, Outcome::Silent], now, now),
+                None
+            );
+        }
+        assert!(!t.unreachable(&c2) && !t.suspect(&c2));
+    }
+
+    #[test]
+    fn probes_take_turns_over_the_targets() {
+        let mut t = ReachTracker::default();
+        let c2 = c("c2");
+        let targets: Vec<SocketAddr> = (1..=6)
+            .map(|i| format!("10.2.0.{i}:80").parse().unwrap())
+            .collect();
+        let a = t.pick(&c2, &targets, 4);
+        let b = t.pick(&c2, &targets, 4);
+        assert_eq!(a, targets[..4]);
+        assert_eq!(b, [targets[4], targets[5], targets[0], targets[1]]);
+        assert!(t.pick(&c2, &[], 4).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_no_longer_probed_is_not_left_unreachable() {
+        let mut t = ReachTracker::default();
+        let now = SystemTime::now();
+        let c2 = c("c2");
+        t.record_round(&c2, &[Outcome::Silent], now, now);
+        t.record_round(&c2, &[Outcome::Silent], now, now);
+        assert!(t.unreachable(&c2));
+        let changes = t.retain(&BTreeSet::new(), now);
+        assert_eq!(changes.len(), 1);
+        assert!(!changes[0].unreachable);
+    }
+
+    #[tokio::test]
+    async fn probe_outcomes_on_loopback() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = l.local_addr().unwrap();
+        assert_eq!(
+            probe(open, Duration::from_secs(1)).await.0,
+            Outcome::Answered
+        );
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = free.local_addr().unwrap();
+        drop(free);
+        assert_eq!(
+            probe(closed, Duration::from_secs(1)).await.0,
+            Outcome::Refused
+        );
+    }
+}

@@ -127,6 +127,13 @@ if "failover" in ran:
     if f:
         add("failed connects on the hard-kill path (all drills; until health checks notice)", f"{f.get('failed')} of {f.get('total')}",
             "(no target)", "", None, "hardkill_failed")
+    p50, p99, n = num("cutoff_last_failure_ms", "p50"), num("cutoff_last_failure_ms", "p99"), fig.get("cutoff_last_failure_ms", {}).get("n", "0")
+    if p99 is not None:
+        add("remote cluster cut off (affinity none): last failed connect after the cut", f"p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)} (n={n})",
+            "p99 <= 1 s", "Cilium keeps such backends (cilium/cilium#20729); this mesh before: ~34 s", p99 <= 1000, "cutoff_last")
+        p50, p99, n = num("cutoff_back_ms", "p50"), num("cutoff_back_ms", "p99"), fig.get("cutoff_back_ms", {}).get("n", "0")
+        add("remote cluster cut off: its backends back after the heal", f"p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)} (n={n})",
+            "p99 <= 1 s", "", None if p99 is None else p99 <= 1000, "cutoff_back")
     if not fig:
         add("failover / failback", f"benchmark failed (exit {rc('failover')})", "p99 <= 500 ms", "", False, "failover_run")
 

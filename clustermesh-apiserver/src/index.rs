@@ -819,6 +819,7 @@ impl MeshIndex {
             affinity: a.affinity,
             failover_order: a.failover_order,
             health_check: a.health_check,
+            health_check_port: a.health_check_port,
         };
         let key = MeshKey::Service {
             cluster: self.config.cluster.clone(),

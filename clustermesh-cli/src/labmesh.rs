@@ -46,6 +46,10 @@ pub struct LabMeshSpec {
     pub node_sync_args: Vec<String>,
     /// Cluster ids by cluster index (default: the 1-based index); a test sets a duplicate on purpose.
     pub cluster_ids: BTreeMap<usize, u32>,
+    /// Extra annotations of the demo service in every cluster (e.g. a health check).
+    pub service_annotations: Vec<(String, String)>,
+    /// Extra annotations of the demo service in one cluster (by index; e.g. a failover order).
+    pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
 }
 
 impl LabMeshSpec {
@@ -59,6 +63,8 @@ impl LabMeshSpec {
             affinity: "local".into(),
             node_sync_args: Vec::new(),
             cluster_ids: BTreeMap::new(),
+            service_annotations: Vec::new(),
+            cluster_service_annotations: BTreeMap::new(),
         }
     }
 }
@@ -327,30 +333,74 @@ impl LabMesh {
         self.write_file(c, "nodes.yaml", &out)
     }
 
-    /// Publish the demo service of cluster `c` with its endpoints in `state` (the apiserver picks the
-    /// file change up; node-syncs everywhere follow).
-    pub fn write_service(&mut self, c: usize, state: EndpointState) -> Result<()> {
+    /// The EndpointSlice endpoints of cluster `c`'s backends (one per node), with the conditions
+    /// `(ready, serving, terminating)` that `conditions` gives for each node index.
+    pub fn endpoints_yaml(
+        &self,
+        c: usize,
+        conditions: impl Fn(usize) -> (bool, bool, bool),
+    ) -> String {
         let cl = &self.lab().clusters()[c - 1];
-        let (ready, terminating) = match state {
-            EndpointState::Ready => (true, false),
-            EndpointState::Terminating => (false, true),
-        };
         let mut endpoints = String::new();
         for n in &cl.nodes {
+            let (ready, serving, terminating) = conditions(n.index);
             endpoints.push_str(&format!(
-                "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: true\n    terminating: {terminating}\n",
+                "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n",
                 addr = n.addr,
                 node = n.name,
                 cluster = cl.name,
                 idx = n.index,
             ));
         }
-        let text = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    clustermesh.io/global: \"true\"\n    clustermesh.io/affinity: {affinity}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {BACKEND_PORT}\n    protocol: TCP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-{cluster}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n{endpoints}",
+        endpoints
+    }
+
+    /// The demo service's manifest for cluster `c` (Service with the spec's affinity and extra
+    /// annotations, and an EndpointSlice with `endpoints`, a YAML list of endpoints).
+    pub fn service_manifest(&self, c: usize, endpoints: &str) -> String {
+        let cl = &self.lab().clusters()[c - 1];
+        let mut extra = String::new();
+        for (k, v) in self.spec.service_annotations.iter().chain(
+            self.spec
+                .cluster_service_annotations
+                .get(&c)
+                .into_iter()
+                .flatten(),
+        ) {
+            extra.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    clustermesh.io/global: \"true\"\n    clustermesh.io/affinity: {affinity}\n{extra}spec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {BACKEND_PORT}\n    protocol: TCP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-{cluster}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n{endpoints}",
             affinity = self.spec.affinity,
             vip = self.vip(c),
             cluster = cl.name,
-        );
+        )
+    }
+
+    /// Switch the demo service of every cluster to `affinity` (`local`, `remote`, `none`), keeping
+    /// each cluster's endpoint state.
+    pub fn set_affinity(&mut self, affinity: &str) -> Result<()> {
+        self.spec.affinity = affinity.to_owned();
+        for c in 1..=self.spec.clusters {
+            let state = self
+                .endpoint_state
+                .get(&c)
+                .copied()
+                .unwrap_or(EndpointState::Ready);
+            self.write_service(c, state)?;
+        }
+        Ok(())
+    }
+
+    /// Publish the demo service of cluster `c` with its endpoints in `state` (the apiserver picks the
+    /// file change up; node-syncs everywhere follow).
+    pub fn write_service(&mut self, c: usize, state: EndpointState) -> Result<()> {
+        let (ready, terminating) = match state {
+            EndpointState::Ready => (true, false),
+            EndpointState::Terminating => (false, true),
+        };
+        let endpoints = self.endpoints_yaml(c, |_| (ready, true, terminating));
+        let text = self.service_manifest(c, &endpoints);
         self.write_file(c, "echo.yaml", &text)?;
         self.endpoint_state.insert(c, state);
         Ok(())

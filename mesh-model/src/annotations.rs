@@ -7,6 +7,7 @@
 //! | affinity `local\|remote\|none` | `clustermesh.io/affinity` | `service.cilium.io/affinity` | `io.cilium/service-affinity` |
 //! | failover order `c2,c3` | `clustermesh.io/failover-order` | | |
 //! | health check `tcp\|http:/path` | `clustermesh.io/health-check` | | |
+//! | probe port (TCP, on each endpoint) | `clustermesh.io/health-check-port` | | |
 //!
 //! Booleans are `true` or `false` (any case). Where several forms of one setting are present they must
 //! agree; if they do not, the service is refused with an error naming both, rather than silently picking
@@ -27,6 +28,9 @@ pub const AFFINITY: &str = "clustermesh.io/affinity";
 pub const FAILOVER_ORDER: &str = "clustermesh.io/failover-order";
 /// `clustermesh.io/health-check`
 pub const HEALTH_CHECK: &str = "clustermesh.io/health-check";
+/// `clustermesh.io/health-check-port`: the TCP port of each endpoint the health check probes
+/// instead of the backend's own port (how a UDP-only service gets health-checked).
+pub const HEALTH_CHECK_PORT: &str = "clustermesh.io/health-check-port";
 
 const GLOBAL_FORMS: [&str; 3] = [
     GLOBAL,
@@ -96,6 +100,8 @@ pub struct GlobalServiceAnnotations {
     pub failover_order: Vec<ClusterName>,
     /// Health check.
     pub health_check: HealthCheck,
+    /// The TCP port probed instead of each backend's own port.
+    pub health_check_port: Option<u16>,
 }
 
 impl Default for GlobalServiceAnnotations {
@@ -106,6 +112,7 @@ impl Default for GlobalServiceAnnotations {
             affinity: Affinity::None,
             failover_order: Vec::new(),
             health_check: HealthCheck::Tcp,
+            health_check_port: None,
         }
     }
 }
@@ -187,6 +194,13 @@ fn parse_failover_order(
     Ok(out)
 }
 
+fn parse_port(annotation: &str, value: &str) -> Result<u16, AnnotationError> {
+    match value.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(invalid(annotation, value, "expected a port number 1-65535")),
+    }
+}
+
 fn parse_health_check(annotation: &str, value: &str) -> Result<HealthCheck, AnnotationError> {
     let v = value.trim();
     if v.eq_ignore_ascii_case("tcp") {
@@ -225,6 +239,7 @@ pub fn parse(
         failover_order: pick(annotations, &[FAILOVER_ORDER], parse_failover_order)?
             .unwrap_or_default(),
         health_check: pick(annotations, &[HEALTH_CHECK], parse_health_check)?.unwrap_or_default(),
+        health_check_port: pick(annotations, &[HEALTH_CHECK_PORT], parse_port)?,
     })
 }
 
@@ -270,6 +285,19 @@ mod tests {
             let a = parse(&ann(&[(g, "false"), (af, "none")])).unwrap();
             assert!(!a.global);
             assert_eq!(a.affinity, Affinity::None);
+        }
+    }
+
+    #[test]
+    fn a_health_check_port_is_a_port_number() {
+        let a = parse(&ann(&[(HEALTH_CHECK_PORT, "8081")])).unwrap();
+        assert_eq!(a.health_check_port, Some(8081));
+        assert_eq!(parse(&ann(&[])).unwrap().health_check_port, None);
+        for bad in ["0", "65536", "http", "-1"] {
+            let e = parse(&ann(&[(HEALTH_CHECK_PORT, bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(HEALTH_CHECK_PORT) && e.contains(bad), "{e}");
         }
     }
 

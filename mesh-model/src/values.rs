@@ -183,6 +183,10 @@ pub struct ServiceSpec {
     /// How backends are probed.
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// The TCP port of each endpoint probed instead of the backend's own port
+    /// (`clustermesh.io/health-check-port`); how a UDP-only service is health-checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_port: Option<u16>,
 }
 
 fn yes() -> bool {
@@ -707,6 +711,9 @@ impl MeshValue {
                         "health check path {path:?} must start with '/'"
                     )));
                 }
+                if s.health_check_port == Some(0) {
+                    return Err(bad("health check port 0".to_owned()));
+                }
                 Ok(())
             }
             (MeshValue::EndpointChunk(c), MeshKey::EndpointChunk { chunk, .. }) => {
@@ -861,6 +868,7 @@ mod tests {
             health_check: HealthCheck::Http {
                 path: "/healthz".into(),
             },
+            health_check_port: None,
         }
     }
     fn chunk(n: u32, ips: &[&str]) -> EndpointChunk {

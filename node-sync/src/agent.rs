@@ -268,7 +268,7 @@ impl AgentState {
                     reason: s
                         .frontends
                         .first()
-                        .map(|f| f.reason.to_string())
+                        .map(|f| f.why())
                         .or_else(|| s.no_frontend.map(|n| format!("{n:?}")))
                         .unwrap_or_default(),
                 })

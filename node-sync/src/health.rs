@@ -152,7 +152,7 @@ impl HealthTracker {
 
 /// Probe one target: a TCP connect, or an HTTP/1.0 GET whose status must be 2xx or 3xx.
 pub async fn probe(target: &ProbeTarget, timeout: Duration) -> bool {
-    let addr = std::net::SocketAddr::new(target.ip, target.port);
+    let addr = std::net::SocketAddr::new(target.ip, target.probe_port);
     let attempt = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
         match &target.check {
@@ -246,6 +246,7 @@ mod tests {
         ProbeTarget {
             ip: "127.0.0.1".parse().unwrap(),
             port,
+            probe_port: port,
             protocol: Protocol::Tcp,
             check,
         }

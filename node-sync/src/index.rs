@@ -112,6 +112,24 @@ pub struct FrontendSelection {
     pub backends: Backends,
     /// Why.
     pub reason: Reason,
+    /// Whether its backends are health-checked: false for a UDP frontend whose service names no
+    /// TCP probe port (`clustermesh.io/health-check-port`): then nothing judges them, and the status
+    /// says so instead of calling them healthy.
+    pub health_checked: bool,
+}
+
+impl FrontendSelection {
+    /// The reason, plus a note when the backends are not health-checked.
+    pub fn why(&self) -> String {
+        if self.health_checked {
+            self.reason.to_string()
+        } else {
+            format!(
+                "{} (backends not health-checked: UDP without clustermesh.io/health-check-port)",
+                self.reason
+            )
+        }
+    }
 }
 
 /// Why a global service has no frontend on this node.
@@ -150,10 +168,12 @@ pub struct ServiceStatus {
 pub struct ProbeTarget {
     /// Address.
     pub ip: IpAddr,
-    /// Port.
+    /// The backend's port (the verdict is on this port and protocol).
     pub port: u16,
-    /// Protocol.
+    /// The backend's protocol.
     pub protocol: Protocol,
+    /// The TCP port probed: the backend's own, or the service's health-check port.
+    pub probe_port: u16,
     /// How to probe.
     pub check: ProbeKind,
 }
@@ -1029,14 +1049,20 @@ impl MergeIndex {
                     continue;
                 }
                 for p in &ep.ports {
-                    if p.protocol == Protocol::Tcp {
-                        out.insert(ProbeTarget {
-                            ip: ep.ip,
-                            port: p.port,
-                            protocol: p.protocol,
-                            check: kind.clone(),
-                        });
-                    }
+                    // A TCP backend is probed on its port (or the health-check port); a UDP
+                    // one only through a health-check port (its own silence proves nothing).
+                    let probe_port = match (p.protocol, spec.health_check_port) {
+                        (_, Some(hp)) => hp,
+                        (Protocol::Tcp, None) => p.port,
+                        _ => continue,
+                    };
+                    out.insert(ProbeTarget {
+                        ip: ep.ip,
+                        port: p.port,
+                        protocol: p.protocol,
+                        probe_port,
+                        check: kind.clone(),
+                    });
                 }
             }
         }
@@ -1549,10 +1575,13 @@ fn select(
                     }
                 }
             };
+            let health_checked = sp.protocol == Protocol::Tcp
+                || entry.specs.values().all(|s| s.health_check_port.is_some());
             status.frontends.push(FrontendSelection {
                 frontend,
                 backends,
                 reason,
+                health_checked,
             });
         }
     }

@@ -42,6 +42,7 @@ impl SpecB {
             affinity: Affinity::Local,
             failover_order: vec![],
             health_check: HealthCheck::Tcp,
+            health_check_port: None,
         })
     }
     fn affinity(mut self, a: Affinity) -> Self {
@@ -770,6 +771,77 @@ fn probe_targets_are_local_backends_on_this_node() {
         t.iter()
             .all(|t| t.check == ProbeKind::Http("/healthz".into()))
     );
+}
+
+/// A UDP-only service: its endpoints serve UDP 53 (and a TCP health port 8081 when asked for).
+fn udp_service(health_port: Option<u16>) -> MergeIndex {
+    let mut ix = MergeIndex::new(c("c1"));
+    let mut spec = SpecB::new("c1").build();
+    spec.ports = vec![ServicePort {
+        name: None,
+        port: 53,
+        protocol: Protocol::Udp,
+    }];
+    spec.health_check_port = health_port;
+    ix.upsert_service(spec);
+    let mut e = ep("10.1.0.1");
+    e.ports = vec![EndpointPort {
+        name: None,
+        port: 5353,
+        protocol: Protocol::Udp,
+    }];
+    ix.upsert_chunk(chunk("c1", 0, vec![e]));
+    ix
+}
+
+fn udp_fe() -> Frontend {
+    Frontend {
+        ip: VIP.parse().unwrap(),
+        port: 53,
+        protocol: Protocol::Udp,
+    }
+}
+
+#[test]
+fn a_udp_service_without_a_probe_port_is_not_called_healthy() {
+    let ix = udp_service(None);
+    assert!(
+        ix.probe_targets("n1").is_empty(),
+        "UDP silence proves nothing"
+    );
+    let sel = &ix.service(&web()).unwrap().frontends[0];
+    assert_eq!(sel.frontend, udp_fe());
+    assert!(!sel.health_checked);
+    assert!(sel.why().contains("not health-checked"), "{}", sel.why());
+}
+
+#[test]
+fn a_udp_service_is_probed_on_its_tcp_health_port_and_the_verdict_applies() {
+    let mut ix = udp_service(Some(8081));
+    let t: Vec<ProbeTarget> = ix.probe_targets("n1").into_iter().collect();
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        (t[0].port, t[0].protocol, t[0].probe_port),
+        (5353, Protocol::Udp, 8081),
+        "the verdict is on the UDP backend, the probe on the TCP port"
+    );
+    let sel = &ix.service(&web()).unwrap().frontends[0];
+    assert!(sel.health_checked && !sel.why().contains("not health-checked"));
+    // Its verdict, published on the UDP backend, takes it out (with another one ready).
+    let mut second = ep("10.1.0.2");
+    second.ports = vec![EndpointPort {
+        name: None,
+        port: 5353,
+        protocol: Protocol::Udp,
+    }];
+    let mut first = ep("10.1.0.1");
+    first.ports = second.ports.clone();
+    ix.upsert_chunk(chunk("c1", 0, vec![first, second]));
+    let mut r = report("c1", "n1", &[("10.1.0.1", Verdict::Failing)]);
+    r.verdicts[0].port = 5353;
+    r.verdicts[0].protocol = Protocol::Udp;
+    ix.upsert_health(r);
+    assert_eq!(picked(&ix, &udp_fe()), ["c1/10.1.0.2"]);
 }
 
 trait TapHttp {

@@ -106,7 +106,8 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
                     "backends": f.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
                     "connections": f.backends.iter().map(|b| st.connections.get(&(b.ip, b.port)).copied().unwrap_or(0)).collect::<Vec<_>>(),
                     "reason": f.reason,
-                    "why": f.reason.to_string(),
+                    "why": f.why(),
+                    "healthChecked": f.health_checked,
                 })).collect::<Vec<_>>(),
             })
         })

@@ -11,6 +11,11 @@
 //! Failback: from the restart (and, graceful, the ready publish) to the first connect of the run
 //! that lands only on cluster 1 again.
 //!
+//! Then, with the service switched to affinity `none` (the client uses both clusters), `--cuts`
+//! times: every packet between the clusters dropped in the lab's router for 3 s, then healed. Per
+//! cut: when the last failed connect of the client in cluster 1 started, after the cut (target:
+//! within 1 s), and how long after the heal its connects land on cluster 2 again.
+//!
 //! Needs root and the binaries next to this one:
 //! `cargo build --release --bins -p mesh-bench -p clustermesh-apiserver -p node-sync -p clustermesh-cli`,
 //! then `target/release/failover --drills 10`.
@@ -30,9 +35,95 @@ struct Args {
     /// Interval between two new connections of the drill client (ms).
     #[arg(long, default_value_t = 10)]
     interval_ms: u64,
+    /// Remote-cluster cuts (affinity none).
+    #[arg(long, env = "BENCH_CUTS", default_value_t = 10)]
+    cuts: usize,
     /// Lab prefix.
     #[arg(long, default_value = "bench-failover")]
     prefix: String,
+}
+
+/// `--cuts` whole-cluster cuts under affinity none; prints the FIGURE lines.
+fn cutoff(mesh: &mut clustermesh_cli::labmesh::LabMesh, args: &Args) -> Result<()> {
+    mesh.set_affinity("none")?;
+    let remote = format!("{}-", mesh.cluster_name(2));
+    mesh.wait_for_landing(1, 1, Duration::from_secs(30), |b| b.starts_with(&remote))?;
+    let interval = Duration::from_millis(args.interval_ms);
+    let (mut last, mut back, mut failed, mut total) = (Vec::new(), Vec::new(), 0u64, 0u64);
+    for i in 0..args.cuts {
+        let probe = mesh.spawn_probe(1, 1, mesh.service_addr(1), interval)?;
+        if !probe.wait_for(0.0, Duration::from_secs(10), |s| {
+            s.ok && s.backend.as_deref().is_some_and(|b| b.starts_with(&remote))
+        }) {
+            anyhow::bail!(
+                "cut #{}: the client does not reach cluster 2 before the cut",
+                i + 1
+            );
+        }
+        let cut_ms = probe.now_ms();
+        mesh.lab().partition(1, 2)?;
+        std::thread::sleep(Duration::from_secs(3));
+        let heal_ms = probe.now_ms();
+        mesh.lab().heal(1, 2)?;
+        let returned = probe.wait_for(heal_ms, Duration::from_secs(10), |s| {
+            s.ok && s.backend.as_deref().is_some_and(|b| b.starts_with(&remote))
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let samples = probe.stop();
+        let during: Vec<_> = samples
+            .iter()
+            .filter(|s| s.t_ms >= cut_ms && s.t_ms < heal_ms)
+            .collect();
+        let last_fail = during
+            .iter()
+            .filter(|s| !s.ok)
+            .map(|s| s.t_ms - cut_ms)
+            .fold(0.0, f64::max);
+        let back_ms = samples
+            .iter()
+            .filter(|s| {
+                s.t_ms >= heal_ms
+                    && s.ok
+                    && s.backend.as_deref().is_some_and(|b| b.starts_with(&remote))
+            })
+            .map(|s| s.t_ms - heal_ms)
+            .fold(f64::INFINITY, f64::min);
+        failed += during.iter().filter(|s| !s.ok).count() as u64;
+        total += during.len() as u64;
+        println!(
+            "  cut #{:>2}: last failed connect {:.0} ms after the cut, back {} ms after the heal, failed {}/{}",
+            i + 1,
+            last_fail,
+            if returned {
+                format!("{back_ms:.0}")
+            } else {
+                "-".into()
+            },
+            during.iter().filter(|s| !s.ok).count(),
+            during.len()
+        );
+        last.push(last_fail);
+        if returned {
+            back.push(back_ms);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "FIGURE cutoff_last_failure_ms p50={} p99={} max={} n={}",
+        fmt(pct(&mut last, 0.5)),
+        fmt(pct(&mut last, 0.99)),
+        fmt(pct(&mut last, 1.0)),
+        last.len()
+    );
+    println!(
+        "FIGURE cutoff_back_ms p50={} p99={} max={} n={}",
+        fmt(pct(&mut back, 0.5)),
+        fmt(pct(&mut back, 0.99)),
+        fmt(pct(&mut back, 1.0)),
+        back.len()
+    );
+    println!("FIGURE cutoff_failed_connects failed={failed} total={total}");
+    Ok(())
 }
 
 fn pct(v: &mut [f64], p: f64) -> Option<f64> {
@@ -110,6 +201,13 @@ fn main() -> Result<()> {
             fb.len()
         );
         println!("FIGURE {name}_failed_connects failed={failed} total={total} unsettled={missing}");
+    }
+    if args.cuts > 0 {
+        println!(
+            "remote cluster cut off: affinity none, {} cuts of 3 s, client every {} ms",
+            args.cuts, args.interval_ms
+        );
+        cutoff(&mut mesh, &args)?;
     }
     mesh.teardown()?;
     Ok(())

@@ -60,6 +60,7 @@ fn spec(cluster: &str, name: &str, vip: &str, affinity: Affinity) -> ServiceSpec
         affinity,
         failover_order: vec![],
         health_check: HealthCheck::Tcp,
+        health_check_port: None,
     }
 }
 

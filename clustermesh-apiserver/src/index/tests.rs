@@ -497,6 +497,7 @@ fn remote_spec(cluster: &str, ns: &str, name: &str) -> ServiceSpec {
         affinity: Default::default(),
         failover_order: vec![],
         health_check: Default::default(),
+        health_check_port: None,
     }
 }
 

@@ -194,6 +194,7 @@ pub fn spec(cluster: &str, affinity: Affinity) -> ServiceSpec {
         affinity,
         failover_order: vec![],
         health_check: HealthCheck::Tcp,
+        health_check_port: None,
     }
 }
 

@@ -287,6 +287,10 @@ pub struct UpOptions {
     pub node_sync_args: Vec<String>,
     /// Affinity of the demo service: `local` (default) or `none`.
     pub affinity: String,
+    /// Extra annotations of the demo service in every cluster.
+    pub service_annotations: Vec<(String, String)>,
+    /// Extra annotations of the demo service in one cluster (by index).
+    pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
 }
 
 impl UpOptions {
@@ -298,6 +302,8 @@ impl UpOptions {
             nodes,
             node_sync_args: Vec::new(),
             affinity: "local".into(),
+            service_annotations: Vec::new(),
+            cluster_service_annotations: BTreeMap::new(),
         }
     }
 
@@ -329,6 +335,8 @@ impl ChaosMesh {
         let mut spec = LabMeshSpec::new(opts.prefix.clone(), opts.clusters, opts.nodes);
         spec.node_sync_args = opts.node_sync_args.clone();
         spec.affinity = opts.affinity.clone();
+        spec.service_annotations = opts.service_annotations.clone();
+        spec.cluster_service_annotations = opts.cluster_service_annotations.clone();
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",
@@ -570,27 +578,14 @@ impl ChaosMesh {
     /// `LabMesh::write_service`, with a state per endpoint).
     fn write_echo(&self, c: usize) -> Result<()> {
         let cl = &self.mesh.lab().clusters()[c - 1];
-        let mut endpoints = String::new();
-        for node in &cl.nodes {
-            let (ready, serving, terminating) = match self.model.published[&(c, node.index)] {
+        let endpoints = self
+            .mesh
+            .endpoints_yaml(c, |n| match self.model.published[&(c, n)] {
                 Published::Ready => (true, true, false),
                 Published::Terminating => (false, true, true),
                 Published::NotReady => (false, false, false),
-            };
-            endpoints.push_str(&format!(
-                "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n",
-                addr = node.addr,
-                node = node.name,
-                cluster = cl.name,
-                idx = node.index,
-            ));
-        }
-        let text = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    clustermesh.io/global: \"true\"\n    clustermesh.io/affinity: {affinity}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [\"{vip}\"]\n  ports:\n  - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {BACKEND_PORT}\n    protocol: TCP\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-{cluster}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nports:\n- name: echo\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n{endpoints}",
-            affinity = self.mesh.spec().affinity,
-            vip = self.mesh.vip(c),
-            cluster = cl.name,
-        );
+            });
+        let text = self.mesh.service_manifest(c, &endpoints);
         let dir = self.mesh.lab().state_dir().join("manifests").join(&cl.name);
         let tmp = dir.join(".echo.yaml.chaos");
         std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;

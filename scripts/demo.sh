@@ -10,7 +10,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 # Only what the demo runs: the CLI (it drives the lab and the drills), the apiserver and node-sync.
 bins=(clustermesh clustermesh-apiserver node-sync)
-echo "[demo] building ${bins[*]} (release): a first build takes about 7 min on 2 cores, later ones seconds" >&2
+echo "[demo] building ${bins[*]} (release): a first build takes 8-11 min on 2 cores, later ones seconds" >&2
 cargo build --release "${bins[@]/#/--bin=}" >&2
 # CARGO_TARGET_DIR or a build.target-dir setting may put the binaries elsewhere than target/.
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')

@@ -1090,10 +1090,33 @@ mod tests {
         }
         assert_eq!(m.expected(1), Some([(2, 1), (2, 2), (3, 1), (3, 2)].into()));
         assert_eq!(m.expected(2), Some([(2, 1), (2, 2)].into()));
-        // cut off from a cluster it would need: timing decides
+        // cut off from a cluster it fails over to: that cluster leaves within a second (the
+        // nodes' own reachability probes)
         m.partitions.insert((1, 3));
-        assert_eq!(m.expected(1), None);
+        assert_eq!(m.expected(1), Some([(2, 1), (2, 2)].into()));
         assert_eq!(m.expected(2), Some([(2, 1), (2, 2)].into()));
+        // its control plane alone cut off: its endpoints may have changed unseen, timing decides
+        m.partitions.clear();
+        m.control_plane_cuts.insert((1, 3));
+        assert_eq!(m.expected(1), None);
+    }
+
+    #[test]
+    fn affinity_none_uses_every_reachable_cluster() {
+        let mut m = Model::new(2, 2);
+        m.affinity_none = true;
+        let all = [(1, 1), (1, 2), (2, 1), (2, 2)].into();
+        assert_eq!(m.expected(1), Some(all));
+        m.partitions.insert((1, 2));
+        assert_eq!(m.expected(1), Some([(1, 1), (1, 2)].into()));
+        assert_eq!(m.expected(2), Some([(2, 1), (2, 2)].into()));
+        m.partitions.clear();
+        m.control_plane_cuts.insert((1, 2));
+        assert_eq!(
+            m.expected(1).map(|s| s.len()),
+            Some(4),
+            "a control-plane cut keeps the remote backends"
+        );
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! `capabilities.cached = true`. The peer's own canaries, leader key, remotes and node status are not mirrored.
 //! A removed remote's mirrored keys are deleted. Every write carries the leader's fencing comparison.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, EventType, WatchOptions};
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::etcd::{Backoff, EtcdError, list_prefix, list_prefix_at};
+use crate::status::Status;
 use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches, send_guarded};
 
 /// Kinds of a peer's keys that are mirrored.
@@ -66,34 +68,114 @@ fn is_mirrored(key: &str, peer: &ClusterName) -> bool {
     }
 }
 
-/// The value stored locally for a peer's key: cluster configs are marked cached.
-fn local_value(key: &str, value: &[u8]) -> Vec<u8> {
-    if let Ok(k @ MeshKey::ClusterConfig { .. }) = MeshKey::parse(key)
-        && let Ok(MeshValue::ClusterConfig(mut c)) = MeshValue::decode(&k, value)
-    {
-        c.capabilities.cached = true;
-        return MeshValue::ClusterConfig(c).encode();
-    }
-    value.to_vec()
+/// Whether `key` lies under one of `peer`'s mirrored prefixes (whether or not it parses): such a key is
+/// the peer's to publish, so one that does not parse is refused, not skipped. Keys of other clusters in
+/// the peer's etcd (a peer that runs KVStoreMesh itself holds its peers' keys) are skipped.
+fn claimed_by(key: &str, peer: &ClusterName) -> bool {
+    MIRRORED.iter().any(|k| match k {
+        KeyKind::ClusterConfig | KeyKind::Heartbeat => key == format!("{}{peer}", k.prefix()),
+        _ => key.starts_with(&k.cluster_prefix(peer)),
+    })
 }
 
-async fn list_mirrored(
+/// What the mirror does with one key of the peer's etcd.
+#[derive(Debug, PartialEq, Eq)]
+enum Judged {
+    /// Not the peer's mirrored key: ignored.
+    Skip,
+    /// The peer's key, with a value that must not be copied (why).
+    Refuse(String),
+    /// The value to store locally (cluster configs are marked cached).
+    Mirror(Vec<u8>),
+}
+
+/// Validates a key and value of `peer`'s etcd as node-sync validates what it reads: the key parses
+/// and belongs to the peer, the value decodes and validates against its key (`MeshValue::decode`),
+/// and the peer's cluster config carries the id it was registered with.
+fn judge(peer: &RemoteCluster, key: &str, value: &[u8]) -> Judged {
+    if !claimed_by(key, &peer.name) {
+        return Judged::Skip;
+    }
+    let k = match MeshKey::parse(key) {
+        Ok(k) => k,
+        Err(e) => return Judged::Refuse(format!("the key does not parse: {e}")),
+    };
+    if k.cluster() != &peer.name || !MIRRORED.contains(&k.kind()) {
+        return Judged::Refuse(format!("not a mirrored key of cluster {}", peer.name));
+    }
+    match MeshValue::decode(&k, value) {
+        Err(e) => Judged::Refuse(e.to_string()),
+        Ok(MeshValue::ClusterConfig(mut c)) => {
+            if c.id.get() != peer.id.get() {
+                return Judged::Refuse(format!(
+                    "cluster id {} differs from the id {} the remote was registered with",
+                    c.id.get(),
+                    peer.id.get()
+                ));
+            }
+            c.capabilities.cached = true;
+            Judged::Mirror(MeshValue::ClusterConfig(c).encode())
+        }
+        Ok(_) => Judged::Mirror(value.to_vec()),
+    }
+}
+
+/// The refused values of one peer, so that each is logged and counted once (a reconnect lists it again).
+struct Refusals {
+    peer: ClusterName,
+    status: Option<Arc<Status>>,
+    /// Key -> mod revision of the refused value.
+    seen: HashMap<String, i64>,
+}
+
+impl Refusals {
+    fn refuse(&mut self, key: &str, mod_revision: i64, why: &str) {
+        if self.seen.insert(key.to_owned(), mod_revision) == Some(mod_revision) {
+            return;
+        }
+        warn!(peer = %self.peer, key, reason = why, "kvstoremesh refused a value of the remote; its local copy (if any) is kept");
+        if let Some(s) = &self.status {
+            s.update(|g| {
+                *g.remote_bad_values
+                    .entry(self.peer.to_string())
+                    .or_default() += 1
+            });
+        }
+    }
+
+    fn accepted(&mut self, key: &str) {
+        self.seen.remove(key);
+    }
+}
+
+/// Every key under `peer`'s mirrored prefixes, with its value and mod revision, and the revision of
+/// the snapshot. Every prefix is read at the revision of the first list: one snapshot, so the watch
+/// from the next revision misses no change made while the later prefixes were listed.
+async fn list_claimed(
     c: &mut Client,
     peer: &ClusterName,
-) -> Result<(BTreeMap<String, Vec<u8>>, i64), EtcdError> {
-    // Every prefix at the revision of the first list: one snapshot, so the watch from the next
-    // revision misses no change made while the later prefixes were listed.
+) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
     let mut out = BTreeMap::new();
     let mut rev = 0;
     for p in mirrored_prefixes(peer) {
         let (kvs, r) = list_prefix_at(c, &p, rev).await?;
         rev = r;
-        out.extend(
-            kvs.into_iter()
-                .filter(|(k, _)| is_mirrored(k, peer))
-                .map(|(k, (v, _))| (k, v)),
-        );
+        out.extend(kvs.into_iter().filter(|(k, _)| claimed_by(k, peer)));
     }
+    Ok((out, rev))
+}
+
+/// The local copies of `peer`'s keys.
+async fn list_mirrored(
+    c: &mut Client,
+    peer: &ClusterName,
+) -> Result<(BTreeMap<String, Vec<u8>>, i64), EtcdError> {
+    let (kvs, rev) = list_claimed(c, peer).await?;
+    let out = kvs
+        .into_iter()
+        .filter(|(k, _)| is_mirrored(k, peer))
+        .map(|(k, (v, _))| (k, v))
+        .collect();
     Ok((out, rev))
 }
 
@@ -146,30 +228,51 @@ async fn mirror_peer(
     remote: RemoteCluster,
     tls: MirrorTls,
     guard: Compare,
+    status: Option<Arc<Status>>,
 ) {
     let peer = remote.name.clone();
+    let mut refusals = Refusals {
+        peer: peer.clone(),
+        status,
+        seen: HashMap::new(),
+    };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let r: Result<(), String> = async {
             let mut rc = connect_peer(&remote, &tls).await?;
-            let (theirs, rev) = list_mirrored(&mut rc, &peer)
+            let (listed, rev) = list_claimed(&mut rc, &peer)
                 .await
                 .map_err(|e| e.to_string())?;
             let (ours, _) = list_mirrored(&mut local, &peer)
                 .await
                 .map_err(|e| e.to_string())?;
+            // A refused value is neither copied nor a reason to delete the local copy.
+            let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut refused: BTreeSet<String> = BTreeSet::new();
+            for (k, (v, mod_rev)) in listed {
+                match judge(&remote, &k, &v) {
+                    Judged::Skip => {}
+                    Judged::Refuse(why) => {
+                        refusals.refuse(&k, mod_rev, &why);
+                        refused.insert(k);
+                    }
+                    Judged::Mirror(lv) => {
+                        refusals.accepted(&k);
+                        theirs.insert(k, lv);
+                    }
+                }
+            }
             let mut ops = Vec::new();
-            for (k, v) in &theirs {
-                let lv = local_value(k, v);
-                if ours.get(k) != Some(&lv) {
+            for (k, lv) in &theirs {
+                if ours.get(k) != Some(lv) {
                     ops.push(Op {
                         key: k.clone(),
-                        value: Some(lv),
+                        value: Some(lv.clone()),
                     });
                 }
             }
             for k in ours.keys() {
-                if !theirs.contains_key(k) {
+                if !theirs.contains_key(k) && !refused.contains(k) {
                     ops.push(Op {
                         key: k.clone(),
                         value: None,
@@ -202,7 +305,7 @@ async fn mirror_peer(
             write(&mut local, missing, &guard)
                 .await
                 .map_err(|e| e.to_string())?;
-            info!(%own, %peer, keys = theirs.len(), written = n, "remote mirrored");
+            info!(%own, %peer, keys = theirs.len(), refused = refused.len(), written = n, "remote mirrored");
             backoff.reset();
             let mut w = rc
                 .watch(
@@ -226,16 +329,25 @@ async fn mirror_peer(
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    if !is_mirrored(&key, &peer) {
-                        continue;
-                    }
-                    ops.push(Op {
-                        value: match ev.event_type() {
-                            EventType::Put => Some(local_value(&key, kv.value())),
-                            EventType::Delete => None,
+                    match ev.event_type() {
+                        EventType::Put => match judge(&remote, &key, kv.value()) {
+                            Judged::Skip => {}
+                            Judged::Refuse(why) => refusals.refuse(&key, kv.mod_revision(), &why),
+                            Judged::Mirror(lv) => {
+                                refusals.accepted(&key);
+                                ops.push(Op {
+                                    key,
+                                    value: Some(lv),
+                                });
+                            }
                         },
-                        key,
-                    });
+                        EventType::Delete => {
+                            refusals.accepted(&key);
+                            if is_mirrored(&key, &peer) {
+                                ops.push(Op { key, value: None });
+                            }
+                        }
+                    }
                 }
                 if !ops.is_empty() {
                     write(&mut local, ops, &guard)
@@ -274,7 +386,14 @@ async fn forget_peer(
 }
 
 /// Follows `remotes/<own>/` in the local etcd and runs one mirror per peer. Runs until aborted.
-pub async fn run(local: Client, own: ClusterName, tls: MirrorTls, guard: Compare) {
+/// Values refused are counted in `status` (`remote_bad_values`, by peer).
+pub async fn run(
+    local: Client,
+    own: ClusterName,
+    tls: MirrorTls,
+    guard: Compare,
+    status: Option<Arc<Status>>,
+) {
     let prefix = KeyKind::Remotes.cluster_prefix(&own);
     let mut mirrors: HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -288,7 +407,7 @@ pub async fn run(local: Client, own: ClusterName, tls: MirrorTls, guard: Compare
                     wanted.insert(rcl.name.clone(), rcl);
                 }
             }
-            reconcile(&local, &own, &tls, &guard, &mut mirrors, &wanted).await?;
+            reconcile(&local, &own, &tls, &guard, &status, &mut mirrors, &wanted).await?;
             backoff.reset();
             let mut w = c
                 .watch(
@@ -329,7 +448,7 @@ pub async fn run(local: Client, own: ClusterName, tls: MirrorTls, guard: Compare
                         }
                     }
                 }
-                reconcile(&local, &own, &tls, &guard, &mut mirrors, &wanted).await?;
+                reconcile(&local, &own, &tls, &guard, &status, &mut mirrors, &wanted).await?;
             }
             Ok(())
         }
@@ -363,6 +482,7 @@ async fn reconcile(
     own: &ClusterName,
     tls: &MirrorTls,
     guard: &Compare,
+    status: &Option<Arc<Status>>,
     mirrors: &mut HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)>,
     wanted: &BTreeMap<ClusterName, RemoteCluster>,
 ) -> Result<(), EtcdError> {
@@ -393,8 +513,66 @@ async fn reconcile(
             rcl.clone(),
             tls.clone(),
             guard.clone(),
+            status.clone(),
         ));
         mirrors.insert(peer.clone(), (rcl.clone(), h));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_model::values::{Capabilities, ClusterConfig};
+    use mesh_model::{ClusterId, MaxConnectedClusters};
+
+    fn remote(name: &str, id: u32) -> RemoteCluster {
+        RemoteCluster {
+            name: ClusterName::new(name).unwrap(),
+            id: ClusterId::new(id, MaxConnectedClusters::DEFAULT).unwrap(),
+            endpoints: vec![],
+            ca_bundle: String::new(),
+        }
+    }
+
+    fn config(name: &str, id: u32) -> Vec<u8> {
+        let mcc = MaxConnectedClusters::DEFAULT;
+        MeshValue::ClusterConfig(ClusterConfig {
+            name: ClusterName::new(name).unwrap(),
+            id: ClusterId::new(id, mcc).unwrap(),
+            max_connected_clusters: mcc,
+            capabilities: Capabilities::default(),
+            ca_fingerprints: vec![],
+        })
+        .encode()
+    }
+
+    #[test]
+    fn judges_a_peers_keys_and_skips_other_clusters() {
+        let c2 = remote("c2", 2);
+        let cc = "clustermesh/v1/cluster-config/c2";
+        let Judged::Mirror(v) = judge(&c2, cc, &config("c2", 2)) else {
+            panic!("a good config is mirrored");
+        };
+        assert!(String::from_utf8_lossy(&v).contains("\"cached\":true"));
+        // c20 shares c2's exact-key prefix: another cluster's key, skipped.
+        assert_eq!(
+            judge(&c2, "clustermesh/v1/cluster-config/c20", &config("c20", 20)),
+            Judged::Skip
+        );
+        assert_eq!(
+            judge(&c2, "clustermesh/v1/services/c3/ns/web", b"{"),
+            Judged::Skip
+        );
+        // The peer's own canaries, leader key and node status are not mirrored.
+        assert_eq!(judge(&c2, "clustermesh/v1/leader/c2", b"r1"), Judged::Skip);
+        let refused = |key: &str, value: &[u8]| match judge(&c2, key, value) {
+            Judged::Refuse(why) => why,
+            other => panic!("{key}: {other:?}"),
+        };
+        assert!(refused(cc, &config("c2", 3)).contains("id 3 differs"));
+        assert!(refused(cc, b"{}").contains("not a valid"));
+        assert!(refused("clustermesh/v1/heartbeat/c2", b"yesterday").contains("RFC 3339"));
+        assert!(refused("clustermesh/v1/services/c2/ns", b"{}").contains("does not parse"));
+    }
 }

@@ -305,6 +305,7 @@ async fn run_term(
             cluster.clone(),
             tls.clone(),
             guard.clone(),
+            Some(status.clone()),
         )));
     }
     let _tasks = Tasks(tasks);

@@ -68,6 +68,9 @@ pub struct StatusSnapshot {
     pub last_full_sync: Option<String>,
     /// The last etcd error, if any.
     pub last_error: Option<String>,
+    /// KVStoreMesh: values of each remote refused because they did not decode or validate (each
+    /// refused value counted once).
+    pub remote_bad_values: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -200,6 +203,16 @@ impl Status {
             "1 after the first full sync (or while standing by).",
             vec![(String::new(), u8::from(s.ready).to_string())],
         );
+        // Named and labelled as node-sync's `nodesync_remote_bad_values_total{cluster}`.
+        metric(
+            "remote_bad_values_total",
+            "counter",
+            "Values refused because they did not decode or validate (KVStoreMesh), by remote cluster.",
+            s.remote_bad_values
+                .iter()
+                .map(|(c, n)| (format!("{{cluster=\"{}\"}}", c), n.to_string()))
+                .collect(),
+        );
         let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         let mut lines: Vec<(String, String)> = LATENCY_BUCKETS
             .iter()
@@ -317,11 +330,13 @@ mod tests {
         s.update(|g| {
             g.keys_put_total = 5;
             g.role = Role::Leader;
+            g.remote_bad_values.insert("c2".into(), 3);
         });
         s.observe_reconcile(Duration::from_millis(3));
         let m = s.metrics();
         assert!(m.contains("clustermesh_apiserver_keys_written_total{op=\"put\"} 5"));
         assert!(m.contains("clustermesh_apiserver_leader 1"));
+        assert!(m.contains("clustermesh_apiserver_remote_bad_values_total{cluster=\"c2\"} 3"));
         assert!(m.contains("clustermesh_apiserver_reconcile_seconds_bucket{le=\"0.005\"} 1"));
         assert!(m.contains("clustermesh_apiserver_reconcile_seconds_bucket{le=\"0.001\"} 0"));
         assert!(m.contains("clustermesh_apiserver_reconcile_seconds_count 1"));

@@ -25,11 +25,16 @@ pub struct DemoArgs {
     /// Directory of the clustermesh-apiserver, node-sync and clustermesh binaries (default: next to this one).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// KVStoreMesh mode: each cluster's apiserver mirrors the other cluster's keys into its own etcd and
+    /// every node-sync reads only its local etcd (`--kvstoremesh` on both).
+    #[arg(long)]
+    pub kvstoremesh: bool,
 }
 
 pub async fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut opts = DemoOptions {
         prefix: a.prefix,
+        kvstoremesh: a.kvstoremesh,
         ..DemoOptions::default()
     };
     if let Some(d) = a.bin_dir {
@@ -46,7 +51,12 @@ pub async fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
         Output::Text => {
             println!(
-                "ClusterMesh demo: 2 clusters x 2 nodes, service default/echo, client in c1/n1"
+                "ClusterMesh demo: 2 clusters x 2 nodes{}, service default/echo, client in c1/n1",
+                if report.kvstoremesh {
+                    " (KVStoreMesh)"
+                } else {
+                    ""
+                }
             );
             println!("                     failover   failback   failed connects");
             for (name, d) in [

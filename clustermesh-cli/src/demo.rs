@@ -30,6 +30,9 @@ pub struct DemoOptions {
     pub interval: Duration,
     /// How long traffic runs before the fault and after each settle.
     pub settle: Duration,
+    /// KVStoreMesh mode: each apiserver mirrors the other cluster into its own etcd and node-syncs
+    /// read only their local etcd.
+    pub kvstoremesh: bool,
 }
 
 impl Default for DemoOptions {
@@ -39,6 +42,7 @@ impl Default for DemoOptions {
             bin_dir: crate::labmesh::default_bin_dir(),
             interval: Duration::from_millis(10),
             settle: Duration::from_millis(1500),
+            kvstoremesh: false,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct DemoReport {
     pub status_url: String,
     /// Seconds the whole demo took.
     pub total_seconds: f64,
+    /// Whether the mesh ran in KVStoreMesh mode.
+    pub kvstoremesh: bool,
 }
 
 /// Which drill.
@@ -159,11 +165,14 @@ pub async fn bring_up(opts: &DemoOptions, progress: &mut dyn FnMut(&str)) -> Res
             missing.join("\n  - ")
         );
     }
-    progress(
-        "bringing up 2 clusters x 2 nodes (network namespaces, etcd with mTLS, apiservers, node-syncs, eBPF, backends)",
-    );
+    progress(if opts.kvstoremesh {
+        "bringing up 2 clusters x 2 nodes in KVStoreMesh mode (network namespaces, etcd with mTLS, apiservers mirroring their remotes, node-syncs reading only their local etcd, eBPF, backends)"
+    } else {
+        "bringing up 2 clusters x 2 nodes (network namespaces, etcd with mTLS, apiservers, node-syncs, eBPF, backends)"
+    });
     let mut spec = LabMeshSpec::new(opts.prefix.clone(), 2, 2);
     spec.bin_dir = opts.bin_dir.clone();
+    spec.kvstoremesh = opts.kvstoremesh;
     let mesh = tokio::task::spawn_blocking(move || LabMesh::up(spec))
         .await
         .context("lab task")??;
@@ -248,6 +257,7 @@ pub async fn run(
             hard_kill,
             status_url,
             total_seconds: started.elapsed().as_secs_f64(),
+            kvstoremesh: opts.kvstoremesh,
         },
         mesh,
     ))

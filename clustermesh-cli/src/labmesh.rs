@@ -50,6 +50,9 @@ pub struct LabMeshSpec {
     pub service_annotations: Vec<(String, String)>,
     /// Extra annotations of the demo service in one cluster (by index; e.g. a failover order).
     pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
+    /// KVStoreMesh: every apiserver mirrors its remotes' keys into its own etcd (`--kvstoremesh`) and
+    /// every node-sync reads only its local etcd (`node-sync --kvstoremesh`).
+    pub kvstoremesh: bool,
 }
 
 impl LabMeshSpec {
@@ -65,6 +68,7 @@ impl LabMeshSpec {
             cluster_ids: BTreeMap::new(),
             service_annotations: Vec::new(),
             cluster_service_annotations: BTreeMap::new(),
+            kvstoremesh: false,
         }
     }
 }
@@ -437,6 +441,9 @@ impl LabMesh {
             format!("--data-dir={}", data_dir.display()),
             format!("--replica-id={}-apiserver", cl.name),
         ]);
+        if self.spec.kvstoremesh {
+            cmd.arg("--kvstoremesh");
+        }
         let (out, err) = self.log_stdio(&format!("apiserver-{}", cl.name))?;
         cmd.stdout(out).stderr(err).env("RUST_LOG", "info");
         let p = self.lab().spawn(cmd)?;
@@ -472,6 +479,9 @@ impl LabMesh {
             format!("--bpffs={}", node.bpffs.display()),
             format!("--status-listen={}:{NODE_SYNC_STATUS_PORT}", node.addr),
         ]);
+        if self.spec.kvstoremesh {
+            cmd.arg("--kvstoremesh");
+        }
         cmd.args(&self.spec.node_sync_args);
         let (out, err) = self.log_stdio(&format!("node-sync-{}-{}", cl.name, node.name))?;
         cmd.stdout(out).stderr(err).env("RUST_LOG", "info");
@@ -592,6 +602,51 @@ impl LabMesh {
             bail!("node-sync {c}/{n} status: HTTP {code}");
         }
         Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The established TCP connections from node `n` of cluster `c` to the etcd of cluster `to`, as
+    /// `ss` shows them inside the node's network namespace: (peer address, owning process).
+    pub fn etcd_connections(
+        &self,
+        c: usize,
+        n: usize,
+        to: usize,
+    ) -> Result<Vec<(SocketAddr, String)>> {
+        let etcd: Vec<SocketAddr> = self.lab().clusters()[to - 1]
+            .etcd
+            .client_urls()
+            .iter()
+            .filter_map(|u| u.rsplit("://").next()?.trim_end_matches('/').parse().ok())
+            .collect();
+        if etcd.is_empty() {
+            bail!("no etcd client address of {}", self.cluster_name(to));
+        }
+        let netns = &self.lab().node(c, n)?.netns;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "ss",
+                "-Htnp",
+                "state",
+                "established",
+            ])
+            .output()
+            .context("run ss in the node's namespace")?;
+        if !out.status.success() {
+            bail!("ss in {netns}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // With a state filter the columns are: Recv-Q Send-Q Local Peer [Process].
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let peer: SocketAddr = f.get(3)?.parse().ok()?;
+                etcd.contains(&peer)
+                    .then(|| (peer, f.get(4..).map(|p| p.join(" ")).unwrap_or_default()))
+            })
+            .collect())
     }
 
     /// Wait until a connection from node `n` of cluster `c` to the service lands on a backend whose

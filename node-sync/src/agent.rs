@@ -747,6 +747,9 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
                 }
                 return false;
             }
+            if kvstoremesh && conn == local {
+                learn_mirrored_id(&st.opts.cluster_ids, &local, &value);
+            }
             st.index.apply(&key, Some(value));
         }
         ConnEvent::Delete(key) => {
@@ -758,6 +761,22 @@ fn handle(st: &mut AgentState, (conn, ev): (ClusterName, ConnEvent)) -> bool {
         }
     }
     false
+}
+
+/// KVStoreMesh: a peer's config arrives as a mirrored key of the local etcd, not through a watcher of
+/// its own, so its id is learnt here; the datapath stores a backend's cluster by id. An id that another
+/// cluster already holds is not taken (the backends of that peer then carry id 0).
+fn learn_mirrored_id(ids: &ClusterIds, local: &ClusterName, value: &MeshValue) {
+    let MeshValue::ClusterConfig(cfg) = value else {
+        return;
+    };
+    if cfg.name == *local {
+        return;
+    }
+    if let Err(holder) = ids.set_unless_taken(&cfg.name, cfg.id.get()) {
+        tracing::warn!(cluster = %cfg.name, id = cfg.id.get(), holder = %holder,
+            "mirrored cluster config claims an id another cluster holds; its id is not recorded");
+    }
 }
 
 /// Rebuild the DNS zone when the index changed and someone serves it.

@@ -843,7 +843,11 @@ async fn session(
                     state
                         .known
                         .insert(key.to_owned(), (kv.mod_revision(), value_hash(kv.value())));
-                    if let MeshKey::ClusterConfig { .. } = &parsed {
+                    // Only the watched cluster's own config is checked against the source: in
+                    // KVStoreMesh mode the local etcd also holds every peer's (mirrored) config.
+                    if let MeshKey::ClusterConfig { cluster } = &parsed
+                        && cluster == scope.home()
+                    {
                         match MeshValue::decode(&parsed, kv.value()) {
                             Ok(MeshValue::ClusterConfig(c)) => {
                                 if let Err(why) = validate(source, &c) {

@@ -28,6 +28,16 @@ impl ClusterIds {
             .insert(name.clone(), id);
     }
 
+    /// Record a cluster's id unless another cluster holds it; `Err` names the holder.
+    pub fn set_unless_taken(&self, name: &ClusterName, id: u16) -> Result<(), ClusterName> {
+        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((holder, _)) = g.iter().find(|(n, v)| **v == id && *n != name) {
+            return Err(holder.clone());
+        }
+        g.insert(name.clone(), id);
+        Ok(())
+    }
+
     /// The id of a cluster (0 when unknown).
     pub fn id(&self, name: &ClusterName) -> u16 {
         self.0
@@ -70,6 +80,11 @@ impl<S: ServiceMaps> GlbWriter<S> {
     /// The wrapped maps.
     pub fn maps(&self) -> &S {
         &self.maps
+    }
+
+    /// The wrapped maps, taken back.
+    pub fn into_maps(self) -> S {
+        self.maps
     }
 
     /// The datapath's backends for `backends` (the id map read once, not once per backend).

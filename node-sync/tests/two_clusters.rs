@@ -5,12 +5,15 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use global_lb_bpf::ServiceMaps as _;
 use mesh_model::keys::MeshKey;
 use mesh_model::values::{Affinity, MeshValue, RemoteCluster};
 use mesh_model::{ClusterId, MaxConnectedClusters};
-use node_sync::lb::{Backend, FakeMaps, Frontend};
+use node_sync::datapath::{ClusterIds, GlbWriter};
+use node_sync::lb::{Backend, FakeMaps, Frontend, MapError, MapWriter};
 use support::*;
 
 const C1_EP: &str = "127.0.0.1";
@@ -423,6 +426,150 @@ async fn kvstoremesh_reads_every_cluster_from_the_local_etcd_only() {
         programmed(&maps) == Some(both.clone())
     })
     .await;
+}
+
+/// The datapath writer (global-lb-bpf's slot logic over memory) shared between the agent and the
+/// test, counting the writes that reach it.
+#[derive(Clone)]
+struct SharedGlb(Arc<Mutex<(GlbWriter<global_lb_bpf::FakeMaps>, u64)>>);
+
+impl SharedGlb {
+    fn new(ids: ClusterIds) -> Self {
+        Self(Arc::new(Mutex::new((
+            GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids),
+            0,
+        ))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (GlbWriter<global_lb_bpf::FakeMaps>, u64)> {
+        self.0.lock().unwrap()
+    }
+
+    /// The VIP's backends as the datapath holds them: (cluster id, ip), sorted.
+    fn vip_backends(&self) -> Vec<(u16, String)> {
+        let g = self.lock();
+        let mut v: Vec<(u16, String)> =
+            g.0.maps()
+                .services()
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.frontend.addr.to_string().ends_with(VIP))
+                .flat_map(|s| s.backends)
+                .map(|b| (b.cluster_id, b.addr.to_string().replace("::ffff:", "")))
+                .collect();
+        v.sort();
+        v
+    }
+
+    fn writes(&self) -> u64 {
+        self.lock().1
+    }
+
+    /// A writer for the next agent with a fresh id map (as after a process restart).
+    fn rewire(&self, ids: ClusterIds) {
+        let mut g = self.lock();
+        let placeholder = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
+        let maps = std::mem::replace(&mut g.0, placeholder).into_maps();
+        g.0 = GlbWriter::new(maps, c("c1"), ids);
+        g.1 = 0;
+    }
+}
+
+impl MapWriter for SharedGlb {
+    fn upsert_service(&mut self, f: &Frontend, b: &[Backend]) -> Result<(), MapError> {
+        let mut g = self.lock();
+        g.1 += 1;
+        g.0.upsert_service(f, b)
+    }
+    fn update_service(
+        &mut self,
+        f: &Frontend,
+        old: &[Backend],
+        new: &[Backend],
+    ) -> Result<(), MapError> {
+        let mut g = self.lock();
+        g.1 += 1;
+        g.0.update_service(f, old, new)
+    }
+    fn delete_service(&mut self, f: &Frontend) -> Result<(), MapError> {
+        let mut g = self.lock();
+        g.1 += 1;
+        g.0.delete_service(f)
+    }
+    fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
+        self.lock().0.services()
+    }
+}
+
+/// KVStoreMesh: a peer's id comes from its mirrored config (the datapath stores backends by cluster
+/// id), so a restart finds the maps as it would write them; the mirror rewriting the peer's config
+/// never drops the local stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvstoremesh_learns_mirrored_cluster_ids_and_keeps_its_stream_on_a_peer_config_write() {
+    let e1 = Etcd::start().await;
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e1, "c2", 2).await;
+    w1.publish_all(
+        vec![spec("c1", Affinity::None)],
+        vec![chunk("c1", 0, vec![endpoint(C1_EP, 9, "other")])],
+    )
+    .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::None)],
+        vec![chunk("c2", 0, vec![endpoint(C2_EP, 8080, "m1")])],
+    )
+    .await;
+    let mut opts = options(&e1, "c1", 1, None);
+    opts.kvstoremesh = true;
+    let glb = SharedGlb::new(opts.cluster_ids.clone());
+    let agent = node_sync::agent::start(opts.clone(), Box::new(glb.clone()));
+    let both = vec![(1, C1_EP.to_string()), (2, C2_EP.to_string())];
+    wait_for("c1 and c2 with their ids", Duration::from_secs(15), || {
+        glb.vip_backends() == both
+    })
+    .await;
+
+    // The mirror writes c2's config again (a peer's apiserver restarted, or its CA changed).
+    w2.config(2).await;
+    // A later change of c2 is seen on the same stream.
+    w2.chunk(chunk(
+        "c2",
+        0,
+        vec![
+            endpoint(C2_EP, 8080, "m1"),
+            endpoint("127.0.0.3", 8080, "m2"),
+        ],
+    ))
+    .await;
+    let three = vec![
+        (1, C1_EP.to_string()),
+        (2, C2_EP.to_string()),
+        (2, "127.0.0.3".to_string()),
+    ];
+    wait_for("c2's second backend", Duration::from_secs(10), || {
+        glb.vip_backends() == three
+    })
+    .await;
+    {
+        let st = agent.state();
+        let local = &st.clusters[&c("c1")];
+        assert_eq!(local.reconnects, 0, "the local stream was dropped");
+        assert!(!local.refused, "{:?}", local.error);
+        assert!(st.clusters[&c("c2")].liveness.connected());
+    }
+
+    // A restart (fresh id map) reads the maps back as written: nothing is rewritten.
+    agent.stop();
+    drop(agent);
+    opts.cluster_ids = ClusterIds::default();
+    glb.rewire(opts.cluster_ids.clone());
+    let agent = node_sync::agent::start(opts, Box::new(glb.clone()));
+    wait_for("ready after the restart", Duration::from_secs(15), || {
+        agent.state().ready
+    })
+    .await;
+    assert_eq!(glb.writes(), 0, "a restart rewrote unchanged services");
+    assert_eq!(glb.vip_backends(), three);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

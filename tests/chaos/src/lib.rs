@@ -291,6 +291,8 @@ pub struct UpOptions {
     pub service_annotations: Vec<(String, String)>,
     /// Extra annotations of the demo service in one cluster (by index).
     pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
+    /// KVStoreMesh: apiservers mirror their remotes, node-syncs read only their local etcd.
+    pub kvstoremesh: bool,
 }
 
 impl UpOptions {
@@ -304,7 +306,14 @@ impl UpOptions {
             affinity: "local".into(),
             service_annotations: Vec::new(),
             cluster_service_annotations: BTreeMap::new(),
+            kvstoremesh: false,
         }
+    }
+
+    /// The same in KVStoreMesh mode.
+    pub fn kvstoremesh(mut self) -> Self {
+        self.kvstoremesh = true;
+        self
     }
 
     /// The same with affinity `none`.
@@ -337,6 +346,7 @@ impl ChaosMesh {
         spec.affinity = opts.affinity.clone();
         spec.service_annotations = opts.service_annotations.clone();
         spec.cluster_service_annotations = opts.cluster_service_annotations.clone();
+        spec.kvstoremesh = opts.kvstoremesh;
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",

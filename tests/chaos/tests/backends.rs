@@ -1,7 +1,8 @@
 //! Backends failing under a steady stream of new connections from clients in both clusters:
 //! a graceful drain (zero failed connects), a SIGKILL of one backend and of a whole cluster's
 //! backends (failed connects only until the health checks notice), and every node's maps equal to
-//! the model within the settle budget (one second) after each step.
+//! the model within the settle budget (one second) after each step. Once in the normal mode, once in
+//! KVStoreMesh mode (apiservers mirror their remotes, node-syncs read only their local etcd).
 
 use std::time::Duration;
 
@@ -14,7 +15,16 @@ const INTERVAL: Duration = Duration::from_millis(10);
 
 #[test]
 fn backend_graceful_stop_and_sigkill() -> Result<()> {
-    let mut m = ChaosMesh::up(UpOptions::new("cx-backend", 2, 2))?;
+    scenario(UpOptions::new("cx-backend", 2, 2))
+}
+
+#[test]
+fn backend_graceful_stop_and_sigkill_kvstoremesh() -> Result<()> {
+    scenario(UpOptions::new("cx-kvsbackend", 2, 2).kvstoremesh())
+}
+
+fn scenario(opts: UpOptions) -> Result<()> {
+    let mut m = ChaosMesh::up(opts)?;
     let budget = settle_budget();
 
     // Graceful: drain cluster 1 (terminating), stop its backends, start them, publish ready.

@@ -9,6 +9,11 @@
 //! they had, crash nowhere, and the clients see no failed connect. Then cluster 2 is drained, so
 //! its nodes select cluster 1's backends: exactly cluster 1's real backends, none of the copied
 //! ones. Afterwards the admin restores chunk 0 and deletes the garbage.
+//!
+//! In KVStoreMesh mode cluster 2's node-syncs read cluster 1 from cluster 2's etcd, where cluster 2's
+//! apiserver mirrors it: the mirror refuses each of the four values (counted once each in its
+//! `clustermesh_apiserver_remote_bad_values_total{cluster="c1"}`), so cluster 2's node-syncs never see
+//! them, and the rest holds as above.
 
 use std::time::Duration;
 
@@ -56,9 +61,30 @@ fn bad_values(m: &ChaosMesh, c: usize, n: usize) -> Result<u64> {
         .sum())
 }
 
+/// Cluster `c`'s apiserver's count of refused values of cluster `of` (KVStoreMesh).
+fn mirror_refused(m: &ChaosMesh, c: usize, of: &str) -> Result<u64> {
+    let (_, text) = clustermesh_cli::labmesh::http_get(m.mesh().apiserver_status(c), "/metrics")?;
+    let prefix = format!("clustermesh_apiserver_remote_bad_values_total{{cluster=\"{of}\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
 #[test]
 fn garbage_and_wrong_cluster_values_change_nothing() -> Result<()> {
-    let mut m = ChaosMesh::up(UpOptions::new("cx-garbage", 2, 2))?;
+    scenario(UpOptions::new("cx-garbage", 2, 2))
+}
+
+#[test]
+fn garbage_in_a_remote_etcd_is_refused_by_kvstoremesh_and_changes_nothing() -> Result<()> {
+    scenario(UpOptions::new("cx-kvsgarbage", 2, 2).kvstoremesh())
+}
+
+fn scenario(opts: UpOptions) -> Result<()> {
+    let kvstoremesh = opts.kvstoremesh;
+    let mut m = ChaosMesh::up(opts)?;
     let budget = settle_budget();
     let (c1, c2) = (m.mesh().cluster_name(1), m.mesh().cluster_name(2));
     let ep = |c: &str, chunk: u32| format!("clustermesh/v1/endpoints/{c}/default/echo/{chunk}");
@@ -84,11 +110,27 @@ fn garbage_and_wrong_cluster_values_change_nothing() -> Result<()> {
         a1.put(ep(&c1, 0), foreign, None).await?;
         anyhow::Ok(good0)
     })?;
-    // Every reader saw and rejected them.
+    // Every reader saw and rejected them: in KVStoreMesh mode cluster 2's mirror, not its nodes.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    if kvstoremesh {
+        loop {
+            let refused = mirror_refused(&m, 2, &c1)?;
+            if refused == 4 {
+                break;
+            }
+            ensure!(
+                refused < 4 && std::time::Instant::now() < deadline,
+                "cluster 2's mirror refused {refused} values of {c1}, expected 4"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     for c in 1..=2 {
         for n in 1..=2 {
             let i = (c - 1) * 2 + (n - 1);
+            if kvstoremesh && c == 2 {
+                continue;
+            }
             loop {
                 let now = bad_values(&m, c, n)
                     .with_context(|| format!("node-sync {c}/{n} after the garbage (crashed?)"))?;
@@ -106,6 +148,17 @@ fn garbage_and_wrong_cluster_values_change_nothing() -> Result<()> {
         }
     }
     m.converge(budget).context("maps after the garbage")?;
+    if kvstoremesh {
+        // Nothing of it reached cluster 2's node-syncs.
+        for n in 1..=2 {
+            let now = bad_values(&m, 2, n)?;
+            ensure!(
+                now == bad_before[2 + (n - 1)],
+                "node-sync 2/{n} counted {now} bad values (was {}): the mirror let garbage through",
+                bad_before[2 + (n - 1)]
+            );
+        }
+    }
 
     // Cluster 2 drained: its nodes take exactly cluster 1's real backends.
     m.publish_cluster(2, Published::Terminating)?;
@@ -131,5 +184,11 @@ fn garbage_and_wrong_cluster_values_change_nothing() -> Result<()> {
         .context("maps after the admin cleaned up")?;
     std::thread::sleep(Duration::from_millis(300));
     assert_no_failures(&t.stop(), "garbage and wrong-cluster values in etcd")?;
+    if kvstoremesh {
+        ensure!(
+            mirror_refused(&m, 2, &c1)? == 4,
+            "the clean-up was refused by the mirror"
+        );
+    }
     Ok(())
 }

@@ -78,6 +78,21 @@ fn a_remote_cluster_cut_off_leaves_within_a_second_under_affinity_none() -> Resu
 }
 
 #[test]
+fn a_remote_cluster_cut_off_leaves_within_a_second_in_kvstoremesh_mode() -> Result<()> {
+    // The node-syncs read only their local KVStoreMesh cache; the cut is seen in the data plane.
+    let mut m = ChaosMesh::up(
+        UpOptions::new("cx-cut-kvs", 2, 2)
+            .affinity_none()
+            .kvstoremesh(),
+    )?;
+    let (last, back) = cut_and_heal(&mut m, "KVStoreMesh, affinity none")?;
+    eprintln!(
+        "[chaos] KVStoreMesh: last failed connect {last:.0} ms after the cut, back {back:?} after the heal"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_remote_cluster_cut_off_leaves_within_a_second_under_affinity_local() -> Result<()> {
     // Three clusters of one node; cluster 1 drained, so its client uses clusters 2 and 3.
     let mut m = ChaosMesh::up(UpOptions::new("cx-cut-local", 3, 1))?;

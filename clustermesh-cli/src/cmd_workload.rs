@@ -25,6 +25,12 @@ pub struct BackendArgs {
     /// UDP addresses to listen on.
     #[arg(long = "udp")]
     pub udp: Vec<SocketAddr>,
+    /// Also serve an HTTP health endpoint here, answering from --health-mode-file.
+    #[arg(long, requires = "health_mode_file")]
+    pub health: Option<SocketAddr>,
+    /// `ok` (or absent): 200; `fail`: 503; `flap`: 200 and 503 in turn. Read at every request.
+    #[arg(long)]
+    pub health_mode_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -52,7 +58,10 @@ pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
             if a.tcp.is_empty() && a.udp.is_empty() {
                 anyhow::bail!("backend: give at least one --tcp or --udp address");
             }
-            run_backend(a.name, a.tcp, a.udp).await
+            let health = a.health.zip(a.health_mode_file).map(|(listen, mode_file)| {
+                clustermesh_cli::workload::HealthEndpoint { listen, mode_file }
+            });
+            run_backend(a.name, a.tcp, a.udp, health).await
         }
         WorkloadCommand::Probe(a) => {
             run_probe(ProbeConfig {

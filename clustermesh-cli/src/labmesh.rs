@@ -48,6 +48,9 @@ pub struct LabMeshSpec {
     pub cluster_ids: BTreeMap<usize, u32>,
     /// Extra annotations of the demo service in every cluster (e.g. a health check).
     pub service_annotations: Vec<(String, String)>,
+    /// Every backend also serves an HTTP health endpoint on this port, answering as
+    /// [`LabMesh::set_health_mode`] says (`ok` until then).
+    pub health_port: Option<u16>,
     /// Extra annotations of the demo service in one cluster (by index; e.g. a failover order).
     pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
     /// KVStoreMesh: every apiserver mirrors its remotes' keys into its own etcd (`--kvstoremesh`) and
@@ -67,6 +70,7 @@ impl LabMeshSpec {
             node_sync_args: Vec::new(),
             cluster_ids: BTreeMap::new(),
             service_annotations: Vec::new(),
+            health_port: None,
             cluster_service_annotations: BTreeMap::new(),
             kvstoremesh: false,
         }
@@ -499,6 +503,22 @@ impl LabMesh {
     }
 
     /// Start (or restart) the identity backend on node `n` of cluster `c`, and wait until it listens.
+    fn health_mode_file(&self, c: usize, n: usize) -> PathBuf {
+        self.lab()
+            .state_dir()
+            .join(format!("health-mode-{}", self.backend_name(c, n)))
+    }
+
+    /// What the HTTP health endpoint of backend `n` of cluster `c` answers from now on (with
+    /// `health_port` set): `ok` 200, `fail` 503, `flap` 200 and 503 in turn.
+    pub fn set_health_mode(&self, c: usize, n: usize, mode: &str) -> Result<()> {
+        let path = self.health_mode_file(c, n);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, mode).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("rename {}", path.display()))?;
+        Ok(())
+    }
+
     pub fn start_backend(&mut self, c: usize, n: usize) -> Result<()> {
         if let Some(mut old) = self.backends.remove(&(c, n)) {
             let _ = old.kill();
@@ -513,6 +533,13 @@ impl LabMesh {
             format!("--tcp=0.0.0.0:{BACKEND_PORT}"),
             format!("--udp=0.0.0.0:{BACKEND_PORT}"),
         ]);
+        if let Some(port) = self.spec.health_port {
+            cmd.arg(format!("--health=0.0.0.0:{port}"));
+            cmd.arg(format!(
+                "--health-mode-file={}",
+                self.health_mode_file(c, n).display()
+            ));
+        }
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut p = self.lab().spawn(cmd)?;
         // The backend prints "ready" once it listens.

@@ -33,16 +33,72 @@ pub struct ProbeSample {
     pub latency_us: u64,
 }
 
-/// Serve `name` on every address: a TCP connection gets `name\n`; a UDP datagram gets `name\n` back.
-/// SIGTERM stops accepting, lets connections in flight finish, and returns.
+/// A backend's HTTP health endpoint (what `clustermesh.io/health-check: http:/path` probes): every
+/// request is answered from the mode in `mode_file`, read at each request: `ok` (or no file) 200,
+/// `fail` 503, `flap` 200 and 503 in turn (a backend failing every other probe).
+#[derive(Debug, Clone)]
+pub struct HealthEndpoint {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The mode file.
+    pub mode_file: std::path::PathBuf,
+}
+
+/// The status code a health request gets in `mode` (`n`: requests answered before it).
+pub fn health_status(mode: &str, n: usize) -> u16 {
+    match mode.trim() {
+        "fail" => 503,
+        "flap" if n % 2 == 1 => 503,
+        _ => 200,
+    }
+}
+
+async fn serve_health(listener: TcpListener, mode_file: std::path::PathBuf) {
+    let answered = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let mode_file = mode_file.clone();
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let _ = tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await;
+            let mode = std::fs::read_to_string(&mode_file).unwrap_or_default();
+            let code = health_status(&mode, answered.fetch_add(1, Ordering::SeqCst));
+            let reason = if code == 200 {
+                "OK"
+            } else {
+                "Service Unavailable"
+            };
+            let _ = sock
+                .write_all(
+                    format!("HTTP/1.0 {code} {reason}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                )
+                .await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Serve `name` on every address: a TCP connection gets `name\n`; a UDP datagram gets `name\n` back;
+/// with `health`, an HTTP health endpoint too. SIGTERM stops accepting, lets connections in flight
+/// finish, and returns.
 pub async fn run_backend(
     name: String,
     tcp: Vec<SocketAddr>,
     udp: Vec<SocketAddr>,
+    health: Option<HealthEndpoint>,
 ) -> anyhow::Result<()> {
     let name = Arc::new(format!("{name}\n"));
     let inflight = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(h) = health {
+        let listener = TcpListener::bind(h.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("backend: bind health {}: {e}", h.listen))?;
+        tasks.spawn(serve_health(listener, h.mode_file));
+    }
     for addr in tcp {
         let listener = TcpListener::bind(addr)
             .await

@@ -75,6 +75,9 @@ struct ClusterReach {
     srtt: Option<Duration>,
     /// The latest answered round trip (a path that just got slower counts at once).
     last_rtt: Option<Duration>,
+    /// When the latest round with an answer (or a refusal) started: a silent round that started
+    /// before it is stale (rounds overlap while a cluster is unreachable).
+    last_heard: Option<SystemTime>,
 }
 
 /// Probe outcomes -> reachability per cluster (pure).
@@ -177,6 +180,9 @@ impl ReachTracker {
         }
         let r = self.clusters.entry(cluster.clone()).or_default();
         if outcomes.iter().all(|o| *o == Outcome::Silent) {
+            if r.last_heard.is_some_and(|h| started < h) {
+                return None;
+            }
             if r.dark_rounds == 0 {
                 r.first_silent = Some(started);
             }
@@ -191,6 +197,7 @@ impl ReachTracker {
             }
             None
         } else {
+            r.last_heard = Some(r.last_heard.map_or(started, |h| h.max(started)));
             r.dark_rounds = 0;
             r.first_silent = None;
             if r.unreachable {
@@ -227,9 +234,25 @@ async fn probe_outcome(addr: SocketAddr, timeout: Duration) -> Outcome {
     }
 }
 
+/// One round of probes of a cluster, as it came back.
+struct RoundResult {
+    cluster: ClusterName,
+    addrs: Vec<SocketAddr>,
+    started: SystemTime,
+    results: Vec<(Outcome, Duration)>,
+}
+
+/// Rounds of one unreachable cluster that may be in flight at once.
+const MAX_ROUNDS_IN_FLIGHT: usize = 8;
+
 /// Run the prober: every `interval` (a quarter of it while a cluster is suspect), probe a few of
 /// each cluster's `targets` (timeout: `timeout` or more, see the module docs), and send every
 /// change of reachability to `changes`.
+///
+/// A reachable cluster has one round in flight at a time. An unreachable one gets a fresh round
+/// every beat even while older ones wait on their (long) timeouts: a probe sent into a cut is
+/// answered only when its SYN is retransmitted, a second later, and the first answer after a heal
+/// must not wait for that.
 pub async fn run_reach_prober(
     interval: Duration,
     timeout: Duration,
@@ -238,61 +261,75 @@ pub async fn run_reach_prober(
 ) {
     let mut tracker = ReachTracker::default();
     let quick = (interval / 4).max(Duration::from_millis(10));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<RoundResult>();
+    let mut in_flight: BTreeMap<ClusterName, usize> = BTreeMap::new();
+    let mut next_round = tokio::time::Instant::now();
     loop {
-        let current = targets.borrow_and_update().clone();
-        let now = SystemTime::now();
-        let keep: BTreeSet<&ClusterName> = current.keys().collect();
-        for c in tracker.retain(&keep, now) {
-            if changes.send(c).is_err() {
-                return;
-            }
-        }
-        let round: Vec<(ClusterName, Vec<SocketAddr>, Duration)> = current
-            .iter()
-            .map(|(c, t)| {
-                let addrs = tracker.pick(c, t, PROBES_PER_ROUND);
-                (c.clone(), addrs, tracker.timeout(c, timeout))
-            })
-            .filter(|(_, p, _)| !p.is_empty())
-            .collect();
-        let started = SystemTime::now();
-        let results = futures::future::join_all(round.iter().map(|(_, addrs, to)| async move {
-            futures::future::join_all(addrs.iter().map(|a| probe(*a, *to))).await
-        }))
-        .await;
-        let now = SystemTime::now();
-        for ((cluster, addrs, _), results) in round.iter().zip(results) {
-            for (o, rtt) in &results {
-                if *o == Outcome::Answered {
-                    tracker.record_rtt(cluster, *rtt);
-                }
-            }
-            let outcomes: Vec<Outcome> = results.iter().map(|(o, _)| *o).collect();
-            if let Some(change) = tracker.record_round(cluster, &outcomes, started, now) {
-                if change.unreachable {
-                    tracing::warn!(cluster = %cluster, probed = ?addrs, rounds = DARK_ROUNDS, "no backend of the cluster answers from this node: its backends leave this node's selection");
-                } else {
-                    tracing::info!(cluster = %cluster, "the cluster's backends answer from this node again: back in selection");
-                }
-                if changes.send(change).is_err() {
-                    return;
-                }
-            }
-        }
-        let wait = if current.keys().any(|c| tracker.suspect(c)) {
-            quick
-        } else {
-            interval
-        };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(next_round) => {
+                let current = targets.borrow_and_update().clone();
+                let keep: BTreeSet<&ClusterName> = current.keys().collect();
+                for c in tracker.retain(&keep, SystemTime::now()) {
+                    if changes.send(c).is_err() {
+                        return;
+                    }
+                }
+                for (cluster, list) in &current {
+                    let busy = in_flight.get(cluster).copied().unwrap_or(0);
+                    let limit = if tracker.unreachable(cluster) { MAX_ROUNDS_IN_FLIGHT } else { 1 };
+                    if busy >= limit {
+                        continue;
+                    }
+                    let addrs = tracker.pick(cluster, list, PROBES_PER_ROUND);
+                    if addrs.is_empty() {
+                        continue;
+                    }
+                    let to = tracker.timeout(cluster, timeout);
+                    *in_flight.entry(cluster.clone()).or_default() += 1;
+                    let done = done_tx.clone();
+                    let cluster = cluster.clone();
+                    tokio::spawn(async move {
+                        let started = SystemTime::now();
+                        let results =
+                            futures::future::join_all(addrs.iter().map(|a| probe(*a, to))).await;
+                        let _ = done.send(RoundResult { cluster, addrs, started, results });
+                    });
+                }
+                let suspect = current.keys().any(|c| tracker.suspect(c));
+                next_round = tokio::time::Instant::now() + if suspect { quick } else { interval };
+            }
+            Some(r) = done_rx.recv() => {
+                if let Some(n) = in_flight.get_mut(&r.cluster) {
+                    *n = n.saturating_sub(1);
+                }
+                for (o, rtt) in &r.results {
+                    if *o == Outcome::Answered {
+                        tracker.record_rtt(&r.cluster, *rtt);
+                    }
+                }
+                let outcomes: Vec<Outcome> = r.results.iter().map(|(o, _)| *o).collect();
+                if let Some(change) =
+                    tracker.record_round(&r.cluster, &outcomes, r.started, SystemTime::now())
+                {
+                    if change.unreachable {
+                        tracing::warn!(cluster = %r.cluster, probed = ?r.addrs, rounds = DARK_ROUNDS, "no backend of the cluster answers from this node: its backends leave this node's selection");
+                    } else {
+                        tracing::info!(cluster = %r.cluster, "the cluster's backends answer from this node again: back in selection");
+                    }
+                    if changes.send(change).is_err() {
+                        return;
+                    }
+                }
+                if tracker.suspect(&r.cluster) {
+                    next_round = next_round.min(tokio::time::Instant::now() + quick);
+                }
+            }
             r = targets.changed() => {
+                // A new target set is probed on the next beat, not at once (selection churn must
+                // not turn into a probe storm).
                 if r.is_err() {
                     return;
                 }
-                // A new target set is probed on the normal beat, not at once (selection churn must
-                // not turn into a probe storm).
-                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -375,6 +412,31 @@ mod tests {
             t.timeout(&c2, base),
             MAX_TIMEOUT,
             "an unreachable cluster gets the longest timeout"
+        );
+    }
+
+    #[test]
+    fn a_silent_round_older_than_an_answer_is_stale() {
+        let mut t = ReachTracker::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let c2 = c("c2");
+        t.record_round(&c2, &[Outcome::Silent], at(0), at(250));
+        t.record_round(&c2, &[Outcome::Silent], at(300), at(550));
+        assert!(t.unreachable(&c2));
+        // After the heal a fresh round answers while an older one still waits on its timeout.
+        assert!(
+            !t.record_round(&c2, &[Outcome::Answered], at(900), at(901))
+                .unwrap()
+                .unreachable
+        );
+        assert_eq!(
+            t.record_round(&c2, &[Outcome::Silent], at(700), at(2700)),
+            None
+        );
+        assert!(
+            !t.unreachable(&c2) && !t.suspect(&c2),
+            "the stale silence does not count"
         );
     }
 

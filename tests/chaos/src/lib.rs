@@ -291,6 +291,8 @@ pub struct UpOptions {
     pub service_annotations: Vec<(String, String)>,
     /// Extra annotations of the demo service in one cluster (by index).
     pub cluster_service_annotations: BTreeMap<usize, Vec<(String, String)>>,
+    /// Backends also serve an HTTP health endpoint on this port (`LabMesh::set_health_mode`).
+    pub health_port: Option<u16>,
     /// KVStoreMesh: apiservers mirror their remotes, node-syncs read only their local etcd.
     pub kvstoremesh: bool,
 }
@@ -306,6 +308,7 @@ impl UpOptions {
             affinity: "local".into(),
             service_annotations: Vec::new(),
             cluster_service_annotations: BTreeMap::new(),
+            health_port: None,
             kvstoremesh: false,
         }
     }
@@ -346,6 +349,7 @@ impl ChaosMesh {
         spec.affinity = opts.affinity.clone();
         spec.service_annotations = opts.service_annotations.clone();
         spec.cluster_service_annotations = opts.cluster_service_annotations.clone();
+        spec.health_port = opts.health_port;
         spec.kvstoremesh = opts.kvstoremesh;
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),

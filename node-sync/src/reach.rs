@@ -239,11 +239,29 @@ struct RoundResult {
     cluster: ClusterName,
     addrs: Vec<SocketAddr>,
     started: SystemTime,
+    /// The cluster was unreachable when the round started: its answers may have waited on a SYN
+    /// sent into the cut, so their times say nothing of the path.
+    while_unreachable: bool,
+    /// The cluster's reachability epoch when the round started (see [`Flights`]).
+    epoch: u64,
     results: Vec<(Outcome, Duration)>,
 }
 
+/// An answer slower than this needed a retransmitted SYN (the kernel's first SYN timeout is 1 s):
+/// its time is loss, not the path's round trip, and is not learnt.
+const RETRANSMIT_RTT: Duration = Duration::from_secs(1);
+
 /// Rounds of one unreachable cluster that may be in flight at once.
 const MAX_ROUNDS_IN_FLIGHT: usize = 8;
+
+/// Rounds in flight for a cluster, counted per reachability epoch: when the cluster changes state,
+/// rounds started before (long timeouts of an unreachable cluster, still waiting on SYNs sent into
+/// a cut) no longer hold back the rounds of the new state.
+#[derive(Debug, Default)]
+struct Flights {
+    epoch: u64,
+    count: usize,
+}
 
 /// Run the prober: every `interval` (a quarter of it while a cluster is suspect), probe a few of
 /// each cluster's `targets` (timeout: `timeout` or more, see the module docs), and send every
@@ -262,7 +280,7 @@ pub async fn run_reach_prober(
     let mut tracker = ReachTracker::default();
     let quick = (interval / 4).max(Duration::from_millis(10));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<RoundResult>();
-    let mut in_flight: BTreeMap<ClusterName, usize> = BTreeMap::new();
+    let mut in_flight: BTreeMap<ClusterName, Flights> = BTreeMap::new();
     let mut next_round = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -275,7 +293,7 @@ pub async fn run_reach_prober(
                     }
                 }
                 for (cluster, list) in &current {
-                    let busy = in_flight.get(cluster).copied().unwrap_or(0);
+                    let busy = in_flight.get(cluster).map_or(0, |f| f.count);
                     let limit = if tracker.unreachable(cluster) { MAX_ROUNDS_IN_FLIGHT } else { 1 };
                     if busy >= limit {
                         continue;
@@ -285,25 +303,37 @@ pub async fn run_reach_prober(
                         continue;
                     }
                     let to = tracker.timeout(cluster, timeout);
-                    *in_flight.entry(cluster.clone()).or_default() += 1;
+                    let while_unreachable = tracker.unreachable(cluster);
+                    let flights = in_flight.entry(cluster.clone()).or_default();
+                    flights.count += 1;
+                    let epoch = flights.epoch;
                     let done = done_tx.clone();
                     let cluster = cluster.clone();
                     tokio::spawn(async move {
                         let started = SystemTime::now();
                         let results =
                             futures::future::join_all(addrs.iter().map(|a| probe(*a, to))).await;
-                        let _ = done.send(RoundResult { cluster, addrs, started, results });
+                        let _ = done.send(RoundResult {
+                            cluster,
+                            addrs,
+                            started,
+                            while_unreachable,
+                            epoch,
+                            results,
+                        });
                     });
                 }
                 let suspect = current.keys().any(|c| tracker.suspect(c));
                 next_round = tokio::time::Instant::now() + if suspect { quick } else { interval };
             }
             Some(r) = done_rx.recv() => {
-                if let Some(n) = in_flight.get_mut(&r.cluster) {
-                    *n = n.saturating_sub(1);
+                if let Some(f) = in_flight.get_mut(&r.cluster)
+                    && f.epoch == r.epoch
+                {
+                    f.count = f.count.saturating_sub(1);
                 }
                 for (o, rtt) in &r.results {
-                    if *o == Outcome::Answered {
+                    if *o == Outcome::Answered && !r.while_unreachable && *rtt < RETRANSMIT_RTT {
                         tracker.record_rtt(&r.cluster, *rtt);
                     }
                 }
@@ -311,6 +341,9 @@ pub async fn run_reach_prober(
                 if let Some(change) =
                     tracker.record_round(&r.cluster, &outcomes, r.started, SystemTime::now())
                 {
+                    let f = in_flight.entry(r.cluster.clone()).or_default();
+                    f.epoch += 1;
+                    f.count = 0;
                     if change.unreachable {
                         tracing::warn!(cluster = %r.cluster, probed = ?r.addrs, rounds = DARK_ROUNDS, "no backend of the cluster answers from this node: its backends leave this node's selection");
                     } else {

@@ -688,3 +688,89 @@ async fn an_unreachable_local_etcd_at_restart_never_empties_the_maps() {
     assert_eq!(maps.counts().deletes, 0);
     assert!(agent.state().sweep_pending);
 }
+
+/// Overlapping pod CIDRs: c1 and c2 both have a backend at 127.0.0.5:8080. A failing verdict
+/// published by a node of c2 takes out c2's backend only; one published by c1 takes out c1's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_moves_only_the_backend_of_its_own_cluster_at_a_shared_address() {
+    use mesh_model::values::{BackendVerdict, HealthReport, Protocol, Verdict};
+    const SHARED: &str = "127.0.0.5";
+    let (e1, e2) = tokio::join!(Etcd::start(), Etcd::start());
+    let mut w1 = ApiWriter::new(&e1, "c1", 1).await;
+    let mut w2 = ApiWriter::new(&e2, "c2", 2).await;
+    // Not on this node (n1): no local probe of them, only the published verdicts count.
+    w1.publish_all(
+        vec![spec("c1", Affinity::None)],
+        vec![chunk(
+            "c1",
+            0,
+            vec![
+                endpoint(SHARED, 8080, "m9"),
+                endpoint("127.0.0.6", 8080, "m9"),
+            ],
+        )],
+    )
+    .await;
+    w2.publish_all(
+        vec![spec("c2", Affinity::Local)],
+        vec![chunk("c2", 0, vec![endpoint(SHARED, 8080, "x1")])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    remote_file(dir.path(), "c2", &e2);
+    let maps = FakeMaps::new();
+    let _agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
+    let all = vec![
+        format!("c1/{SHARED}:8080"),
+        "c1/127.0.0.6:8080".to_string(),
+        format!("c2/{SHARED}:8080"),
+    ];
+    wait_for("all three programmed", Duration::from_secs(15), || {
+        programmed(&maps) == Some(all.clone())
+    })
+    .await;
+    let report = |cluster: &str, node: &str, verdict: Verdict| HealthReport {
+        cluster: c(cluster),
+        node: node.into(),
+        verdicts: vec![BackendVerdict {
+            ip: SHARED.parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+            verdict,
+            since: None,
+        }],
+    };
+    let key = |cluster: &str, node: &str| MeshKey::Health {
+        cluster: c(cluster),
+        node: node.into(),
+    };
+    w2.put(
+        key("c2", "x1"),
+        MeshValue::Health(report("c2", "x1", Verdict::Failing)),
+    )
+    .await;
+    let without_c2 = vec![format!("c1/{SHARED}:8080"), "c1/127.0.0.6:8080".to_string()];
+    wait_for(
+        "c2's backend out, c1's of the same address in",
+        Duration::from_secs(5),
+        || programmed(&maps) == Some(without_c2.clone()),
+    )
+    .await;
+    w2.put(
+        key("c2", "x1"),
+        MeshValue::Health(report("c2", "x1", Verdict::Healthy)),
+    )
+    .await;
+    w1.put(
+        key("c1", "m9"),
+        MeshValue::Health(report("c1", "m9", Verdict::Failing)),
+    )
+    .await;
+    let without_c1 = vec!["c1/127.0.0.6:8080".to_string(), format!("c2/{SHARED}:8080")];
+    wait_for(
+        "c1's backend out, c2's of the same address in",
+        Duration::from_secs(5),
+        || programmed(&maps) == Some(without_c1.clone()),
+    )
+    .await;
+}

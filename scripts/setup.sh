@@ -48,7 +48,7 @@ debian_pkgs=(
   gcc               # cc: ring's build script compiles C
   libc6-dev         # C headers and crt files that cc and the linker read
   bpftool           # lab and datapath tests inspect loaded programs and maps
-  iproute2          # ip, tc: the lab's namespaces, veths, routes
+  iproute2          # ip, tc, ss: the lab's namespaces, veths, routes; a lab test's socket listing
   nftables          # nft: the lab router's drops and the bench's DNAT comparison
   shellcheck        # the chart tests lint the kind-multicluster scripts
   python3           # bench and demo scripts, a lab test
@@ -166,6 +166,7 @@ check "C compiler and libc headers" "Debian packages gcc, libc6-dev" c_builds
 check "bpftool" "Debian package bpftool" version_is 'v[0-9]' bpftool version
 check "ip" "Debian package iproute2" version_is 'iproute2' ip -V
 check "tc" "Debian package iproute2" version_is 'iproute2' tc -V
+check "ss" "Debian package iproute2" version_is 'iproute2' ss -V
 check "nft 1.0+" "Debian package nftables" version_is 'nftables v[1-9]' nft --version
 check "shellcheck" "Debian package shellcheck" version_is '^version: ' shellcheck --version
 check "python3 3.9+" "Debian package python3" version_is 'Python 3\.([9]|[1-9][0-9])' python3 --version

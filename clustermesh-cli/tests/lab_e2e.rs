@@ -2,6 +2,8 @@
 //! (a refused preflight first), `status`, `drill`, the status page in headless Chromium, `disconnect`.
 //! Every command is the real binary; the test checks what each printed.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -20,21 +22,6 @@ fn run(mut c: Command) -> (Output, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out, text)
-}
-
-fn require_lab() {
-    let missing = clustermesh_cli::labmesh::preflight();
-    assert!(
-        missing.is_empty(),
-        "this test needs the lab; missing: {missing:?}"
-    );
-    for b in ["clustermesh-apiserver", "node-sync"] {
-        assert!(
-            default_bin_dir().join(b).is_file(),
-            "{b} is not built next to the tests ({}): run `cargo build --bins` (nextest --workspace builds it)",
-            default_bin_dir().display()
-        );
-    }
 }
 
 fn connect_cmd(mesh: &LabMesh, a: usize, b: usize) -> Command {
@@ -72,23 +59,6 @@ fn wait_apiservers(mesh: &LabMesh, clusters: &[usize]) {
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-}
-
-/// Backends of the demo service programmed in the maps of node `n` of cluster `c`, by cluster id.
-fn programmed_cluster_ids(mesh: &LabMesh, c: usize, n: usize) -> Vec<u16> {
-    let node = mesh.lab().node(c, n).unwrap();
-    let view = global_lb_bpf::Datapath::inspect(&node.bpffs).expect("pinned maps of the node");
-    let vip = std::net::IpAddr::V4(mesh.vip(c));
-    let mut ids: Vec<u16> = view
-        .services()
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.frontend.addr == vip)
-        .flat_map(|s| s.backends.into_iter().map(|b| b.cluster_id))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 fn chromium() -> PathBuf {
@@ -151,7 +121,7 @@ fn artifacts() -> PathBuf {
 
 #[test]
 fn connect_status_drill_page_disconnect() {
-    require_lab();
+    support::require_lab();
     let mut spec = LabMeshSpec::new("e2ecli", 3, 2);
     spec.bin_dir = default_bin_dir();
     // c3 is installed with c1's id by mistake: connect must refuse it before changing anything.
@@ -233,7 +203,7 @@ fn connect_status_drill_page_disconnect() {
     // Traffic from c1 lands on c1 (affinity local): only c1's backends are programmed on c1's nodes.
     mesh.wait_for_landing(1, 1, Duration::from_secs(30), |b| b.starts_with("c1-"))
         .unwrap();
-    assert_eq!(programmed_cluster_ids(&mesh, 1, 1), vec![1]);
+    assert_eq!(support::programmed_cluster_ids(&mesh, 1, 1), vec![1]);
 
     // 4. The status page before the drill.
     let url = format!("http://{}/", mesh.apiserver_status(1));
@@ -370,7 +340,7 @@ fn connect_status_drill_page_disconnect() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while [1, 2]
         .iter()
-        .any(|&n| programmed_cluster_ids(&mesh, 1, n) != vec![2])
+        .any(|&n| support::programmed_cluster_ids(&mesh, 1, n) != vec![2])
     {
         assert!(
             Instant::now() < deadline,
@@ -395,7 +365,7 @@ fn connect_status_drill_page_disconnect() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while [1, 2]
         .iter()
-        .any(|&n| programmed_cluster_ids(&mesh, 1, n).contains(&2))
+        .any(|&n| support::programmed_cluster_ids(&mesh, 1, n).contains(&2))
     {
         assert!(
             Instant::now() < deadline,

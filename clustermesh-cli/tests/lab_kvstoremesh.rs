@@ -4,46 +4,16 @@
 //! its local etcd. The graceful and hard-kill drills must do what they do in the normal mode, and no
 //! node holds a connection to the other cluster's etcd.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use clustermesh_cli::demo::{self, DemoOptions};
-use clustermesh_cli::labmesh::{EndpointState, LabMesh, default_bin_dir, http_get, preflight};
-
-fn require_lab() {
-    let missing = preflight();
-    assert!(
-        missing.is_empty(),
-        "this test needs the lab; missing: {missing:?}"
-    );
-    for b in ["clustermesh-apiserver", "node-sync", "clustermesh"] {
-        assert!(
-            default_bin_dir().join(b).is_file(),
-            "{b} is not built next to the tests ({}): run `cargo build --bins` (nextest --workspace builds it)",
-            default_bin_dir().display()
-        );
-    }
-}
-
-/// Backends of the demo service programmed in the maps of node `n` of cluster `c`, by cluster id.
-fn programmed_cluster_ids(mesh: &LabMesh, c: usize, n: usize) -> Vec<u16> {
-    let node = mesh.lab().node(c, n).unwrap();
-    let view = global_lb_bpf::Datapath::inspect(&node.bpffs).expect("pinned maps of the node");
-    let vip = std::net::IpAddr::V4(mesh.vip(c));
-    let mut ids: Vec<u16> = view
-        .services()
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.frontend.addr == vip)
-        .flat_map(|s| s.backends.into_iter().map(|b| b.cluster_id))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
+use clustermesh_cli::labmesh::{EndpointState, http_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvstoremesh_drills_fail_over_and_back_within_a_second_and_no_node_dials_a_remote_etcd() {
-    require_lab();
+    support::require_lab();
     let opts = DemoOptions {
         prefix: "kvsdemo".into(),
         kvstoremesh: true,
@@ -129,13 +99,13 @@ async fn kvstoremesh_drills_fail_over_and_back_within_a_second_and_no_node_dials
         let deadline = Instant::now() + Duration::from_secs(10);
         while [1, 2]
             .iter()
-            .any(|&n| programmed_cluster_ids(&mesh, 1, n) != vec![2])
+            .any(|&n| support::programmed_cluster_ids(&mesh, 1, n) != vec![2])
         {
             assert!(
                 Instant::now() < deadline,
                 "c1's nodes did not program c2's backends with id 2: {:?} {:?}",
-                programmed_cluster_ids(&mesh, 1, 1),
-                programmed_cluster_ids(&mesh, 1, 2)
+                support::programmed_cluster_ids(&mesh, 1, 1),
+                support::programmed_cluster_ids(&mesh, 1, 2)
             );
             std::thread::sleep(Duration::from_millis(50));
         }

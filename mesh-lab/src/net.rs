@@ -200,13 +200,7 @@ pub(crate) fn control_plane_ruleset(a: &ClusterInfo, b: &ClusterInfo) -> String 
 /// Drops all traffic between each of `a` and `b` and the other's control plane (etcd, apiserver);
 /// backends stay reachable. Idempotent.
 pub fn partition_control_plane(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
-    let table = control_plane_table(a, b);
-    cmd::in_netns(&plan.router_netns, "nft", &["add", "table", "inet", &table])?;
-    cmd::in_netns(
-        &plan.router_netns,
-        "nft",
-        &["delete", "table", "inet", &table],
-    )?;
+    remove_table(&plan.router_netns, &control_plane_table(a, b))?;
     cmd::in_netns_input(
         &plan.router_netns,
         "nft",
@@ -218,13 +212,14 @@ pub fn partition_control_plane(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo)
 
 /// Removes the control-plane cut between `a` and `b` (no-op without one).
 pub fn heal_control_plane(plan: &LabPlan, a: &ClusterInfo, b: &ClusterInfo) -> Result<()> {
-    let table = control_plane_table(a, b);
-    cmd::in_netns(&plan.router_netns, "nft", &["add", "table", "inet", &table])?;
-    cmd::in_netns(
-        &plan.router_netns,
-        "nft",
-        &["delete", "table", "inet", &table],
-    )?;
+    remove_table(&plan.router_netns, &control_plane_table(a, b))
+}
+
+/// Removes the nft table `table` (family inet) of `netns`, if there is one: `add` first, so the
+/// `delete` always finds it.
+fn remove_table(netns: &str, table: &str) -> Result<()> {
+    cmd::in_netns(netns, "nft", &["add", "table", "inet", table])?;
+    cmd::in_netns(netns, "nft", &["delete", "table", "inet", table])?;
     Ok(())
 }
 
@@ -244,18 +239,15 @@ pub(crate) fn isolate_ruleset() -> String {
 
 /// Cuts the namespace `netns` off the network (see [`isolate_ruleset`]). Idempotent.
 pub fn isolate_member(netns: &str) -> Result<()> {
-    // `add table` then flush: re-isolating replaces the rules instead of doubling them.
-    cmd::in_netns(netns, "nft", &["add", "table", "inet", ISOLATE_TABLE])?;
-    cmd::in_netns(netns, "nft", &["delete", "table", "inet", ISOLATE_TABLE])?;
+    // Re-isolating replaces the rules instead of doubling them.
+    remove_table(netns, ISOLATE_TABLE)?;
     cmd::in_netns_input(netns, "nft", &["-f", "-"], &isolate_ruleset())?;
     Ok(())
 }
 
 /// Undoes [`isolate_member`] (no-op when the namespace is not cut off).
 pub fn heal_member(netns: &str) -> Result<()> {
-    cmd::in_netns(netns, "nft", &["add", "table", "inet", ISOLATE_TABLE])?;
-    cmd::in_netns(netns, "nft", &["delete", "table", "inet", ISOLATE_TABLE])?;
-    Ok(())
+    remove_table(netns, ISOLATE_TABLE)
 }
 
 /// Routes the impairer's table into its TUN device and turns reverse-path filtering off for it (packets come back

@@ -340,21 +340,28 @@ fn xlate_fwd4(ctx: &SockAddrContext, proto: u8, how: Remember) -> i32 {
             // SAFETY: `sa` is the program context; user_ip4 is writable in these hooks.
             unsafe { core::ptr::write_volatile(&mut (*sa).user_ip4, backend.addr[3]) };
             write_port(sa, backend.port);
-            count_connection(backend.backend_id);
-            remember_service(
-                ctx,
-                how,
-                &SockRevNat {
-                    backend: backend.addr,
-                    service: vip,
-                    backend_port: backend.port,
-                    service_port: port,
-                    service_id: backend.service_id,
-                },
-            );
-            ALLOW
+            commit(ctx, how, &backend, vip, port)
         }
     }
+}
+
+/// After a socket was rewritten to `backend`: count the connection and remember the service
+/// (`vip`, `port`) for the reverse translation.
+#[inline(always)]
+fn commit(ctx: &SockAddrContext, how: Remember, backend: &Chosen, vip: [u32; 4], port: u16) -> i32 {
+    count_connection(backend.backend_id);
+    remember_service(
+        ctx,
+        how,
+        &SockRevNat {
+            backend: backend.addr,
+            service: vip,
+            backend_port: backend.port,
+            service_port: port,
+            service_id: backend.service_id,
+        },
+    );
+    ALLOW
 }
 
 /// Forward translation for an IPv6 socket (including IPv4-mapped destinations of dual-stack
@@ -378,19 +385,7 @@ fn xlate_fwd6(ctx: &SockAddrContext, proto: u8, how: Remember) -> i32 {
             }
             write_ip6(sa, &backend.addr);
             write_port(sa, backend.port);
-            count_connection(backend.backend_id);
-            remember_service(
-                ctx,
-                how,
-                &SockRevNat {
-                    backend: backend.addr,
-                    service: vip,
-                    backend_port: backend.port,
-                    service_port: port,
-                    service_id: backend.service_id,
-                },
-            );
-            ALLOW
+            commit(ctx, how, &backend, vip, port)
         }
     }
 }

@@ -184,22 +184,7 @@ impl Model {
         if self.affinity_none {
             return self.expected_none(c);
         }
-        let group = |cs: &[usize]| -> Option<BTreeSet<(usize, usize)>> {
-            let mut out = BTreeSet::new();
-            for &cl in cs {
-                for n in 1..=self.nodes {
-                    match self.usable(cl, n) {
-                        Usable::Yes => {
-                            out.insert((cl, n));
-                        }
-                        Usable::No => {}
-                        Usable::Unknown => return None,
-                    }
-                }
-            }
-            Some(out)
-        };
-        let local = group(&[c])?;
+        let local = self.usable_of(&[c])?;
         if !local.is_empty() {
             return Some(local);
         }
@@ -212,7 +197,7 @@ impl Model {
         if remotes.iter().any(|r| !self.sees(c, *r)) {
             return None;
         }
-        let remote = group(&remotes)?;
+        let remote = self.usable_of(&remotes)?;
         if remote.is_empty() {
             // Rule 4 (keep the last usable set while it serves): depends on history.
             return None;
@@ -225,15 +210,23 @@ impl Model {
     /// the nodes' own probes; one whose control plane alone is cut off stays (its backends answer;
     /// the staleness timer, 30 s, is longer than any scenario).
     fn expected_none(&self, c: usize) -> Option<BTreeSet<(usize, usize)>> {
+        let reached: Vec<usize> = (1..=self.clusters)
+            .filter(|cl| *cl == c || !self.partitioned(c, *cl))
+            .collect();
+        if reached
+            .iter()
+            .any(|cl| *cl != c && (self.etcd_down.contains(cl) || self.apiserver_down.contains(cl)))
+        {
+            // Its verdicts and endpoint changes no longer arrive: the model cannot tell.
+            return None;
+        }
+        self.usable_of(&reached).filter(|out| !out.is_empty())
+    }
+
+    /// The usable backends of `clusters` (`None` when any is unknown).
+    fn usable_of(&self, clusters: &[usize]) -> Option<BTreeSet<(usize, usize)>> {
         let mut out = BTreeSet::new();
-        for cl in 1..=self.clusters {
-            if cl != c && self.partitioned(c, cl) {
-                continue;
-            }
-            if cl != c && (self.etcd_down.contains(&cl) || self.apiserver_down.contains(&cl)) {
-                // Its verdicts and endpoint changes no longer arrive: the model cannot tell.
-                return None;
-            }
+        for &cl in clusters {
             for n in 1..=self.nodes {
                 match self.usable(cl, n) {
                     Usable::Yes => {
@@ -244,7 +237,7 @@ impl Model {
                 }
             }
         }
-        (!out.is_empty()).then_some(out)
+        Some(out)
     }
 
     /// Whether node `n` of cluster `c` has a node-sync whose maps are compared.

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use chaos_tests::{
     ChaosMesh, ClientReport, Published, Traffic, UpOptions, assert_no_failures, print_reports,
     settle_budget,
@@ -28,13 +28,11 @@ fn late_failures(r: &ClientReport, cut_ms: f64, limit_ms: f64) -> Option<f64> {
 /// within 1 s. Returns (last failure after the cut in ms, back after the heal).
 fn cut_and_heal(m: &mut ChaosMesh, what: &str) -> Result<(f64, Duration)> {
     let t = Traffic::start(m, Duration::from_millis(10))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let before = t.report_since(&Default::default());
-    ensure!(
-        before[0].landed.keys().any(|b| b.starts_with("c2-")),
-        "{what}: the client in cluster 1 does not use cluster 2 before the cut: {}",
-        before[0]
-    );
+    m.mesh()
+        .wait_for_landing(1, 1, Duration::from_secs(10), |b| b.starts_with("c2-"))
+        .with_context(|| {
+            format!("{what}: the client in cluster 1 does not use cluster 2 before the cut")
+        })?;
     let cut = t.mark();
     m.partition(1, 2)?;
     let c = m.converge(Duration::from_secs(2))?;

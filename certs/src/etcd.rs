@@ -50,6 +50,43 @@ pub fn nodestatus_prefix(cluster: &ClusterName) -> String {
     format!("{MESH_PREFIX}nodestatus/{cluster}/")
 }
 
+/// True when etcd refused a request because the member that authenticated it had not yet applied
+/// the latest user or role change ("etcdserver: revision of auth store is old"). A multi-member etcd
+/// answers this for a moment after every auth change (a peer registered by `clustermesh connect`
+/// adds a user); the request itself is fine and succeeds when sent again, which is what etcd's own
+/// Go client does.
+pub fn is_auth_old_revision(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("revision of auth store is old")
+}
+
+/// Run `op` (an etcd request on a cloned client) and send it again, with a short backoff, for as
+/// long as etcd answers [`is_auth_old_revision`] (at most ~2 s); any other answer is returned as it is.
+pub async fn retry_auth_old_revision<T, F, Fut>(
+    what: &str,
+    mut op: F,
+) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(10);
+    let mut waited = Duration::ZERO;
+    loop {
+        match op().await {
+            Err(e) if is_auth_old_revision(&e) && waited < Duration::from_secs(2) => {
+                tracing::debug!(
+                    request = what,
+                    "etcd's auth store moved under the request; sending it again"
+                );
+                tokio::time::sleep(delay).await;
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Command line
 // ---------------------------------------------------------------------------------------------
@@ -928,7 +965,13 @@ impl EtcdAuthAdmin {
         if existing.iter().any(|r| r == name) {
             return Ok(());
         }
-        match self.client.role_add(name).await {
+        let c = self.client.clone();
+        match retry_auth_old_revision("role add", || {
+            let mut c = c.clone();
+            async move { c.role_add(name).await }
+        })
+        .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().contains("already exists") => Ok(()),
             Err(e) => Err(Error::etcd(format!("role add {name}"), e)),
@@ -941,7 +984,13 @@ impl EtcdAuthAdmin {
         }
         // No password: these users can only authenticate with a client certificate.
         let opts = etcd_client::UserAddOptions::new().with_no_pwd();
-        match self.client.user_add(name, "", Some(opts)).await {
+        let c = self.client.clone();
+        match retry_auth_old_revision("user add", || {
+            let (mut c, opts) = (c.clone(), opts.clone());
+            async move { c.user_add(name, "", Some(opts)).await }
+        })
+        .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().contains("already exists") => Ok(()),
             Err(e) => Err(Error::etcd(format!("user add {name}"), e)),
@@ -953,11 +1002,14 @@ impl EtcdAuthAdmin {
             "role grant-permission {role} {:?}",
             String::from_utf8_lossy(perm.key())
         );
-        self.client
-            .role_grant_permission(role, perm)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::etcd(what, e))
+        let c = self.client.clone();
+        retry_auth_old_revision("role grant-permission", || {
+            let (mut c, perm) = (c.clone(), perm.clone());
+            async move { c.role_grant_permission(role, perm).await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::etcd(what, e))
     }
 
     async fn grant_role(&mut self, user: &str, role: &str) -> Result<()> {
@@ -972,11 +1024,14 @@ impl EtcdAuthAdmin {
         if has {
             return Ok(());
         }
-        self.client
-            .user_grant_role(user, role)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::etcd(format!("user grant-role {user} {role}"), e))
+        let c = self.client.clone();
+        retry_auth_old_revision("user grant-role", || {
+            let mut c = c.clone();
+            async move { c.user_grant_role(user, role).await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::etcd(format!("user grant-role {user} {role}"), e))
     }
 }
 

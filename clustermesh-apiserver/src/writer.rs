@@ -101,10 +101,15 @@ pub async fn send_guarded(
         })
         .collect();
     let n = txn_ops.len();
-    let resp = client
-        .txn(Txn::new().when([guard.clone()]).and_then(txn_ops))
-        .await
-        .map_err(|e| EtcdError::request(format!("txn of {n} ops"), e))?;
+    let txn = Txn::new().when([guard.clone()]).and_then(txn_ops);
+    // A peer registered by `clustermesh connect` adds an etcd user; a member that has not applied
+    // that yet refuses the transaction for a moment: it is sent again rather than ending the term.
+    let resp = mesh_certs::etcd::retry_auth_old_revision("txn", || {
+        let (mut c, txn) = (client.clone(), txn.clone());
+        async move { c.txn(txn).await }
+    })
+    .await
+    .map_err(|e| EtcdError::request(format!("txn of {n} ops"), e))?;
     if !resp.succeeded() {
         return Err(EtcdError::LostLeadership);
     }
@@ -250,15 +255,15 @@ impl EtcdWriter {
         value: Vec<u8>,
         guard: &Compare,
     ) -> Result<(), EtcdError> {
-        let resp = self
-            .client
-            .txn(
-                Txn::new()
-                    .when([guard.clone()])
-                    .and_then([TxnOp::put(key, value, None)]),
-            )
-            .await
-            .map_err(|e| EtcdError::request(format!("put {key}"), e))?;
+        let txn = Txn::new()
+            .when([guard.clone()])
+            .and_then([TxnOp::put(key, value, None)]);
+        let resp = mesh_certs::etcd::retry_auth_old_revision("put", || {
+            let (mut c, txn) = (self.client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map_err(|e| EtcdError::request(format!("put {key}"), e))?;
         if resp.succeeded() {
             Ok(())
         } else {

@@ -78,10 +78,15 @@ pub async fn run_publisher(
                             Publish::Health(h) => {
                                 let v = MeshValue::Health(h).encode();
                                 last_health = Some(v.clone());
-                                client
-                                    .put(health_key.as_str(), v, opts())
-                                    .await
-                                    .map_err(|e| format!("etcd put {health_key}: {e}"))?;
+                                // A user change on another member (a peer connecting) refuses
+                                // the put for a moment: send it again, keep the lease.
+                                mesh_certs::etcd::retry_auth_old_revision("health put", || {
+                                    let (mut c, v) = (client.clone(), v.clone());
+                                    let key = health_key.clone();
+                                    async move { c.put(key, v, opts()).await }
+                                })
+                                .await
+                                .map_err(|e| format!("etcd put {health_key}: {e}"))?;
                             }
                             Publish::Status(s) => {
                                 // The summary is best effort: a refusal (e.g. RBAC) must not

@@ -230,10 +230,17 @@ impl MeshControl for EtcdMeshControl {
                 ApiError::Unavailable(format!("create etcd user remote-{}: {e}", remote.name))
             })?;
         if changed {
-            let mut c = self.client().await?;
-            c.put(key.to_string(), value.encode(), None)
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("etcd put {key}: {e}")))?;
+            // The user was just added: a member that has not applied that yet refuses the put
+            // for a moment ("revision of auth store is old"); it is sent again.
+            let c = self.client().await?;
+            let (k, v) = (key.to_string(), value.encode());
+            mesh_certs::etcd::retry_auth_old_revision("register remote", || {
+                let mut c = c.clone();
+                let (k, v) = (k.clone(), v.clone());
+                async move { c.put(k, v, None).await }
+            })
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("etcd put {key}: {e}")))?;
         }
         Ok(changed)
     }
@@ -243,11 +250,15 @@ impl MeshControl for EtcdMeshControl {
             cluster: self.config.name.clone(),
             remote: name.clone(),
         };
-        let mut c = self.client().await?;
-        let resp = c
-            .delete(key.to_string(), None)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("etcd delete {key}: {e}")))?;
+        let c = self.client().await?;
+        let k = key.to_string();
+        let resp = mesh_certs::etcd::retry_auth_old_revision("unregister remote", || {
+            let mut c = c.clone();
+            let k = k.clone();
+            async move { c.delete(k, None).await }
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("etcd delete {key}: {e}")))?;
         mesh_certs::etcd::remove_remote_user(&self.etcd_endpoints, &self.root_files(), &name)
             .await
             .map_err(|e| ApiError::Unavailable(format!("delete etcd user remote-{name}: {e}")))?;

@@ -54,6 +54,17 @@ pub const SOCK_REV_NAT_MAP: &str = "GLB_SOCK_REV_NAT";
 pub const SOCK_REV_NAT_UDP_MAP: &str = "GLB_SOCK_REV_NAT_UDP";
 /// Name of the frontend pre-filter map.
 pub const FILTER_MAP: &str = "GLB_FILTER";
+/// Per-backend connect outcomes, per CPU ([`ConnOutcome`]).
+pub const OUTCOMES_MAP: &str = "GLB_OUTCOMES";
+/// Backends the kernel saw fail a connect: backend id -> until when (ns, CLOCK_MONOTONIC).
+pub const SUSPECT_MAP: &str = "GLB_SUSPECT";
+/// One word: the latest expiry of any suspect mark (0: none); connect4 reads the suspect map only
+/// before it.
+pub const SUSPECT_GATE_MAP: &str = "GLB_SUSPECT_GATE";
+/// Ring buffer of [`SuspectEvent`]s for node-sync.
+pub const EVENTS_MAP: &str = "GLB_EVENTS";
+/// Size of the events ring buffer.
+pub const EVENTS_BYTES: u32 = 1 << 16;
 
 /// The pre-filter has `1 << FILTER_BITS_LOG2` bits (512 KiB): with 100k frontends about 2.4 % of
 /// the bits are set, so about 97.6 % of connects to non-services skip the services lookup
@@ -253,7 +264,7 @@ pub struct SockRevNatUdp {
 
 /// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
 /// them; a pinned map that differs was made by another layout and is not reused as it is.
-pub const MAP_SPECS: [(&str, MapSpec); 7] = [
+pub const MAP_SPECS: [(&str, MapSpec); 11] = [
     (
         SERVICES_MAP,
         MapSpec {
@@ -289,7 +300,7 @@ pub const MAP_SPECS: [(&str, MapSpec); 7] = [
         MapSpec {
             map_type: BPF_MAP_TYPE_SK_STORAGE,
             key_size: 4,
-            value_size: core::mem::size_of::<SockRevNat>() as u32,
+            value_size: core::mem::size_of::<SockConn>() as u32,
             max_entries: 0,
             flags: BPF_F_NO_PREALLOC,
         },
@@ -324,7 +335,137 @@ pub const MAP_SPECS: [(&str, MapSpec); 7] = [
             flags: 0,
         },
     ),
+    (
+        OUTCOMES_MAP,
+        MapSpec {
+            map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
+            key_size: 4,
+            value_size: core::mem::size_of::<ConnOutcome>() as u32,
+            max_entries: MAX_BACKENDS,
+            flags: 0,
+        },
+    ),
+    (
+        SUSPECT_MAP,
+        MapSpec {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size: 4,
+            value_size: 8,
+            max_entries: MAX_BACKENDS,
+            flags: BPF_F_NO_PREALLOC,
+        },
+    ),
+    (
+        SUSPECT_GATE_MAP,
+        MapSpec {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            flags: 0,
+        },
+    ),
+    (
+        EVENTS_MAP,
+        MapSpec {
+            map_type: 27, // BPF_MAP_TYPE_RINGBUF
+            key_size: 0,
+            value_size: 0,
+            max_entries: EVENTS_BYTES,
+            flags: 0,
+        },
+    ),
 ];
+
+/// Per-backend connect outcomes of translated TCP sockets, per CPU ([`OUTCOMES_MAP`], indexed by
+/// backend id), written by the `sock_ops` program: what the kernel saw of each connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ConnOutcome {
+    /// Connects that reached ESTABLISHED.
+    pub established: u64,
+    /// Connects refused (an RST answered the SYN).
+    pub refused: u64,
+    /// Connects whose SYN was not answered before its first retransmission timeout.
+    pub timeout: u64,
+    /// Sum of the SYN-to-established times of `established`, in nanoseconds.
+    pub connect_ns_sum: u64,
+    /// SYN-to-established times by bucket ([`CONNECT_BUCKETS_NS`] upper bounds, the last bucket
+    /// open-ended); u32 per CPU, read as wrapping deltas.
+    pub buckets: [u32; CONNECT_BUCKETS],
+}
+
+/// Number of connect-time buckets in [`ConnOutcome`].
+pub const CONNECT_BUCKETS: usize = 8;
+
+/// Upper bounds (inclusive, ns) of the first `CONNECT_BUCKETS - 1` connect-time buckets.
+pub const CONNECT_BUCKETS_NS: [u64; CONNECT_BUCKETS - 1] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    25_000_000,
+    100_000_000,
+];
+
+/// The bucket of a connect time.
+#[inline(always)]
+pub const fn connect_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < CONNECT_BUCKETS - 1 {
+        if ns <= CONNECT_BUCKETS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    CONNECT_BUCKETS - 1
+}
+
+/// Why the kernel marked a backend suspect ([`SuspectEvent::kind`]).
+pub const SUSPECT_REFUSED: u32 = 1;
+/// The SYN of a connect to it went unanswered until its first retransmission timeout.
+pub const SUSPECT_TIMEOUT: u32 = 2;
+
+/// How long a suspect mark holds when nobody clears it (node-sync confirms or clears it at once;
+/// this bounds what a mark costs when node-sync is not running).
+pub const SUSPECT_TTL_NS: u64 = 2_000_000_000;
+
+/// One event of the ring buffer ([`EVENTS_MAP`]): the kernel marked a backend suspect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SuspectEvent {
+    /// Backend id.
+    pub backend_id: u32,
+    /// Service id of the socket that met the failure.
+    pub service_id: u32,
+    /// [`SUSPECT_REFUSED`] or [`SUSPECT_TIMEOUT`].
+    pub kind: u32,
+    /// Always 0.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns()` when it happened (CLOCK_MONOTONIC).
+    pub at_ns: u64,
+}
+
+/// Socket-local state of a translated connected socket ([`SOCK_REV_NAT_MAP`]): the reverse NAT
+/// and what the `sock_ops` program needs to tell the connect's outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SockConn {
+    /// Backend and service.
+    pub rev: SockRevNat,
+    /// Backend id (outcome counters, suspect marks).
+    pub backend_id: u32,
+    /// [`CONN_DONE`], [`CONN_TRACKED`].
+    pub flags: u32,
+    /// When the SYN was sent (`bpf_ktime_get_ns()`).
+    pub syn_ns: u64,
+}
+
+/// [`SockConn::flags`]: the `sock_ops` program follows this socket's connect.
+pub const CONN_TRACKED: u32 = 1;
+/// [`SockConn::flags`]: the connect's outcome was counted.
+pub const CONN_DONE: u32 = 2;
 
 /// The shape of a map, as the kernel reports it (`bpf_map_info`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -355,6 +496,9 @@ mod pod {
     unsafe impl aya::Pod for super::RevNatValue {}
     unsafe impl aya::Pod for super::SockRevNat {}
     unsafe impl aya::Pod for super::SockRevNatUdp {}
+    unsafe impl aya::Pod for super::SockConn {}
+    unsafe impl aya::Pod for super::ConnOutcome {}
+    unsafe impl aya::Pod for super::SuspectEvent {}
 }
 
 #[cfg(test)]
@@ -372,6 +516,19 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<SockRevNat>(), 40);
         assert_eq!(size_of::<SockRevNatUdp>(), 8 + 40 * SOCK_REV_NAT_UDP_SLOTS);
+        assert_eq!(size_of::<SockConn>(), 56);
+        assert_eq!(size_of::<ConnOutcome>(), 32 + 4 * CONNECT_BUCKETS);
+        assert_eq!(size_of::<SuspectEvent>(), 24);
+    }
+
+    #[test]
+    fn connect_buckets_are_ordered_and_cover_every_time() {
+        assert!(CONNECT_BUCKETS_NS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(connect_bucket(0), 0);
+        assert_eq!(connect_bucket(100_000), 0);
+        assert_eq!(connect_bucket(100_001), 1);
+        assert_eq!(connect_bucket(2_000_000), 4);
+        assert_eq!(connect_bucket(u64::MAX), CONNECT_BUCKETS - 1);
     }
 
     #[test]

@@ -20,19 +20,25 @@ use core::ffi::c_void;
 use core::marker::PhantomData;
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
-    helpers::generated::{
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
+    bindings::{
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB,
+        BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
     },
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::SockAddrContext,
+    helpers::generated::{
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_sk_storage_get,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use global_lb_bpf_common::{
-    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, ECONNREFUSED, FAMILY_V4, FAMILY_V6, FILTER_WORDS,
-    MAX_BACKENDS, MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey,
-    RevNatValue, SOCK_REV_NAT_UDP_SLOTS, ServiceKey, ServiceValue, SockRevNat, SockRevNatUdp,
-    filter_bit, is_v4_mapped, v4_mapped,
+    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, CONN_DONE, CONN_TRACKED, ConnOutcome, ECONNREFUSED,
+    EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS, MAX_REV_NAT_ENTRIES,
+    MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, SOCK_REV_NAT_UDP_SLOTS,
+    SUSPECT_REFUSED, SUSPECT_TIMEOUT, SUSPECT_TTL_NS, ServiceKey, ServiceValue, SockConn,
+    SockRevNat, SockRevNatUdp, SuspectEvent, connect_bucket, filter_bit, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
@@ -94,11 +100,18 @@ impl<V> SkStorageDef<V> {
     fn get(&self, ctx: &SockAddrContext, create: bool) -> Option<*mut V> {
         // SAFETY: `ctx.sock_addr` is the program context; its `sk` is the socket (never NULL in
         // sock_addr programs), which bpf_sk_storage_get accepts.
+        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+        self.get_sk(sk.cast(), create)
+    }
+
+    /// The storage of socket `sk` (a full socket the verifier knows is not NULL).
+    #[inline(always)]
+    fn get_sk(&self, sk: *mut c_void, create: bool) -> Option<*mut V> {
+        // SAFETY: `sk` is a socket pointer of the program context, checked by the caller.
         let p = unsafe {
-            let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
             bpf_sk_storage_get(
                 (self as *const Self).cast_mut().cast::<c_void>(),
-                sk.cast(),
+                sk,
                 core::ptr::null_mut(),
                 if create {
                     u64::from(BPF_SK_STORAGE_GET_F_CREATE)
@@ -111,10 +124,11 @@ impl<V> SkStorageDef<V> {
     }
 }
 
-/// Connected sockets (TCP, connected UDP): the backend `connect()` was sent to and the service.
+/// Connected sockets (TCP, connected UDP): the backend `connect()` was sent to, the service, and
+/// what `sock_ops` needs to tell the connect's outcome.
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "GLB_SOCK_REV_NAT")]
-static GLB_SOCK_REV_NAT: SkStorageDef<SockRevNat> = SkStorageDef::new();
+static GLB_SOCK_REV_NAT: SkStorageDef<SockConn> = SkStorageDef::new();
 
 /// Unconnected UDP sockets: the last few backends they sent to (`sendmsg`) and their services.
 #[unsafe(link_section = ".maps")]
@@ -123,6 +137,23 @@ static GLB_SOCK_REV_NAT_UDP: SkStorageDef<SockRevNatUdp> = SkStorageDef::new();
 
 #[map(name = "GLB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// What the kernel saw of each translated TCP connect, per backend and CPU (`sock_ops`).
+#[map(name = "GLB_OUTCOMES")]
+static OUTCOMES: PerCpuArray<ConnOutcome> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backends a connect just failed on (refused, or SYN unanswered): id -> until (ns).
+#[map(name = "GLB_SUSPECT")]
+static SUSPECT: HashMap<u32, u64> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// The latest expiry of any suspect mark: before it, connect4 looks a chosen backend up in
+/// `SUSPECT`; after it (the common case), an array read is all a connect pays.
+#[map(name = "GLB_SUSPECT_GATE")]
+static SUSPECT_GATE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Suspect marks, for node-sync (which confirms them with a probe at once).
+#[map(name = "GLB_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Allow the operation (the only value `recvmsg`/`getpeername` programs may return).
 const ALLOW: i32 = 1;
@@ -191,7 +222,7 @@ fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
         // SAFETY: a helper without arguments.
         let rnd = unsafe { bpf_get_prandom_u32() };
         let slot = rnd % svc.count + 1;
-        let chosen = if slot == 1 {
+        let mut chosen = if slot == 1 {
             svc
         } else {
             key.slot = slot;
@@ -201,6 +232,25 @@ fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
             // SAFETY: as above.
             unsafe { core::ptr::read(v) }
         };
+        // Passive ejection: a backend the kernel just saw refuse a connect is passed over
+        // while the service has another (never down to none: if the next slots are suspect
+        // too, the first choice stands).
+        if svc.count > 1 && suspects_now() && is_suspect(chosen.backend_id) {
+            let mut step = 1;
+            while step < SUSPECT_SKIPS && step < svc.count {
+                key.slot = (slot - 1 + step) % svc.count + 1;
+                step += 1;
+                let Some(v) = SERVICES.get_ptr(&key) else {
+                    break;
+                };
+                // SAFETY: as above.
+                let next = unsafe { core::ptr::read(v) };
+                if !is_suspect(next.backend_id) {
+                    chosen = next;
+                    break;
+                }
+            }
+        }
         return Selection::Backend(Chosen {
             backend_id: chosen.backend_id,
             service_id: svc.service_id,
@@ -210,6 +260,30 @@ fn select(addr: [u32; 4], port: u16, proto: u8) -> Selection {
         });
     }
     Selection::NoBackend
+}
+
+/// How many slots a connect looks at, the first choice included, to pass over suspect backends.
+const SUSPECT_SKIPS: u32 = 4;
+
+/// Whether any suspect mark may still hold (one array read; the clock only after a mark).
+#[inline(always)]
+fn suspects_now() -> bool {
+    match SUSPECT_GATE.get(0) {
+        // SAFETY: a helper without arguments.
+        Some(until) if *until != 0 => *until > unsafe { bpf_ktime_get_ns() },
+        _ => false,
+    }
+}
+
+/// Whether the kernel marked `backend_id` suspect and the mark still holds.
+#[inline(always)]
+fn is_suspect(backend_id: u32) -> bool {
+    // SAFETY: the value is read at once.
+    match unsafe { SUSPECT.get(&backend_id) } {
+        // SAFETY: a helper without arguments.
+        Some(until) => *until > unsafe { bpf_ktime_get_ns() },
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -230,14 +304,24 @@ enum Remember {
 }
 
 #[inline(always)]
-fn remember_service(ctx: &SockAddrContext, how: Remember, entry: &SockRevNat) {
+fn remember_service(ctx: &SockAddrContext, how: Remember, entry: &SockRevNat, backend_id: u32) {
     // If the storage cannot be created (memory), only getpeername/recvmsg translation is lost,
     // the connection itself still works.
     match how {
         Remember::Connected => {
             if let Some(slot) = GLB_SOCK_REV_NAT.get(ctx, true) {
                 // SAFETY: the storage of this socket in this map, valid for the program run.
-                unsafe { core::ptr::write(slot, *entry) };
+                unsafe {
+                    core::ptr::write(
+                        slot,
+                        SockConn {
+                            rev: *entry,
+                            backend_id,
+                            flags: 0,
+                            syn_ns: 0,
+                        },
+                    )
+                };
             }
         }
         Remember::Datagram => {
@@ -360,6 +444,7 @@ fn commit(ctx: &SockAddrContext, how: Remember, backend: &Chosen, vip: [u32; 4],
             service_port: port,
             service_id: backend.service_id,
         },
+        backend.backend_id,
     );
     ALLOW
 }
@@ -426,7 +511,7 @@ fn service_of(
 ) -> Option<([u32; 4], u16)> {
     if let Some(c) = GLB_SOCK_REV_NAT.get(ctx, false) {
         // SAFETY: the storage of this socket, valid for the program run.
-        let c = unsafe { &*c };
+        let c = unsafe { &(*c).rev };
         if c.backend_port == port && c.backend == addr {
             return Some((c.service, c.service_port));
         }
@@ -482,7 +567,125 @@ fn try_xlate_rev6(ctx: &SockAddrContext, datagrams: bool) -> i32 {
     ALLOW
 }
 
+// ---- connect outcomes: sock_ops ----
+
+/// TCP states (`include/net/tcp_states.h`).
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+
+/// The translated-connect state of the socket of a `sock_ops` callback, if it has one.
+#[inline(always)]
+fn conn_of(ctx: &SockOpsContext) -> Option<*mut SockConn> {
+    // SAFETY: `ctx.ops` is the program context; `sk` is NULL when it is not a full socket.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    GLB_SOCK_REV_NAT.get_sk(sk.cast(), false)
+}
+
+#[inline(always)]
+fn outcome(backend_id: u32) -> Option<*mut ConnOutcome> {
+    OUTCOMES.get_ptr_mut(backend_id)
+}
+
+/// Marks `c`'s backend suspect until `now + SUSPECT_TTL_NS` and tells node-sync.
+#[inline(always)]
+fn mark_suspect(c: &SockConn, kind: u32, now: u64) {
+    let until = now + SUSPECT_TTL_NS;
+    let _ = SUSPECT.insert(&c.backend_id, &until, 0);
+    if let Some(gate) = SUSPECT_GATE.get_ptr_mut(0) {
+        // SAFETY: the one element of an array map. Two CPUs may race; the loser's mark is then
+        // read only until the winner's expiry, which is at most a moment earlier.
+        unsafe {
+            if *gate < until {
+                *gate = until;
+            }
+        }
+    }
+    let _ = EVENTS.output::<SuspectEvent>(
+        &SuspectEvent {
+            backend_id: c.backend_id,
+            service_id: c.rev.service_id,
+            kind,
+            pad: 0,
+            at_ns: now,
+        },
+        0,
+    );
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_RTO_CB
+    {
+        return;
+    }
+    // Only sockets connect4/connect6 translated have the storage.
+    let Some(c) = conn_of(ctx) else { return };
+    // SAFETY: the socket's storage, valid for the program run; callbacks of one socket run
+    // under its lock, one at a time.
+    let c = unsafe { &mut *c };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The SYN is about to leave: follow this connect's state changes and its first RTO.
+        c.syn_ns = now;
+        c.flags = CONN_TRACKED;
+        let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32);
+        return;
+    }
+    if c.flags & CONN_TRACKED == 0 || c.flags & CONN_DONE != 0 {
+        return;
+    }
+    let Some(o) = outcome(c.backend_id) else {
+        return;
+    };
+    // SAFETY: this CPU's element of a per-CPU array; no other program writes it concurrently.
+    let o = unsafe { &mut *o };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        c.flags |= CONN_DONE;
+        let took = now.saturating_sub(c.syn_ns);
+        o.established += 1;
+        o.connect_ns_sum += took;
+        let b = connect_bucket(took);
+        if b < o.buckets.len() {
+            o.buckets[b] = o.buckets[b].wrapping_add(1);
+        }
+        // Nothing more to learn from this socket: stop the callbacks.
+        let _ = ctx.set_cb_flags(0);
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        // SAFETY: reading the program context.
+        let (old, new, segs_in) = (ctx.arg(0), ctx.arg(1), unsafe { (*ctx.ops).segs_in });
+        // SYN_SENT -> CLOSE after a segment came in: the answer to the SYN was an RST. (Without
+        // one it is the application giving up, or the SYN retries running out after a timeout
+        // that was already counted.)
+        if old == TCP_SYN_SENT && new == TCP_CLOSE && segs_in > 0 {
+            c.flags |= CONN_DONE;
+            o.refused += 1;
+            mark_suspect(c, SUSPECT_REFUSED, now);
+        }
+    // SAFETY: reading the program context.
+    } else if unsafe { (*ctx.ops).state } == TCP_SYN_SENT {
+        // The first retransmission timeout of the SYN: nobody answered.
+        c.flags |= CONN_DONE;
+        o.timeout += 1;
+        mark_suspect(c, SUSPECT_TIMEOUT, now);
+    }
+}
+
 // ---- entry points ----
+
+/// TCP connect outcomes of translated sockets: established (and SYN-to-established time),
+/// refused, timed out; a failed connect marks its backend suspect at once.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {

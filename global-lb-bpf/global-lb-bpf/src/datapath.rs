@@ -22,7 +22,7 @@ use aya::maps::{
     PerCpuValues,
 };
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramInfo, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use global_lb_bpf_common::{self as common, ServiceKey, ServiceValue};
 use nix::fcntl::{Flock, FlockArg};
@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::maps::{LbMaps, ServiceMaps};
 use crate::mounts::{is_bpffs, is_cgroup2};
+use crate::signals::{KernelSignals, SuspectEvents};
 use crate::store::MapStore;
 use crate::{BackendCounter, Error, Frontend, Service};
 
@@ -40,18 +41,25 @@ pub static EBPF_OBJECT: &[u8] =
 /// The programs, in attach (and replace) order: the reverse translations first, so that during an
 /// upgrade no socket translated by a new `connect`/`sendmsg` program meets an old
 /// `getpeername`/`recvmsg` program that does not know where the new one keeps its state.
-pub const PROGRAMS: [&str; 8] = [
+/// `sock_ops` (connect outcomes, suspect marks) comes before the connect programs so that every
+/// socket they translate is followed.
+pub const PROGRAMS: [&str; 9] = [
     "recvmsg4",
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "sock_ops",
     "connect4",
     "connect6",
     "sendmsg4",
     "sendmsg6",
 ];
 
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 11] = [
+    common::OUTCOMES_MAP,
+    common::SUSPECT_MAP,
+    common::SUSPECT_GATE_MAP,
+    common::EVENTS_MAP,
     common::SERVICES_MAP,
     common::BACKENDS_MAP,
     common::REV_NAT_MAP,
@@ -81,6 +89,7 @@ pub struct Datapath {
     links: Vec<FdLink>,
     reused_links: usize,
     replaced_links: usize,
+    signals: Option<(KernelSignals, SuspectEvents)>,
     _lock: Flock<File>,
 }
 
@@ -183,6 +192,7 @@ impl Datapath {
         } else {
             replace_maps(&mut ebpf, &config.pin_dir, &replaced_maps, carried)?
         };
+        let signals = take_signals(&mut ebpf, &config.pin_dir, &replaced_maps)?;
 
         let mut links = Vec::with_capacity(PROGRAMS.len());
         let mut reused_links = 0;
@@ -258,8 +268,15 @@ impl Datapath {
             links,
             reused_links,
             replaced_links,
+            signals: Some(signals),
             _lock: lock,
         })
+    }
+
+    /// The connect-outcome counters and suspect marks, and the ring buffer of suspect events
+    /// (see [`crate::signals`]); `None` after the first call (one owner each).
+    pub fn take_signals(&mut self) -> Option<(KernelSignals, SuspectEvents)> {
+        self.signals.take()
     }
 
     /// Reads the services and counters pinned under `pin_dir` without attaching, locking or
@@ -489,24 +506,39 @@ fn remove_pin(path: &Path) -> Result<(), Error> {
 }
 
 /// Loads `program` into the kernel (the verifier's complaint, if any, names it).
-fn load_program<'a>(
-    ebpf: &'a mut Ebpf,
-    program: &'static str,
-) -> Result<&'a mut CgroupSockAddr, Error> {
-    let refused = |source: aya::programs::ProgramError| Error::ProgramRefused {
+/// A loaded program of either kind this datapath attaches to a cgroup.
+enum Loaded<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    SockOps(&'a mut SockOps),
+}
+
+impl Loaded<'_> {
+    fn info(&self) -> Result<ProgramInfo, ProgramError> {
+        match self {
+            Loaded::SockAddr(p) => p.info(),
+            Loaded::SockOps(p) => p.info(),
+        }
+    }
+}
+
+fn load_program<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<Loaded<'a>, Error> {
+    let refused = |source: ProgramError| Error::ProgramRefused {
         program,
         source: Box::new(source),
     };
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(program)
-        .ok_or_else(|| Error::MapLayout {
-            map: "(program)",
-            reason: format!("program {program} is missing from the eBPF object"),
-        })?
-        .try_into()
-        .map_err(refused)?;
-    prog.load().map_err(refused)?;
-    Ok(prog)
+    let prog = ebpf.program_mut(program).ok_or_else(|| Error::MapLayout {
+        map: "(program)",
+        reason: format!("program {program} is missing from the eBPF object"),
+    })?;
+    if program == "sock_ops" {
+        let prog: &mut SockOps = prog.try_into().map_err(refused)?;
+        prog.load().map_err(refused)?;
+        Ok(Loaded::SockOps(prog))
+    } else {
+        let prog: &mut CgroupSockAddr = prog.try_into().map_err(refused)?;
+        prog.load().map_err(refused)?;
+        Ok(Loaded::SockAddr(prog))
+    }
 }
 
 /// The tag (hash of the instructions) of the loaded program with this id.
@@ -522,27 +554,37 @@ fn program_identity(id: u32) -> Option<(u64, Vec<u32>)> {
 
 /// Attaches a loaded program to the cgroup through a BPF link and pins the link at `path`.
 fn attach_and_pin(
-    prog: &mut CgroupSockAddr,
+    prog: Loaded<'_>,
     program: &'static str,
     cgroup: &File,
     cgroup_path: &Path,
     path: &Path,
 ) -> Result<FdLink, Error> {
-    let attach_err = |source: aya::programs::ProgramError| Error::Attach {
+    let attach_err = |source: ProgramError| Error::Attach {
         program,
         cgroup: cgroup_path.into(),
         source: Box::new(source),
     };
-    let link_id = prog
-        // Cgroup links always allow several programs; link_create wants no attach flags.
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(attach_err)?;
-    let link = prog.take_link(link_id).map_err(attach_err)?;
-    let link = FdLink::try_from(link).map_err(|e| Error::Link {
+    let link_err = |e: aya::programs::links::LinkError| Error::Link {
         program,
         path: path.into(),
         reason: e.to_string(),
-    })?;
+    };
+    // Cgroup links always allow several programs; link_create wants no attach flags.
+    let link = match prog {
+        Loaded::SockAddr(prog) => {
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(link_err)?
+        }
+        Loaded::SockOps(prog) => {
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(link_err)?
+        }
+    };
     let pinned = link.pin(path).map_err(|e| Error::Link {
         program,
         path: path.into(),
@@ -550,6 +592,53 @@ fn attach_and_pin(
     })?;
     debug!(program, path = %path.display(), "program attached and link pinned");
     Ok(pinned.into())
+}
+
+/// The maps of [`crate::signals`].
+const SIGNAL_MAPS: [&str; 4] = [
+    common::OUTCOMES_MAP,
+    common::SUSPECT_MAP,
+    common::SUSPECT_GATE_MAP,
+    common::EVENTS_MAP,
+];
+
+/// Takes the signal maps out of the object; a replaced one (another layout was pinned) is pinned
+/// over the old pin.
+fn take_signals(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    replaced: &[&'static str],
+) -> Result<(KernelSignals, SuspectEvents), Error> {
+    let mut take = |name: &'static str| -> Result<Map, Error> {
+        let map = take_map(ebpf, name)?;
+        if replaced.contains(&name) {
+            let path = pin_dir.join(name);
+            let staging = pin_dir.join(format!("{name}_new"));
+            remove_pin(&staging)?;
+            map_data(&map).pin(&staging).map_err(|e| Error::MapLayout {
+                map: name,
+                reason: format!("pinning at {}: {e}", staging.display()),
+            })?;
+            fs::rename(&staging, &path).map_err(|source| Error::Io {
+                what: "replacing pinned map",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(map)
+    };
+    let outcomes = PerCpuArray::try_from(take(common::OUTCOMES_MAP)?)
+        .map_err(layout_err(common::OUTCOMES_MAP))?;
+    let suspect = AyaHashMap::try_from(take(common::SUSPECT_MAP)?)
+        .map_err(layout_err(common::SUSPECT_MAP))?;
+    let gate = Array::try_from(take(common::SUSPECT_GATE_MAP)?)
+        .map_err(layout_err(common::SUSPECT_GATE_MAP))?;
+    let ring = aya::maps::RingBuf::try_from(take(common::EVENTS_MAP)?)
+        .map_err(layout_err(common::EVENTS_MAP))?;
+    Ok((
+        KernelSignals::new(outcomes, suspect, gate),
+        SuspectEvents::new(ring),
+    ))
 }
 
 // ---- map layouts ----
@@ -738,6 +827,7 @@ fn replace_maps(
             && *name != common::BACKENDS_MAP
             && *name != common::COUNTERS_MAP
             && *name != common::FILTER_MAP
+            && !SIGNAL_MAPS.contains(name)
         {
             taken.push((name, take_map(ebpf, name)?));
         }

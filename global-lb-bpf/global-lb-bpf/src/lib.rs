@@ -32,6 +32,7 @@ mod error;
 mod maps;
 mod model;
 pub mod mounts;
+pub mod signals;
 pub mod store;
 
 pub use datapath::{

@@ -521,7 +521,7 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
     let (mut storage, mut udp_storage) = match &args.pin_dir {
         Some(dir) => {
             use global_lb_bpf_common::{
-                SOCK_REV_NAT_MAP, SOCK_REV_NAT_UDP_MAP, SockRevNat, SockRevNatUdp,
+                SOCK_REV_NAT_MAP, SOCK_REV_NAT_UDP_MAP, SockConn, SockRevNatUdp,
             };
             let open = |name: &str| -> Result<aya::maps::Map> {
                 Ok(aya::maps::Map::SkStorage(aya::maps::MapData::from_pin(
@@ -529,7 +529,7 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
                 )?))
             };
             (
-                Some(aya::maps::SkStorage::<_, SockRevNat>::try_from(open(
+                Some(aya::maps::SkStorage::<_, SockConn>::try_from(open(
                     SOCK_REV_NAT_MAP,
                 )?)?),
                 Some(aya::maps::SkStorage::<_, SockRevNatUdp>::try_from(open(

@@ -1,0 +1,169 @@
+//! The kernel sees the first refused connect: `sock_ops` marks the backend suspect before the
+//! client's `connect()` even returns, the following connects on the node pass it over, and the
+//! connect outcomes per backend match what the client counted. Real programs, real sockets, in a
+//! private netns. Needs root.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Env, TcpBackend, in_netns};
+use global_lb_bpf::signals::{Outcomes, monotonic_ns};
+use global_lb_bpf::{Backend, Datapath, Frontend, ServiceMaps};
+use global_lb_bpf_common::{SUSPECT_REFUSED, SUSPECT_TTL_NS};
+use serde_json::Value;
+
+fn backend(addr: &str) -> Backend {
+    let a: SocketAddr = addr.parse().unwrap();
+    Backend::new(a.ip(), a.port(), 1)
+}
+
+fn id_of(dp: &Datapath, addr: &str) -> u32 {
+    let a: SocketAddr = addr.parse().unwrap();
+    dp.counters()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.addr == a.ip() && c.port == a.port())
+        .unwrap_or_else(|| panic!("backend {addr} has no id"))
+        .backend_id
+}
+
+fn count(v: &Value, section: &str, pred: impl Fn(&str) -> bool) -> u64 {
+    v[section]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| pred(k))
+                .map(|(_, n)| n.as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Two backends, one dead (its port refuses): 300 connects one after the other. Without passive
+/// ejection about half go to the dead one; with it the first refusal marks it and every later
+/// connect goes to the live one. The outcome counters equal the client's counts.
+#[test]
+fn the_first_refused_connect_marks_the_backend_and_the_next_ones_pass_it_over() {
+    in_netns(&[], || {
+        let mut env = Env::new("passive");
+        let live = TcpBackend::start("127.0.0.2:8080", "live");
+        let dead = "127.0.0.3:8080";
+        let vip = "10.96.0.10:80";
+        env.dp()
+            .upsert_service(
+                &format!("tcp:{vip}").parse::<Frontend>().unwrap(),
+                &[backend(&live.addr.to_string()), backend(dead)],
+            )
+            .unwrap();
+        let (live_id, dead_id) = (
+            id_of(env.dp(), &live.addr.to_string()),
+            id_of(env.dp(), dead),
+        );
+        let (mut signals, mut events) = env.dp().take_signals().expect("signals");
+        assert!(env.dp().take_signals().is_none(), "one owner");
+
+        let mut rounds = Vec::new();
+        for round in 0..2 {
+            let before = monotonic_ns();
+            let v = env.probe(&["tcp-storm", vip, "--connections", "300", "--threads", "1"]);
+            eprintln!("round {round}: {v}");
+            let refused = count(&v, "errors", |k| k.contains("refused"));
+            let other_errors = count(&v, "errors", |k| !k.contains("refused"));
+            let answered = count(&v, "replies", |_| true);
+            assert_eq!(other_errors, 0, "{v}");
+            assert_eq!(
+                refused, 1,
+                "one refused connect, then the dead backend is passed over: {v}"
+            );
+            assert_eq!(answered, 299, "{v}");
+            // The mark: made by the kernel, with the event node-sync reads.
+            let marks = signals.suspects();
+            let until = marks
+                .iter()
+                .find(|(id, _)| *id == dead_id)
+                .map(|(_, u)| *u)
+                .unwrap_or_else(|| panic!("backend {dead_id} not suspect: {marks:?}"));
+            assert!(
+                !marks.iter().any(|(id, _)| *id == live_id),
+                "the live backend is not suspect: {marks:?}"
+            );
+            let ev = events.next_event().expect("a suspect event");
+            assert_eq!(
+                (ev.backend_id, ev.kind),
+                (dead_id, SUSPECT_REFUSED),
+                "{ev:?}"
+            );
+            assert_eq!(ev.at_ns + SUSPECT_TTL_NS, until, "the event is the mark");
+            assert!(ev.at_ns >= before, "{ev:?} before the round started");
+            assert!(events.next_event().is_none(), "one mark, one event");
+            rounds.push((refused, answered));
+            // node-sync clears a mark when its probe finds the backend answering: the next
+            // refusal marks it again.
+            assert!(signals.clear_suspect(dead_id).unwrap());
+            assert!(!signals.clear_suspect(dead_id).unwrap());
+        }
+
+        // What the kernel counted equals what the client saw.
+        let lo = signals.outcomes(live_id).unwrap();
+        let de = signals.outcomes(dead_id).unwrap();
+        eprintln!("live: {lo:?}\ndead: {de:?}");
+        let answered: u64 = rounds.iter().map(|r| r.1).sum();
+        let refused: u64 = rounds.iter().map(|r| r.0).sum();
+        assert_eq!(lo.established, answered, "{lo:?}");
+        assert_eq!((lo.refused, lo.timeout), (0, 0), "{lo:?}");
+        assert_eq!(
+            de,
+            Outcomes {
+                refused,
+                ..Outcomes::default()
+            }
+        );
+        assert_eq!(lo.buckets.iter().sum::<u64>(), lo.established, "{lo:?}");
+        assert!(lo.connect_ns_sum > 0 && lo.connect_ns_sum / lo.established < 10_000_000);
+
+        // A mark that nobody clears expires; sweeping then empties the map.
+        let v = env.probe(&["tcp-storm", vip, "--connections", "50", "--threads", "1"]);
+        assert_eq!(count(&v, "errors", |k| k.contains("refused")), 1, "{v}");
+        assert_eq!(signals.sweep(monotonic_ns()).unwrap(), 0, "not expired yet");
+        assert_eq!(
+            signals.sweep(monotonic_ns() + SUSPECT_TTL_NS + 1).unwrap(),
+            1
+        );
+        assert!(signals.suspects().is_empty());
+    });
+}
+
+/// Every backend suspect means every backend usable: the service never goes to zero. Two dead
+/// backends: each connect is refused by a backend (not by the datapath's "no backend" path), and
+/// both get marked.
+#[test]
+fn all_backends_suspect_is_all_backends_usable() {
+    in_netns(&[], || {
+        let mut env = Env::new("passive-all");
+        let vip = "10.96.0.11:80";
+        let dead = ["127.0.0.4:8080", "127.0.0.5:8080"];
+        env.dp()
+            .upsert_service(
+                &format!("tcp:{vip}").parse::<Frontend>().unwrap(),
+                &dead.map(backend),
+            )
+            .unwrap();
+        let ids = dead.map(|d| id_of(env.dp(), d));
+        let (signals, _events) = env.dp().take_signals().expect("signals");
+        let v = env.probe(&["tcp-storm", vip, "--connections", "40", "--threads", "1"]);
+        assert_eq!(count(&v, "errors", |k| k.contains("refused")), 40, "{v}");
+        let total: u64 = ids
+            .iter()
+            .map(|id| signals.outcomes(*id).unwrap().refused)
+            .sum();
+        assert_eq!(
+            total, 40,
+            "every connect reached a backend and was refused there"
+        );
+        let marked: Vec<u32> = signals.suspects().into_iter().map(|(id, _)| id).collect();
+        for id in ids {
+            assert!(marked.contains(&id), "{id} not marked: {marked:?}");
+        }
+    });
+}

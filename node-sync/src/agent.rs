@@ -203,9 +203,46 @@ pub struct AgentState {
     dns_generation: u64,
     /// Index generation the probe targets were last computed at.
     probe_generation: u64,
+    /// Backends the kernel marked suspect on this node, and what became of the marks.
+    pub passive: crate::passive::Passive,
+    /// Golden signals per global service and cluster, from the kernel's connect outcomes.
+    pub golden: crate::passive::Golden,
 }
 
 impl AgentState {
+    /// Read the kernel's connect outcomes into the golden signals (for `/metrics` and the status).
+    pub fn refresh_golden(&mut self) {
+        let Some(r) = self.reconciler.as_mut() else {
+            return;
+        };
+        let mut outcomes = r.maps_mut().connect_outcomes();
+        // Backends removed since the last read: their last counts (a failover removes the
+        // backend whose connects just failed).
+        for (id, b) in self.golden.gone(outcomes.iter().map(|(id, _, _)| *id)) {
+            if let Some(o) = r.maps_mut().connect_outcome(id) {
+                outcomes.push((id, b, o));
+            }
+        }
+        if outcomes.is_empty() {
+            return;
+        }
+        // Every candidate backend, selected or not (a failed one is no longer selected).
+        let owners: Vec<(crate::lb::Backend, String)> = self
+            .index
+            .services()
+            .into_iter()
+            .flat_map(|s| {
+                self.index
+                    .backend_states(&s.service)
+                    .into_iter()
+                    .map(move |(b, _, _)| (b, s.service.to_string()))
+            })
+            .collect();
+        self.golden
+            .learn_owners(owners.iter().map(|(b, s)| (b, s.clone())));
+        self.golden.update(outcomes);
+    }
+
     /// Map operations that failed.
     pub fn map_errors(&self) -> u64 {
         self.reconciler.as_ref().map(|r| r.errors()).unwrap_or(0)
@@ -305,6 +342,23 @@ impl MapWriter for Box<dyn MapWriter> {
     fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
         (**self).connection_counts()
     }
+    fn connect_outcomes(
+        &mut self,
+    ) -> Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)> {
+        (**self).connect_outcomes()
+    }
+    fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
+        (**self).connect_outcome(id)
+    }
+    fn backend_by_id(&mut self, id: u32) -> Option<crate::lb::Backend> {
+        (**self).backend_by_id(id)
+    }
+    fn clear_suspect(&mut self, id: u32) {
+        (**self).clear_suspect(id)
+    }
+    fn sweep_suspects(&mut self) {
+        (**self).sweep_suspects()
+    }
 }
 
 /// Handle on a running agent.
@@ -355,6 +409,16 @@ struct Registry {
 
 /// Start the agent on the current tokio runtime.
 pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
+    start_with_events(opts, maps, None)
+}
+
+/// Start the agent with the datapath's ring buffer of suspect marks (passive failure detection,
+/// see [`crate::passive`]).
+pub fn start_with_events(
+    opts: AgentOptions,
+    maps: Box<dyn MapWriter>,
+    events: Option<global_lb_bpf::signals::SuspectEvents>,
+) -> Agent {
     let now = Instant::now();
     let state = AgentState {
         index: MergeIndex::new(opts.cluster.clone()),
@@ -373,10 +437,12 @@ pub fn start(opts: AgentOptions, maps: Box<dyn MapWriter>) -> Agent {
         dns_zone: watch::channel(Arc::new(clusterset_dns::Zone::default())).0,
         dns_generation: u64::MAX,
         probe_generation: u64::MAX,
+        passive: Default::default(),
+        golden: Default::default(),
         opts,
     };
     let shared = Arc::new(Mutex::new(state));
-    let task = tokio::spawn(run(shared.clone()));
+    let task = tokio::spawn(run(shared.clone(), events));
     Agent { shared, task }
 }
 
@@ -399,7 +465,10 @@ impl Drop for Tasks {
     }
 }
 
-async fn run(shared: Arc<Mutex<AgentState>>) {
+async fn run(
+    shared: Arc<Mutex<AgentState>>,
+    events: Option<global_lb_bpf::signals::SuspectEvents>,
+) {
     let opts = lock(&shared).opts.clone();
     opts.cluster_ids.set(&opts.cluster, opts.cluster_id.get());
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -472,6 +541,22 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
         )));
     }
 
+    // Passive failure detection: the kernel's suspect marks, and the probes that confirm them.
+    let (mark_tx, mut mark_rx) = mpsc::unbounded_channel::<crate::passive::SuspectMark>();
+    let (confirm_tx, mut confirm_rx) = mpsc::unbounded_channel::<(u32, bool)>();
+    if let Some(events) = events {
+        tasks
+            .others
+            .push(tokio::spawn(crate::passive::run_event_reader(
+                events, mark_tx,
+            )));
+    } else {
+        drop(mark_tx);
+    }
+    let passive_timeout = opts
+        .remote_probe_timeout
+        .unwrap_or(Duration::from_millis(250));
+
     // The local cluster.
     {
         let mut st = lock(&shared);
@@ -506,6 +591,24 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 }
                 after_batch(&mut st, received);
             }
+            Some(mark) = mark_rx.recv() => {
+                let received = SystemTime::now();
+                let mut st = lock(&shared);
+                on_mark(&mut st, mark, &confirm_tx, passive_timeout);
+                while let Ok(mark) = mark_rx.try_recv() {
+                    on_mark(&mut st, mark, &confirm_tx, passive_timeout);
+                }
+                after_batch(&mut st, received);
+            }
+            Some((id, ok)) = confirm_rx.recv() => {
+                let received = SystemTime::now();
+                let mut st = lock(&shared);
+                on_confirm(&mut st, id, ok);
+                while let Ok((id, ok)) = confirm_rx.try_recv() {
+                    on_confirm(&mut st, id, ok);
+                }
+                after_batch(&mut st, received);
+            }
             Some(change) = reach_rx.recv() => {
                 let received = SystemTime::now();
                 let mut st = lock(&shared);
@@ -517,6 +620,7 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
             }
             _ = tick.tick() => {
                 let mut st = lock(&shared);
+                reprobe_passive(&mut st, &confirm_tx, passive_timeout);
                 evaluate_liveness(&mut st);
                 after_batch(&mut st, SystemTime::now());
                 refresh_dns_zone(&mut st);
@@ -545,12 +649,151 @@ async fn run(shared: Arc<Mutex<AgentState>>) {
                 let ready = st.ready;
                 if let Some(r) = st.reconciler.as_mut().filter(|_| ready) {
                     let counts = r.connection_counts();
+                    r.maps_mut().sweep_suspects();
                     st.connections = counts;
                 }
+                st.refresh_golden();
+                st.golden.sample(Instant::now());
                 if opts.publish && st.ready {
                     let _ = pub_tx.send(Publish::Status(st.node_status()));
                 }
             }
+        }
+    }
+}
+
+/// Probe backend `id` at `addr` now and report `(id, answered)` on `tx`.
+fn spawn_confirm(
+    id: u32,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    tx: &mpsc::UnboundedSender<(u32, bool)>,
+) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let (outcome, _) = reach::probe(addr, timeout).await;
+        let _ = tx.send((id, outcome == reach::Outcome::Answered));
+    });
+}
+
+/// The kernel marked backend `mark.backend_id` suspect: follow it and confirm with a probe.
+fn on_mark(
+    st: &mut AgentState,
+    mark: crate::passive::SuspectMark,
+    confirm: &mpsc::UnboundedSender<(u32, bool)>,
+    timeout: Duration,
+) {
+    st.refresh_golden();
+    let p = &mut st.passive;
+    p.marks += 1;
+    p.last_delay = mark.delay;
+    p.max_delay = p.max_delay.max(mark.delay);
+    if let Some(t) = p.tracks.get(&mark.backend_id) {
+        // Already followed: a confirmed failure stays out; a probe in flight will tell.
+        tracing::debug!(backend = %format!("{}:{}", t.backend.ip, t.backend.port), "suspect again");
+        return;
+    }
+    let Some(backend) = st
+        .reconciler
+        .as_mut()
+        .and_then(|r| r.maps_mut().backend_by_id(mark.backend_id))
+    else {
+        return;
+    };
+    tracing::info!(
+        backend = %format!("{}:{}", backend.ip, backend.port),
+        cluster = %backend.cluster.name(),
+        refused = mark.refused,
+        learnt_after_us = mark.delay.as_micros() as u64,
+        "the kernel saw a connect fail: backend suspect on this node, probing it"
+    );
+    spawn_confirm(
+        mark.backend_id,
+        std::net::SocketAddr::new(backend.ip, backend.port),
+        timeout,
+        confirm,
+    );
+    st.passive.tracks.insert(
+        mark.backend_id,
+        crate::passive::Track {
+            backend,
+            since: mark.at,
+            confirmed: false,
+            goods: 0,
+            probing: true,
+            next_probe: Instant::now(),
+        },
+    );
+}
+
+/// A probe of a followed backend answered (`ok`) or not.
+fn on_confirm(st: &mut AgentState, id: u32, ok: bool) {
+    let rise = st.opts.health_rise.max(1);
+    let interval = st.opts.health_interval;
+    let Some(t) = st.passive.tracks.get_mut(&id) else {
+        return;
+    };
+    t.probing = false;
+    let b = t.backend.clone();
+    let addr = (b.ip, b.port, mesh_model::values::Protocol::Tcp);
+    let name = format!("{}:{}", b.ip, b.port);
+    match (t.confirmed, ok) {
+        (false, true) => {
+            // A false alarm: let traffic return at once.
+            st.passive.tracks.remove(&id);
+            st.passive.cleared += 1;
+            if let Some(r) = st.reconciler.as_mut() {
+                r.maps_mut().clear_suspect(id);
+            }
+            tracing::info!(backend = %name, "suspect backend answers a probe: mark cleared");
+        }
+        (false, false) => {
+            t.confirmed = true;
+            t.goods = 0;
+            t.next_probe = Instant::now() + interval;
+            let since = t.since;
+            st.passive.confirmed += 1;
+            st.passive.last_signal = Some(since);
+            tracing::warn!(backend = %name, cluster = %b.cluster.name(), "a probe confirms the failed connect: backend out of this node's selection");
+            st.index.set_passive_failure(b.cluster.name(), addr, true);
+        }
+        (true, false) => {
+            t.goods = 0;
+            t.next_probe = Instant::now() + interval;
+        }
+        (true, true) => {
+            t.goods += 1;
+            t.next_probe = Instant::now() + interval / 4;
+            if t.goods >= rise {
+                st.passive.tracks.remove(&id);
+                st.passive.recovered += 1;
+                st.passive.last_signal = Some(SystemTime::now());
+                if let Some(r) = st.reconciler.as_mut() {
+                    r.maps_mut().clear_suspect(id);
+                }
+                tracing::info!(backend = %name, good_probes = rise, "backend answers again: back in this node's selection");
+                st.index.set_passive_failure(b.cluster.name(), addr, false);
+            }
+        }
+    }
+}
+
+/// Probe again the confirmed failures that are due.
+fn reprobe_passive(
+    st: &mut AgentState,
+    confirm: &mpsc::UnboundedSender<(u32, bool)>,
+    timeout: Duration,
+) {
+    let now = Instant::now();
+    for (id, t) in st.passive.tracks.iter_mut() {
+        if t.confirmed && !t.probing && t.next_probe <= now {
+            t.probing = true;
+            spawn_confirm(
+                *id,
+                std::net::SocketAddr::new(t.backend.ip, t.backend.port),
+                timeout,
+                confirm,
+            );
         }
     }
 }
@@ -877,6 +1120,12 @@ fn after_batch(st: &mut AgentState, received: SystemTime) {
                 .filter(|t| *t <= written)
                 .max(),
             MoveCause::Liveness => None,
+            // From the kernel's mark: the first connect that failed.
+            MoveCause::Passive => st
+                .passive
+                .last_signal
+                .map(time::OffsetDateTime::from)
+                .or(Some(time::OffsetDateTime::from(received))),
             // From the first silent probe of the clusters traffic left, or the answer of the
             // clusters it went back to.
             MoveCause::Reachability => g

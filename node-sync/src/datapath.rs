@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use global_lb_bpf::signals::{KernelSignals, Outcomes, SuspectEvents};
 use global_lb_bpf::{Datapath, DatapathConfig, Proto, ServiceMaps};
 use mesh_model::ClusterName;
 use mesh_model::values::Protocol;
@@ -69,12 +70,45 @@ pub struct GlbWriter<S> {
     maps: S,
     local: ClusterName,
     ids: ClusterIds,
+    /// The kernel's connect outcomes and suspect marks (the real datapath only).
+    signals: Option<KernelSignals>,
 }
 
 impl<S: ServiceMaps> GlbWriter<S> {
     /// Wrap `maps`; `local` marks the backends of this cluster as local (for the counters).
     pub fn new(maps: S, local: ClusterName, ids: ClusterIds) -> Self {
-        Self { maps, local, ids }
+        Self {
+            maps,
+            local,
+            ids,
+            signals: None,
+        }
+    }
+
+    /// Read connect outcomes and manage suspect marks through `signals`.
+    pub fn with_signals(mut self, signals: KernelSignals) -> Self {
+        self.signals = Some(signals);
+        self
+    }
+
+    /// Every backend the maps hold, by id.
+    fn backends_by_id(&self) -> Vec<(u32, Backend)> {
+        self.maps
+            .counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                (
+                    c.backend_id,
+                    Backend {
+                        cluster: self.ids.name(c.cluster_id).into(),
+                        ip: c.addr,
+                        port: c.port,
+                        protocol: Protocol::Tcp,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// The wrapped maps.
@@ -217,6 +251,43 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         Ok(out)
     }
 
+    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, Outcomes)> {
+        let Some(signals) = &self.signals else {
+            return Vec::new();
+        };
+        self.backends_by_id()
+            .into_iter()
+            .filter_map(|(id, b)| signals.outcomes(id).ok().map(|o| (id, b, o)))
+            .collect()
+    }
+
+    fn connect_outcome(&mut self, id: u32) -> Option<Outcomes> {
+        self.signals.as_ref()?.outcomes(id).ok()
+    }
+
+    fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
+        self.backends_by_id()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, b)| b)
+    }
+
+    fn clear_suspect(&mut self, id: u32) {
+        if let Some(s) = &mut self.signals
+            && let Err(error) = s.clear_suspect(id)
+        {
+            tracing::warn!(%error, backend_id = id, "clearing a suspect mark failed");
+        }
+    }
+
+    fn sweep_suspects(&mut self) {
+        if let Some(s) = &mut self.signals
+            && let Err(error) = s.sweep(global_lb_bpf::signals::monotonic_ns())
+        {
+            tracing::debug!(%error, "sweeping suspect marks failed");
+        }
+    }
+
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
         let list = self.maps.services().map_err(|e| MapError {
             op: "list",
@@ -251,14 +322,15 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
     }
 }
 
-/// Open (or reuse) the pinned datapath under `bpffs`, attached to `cgroup`.
+/// Open (or reuse) the pinned datapath under `bpffs`, attached to `cgroup`: the map writer (with
+/// the kernel's connect outcomes and suspect marks) and the ring buffer of suspect events.
 pub fn open(
     bpffs: &Path,
     cgroup: &Path,
     local: ClusterName,
     ids: ClusterIds,
-) -> Result<Box<dyn MapWriter>, MapError> {
-    let dp = Datapath::open(&DatapathConfig {
+) -> Result<(Box<dyn MapWriter>, Option<SuspectEvents>), MapError> {
+    let mut dp = Datapath::open(&DatapathConfig {
         cgroup: cgroup.to_owned(),
         pin_dir: bpffs.to_owned(),
     })
@@ -267,7 +339,16 @@ pub fn open(
         frontend: "*".into(),
         detail: e.to_string(),
     })?;
-    Ok(Box::new(GlbWriter::new(dp, local, ids)))
+    let signals = dp.take_signals();
+    let mut w = GlbWriter::new(dp, local, ids);
+    let events = match signals {
+        Some((signals, events)) => {
+            w = w.with_signals(signals);
+            Some(events)
+        }
+        None => None,
+    };
+    Ok((Box::new(w), events))
 }
 
 #[cfg(test)]

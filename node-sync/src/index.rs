@@ -368,6 +368,9 @@ pub struct MergeIndex {
     unreachable: BTreeSet<ClusterName>,
     /// Verdicts by reporting cluster, backend address and reporting node.
     health: Verdicts,
+    /// Backends this node saw refuse (or not answer) a connect, confirmed by a probe: out of this
+    /// node's selection like a failing verdict, until probes find them answering (`crate::passive`).
+    passive: BTreeSet<(ClusterName, BackendAddr)>,
     reports: HashMap<Reporter, HealthReport>,
     /// Reporters whose publication lapsed (see [`Lapsed`]).
     lapsed: Lapsed,
@@ -408,6 +411,9 @@ pub enum MoveCause {
     Liveness,
     /// A remote cluster's backends stopped (or started again) answering probes from this node.
     Reachability,
+    /// The kernel saw a connect to the backend fail on this node and a probe confirmed it (or
+    /// probes found it answering again): see `crate::passive`.
+    Passive,
 }
 
 impl MoveCause {
@@ -418,6 +424,7 @@ impl MoveCause {
             MoveCause::Health => "health",
             MoveCause::Liveness => "liveness",
             MoveCause::Reachability => "reachability",
+            MoveCause::Passive => "passive",
         }
     }
 }
@@ -442,6 +449,7 @@ impl MergeIndex {
             stale: BTreeSet::new(),
             unreachable: BTreeSet::new(),
             health: Verdicts::default(),
+            passive: BTreeSet::new(),
             reports: HashMap::new(),
             lapsed: Lapsed::default(),
             ip_services: HashMap::new(),
@@ -700,6 +708,34 @@ impl MergeIndex {
             self.recompute_all();
             self.cause = MoveCause::Health;
         }
+    }
+
+    /// Mark a backend as failed on this node (the kernel saw a connect to it fail and a probe
+    /// confirmed it: it leaves this node's selection like a failing verdict, never down to zero),
+    /// or answering again. Returns whether it changed.
+    pub fn set_passive_failure(
+        &mut self,
+        cluster: &ClusterName,
+        addr: (IpAddr, u16, Protocol),
+        failed: bool,
+    ) -> bool {
+        let key = (cluster.clone(), addr);
+        let changed = if failed {
+            self.passive.insert(key)
+        } else {
+            self.passive.remove(&key)
+        };
+        if changed {
+            self.cause = MoveCause::Passive;
+            self.recompute_ips(&HashSet::from([addr.0]));
+            self.cause = MoveCause::Health;
+        }
+        changed
+    }
+
+    /// Backends out of this node's selection after a confirmed passive failure.
+    pub fn passive_failures(&self) -> &BTreeSet<(ClusterName, (IpAddr, u16, Protocol))> {
+        &self.passive
     }
 
     /// Remote clusters marked unreachable from this node.
@@ -1174,6 +1210,7 @@ impl MergeIndex {
             stale: &self.stale,
             unreachable: &self.unreachable,
             health: &self.health,
+            passive: &self.passive,
             lapsed: &self.lapsed,
         };
         let status = select(name, &ctx, old.as_ref(), &entry);
@@ -1313,6 +1350,7 @@ struct SelectContext<'a> {
     stale: &'a BTreeSet<ClusterName>,
     unreachable: &'a BTreeSet<ClusterName>,
     health: &'a Verdicts,
+    passive: &'a BTreeSet<(ClusterName, BackendAddr)>,
     lapsed: &'a Lapsed,
 }
 
@@ -1327,6 +1365,7 @@ fn select(
         stale,
         unreachable,
         health,
+        passive,
         lapsed,
     } = *ctx;
     let local_spec = entry.specs.get(local);
@@ -1440,8 +1479,11 @@ fn select(
                     let Some(port) = match_port(sp, ep) else {
                         continue;
                     };
-                    let failing = !health.is_empty()
-                        && health.failing(cref.name(), &(ep.ip, port, sp.protocol));
+                    let failing = (!health.is_empty()
+                        && health.failing(cref.name(), &(ep.ip, port, sp.protocol)))
+                        || (!passive.is_empty()
+                            && passive
+                                .contains(&(cref.name().clone(), (ep.ip, port, sp.protocol))));
                     let orphaned =
                         lapsed.orphaned(cref.name(), ep, &(ep.ip, port, sp.protocol), health);
                     cands.push(Candidate {

@@ -156,6 +156,33 @@ pub trait MapWriter: Send {
     fn connection_counts(&mut self) -> Result<HashMap<(IpAddr, u16), u64>, MapError> {
         Ok(HashMap::new())
     }
+
+    /// What the kernel saw of the TCP connects to each backend, by backend id (see
+    /// `global_lb_bpf::signals`); empty when the datapath does not follow connects.
+    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
+        Vec::new()
+    }
+
+    /// What the kernel counted for backend id `id`, whether or not a backend holds it now (the
+    /// counts of a backend just removed are read once more).
+    fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
+        let _ = id;
+        None
+    }
+
+    /// The backend the datapath knows by `id`.
+    fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
+        let _ = id;
+        None
+    }
+
+    /// Clears the kernel's suspect mark of backend `id` (a probe found it answering).
+    fn clear_suspect(&mut self, id: u32) {
+        let _ = id;
+    }
+
+    /// Removes expired suspect marks.
+    fn sweep_suspects(&mut self) {}
 }
 
 /// Counts of writes, for tests and the bench.
@@ -314,6 +341,11 @@ impl<M: MapWriter> Reconciler<M> {
     /// The map writer underneath.
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// The map writer underneath, for what is not a service write (kernel signals).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
     }
 
     /// Map operations that failed so far.

@@ -4,7 +4,8 @@
 //! cluster's etcd into the backends of each local frontend by DESIGN.md's selection rules, and the
 //! [`lb::Reconciler`] writes the difference to a [`lb::MapWriter`]. Around it sit thin shells:
 //! cluster connections ([`cluster`]: etcd list/watch with reconnects and liveness), the health
-//! checker ([`health`]) and its [`publish`]er, the [`agent`] loop that wires them, and the
+//! checker ([`health`]) and its [`publish`]er, passive failure detection from the kernel's view of
+//! each connect ([`passive`]), the [`agent`] loop that wires them, and the
 //! [`status`] server.
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod datapath;
 pub mod health;
 pub mod index;
 pub mod lb;
+pub mod passive;
 pub mod publish;
 pub mod reach;
 pub mod status;

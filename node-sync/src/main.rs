@@ -11,9 +11,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     mesh_logging::init(args.log_format, mesh_logging::filter_from_env("info"));
     let opts = AgentOptions::from_args(&args);
-    let maps: Box<dyn MapWriter> = if args.fake_maps {
+    let (maps, events): (Box<dyn MapWriter>, _) = if args.fake_maps {
         tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");
-        Box::new(FakeMaps::new())
+        (Box::new(FakeMaps::new()), None)
     } else {
         node_sync::datapath::open(
             &args.bpffs,
@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.status_listen)
         .await
         .with_context(|| format!("binding the status server to {}", args.status_listen))?;
-    let agent = agent::start(opts, maps);
+    let agent = agent::start_with_events(opts, maps, events);
     let _dns = match args.dns_listen {
         Some(listen) => {
             let metrics = std::sync::Arc::new(clusterset_dns::DnsMetrics::default());

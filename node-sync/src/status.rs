@@ -121,11 +121,25 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
         "failovers": st.index.failovers(),
         "mapWrites": {"upserts": st.map_writes.0, "deletes": st.map_writes.1, "errors": st.map_errors()},
         "remoteConfigErrors": st.remote_config_errors(),
+        "goldenSignals": st.golden.summary(Instant::now()),
+        "passive": {
+            "marks": st.passive.marks,
+            "confirmed": st.passive.confirmed,
+            "cleared": st.passive.cleared,
+            "recovered": st.passive.recovered,
+            "failedBackends": st.index.passive_failures().iter().map(|(c, (ip, port, _))| format!("{c}/{ip}:{port}")).collect::<Vec<_>>(),
+            "lastMarkDelayUs": st.passive.last_delay.as_micros() as u64,
+            "maxMarkDelayUs": st.passive.max_delay.as_micros() as u64,
+        },
     })
 }
 
 async fn status_json(State(s): State<Shared>) -> Response {
-    let doc = status_document(&lock(&s));
+    let doc = {
+        let mut st = lock(&s);
+        st.refresh_golden();
+        status_document(&st)
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_string_pretty(&doc).unwrap_or_default(),
@@ -307,13 +321,111 @@ pub fn render_metrics(st: &AgentState) -> String {
         "Endpoints held from every cluster",
     );
     let _ = writeln!(o, "nodesync_endpoints {}", st.index.endpoint_count());
+    render_golden(&mut o, st);
     if let Some(dns) = &st.dns_metrics {
         o.push_str(&dns.prometheus());
     }
     o
 }
 
+/// The golden signals and the passive-detection counters.
+fn render_golden(o: &mut String, st: &AgentState) {
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        o,
+        "nodesync_backend_connects_total",
+        "counter",
+        "TCP connects from this node to the backends of a global service in a cluster, by outcome as the kernel saw it: established, refused (RST to the SYN), timeout (the SYN unanswered until its first retransmission timeout)",
+    );
+    for ((svc, cluster), t) in &st.golden.totals {
+        for (outcome, n) in [
+            ("established", t.established),
+            ("refused", t.refused),
+            ("timeout", t.timeout),
+        ] {
+            let _ = writeln!(
+                o,
+                "nodesync_backend_connects_total{{service=\"{}\",cluster=\"{}\",outcome=\"{outcome}\"}} {n}",
+                esc(svc),
+                esc(cluster.as_str())
+            );
+        }
+    }
+    family(
+        o,
+        "nodesync_backend_connect_seconds",
+        "histogram",
+        "SYN-to-established time of the TCP connects from this node to the backends of a global service in a cluster",
+    );
+    for ((svc, cluster), t) in &st.golden.totals {
+        let labels = format!(
+            "service=\"{}\",cluster=\"{}\"",
+            esc(svc),
+            esc(cluster.as_str())
+        );
+        let mut cum = 0;
+        for (i, b) in t.buckets.iter().enumerate() {
+            cum += b;
+            let le = crate::passive::bucket_le(i);
+            let _ = writeln!(
+                o,
+                "nodesync_backend_connect_seconds_bucket{{{labels},le=\"{le}\"}} {cum}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "nodesync_backend_connect_seconds_sum{{{labels}}} {}",
+            t.connect_ns_sum as f64 / 1e9
+        );
+        let _ = writeln!(
+            o,
+            "nodesync_backend_connect_seconds_count{{{labels}}} {}",
+            t.established
+        );
+    }
+    let p = &st.passive;
+    family(
+        o,
+        "nodesync_passive_marks_total",
+        "counter",
+        "Backends the kernel marked suspect on this node after a failed connect, by what a probe then found: confirmed (out of this node's selection), cleared (it answered: false alarm)",
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_passive_marks_total{{result=\"confirmed\"}} {}\nnodesync_passive_marks_total{{result=\"cleared\"}} {}",
+        p.confirmed, p.cleared
+    );
+    family(
+        o,
+        "nodesync_passive_failed_backends",
+        "gauge",
+        "Backends out of this node's selection after a confirmed failed connect",
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_passive_failed_backends {}",
+        st.index.passive_failures().len()
+    );
+    family(
+        o,
+        "nodesync_passive_mark_delay_seconds_max",
+        "gauge",
+        "Longest time from the kernel's suspect mark to node-sync reading it",
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_passive_mark_delay_seconds_max {}",
+        p.max_delay.as_secs_f64()
+    );
+}
+
 async fn metrics(State(s): State<Shared>) -> Response {
-    let text = render_metrics(&lock(&s));
+    let text = {
+        let mut st = lock(&s);
+        st.refresh_golden();
+        render_metrics(&st)
+    };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -168,7 +168,7 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     let (cgroup, pins, vip, p1) = (tc.cgroup.clone(), tc.pins.clone(), tc.vip.clone(), tc.p1);
     let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
     opts.cluster_ids = ClusterIds::default();
-    let writer = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
+    let (writer, _events) = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
         .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
     let agent = agent_with(opts, writer);
 
@@ -206,6 +206,115 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(agent);
+}
+
+/// A hard kill under the default affinity (local), with passive failure detection: the first
+/// connect to the killed backend is refused, the kernel marks it, node-sync reads the mark,
+/// confirms it with a probe and fails the service over: the client's next connect lands in the
+/// other cluster. One failed connect, where the health checker alone (2 probes 200 ms apart)
+/// costs every connect made in the meantime. The golden signals count what the client saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
+    let mut tc = two_clusters("node-sync-passive", 252, Affinity::Local).await;
+    let (cgroup, pins, vip) = (tc.cgroup.clone(), tc.pins.clone(), tc.vip.clone());
+    let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
+    opts.cluster_ids = ClusterIds::default();
+    // A slow health checker: what moves traffic here is the kernel's mark, not a probe round.
+    opts.health_interval = Duration::from_secs(2);
+    let (writer, events) = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
+        .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    assert!(
+        events.is_some(),
+        "the real datapath has the suspect ring buffer"
+    );
+    let agent = node_sync::agent::start_with_events(opts, writer, events);
+    let before_kill = wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
+    let mut landed = std::collections::BTreeMap::<String, u64>::new();
+    *landed.entry("c1".into()).or_default() += 1;
+    let _ = before_kill;
+
+    tc.b1.abort();
+    let _ = (&mut tc.b1).await;
+    let killed = Instant::now();
+    let mut failed = 0u64;
+    let took = loop {
+        let (cg, v) = (cgroup.clone(), vip.clone());
+        let got = tokio::task::spawn_blocking(move || connect_in(&cg, &v))
+            .await
+            .unwrap();
+        if got.is_empty() {
+            failed += 1;
+        } else {
+            *landed.entry(got.clone()).or_default() += 1;
+        }
+        if got == "c2" {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "connects did not move to c2 ({failed} failed)"
+        );
+    };
+    println!("hard kill: {failed} failed connect(s), first connect to c2 after {took:?}");
+    assert_eq!(failed, 1, "one failed connect, then the other cluster");
+    assert!(
+        took < Duration::from_secs(1),
+        "moved in {took:?}, before the 2 s health checker could"
+    );
+    let (log, marks, confirmed, delay) = {
+        let st = agent.state();
+        (
+            st.failover_log.back().cloned(),
+            st.passive.marks,
+            st.passive.confirmed,
+            st.passive.max_delay,
+        )
+    };
+    let log = log.expect("a failover record");
+    assert_eq!(log.cause.as_deref(), Some("passive"), "{log:?}");
+    assert_eq!(
+        (log.from.clone(), log.to.clone()),
+        (vec!["c1".to_owned()], vec!["c2".to_owned()])
+    );
+    assert!(log.duration_ms.is_some_and(|ms| ms < 1000), "{log:?}");
+    assert!(
+        marks >= 1 && confirmed >= 1,
+        "marks {marks}, confirmed {confirmed}"
+    );
+    println!("mark read by node-sync {delay:?} after the kernel made it; failover record {log:?}");
+    assert!(delay < Duration::from_millis(100), "mark delay {delay:?}");
+
+    // The golden signals equal the client's counts.
+    let metrics = {
+        let mut st = agent.state();
+        st.refresh_golden();
+        node_sync::status::render_metrics(&st)
+    };
+    let value = |cluster: &str, outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("nodesync_backend_connects_total{")
+                    && l.contains(&format!("cluster=\"{cluster}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let c1_ok: u64 = landed.get("c1").copied().unwrap_or(0);
+    assert!(
+        value("c1", "established") >= c1_ok,
+        "c1 established {} < the client's {c1_ok}\n{metrics}",
+        value("c1", "established")
+    );
+    assert_eq!(value("c1", "refused"), failed, "{metrics}");
+    assert_eq!(value("c2", "established"), landed["c2"], "{metrics}");
+    assert_eq!(
+        value("c2", "refused") + value("c2", "timeout"),
+        0,
+        "{metrics}"
+    );
     drop(agent);
 }
 

@@ -11,9 +11,14 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
-use global_lb_bpf_common::{self as common, CONNECT_BUCKETS, ConnOutcome, SuspectEvent};
+use global_lb_bpf_common::{self as common, ConnOutcome};
 
 use crate::Error;
+
+pub use global_lb_bpf_common::{
+    CONNECT_BUCKETS, CONNECT_BUCKETS_NS, SUSPECT_REFUSED, SUSPECT_TIMEOUT, SUSPECT_TTL_NS,
+    SuspectEvent,
+};
 
 /// A backend's connect outcomes, summed over CPUs, since its id was last given out (counters
 /// only grow; read them as deltas).

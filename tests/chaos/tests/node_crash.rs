@@ -1,9 +1,11 @@
 //! A whole node's namespace cut off: every process of node 2 in cluster 1 (node-sync, backend)
 //! SIGKILLed at once. Nobody is left to report the backend failing (its own node-sync ran the health
-//! checks), so connects to it fail until Kubernetes marks the endpoint not ready (here: the test
-//! publishes it, as the node lifecycle controller would after its grace period); from then on the
-//! maps must drop it within the settle budget and no connect may fail. Bringing the node back must
-//! put it back within the budget, again without a failed connect.
+//! checks), but the client node's kernel sees its connects to it fail: passive detection (a probe
+//! confirming the kernel's mark) takes it out of that node's maps within seconds. Then Kubernetes
+//! marks the endpoint not ready (here: the test publishes it, as the node lifecycle controller would
+//! after its grace period); from then on the maps must hold the model within the settle budget and
+//! no connect may fail. Bringing the node back must put it back within the budget (the client
+//! node's probes find it answering), again without a failed connect.
 
 use std::time::Duration;
 
@@ -18,13 +20,25 @@ fn node_crash_then_endpoint_not_ready_then_back() -> Result<()> {
     let budget = settle_budget();
     let t = Traffic::start(&m, Duration::from_millis(10))?;
     m.crash_node(1, 2)?;
-    // Until the endpoint is marked, the dead backend stays in the maps (nothing reports it).
-    std::thread::sleep(Duration::from_millis(1000));
-    let before = m.observed(1, 1)?;
-    ensure!(
-        before.contains(&m.bk(1, 2)),
-        "with nobody reporting it, c1-n2 should still be selected; maps hold {before:?}"
-    );
+    // Nobody is left to report the backend failing, but the client node's kernel sees its connects
+    // to it fail (refused, or the SYN unanswered until its first retransmission timeout, 1 s):
+    // passive detection takes it out of that node's maps before Kubernetes marks the endpoint.
+    let crashed = std::time::Instant::now();
+    loop {
+        let now = m.observed(1, 1)?;
+        if !now.contains(&m.bk(1, 2)) {
+            eprintln!(
+                "[chaos] crashed node's backend out of c1-n1's maps by passive detection {:?} after the crash",
+                crashed.elapsed()
+            );
+            break;
+        }
+        ensure!(
+            crashed.elapsed() < Duration::from_secs(3),
+            "with nobody reporting it, c1-n2 should leave c1-n1's maps on the kernel's failed connects; maps hold {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     m.publish_node(1, 2, Published::NotReady)?;
     let c = m.converge(budget)?;
     eprintln!(

@@ -69,6 +69,8 @@ pub struct AgentOptions {
     pub status_every: Duration,
     /// Run the health checker and the publisher.
     pub publish: bool,
+    /// Abort this node's sockets to backends that failed (`crate::sockdestroy`).
+    pub destroy_sockets: bool,
     /// Cluster ids learnt from accepted configs (shared with the datapath writer).
     pub cluster_ids: ClusterIds,
 }
@@ -92,6 +94,7 @@ impl AgentOptions {
             health_rise: a.health_rise,
             remote_probe_timeout: (!a.remote_probe_timeout.is_zero())
                 .then_some(a.remote_probe_timeout),
+            destroy_sockets: !a.keep_failed_sockets,
             watch: WatchSettings::default(),
             remote_dir_poll: Duration::from_secs(1),
             status_every: Duration::from_secs(5),
@@ -207,6 +210,19 @@ pub struct AgentState {
     pub passive: crate::passive::Passive,
     /// Golden signals per global service and cluster, from the kernel's connect outcomes.
     pub golden: crate::passive::Golden,
+    /// Sockets aborted because their backend failed.
+    pub destroyed: Arc<DestroyStats>,
+}
+
+/// Counts of [`crate::sockdestroy`] runs.
+#[derive(Debug, Default)]
+pub struct DestroyStats {
+    /// TCP sockets aborted.
+    pub tcp: std::sync::atomic::AtomicU64,
+    /// Connected UDP sockets aborted.
+    pub udp: std::sync::atomic::AtomicU64,
+    /// Runs that failed (permission, kernel without SOCK_DESTROY).
+    pub errors: std::sync::atomic::AtomicU64,
 }
 
 impl AgentState {
@@ -439,6 +455,7 @@ pub fn start_with_events(
         probe_generation: u64::MAX,
         passive: Default::default(),
         golden: Default::default(),
+        destroyed: Default::default(),
         opts,
     };
     let shared = Arc::new(Mutex::new(state));
@@ -660,6 +677,33 @@ async fn run(
             }
         }
     }
+}
+
+/// Abort this node's sockets to `addrs` (off the event loop), counting what was done.
+fn spawn_destroy(st: &AgentState, addrs: Vec<std::net::SocketAddr>, why: &'static str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = st.destroyed.clone();
+    tokio::task::spawn_blocking(
+        move || match crate::sockdestroy::destroy_sockets_to(&addrs) {
+            Ok(d) => {
+                stats.tcp.fetch_add(d.tcp as u64, Relaxed);
+                stats.udp.fetch_add(d.udp as u64, Relaxed);
+                if d.tcp + d.udp > 0 {
+                    tracing::info!(
+                        ?addrs,
+                        why,
+                        tcp = d.tcp,
+                        udp = d.udp,
+                        "aborted this node's sockets to failed backends"
+                    );
+                }
+            }
+            Err(error) => {
+                stats.errors.fetch_add(1, Relaxed);
+                tracing::warn!(%error, ?addrs, why, "could not abort the sockets to failed backends (needs CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY; --keep-failed-sockets turns this off)");
+            }
+        },
+    );
 }
 
 /// Probe backend `id` at `addr` now and report `(id, answered)` on `tx`.
@@ -1068,6 +1112,12 @@ fn evaluate_liveness(st: &mut AgentState) {
 
 /// A remote cluster's backends stopped (or started again) answering from this node.
 fn apply_reach(st: &mut AgentState, change: ReachChange) {
+    if change.unreachable
+        && st.opts.destroy_sockets
+        && let Some(addrs) = st.index.remote_probe_targets().remove(&change.cluster)
+    {
+        spawn_destroy(st, addrs, "cluster unreachable from this node");
+    }
     if let Some(c) = st.clusters.get_mut(&change.cluster) {
         c.unreachable_since = change.unreachable.then_some(change.since);
     }
@@ -1094,6 +1144,10 @@ fn apply_exclusion(st: &mut AgentState, name: &ClusterName) {
 /// After a batch of events (received at `received`) or a liveness tick: write what changed into
 /// the maps, then record the moves of traffic between cluster groups, timed to the map write.
 fn after_batch(st: &mut AgentState, received: SystemTime) {
+    let failed = st.index.take_newly_failed();
+    if !failed.is_empty() && st.opts.destroy_sockets {
+        spawn_destroy(st, failed, "backend failed");
+    }
     let groups = st.index.take_group_changes();
     // Moves while the initial sync runs are not failovers: only a ready node records them.
     let was_ready = st.ready;

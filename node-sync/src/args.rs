@@ -93,6 +93,13 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_REMOTE_PROBE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub remote_probe_timeout: Duration,
 
+    /// Do not abort this node's sockets to a backend that failed (a failing verdict, a failed connect
+    /// confirmed by a probe). By default they are aborted through SOCK_DESTROY (needs
+    /// CAP_NET_ADMIN and CONFIG_INET_DIAG_DESTROY) so applications reconnect at once instead of
+    /// waiting for TCP timeouts; graceful removals never abort anything.
+    #[arg(long, env = "CLUSTERMESH_KEEP_FAILED_SOCKETS")]
+    pub keep_failed_sockets: bool,
+
     /// How long a cluster that is not live keeps its backends in selection before they are
     /// marked stale (kept in memory, used again as soon as it is live).
     #[arg(long, env = "CLUSTERMESH_STALE_GRACE", default_value = "30s", value_parser = parse_duration)]

@@ -368,6 +368,9 @@ pub struct MergeIndex {
     unreachable: BTreeSet<ClusterName>,
     /// Verdicts by reporting cluster, backend address and reporting node.
     health: Verdicts,
+    /// Backends that started failing (a verdict turned failing, a confirmed passive failure)
+    /// since the last `take_newly_failed`.
+    newly_failed: Vec<std::net::SocketAddr>,
     /// Backends this node saw refuse (or not answer) a connect, confirmed by a probe: out of this
     /// node's selection like a failing verdict, until probes find them answering (`crate::passive`).
     passive: BTreeSet<(ClusterName, BackendAddr)>,
@@ -450,6 +453,7 @@ impl MergeIndex {
             unreachable: BTreeSet::new(),
             health: Verdicts::default(),
             passive: BTreeSet::new(),
+            newly_failed: Vec::new(),
             reports: HashMap::new(),
             lapsed: Lapsed::default(),
             ip_services: HashMap::new(),
@@ -593,6 +597,21 @@ impl MergeIndex {
     /// A health report was put (replaces the reporter's previous one).
     pub fn upsert_health(&mut self, report: HealthReport) {
         let reporter = (report.cluster.clone(), report.node.clone());
+        // Backends this report turns failing (for the sockets to them: `take_newly_failed`).
+        let was_failing: Vec<bool> = report
+            .verdicts
+            .iter()
+            .map(|v| {
+                self.health
+                    .failing(&report.cluster, &(v.ip, v.port, v.protocol))
+            })
+            .collect();
+        for (v, was) in report.verdicts.iter().zip(was_failing) {
+            if v.verdict == Verdict::Failing && !was {
+                self.newly_failed
+                    .push(std::net::SocketAddr::new(v.ip, v.port));
+            }
+        }
         let mut touched: HashSet<IpAddr> = HashSet::new();
         if let Some(old) = self.reports.remove(&reporter) {
             self.unlink_report(&reporter, &old, &mut touched);
@@ -720,6 +739,10 @@ impl MergeIndex {
         failed: bool,
     ) -> bool {
         let key = (cluster.clone(), addr);
+        if failed && !self.passive.contains(&key) {
+            self.newly_failed
+                .push(std::net::SocketAddr::new(addr.0, addr.1));
+        }
         let changed = if failed {
             self.passive.insert(key)
         } else {
@@ -731,6 +754,12 @@ impl MergeIndex {
             self.cause = MoveCause::Health;
         }
         changed
+    }
+
+    /// Backends that started failing since the last call: a health verdict turned failing, a
+    /// passive failure was confirmed (the sockets to them are aborted: `crate::sockdestroy`).
+    pub fn take_newly_failed(&mut self) -> Vec<std::net::SocketAddr> {
+        std::mem::take(&mut self.newly_failed)
     }
 
     /// Backends out of this node's selection after a confirmed passive failure.

@@ -18,4 +18,5 @@ pub mod lb;
 pub mod passive;
 pub mod publish;
 pub mod reach;
+pub mod sockdestroy;
 pub mod status;

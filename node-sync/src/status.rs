@@ -410,6 +410,23 @@ fn render_golden(o: &mut String, st: &AgentState) {
     );
     family(
         o,
+        "nodesync_sockets_destroyed_total",
+        "counter",
+        "Sockets of this node aborted (SOCK_DESTROY) because their backend failed, by protocol; result=\"error\" counts runs that failed",
+    );
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = &st.destroyed;
+        let _ = writeln!(
+            o,
+            "nodesync_sockets_destroyed_total{{proto=\"tcp\"}} {}\nnodesync_sockets_destroyed_total{{proto=\"udp\"}} {}\nnodesync_sockets_destroyed_total{{result=\"error\"}} {}",
+            d.tcp.load(Relaxed),
+            d.udp.load(Relaxed),
+            d.errors.load(Relaxed)
+        );
+    }
+    family(
+        o,
         "nodesync_passive_mark_delay_seconds_max",
         "gauge",
         "Longest time from the kernel's suspect mark to node-sync reading it",

@@ -318,6 +318,170 @@ async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
     drop(agent);
 }
 
+/// A backend that answers each connection with `c1` and keeps it open (the test writes to the
+/// connections it holds); `listener` closing stops new connects only, like a host whose process
+/// died without its connections learning of it.
+struct Holding {
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+fn hold(listener: tokio::net::TcpListener) -> Holding {
+    let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::net::TcpStream>>> = Default::default();
+    let c = conns.clone();
+    let listener = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = s.write_all(b"c1\n").await;
+            c.lock().unwrap().push(s);
+        }
+    });
+    Holding { conns, listener }
+}
+
+/// A client process in the cgroup holding one connection to the VIP and printing what it reads;
+/// its first line names the backend.
+struct HeldClient {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl HeldClient {
+    fn start(cgroup: &Path, vip: &str) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec 3<>"/dev/tcp/$1/80" && exec cat <&3"#)
+            .arg(cgroup)
+            .arg(vip)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning bash");
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    fn line(&mut self) -> String {
+        self.lines.next().and_then(Result::ok).unwrap_or_default()
+    }
+
+    /// Waits for the process to end, at most `limit`: its stderr, or None while it runs.
+    fn ended(&mut self, limit: Duration) -> Option<String> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.child.try_wait().ok().flatten().is_some() {
+                let mut err = String::new();
+                use std::io::Read as _;
+                let _ = self.child.stderr.take()?.read_to_string(&mut err);
+                return Some(err);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Established connections through the VIP: a graceful drain (the endpoint terminating) leaves
+/// them working; a failure (the backend stops answering probes: a failing verdict) aborts them at
+/// once, so the application learns of it within a second instead of a TCP timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backend_s_connections_are_aborted_and_a_drained_one_s_are_not() {
+    let tc = two_clusters("node-sync-destroy", 251, Affinity::Local).await;
+    let (cgroup, pins, vip, p1) = (tc.cgroup.clone(), tc.pins.clone(), tc.vip.clone(), tc.p1);
+    tc.b1.abort();
+    let _ = (&mut { tc.b1 }).await;
+    let backend = hold(
+        tokio::net::TcpListener::bind(("127.0.0.1", p1))
+            .await
+            .unwrap(),
+    );
+    let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
+    opts.cluster_ids = ClusterIds::default();
+    let (writer, events) = datapath::open(&pins, &cgroup, c("c1"), opts.cluster_ids.clone())
+        .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    let agent = node_sync::agent::start_with_events(opts, writer, events);
+    wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
+
+    let mut drained = HeldClient::start(&cgroup, &vip);
+    assert_eq!(drained.line(), "c1");
+    // Graceful: c1's endpoint terminating. New connects go to c2; the held one keeps working.
+    let mut w1 = ApiWriter::new(&tc.e1, "c1", 1).await;
+    let mut ep = endpoint("127.0.0.1", p1, "n1");
+    ep.conditions.ready = false;
+    ep.conditions.terminating = true;
+    w1.chunk(chunk("c1", 0, vec![ep])).await;
+    wait_lands(&cgroup, &vip, "c2", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        drained.ended(Duration::ZERO),
+        None,
+        "a drain must not abort connections"
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut held = std::mem::take(&mut *backend.conns.lock().unwrap());
+        // (The probes of wait_lands are among them, closed since.)
+        for s in &mut held {
+            let _ = s.write_all(b"still\n").await;
+        }
+        backend.conns.lock().unwrap().extend(held);
+    }
+    assert_eq!(
+        drained.line(),
+        "still",
+        "the drained backend's connection still carries data"
+    );
+
+    // Ready again, then a failure: the backend stops accepting (its probes are refused) while the
+    // connections it holds stay open, as on a host that died without a FIN.
+    w1.chunk(chunk("c1", 0, vec![endpoint("127.0.0.1", p1, "n1")]))
+        .await;
+    wait_lands(&cgroup, &vip, "c1", Duration::from_secs(5)).await;
+    let mut failed = HeldClient::start(&cgroup, &vip);
+    assert_eq!(failed.line(), "c1");
+    backend.listener.abort();
+    let killed = Instant::now();
+    let err = tokio::task::spawn_blocking(move || {
+        let e = failed.ended(Duration::from_secs(3));
+        (e, failed)
+    })
+    .await
+    .unwrap();
+    let took = killed.elapsed();
+    let stderr = err.0.unwrap_or_else(|| {
+        panic!("the client's connection to the failed backend was not aborted within 3 s")
+    });
+    println!(
+        "connection to the failed backend aborted {took:?} after it stopped answering: {stderr:?}"
+    );
+    assert!(
+        stderr.contains("connection abort"),
+        "the application sees the abort: {stderr:?}"
+    );
+    assert!(took < Duration::from_secs(1), "aborted after {took:?}");
+    let destroyed = agent
+        .state()
+        .destroyed
+        .tcp
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        destroyed >= 2,
+        "both held connections to c1 aborted: {destroyed}"
+    );
+    drop(agent);
+}
+
 struct Proc(std::process::Child);
 
 impl Drop for Proc {

@@ -380,6 +380,7 @@ fn options(local_url: &str, remote_dir: &Path) -> AgentOptions {
         watch: WatchSettings::default(),
         remote_dir_poll: Duration::from_secs(1),
         status_every: Duration::from_secs(5),
+        destroy_sockets: false,
         publish: false,
         cluster_ids: ClusterIds::default(),
     }

@@ -253,6 +253,7 @@ pub fn options_url(url: &str, cluster: &str, id: u32, remote_dir: Option<&Path>)
         remote_dir_poll: Duration::from_millis(200),
         status_every: Duration::from_millis(500),
         publish: true,
+        destroy_sockets: true,
         cluster_ids: Default::default(),
     }
 }

@@ -547,8 +547,26 @@ pub fn render_status(s: &MeshStatus) -> String {
                 .iter()
                 .filter(|b| &b.cluster == cluster && b.selected_on > 0)
                 .count();
+            let golden = svc
+                .golden
+                .iter()
+                .find(|g| &g.cluster == cluster)
+                .map(|g| {
+                    let us = |v: Option<u64>| {
+                        v.map_or("-".to_owned(), |us| format!("{:.2} ms", us as f64 / 1e3))
+                    };
+                    format!(
+                        "; {:.1} connects/s, {:.1}% failed, connect p50 {} p99 {} (last {} s)",
+                        g.rate(),
+                        100.0 * g.error_ratio(),
+                        us(g.p50_us),
+                        us(g.p99_us),
+                        g.window_ms / 1000
+                    )
+                })
+                .unwrap_or_default();
             out.push_str(&format!(
-                "    {cluster:<16} {n} backends, {selected} selected\n"
+                "    {cluster:<16} {n} backends, {selected} selected{golden}\n"
             ));
         }
     }

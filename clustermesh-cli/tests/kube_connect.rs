@@ -948,6 +948,7 @@ async fn status_endpoint(c: &Cluster, nodes: usize, stuck: bool) -> u16 {
                         services: 0,
                         service_states: vec![],
                         failovers: vec![],
+                        golden_signals: vec![],
                     })
                     .collect();
                 let st = MeshStatus::compute(

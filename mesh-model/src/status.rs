@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::values::{ClusterConfig, FailoverEvent, NodeStatus, RemoteCluster};
+use crate::values::{ClusterConfig, FailoverEvent, GoldenSignal, NodeStatus, RemoteCluster};
 
 /// How stale a node summary may be before the node counts as not reporting.
 pub const NODE_REPORT_MAX_AGE_MS: u64 = 10_000;
@@ -111,6 +111,10 @@ pub struct ServiceSummary {
     pub connections_remote: u64,
     /// Reasons the nodes give (distinct).
     pub reasons: Vec<String>,
+    /// Golden signals by backend cluster, every node's connects over the last minute together
+    /// (connects and errors summed, the window the longest, p50/p99 the worst node's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden: Vec<GoldenSignal>,
 }
 
 /// The whole picture.
@@ -219,6 +223,7 @@ impl MeshStatus {
                         connections_local: 0,
                         connections_remote: 0,
                         reasons: vec![],
+                        golden: vec![],
                     });
                 for f in &st.frontends {
                     if !sum.frontends.contains(f) {
@@ -257,6 +262,21 @@ impl MeshStatus {
                 }
             }
             failovers.extend(n.failovers.iter().cloned());
+            for g in &n.golden_signals {
+                let Some(sum) = services.get_mut(&g.service) else {
+                    continue;
+                };
+                match sum.golden.iter_mut().find(|x| x.cluster == g.cluster) {
+                    Some(x) => {
+                        x.connects += g.connects;
+                        x.errors += g.errors;
+                        x.window_ms = x.window_ms.max(g.window_ms);
+                        x.p50_us = x.p50_us.max(g.p50_us);
+                        x.p99_us = x.p99_us.max(g.p99_us);
+                    }
+                    None => sum.golden.push(g.clone()),
+                }
+            }
         }
         for sum in services.values_mut() {
             sum.backends.sort_by(|a, b| {
@@ -408,6 +428,7 @@ mod tests {
                 reason: "local backends usable".into(),
             }],
             failovers: vec![],
+            golden_signals: vec![],
         }
     }
     fn remote() -> RemoteCluster {
@@ -425,6 +446,34 @@ mod tests {
             is_leader: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn golden_signals_of_every_node_add_up_per_service_and_cluster() {
+        let g = |connects, errors, window_ms, p99| GoldenSignal {
+            service: "default/echo".into(),
+            cluster: "c1".into(),
+            window_ms,
+            connects,
+            errors,
+            p50_us: Some(100),
+            p99_us: Some(p99),
+        };
+        let mut a = node("n1", true, 5);
+        a.golden_signals = vec![g(600, 6, 60_000, 250)];
+        let mut b = node("n2", true, 5);
+        b.golden_signals = vec![g(300, 0, 30_000, 1000)];
+        let s = MeshStatus::compute(config(), api(), &[remote()], vec![a, b], 2, "now".into());
+        let svc = &s.services[0];
+        assert_eq!(svc.golden.len(), 1);
+        let c1 = &svc.golden[0];
+        assert_eq!((c1.connects, c1.errors, c1.window_ms), (900, 6, 60_000));
+        assert_eq!(c1.p99_us, Some(1000), "the worst node's");
+        assert!((c1.rate() - 15.0).abs() < 1e-9);
+        assert!((c1.error_ratio() - 6.0 / 900.0).abs() < 1e-12);
+        // The JSON names it as the schema does.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["services"][0]["golden"][0]["p99Us"], 1000);
     }
 
     #[test]

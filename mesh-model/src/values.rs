@@ -491,6 +491,52 @@ pub struct NodeStatus {
     /// Recent failovers and failbacks (newest last, bounded by the writer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failovers: Vec<FailoverEvent>,
+    /// Golden signals of this node's connects per global service and backend cluster, over the
+    /// last minute (what the kernel saw of each TCP connect).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden_signals: Vec<GoldenSignal>,
+}
+
+/// A node's connects to one global service's backends in one cluster over a window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GoldenSignal {
+    /// `namespace/name`.
+    pub service: String,
+    /// Cluster of the backends.
+    pub cluster: String,
+    /// Window length, ms.
+    pub window_ms: u64,
+    /// Connects with an outcome in the window.
+    pub connects: u64,
+    /// Of which refused or timed out.
+    pub errors: u64,
+    /// Median SYN-to-established time, us (upper bound of its bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<u64>,
+    /// 99th percentile SYN-to-established time, us (upper bound of its bucket; none above 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<u64>,
+}
+
+impl GoldenSignal {
+    /// Connects per second over the window.
+    pub fn rate(&self) -> f64 {
+        if self.window_ms == 0 {
+            0.0
+        } else {
+            self.connects as f64 * 1000.0 / self.window_ms as f64
+        }
+    }
+
+    /// Share of the window's connects that failed.
+    pub fn error_ratio(&self) -> f64 {
+        if self.connects == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.connects as f64
+        }
+    }
 }
 
 /// A backend of a global service as one node sees it.

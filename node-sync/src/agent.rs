@@ -327,6 +327,20 @@ impl AgentState {
                 })
                 .collect(),
             failovers: self.failover_log.iter().cloned().collect(),
+            golden_signals: self
+                .golden
+                .summary(now)
+                .into_iter()
+                .map(|r| mesh_model::values::GoldenSignal {
+                    service: r.service,
+                    cluster: r.cluster,
+                    window_ms: (r.window_seconds * 1e3) as u64,
+                    connects: r.window.connects(),
+                    errors: r.window.refused + r.window.timeout,
+                    p50_us: r.p50_ms.filter(|v| v.is_finite()).map(|v| (v * 1e3) as u64),
+                    p99_us: r.p99_ms.filter(|v| v.is_finite()).map(|v| (v * 1e3) as u64),
+                })
+                .collect(),
         }
     }
 }

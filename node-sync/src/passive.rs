@@ -211,6 +211,8 @@ pub struct GoldenRow {
     pub p99_ms: Option<f64>,
     /// Window length, seconds.
     pub window_seconds: f64,
+    /// Counts in the window.
+    pub window: Totals,
     /// Totals since node-sync started.
     pub totals: Totals,
 }
@@ -356,6 +358,7 @@ impl Golden {
                     p50_ms: w.quantile(0.5).map(|s| s * 1e3),
                     p99_ms: w.quantile(0.99).map(|s| s * 1e3),
                     window_seconds: secs,
+                    window: w,
                     totals: *t,
                 }
             })

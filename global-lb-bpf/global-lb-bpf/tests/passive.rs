@@ -167,3 +167,86 @@ fn all_backends_suspect_is_all_backends_usable() {
         }
     });
 }
+
+fn nft(args: &str) {
+    let out = std::process::Command::new("nft")
+        .args(args.split_whitespace())
+        .output()
+        .expect("running nft (Debian package nftables)");
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A backend whose SYNs are dropped (nftables in this test's own namespace): the kernel counts a
+/// timeout at the SYN's first retransmission timeout (1 s) and marks it suspect then; the next
+/// connects go to the live backend. The client gives up after 1.5 s: its count of timed-out
+/// connects equals the kernel's.
+#[test]
+fn an_unanswered_syn_is_a_timeout_and_marks_the_backend() {
+    in_netns(&[], || {
+        let mut env = Env::new("passive-timeout");
+        let live = TcpBackend::start("127.0.0.2:8080", "live");
+        let silent = TcpBackend::start("127.0.0.6:8080", "silent");
+        nft("add table inet glbtest");
+        nft("add chain inet glbtest out { type filter hook output priority 0 ; }");
+        nft("add rule inet glbtest out ip daddr 127.0.0.6 tcp dport 8080 drop");
+        let vip = "10.96.0.12:80";
+        env.dp()
+            .upsert_service(
+                &format!("tcp:{vip}").parse::<Frontend>().unwrap(),
+                &[
+                    backend(&live.addr.to_string()),
+                    backend(&silent.addr.to_string()),
+                ],
+            )
+            .unwrap();
+        let (live_id, silent_id) = (
+            id_of(env.dp(), &live.addr.to_string()),
+            id_of(env.dp(), &silent.addr.to_string()),
+        );
+        let (signals, mut events) = env.dp().take_signals().expect("signals");
+        let v = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&env.cgroup.path)
+            .arg(env!("CARGO_BIN_EXE_glb-probe"))
+            .args([
+                "--timeout-ms",
+                "1500",
+                "tcp-storm",
+                vip,
+                "--connections",
+                "100",
+                "--threads",
+                "1",
+            ])
+            .output()
+            .expect("glb-probe");
+        let v: Value = serde_json::from_slice(&v.stdout).expect("glb-probe JSON");
+        eprintln!("{v}");
+        let timeouts = count(&v, "errors", |k| k.starts_with("timeout"));
+        let answered = count(&v, "replies", |_| true);
+        assert_eq!(
+            timeouts, 1,
+            "one connect meets the silent backend, then it is passed over: {v}"
+        );
+        assert_eq!(answered, 99, "{v}");
+        let s = signals.outcomes(silent_id).unwrap();
+        let l = signals.outcomes(live_id).unwrap();
+        assert_eq!(
+            (s.timeout, s.refused, s.established),
+            (timeouts, 0, 0),
+            "{s:?}"
+        );
+        assert_eq!((l.established, l.timeout), (answered, 0), "{l:?}");
+        let ev = events.next_event().expect("a suspect event");
+        assert_eq!(
+            (ev.backend_id, ev.kind),
+            (silent_id, global_lb_bpf::signals::SUSPECT_TIMEOUT)
+        );
+        nft("delete table inet glbtest");
+    });
+}

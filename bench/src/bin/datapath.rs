@@ -246,18 +246,24 @@ fn summarize(path: &str, services: &str, mut samples: Vec<u64>, baseline: Option
     }
 }
 
-/// Runs of the `connect4` program and nanoseconds spent in them (kernel bpf_stats).
-type ProgRuns = (u64, u64);
+/// Runs of the `connect4` program, nanoseconds spent in them, and nanoseconds spent in the
+/// `sock_ops` program (every callback of the same sockets: SYN, established, state changes)
+/// (kernel bpf_stats).
+type ProgRuns = (u64, u64, u64);
 
-/// Runs (count, time) of the `connect4` program, from the kernel's bpf_stats.
+/// Runs (count, time) of the `connect4` program and the time of `sock_ops`, from bpf_stats.
 fn connect4_stats(dp: Option<&Datapath>) -> Result<ProgRuns> {
-    let Some(dp) = dp else { return Ok((0, 0)) };
+    let Some(dp) = dp else { return Ok((0, 0, 0)) };
     let stats = dp.program_stats()?;
     let c4 = stats
         .iter()
         .find(|s| s.program == "connect4")
         .context("connect4 is not attached")?;
-    Ok((c4.run_count, c4.run_time_ns))
+    let ops = stats
+        .iter()
+        .find(|s| s.program == "sock_ops")
+        .context("sock_ops is not attached")?;
+    Ok((c4.run_count, c4.run_time_ns, ops.run_time_ns))
 }
 
 /// Measures each target in `targets` (label, cgroup, address) in `rounds` interleaved rounds.
@@ -270,7 +276,7 @@ fn interleaved(
 ) -> Result<(Vec<Vec<u64>>, Vec<ProgRuns>)> {
     let per_round = connects.div_ceil(rounds.max(1));
     let mut all = vec![Vec::with_capacity(connects); targets.len()];
-    let mut prog = vec![(0u64, 0u64); targets.len()];
+    let mut prog = vec![(0u64, 0u64, 0u64); targets.len()];
     // Warm-up: first connects pay for page faults and cold caches.
     for (_, cg, addr) in targets {
         measure(*cg, addr, 200)?;
@@ -282,6 +288,7 @@ fn interleaved(
             let after = connect4_stats(dp)?;
             prog[i].0 += after.0 - before.0;
             prog[i].1 += after.1 - before.1;
+            prog[i].2 += after.2 - before.2;
         }
     }
     Ok((all, prog))
@@ -449,11 +456,19 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         "{:<52} {:>9} {:>9} {:>12}",
         "connect() to", "services", "runs", "ns per run"
     );
-    let per_run = |(n, ns): ProgRuns| {
+    let per_run = |(n, ns, _): ProgRuns| {
         if n == 0 {
             f64::NAN
         } else {
             ns as f64 / n as f64
+        }
+    };
+    // sock_ops time per connect (connect4 runs once per connect).
+    let ops_per_connect = |(n, _, ops): ProgRuns| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            ops as f64 / n as f64
         }
     };
     for (label, direct, vip, reconnect) in &hook_rows {
@@ -490,6 +505,31 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
             r - d,
             v - r
         );
+    }
+    let _ = writeln!(
+        out,
+        "\nsock_ops (connect outcomes, passive detection) per connect, and the translated connect's \
+         total (connect4 + sock_ops), same rounds (bpf_stats)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<52} {:>9} {:>12} {:>12}",
+        "connect() to", "services", "sock_ops ns", "total ns"
+    );
+    for (label, direct, vip, _) in &hook_rows {
+        for (what, v) in [
+            ("a non-service address (direct to backend)", direct),
+            ("the service address (translated)", vip),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<52} {:>9} {:>12.0} {:>12.0}",
+                what,
+                label,
+                ops_per_connect(*v),
+                per_run(*v) + ops_per_connect(*v)
+            );
+        }
     }
     for (n, t) in fill_times {
         let _ = writeln!(

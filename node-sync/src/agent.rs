@@ -541,6 +541,8 @@ async fn run(
             pub_rx,
         )));
         let (h_tx, mut h_rx) = mpsc::unbounded_channel();
+        let (passive_tx, passive_rx) = watch::channel(health::PassiveFailures::new());
+        lock(&shared).passive.publish = Some(passive_tx);
         tasks.others.push(tokio::spawn(health::run_health_checker(
             opts.cluster.clone(),
             opts.node.clone(),
@@ -548,6 +550,7 @@ async fn run(
             opts.health_failures,
             opts.health_rise,
             targets_rx,
+            passive_rx,
             h_tx,
         )));
         let p = pub_tx.clone();
@@ -812,6 +815,14 @@ fn on_confirm(st: &mut AgentState, id: u32, ok: bool) {
             let since = t.since;
             st.passive.confirmed += 1;
             st.passive.last_signal = Some(since);
+            // A backend of this cluster: publish the verdict so every other node follows now.
+            if *b.cluster.name() == st.opts.cluster
+                && let Some(p) = &st.passive.publish
+            {
+                p.send_modify(|m| {
+                    m.insert((b.ip, b.port), since);
+                });
+            }
             tracing::warn!(backend = %name, cluster = %b.cluster.name(), "a probe confirms the failed connect: backend out of this node's selection");
             st.index.set_passive_failure(b.cluster.name(), addr, true);
         }
@@ -828,6 +839,9 @@ fn on_confirm(st: &mut AgentState, id: u32, ok: bool) {
                 st.passive.last_signal = Some(SystemTime::now());
                 if let Some(r) = st.reconciler.as_mut() {
                     r.maps_mut().clear_suspect(id);
+                }
+                if let Some(p) = &st.passive.publish {
+                    p.send_if_modified(|m| m.remove(&(b.ip, b.port)).is_some());
                 }
                 tracing::info!(backend = %name, good_probes = rise, "backend answers again: back in this node's selection");
                 st.index.set_passive_failure(b.cluster.name(), addr, false);

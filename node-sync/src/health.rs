@@ -181,8 +181,40 @@ pub async fn probe(target: &ProbeTarget, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }
 
-/// Run the health checker: every `interval`, probe the current targets; when a verdict or the
-/// target set changes, send the new report to `publish`.
+/// Backends of this node's cluster whose failure this node saw in the kernel and confirmed with a
+/// probe (`crate::passive`), with when the kernel saw it: published as failing verdicts in this
+/// node's report, so every other node (of every cluster) follows within one etcd round trip
+/// instead of waiting for the backend's own node to probe it twice.
+pub type PassiveFailures = BTreeMap<(std::net::IpAddr, u16), std::time::SystemTime>;
+
+/// `report` with the passive failures as failing verdicts (TCP), replacing this node's own
+/// verdict on the same backend.
+pub fn merge_passive(mut report: HealthReport, passive: &PassiveFailures) -> HealthReport {
+    for ((ip, port), at) in passive {
+        let since = Some(mesh_model::values::format_time(time::OffsetDateTime::from(*at)));
+        match report.verdicts.iter_mut().find(|v| {
+            v.ip == *ip && v.port == *port && v.protocol == mesh_model::values::Protocol::Tcp
+        }) {
+            Some(v) if v.verdict == Verdict::Failing => {}
+            Some(v) => {
+                v.verdict = Verdict::Failing;
+                v.since = since;
+            }
+            None => report.verdicts.push(BackendVerdict {
+                ip: *ip,
+                port: *port,
+                protocol: mesh_model::values::Protocol::Tcp,
+                verdict: Verdict::Failing,
+                since,
+            }),
+        }
+    }
+    report
+}
+
+/// Run the health checker: every `interval`, probe the current targets; when a verdict, the
+/// target set or the passive failures change, send the new report to `publish`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_health_checker(
     cluster: ClusterName,
     node: String,
@@ -190,6 +222,7 @@ pub async fn run_health_checker(
     failures: u32,
     rise: u32,
     mut targets: watch::Receiver<BTreeSet<ProbeTarget>>,
+    mut passive: watch::Receiver<PassiveFailures>,
     publish: mpsc::UnboundedSender<HealthReport>,
 ) {
     let mut tracker = HealthTracker::new(failures, rise);
@@ -201,21 +234,24 @@ pub async fn run_health_checker(
     let retry = (interval / 4).max(Duration::from_millis(10));
     let mut retry_list: Vec<ProbeTarget> = Vec::new();
     let mut published_once = false;
+    let mut passive_open = true;
     loop {
-        let (mut changed, list) = if retry_list.is_empty() {
-            tick.tick().await;
-            let changed = tracker.set_targets(&targets.borrow_and_update());
-            (changed, tracker.targets().cloned().collect::<Vec<_>>())
-        } else {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let changed = tracker.set_targets(&targets.borrow_and_update());
-                    (changed, tracker.targets().cloned().collect::<Vec<_>>())
-                }
-                _ = tokio::time::sleep(retry) => (false, std::mem::take(&mut retry_list)),
+        let (mut changed, list) = tokio::select! {
+            _ = tick.tick() => {
+                let changed = tracker.set_targets(&targets.borrow_and_update());
+                (changed, tracker.targets().cloned().collect::<Vec<_>>())
+            }
+            _ = tokio::time::sleep(retry), if !retry_list.is_empty() => {
+                (false, std::mem::take(&mut retry_list))
+            }
+            r = passive.changed(), if passive_open => {
+                passive_open = r.is_ok();
+                (r.is_ok(), Vec::new())
             }
         };
-        retry_list.clear();
+        if !list.is_empty() {
+            retry_list.clear();
+        }
         let results = futures::future::join_all(list.iter().map(|t| probe(t, timeout))).await;
         for (t, ok) in list.iter().zip(results) {
             if tracker.record(t, ok) {
@@ -230,7 +266,8 @@ pub async fn run_health_checker(
         }
         if changed || (!published_once && tracker.targets().next().is_some()) {
             published_once = true;
-            if publish.send(tracker.report(&cluster, &node)).is_err() {
+            let report = merge_passive(tracker.report(&cluster, &node), &passive.borrow());
+            if publish.send(report).is_err() {
                 return;
             }
         }

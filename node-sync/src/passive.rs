@@ -123,6 +123,8 @@ pub struct Passive {
     pub max_delay: Duration,
     /// The kernel's time of the latest mark (for the failover record of a passive move).
     pub last_signal: Option<SystemTime>,
+    /// Confirmed failures of this cluster's backends, published in this node's health report.
+    pub publish: Option<tokio::sync::watch::Sender<crate::health::PassiveFailures>>,
 }
 
 /// Connect counts of one (service, cluster) since node-sync started.

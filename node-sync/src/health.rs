@@ -191,7 +191,9 @@ pub type PassiveFailures = BTreeMap<(std::net::IpAddr, u16), std::time::SystemTi
 /// verdict on the same backend.
 pub fn merge_passive(mut report: HealthReport, passive: &PassiveFailures) -> HealthReport {
     for ((ip, port), at) in passive {
-        let since = Some(mesh_model::values::format_time(time::OffsetDateTime::from(*at)));
+        let since = Some(mesh_model::values::format_time(time::OffsetDateTime::from(
+            *at,
+        )));
         match report.verdicts.iter_mut().find(|v| {
             v.ip == *ip && v.port == *port && v.protocol == mesh_model::values::Protocol::Tcp
         }) {

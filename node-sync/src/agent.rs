@@ -811,7 +811,9 @@ fn on_confirm(st: &mut AgentState, id: u32, ok: bool) {
         (false, false) => {
             t.confirmed = true;
             t.goods = 0;
-            t.next_probe = Instant::now() + interval;
+            // Failed backends are probed twice as often as the health checker does: its own
+            // verdict and this publication must both clear before traffic returns everywhere.
+            t.next_probe = Instant::now() + interval / 2;
             let since = t.since;
             st.passive.confirmed += 1;
             st.passive.last_signal = Some(since);
@@ -828,7 +830,7 @@ fn on_confirm(st: &mut AgentState, id: u32, ok: bool) {
         }
         (true, false) => {
             t.goods = 0;
-            t.next_probe = Instant::now() + interval;
+            t.next_probe = Instant::now() + interval / 2;
         }
         (true, true) => {
             t.goods += 1;

@@ -594,6 +594,24 @@ fn attach_and_pin(
     Ok(pinned.into())
 }
 
+/// Pins `map` at `pin_dir/name` in place of what is pinned there (staged, then renamed over).
+fn pin_over(pin_dir: &Path, name: &'static str, map: &MapData) -> Result<(), Error> {
+    let path = pin_dir.join(name);
+    let staging = pin_dir.join(format!("{name}_new"));
+    remove_pin(&staging)?;
+    map.pin(&staging).map_err(|e| Error::MapLayout {
+        map: name,
+        reason: format!("pinning at {}: {e}", staging.display()),
+    })?;
+    fs::rename(&staging, &path).map_err(|source| Error::Io {
+        what: "replacing pinned map",
+        path: path.clone(),
+        source,
+    })?;
+    info!(map = name, path = %path.display(), "pinned map replaced by this layout's");
+    Ok(())
+}
+
 /// The maps of [`crate::signals`].
 const SIGNAL_MAPS: [&str; 4] = [
     common::OUTCOMES_MAP,
@@ -612,18 +630,7 @@ fn take_signals(
     let mut take = |name: &'static str| -> Result<Map, Error> {
         let map = take_map(ebpf, name)?;
         if replaced.contains(&name) {
-            let path = pin_dir.join(name);
-            let staging = pin_dir.join(format!("{name}_new"));
-            remove_pin(&staging)?;
-            map_data(&map).pin(&staging).map_err(|e| Error::MapLayout {
-                map: name,
-                reason: format!("pinning at {}: {e}", staging.display()),
-            })?;
-            fs::rename(&staging, &path).map_err(|source| Error::Io {
-                what: "replacing pinned map",
-                path: path.clone(),
-                source,
-            })?;
+            pin_over(pin_dir, name, map_data(&map))?;
         }
         Ok(map)
     };
@@ -844,22 +851,7 @@ fn replace_maps(
     } else {
         LbMaps::recover(store)?
     };
-    let pin = |name: &'static str, map: &MapData| -> Result<(), Error> {
-        let path = pin_dir.join(name);
-        let staging = pin_dir.join(format!("{name}_new"));
-        remove_pin(&staging)?;
-        map.pin(&staging).map_err(|e| Error::MapLayout {
-            map: name,
-            reason: format!("pinning at {}: {e}", staging.display()),
-        })?;
-        fs::rename(&staging, &path).map_err(|source| Error::Io {
-            what: "replacing pinned map",
-            path: path.clone(),
-            source,
-        })?;
-        info!(map = name, path = %path.display(), "pinned map replaced by this layout's");
-        Ok(())
-    };
+    let pin = |name: &'static str, map: &MapData| pin_over(pin_dir, name, map);
     for (name, map) in &taken {
         pin(name, map_data(map))?;
     }

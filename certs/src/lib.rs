@@ -79,6 +79,7 @@ pub mod bundle;
 pub mod ca;
 pub mod error;
 pub mod etcd;
+pub mod expiry;
 pub mod files;
 pub mod inspect;
 pub mod spiffe;

@@ -36,6 +36,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let index = args.index_config().context("invalid flags")?;
     let replica = args.replica();
     let status = Status::new(index.cluster.as_str(), index.cluster_id.get(), &replica);
+    if let Some(d) = &args.tls_dir {
+        status.set_cert_dir(d);
+    }
     let (bound, _status_task) = crate::status::serve(args.status_listen, status.clone())
         .await
         .with_context(|| format!("status endpoint on {}", args.status_listen))?;

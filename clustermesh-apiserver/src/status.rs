@@ -87,6 +87,8 @@ pub struct Status {
     latency: Mutex<Histogram>,
     /// The mesh control, once the gRPC API runs: `/api/v1/status` then serves the mesh status.
     pub mesh: crate::mesh_api::MeshSlot,
+    /// The TLS directory whose certificates' expiry `/metrics` exports.
+    cert_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Status {
@@ -100,6 +102,11 @@ impl Status {
             g.replica = replica.to_owned();
         }
         Arc::new(s)
+    }
+
+    /// Export the expiry of the certificates in `dir` (`--tls-dir`).
+    pub fn set_cert_dir(&self, dir: &std::path::Path) {
+        *self.cert_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_owned());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusSnapshot> {
@@ -228,6 +235,17 @@ impl Status {
             "Time from a source event to its keys written in etcd.",
             lines,
         );
+        let certs = self
+            .cert_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .map(|d| mesh_certs::expiry::in_dir(d, &mesh_certs::Role::LEAVES))
+            .unwrap_or_default();
+        o.push_str(&mesh_certs::expiry::prometheus(
+            "clustermesh-apiserver",
+            &certs,
+        ));
         o
     }
 }

@@ -66,11 +66,39 @@ async fn a_rotated_root_and_reissued_certificates_are_picked_up_without_a_restar
     ap.wait_ready_leader(T).await;
     assert!(published(&dir, &endpoints, "clustermesh/v1/services/c1/shop/web").await);
     let old_root = dir.ca_fingerprints().unwrap()[0].clone();
+    // /metrics names when each certificate it loads expires (read from the files).
+    let admin_expiry = |text: &str| -> Option<i64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with("clustermesh_certificate_expiry_timestamp_seconds{")
+                    && l.contains("certificate=\"admin\"")
+            })?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (_, text) = ap.get("/metrics").await.expect("metrics");
+    let before = admin_expiry(&text).unwrap_or_else(|| panic!("no admin expiry in\n{text}"));
+    assert!(
+        text.contains("component=\"clustermesh-apiserver\",certificate=\"intermediate\""),
+        "{text}"
+    );
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        (364..=366).contains(&((before - now) / 86_400)),
+        "{before} vs {now}"
+    );
+    // Renewal moves it forward (certificates have whole seconds: wait one).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // Rotate the root, re-issue the cluster from it (etcd's server certificate included) and
     // restart etcd on the bundle of both roots.
     RootCa::rotate(&ca_dir, &Validity::default()).unwrap();
     let dir = issue();
+    let (_, text) = ap.get("/metrics").await.expect("metrics");
+    let after = admin_expiry(&text).expect("admin expiry");
+    assert!(after > before, "re-issued: {before} -> {after}");
     let new_root = RootCa::load(&ca_dir).unwrap().fingerprint().hex();
     assert_ne!(new_root, old_root);
     etcd.restart(Duration::from_secs(30)).await.unwrap();

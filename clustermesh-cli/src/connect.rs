@@ -584,6 +584,9 @@ pub fn render_status(s: &MeshStatus) -> String {
             ));
         }
     }
+    for w in &s.warnings {
+        out.push_str(&format!("⚠ {w}\n"));
+    }
     if s.healthy {
         out.push_str("Status: healthy\n");
     } else {

@@ -949,6 +949,7 @@ async fn status_endpoint(c: &Cluster, nodes: usize, stuck: bool) -> u16 {
                         service_states: vec![],
                         failovers: vec![],
                         golden_signals: vec![],
+                        cert_warnings: vec![],
                     })
                     .collect();
                 let st = MeshStatus::compute(

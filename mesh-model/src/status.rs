@@ -139,6 +139,9 @@ pub struct MeshStatus {
     pub healthy: bool,
     /// Why not, in words.
     pub problems: Vec<String>,
+    /// What needs attention without being a problem yet: certificates expiring within 30 days.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl MeshStatus {
@@ -178,6 +181,7 @@ impl MeshStatus {
         }
         let mut services: BTreeMap<String, ServiceSummary> = BTreeMap::new();
         let mut failovers = Vec::new();
+        let mut warnings: Vec<String> = Vec::new();
         for n in &nodes {
             for r in &n.remotes {
                 let s = summaries
@@ -262,6 +266,12 @@ impl MeshStatus {
                 }
             }
             failovers.extend(n.failovers.iter().cloned());
+            for w in &n.cert_warnings {
+                let w = format!("{}: {w}", n.node);
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
+            }
             for g in &n.golden_signals {
                 let Some(sum) = services.get_mut(&g.service) else {
                     continue;
@@ -330,6 +340,7 @@ impl MeshStatus {
             remotes,
             services: services.into_values().collect(),
             failovers,
+            warnings,
         }
     }
 
@@ -429,6 +440,7 @@ mod tests {
             }],
             failovers: vec![],
             golden_signals: vec![],
+            cert_warnings: vec![],
         }
     }
     fn remote() -> RemoteCluster {
@@ -474,6 +486,24 @@ mod tests {
         // The JSON names it as the schema does.
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["golden"][0]["p99Us"], 1000);
+    }
+
+    #[test]
+    fn nodes_certificate_warnings_are_the_status_warnings_and_not_problems() {
+        let mut a = node("n1", true, 5);
+        a.cert_warnings =
+            vec!["certificate node of node-sync (/d/node.crt) expires in 12 days".into()];
+        let mut b = node("n2", true, 5);
+        b.cert_warnings = a.cert_warnings.clone();
+        let s = MeshStatus::compute(config(), api(), &[remote()], vec![a, b], 2, "now".into());
+        assert_eq!(
+            s.warnings,
+            vec![
+                "n1: certificate node of node-sync (/d/node.crt) expires in 12 days".to_owned(),
+                "n2: certificate node of node-sync (/d/node.crt) expires in 12 days".to_owned()
+            ]
+        );
+        assert!(s.healthy, "a warning is not a problem: {:?}", s.problems);
     }
 
     #[test]

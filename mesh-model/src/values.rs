@@ -495,6 +495,9 @@ pub struct NodeStatus {
     /// last minute (what the kernel saw of each TCP connect).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub golden_signals: Vec<GoldenSignal>,
+    /// Certificates this node-sync loads that expire within 30 days (or have), in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cert_warnings: Vec<String>,
 }
 
 /// A node's connects to one global service's backends in one cluster over a window.

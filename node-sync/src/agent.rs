@@ -327,6 +327,21 @@ impl AgentState {
                 })
                 .collect(),
             failovers: self.failover_log.iter().cloned().collect(),
+            cert_warnings: self
+                .opts
+                .tls_dir
+                .as_deref()
+                .map(|d| {
+                    mesh_certs::expiry::warnings(
+                        "node-sync",
+                        &mesh_certs::expiry::in_dir(
+                            d,
+                            &[mesh_certs::Role::Node, mesh_certs::Role::Remote],
+                        ),
+                        time::OffsetDateTime::now_utc().unix_timestamp(),
+                    )
+                })
+                .unwrap_or_default(),
             golden_signals: self
                 .golden
                 .summary(now)

@@ -93,6 +93,23 @@ async fn mtls_with_the_nodes_certificates_and_read_only_remote_user() {
             .contains("clustermesh/v1/health/c1/n1")
     })
     .await;
+    // /metrics names when the node's certificates expire; none is near, so no warning.
+    let (metrics, warnings) = {
+        let st = agent.state();
+        (
+            node_sync::status::render_metrics(&st),
+            st.node_status().cert_warnings,
+        )
+    };
+    for cert in ["node", "remote", "intermediate"] {
+        assert!(
+            metrics.contains(&format!(
+                "clustermesh_certificate_expiry_timestamp_seconds{{component=\"node-sync\",certificate=\"{cert}\"}}"
+            )),
+            "{cert}: {metrics}"
+        );
+    }
+    assert!(warnings.is_empty(), "{warnings:?}");
     // The local backend dies: failover to c2 over the secured path.
     drop(listener);
     wait_for("failover to c2", Duration::from_secs(5), || {

@@ -178,15 +178,23 @@ impl MeshControl for EtcdMeshControl {
             .await
             .map(|v| v.len())
             .unwrap_or(0);
-        let now = format_time(time::OffsetDateTime::now_utc());
-        Ok(MeshStatus::compute(
+        let now_t = time::OffsetDateTime::now_utc();
+        let now = format_time(now_t);
+        let mut status = MeshStatus::compute(
             self.config.clone(),
             apiserver,
             &remotes,
             nodes,
             expected_nodes,
             now,
-        ))
+        );
+        let certs = mesh_certs::expiry::in_dir(&self.dir.path, &mesh_certs::Role::LEAVES);
+        status.warnings.extend(mesh_certs::expiry::warnings(
+            "clustermesh-apiserver",
+            &certs,
+            now_t.unix_timestamp(),
+        ));
+        Ok(status)
     }
 
     async fn register_remote(&self, remote: RemoteCluster) -> Result<bool, ApiError> {

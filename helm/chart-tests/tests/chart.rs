@@ -1655,7 +1655,10 @@ fn dashboard_queries_only_metrics_the_binaries_export() {
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
             for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("clustermesh_apiserver_") || word.starts_with("nodesync_") {
+                if word.starts_with("clustermesh_apiserver_")
+                    || word.starts_with("clustermesh_certificate_")
+                    || word.starts_with("nodesync_")
+                {
                     queried.insert(word.to_owned());
                 }
             }
@@ -1674,7 +1677,7 @@ fn dashboard_queries_only_metrics_the_binaries_export() {
     let node_sync_src = std::fs::read_to_string(repo_root().join("node-sync/src/status.rs"))
         .expect("node-sync/src/status.rs");
     for m in &queried {
-        if m.starts_with("clustermesh_apiserver_") {
+        if m.starts_with("clustermesh_apiserver_") || m.starts_with("clustermesh_certificate_") {
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|s| {

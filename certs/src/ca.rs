@@ -42,7 +42,7 @@ impl Default for Validity {
 }
 
 /// Certificates start this long before "now", so a peer with a slightly slow clock accepts them.
-const BACKDATE: Duration = Duration::minutes(5);
+pub(crate) const BACKDATE: Duration = Duration::minutes(5);
 
 // ---------------------------------------------------------------------------------------------
 // Subject alternative names
@@ -638,13 +638,24 @@ impl ClusterDir {
 
     /// The TLS files of `role` in the cluster directory at `path`, without reading anything (so the
     /// layout is spelled in one place; a missing file is reported when it is used).
+    ///
+    /// A role whose file name changed ([`Role::legacy_file_stem`]) is read under its old name when
+    /// only that exists (a directory written by an older release, or a Secret mounted that way).
     pub fn tls_files_at(path: &Path, role: Role) -> TlsFiles {
+        let at = |stem: &str| CertKeyPaths {
+            cert: path.join(format!("{stem}.crt")),
+            key: path.join(format!("{stem}.key")),
+        };
+        let mut identity = at(role.file_stem());
+        if let Some(old) = role.legacy_file_stem().map(at)
+            && !identity.cert.exists()
+            && old.cert.exists()
+        {
+            identity = old;
+        }
         TlsFiles {
             ca_bundle: path.join("ca-bundle.pem"),
-            identity: Some(CertKeyPaths {
-                cert: path.join(format!("{}.crt", role.as_str())),
-                key: path.join(format!("{}.key", role.as_str())),
-            }),
+            identity: Some(identity),
         }
     }
 
@@ -679,41 +690,20 @@ impl ClusterDir {
         crate::spiffe::etcd_user(role, &self.info.name)
     }
 
-    /// Issue one leaf certificate of `role` with the cluster's intermediate.
+    /// Issue one leaf certificate of `role` with the cluster's intermediate (a new key).
     pub fn issue_leaf(&self, role: Role, opts: &LeafOptions) -> Result<CertKeyPaths> {
         if role == Role::Intermediate {
             return Err(issue_err("a leaf", rcgen::Error::UnsupportedExtension));
         }
-        let inter_path = self.cert(Role::Intermediate);
-        let inter = files::KeyedChain::load(&inter_path, &self.key(Role::Intermediate))?;
-        let inter_info = CertInfo::from_der(&inter_path, &inter.chain[0])?;
-        let td = TrustDomain::new(&self.info.trust_domain)?;
         let cluster = &self.info.name;
         let now = OffsetDateTime::now_utc();
+        let inter_end = self.intermediate_info()?.not_after;
         let not_after = opts
             .not_after
-            .unwrap_or((now + opts.validity).min(inter_info.not_after));
-        let mut params = base_params(
-            &role.common_name(cluster),
-            &SpiffeId::for_cluster(&td, cluster, role),
-            now,
-            not_after,
-        )?;
-        if let Some(nb) = opts.not_before {
-            params.not_before = nb;
-        }
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match role {
-            Role::EtcdServer => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Role::Apiserver => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
+            .unwrap_or((now + opts.validity).min(inter_end));
+        let mut sans = Vec::new();
         if role.is_server() {
-            let mut sans = default_server_sans();
+            sans = default_server_sans();
             sans.push(San::Dns(role.common_name(cluster)));
             if role == Role::Apiserver {
                 sans.push(San::Dns("clustermesh-apiserver".to_owned()));
@@ -724,9 +714,72 @@ impl ClusterDir {
                     sans.push(s.clone());
                 }
             }
-            for s in &sans {
-                params.subject_alt_names.push(s.to_rcgen()?);
+        }
+        let key = KeyPair::generate().map_err(|e| issue_err("leaf key", e))?;
+        let chain_pem = self.sign_leaf(
+            role,
+            opts.not_before.unwrap_or(now - BACKDATE),
+            not_after,
+            &sans,
+            &key,
+        )?;
+        let paths = opts.out.clone().unwrap_or_else(|| CertKeyPaths {
+            cert: self.path.join(format!("{}.crt", role.file_stem())),
+            key: self.path.join(format!("{}.key", role.file_stem())),
+        });
+        files::write_atomic(&paths.key, key.serialize_pem().as_bytes(), true)?;
+        files::write_atomic(&paths.cert, chain_pem.as_bytes(), false)?;
+        if opts.out.is_none()
+            && let Some(old) = role.legacy_file_stem()
+        {
+            // Written under the new name: the old files would only mislead (and be read by nobody).
+            for ext in ["crt", "key"] {
+                let _ = std::fs::remove_file(self.path.join(format!("{old}.{ext}")));
             }
+        }
+        Ok(paths)
+    }
+
+    /// Facts of the cluster's intermediate CA certificate.
+    pub fn intermediate_info(&self) -> Result<CertInfo> {
+        let path = self.cert(Role::Intermediate);
+        let chain = files::load_certs(&path)?;
+        CertInfo::from_der(&path, &chain[0])
+    }
+
+    /// Sign a leaf of `role` for `key` (its public half) with the cluster's intermediate: the
+    /// role's CN, SPIFFE id and key usages, `sans` (server roles), valid from `not_before` to
+    /// `not_after`. Returns the chain (leaf, then intermediate) as PEM.
+    pub(crate) fn sign_leaf(
+        &self,
+        role: Role,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        sans: &[San],
+        key: &KeyPair,
+    ) -> Result<String> {
+        let inter_path = self.cert(Role::Intermediate);
+        let inter = files::KeyedChain::load(&inter_path, &self.key(Role::Intermediate))?;
+        let td = TrustDomain::new(&self.info.trust_domain)?;
+        let cluster = &self.info.name;
+        let mut params = base_params(
+            &role.common_name(cluster),
+            &SpiffeId::for_cluster(&td, cluster, role),
+            not_before + BACKDATE,
+            not_after,
+        )?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            Role::EtcdServer => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Apiserver => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        for s in sans {
+            params.subject_alt_names.push(s.to_rcgen()?);
         }
         let key_pem = files::read(&self.key(Role::Intermediate), "private key file")?;
         let inter_key =
@@ -736,15 +789,10 @@ impl ClusterDir {
             })?;
         let issuer = Issuer::from_ca_cert_der(&inter.chain[0], &inter_key)
             .map_err(|e| issue_err("intermediate issuer", e))?;
-        let key = KeyPair::generate().map_err(|e| issue_err("leaf key", e))?;
         let cert = params
-            .signed_by(&key, &issuer)
+            .signed_by(key, &issuer)
             .map_err(|e| issue_err(format!("{role} certificate of {cluster}"), e))?;
-        let paths = opts.out.clone().unwrap_or_else(|| self.cert_key(role));
-        let chain_pem = format!("{}{}", cert.pem(), pem_of(&inter.chain[0]));
-        files::write_atomic(&paths.key, key.serialize_pem().as_bytes(), true)?;
-        files::write_atomic(&paths.cert, chain_pem.as_bytes(), false)?;
-        Ok(paths)
+        Ok(format!("{}{}", cert.pem(), pem_of(&inter.chain[0])))
     }
 
     /// SHA-256 fingerprints (hex) of the roots this cluster trusts, for `cluster-config`'s

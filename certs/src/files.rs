@@ -49,6 +49,37 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io("writing", path, e))
 }
 
+/// Replace an existing file atomically keeping its mode and owner (renewal rewrites certificates
+/// that an operator or a chart gave particular permissions); a missing file is written 0644.
+pub fn write_atomic_like(path: &Path, contents: &[u8]) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+            let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("writing", &tmp, e))?;
+            f.write_all(contents)
+                .and_then(|()| f.set_permissions(meta.permissions()))
+                .and_then(|()| {
+                    // Keep the owner where we may (as root); otherwise the file stays ours.
+                    match std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())) {
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+                        other => other,
+                    }
+                })
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io("writing", &tmp, e))?;
+            return std::fs::rename(&tmp, path).map_err(|e| Error::io("writing", path, e));
+        }
+    }
+    write_atomic(path, contents, false)
+}
+
 /// Parse every `CERTIFICATE` block of a PEM file, checking that each is an X.509 certificate.
 pub fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
     let mut certs = Vec::new();

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `etcd-server` | `etcd-server.<cluster>` | the cluster's etcd (server + peer; SANs below) |
 //! | `apiserver` | `clustermesh-apiserver.<cluster>` | the clustermesh-apiserver gRPC server |
-//! | `root` | `root` | etcd's `root` user, only to bootstrap etcd auth ([`etcd::bootstrap_auth`]) |
+//! | `root` | `root` | etcd's `root` user, only to bootstrap etcd auth ([`etcd::bootstrap_auth`]); files `etcd-root.{crt,key}` |
 //! | `admin` | `admin-<cluster>` | the apiserver: read-write on its own etcd |
 //! | `node` | `node-<cluster>` | the cluster's node-syncs on their own etcd: read `clustermesh/v1/`, write `clustermesh/v1/health/<cluster>/` and `clustermesh/v1/nodestatus/<cluster>/` |
 //! | `remote` | `remote-<cluster>` | the cluster's node-syncs on *other* clusters' etcd: read-only `clustermesh/v1/` |
@@ -41,7 +41,7 @@
 //! CDIR/intermediate.{crt,key}   the cluster's intermediate CA
 //! CDIR/etcd-server.{crt,key}    \
 //! CDIR/apiserver.{crt,key}       |  leaf certificates: `.crt` holds the leaf then the
-//! CDIR/root.{crt,key}            |  intermediate (a full chain for TLS), `.key` the PKCS#8 key
+//! CDIR/etcd-root.{crt,key}       |  intermediate (a full chain for TLS), `.key` the PKCS#8 key
 //! CDIR/admin.{crt,key}           |
 //! CDIR/node.{crt,key}            |
 //! CDIR/remote.{crt,key}         /
@@ -51,7 +51,8 @@
 //!
 //! What to ship where: etcd gets `ca-bundle.pem` and `etcd-server.*`; the clustermesh-apiserver
 //! `ca-bundle.pem`, `apiserver.*` and `admin.*`; every node-sync only `ca-bundle.pem`, `node.*` and
-//! `remote.*`. `root.*` is needed once, by whoever bootstraps etcd auth (and by `connect` /
+//! `remote.*`. `etcd-root.*` (the etcd `root` user's client certificate, not a CA; directories
+//! written before this name hold it as `root.*`, which is still read) is needed once, by whoever bootstraps etcd auth (and by `connect` /
 //! `disconnect`, which add and remove remote users); `intermediate.key` only to issue more leaves.
 //!
 //! # Rotation and federation
@@ -82,6 +83,7 @@ pub mod etcd;
 pub mod expiry;
 pub mod files;
 pub mod inspect;
+pub mod renew;
 pub mod spiffe;
 pub mod tls;
 
@@ -92,4 +94,5 @@ pub use ca::{
 };
 pub use error::{Error, Result};
 pub use inspect::{CertInfo, Fingerprint};
+pub use renew::{LeafRenewal, RenewWhen};
 pub use spiffe::{Role, SpiffeId, TrustDomain};

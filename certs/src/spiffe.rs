@@ -99,6 +99,24 @@ impl Role {
             .find(|r| r.as_str() == s)
     }
 
+    /// The file stem of the role's certificate and key in a cluster directory: the role's name,
+    /// except the etcd `root` user's, `etcd-root` (a file named `root.crt` beside a CA is taken
+    /// for the root CA; cluster directories written before hold `root.{crt,key}`, still read).
+    pub fn file_stem(self) -> &'static str {
+        match self {
+            Role::EtcdRoot => "etcd-root",
+            other => other.as_str(),
+        }
+    }
+
+    /// The file stem cluster directories used before [`Role::file_stem`], when it differs.
+    pub fn legacy_file_stem(self) -> Option<&'static str> {
+        match self {
+            Role::EtcdRoot => Some("root"),
+            _ => None,
+        }
+    }
+
     /// True for server certificates (etcd, apiserver).
     pub fn is_server(self) -> bool {
         matches!(self, Role::EtcdServer | Role::Apiserver)

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use mesh_certs::{
-    CaDir, CertInfo, ClusterDir, ClusterRequest, Role, RootCa, San, TrustBundle, TrustDomain,
-    Validity,
+    CaDir, CertInfo, ClusterDir, ClusterRequest, RenewWhen, Role, RootCa, San, TrustBundle,
+    TrustDomain, Validity,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -23,7 +23,7 @@ pub enum CaCommand {
     ///
     /// Writes OUT/cluster.json, OUT/ca-bundle.pem, the cluster's intermediate CA
     /// (OUT/intermediate.{crt,key}) and one certificate + key per role: etcd-server, apiserver,
-    /// root (etcd's root user), admin (admin-<cluster>), node (node-<cluster>) and remote
+    /// etcd-root (etcd's root user; not a CA), admin (admin-<cluster>), node (node-<cluster>) and remote
     /// (remote-<cluster>). Server certificates get the SANs localhost, 127.0.0.1, ::1 and every --san.
     IssueCluster(IssueClusterArgs),
     /// Start a root rotation: a new root becomes current, the old one stays in the bundle.
@@ -39,6 +39,36 @@ pub enum CaCommand {
     Retire(RetireArgs),
     /// Trust the roots of another mesh (federation without a shared root): add them to the bundle.
     Federate(FederateArgs),
+    /// Renew a cluster's leaf certificates in place, from its intermediate, before they expire.
+    ///
+    /// A renewed leaf keeps its key, SANs, identity and lifetime; only the .crt file is replaced
+    /// (atomically, keeping its mode and owner), so etcd, the apiserver and node-sync pick it up
+    /// on their next handshake without a restart. Renews the leaves that are due: less than a
+    /// third of their lifetime left (--within changes that, --force renews all); prints one line
+    /// per leaf. Run it periodically (the chart's CronJob does); it needs the cluster's
+    /// intermediate.{crt,key} and the leaves' keys, and renews whichever leaves the directory holds.
+    Renew(RenewArgs),
+}
+
+/// Arguments of `ca renew`.
+#[derive(Debug, Args)]
+pub struct RenewArgs {
+    /// The cluster directory (made by `ca issue-cluster`).
+    #[arg(
+        long = "cluster-dir",
+        value_name = "DIR",
+        env = "CLUSTERMESH_CLUSTER_DIR"
+    )]
+    pub cluster_dir: PathBuf,
+    /// Renew leaves with less than this left (e.g. 30d, 40s) instead of a third of their lifetime.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "force")]
+    pub within: Option<std::time::Duration>,
+    /// Renew every leaf now.
+    #[arg(long)]
+    pub force: bool,
+    /// Lifetime of the renewed leaves (e.g. 365d); default: each leaf's own lifetime.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lifetime: Option<std::time::Duration>,
 }
 
 /// Work with certificate files.
@@ -160,6 +190,7 @@ pub fn run_ca(cmd: CaCommand) -> Result<()> {
         CaCommand::Rotate(a) => rotate(a),
         CaCommand::Retire(a) => retire(a),
         CaCommand::Federate(a) => federate(a),
+        CaCommand::Renew(a) => renew(a),
     }
 }
 
@@ -169,6 +200,54 @@ pub fn run_certs(cmd: CertsCommand) -> Result<()> {
         CertsCommand::Inspect(a) => inspect(a),
         CertsCommand::Verify(a) => verify(a),
     }
+}
+
+fn renew(a: RenewArgs) -> Result<()> {
+    let dir = ClusterDir::open(&a.cluster_dir)?;
+    let to_time = |d: std::time::Duration, flag: &str| -> Result<Duration> {
+        Duration::try_from(d).with_context(|| format!("{flag} is too long"))
+    };
+    let when = match (a.force, a.within) {
+        (true, _) => RenewWhen::Now,
+        (false, Some(d)) => RenewWhen::Within(to_time(d, "--within")?),
+        (false, None) => RenewWhen::LastThird,
+    };
+    let lifetime = a.lifetime.map(|d| to_time(d, "--lifetime")).transpose()?;
+    let done = dir
+        .renew(when, lifetime)
+        .with_context(|| format!("renewing the leaves of {}", a.cluster_dir.display()))?;
+    if done.is_empty() {
+        bail!(
+            "{} holds no leaf certificate to renew",
+            a.cluster_dir.display()
+        );
+    }
+    let renewed = done.iter().filter(|r| r.renewed).count();
+    for r in &done {
+        if r.renewed {
+            println!(
+                "renewed {:<12} {}  valid until {} (was {})",
+                r.role.as_str(),
+                r.cert.display(),
+                date(r.not_after),
+                date(r.was_not_after)
+            );
+        } else {
+            println!(
+                "kept    {:<12} {}  valid until {}, due {}",
+                r.role.as_str(),
+                r.cert.display(),
+                date(r.not_after),
+                date(r.due_at)
+            );
+        }
+    }
+    println!(
+        "{renewed} of {} leaves of cluster {} renewed",
+        done.len(),
+        dir.info.name
+    );
+    Ok(())
 }
 
 fn days(n: i64, flag: &str) -> Result<Duration> {

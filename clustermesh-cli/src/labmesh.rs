@@ -56,6 +56,8 @@ pub struct LabMeshSpec {
     /// KVStoreMesh: every apiserver mirrors its remotes' keys into its own etcd (`--kvstoremesh`) and
     /// every node-sync reads only its local etcd (`node-sync --kvstoremesh`).
     pub kvstoremesh: bool,
+    /// Lifetime of the clusters' leaf certificates (default a year; see `LabSpec::leaf_lifetime`).
+    pub leaf_lifetime: Option<Duration>,
 }
 
 impl LabMeshSpec {
@@ -73,6 +75,7 @@ impl LabMeshSpec {
             health_port: None,
             cluster_service_annotations: BTreeMap::new(),
             kvstoremesh: false,
+            leaf_lifetime: None,
         }
     }
 }
@@ -180,8 +183,9 @@ impl LabMesh {
                 );
             }
         }
-        let lab = Lab::up(LabSpec::new(spec.prefix.clone(), spec.clusters, spec.nodes))
-            .with_context(|| format!("bring up lab {}", spec.prefix))?;
+        let mut lab_spec = LabSpec::new(spec.prefix.clone(), spec.clusters, spec.nodes);
+        lab_spec.leaf_lifetime = spec.leaf_lifetime;
+        let lab = Lab::up(lab_spec).with_context(|| format!("bring up lab {}", spec.prefix))?;
         let manifests = lab.state_dir().join("manifests");
         let logs = lab.state_dir().join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;

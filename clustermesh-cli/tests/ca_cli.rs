@@ -346,7 +346,14 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn help_explains_the_commands() {
     let out = ok(&["ca", "--help"]);
-    for want in ["init", "issue-cluster", "rotate", "retire", "federate"] {
+    for want in [
+        "init",
+        "issue-cluster",
+        "rotate",
+        "retire",
+        "federate",
+        "renew",
+    ] {
         assert!(out.contains(want), "{out}");
     }
     let out = ok(&["ca", "issue-cluster", "--help"]);
@@ -354,4 +361,115 @@ fn help_explains_the_commands() {
         out.contains("--san <DNS|IP>") && out.contains("remote-<cluster>"),
         "{out}"
     );
+    let out = ok(&["ca", "renew", "--help"]);
+    for want in [
+        "--within",
+        "--force",
+        "--lifetime",
+        "a third of their lifetime",
+        "without a restart",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+}
+
+/// `ca renew` as the chart's CronJob runs it: nothing due on a fresh directory, then forced and
+/// by margin; the keys stay, the certificates change, a directory without leaves is an error.
+#[test]
+fn renew_reissues_due_leaves_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    let west = tmp.path().join("west");
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.example",
+        "--out",
+        p(&ca),
+    ]);
+    ok(&[
+        "ca",
+        "issue-cluster",
+        "--ca",
+        p(&ca),
+        "--cluster",
+        "west",
+        "--id",
+        "2",
+        "--out",
+        p(&west),
+        "--days",
+        "90",
+    ]);
+    assert!(west.join("etcd-root.crt").exists() && !west.join("root.crt").exists());
+    let read = |f: &str| std::fs::read(west.join(f)).unwrap();
+    let (node_crt, node_key) = (read("node.crt"), read("node.key"));
+
+    // 90-day leaves are due 30 days before their end: nothing to do today.
+    let out = ok(&["ca", "renew", "--cluster-dir", p(&west)]);
+    assert!(
+        out.contains("0 of 6 leaves of cluster west renewed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kept    node ") && out.contains("due 20"),
+        "{out}"
+    );
+    assert_eq!(read("node.crt"), node_crt);
+
+    let out = ok(&["ca", "renew", "--cluster-dir", p(&west), "--within", "100d"]);
+    assert!(
+        out.contains("6 of 6 leaves of cluster west renewed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("renewed etcd-root") || out.contains("renewed root"),
+        "{out}"
+    );
+    assert_ne!(read("node.crt"), node_crt, "certificate re-issued");
+    assert_eq!(read("node.key"), node_key, "same key");
+    let inspected = ok(&["certs", "inspect", p(&west.join("node.crt"))]);
+    assert!(
+        inspected.contains("CN=node-west") && inspected.contains("valid, expires in 89 days"),
+        "{inspected}"
+    );
+
+    let out = ok(&[
+        "ca",
+        "renew",
+        "--cluster-dir",
+        p(&west),
+        "--force",
+        "--lifetime",
+        "10d",
+    ]);
+    assert!(out.contains("6 of 6 leaves"), "{out}");
+    let inspected = ok(&["certs", "inspect", p(&west.join("apiserver.crt"))]);
+    assert!(inspected.contains("expires in 9 days"), "{inspected}");
+
+    let err = fails(&[
+        "ca",
+        "renew",
+        "--cluster-dir",
+        p(&west),
+        "--force",
+        "--within",
+        "1d",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = fails(&["ca", "renew", "--cluster-dir", p(&tmp.path().join("nope"))]);
+    assert!(err.contains("nope"), "{err}");
+    let only = tmp.path().join("only-ca");
+    std::fs::create_dir(&only).unwrap();
+    for f in [
+        "cluster.json",
+        "ca-bundle.pem",
+        "intermediate.crt",
+        "intermediate.key",
+    ] {
+        std::fs::copy(west.join(f), only.join(f)).unwrap();
+    }
+    let err = fails(&["ca", "renew", "--cluster-dir", p(&only)]);
+    assert!(err.contains("holds no leaf certificate to renew"), "{err}");
 }

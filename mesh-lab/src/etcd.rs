@@ -108,6 +108,11 @@ fn issue_cluster(
     req.sans.push(mesh_certs::San::Ip(std::net::IpAddr::V4(
         c.control_plane.addr,
     )));
+    if let Some(l) = plan.leaf_lifetime {
+        req.validity.leaf = l
+            .try_into()
+            .map_err(|e| err(format!("leaf lifetime {l:?}: {e}")))?;
+    }
     for m in c
         .etcd
         .members

@@ -83,6 +83,9 @@ pub struct LabSpec {
     /// with `k > 1` members runs them all in its control-plane namespace, member `m` (1-based) on address `.1+m`
     /// (`.2`, `.3`, `.4`, ...), with peer TLS like the clients'. Default: [`ETCD_MEMBERS_ENV`], else empty.
     pub etcd_members: BTreeMap<usize, usize>,
+    /// Lifetime of every cluster's leaf certificates (default: `mesh_certs::Validity`'s, a year). A
+    /// renewal scenario issues minutes-long leaves and renews them while the lab runs.
+    pub leaf_lifetime: Option<Duration>,
 }
 
 impl LabSpec {
@@ -100,7 +103,14 @@ impl LabSpec {
             etcd_members: std::env::var(ETCD_MEMBERS_ENV)
                 .map(|v| parse_etcd_members(&v))
                 .unwrap_or_default(),
+            leaf_lifetime: None,
         }
+    }
+
+    /// Issues every cluster's leaf certificates with this lifetime (at least a minute).
+    pub fn leaf_lifetime(mut self, lifetime: Duration) -> Self {
+        self.leaf_lifetime = Some(lifetime);
+        self
     }
 
     /// Gives cluster `cluster` (1-based) an etcd of `members` members (odd, at most [`MAX_ETCD_MEMBERS`]).
@@ -129,6 +139,13 @@ impl LabSpec {
     /// Checks every rule; the error says which one failed.
     pub fn validate(&self) -> Result<()> {
         check_prefix(&self.prefix)?;
+        if let Some(l) = self.leaf_lifetime
+            && l < Duration::from_secs(60)
+        {
+            return Err(LabError::Spec(format!(
+                "leaf lifetime {l:?}: at least a minute (components must start before it ends)"
+            )));
+        }
         for (&c, &k) in &self.etcd_members {
             if c == 0 || c > self.clusters {
                 return Err(LabError::Spec(format!(
@@ -445,6 +462,9 @@ pub struct LabPlan {
     /// The lab's root CA directory (a `mesh_certs` CA dir), with TLS etcd.
     #[serde(default)]
     pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the clusters' leaf certificates when not the default ([`LabSpec::leaf_lifetime`]).
+    #[serde(default)]
+    pub leaf_lifetime: Option<Duration>,
     /// The clusters.
     pub clusters: Vec<ClusterInfo>,
 }
@@ -567,6 +587,7 @@ impl LabPlan {
             bpffs_dir,
             etcd_security: spec.etcd,
             ca_dir,
+            leaf_lifetime: spec.leaf_lifetime,
             clusters,
         })
     }

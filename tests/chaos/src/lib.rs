@@ -288,6 +288,8 @@ pub struct UpOptions {
     pub health_port: Option<u16>,
     /// KVStoreMesh: apiservers mirror their remotes, node-syncs read only their local etcd.
     pub kvstoremesh: bool,
+    /// Lifetime of the clusters' leaf certificates (default a year).
+    pub leaf_lifetime: Option<Duration>,
 }
 
 impl UpOptions {
@@ -303,6 +305,7 @@ impl UpOptions {
             cluster_service_annotations: BTreeMap::new(),
             health_port: None,
             kvstoremesh: false,
+            leaf_lifetime: None,
         }
     }
 
@@ -344,6 +347,7 @@ impl ChaosMesh {
         spec.cluster_service_annotations = opts.cluster_service_annotations.clone();
         spec.health_port = opts.health_port;
         spec.kvstoremesh = opts.kvstoremesh;
+        spec.leaf_lifetime = opts.leaf_lifetime;
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",

@@ -647,7 +647,62 @@ fn only_the_certgen_job_may_touch_secrets_and_only_in_its_namespace() {
             );
             continue;
         }
-        assert_eq!(roles.len(), 1, "{name}: one Role, the certgen Job's");
+        let renew_on = at(&r.values, &["certs", "job", "renew", "enabled"])
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let renew_name = format!("{RELEASE}-clustermesh-cert-renew");
+        let (renew_roles, roles): (Vec<&Value>, Vec<&Value>) = roles
+            .into_iter()
+            .partition(|r| str_at(r, &["metadata", "name"]) == Some(renew_name.as_str()));
+        assert_eq!(
+            roles.len(),
+            1,
+            "{name}: one Role besides the renewal's, the certgen Job's"
+        );
+        assert_eq!(
+            renew_roles.len(),
+            usize::from(renew_on),
+            "{name}: the renewal Role"
+        );
+        if let Some(rr) = renew_roles.first() {
+            // The renewal CronJob: get and update the two leaf Secrets, get the intermediate, by name.
+            let api = format!("{RELEASE}-clustermesh-apiserver-tls");
+            let ns = format!("{RELEASE}-clustermesh-node-sync-tls");
+            let inter = format!("{RELEASE}-clustermesh-intermediate");
+            for rule in seq_at(rr, &["rules"]) {
+                let names = strings(seq_at(rule, &["resourceNames"]));
+                let verbs = strings(seq_at(rule, &["verbs"]));
+                assert_eq!(strings(seq_at(rule, &["resources"])), ["secrets"]);
+                assert!(
+                    !names.is_empty(),
+                    "{name}: renewal rule without resourceNames"
+                );
+                if verbs.contains(&"update".to_owned()) {
+                    assert_eq!(names, [api.clone(), ns.clone()], "{name}");
+                    assert_eq!(verbs, ["get", "update"], "{name}");
+                } else {
+                    assert_eq!(names, [inter.clone()], "{name}");
+                    assert_eq!(verbs, ["get"], "{name}");
+                }
+            }
+            let cron = r.one("CronJob", "-cert-renew");
+            let sa = str_at(
+                cron,
+                &[
+                    "spec",
+                    "jobTemplate",
+                    "spec",
+                    "template",
+                    "spec",
+                    "serviceAccountName",
+                ],
+            );
+            assert_eq!(
+                sa,
+                Some(renew_name.as_str()),
+                "{name}: the CronJob's own account"
+            );
+        }
         let role = roles[0];
         assert_eq!(str_at(role, &["metadata", "namespace"]), Some(NAMESPACE));
         for (group, res, verb, _) in grants(role) {
@@ -680,8 +735,15 @@ fn only_the_certgen_job_may_touch_secrets_and_only_in_its_namespace() {
                 "{name}: the certgen ServiceAccount is the Job's own"
             );
         }
-        let bindings: Vec<&Value> = r.of_kind("RoleBinding").collect();
-        assert_eq!(bindings.len(), 1, "{name}: one RoleBinding");
+        let bindings: Vec<&Value> = r
+            .of_kind("RoleBinding")
+            .filter(|b| str_at(b, &["metadata", "name"]) != Some(renew_name.as_str()))
+            .collect();
+        assert_eq!(
+            bindings.len(),
+            1,
+            "{name}: one RoleBinding besides the renewal's"
+        );
         let subjects = seq_at(bindings[0], &["subjects"]);
         assert_eq!(subjects.len(), 1);
         assert_eq!(str_at(&subjects[0], &["name"]), Some(job_sa));
@@ -1294,7 +1356,14 @@ fn scripts_pass_bash_n_and_shellcheck() {
 fn scripts_embedded_in_the_chart_pass_shellcheck() {
     for r in Rendered::all() {
         let mut embedded = Vec::new();
-        for workload in r.of_kind("Job").chain(r.of_kind("DaemonSet")) {
+        let cron_pods = r
+            .of_kind("CronJob")
+            .filter_map(|c| at(c, &["spec", "jobTemplate"]));
+        for workload in r
+            .of_kind("Job")
+            .chain(r.of_kind("DaemonSet"))
+            .chain(cron_pods)
+        {
             let spec = at(workload, &["spec", "template", "spec"]).unwrap();
             for c in seq_at(spec, &["containers"])
                 .iter()
@@ -1778,6 +1847,7 @@ fn rendered_manifests_are_valid_kubernetes_objects() {
                 "Role" => roundtrip::<rbac::Role>(&json),
                 "RoleBinding" => roundtrip::<rbac::RoleBinding>(&json),
                 "Job" => roundtrip::<batch::Job>(&json),
+                "CronJob" => roundtrip::<batch::CronJob>(&json),
                 "PodDisruptionBudget" => roundtrip::<policy::PodDisruptionBudget>(&json),
                 // CRDs (cert-manager, Prometheus operator): checked by their own tests above.
                 "Certificate" | "Issuer" | "ServiceMonitor" => continue,
@@ -1796,7 +1866,8 @@ fn rendered_manifests_are_valid_kubernetes_objects() {
 // The certgen Job's script, run for real
 
 /// A loopback stand-in for the Kubernetes API's Secrets endpoints (the only ones the certgen Job
-/// calls): GET .../secrets/NAME (200 or 404) and POST .../secrets (201, or 409 when it exists).
+/// and the renewal CronJob call): GET .../secrets/NAME (200 or 404), POST .../secrets (201, or 409
+/// when it exists) and PUT .../secrets/NAME (200, or 404 when it does not exist).
 struct FakeSecretsApi {
     port: u16,
     state: std::sync::Arc<std::sync::Mutex<ApiState>>,
@@ -1881,6 +1952,22 @@ impl FakeSecretsApi {
                     }
                     Err(e) => (400, format!("{{\"message\":{:?}}}", e.to_string())),
                 },
+                ("PUT", Some(rest)) => {
+                    let name = rest.trim_start_matches('/').to_owned();
+                    match serde_json::from_slice::<serde_json::Value>(&body) {
+                        Ok(secret) if secret["metadata"]["name"] != name.as_str() => {
+                            (400, r#"{"message":"name in body differs"}"#.to_owned())
+                        }
+                        Ok(secret) => match st.secrets.get_mut(&name) {
+                            Some(old) => {
+                                *old = secret.clone();
+                                (200, secret.to_string())
+                            }
+                            None => (404, r#"{"kind":"Status","code":404}"#.to_owned()),
+                        },
+                        Err(e) => (400, format!("{{\"message\":{:?}}}", e.to_string())),
+                    }
+                }
                 _ => (404, "{}".to_owned()),
             }
         };
@@ -2059,9 +2146,15 @@ fn certgen_job_script_issues_and_stores_secrets_once_and_keeps_them() {
     let ca_name = format!("{RELEASE}-clustermesh-ca");
     let api_name = format!("{RELEASE}-clustermesh-apiserver-tls");
     let ns_name = format!("{RELEASE}-clustermesh-node-sync-tls");
+    let inter_name = format!("{RELEASE}-clustermesh-intermediate");
     assert_eq!(
         names,
-        BTreeSet::from([ca_name.as_str(), api_name.as_str(), ns_name.as_str()])
+        BTreeSet::from([
+            ca_name.as_str(),
+            api_name.as_str(),
+            ns_name.as_str(),
+            inter_name.as_str()
+        ])
     );
     for (name, dir, files) in [
         (
@@ -2084,6 +2177,11 @@ fn certgen_job_script_issues_and_stores_secrets_once_and_keeps_them() {
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),
+        ),
+        (
+            &inter_name,
+            issued.join("cluster"),
+            vec!["cluster.json", "intermediate.crt", "intermediate.key"],
         ),
     ] {
         let s = &st.secrets[name.as_str()];
@@ -2224,9 +2322,218 @@ fn certgen_job_script_issues_from_a_shared_ca_secret_without_making_a_new_ca() {
         names,
         BTreeSet::from([
             format!("{RELEASE}-clustermesh-apiserver-tls").as_str(),
-            format!("{RELEASE}-clustermesh-node-sync-tls").as_str()
+            format!("{RELEASE}-clustermesh-node-sync-tls").as_str(),
+            format!("{RELEASE}-clustermesh-intermediate").as_str()
         ]),
-        "the shared CA is not copied into a new Secret"
+        "the shared CA is not copied into a new Secret (the cluster's intermediate is kept for renewal)"
+    );
+}
+
+/// The renewal CronJob's script and container, from a render with `sets`.
+fn renew_cronjob(sets: &[&str]) -> (String, Vec<(String, String)>) {
+    let yaml = template_set(sets).expect("render");
+    let r = Rendered {
+        case: Case {
+            name: format!("{sets:?}"),
+            values_file: None,
+        },
+        values: Value::Null,
+        docs: parse_docs(&yaml),
+    };
+    let cron = r.one("CronJob", "-cert-renew");
+    let pod = at(cron, &["spec", "jobTemplate"]).unwrap();
+    let c = container(pod, "cert-renew");
+    // Every Secret the script reads is mounted where it reads it.
+    for (vol, path) in [
+        ("apiserver", "/etc/clustermesh/apiserver"),
+        ("node-sync", "/etc/clustermesh/node-sync"),
+        ("intermediate", "/etc/clustermesh/intermediate"),
+    ] {
+        let v = volume_mounted_at(pod, c, path);
+        assert_eq!(str_at(v, &["name"]), Some(vol));
+    }
+    let env = seq_at(c, &["env"])
+        .iter()
+        .map(|e| {
+            (
+                str_at(e, &["name"]).unwrap().to_owned(),
+                str_at(e, &["value"]).unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (strings(seq_at(c, &["args"])).join("\n"), env)
+}
+
+/// Run the renewal script against `api`, the Secrets mounted from `mounts`, with the real CLI.
+fn run_renew(script: &str, env: &[(String, String)], api: &FakeSecretsApi, work: &Path) -> Output {
+    let sa = work.join("sa");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), "renew-token").unwrap();
+    std::fs::write(sa.join("ca.crt"), "unused over plain http").unwrap();
+    std::fs::write(sa.join("namespace"), NAMESPACE).unwrap();
+    let script = script
+        .replace(
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            sa.to_str().unwrap(),
+        )
+        .replace("api=\"https://", "api=\"http://")
+        .replace("/etc/clustermesh", work.join("mounts").to_str().unwrap());
+    let bin = clustermesh_cli::labmesh::default_bin_dir();
+    assert!(
+        bin.join("clustermesh").is_file(),
+        "{} missing: build the workspace's binaries first (cargo build --bins)",
+        bin.join("clustermesh").display()
+    );
+    let tmp = work.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", &script])
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
+        )
+        .env("TMPDIR", &tmp)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", api.port.to_string());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(cmd)
+}
+
+#[test]
+fn cert_renew_cronjob_re_signs_due_leaves_and_updates_the_secrets_in_place() {
+    use base64::Engine as _;
+    let work = Scratch::new("cert-renew");
+    let api = FakeSecretsApi::start();
+    // What the certgen Job stored: a real cluster directory split into the chart's three Secrets.
+    let td = mesh_certs::TrustDomain::new("clustermesh.local").unwrap();
+    let root = mesh_certs::RootCa::init(&work.0.join("ca"), &td, &Default::default()).unwrap();
+    let cdir = work.0.join("cluster");
+    root.issue_cluster(&mesh_certs::ClusterRequest::new("cluster1", 1, &cdir).unwrap())
+        .unwrap();
+    let api_name = format!("{RELEASE}-clustermesh-apiserver-tls");
+    let ns_name = format!("{RELEASE}-clustermesh-node-sync-tls");
+    let inter_name = format!("{RELEASE}-clustermesh-intermediate");
+    let layout: Vec<(&str, &str, Vec<String>)> = vec![
+        (&api_name, "apiserver", tls_files("apiserver", true)),
+        (&ns_name, "node-sync", tls_files("nodeSync", false)),
+        (
+            &inter_name,
+            "intermediate",
+            ["cluster.json", "intermediate.crt", "intermediate.key"]
+                .map(String::from)
+                .to_vec(),
+        ),
+    ];
+    let file_of = |key: &str| match key {
+        "root.crt" => "etcd-root.crt".to_owned(),
+        "root.key" => "etcd-root.key".to_owned(),
+        k => k.to_owned(),
+    };
+    for (name, mount, keys) in &layout {
+        let dir = work.0.join("mounts").join(mount);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut data = serde_json::Map::new();
+        for k in keys {
+            let bytes = std::fs::read(cdir.join(file_of(k))).unwrap();
+            std::fs::write(dir.join(k), &bytes).unwrap();
+            data.insert(
+                k.clone(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(&bytes)
+                    .into(),
+            );
+        }
+        api.state.lock().unwrap().secrets.insert(
+            name.to_string(),
+            serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}),
+        );
+    }
+    let puts = |api: &FakeSecretsApi| {
+        api.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.0 == "PUT")
+            .map(|r| r.1.clone())
+            .collect::<Vec<_>>()
+    };
+
+    // Year-long leaves, just issued: nothing is due, nothing is written.
+    let (script, env) = renew_cronjob(&[]);
+    let out = run_renew(&script, &env, &api, &work.0);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    assert_eq!(
+        stdout.matches("nothing due in Secret").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(puts(&api).is_empty(), "{:?}", puts(&api));
+
+    // With a margin longer than the lifetime: every leaf of both Secrets is re-signed, keys kept.
+    let (script, env) = renew_cronjob(&["certs.job.renew.within=400d"]);
+    assert!(env.contains(&("RENEW_WITHIN".to_owned(), "400d".to_owned())));
+    let out = run_renew(&script, &env, &api, &work.0);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    assert_eq!(
+        puts(&api),
+        [
+            format!("/api/v1/namespaces/{NAMESPACE}/secrets/{api_name}"),
+            format!("/api/v1/namespaces/{NAMESPACE}/secrets/{ns_name}")
+        ]
+    );
+    let st = api.state.lock().unwrap();
+    let check = work.0.join("check");
+    std::fs::create_dir_all(&check).unwrap();
+    for (name, mount, keys) in &layout[..2] {
+        let s = &st.secrets[*name];
+        assert_eq!(
+            s["metadata"]["labels"]["clustermesh.io/cluster-name"], "cluster1",
+            "{name}"
+        );
+        let got: BTreeSet<String> = s["data"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(got, keys.iter().cloned().collect(), "{name}: same keys");
+        for k in keys {
+            let before = std::fs::read(work.0.join("mounts").join(mount).join(k)).unwrap();
+            let after = secret_file(s, k);
+            if k.ends_with(".crt") {
+                assert_ne!(before, after, "{name}/{k} re-signed");
+                std::fs::write(check.join(k), &after).unwrap();
+            } else {
+                assert_eq!(before, after, "{name}/{k} unchanged");
+                std::fs::write(check.join(k), &after).unwrap();
+            }
+        }
+        for k in keys.iter().filter(|k| k.ends_with(".crt")) {
+            let key = check.join(k.replace(".crt", ".key"));
+            mesh_certs::files::KeyedChain::load(&check.join(k), &key)
+                .unwrap_or_else(|e| panic!("{name}/{k} with its key: {e}"));
+        }
+    }
+    let root_user = mesh_certs::CertInfo::from_pem_file(&check.join("root.crt")).unwrap();
+    assert_eq!(root_user[0].common_name.as_deref(), Some("root"));
+    assert!(
+        st.requests
+            .iter()
+            .all(|(_, _, auth)| auth == "Bearer renew-token"),
+        "{:?}",
+        st.requests
+    );
+    drop(st);
+
+    // A release that predates renewal: no intermediate Secret. The job fails and says what to do.
+    std::fs::remove_dir_all(work.0.join("mounts").join("intermediate")).unwrap();
+    let out = run_renew(&script, &env, &api, &work.0);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("Secret {NAMESPACE}/{inter_name} is missing")),
+        "{}",
+        stderr(&out)
     );
 }
 

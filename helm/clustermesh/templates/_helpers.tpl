@@ -89,6 +89,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{- define "clustermesh.secret.intermediate" -}}
+{{- include "clustermesh.fullname" . }}-intermediate
+{{- end -}}
+
+{{- define "clustermesh.certRenew.fullname" -}}{{ include "clustermesh.fullname" . }}-cert-renew{{- end -}}
+
 {{- define "clustermesh.secret.ca" -}}
 {{- .Values.certs.job.caSecret | default (printf "%s-ca" (include "clustermesh.fullname" .)) -}}
 {{- end -}}

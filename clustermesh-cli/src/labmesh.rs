@@ -681,13 +681,27 @@ impl LabMesh {
     }
 
     /// Wait until a connection from node `n` of cluster `c` to the service lands on a backend whose
-    /// name satisfies `pred`, several times in a row.
+    /// name satisfies `pred`, several times in a row (all traffic goes there).
     pub fn wait_for_landing(
         &self,
         c: usize,
         n: usize,
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        self.wait_for_landings(c, n, timeout, pred, 5)
+    }
+
+    /// Wait until `in_a_row` connections in a row from node `n` of cluster `c` land on backends
+    /// whose names satisfy `pred` (1: some traffic goes there, as with affinity none, where
+    /// every backend of the mesh takes a share).
+    pub fn wait_for_landings(
+        &self,
+        c: usize,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+        in_a_row: usize,
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut streak = 0;
@@ -708,16 +722,18 @@ impl LabMesh {
             let text = String::from_utf8_lossy(&out.stdout);
             for line in text.lines() {
                 match serde_json::from_str::<ProbeSample>(line) {
-                    Ok(s) if s.ok && s.backend.as_deref().is_some_and(&pred) => streak += 1,
+                    Ok(s) if s.ok && s.backend.as_deref().is_some_and(&pred) => {
+                        streak += 1;
+                        if streak >= in_a_row.max(1) {
+                            return Ok(());
+                        }
+                    }
                     Ok(s) => {
                         streak = 0;
                         last = s.backend.or(s.error).unwrap_or_default();
                     }
                     Err(_) => {}
                 }
-            }
-            if streak >= 5 {
-                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -72,6 +72,33 @@ impl TrustBundle {
         }
     }
 
+    /// Add the CAs of another mesh's bundle (federation), except those claiming our own trust
+    /// domain `own` (SPIFFE id `spiffe://<own>/...`) that we do not hold already: a foreign mesh
+    /// cannot speak for this trust domain (the identity checks rely on it), and a root of ours it
+    /// still holds after we retired it must not come back. Returns the fingerprints skipped.
+    pub fn merge_foreign(
+        &mut self,
+        other: &TrustBundle,
+        own: &crate::spiffe::TrustDomain,
+    ) -> Vec<Fingerprint> {
+        let mut skipped = Vec::new();
+        for c in &other.certs {
+            if self.certs.contains(c) {
+                continue;
+            }
+            let claims_own = CertInfo::from_der(Path::new("<bundle>"), c)
+                .ok()
+                .and_then(|i| i.spiffe_id)
+                .is_some_and(|id| id.trust_domain == *own);
+            if claims_own {
+                skipped.push(Fingerprint::of(c));
+            } else {
+                self.push(c.clone());
+            }
+        }
+        skipped
+    }
+
     /// Remove the CA with this fingerprint; true when one was removed.
     pub fn remove(&mut self, fp: &Fingerprint) -> bool {
         let before = self.certs.len();
@@ -163,9 +190,16 @@ impl TrustBundle {
     }
 }
 
-fn explain_verify_error(e: &rustls::Error) -> String {
+pub(crate) fn explain_verify_error(e: &rustls::Error) -> String {
     use rustls::CertificateError as C;
     match e {
+        rustls::Error::InvalidCertificate(C::Other(o))
+            if format!("{o:?}").contains("NameConstraintViolation") =>
+        {
+            "it carries a name outside the name constraints of the intermediate that signed it \
+             (an intermediate vouches only for its own cluster's names; name constraint violation)"
+                .to_owned()
+        }
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
             "it was not issued by a CA in the bundle (foreign CA, retired root, or missing intermediate)".to_owned()
         }

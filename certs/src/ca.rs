@@ -7,8 +7,8 @@ use std::str::FromStr;
 
 use mesh_model::{ClusterId, ClusterName};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -101,6 +101,65 @@ impl San {
             })?),
         })
     }
+}
+
+/// The SANs of a server leaf (`role` is `etcd-server` or `apiserver`): the defaults, the role's CN,
+/// the apiserver's in-cluster names, then `extra`.
+pub fn server_sans(role: Role, cluster: &ClusterName, extra: &[San]) -> Vec<San> {
+    let mut sans = default_server_sans();
+    sans.push(San::Dns(role.common_name(cluster)));
+    if role == Role::Apiserver {
+        sans.push(San::Dns("clustermesh-apiserver".to_owned()));
+        sans.push(San::Dns("clustermesh-apiserver.kube-system.svc".to_owned()));
+    }
+    for s in extra {
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+    sans
+}
+
+/// The DNS subtrees a cluster's intermediate permits: every DNS name of its server leaves
+/// (a wildcard `*.d` permits `d` and below).
+pub fn permitted_dns(cluster: &ClusterName, extra: &[San]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for role in [Role::EtcdServer, Role::Apiserver] {
+        for s in server_sans(role, cluster, extra) {
+            if let San::Dns(d) = s {
+                let d = d.strip_prefix("*.").unwrap_or(&d).to_ascii_lowercase();
+                if !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The permitted DNS subtrees of a CA certificate's name constraints; `None` without constraints.
+pub fn permitted_dns_of(der: &CertificateDer<'_>) -> Option<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let nc = cert.name_constraints().ok()??;
+    let permitted = nc.value.permitted_subtrees.as_ref()?;
+    Some(
+        permitted
+            .iter()
+            .filter_map(|s| match &s.base {
+                GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Whether DNS name `name` lies in the subtree `base` (RFC 5280: `base` itself or below it).
+fn dns_within(name: &str, base: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let name = name.strip_prefix("*.").unwrap_or(&name);
+    let base = base.trim_start_matches('.');
+    name == base || name.ends_with(&format!(".{base}"))
 }
 
 /// The SANs every server certificate gets: `localhost`, `127.0.0.1`, `::1`.
@@ -294,6 +353,18 @@ impl RootCa {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
+        // The intermediate may only vouch for its own cluster's server names (etcd's Go verifier
+        // and rustls-webpki enforce DNS constraints; URI constraints cannot express a SPIFFE path
+        // and webpki rejects them, so the cluster of a SPIFFE id is checked in code instead:
+        // `tls::check_cluster_identity`). IP addresses stay unconstrained (etcd members, node
+        // ports and load balancers get addresses after the cluster is issued).
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: permitted_dns(cluster, &req.sans)
+                .into_iter()
+                .map(GeneralSubtree::DnsName)
+                .collect(),
+            excluded_subtrees: Vec::new(),
+        });
         let key = KeyPair::generate().map_err(|e| issue_err("intermediate key", e))?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
             .map_err(|e| issue_err("root issuer", e))?;
@@ -701,20 +772,12 @@ impl ClusterDir {
         let not_after = opts
             .not_after
             .unwrap_or((now + opts.validity).min(inter_end));
-        let mut sans = Vec::new();
-        if role.is_server() {
-            sans = default_server_sans();
-            sans.push(San::Dns(role.common_name(cluster)));
-            if role == Role::Apiserver {
-                sans.push(San::Dns("clustermesh-apiserver".to_owned()));
-                sans.push(San::Dns("clustermesh-apiserver.kube-system.svc".to_owned()));
-            }
-            for s in &opts.extra_sans {
-                if !sans.contains(s) {
-                    sans.push(s.clone());
-                }
-            }
-        }
+        let sans = if role.is_server() {
+            server_sans(role, cluster, &opts.extra_sans)
+        } else {
+            Vec::new()
+        };
+        self.check_name_constraints(role, &sans)?;
         let key = KeyPair::generate().map_err(|e| issue_err("leaf key", e))?;
         let chain_pem = self.sign_leaf(
             role,
@@ -738,6 +801,30 @@ impl ClusterDir {
             }
         }
         Ok(paths)
+    }
+
+    /// Refuse DNS names the intermediate's name constraints do not permit (a certificate carrying
+    /// one would be refused by every verifier; better said now, naming the name).
+    pub(crate) fn check_name_constraints(&self, role: Role, sans: &[San]) -> Result<()> {
+        let path = self.cert(Role::Intermediate);
+        let chain = files::load_certs(&path)?;
+        let Some(permitted) = permitted_dns_of(&chain[0]) else {
+            return Ok(());
+        };
+        for s in sans {
+            if let San::Dns(name) = s
+                && !permitted.iter().any(|p| dns_within(name, p))
+            {
+                return Err(Error::OutsideNameConstraints {
+                    role: role.to_string(),
+                    cluster: self.info.name.to_string(),
+                    name: name.clone(),
+                    intermediate: path,
+                    permitted: permitted.join(", "),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Facts of the cluster's intermediate CA certificate.

@@ -142,6 +142,23 @@ pub enum Error {
         /// The rule that was about to be broken.
         detail: String,
     },
+    /// A leaf would carry a DNS name its intermediate's name constraints do not permit.
+    #[error(
+        "{role} certificate of cluster {cluster}: the DNS name {name:?} is outside the name constraints of the cluster's intermediate {} (it permits {permitted}); re-issue the cluster with --san {name} to add it",
+        intermediate.display()
+    )]
+    OutsideNameConstraints {
+        /// The leaf's role.
+        role: String,
+        /// The cluster.
+        cluster: String,
+        /// The name.
+        name: String,
+        /// The intermediate certificate file.
+        intermediate: PathBuf,
+        /// The permitted DNS subtrees.
+        permitted: String,
+    },
     /// rcgen failed to issue a certificate.
     #[error("issuing {what}: {source}")]
     Issue {

@@ -805,18 +805,18 @@ fn diagnose_own_cert(files: &TlsFiles, id: &CertKeyPaths) -> String {
             .build()
             .ok()
         })
-        .map(|v| {
-            v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-                .is_ok()
-        });
+        .map(|v| v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()));
     match chains_locally {
-        Some(false) => format!(
+        Some(Err(e @ rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)))) => {
+            format!(": {}", crate::bundle::explain_verify_error(&e))
+        }
+        Some(Err(_)) => format!(
             ": it was issued by {:?}, which does not chain to our own CA bundle {} either: \
              it comes from a foreign CA or from a retired root",
             info.issuer,
             files.ca_bundle.display()
         ),
-        Some(true) => format!(
+        Some(Ok(_)) => format!(
             ": it chains to our bundle {}, so the server's --trusted-ca-file lacks its root \
              (retired after a rotation, or etcd not restarted since the bundle changed)",
             files.ca_bundle.display()

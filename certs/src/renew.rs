@@ -102,6 +102,7 @@ impl ClusterDir {
             } else {
                 Vec::new()
             };
+            self.check_name_constraints(role, &sans)?;
             let not_after = (now + life).min(inter.not_after);
             let chain_pem = self.sign_leaf(role, now - BACKDATE, not_after, &sans, &key)?;
             files::write_atomic_like(&paths.cert, chain_pem.as_bytes())?;

@@ -399,3 +399,90 @@ pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
         .ok()?
         .spiffe_id
 }
+
+// ---------------------------------------------------------------------------------------------
+// Authorization by identity
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a verified peer chain speaks for `role` of `cluster` in this mesh: its leaf carries
+/// the SPIFFE id `spiffe://<td>/cluster/<cluster>/<role>`, and the intermediate that signed it
+/// (found by verifying the chain again, against only the roots of trust domain `td` in `bundle`)
+/// is `cluster`'s own, `spiffe://<td>/cluster/<cluster>/intermediate`.
+///
+/// A common name alone is not enough: any intermediate chaining to a trusted root (another
+/// cluster's, or a federated mesh's) can write `CN=admin-c1` and any SPIFFE id into a leaf. Only
+/// the root signs intermediates and intermediates cannot sign CAs (path length 0), so the
+/// verified path's intermediate is the cluster the leaf really belongs to. The error says why, in
+/// words an operator can act on.
+pub fn check_cluster_identity(
+    chain: &[CertificateDer<'_>],
+    bundle: &Path,
+    td: &crate::spiffe::TrustDomain,
+    cluster: &mesh_model::ClusterName,
+    role: crate::spiffe::Role,
+) -> std::result::Result<(), String> {
+    let peer = Path::new("<peer certificate>");
+    let leaf = chain.first().ok_or("no client certificate")?;
+    let info = CertInfo::from_der(peer, leaf).map_err(|e| e.to_string())?;
+    let want = SpiffeId::for_cluster(td, cluster, role);
+    match &info.spiffe_id {
+        Some(id) if *id == want => {}
+        Some(id) => return Err(format!("its SPIFFE id is {id}, not {want}")),
+        None => return Err(format!("it carries no SPIFFE id (want {want})")),
+    }
+    let root_id = SpiffeId::for_root_ca(td);
+    let own: Vec<CertificateDer<'static>> = TrustBundle::load(bundle)
+        .map_err(|e| e.to_string())?
+        .certs()
+        .iter()
+        .filter(|c| {
+            CertInfo::from_der(bundle, c)
+                .ok()
+                .and_then(|i| i.spiffe_id)
+                .is_some_and(|id| id == root_id)
+        })
+        .cloned()
+        .collect();
+    if own.is_empty() {
+        return Err(format!(
+            "{} holds no root of trust domain {td}",
+            bundle.display()
+        ));
+    }
+    let anchors = own
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("a root of {}: {e:?}", bundle.display()))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
+    let path = ee
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &anchors,
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            format!("it does not chain to a root of trust domain {td} ({e:?}): it was issued outside this mesh")
+        })?;
+    let issuer = path
+        .intermediate_certificates()
+        .next()
+        .ok_or("it is signed by a root directly, not by a cluster's intermediate")?;
+    let issuer_info = CertInfo::from_der(peer, &issuer.der()).map_err(|e| e.to_string())?;
+    let want_issuer = SpiffeId::for_cluster(td, cluster, crate::spiffe::Role::Intermediate);
+    if issuer_info.spiffe_id.as_ref() != Some(&want_issuer) {
+        let by = issuer_info
+            .spiffe_id
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| "no SPIFFE id".to_owned());
+        return Err(format!(
+            "it is signed by {} ({by}), not by cluster {cluster}'s intermediate",
+            issuer_info.subject
+        ));
+    }
+    Ok(())
+}

@@ -92,3 +92,25 @@ async fn federated_meshes_trust_each_other_after_bundle_exchange() {
         .expect_err("federated remote writes");
     assert!(e.to_string().contains("permission denied"), "{e}");
 }
+
+/// A federated mesh's bundle may not speak for our trust domain: a root in it that claims our
+/// trust domain (and is not one we hold) is skipped by the merge, its genuine roots are added.
+#[test]
+fn a_foreign_bundle_cannot_add_a_root_of_our_trust_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = init_ca(&tmp.path().join("ours"), "a.test");
+    let theirs = init_ca(&tmp.path().join("theirs"), "b.test");
+    let impostor = init_ca(&tmp.path().join("impostor"), "a.test");
+    let mut foreign = TrustBundle::load(&theirs.dir().bundle()).unwrap();
+    foreign.merge(&TrustBundle::load(&impostor.dir().bundle()).unwrap());
+    // Ours as the foreign mesh holds it after an earlier exchange: already present, not skipped.
+    foreign.merge(&TrustBundle::load(&ours.dir().bundle()).unwrap());
+    let mut bundle = TrustBundle::load(&ours.dir().bundle()).unwrap();
+    let td = mesh_certs::TrustDomain::new("a.test").unwrap();
+    let skipped = bundle.merge_foreign(&foreign, &td);
+    assert_eq!(skipped, vec![impostor.fingerprint()]);
+    assert_eq!(
+        bundle.fingerprints(),
+        vec![ours.fingerprint(), theirs.fingerprint()]
+    );
+}

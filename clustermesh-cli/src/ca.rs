@@ -224,23 +224,17 @@ fn renew(a: RenewArgs) -> Result<()> {
     }
     let renewed = done.iter().filter(|r| r.renewed).count();
     for r in &done {
-        if r.renewed {
-            println!(
-                "renewed {:<12} {}  valid until {} (was {})",
-                r.role.as_str(),
-                r.cert.display(),
-                date(r.not_after),
-                date(r.was_not_after)
-            );
+        let (verb, then) = if r.renewed {
+            ("renewed", format!("(was {})", date(r.was_not_after)))
         } else {
-            println!(
-                "kept    {:<12} {}  valid until {}, due {}",
-                r.role.as_str(),
-                r.cert.display(),
-                date(r.not_after),
-                date(r.due_at)
-            );
-        }
+            ("kept   ", format!("due {}", date(r.due_at)))
+        };
+        println!(
+            "{verb} {:<12} {}  valid until {} {then}",
+            r.role.as_str(),
+            r.cert.display(),
+            date(r.not_after),
+        );
     }
     println!(
         "{renewed} of {} leaves of cluster {} renewed",
@@ -423,7 +417,14 @@ fn federate(a: FederateArgs) -> Result<()> {
     let path = ca.dir().bundle();
     let mut bundle = TrustBundle::load(&path)?;
     let before = bundle.certs().len();
-    bundle.merge(&peer);
+    let own = ca.trust_domain().clone();
+    for fp in bundle.merge_foreign(&peer, &own) {
+        eprintln!(
+            "warning: skipped CA {} of {}: it claims this mesh's trust domain {own} but is not one of its roots",
+            fp.short(),
+            a.peer_bundle.display()
+        );
+    }
     bundle.save(&path)?;
     println!(
         "Added {} CA(s) from {} to the trust bundle",

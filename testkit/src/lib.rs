@@ -5,7 +5,9 @@
 //!   killed and restarted on the same ports (with or without its data);
 //! - [`tls_etcd`]: a real etcd with mutual TLS for a cluster's certificate directory, started
 //!   as production starts it ([`mesh_certs::etcd::EtcdSpec`]);
-//! - [`http_get`]: one HTTP/1.0 GET on loopback, for status endpoints.
+//! - [`http_get`]: one HTTP/1.0 GET on loopback, for status endpoints;
+//! - [`mint_leaf`]: a leaf signed with a cluster's intermediate key directly, past every check of
+//!   `mesh_certs` (what whoever holds that key can do), for tests of what verifiers refuse.
 //!
 //! A missing etcd binary fails the test with the package to install; nothing here skips.
 
@@ -214,4 +216,67 @@ mod tests {
         );
         assert_eq!(http_get(free_port(), "/").await, None);
     }
+}
+
+/// What [`mint_leaf`] puts into a certificate.
+#[derive(Debug, Clone, Default)]
+pub struct Minted<'a> {
+    /// Subject common name.
+    pub cn: &'a str,
+    /// URI SAN (a SPIFFE id), if any.
+    pub spiffe: Option<&'a str>,
+    /// DNS SANs.
+    pub dns: &'a [&'a str],
+    /// IP SANs.
+    pub ips: &'a [std::net::IpAddr],
+    /// A server certificate (serverAuth and clientAuth) rather than a client one.
+    pub server: bool,
+}
+
+/// Sign a leaf with the intermediate of `signer` (its key file) directly with rcgen, past every
+/// check of `mesh_certs` (name constraints, roles): what whoever holds that intermediate key can
+/// do. Writes `<out>.crt` (leaf, then the intermediate) and `<out>.key`.
+pub fn mint_leaf(signer: &ClusterDir, what: &Minted<'_>, out: &Path) -> mesh_certs::CertKeyPaths {
+    use mesh_certs::Role;
+    use rcgen::{
+        CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
+    let inter = std::fs::read_to_string(signer.cert(Role::Intermediate)).expect("intermediate");
+    let inter_key =
+        KeyPair::from_pem(&std::fs::read_to_string(signer.key(Role::Intermediate)).unwrap())
+            .expect("intermediate key");
+    let issuer = Issuer::from_ca_cert_pem(&inter, inter_key).expect("issuer");
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, what.cn);
+    if let Some(id) = what.spiffe {
+        p.subject_alt_names
+            .push(SanType::URI(id.try_into().expect("URI")));
+    }
+    for d in what.dns {
+        p.subject_alt_names
+            .push(SanType::DnsName((*d).try_into().expect("DNS name")));
+    }
+    for ip in what.ips {
+        p.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = if what.server {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    let key = KeyPair::generate().expect("key");
+    let cert = p.signed_by(&key, &issuer).expect("sign");
+    let paths = mesh_certs::CertKeyPaths {
+        cert: out.with_extension("crt"),
+        key: out.with_extension("key"),
+    };
+    std::fs::write(&paths.cert, format!("{}{inter}", cert.pem())).unwrap();
+    std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+    paths
 }

@@ -123,6 +123,10 @@ impl MeshControl for EtcdMeshControl {
         &self.config.name
     }
 
+    fn cluster_dir(&self) -> &ClusterDir {
+        &self.dir
+    }
+
     async fn cluster_info(&self) -> Result<ClusterInfo, ApiError> {
         let bundle = std::fs::read_to_string(self.dir.ca_bundle()).map_err(|e| {
             ApiError::Unavailable(format!("read {}: {e}", self.dir.ca_bundle().display()))
@@ -283,7 +287,15 @@ impl MeshControl for EtcdMeshControl {
         let mut bundle =
             TrustBundle::load(&path).map_err(|e| ApiError::Unavailable(e.to_string()))?;
         let before = bundle.fingerprints();
-        bundle.merge(&incoming);
+        let own = mesh_certs::TrustDomain::new(&self.dir.info.trust_domain)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        for fp in bundle.merge_foreign(&incoming, &own) {
+            tracing::warn!(
+                fingerprint = %fp,
+                trust_domain = %own,
+                "AddTrustBundle: skipped a root that claims this mesh's trust domain but is not one of ours"
+            );
+        }
         let after = bundle.fingerprints();
         let changed = before != after;
         if changed {

@@ -55,6 +55,9 @@ impl From<ApiError> for tonic::Status {
 pub trait MeshControl: Send + Sync + 'static {
     /// This cluster's name (mutating calls need the certificate `admin-<name>`).
     fn cluster_name(&self) -> &ClusterName;
+    /// This cluster's certificate directory: its trust domain and bundle decide who speaks for
+    /// the cluster (`mesh_certs::tls::check_cluster_identity`).
+    fn cluster_dir(&self) -> &mesh_certs::ClusterDir;
     /// Who this cluster is.
     async fn cluster_info(&self) -> Result<pb::ClusterInfo, ApiError>;
     /// The mesh as this cluster sees it.

@@ -53,7 +53,26 @@ impl<C: MeshControl> MeshService<C> {
         })?;
         let cn = certs.first().and_then(|c| common_name(c.as_ref()));
         match cn {
-            Some(cn) if cn == want => Ok(()),
+            Some(cn) if cn == want => {
+                // The CN names the etcd user; who may act for the cluster is decided by identity:
+                // the SPIFFE id and the intermediate the chain really goes through.
+                let dir = self.control.cluster_dir();
+                let td = mesh_certs::TrustDomain::new(&dir.info.trust_domain)
+                    .map_err(|e| Status::internal(format!("trust domain: {e}")))?;
+                mesh_certs::tls::check_cluster_identity(
+                    &certs,
+                    &dir.ca_bundle(),
+                    &td,
+                    self.control.cluster_name(),
+                    mesh_certs::Role::Admin,
+                )
+                .map_err(|why| {
+                    warn!(call = what, cn = %cn, %why, "refused a client certificate that names our admin but is not");
+                    Status::permission_denied(format!(
+                        "{what}: the client certificate says {want:?} but {why}; only {want:?} issued by this cluster's intermediate may change its registrations"
+                    ))
+                })
+            }
             Some(cn) => Err(Status::permission_denied(format!(
                 "{what}: the client certificate is {cn:?}; only {want:?} may change this cluster's registrations"
             ))),

@@ -129,6 +129,56 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
         Code::PermissionDenied
     );
 
+    // Names are not identities: a certificate that says CN=admin-c1 and carries c1's admin SPIFFE
+    // id but was signed by c2's intermediate (whoever holds c2's key can mint it), or by the root
+    // of a federated mesh, is refused, and the message says what it really is.
+    let forged = |signer: &ClusterDir, name: &str| {
+        mesh_testkit::mint_leaf(
+            signer,
+            &mesh_testkit::Minted {
+                cn: "admin-c1",
+                spiffe: Some("spiffe://grpc.test/cluster/c1/admin"),
+                ..Default::default()
+            },
+            &tmp.path().join(name),
+        )
+    };
+    let by_c2 = forged(&c2, "admin-c1-by-c2");
+    let other_mesh = RootCa::init(
+        &tmp.path().join("other-ca"),
+        &TrustDomain::new("other.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let other_c1 = issue(&other_mesh, "c1", 1, &tmp.path().join("other-c1"));
+    let mut bundle = mesh_certs::TrustBundle::load(&c1.ca_bundle()).unwrap();
+    bundle.merge(&mesh_certs::TrustBundle::load(&other_c1.ca_bundle()).unwrap());
+    bundle.save(&c1.ca_bundle()).unwrap(); // federation: c1 now trusts the other mesh's root
+    let by_federated = forged(&other_c1, "admin-c1-by-other-mesh");
+    for (id, why) in [
+        (by_c2, "signed by CN=clustermesh intermediate CA c2"),
+        (
+            by_federated,
+            "does not chain to a root of trust domain grpc.test",
+        ),
+    ] {
+        let ch = clustermesh_api::client::channel(
+            addr,
+            &mesh_certs::TlsFiles {
+                ca_bundle: c1.ca_bundle(),
+                identity: Some(id),
+            },
+        )
+        .await
+        .unwrap();
+        let err = clustermesh_api::pb::cluster_mesh_client::ClusterMeshClient::new(ch)
+            .register_remote(reg.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+        assert!(err.message().contains(why), "{why}: {}", err.message());
+    }
+
     let mut admin = clustermesh_api::client::connect(addr, &c1, Role::Admin)
         .await
         .unwrap();

@@ -681,7 +681,7 @@ fn only_the_certgen_job_may_touch_secrets_and_only_in_its_namespace() {
                     assert_eq!(names, [api.clone(), ns.clone()], "{name}");
                     assert_eq!(verbs, ["get", "update"], "{name}");
                 } else {
-                    assert_eq!(names, [inter.clone()], "{name}");
+                    assert_eq!(names, std::slice::from_ref(&inter), "{name}");
                     assert_eq!(verbs, ["get"], "{name}");
                 }
             }
@@ -2002,6 +2002,40 @@ impl Drop for Scratch {
 /// Run the certgen container's script from `rendered` against `api`, with a `clustermesh` on PATH
 /// that hands out certificates issued beforehand by mesh-certs (the library behind `clustermesh ca`)
 /// and logs its arguments.
+/// A chart script as it would run in its pod, on this machine: the ServiceAccount files (token
+/// `token`) under `work/sa`, the script's paths pointed there, its API calls over plain HTTP.
+fn in_fake_pod(script: &str, work: &Path, token: &str) -> String {
+    let sa = work.join("sa");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), token).unwrap();
+    std::fs::write(sa.join("ca.crt"), "unused over plain http").unwrap();
+    std::fs::write(sa.join("namespace"), NAMESPACE).unwrap();
+    script
+        .replace(
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            sa.to_str().unwrap(),
+        )
+        .replace("api=\"https://", "api=\"http://")
+}
+
+/// `bash -euo pipefail -c script` with nothing of our environment but `bin` first in PATH, a
+/// TMPDIR under `work` and the API server at `api`.
+fn script_command(script: &str, bin: &Path, work: &Path, api: &FakeSecretsApi) -> Command {
+    let tmp = work.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-euo", "pipefail", "-c", script])
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
+        )
+        .env("TMPDIR", &tmp)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", api.port.to_string());
+    cmd
+}
+
 fn run_certgen(
     rendered: &Rendered,
     api: &FakeSecretsApi,
@@ -2014,18 +2048,11 @@ fn run_certgen(
         strings(seq_at(c, &["command"])),
         ["/bin/bash", "-euo", "pipefail", "-c"]
     );
-    let mut script = strings(seq_at(c, &["args"])).join("\n");
-    let sa = work.join("sa");
-    std::fs::create_dir_all(&sa).unwrap();
-    std::fs::write(sa.join("token"), "test-token").unwrap();
-    std::fs::write(sa.join("ca.crt"), "unused over plain http").unwrap();
-    std::fs::write(sa.join("namespace"), NAMESPACE).unwrap();
-    script = script
-        .replace(
-            "/var/run/secrets/kubernetes.io/serviceaccount",
-            sa.to_str().unwrap(),
-        )
-        .replace("api=\"https://", "api=\"http://");
+    let mut script = in_fake_pod(
+        &strings(seq_at(c, &["args"])).join("\n"),
+        work,
+        "test-token",
+    );
     if let Some(m) = ca_mount {
         script = script.replace("/etc/clustermesh/ca", m.to_str().unwrap());
     }
@@ -2063,20 +2090,8 @@ esac
         std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let log = work.join("cli.log");
-    let tmp = work.join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mut cmd = Command::new("bash");
-    cmd.args(["-euo", "pipefail", "-c", &script])
-        .env_clear()
-        .env(
-            "PATH",
-            format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
-        )
-        .env("TMPDIR", &tmp)
-        .env("SHIM_LOG", &log)
-        .env("SHIM_ISSUED", &issued)
-        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-        .env("KUBERNETES_SERVICE_PORT", api.port.to_string());
+    let mut cmd = script_command(&script, &bin, work, api);
+    cmd.env("SHIM_LOG", &log).env("SHIM_ISSUED", &issued);
     for e in seq_at(c, &["env"]) {
         cmd.env(
             str_at(e, &["name"]).unwrap(),
@@ -2366,17 +2381,7 @@ fn renew_cronjob(sets: &[&str]) -> (String, Vec<(String, String)>) {
 
 /// Run the renewal script against `api`, the Secrets mounted from `mounts`, with the real CLI.
 fn run_renew(script: &str, env: &[(String, String)], api: &FakeSecretsApi, work: &Path) -> Output {
-    let sa = work.join("sa");
-    std::fs::create_dir_all(&sa).unwrap();
-    std::fs::write(sa.join("token"), "renew-token").unwrap();
-    std::fs::write(sa.join("ca.crt"), "unused over plain http").unwrap();
-    std::fs::write(sa.join("namespace"), NAMESPACE).unwrap();
-    let script = script
-        .replace(
-            "/var/run/secrets/kubernetes.io/serviceaccount",
-            sa.to_str().unwrap(),
-        )
-        .replace("api=\"https://", "api=\"http://")
+    let script = in_fake_pod(script, work, "renew-token")
         .replace("/etc/clustermesh", work.join("mounts").to_str().unwrap());
     let bin = clustermesh_cli::labmesh::default_bin_dir();
     assert!(
@@ -2384,18 +2389,7 @@ fn run_renew(script: &str, env: &[(String, String)], api: &FakeSecretsApi, work:
         "{} missing: build the workspace's binaries first (cargo build --bins)",
         bin.join("clustermesh").display()
     );
-    let tmp = work.join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mut cmd = Command::new("bash");
-    cmd.args(["-euo", "pipefail", "-c", &script])
-        .env_clear()
-        .env(
-            "PATH",
-            format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
-        )
-        .env("TMPDIR", &tmp)
-        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-        .env("KUBERNETES_SERVICE_PORT", api.port.to_string());
+    let mut cmd = script_command(&script, &bin, work, api);
     for (k, v) in env {
         cmd.env(k, v);
     }

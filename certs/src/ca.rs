@@ -372,6 +372,16 @@ impl RootCa {
             .signed_by(&key, &issuer)
             .map_err(|e| issue_err(format!("intermediate CA of {cluster}"), e))?;
 
+        // The intermediate this re-issue replaces stays in client-ca.pem (clients holding its
+        // leaves, e.g. other clusters' nodes with this cluster's remote certificate, keep working
+        // until they get the new ones); an expired one is dropped.
+        let previous = files::load_certs(&req.out.join("intermediate.crt"))
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .filter(|c| {
+                CertInfo::from_der(&req.out, c)
+                    .is_ok_and(|i| i.check_valid_at(&req.out, now).is_ok())
+            });
         let dir = ClusterDir {
             path: req.out.clone(),
             info: ClusterInfo {
@@ -388,6 +398,11 @@ impl RootCa {
             true,
         )?;
         files::write_atomic(&dir.cert(Role::Intermediate), cert.pem().as_bytes(), false)?;
+        let mut client_ca = cert.pem();
+        if let Some(prev) = previous {
+            client_ca.push_str(&pem_of(&prev));
+        }
+        files::write_atomic(&dir.client_ca(), client_ca.as_bytes(), false)?;
         let bundle = files::read(&self.dir.bundle(), "CA bundle")?;
         files::write_atomic(&dir.ca_bundle(), &bundle, false)?;
         let json = serde_json::to_vec_pretty(&dir.info).unwrap_or_default();
@@ -733,6 +748,11 @@ impl ClusterDir {
     /// `cluster.json`.
     pub fn info_file(&self) -> PathBuf {
         self.path.join("cluster.json")
+    }
+    /// `client-ca.pem`: the cluster's own intermediate(s), what its etcd trusts for clients with
+    /// `ClientTrust::Cluster` (after a re-issue: the new one and the one before, until the next).
+    pub fn client_ca(&self) -> PathBuf {
+        self.path.join("client-ca.pem")
     }
     /// `ca-bundle.pem`: the roots this cluster trusts.
     pub fn ca_bundle(&self) -> PathBuf {

@@ -91,11 +91,28 @@ where
 // Command line
 // ---------------------------------------------------------------------------------------------
 
+/// Which CAs an etcd accepts client certificates from (`--trusted-ca-file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTrust {
+    /// The mesh's bundle: every root (current, not yet retired, federated). A client certificate
+    /// from any cluster's intermediate is accepted, and its CN names the user: one compromised
+    /// cluster can write `admin-<this cluster>`.
+    #[default]
+    Mesh,
+    /// Only this cluster's own intermediate(s) (`client-ca.pem`): every credential that opens this
+    /// etcd was minted by this cluster (the read-only `remote` certificate that `connect
+    /// --context` hands to other clusters' nodes included). Another cluster's key, or a federated
+    /// mesh's root, opens nothing here.
+    Cluster,
+}
+
 /// The TLS files of an etcd member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdTlsFiles {
-    /// `--trusted-ca-file` (and `--peer-trusted-ca-file`): roots clients and peers must chain to.
+    /// `--peer-trusted-ca-file`, and `--trusted-ca-file` unless `client_ca` is set: the bundle.
     pub ca_bundle: PathBuf,
+    /// `--trusted-ca-file` when not the bundle ([`ClientTrust::Cluster`]: `client-ca.pem`).
+    pub client_ca: Option<PathBuf>,
     /// `--cert-file`/`--key-file` (and the peer pair): the etcd-server certificate.
     pub server: CertKeyPaths,
     /// A client certificate [`EtcdSpec::spawn`] uses to probe readiness (any user; `root` by default).
@@ -107,6 +124,7 @@ impl EtcdTlsFiles {
     pub fn from_cluster_dir(dir: &ClusterDir) -> Self {
         Self {
             ca_bundle: dir.ca_bundle(),
+            client_ca: None,
             server: dir.cert_key(Role::EtcdServer),
             probe_client: dir.cert_key(Role::EtcdRoot),
         }
@@ -154,6 +172,26 @@ impl EtcdSpec {
         }
     }
 
+    /// Accept client certificates per `trust`: with [`ClientTrust::Cluster`] only those of the
+    /// cluster's own intermediates (`client-ca.pem` of `dir`, written by `ca issue-cluster`; a
+    /// directory issued before it has none, and is refused here naming the file).
+    pub fn client_trust(mut self, dir: &ClusterDir, trust: ClientTrust) -> Result<Self> {
+        self.tls.client_ca = match trust {
+            ClientTrust::Mesh => None,
+            ClientTrust::Cluster => {
+                let f = dir.client_ca();
+                if !f.is_file() {
+                    return Err(Error::MissingFile {
+                        what: "client CA file (the cluster's own intermediates; re-issue the cluster with `clustermesh ca issue-cluster` to write it)",
+                        path: f,
+                    });
+                }
+                Some(f)
+            }
+        };
+        Ok(self)
+    }
+
     /// The arguments after the binary name (for `ip netns exec NS etcd ARGS...`).
     pub fn args(&self) -> Vec<String> {
         let clients = self.client_urls.join(",");
@@ -179,7 +217,10 @@ impl EtcdSpec {
             format!("--cert-file={}", p(&self.tls.server.cert)),
             format!("--key-file={}", p(&self.tls.server.key)),
             "--client-cert-auth=true".to_owned(),
-            format!("--trusted-ca-file={}", p(&self.tls.ca_bundle)),
+            format!(
+                "--trusted-ca-file={}",
+                p(self.tls.client_ca.as_ref().unwrap_or(&self.tls.ca_bundle))
+            ),
             "--logger=zap".to_owned(),
             "--log-outputs=stderr".to_owned(),
         ];
@@ -817,8 +858,10 @@ fn diagnose_own_cert(files: &TlsFiles, id: &CertKeyPaths) -> String {
             files.ca_bundle.display()
         ),
         Some(Ok(_)) => format!(
-            ": it chains to our bundle {}, so the server's --trusted-ca-file lacks its root \
-             (retired after a rotation, or etcd not restarted since the bundle changed)",
+            ": it chains to our bundle {}, so the server's --trusted-ca-file lacks its issuer \
+             (a root retired after a rotation, etcd not restarted since the bundle changed, or an \
+             etcd that trusts only its own cluster's intermediate: use a credential that cluster \
+             issued, such as its remote certificate)",
             files.ca_bundle.display()
         ),
         None => String::new(),
@@ -1089,6 +1132,7 @@ mod tests {
             peer_urls: vec![peer.into()],
             initial_cluster: None,
             tls: EtcdTlsFiles {
+                client_ca: None,
                 ca_bundle: PathBuf::from("/c/ca-bundle.pem"),
                 server: ck("etcd-server"),
                 probe_client: ck("root"),

@@ -39,6 +39,7 @@
 //! CDIR/cluster.json         {"name","id","trustDomain"}
 //! CDIR/ca-bundle.pem        the roots this cluster trusts (copy of the CA's bundle)
 //! CDIR/intermediate.{crt,key}   the cluster's intermediate CA
+//! CDIR/client-ca.pem            its own intermediate(s): etcd's client trust with ClientTrust::Cluster
 //! CDIR/etcd-server.{crt,key}    \
 //! CDIR/apiserver.{crt,key}       |  leaf certificates: `.crt` holds the leaf then the
 //! CDIR/etcd-root.{crt,key}       |  intermediate (a full chain for TLS), `.key` the PKCS#8 key

@@ -86,6 +86,22 @@ pub struct Args {
     )]
     pub managed_etcd_peer_url: String,
 
+    /// Which client certificates the managed etcd accepts. `mesh`: any chaining to the mesh's
+    /// bundle (every cluster's intermediate, federated roots included; the CN names the user, so
+    /// one compromised cluster can write here). `cluster`: only this cluster's own intermediates
+    /// (client-ca.pem of --tls-dir, written by `clustermesh ca issue-cluster`): every credential
+    /// that opens this etcd was issued by this cluster. With `cluster`, other clusters must read
+    /// it with the remote certificate this cluster issued, which `clustermesh connect --context`
+    /// hands them; the gRPC `connect` and other clusters' KVStoreMesh still present their own
+    /// cluster's certificate and are refused.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_MANAGED_ETCD_CLIENT_TRUST",
+        value_enum,
+        default_value_t = EtcdClientTrust::Mesh
+    )]
+    pub managed_etcd_client_trust: EtcdClientTrust,
+
     /// Where Kubernetes objects come from.
     #[arg(
         long,
@@ -260,5 +276,23 @@ mod tests {
                 .contains("--manifest-dir")
         );
         assert!(Args::try_parse_from(["x", "--cluster-name", "c1", "--cluster-id", "x"]).is_err());
+    }
+}
+
+/// `--managed-etcd-client-trust`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EtcdClientTrust {
+    /// Every certificate of the mesh's bundle.
+    Mesh,
+    /// Only this cluster's own intermediates.
+    Cluster,
+}
+
+impl From<EtcdClientTrust> for mesh_certs::etcd::ClientTrust {
+    fn from(t: EtcdClientTrust) -> Self {
+        match t {
+            EtcdClientTrust::Mesh => Self::Mesh,
+            EtcdClientTrust::Cluster => Self::Cluster,
+        }
     }
 }

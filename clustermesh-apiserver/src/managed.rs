@@ -26,8 +26,10 @@ impl ManagedEtcd {
         data_dir: &Path,
         client_url: &str,
         peer_url: &str,
+        trust: mesh_certs::etcd::ClientTrust,
     ) -> Result<Self, mesh_certs::Error> {
-        let spec = EtcdSpec::for_cluster(dir, data_dir.join("etcd"), client_url, peer_url);
+        let spec = EtcdSpec::for_cluster(dir, data_dir.join("etcd"), client_url, peer_url)
+            .client_trust(dir, trust)?;
         let proc = spec.spawn(Duration::from_secs(30)).await?;
         let endpoints = proc.endpoints();
         info!(pid = ?proc.pid(), endpoints = ?endpoints, "managed etcd started");

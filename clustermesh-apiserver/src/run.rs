@@ -88,6 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 &args.data_dir,
                 &args.managed_etcd_client_url,
                 &args.managed_etcd_peer_url,
+                args.managed_etcd_client_trust.into(),
             )
             .await
             .context("starting managed etcd")?,

@@ -770,6 +770,10 @@ fn tls_files(component: &str, kvstoremesh: bool) -> Vec<String> {
         _ => &["node", "remote"],
     };
     let mut files = vec!["ca-bundle.pem".to_owned(), "cluster.json".to_owned()];
+    if component == "apiserver" {
+        // The managed etcd's client trust with etcd.clientTrust=cluster.
+        files.push("client-ca.pem".to_owned());
+    }
     for role in roles {
         files.push(format!("{role}.crt"));
         files.push(format!("{role}.key"));
@@ -809,7 +813,13 @@ fn tls_secrets_are_mounted_where_tls_dir_points_with_every_file_the_binary_reads
             let kvstoremesh = at(values, &["clustermesh", "kvstoremesh"])
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let want = tls_files(component, kvstoremesh);
+            let cluster_trust =
+                str_at(values, &["etcd", "clientTrust"]).is_some_and(|t| t == "cluster");
+            // client-ca.pem is stored always, mounted only where the managed etcd uses it.
+            let want: Vec<String> = tls_files(component, kvstoremesh)
+                .into_iter()
+                .filter(|f| f != "client-ca.pem" || cluster_trust)
+                .collect();
             let mut files = BTreeSet::new();
             let mut secrets = BTreeSet::new();
             for src in seq_at(vol, &["projected", "sources"]) {
@@ -1035,6 +1045,15 @@ fn chart_refuses_settings_that_cannot_work() {
             &["cluster.id=300", "clustermesh.maxConnectedClusters=511"][..],
             "issues cluster ids 1..255 only",
         ),
+        (
+            &[
+                "etcd.clientTrust=cluster",
+                "certs.mode=certManager",
+                "certs.certManager.issuerRef.name=x",
+            ][..],
+            "does not produce",
+        ),
+        (&["etcd.clientTrust=everyone"][..], "/etcd/clientTrust"),
     ] {
         let err = template_set(sets).expect_err(&format!("--set {sets:?} must fail"));
         assert!(
@@ -3097,7 +3116,9 @@ fn free_port() -> u16 {
 /// 127.0.0.2, given to the chart as an extra SAN, as a node or load balancer address would be).
 #[test]
 fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
-    let yaml = template_set(&["certs.extraSans={127.0.0.2}"]).expect("render");
+    // With the client trust of the cluster's own intermediate: its own clients still get in.
+    let yaml =
+        template_set(&["certs.extraSans={127.0.0.2}", "etcd.clientTrust=cluster"]).expect("render");
     let r = Rendered {
         case: Case {
             name: "managed etcd".to_owned(),
@@ -3110,6 +3131,10 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
     assert!(
         api.etcd_endpoints.is_empty(),
         "the default is the managed etcd"
+    );
+    assert_eq!(
+        api.managed_etcd_client_trust,
+        clustermesh_apiserver::args::EtcdClientTrust::Cluster
     );
     let client_port = free_port();
     let peer_port = free_port();
@@ -3143,7 +3168,7 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let managed = clustermesh_apiserver::managed::ManagedEtcd::start(&dir, &work.0.join("data"), &client_url, &peer_url)
+        let managed = clustermesh_apiserver::managed::ManagedEtcd::start(&dir, &work.0.join("data"), &client_url, &peer_url, api.managed_etcd_client_trust.into())
             .await
             .unwrap_or_else(|e| panic!("managed etcd with --managed-etcd-client-url={client_url}: {e}"));
         // The apiserver connects to what the managed etcd advertises, as admin-<cluster>.

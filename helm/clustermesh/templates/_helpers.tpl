@@ -125,6 +125,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (eq .Values.etcd.mode "managed") (gt (int .Values.apiserver.replicas) 1) -}}
 {{- fail "apiserver.replicas > 1 needs etcd.mode=external: replicas elect a leader through a shared etcd, and the managed etcd lives inside one apiserver pod" -}}
 {{- end -}}
+{{- if and (eq .Values.etcd.clientTrust "cluster") (eq .Values.certs.mode "certManager") -}}
+{{- fail "etcd.clientTrust=cluster needs the cluster's client-ca.pem (its own intermediate), which certs.mode=certManager does not produce: use certs.mode=job or existing" -}}
+{{- end -}}
+{{- if and (eq .Values.etcd.clientTrust "cluster") (ne .Values.etcd.mode "managed") -}}
+{{- fail "etcd.clientTrust applies to the managed etcd; an external etcd's --trusted-ca-file is yours to set (the cluster's client-ca.pem for the same effect)" -}}
+{{- end -}}
 {{- $seen := dict -}}
 {{- range .Values.clustermesh.config.clusters -}}
 {{- if eq .name $.Values.cluster.name -}}

@@ -48,6 +48,11 @@ node remote
               path: ca-bundle.pem
             - key: cluster.json
               path: cluster.json
+            {{- if and (eq .component "apiserver") (eq $root.Values.etcd.clientTrust "cluster") }}
+            # The managed etcd's client trust: the cluster's own intermediate only.
+            - key: client-ca.pem
+              path: client-ca.pem
+            {{- end }}
             {{- range splitList " " (include "clustermesh.tlsRoles" .) }}
             - key: {{ . }}.crt
               path: {{ . }}.crt

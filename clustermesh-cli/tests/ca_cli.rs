@@ -380,15 +380,16 @@ fn renew_reissues_due_leaves_in_place() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca");
     let west = tmp.path().join("west");
-    ok(&[
+    let mut args = vec![
         "ca",
         "init",
         "--trust-domain",
         "mesh.example",
         "--out",
         p(&ca),
-    ]);
-    ok(&[
+    ];
+    ok(&args);
+    args = vec![
         "ca",
         "issue-cluster",
         "--ca",
@@ -397,11 +398,9 @@ fn renew_reissues_due_leaves_in_place() {
         "west",
         "--id",
         "2",
-        "--out",
-        p(&west),
-        "--days",
-        "90",
-    ]);
+    ];
+    args.extend(["--out", p(&west), "--days", "90"]);
+    ok(&args);
     assert!(west.join("etcd-root.crt").exists() && !west.join("root.crt").exists());
     let read = |f: &str| std::fs::read(west.join(f)).unwrap();
     let (node_crt, node_key) = (read("node.crt"), read("node.key"));

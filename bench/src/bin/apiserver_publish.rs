@@ -4,11 +4,10 @@
 //!
 //! `cargo run --release -p mesh-bench --bin apiserver_publish -- --services 10000 --endpoints 10`
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use clustermesh_apiserver::etcd::list_prefix;
 use clustermesh_apiserver::index::{IndexConfig, MeshIndex, owned_prefixes};
@@ -38,53 +37,14 @@ struct Args {
     etcd: String,
 }
 
-struct Etcd(Child, #[allow(dead_code)] tempfile::TempDir);
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn start_etcd(bin: &str) -> anyhow::Result<(Etcd, String)> {
-    if !std::path::Path::new(bin).exists() {
-        bail!("{bin} is missing (Debian etcd-server)");
-    }
+/// The benchmark's etcd (8 GiB backend quota), its data in a temporary directory.
+async fn start_etcd(
+    bin: &str,
+) -> anyhow::Result<(mesh_bench::BenchEtcd, String, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
-    let (cp, pp) = (free_port()?, free_port()?);
-    let url = format!("http://127.0.0.1:{cp}");
-    let peer = format!("http://127.0.0.1:{pp}");
-    let child = Command::new(bin)
-        .arg("--name=bench")
-        .arg(format!("--data-dir={}", dir.path().join("data").display()))
-        .arg(format!("--listen-client-urls={url}"))
-        .arg(format!("--advertise-client-urls={url}"))
-        .arg(format!("--listen-peer-urls={peer}"))
-        .arg(format!("--initial-advertise-peer-urls={peer}"))
-        .arg(format!("--initial-cluster=bench={peer}"))
-        .arg("--quota-backend-bytes=8589934592")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning etcd")?;
-    let e = Etcd(child, dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await
-            && c.status().await.is_ok()
-        {
-            return Ok((e, url));
-        }
-        if Instant::now() > deadline {
-            bail!("etcd did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let e = mesh_bench::BenchEtcd::start(bin, &dir.path().join("data"), 8 << 30).await?;
+    let url = e.url.clone();
+    Ok((e, url, dir))
 }
 
 fn service_doc(i: u32) -> String {
@@ -123,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     if args.endpoints > 63 {
         bail!("--endpoints at most 63 (address layout of this benchmark)");
     }
-    let (_etcd, url) = start_etcd(&args.etcd).await?;
+    let (_etcd, url, _data) = start_etcd(&args.etcd).await?;
     let client = etcd_client::Client::connect([url.as_str()], None).await?;
     let mcc = MaxConnectedClusters::DEFAULT;
     let cluster = ClusterName::new("bench")?;

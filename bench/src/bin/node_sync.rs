@@ -19,13 +19,12 @@
 //! `... --bin node_sync -- ingest` measures only the ingest. On a busy host the tails measure the
 //! scheduler; `chrt -f 10 target/release/node_sync` gives stable p99s.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use etcd_client::Client;
+use mesh_bench::BenchEtcd;
 use mesh_model::keys::{MeshKey, ServiceName, SyncKind};
 use mesh_model::values::{
     Affinity, Capabilities, ClusterConfig, Conditions, Endpoint, EndpointChunk, EndpointPort,
@@ -221,71 +220,9 @@ fn ingest_kernel(ids: ClusterIds) -> anyhow::Result<()> {
 
 // ---- etcd helpers -----------------------------------------------------------------------------------
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: PathBuf,
-}
-
-impl Etcd {
-    async fn start(root: &Path, name: &str) -> anyhow::Result<Self> {
-        if !Path::new(ETCD).exists() {
-            bail!("{ETCD} is missing: install Debian's etcd-server");
-        }
-        let dir = root.join(name);
-        let (cp, pp) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let child = Command::new(ETCD)
-            .args(["--name", "b", "--data-dir"])
-            .arg(&dir)
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("b={peer}")])
-            .args(["--quota-backend-bytes", "4294967296"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {ETCD}"))?;
-        let e = Etcd {
-            child,
-            url,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut cl) = Client::connect([e.url.clone()], None).await
-                && cl.status().await.is_ok()
-            {
-                return Ok(e);
-            }
-            if Instant::now() > deadline {
-                bail!("etcd on {} did not come up in 30 s", e.url);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// One benchmark etcd per simulated cluster, data under `root/name`.
+async fn start_etcd(root: &Path, name: &str) -> anyhow::Result<BenchEtcd> {
+    BenchEtcd::start(ETCD, &root.join(name), 4 << 30).await
 }
 
 async fn put(cl: &mut Client, key: MeshKey, v: MeshValue) -> anyhow::Result<()> {
@@ -394,7 +331,7 @@ async fn resync(root: &Path) -> anyhow::Result<()> {
     const PER_SERVICE: usize = 125; // 8 x 100 x 125 = 100k endpoints
     let mut etcds = Vec::new();
     for i in 1..=CLUSTERS {
-        etcds.push(Etcd::start(root, &format!("resync-c{i}")).await?);
+        etcds.push(start_etcd(root, &format!("resync-c{i}")).await?);
     }
     let t_pub = Instant::now();
     let mut writers = Vec::new();
@@ -477,9 +414,9 @@ async fn resync(root: &Path) -> anyhow::Result<()> {
 // ---- 3. propagation ------------------------------------------------------------------------------
 
 async fn propagation(root: &Path) -> anyhow::Result<()> {
-    let e1 = Etcd::start(root, "prop-c1").await?;
-    let e2 = Etcd::start(root, "prop-c2").await?;
-    let e3 = Etcd::start(root, "prop-c3").await?;
+    let e1 = start_etcd(root, "prop-c1").await?;
+    let e2 = start_etcd(root, "prop-c2").await?;
+    let e3 = start_etcd(root, "prop-c3").await?;
     let vip = "10.96.0.10";
     publish(
         &e1.url,
@@ -587,8 +524,8 @@ async fn propagation(root: &Path) -> anyhow::Result<()> {
 /// Local backend killed -> map holds only the remote backend (health checker at default settings:
 /// 200 ms interval, 2 failures), and back when it listens again.
 async fn failover(root: &Path) -> anyhow::Result<()> {
-    let e1 = Etcd::start(root, "fo-c1").await?;
-    let e2 = Etcd::start(root, "fo-c2").await?;
+    let e1 = start_etcd(root, "fo-c1").await?;
+    let e2 = start_etcd(root, "fo-c2").await?;
     let vip = "10.96.0.20";
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();

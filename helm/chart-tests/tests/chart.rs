@@ -3098,14 +3098,7 @@ fn kind_up_sh_makes_two_clusters_by_default() {
 // ---------------------------------------------------------------------------------------------
 // The managed etcd as the chart configures it, started for real by the apiserver's own code
 
-/// A TCP port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use mesh_testkit::free_port;
 
 /// With the chart's defaults (managed etcd), the apiserver's etcd must serve the pod's own
 /// addresses, not only 127.0.0.1: node-syncs of this cluster and of remote clusters come in through

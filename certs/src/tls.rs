@@ -430,18 +430,27 @@ pub fn check_cluster_identity(
         Some(id) => return Err(format!("its SPIFFE id is {id}, not {want}")),
         None => return Err(format!("it carries no SPIFFE id (want {want})")),
     }
+    // Our roots carry `spiffe://<td>/ca` (`ca init`). A bundle whose roots carry no SPIFFE id
+    // (an issuer of cert-manager's that is not ours) has no way to tell; then every root that does
+    // not claim another trust domain counts as ours.
     let root_id = SpiffeId::for_root_ca(td);
-    let own: Vec<CertificateDer<'static>> = TrustBundle::load(bundle)
+    let roots: Vec<(CertificateDer<'static>, Option<SpiffeId>)> = TrustBundle::load(bundle)
         .map_err(|e| e.to_string())?
         .certs()
         .iter()
-        .filter(|c| {
-            CertInfo::from_der(bundle, c)
-                .ok()
-                .and_then(|i| i.spiffe_id)
-                .is_some_and(|id| id == root_id)
+        .map(|c| {
+            let id = CertInfo::from_der(bundle, c).ok().and_then(|i| i.spiffe_id);
+            (c.clone(), id)
         })
-        .cloned()
+        .collect();
+    let identified = roots.iter().any(|(_, id)| id.as_ref() == Some(&root_id));
+    let own: Vec<CertificateDer<'static>> = roots
+        .into_iter()
+        .filter(|(_, id)| match id {
+            Some(id) => *id == root_id,
+            None => !identified,
+        })
+        .map(|(c, _)| c)
         .collect();
     if own.is_empty() {
         return Err(format!(

@@ -58,6 +58,11 @@ pub struct LabMeshSpec {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year; see `LabSpec::leaf_lifetime`).
     pub leaf_lifetime: Option<Duration>,
+    /// Per-cluster trust: every etcd trusts for clients only its own cluster's intermediate, and
+    /// every node-sync reads each other cluster through that cluster's own read-only `remote`
+    /// certificate, from `--remote-config-dir` entries as `clustermesh connect --context` writes
+    /// them (the clusters are then connected from the start; the gRPC connect is not used).
+    pub cluster_trust: bool,
 }
 
 impl LabMeshSpec {
@@ -76,6 +81,7 @@ impl LabMeshSpec {
             cluster_service_annotations: BTreeMap::new(),
             kvstoremesh: false,
             leaf_lifetime: None,
+            cluster_trust: false,
         }
     }
 }
@@ -185,6 +191,7 @@ impl LabMesh {
         }
         let mut lab_spec = LabSpec::new(spec.prefix.clone(), spec.clusters, spec.nodes);
         lab_spec.leaf_lifetime = spec.leaf_lifetime;
+        lab_spec.etcd_client_trust_cluster = spec.cluster_trust;
         let lab = Lab::up(lab_spec).with_context(|| format!("bring up lab {}", spec.prefix))?;
         let manifests = lab.state_dir().join("manifests");
         let logs = lab.state_dir().join("logs");
@@ -206,6 +213,11 @@ impl LabMesh {
                 mesh.start_backend(c, n)?;
             }
             mesh.start_apiserver(c)?;
+        }
+        if mesh.spec.cluster_trust {
+            for c in 1..=mesh.spec.clusters {
+                mesh.write_remote_entries(c)?;
+            }
         }
         for c in 1..=mesh.spec.clusters {
             for n in 1..=mesh.spec.nodes {
@@ -490,11 +502,51 @@ impl LabMesh {
         if self.spec.kvstoremesh {
             cmd.arg("--kvstoremesh");
         }
+        if self.spec.cluster_trust {
+            cmd.arg(format!(
+                "--remote-config-dir={}",
+                self.remotes_dir(c).display()
+            ));
+        }
         cmd.args(&self.spec.node_sync_args);
         let (out, err) = self.log_stdio(&format!("node-sync-{}-{}", cl.name, node.name))?;
         cmd.stdout(out).stderr(err).env("RUST_LOG", "info");
         let p = self.lab().spawn(cmd)?;
         self.node_syncs.insert((c, n), p);
+        Ok(())
+    }
+
+    /// Where cluster `c`'s node-syncs read their static remotes (with [`LabMeshSpec::cluster_trust`]).
+    pub fn remotes_dir(&self, c: usize) -> PathBuf {
+        self.lab().state_dir().join(format!("remotes-c{c}"))
+    }
+
+    /// Cluster `c`'s remote entries: every other cluster, through that cluster's own read-only
+    /// `remote` certificate, as `clustermesh connect --context` writes them into a remotes Secret.
+    fn write_remote_entries(&self, c: usize) -> Result<()> {
+        let dir = self.remotes_dir(c);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        for other in (1..=self.spec.clusters).filter(|&o| o != c) {
+            let cl = &self.lab().clusters()[other - 1];
+            let certs = mesh_certs::ClusterDir::open(&self.cert_dir(other)?)?;
+            let read =
+                |p: PathBuf| std::fs::read(&p).with_context(|| format!("read {}", p.display()));
+            let tls = crate::kube_connect::RemoteTls {
+                ca_bundle: read(certs.ca_bundle())?,
+                cert: read(certs.cert(mesh_certs::Role::Remote))?,
+                key: read(certs.key(mesh_certs::Role::Remote))?,
+            };
+            let info = clustermesh_api::pb::ClusterInfo {
+                name: cl.name.clone(),
+                id: self.cluster_id(other),
+                etcd_endpoints: cl.etcd.client_urls(),
+                ..Default::default()
+            };
+            for (file, bytes) in crate::kube_connect::remote_entry(&info, &tls) {
+                let p = dir.join(file);
+                std::fs::write(&p, bytes).with_context(|| format!("write {}", p.display()))?;
+            }
+        }
         Ok(())
     }
 

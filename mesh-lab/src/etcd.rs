@@ -45,6 +45,17 @@ pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
             &etcd.peer_url,
         );
         spec.name = etcd.name.clone();
+        let trust = if tls.client_trust_cluster {
+            mesh_certs::etcd::ClientTrust::Cluster
+        } else {
+            mesh_certs::etcd::ClientTrust::Mesh
+        };
+        let spec = spec
+            .client_trust(&dir, trust)
+            .map_err(|e| LabError::Certs {
+                prefix: prefix.to_string(),
+                detail: format!("client trust of etcd {}: {e}", etcd.name),
+            })?;
         return Ok(spec.args());
     }
     Ok(vec![

@@ -86,6 +86,9 @@ pub struct LabSpec {
     /// Lifetime of every cluster's leaf certificates (default: `mesh_certs::Validity`'s, a year). A
     /// renewal scenario issues minutes-long leaves and renews them while the lab runs.
     pub leaf_lifetime: Option<Duration>,
+    /// Every etcd trusts for clients only its own cluster's intermediate (`ClientTrust::Cluster`);
+    /// other clusters then read it with the credential it issued (its `remote` certificate).
+    pub etcd_client_trust_cluster: bool,
 }
 
 impl LabSpec {
@@ -104,6 +107,7 @@ impl LabSpec {
                 .map(|v| parse_etcd_members(&v))
                 .unwrap_or_default(),
             leaf_lifetime: None,
+            etcd_client_trust_cluster: false,
         }
     }
 
@@ -354,6 +358,10 @@ pub struct EtcdTlsFiles {
     pub client_cert: PathBuf,
     /// Key of [`EtcdTlsFiles::client_cert`].
     pub client_key: PathBuf,
+    /// etcd trusts for clients only the cluster's own intermediate (`client-ca.pem`), not the
+    /// bundle ([`LabSpec::etcd_client_trust_cluster`]).
+    #[serde(default)]
+    pub client_trust_cluster: bool,
 }
 
 impl EtcdTlsFiles {
@@ -367,6 +375,7 @@ impl EtcdTlsFiles {
             server_key: dir.key(Role::EtcdServer),
             client_cert: dir.cert(Role::EtcdRoot),
             client_key: dir.key(Role::EtcdRoot),
+            client_trust_cluster: false,
         }
     }
 }
@@ -549,12 +558,10 @@ impl LabPlan {
                     data_dir: cdir.join("etcd-data"),
                     log_file: cdir.join("etcd.log"),
                     tls: match tls {
-                        true => Some(EtcdTlsFiles::of(&cluster_cert_dir(
-                            p,
-                            &name,
-                            c,
-                            cdir.join("certs"),
-                        )?)),
+                        true => Some(EtcdTlsFiles {
+                            client_trust_cluster: spec.etcd_client_trust_cluster,
+                            ..EtcdTlsFiles::of(&cluster_cert_dir(p, &name, c, cdir.join("certs"))?)
+                        }),
                         false => None,
                     },
                     name: name.clone(),

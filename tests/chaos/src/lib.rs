@@ -290,6 +290,9 @@ pub struct UpOptions {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year).
     pub leaf_lifetime: Option<Duration>,
+    /// Per-cluster trust (`LabMeshSpec::cluster_trust`): clusters connected from the start through
+    /// each other's own remote certificates, not by the gRPC connect.
+    pub cluster_trust: bool,
 }
 
 impl UpOptions {
@@ -306,6 +309,7 @@ impl UpOptions {
             health_port: None,
             kvstoremesh: false,
             leaf_lifetime: None,
+            cluster_trust: false,
         }
     }
 
@@ -348,6 +352,7 @@ impl ChaosMesh {
         spec.health_port = opts.health_port;
         spec.kvstoremesh = opts.kvstoremesh;
         spec.leaf_lifetime = opts.leaf_lifetime;
+        spec.cluster_trust = opts.cluster_trust;
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",
@@ -362,7 +367,9 @@ impl ChaosMesh {
         let mut model = Model::new(opts.clusters, opts.nodes);
         model.affinity_none = opts.affinity == "none";
         let mut me = Self { model, mesh, rt };
-        me.connect_all()?;
+        if !opts.cluster_trust {
+            me.connect_all()?;
+        }
         for c in 1..=opts.clusters {
             let local = format!("{}-", me.mesh.cluster_name(c));
             me.mesh

@@ -1,0 +1,99 @@
+//! Per-cluster trust in the lab (issue 17): every etcd trusts for its clients only its own
+//! cluster's intermediate, and every node-sync reads the other cluster through the read-only
+//! `remote` certificate that cluster issued (the `--remote-config-dir` entries `clustermesh
+//! connect --context` writes). Asserted: the mesh works across clusters under it (affinity none:
+//! every node's maps hold both clusters' backends, clients land in both, a drain of cluster 1
+//! fails no connect); a certificate with CN `admin-c1` minted with cluster 2's intermediate key, and
+//! cluster 2's own `remote` certificate, are refused by cluster 1's etcd; cluster 1's remote
+//! certificate reads it and cannot write.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use chaos_tests::{ChaosMesh, Published, Traffic, UpOptions, assert_no_failures, settle_budget};
+use mesh_certs::{Role, TlsFiles};
+use mesh_testkit::{Minted, mint_leaf};
+
+#[test]
+fn the_mesh_runs_on_per_cluster_trust_and_another_clusters_key_opens_nothing() -> Result<()> {
+    let mut opts = UpOptions::new("cx-trust", 2, 2).affinity_none();
+    opts.cluster_trust = true;
+    let mut m = ChaosMesh::up(opts)?;
+    let budget = settle_budget();
+    let t = Traffic::start(&m, Duration::from_millis(10))?;
+    for (c, other) in [(1, "c2-"), (2, "c1-")] {
+        m.mesh()
+            .wait_for_landings(c, 1, Duration::from_secs(10), |b| b.starts_with(other), 1)
+            .with_context(|| format!("the client in cluster {c} reaches the other cluster"))?;
+    }
+
+    let lab = m.mesh().lab();
+    let d1 = lab.cluster_certs(1)?.context("TLS lab")?;
+    let d2 = lab.cluster_certs(2)?.context("TLS lab")?;
+    let eps1 = lab.clusters()[0].etcd.client_urls();
+    let spiffe = format!("spiffe://{}/cluster/c1/admin", d1.info.trust_domain);
+    let forged = mint_leaf(
+        &d2,
+        &Minted {
+            cn: "admin-c1",
+            spiffe: Some(&spiffe),
+            ..Minted::default()
+        },
+        &lab.state_dir().join("admin-c1-by-c2"),
+    );
+    let files = |bundle: &std::path::Path, id| TlsFiles {
+        ca_bundle: bundle.to_owned(),
+        identity: Some(id),
+    };
+    for (id, what) in [
+        (forged, "CN=admin-c1 minted with c2's intermediate"),
+        (d2.cert_key(Role::Remote), "c2's own remote certificate"),
+    ] {
+        let r = m.block_on(mesh_certs::etcd::connect(
+            &eps1,
+            &files(&d1.ca_bundle(), id),
+        ));
+        let e = r
+            .err()
+            .with_context(|| format!("{what} must be refused by c1's etcd"))?;
+        eprintln!("[chaos] {what}: {e}");
+        ensure!(
+            e.to_string().contains("refused the client certificate"),
+            "{what}: {e}"
+        );
+    }
+    let mut reader = m.block_on(mesh_certs::etcd::connect(
+        &eps1,
+        &files(&d1.ca_bundle(), d1.cert_key(Role::Remote)),
+    ))?;
+    let listed = m.block_on(
+        reader.get(
+            "clustermesh/v1/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        ),
+    )?;
+    ensure!(!listed.kvs().is_empty(), "c1's remote certificate reads c1");
+    let w = m.block_on(reader.put("clustermesh/v1/forged", "x", None));
+    ensure!(
+        w.as_ref()
+            .is_err_and(|e| e.to_string().contains("permission denied")),
+        "c1's remote certificate must not write: {w:?}"
+    );
+
+    m.publish_cluster(1, Published::Terminating)?;
+    let c = m.converge(budget)?;
+    eprintln!(
+        "[chaos] drain of c1 under per-cluster trust: in every node's maps in {:?}",
+        c.took
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    m.publish_cluster(1, Published::Ready)?;
+    m.converge(budget)?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_no_failures(&t.stop(), "per-cluster trust")?;
+    Ok(())
+}

@@ -586,6 +586,25 @@ impl ChaosMesh {
         self.write_echo(c)
     }
 
+    /// A graceful drain of cluster `c` and back: its endpoints terminating until every node's maps
+    /// follow (within `budget`; the time is printed after `what`), then ready again. Returns how
+    /// long the drain took to reach every map.
+    pub fn drain_and_restore(
+        &mut self,
+        c: usize,
+        budget: Duration,
+        what: &str,
+    ) -> Result<Duration> {
+        self.publish_cluster(c, Published::Terminating)?;
+        let took = self.converge(budget)?.took;
+        eprintln!("[chaos] {what}: the drain of cluster {c} in every node's maps in {took:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        self.publish_cluster(c, Published::Ready)?;
+        self.converge(budget)?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(took)
+    }
+
     /// Publish node `n`'s endpoint of cluster `c` in `state`.
     pub fn publish_node(&mut self, c: usize, n: usize, state: Published) -> Result<()> {
         self.model.published.insert((c, n), state);

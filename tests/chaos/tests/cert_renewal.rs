@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use chaos_tests::{ChaosMesh, Published, Traffic, UpOptions, assert_no_failures, settle_budget};
+use chaos_tests::{ChaosMesh, Traffic, UpOptions, assert_no_failures, settle_budget};
 use clustermesh_cli::labmesh::http_get;
 use mesh_certs::{CertInfo, ClusterDir, Role};
 
@@ -207,15 +207,7 @@ fn two_minute_leaves_are_renewed_while_traffic_flows() -> Result<()> {
         "the apiserver of c1 never noticed its renewed files"
     );
 
-    m.publish_cluster(1, Published::Terminating)?;
-    let c = m.converge(settle_budget())?;
-    eprintln!(
-        "[chaos] drain after renewal: in every node's maps in {:?}",
-        c.took
-    );
-    m.publish_cluster(1, Published::Ready)?;
-    m.converge(settle_budget())?;
-    std::thread::sleep(Duration::from_millis(300));
+    m.drain_and_restore(1, settle_budget(), "after renewal")?;
     assert_no_failures(&t.stop(), "certificate renewal")?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use chaos_tests::{ChaosMesh, Published, Traffic, UpOptions, assert_no_failures, settle_budget};
+use chaos_tests::{ChaosMesh, Traffic, UpOptions, assert_no_failures, settle_budget};
 use mesh_certs::Role;
 use mesh_certs::ca::LeafOptions;
 
@@ -45,16 +45,7 @@ fn rotated_client_certificates_are_used_on_reconnect() -> Result<()> {
         "[chaos] after the rotation every node-sync reconnected {back:?} after etcd was healthy"
     );
     m.converge(budget)?;
-    m.publish_cluster(1, Published::Terminating)?;
-    let c = m.converge(budget)?;
-    eprintln!(
-        "[chaos] drain after rotation: in every node's maps in {:?}",
-        c.took
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    m.publish_cluster(1, Published::Ready)?;
-    m.converge(budget)?;
-    std::thread::sleep(Duration::from_millis(300));
+    m.drain_and_restore(1, budget, "after rotation")?;
     assert_no_failures(&t.stop(), "certificate rotation")?;
     Ok(())
 }

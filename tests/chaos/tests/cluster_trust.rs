@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use chaos_tests::{ChaosMesh, Published, Traffic, UpOptions, assert_no_failures, settle_budget};
+use chaos_tests::{ChaosMesh, Traffic, UpOptions, assert_no_failures, settle_budget};
 use mesh_certs::{Role, TlsFiles};
 use mesh_testkit::{Minted, mint_leaf};
 
@@ -84,16 +84,7 @@ fn the_mesh_runs_on_per_cluster_trust_and_another_clusters_key_opens_nothing() -
         "c1's remote certificate must not write: {w:?}"
     );
 
-    m.publish_cluster(1, Published::Terminating)?;
-    let c = m.converge(budget)?;
-    eprintln!(
-        "[chaos] drain of c1 under per-cluster trust: in every node's maps in {:?}",
-        c.took
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    m.publish_cluster(1, Published::Ready)?;
-    m.converge(budget)?;
-    std::thread::sleep(Duration::from_millis(300));
+    m.drain_and_restore(1, budget, "per-cluster trust")?;
     assert_no_failures(&t.stop(), "per-cluster trust")?;
     Ok(())
 }

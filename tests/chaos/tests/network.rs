@@ -66,8 +66,13 @@ fn partition_heal_and_latency_loss_between_clusters() -> Result<()> {
         "the client in cluster 2 (local traffic) saw failures: {}",
         r[1]
     );
+    // A probe's exchange needs about five crossings of the lossy link in time (SYN, SYN-ACK,
+    // request, response, and their ACKs' effect) at 200 ms a way, 800 ms without loss; one lost
+    // packet costs a retransmission (the SYN's after 1 s) and pushes it past the probe's 1 s
+    // timeout: 1 - 0.95^5 = 23 % expected, and ~109 samples spread it by +-4 %. Seen: 16 % and 28 %;
+    // 25 % (the bound before) failed a CI run. 45 % still catches a mesh that sends clients astray.
     ensure!(
-        r[0].total > 0 && (r[0].failed as f64) <= 0.25 * r[0].total as f64,
+        r[0].total > 0 && (r[0].failed as f64) <= 0.45 * r[0].total as f64,
         "more cross-cluster connects failed than 5 % loss explains: {}",
         r[0]
     );

@@ -865,16 +865,37 @@ impl ClusterDir {
         sans: &[San],
         key: &KeyPair,
     ) -> Result<String> {
-        let inter_path = self.cert(Role::Intermediate);
-        let inter = files::KeyedChain::load(&inter_path, &self.key(Role::Intermediate))?;
         let td = TrustDomain::new(&self.info.trust_domain)?;
         let cluster = &self.info.name;
-        let mut params = base_params(
+        self.sign_for_key(
             &role.common_name(cluster),
             &SpiffeId::for_cluster(&td, cluster, role),
-            not_before + BACKDATE,
+            role,
+            not_before,
             not_after,
-        )?;
+            sans,
+            key,
+            &format!("{role} certificate of {cluster}"),
+        )
+    }
+
+    /// Sign a certificate with the cluster's intermediate for any public key: `cn` and `spiffe`
+    /// name it, `role` gives its key usages. Returns the chain (leaf, then intermediate) as PEM.
+    #[allow(clippy::too_many_arguments)]
+    fn sign_for_key(
+        &self,
+        cn: &str,
+        spiffe: &SpiffeId,
+        role: Role,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        sans: &[San],
+        key: &impl rcgen::PublicKeyData,
+        what: &str,
+    ) -> Result<String> {
+        let inter_path = self.cert(Role::Intermediate);
+        let inter = files::KeyedChain::load(&inter_path, &self.key(Role::Intermediate))?;
+        let mut params = base_params(cn, spiffe, not_before + BACKDATE, not_after)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
@@ -898,8 +919,47 @@ impl ClusterDir {
             .map_err(|e| issue_err("intermediate issuer", e))?;
         let cert = params
             .signed_by(key, &issuer)
-            .map_err(|e| issue_err(format!("{role} certificate of {cluster}"), e))?;
+            .map_err(|e| issue_err(what, e))?;
         Ok(format!("{}{}", cert.pem(), pem_of(&inter.chain[0])))
+    }
+
+    /// True when this directory holds the intermediate's key, so it can issue certificates
+    /// (a component's mounted Secret usually does not).
+    pub fn can_issue(&self) -> bool {
+        self.key(Role::Intermediate).exists() && self.cert(Role::Intermediate).exists()
+    }
+
+    /// Issue the credential with which cluster `peer`'s node-syncs read this cluster's etcd
+    /// (the gRPC `connect`): CN `remote-<peer>` (the etcd user [`crate::etcd::add_remote_user`]
+    /// creates), SPIFFE id `spiffe://<our trust domain>/cluster/<peer>/remote`, for the public key
+    /// of `peer_cert_pem` (the peer's own `remote` certificate; only its key is used, the private
+    /// key never leaves the peer), signed by this cluster's intermediate. So this cluster's etcd
+    /// can trust only its own intermediate for clients (`ClientTrust::Cluster`) and still be read
+    /// by its peers, and `disconnect` revokes the peer by deleting the user.
+    ///
+    /// It lives as long as the intermediate that signs it: it is renewed when the intermediate
+    /// is (a re-issue is followed by `connect` again), and its expiry is exported where it is used.
+    /// Returns the chain (certificate, then intermediate) as PEM.
+    pub fn issue_remote_reader(&self, peer: &ClusterName, peer_cert_pem: &[u8]) -> Result<String> {
+        let what = format!("remote certificate of cluster {peer}");
+        let path = PathBuf::from(format!("<{what}>"));
+        let certs = files::parse_certs(&path, peer_cert_pem)?;
+        let spki = files::cert_spki(&path, &certs[0])?;
+        let key = rcgen::SubjectPublicKeyInfo::from_der(&spki).map_err(|e| issue_err(&what, e))?;
+        let now = OffsetDateTime::now_utc();
+        let inter = self.intermediate_info()?;
+        inter.check_valid_at(&self.cert(Role::Intermediate), now)?;
+        let td = TrustDomain::new(&self.info.trust_domain)?;
+        self.sign_for_key(
+            &Role::Remote.common_name(peer),
+            &SpiffeId::for_cluster(&td, peer, Role::Remote),
+            Role::Remote,
+            now - BACKDATE,
+            inter.not_after,
+            &[],
+            &key,
+            &format!("reader certificate of {peer} for {}", self.info.name),
+        )
     }
 
     /// SHA-256 fingerprints (hex) of the roots this cluster trusts, for `cluster-config`'s

@@ -71,6 +71,16 @@ pub fn in_dir(dir: &Path, roles: &[Role]) -> Vec<CertExpiry> {
     out
 }
 
+/// The leaf of a certificate chain held in memory (a reader certificate another cluster issued,
+/// from a `remotes/` entry), as `certificate`, with `origin` saying where it came from. `None`
+/// when `pem` holds no parsable certificate.
+pub fn of_pem(certificate: &str, origin: &str, pem: &str) -> Option<CertExpiry> {
+    let p = Path::new(origin);
+    let certs = crate::files::parse_certs(p, pem.as_bytes()).ok()?;
+    let leaf = CertInfo::from_der(p, certs.first()?).ok()?;
+    Some(entry(certificate.to_owned(), p, &leaf))
+}
+
 fn entry(certificate: String, path: &Path, info: &CertInfo) -> CertExpiry {
     CertExpiry {
         certificate,

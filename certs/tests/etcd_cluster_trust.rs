@@ -151,6 +151,68 @@ async fn another_clusters_key_or_a_federated_root_opens_nothing_in_this_clusters
         .expect_err("west's remote-west certificate is refused by east's own-cluster trust");
     assert!(e.contains("refused the client certificate"), "{e}");
 
+    // What the gRPC connect hands west's nodes: east signs west's own remote key as remote-west
+    // (the key never leaves west). With the user east creates at registration, west reads east
+    // with it; it cannot write; without the user (disconnect) it opens nothing.
+    let west_remote = std::fs::read(west.cert(Role::Remote)).unwrap();
+    let reader_pem = east
+        .issue_remote_reader(&west.info.name, &west_remote)
+        .expect("east issues west's reader certificate");
+    let reader_crt = tmp.path().join("west-reads-east.crt");
+    std::fs::write(&reader_crt, &reader_pem).unwrap();
+    let info = mesh_certs::CertInfo::from_pem_file(&reader_crt)
+        .unwrap()
+        .remove(0);
+    assert_eq!(info.common_name.as_deref(), Some("remote-west"));
+    assert_eq!(
+        info.not_after,
+        east.intermediate_info().unwrap().not_after,
+        "a reader certificate lives as long as the intermediate that signed it"
+    );
+    let minted = CertKeyPaths {
+        cert: reader_crt,
+        key: west.key(Role::Remote),
+    };
+    etcd::add_remote_user(&eps, &east.tls_files(Role::EtcdRoot), &west.info.name)
+        .await
+        .unwrap();
+    let files = TlsFiles {
+        ca_bundle: east.ca_bundle(),
+        identity: Some(minted.clone()),
+    };
+    let mut west_reader = etcd::connect(&eps, &files)
+        .await
+        .expect("west's key certified by east opens east's etcd");
+    let got = west_reader
+        .get("clustermesh/v1/services/east/default/x", None)
+        .await
+        .unwrap();
+    assert_eq!(got.kvs().len(), 1, "remote-west reads east's keys");
+    let e = can_write(&eps, &east.ca_bundle(), &minted)
+        .await
+        .expect_err("remote-west is read-only");
+    assert!(e.contains("permission denied"), "{e}");
+    etcd::remove_remote_user(&eps, &east.tls_files(Role::EtcdRoot), &west.info.name)
+        .await
+        .unwrap();
+    let e = west_reader
+        .get("clustermesh/v1/services/east/default/x", None)
+        .await
+        .expect_err("a disconnected peer's reader certificate opens nothing");
+    eprintln!("after disconnect: {e}");
+    // Only a certificate is taken: a key or garbage is refused, naming what it is.
+    let e = east
+        .issue_remote_reader(
+            &west.info.name,
+            &std::fs::read(west.key(Role::Remote)).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("remote certificate of cluster west") && e.contains("private key"),
+        "{e}"
+    );
+
     // A directory issued before client-ca.pem existed is refused with the file named.
     std::fs::remove_file(east.client_ca()).unwrap();
     let e = EtcdSpec::for_cluster(

@@ -91,9 +91,10 @@ pub struct Args {
     /// one compromised cluster can write here). `cluster`: only this cluster's own intermediates
     /// (client-ca.pem of --tls-dir, written by `clustermesh ca issue-cluster`): every credential
     /// that opens this etcd was issued by this cluster. With `cluster`, other clusters must read
-    /// it with the remote certificate this cluster issued, which `clustermesh connect --context`
-    /// hands them; the gRPC `connect` and other clusters' KVStoreMesh still present their own
-    /// cluster's certificate and are refused.
+    /// it with credentials this cluster issued: its remote certificate, which `clustermesh connect
+    /// --context` hands them, or the reader certificate this apiserver signs for their remote key
+    /// during the gRPC `connect` (needs intermediate.key in --tls-dir; without it the gRPC connect
+    /// to this cluster fails its preflight).
     #[arg(
         long,
         env = "CLUSTERMESH_MANAGED_ETCD_CLIENT_TRUST",

@@ -212,9 +212,21 @@ async fn connect_peer(remote: &RemoteCluster, tls: &MirrorTls) -> Result<Client,
             .map_err(|e| format!("writing {}: {e}", p.display()))?;
         p
     };
+    // The certificate the remote issued for our remote key, when it did (its etcd may trust
+    // only its own intermediate); else our own remote certificate.
+    let mut identity = dir.cert_key(mesh_certs::Role::Remote);
+    if !remote.client_cert.trim().is_empty() {
+        let p = tls
+            .work_dir
+            .join(format!("remote-{}-client.crt", remote.name.as_str()));
+        std::fs::create_dir_all(&tls.work_dir)
+            .and_then(|()| std::fs::write(&p, &remote.client_cert))
+            .map_err(|e| format!("writing {}: {e}", p.display()))?;
+        identity.cert = p;
+    }
     let files = mesh_certs::TlsFiles {
         ca_bundle,
-        identity: Some(dir.cert_key(mesh_certs::Role::Remote)),
+        identity: Some(identity),
     };
     mesh_certs::etcd::connect(&remote.endpoints, &files)
         .await
@@ -532,6 +544,7 @@ mod tests {
             id: ClusterId::new(id, MaxConnectedClusters::DEFAULT).unwrap(),
             endpoints: vec![],
             ca_bundle: String::new(),
+            client_cert: String::new(),
         }
     }
 

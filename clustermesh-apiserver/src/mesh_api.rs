@@ -97,7 +97,7 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
             }
         });
     }
-    let control = EtcdMeshControl::new(
+    let mut control = EtcdMeshControl::new(
         config,
         dir.clone(),
         args.etcd_endpoints.clone(),
@@ -108,6 +108,16 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
         },
         rx,
     );
+    if args.etcd_endpoints.is_empty() {
+        // Managed etcd: this apiserver knows whom it trusts for clients.
+        Arc::get_mut(&mut control)
+            .expect("the control is not shared yet")
+            .etcd_client_trust = match args.managed_etcd_client_trust {
+            crate::args::EtcdClientTrust::Mesh => "mesh",
+            crate::args::EtcdClientTrust::Cluster => "cluster",
+        }
+        .to_owned();
+    }
     status.mesh.set(control.clone());
     let tls =
         mesh_certs::tls::grpc_server_config(&dir.tls_files(Role::Apiserver), ClientAuth::Required)

@@ -71,6 +71,7 @@ async fn mirrors_a_remote_follows_it_imports_its_services_and_forgets_it() {
         id: ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
         endpoints: vec![etcd_b.url()],
         ca_bundle: String::new(),
+        client_cert: String::new(),
     });
     a.put(key.to_string(), value.encode(), None).await.unwrap();
 
@@ -264,6 +265,7 @@ async fn refuses_and_counts_garbage_of_a_remote_and_mirrors_the_rest() {
         id: ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
         endpoints: vec![etcd_b.url()],
         ca_bundle: String::new(),
+        client_cert: String::new(),
     });
     a.put(key.to_string(), value.encode(), None).await.unwrap();
 

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clustermesh_api::pb::cluster_mesh_client::ClusterMeshClient;
 use clustermesh_api::pb::{
     AddTrustBundleRequest, ClusterInfo, GetClusterInfoRequest, GetStatusRequest,
-    RegisterRemoteRequest, UnregisterRemoteRequest,
+    IssueRemoteReaderRequest, RegisterRemoteRequest, UnregisterRemoteRequest,
 };
 use mesh_certs::{ClusterDir, Role};
 use mesh_model::status::MeshStatus;
@@ -250,7 +250,8 @@ pub async fn connect(
     let mut pb = open(b)
         .await
         .with_context(|| format!("cluster B at {}", b.addr))?;
-    let checks = preflight(&pa.info, &pb.info, opts.federate);
+    let mut checks = preflight(&pa.info, &pb.info, opts.federate);
+    checks.extend(reader_checks(&pa.info, &pb.info, opts.unidirectional));
     for c in &checks {
         progress(&c.line());
     }
@@ -268,14 +269,21 @@ pub async fn connect(
             trust(&mut pb, &pa.info, progress).await?;
         }
     }
+    // Reader certificates first: the cluster that is read signs the reader's remote key.
+    let a_reads_b = issue_reader(&mut pb, &pa.info, progress).await?;
+    let b_reads_a = if opts.unidirectional {
+        String::new()
+    } else {
+        issue_reader(&mut pa, &pb.info, progress).await?
+    };
     let mut registrations = Vec::new();
-    let pairs: Vec<(&mut Peer, ClusterInfo)> = if opts.unidirectional {
-        vec![(&mut pa, pb.info.clone())]
+    let pairs: Vec<(&mut Peer, ClusterInfo, String)> = if opts.unidirectional {
+        vec![(&mut pa, pb.info.clone(), a_reads_b)]
     } else {
         let (ia, ib) = (pa.info.clone(), pb.info.clone());
-        vec![(&mut pa, ib), (&mut pb, ia)]
+        vec![(&mut pa, ib, a_reads_b), (&mut pb, ia, b_reads_a)]
     };
-    for (at, other) in pairs {
+    for (at, other, client_cert_pem) in pairs {
         let req = RegisterRemoteRequest {
             name: other.name.clone(),
             id: other.id,
@@ -285,6 +293,7 @@ pub async fn connect(
             } else {
                 other.ca_bundle_pem.clone()
             },
+            client_cert_pem,
         };
         let changed = at
             .client
@@ -322,6 +331,104 @@ pub async fn connect(
         registrations,
         synced,
     })
+}
+
+/// Whether `info`'s apiserver can sign reader certificates (it holds the intermediate key).
+fn issues_readers(info: &ClusterInfo) -> bool {
+    info.capabilities
+        .iter()
+        .any(|c| c == clustermesh_api::control::ISSUE_REMOTE_READER)
+}
+
+/// How each side's nodes will be let into the other's etcd (pure). `a` reads `b` always, `b`
+/// reads `a` unless `unidirectional`. A cluster whose etcd trusts only its own intermediate
+/// (`etcd_client_trust` "cluster") must issue the reader's certificate; one that cannot and
+/// trusts the mesh root lets the reader in with its own remote certificate (a warning: any
+/// cluster's intermediate then speaks for its etcd users).
+pub fn reader_checks(a: &ClusterInfo, b: &ClusterInfo, unidirectional: bool) -> Vec<Check> {
+    let mut dirs = vec![(a, b)];
+    if !unidirectional {
+        dirs.push((b, a));
+    }
+    dirs.into_iter()
+        .map(|(reader, read)| {
+            let name = format!("{} reads {}", reader.name, read.name);
+            if issues_readers(read) && !reader.remote_cert_pem.is_empty() {
+                Check::new(
+                    &name,
+                    Verdict::Ok,
+                    format!(
+                        "{} signs {}'s remote key as remote-{} (its own intermediate)",
+                        read.name, reader.name, reader.name
+                    ),
+                )
+            } else {
+                let why = if reader.remote_cert_pem.is_empty() {
+                    format!("{}'s apiserver does not hold its remote certificate", reader.name)
+                } else {
+                    format!(
+                        "{}'s apiserver cannot issue certificates (no intermediate key)",
+                        read.name
+                    )
+                };
+                if read.etcd_client_trust == "cluster" {
+                    Check::new(
+                        &name,
+                        Verdict::Fail,
+                        format!(
+                            "{}'s etcd trusts only its own intermediate and {why}: give the apiserver \
+                             the intermediate, or connect with --context (hands {} {}'s own remote \
+                             certificate)",
+                            read.name, reader.name, read.name
+                        ),
+                    )
+                } else {
+                    Check::new(
+                        &name,
+                        Verdict::Warn,
+                        format!(
+                            "{why}: {}'s nodes present their own remote certificate, which {}'s etcd \
+                             accepts only while it trusts the whole mesh",
+                            reader.name, read.name
+                        ),
+                    )
+                }
+            }
+        })
+        .collect()
+}
+
+/// The certificate `read` issues for `reader`'s nodes (empty when it cannot; [`reader_checks`]
+/// said whether that is allowed).
+async fn issue_reader(
+    read: &mut Peer,
+    reader: &ClusterInfo,
+    progress: &mut dyn FnMut(&str),
+) -> Result<String> {
+    if !issues_readers(&read.info) || reader.remote_cert_pem.is_empty() {
+        return Ok(String::new());
+    }
+    let r = read
+        .client
+        .issue_remote_reader(IssueRemoteReaderRequest {
+            name: reader.name.clone(),
+            remote_cert_pem: reader.remote_cert_pem.clone(),
+        })
+        .await
+        .map_err(|s| {
+            anyhow!(
+                "issue {}'s reader certificate at {}: {}",
+                reader.name,
+                read.info.name,
+                s.message()
+            )
+        })?
+        .into_inner();
+    progress(&format!(
+        "✔ {} issued remote-{} for {}'s nodes (valid until {})",
+        read.info.name, reader.name, reader.name, r.not_after
+    ));
+    Ok(r.cert_pem)
 }
 
 /// Federation: `at` adds `other`'s CA bundle to the roots it trusts.

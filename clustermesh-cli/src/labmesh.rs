@@ -58,11 +58,15 @@ pub struct LabMeshSpec {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year; see `LabSpec::leaf_lifetime`).
     pub leaf_lifetime: Option<Duration>,
-    /// Per-cluster trust: every etcd trusts for clients only its own cluster's intermediate, and
-    /// every node-sync reads each other cluster through that cluster's own read-only `remote`
-    /// certificate, from `--remote-config-dir` entries as `clustermesh connect --context` writes
-    /// them (the clusters are then connected from the start; the gRPC connect is not used).
+    /// Per-cluster trust: every etcd trusts for clients only its own cluster's intermediate (its
+    /// `client-ca.pem`). The clusters then read each other with credentials the read cluster
+    /// issued: the reader certificates the gRPC connect has minted, or with
+    /// [`LabMeshSpec::static_remotes`] each cluster's own `remote` certificate.
     pub cluster_trust: bool,
+    /// Every node-sync reads each other cluster through that cluster's own read-only `remote`
+    /// certificate, from `--remote-config-dir` entries as `clustermesh connect --context` writes
+    /// them (the clusters are then connected from the start; the gRPC connect is not needed).
+    pub static_remotes: bool,
 }
 
 impl LabMeshSpec {
@@ -82,6 +86,7 @@ impl LabMeshSpec {
             kvstoremesh: false,
             leaf_lifetime: None,
             cluster_trust: false,
+            static_remotes: false,
         }
     }
 }
@@ -214,7 +219,7 @@ impl LabMesh {
             }
             mesh.start_apiserver(c)?;
         }
-        if mesh.spec.cluster_trust {
+        if mesh.spec.static_remotes {
             for c in 1..=mesh.spec.clusters {
                 mesh.write_remote_entries(c)?;
             }
@@ -502,7 +507,7 @@ impl LabMesh {
         if self.spec.kvstoremesh {
             cmd.arg("--kvstoremesh");
         }
-        if self.spec.cluster_trust {
+        if self.spec.static_remotes {
             cmd.arg(format!(
                 "--remote-config-dir={}",
                 self.remotes_dir(c).display()
@@ -516,7 +521,7 @@ impl LabMesh {
         Ok(())
     }
 
-    /// Where cluster `c`'s node-syncs read their static remotes (with [`LabMeshSpec::cluster_trust`]).
+    /// Where cluster `c`'s node-syncs read their static remotes (with [`LabMeshSpec::static_remotes`]).
     pub fn remotes_dir(&self, c: usize) -> PathBuf {
         self.lab().state_dir().join(format!("remotes-c{c}"))
     }

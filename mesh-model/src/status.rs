@@ -449,6 +449,7 @@ mod tests {
             id: ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
             endpoints: vec!["https://10.0.2.1:2379".into()],
             ca_bundle: String::new(),
+            client_cert: String::new(),
         }
     }
     fn api() -> ApiserverState {

@@ -446,6 +446,13 @@ pub struct RemoteCluster {
     /// meshes share a root.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ca_bundle: String,
+    /// PEM chain of the certificate the remote issued for this cluster's `remote` key (CN
+    /// `remote-<cluster>`, signed by the remote's own intermediate): what `<cluster>`'s node-syncs
+    /// and KVStoreMesh present to the remote's etcd, so that etcd can trust only its own cluster's
+    /// issuer. Empty: they present their own `remote` certificate (a remote trusting the mesh root).
+    /// A certificate, not a secret: the key stays in the cluster's own files.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_cert: String,
 }
 
 /// One remote cluster as a node-sync sees it, in [`NodeStatus`].
@@ -850,6 +857,14 @@ impl MeshValue {
                 if r.endpoints.is_empty() {
                     return Err(bad("a remote needs at least one etcd endpoint".into()));
                 }
+                if !r.client_cert.is_empty()
+                    && !r.client_cert.contains("-----BEGIN CERTIFICATE-----")
+                {
+                    return Err(bad(
+                        "clientCert is not a PEM certificate (no \"-----BEGIN CERTIFICATE-----\")"
+                            .into(),
+                    ));
+                }
                 Ok(())
             }
             (MeshValue::NodeStatus(s), MeshKey::NodeStatus { node, .. }) => {
@@ -1068,6 +1083,7 @@ mod tests {
                 id: ClusterId::new(2, MaxConnectedClusters::DEFAULT).unwrap(),
                 endpoints: vec!["https://10.0.2.1:2379".into()],
                 ca_bundle: String::new(),
+                client_cert: String::new(),
             }),
         );
     }

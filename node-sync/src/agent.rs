@@ -226,6 +226,38 @@ pub struct DestroyStats {
 }
 
 impl AgentState {
+    /// The certificates this node-sync loads and when they expire: the node and remote leaves of
+    /// `--tls-dir` (with their intermediate and the bundle's roots) and each reader certificate a
+    /// remote cluster issued us (`remote-reader-<cluster>`, from its `remotes/` entry).
+    pub fn cert_expiries(&self) -> Vec<mesh_certs::expiry::CertExpiry> {
+        let Some(dir) = self.opts.tls_dir.as_deref() else {
+            return Vec::new();
+        };
+        let mut out =
+            mesh_certs::expiry::in_dir(dir, &[mesh_certs::Role::Node, mesh_certs::Role::Remote]);
+        for (name, c) in &self.clusters {
+            let Some(pem) = c
+                .source
+                .as_ref()
+                .and_then(|s| s.tls.as_ref())
+                .and_then(|t| t.cert_pem.as_deref())
+            else {
+                continue;
+            };
+            let origin = format!(
+                "{}remotes/{}/{name} clientCert",
+                mesh_model::keys::PREFIX,
+                self.opts.cluster
+            );
+            out.extend(mesh_certs::expiry::of_pem(
+                &format!("remote-reader-{name}"),
+                &origin,
+                pem,
+            ));
+        }
+        out
+    }
+
     /// Read the kernel's connect outcomes into the golden signals (for `/metrics` and the status).
     pub fn refresh_golden(&mut self) {
         let Some(r) = self.reconciler.as_mut() else {
@@ -331,13 +363,10 @@ impl AgentState {
                 .opts
                 .tls_dir
                 .as_deref()
-                .map(|d| {
+                .map(|_| {
                     mesh_certs::expiry::warnings(
                         "node-sync",
-                        &mesh_certs::expiry::in_dir(
-                            d,
-                            &[mesh_certs::Role::Node, mesh_certs::Role::Remote],
-                        ),
+                        &self.cert_expiries(),
                         time::OffsetDateTime::now_utc().unix_timestamp(),
                     )
                 })

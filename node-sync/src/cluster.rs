@@ -49,6 +49,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Client key (PEM file).
     pub key: PathBuf,
+    /// A client certificate chain given inline, presented instead of `cert` with `key`: the one
+    /// the remote cluster issued for this cluster's remote key (a `remotes/` entry's clientCert).
+    pub cert_pem: Option<String>,
 }
 
 /// Where a CA bundle comes from.
@@ -90,6 +93,7 @@ pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
                 ca: CaSource::File(f.ca_bundle),
                 cert: id.cert,
                 key: id.key,
+                cert_pem: None,
             };
         }
     }
@@ -97,6 +101,7 @@ pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
         ca: CaSource::File(dir.join("ca.crt")),
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
+        cert_pem: None,
     }
 }
 
@@ -178,7 +183,12 @@ pub fn parse_remote_file(
             .map(resolve)
             .or_else(|| defaults.as_ref().map(|d| d.key.clone()));
         match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca,
+                cert,
+                key,
+                cert_pem: None,
+            }),
             _ => {
                 return Err(bad(
                     "https endpoints need ca-file, cert-file and key-file (or --tls-dir)".into(),
@@ -256,6 +266,9 @@ pub fn source_from_entry(r: &RemoteCluster, tls_dir: Option<&Path>) -> ClusterSo
             let mut t = tls_from_dir(d, true);
             if !r.ca_bundle.is_empty() {
                 t.ca = CaSource::Pem(r.ca_bundle.clone());
+            }
+            if !r.client_cert.is_empty() {
+                t.cert_pem = Some(r.client_cert.clone());
             }
             t
         })
@@ -575,10 +588,31 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
             }
             CaSource::Pem(s) => s.clone().into_bytes(),
         };
-        let cert = std::fs::read(&tls.cert)
-            .map_err(|e| format!("reading client certificate {}: {e}", tls.cert.display()))?;
         let key = std::fs::read(&tls.key)
             .map_err(|e| format!("reading client key {}: {e}", tls.key.display()))?;
+        let read_own = || {
+            std::fs::read(&tls.cert)
+                .map_err(|e| format!("reading client certificate {}: {e}", tls.cert.display()))
+        };
+        let cert = match &tls.cert_pem {
+            Some(pem) => match issued_for_key(pem, &tls.key) {
+                Ok(()) => pem.clone().into_bytes(),
+                Err(why) => {
+                    // Our remote key was replaced (issue-cluster again) after the remote signed
+                    // the old one: its certificate cannot be used; ours may still be trusted
+                    // there (mesh trust). `connect` again gets a new one.
+                    tracing::warn!(
+                        endpoints = ?source.endpoints,
+                        %why,
+                        fallback = %tls.cert.display(),
+                        "the client certificate the remote cluster issued us does not fit our key; \
+                         presenting our own (run clustermesh connect again to have it re-issued)"
+                    );
+                    read_own()?
+                }
+            },
+            None => read_own()?,
+        };
         opts = opts.with_tls(
             TlsOptions::new()
                 .ca_certificate(Certificate::from_pem(ca))
@@ -594,6 +628,16 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
     mesh_certs::etcd::connect_any_member(&source.endpoints, &opts, timeout)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Whether the certificate chain `pem` (one a remote cluster issued) certifies the private key
+/// in `key_path`.
+fn issued_for_key(pem: &str, key_path: &Path) -> Result<(), String> {
+    let what = Path::new("<clientCert of the remotes/ entry>");
+    let certs = mesh_certs::files::parse_certs(what, pem.as_bytes()).map_err(|e| e.to_string())?;
+    let leaf = certs.first().ok_or("no certificate")?;
+    let key = mesh_certs::files::load_key(key_path).map_err(|e| e.to_string())?;
+    mesh_certs::files::check_key_matches(what, leaf, key_path, &key).map_err(|e| e.to_string())
 }
 
 struct WatchState {
@@ -667,10 +711,17 @@ pub fn explain(source: &ClusterSource, err: &str) -> String {
             || err.contains("unknown ca")
             || err.contains("UnknownCA")
         {
-            msg.push_str(&format!(
-                " (the etcd server refused our client certificate {})",
-                tls.cert.display()
-            ));
+            match &tls.cert_pem {
+                Some(_) => msg.push_str(&format!(
+                    " (the etcd server refused the client certificate it issued for our key {}: \
+                     disconnected, or its intermediate was re-issued; run clustermesh connect again)",
+                    tls.key.display()
+                )),
+                None => msg.push_str(&format!(
+                    " (the etcd server refused our client certificate {})",
+                    tls.cert.display()
+                )),
+            }
         } else if err.contains("NotValidForName") || err.contains("not valid for name") {
             msg.push_str(" (the etcd server's certificate does not name this address)");
         }
@@ -912,6 +963,38 @@ mod tests {
 
     fn c(n: &str) -> ClusterName {
         ClusterName::new(n).unwrap()
+    }
+
+    /// The certificate a remote issued us is used only with the key it certifies: after our
+    /// remote key was replaced it is not a fit, and connect falls back to our own certificate.
+    #[test]
+    fn an_issued_client_certificate_fits_only_the_key_it_certifies() {
+        use mesh_certs::{ClusterRequest, Role, RootCa, TrustDomain, Validity};
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = RootCa::init(
+            &tmp.path().join("ca"),
+            &TrustDomain::new("fit.test").unwrap(),
+            &Validity::default(),
+        )
+        .unwrap();
+        let dir = |n: &str, id: u32| {
+            ca.issue_cluster(&ClusterRequest {
+                cluster: c(n),
+                id: ClusterId::new(id, MaxConnectedClusters::DEFAULT).unwrap(),
+                out: tmp.path().join(n),
+                sans: vec![],
+                validity: Validity::default(),
+            })
+            .unwrap()
+        };
+        let (east, west) = (dir("east", 1), dir("west", 2));
+        let pem = east
+            .issue_remote_reader(&c("west"), &std::fs::read(west.cert(Role::Remote)).unwrap())
+            .unwrap();
+        issued_for_key(&pem, &west.key(Role::Remote)).expect("west's own key fits");
+        let e = issued_for_key(&pem, &east.key(Role::Remote)).unwrap_err();
+        assert!(e.contains("does not match") || e.contains("key"), "{e}");
+        assert!(issued_for_key("garbage", &west.key(Role::Remote)).is_err());
     }
 
     fn src(name: &str, id: Option<u32>) -> ClusterSource {

@@ -322,12 +322,7 @@ pub fn render_metrics(st: &AgentState) -> String {
     );
     let _ = writeln!(o, "nodesync_endpoints {}", st.index.endpoint_count());
     render_golden(&mut o, st);
-    let certs = st
-        .opts
-        .tls_dir
-        .as_deref()
-        .map(|d| mesh_certs::expiry::in_dir(d, &[mesh_certs::Role::Node, mesh_certs::Role::Remote]))
-        .unwrap_or_default();
+    let certs = st.cert_expiries();
     o.push_str(&mesh_certs::expiry::prometheus("node-sync", &certs));
     if let Some(dns) = &st.dns_metrics {
         o.push_str(&dns.prometheus());

@@ -272,6 +272,7 @@ async fn remotes_follow_the_config_dir_and_local_etcd_entries_without_restart() 
         id: ClusterId::new(3, MaxConnectedClusters::DEFAULT).unwrap(),
         endpoints: vec![e3.url()],
         ca_bundle: String::new(),
+        client_cert: String::new(),
     };
     let key = MeshKey::Remote {
         cluster: c("c1"),

@@ -19,6 +19,10 @@ use tracing::warn;
 use crate::pb::ClusterInfo;
 use crate::{ApiError, MeshControl};
 
+/// The capability a cluster advertises when its apiserver holds the intermediate key and so can
+/// answer `IssueRemoteReader`.
+pub const ISSUE_REMOTE_READER: &str = "issue-remote-reader";
+
 /// The API over etcd.
 pub struct EtcdMeshControl {
     config: ClusterConfig,
@@ -33,6 +37,9 @@ pub struct EtcdMeshControl {
     pub service_cidrs: Vec<String>,
     /// Pod CIDRs of the cluster.
     pub pod_cidrs: Vec<String>,
+    /// Whom the cluster's etcd trusts for clients (`cluster`, `mesh`), when this apiserver runs
+    /// it; empty when not known (an external etcd).
+    pub etcd_client_trust: String,
 }
 
 impl EtcdMeshControl {
@@ -53,6 +60,7 @@ impl EtcdMeshControl {
             client: Mutex::new(None),
             service_cidrs: Vec::new(),
             pod_cidrs: Vec::new(),
+            etcd_client_trust: String::new(),
         })
     }
 
@@ -142,12 +150,21 @@ impl MeshControl for EtcdMeshControl {
                 .ca_fingerprints()
                 .map_err(|e| ApiError::Unavailable(e.to_string()))?,
             ca_bundle_pem: bundle,
-            capabilities: vec!["sync-canaries".into(), "endpoint-chunks".into()],
+            capabilities: {
+                let mut c = vec!["sync-canaries".to_owned(), "endpoint-chunks".to_owned()];
+                if self.dir.can_issue() {
+                    c.push(ISSUE_REMOTE_READER.to_owned());
+                }
+                c
+            },
             version: env!("CARGO_PKG_VERSION").into(),
             pod_cidrs: self.pod_cidrs.clone(),
             service_cidrs: self.service_cidrs.clone(),
             trust_domain: self.dir.info.trust_domain.to_string(),
             remotes: remotes.iter().map(|r| r.name.to_string()).collect(),
+            remote_cert_pem: std::fs::read_to_string(self.dir.cert(Role::Remote))
+                .unwrap_or_default(),
+            etcd_client_trust: self.etcd_client_trust.clone(),
         })
     }
 
@@ -234,6 +251,15 @@ impl MeshControl for EtcdMeshControl {
         value
             .validate(&key)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let mut remote = remote;
+        if let Some(old) = existing.iter().find(|r| r.name == remote.name)
+            && keeps_client_cert(&old.client_cert, &remote.client_cert)
+        {
+            // `connect` again brings a freshly signed certificate for the same key: the one
+            // registered serves as well, so nothing changes (and no node-sync reconnects).
+            remote.client_cert = old.client_cert.clone();
+        }
+        let value = MeshValue::Remote(remote.clone());
         let changed = existing.iter().find(|r| r.name == remote.name) != Some(&remote);
         // The user first: a node-sync that sees the registration can log in at once.
         mesh_certs::etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &remote.name)
@@ -255,6 +281,39 @@ impl MeshControl for EtcdMeshControl {
             .map_err(|e| ApiError::Unavailable(format!("etcd put {key}: {e}")))?;
         }
         Ok(changed)
+    }
+
+    async fn issue_remote_reader(
+        &self,
+        peer: ClusterName,
+        remote_cert_pem: String,
+    ) -> Result<(String, String), ApiError> {
+        if peer == self.config.name {
+            return Err(ApiError::Invalid(format!(
+                "cluster {peer} cannot be its own remote reader"
+            )));
+        }
+        if !self.dir.can_issue() {
+            return Err(ApiError::Unavailable(format!(
+                "this apiserver cannot issue certificates: {} is not in its --tls-dir (mount the \
+                 cluster's intermediate, or connect with --context, which hands peers this \
+                 cluster's own remote certificate)",
+                self.dir.key(Role::Intermediate).display()
+            )));
+        }
+        let pem = self
+            .dir
+            .issue_remote_reader(&peer, remote_cert_pem.as_bytes())
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let not_after = self
+            .dir
+            .intermediate_info()
+            .map(|i| format_time(i.not_after))
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        mesh_certs::etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &peer)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("create etcd user remote-{peer}: {e}")))?;
+        Ok((pem, not_after))
     }
 
     async fn unregister_remote(&self, name: ClusterName) -> Result<bool, ApiError> {
@@ -314,4 +373,29 @@ fn tempfile_path(dir: &ClusterDir) -> std::path::PathBuf {
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
     parent.join(format!(".incoming-bundle-{}.pem", std::process::id()))
+}
+
+/// Whether a registered client certificate may stay when a registration brings `new`: both are
+/// certificates of the same key by the same issuer, and the registered one has more than a third
+/// of its life left (the renewal rule of `ca renew`). An empty `new` (a peer that cannot issue)
+/// keeps nothing.
+fn keeps_client_cert(old: &str, new: &str) -> bool {
+    if old.is_empty() || new.is_empty() || old == new {
+        return false;
+    }
+    let parse = |pem: &str| {
+        let p = std::path::Path::new("<clientCert>");
+        let certs = mesh_certs::files::parse_certs(p, pem.as_bytes()).ok()?;
+        let leaf = certs.first()?;
+        let info = mesh_certs::CertInfo::from_der(p, leaf).ok()?;
+        let spki = mesh_certs::files::cert_spki(p, leaf).ok()?;
+        let issuer = certs.get(1).map(|c| c.to_vec());
+        Some((info, spki, issuer))
+    };
+    let (Some((o, ospki, oiss)), Some((_, nspki, niss))) = (parse(old), parse(new)) else {
+        return false;
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let life = o.not_after - o.not_before;
+    ospki == nspki && oiss == niss && o.not_before <= now && now < o.not_after - life / 3
 }

@@ -64,6 +64,14 @@ pub trait MeshControl: Send + Sync + 'static {
     async fn status(&self) -> Result<MeshStatus, ApiError>;
     /// Register a remote cluster; `Ok(false)` when it already was, exactly so.
     async fn register_remote(&self, remote: RemoteCluster) -> Result<bool, ApiError>;
+    /// Let `peer`'s node-syncs read this cluster: create the etcd user `remote-<peer>` and sign the
+    /// key of `remote_cert_pem` (the peer's own remote certificate) with this cluster's
+    /// intermediate. Returns the chain (PEM) and its end of validity (RFC 3339).
+    async fn issue_remote_reader(
+        &self,
+        peer: ClusterName,
+        remote_cert_pem: String,
+    ) -> Result<(String, String), ApiError>;
     /// Remove a remote cluster's registration; `Ok(false)` when there was none.
     async fn unregister_remote(&self, name: ClusterName) -> Result<bool, ApiError>;
     /// Add roots to the trust bundle; returns whether it changed and the fingerprints now trusted.

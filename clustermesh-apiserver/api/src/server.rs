@@ -15,8 +15,9 @@ use tracing::{info, warn};
 use crate::pb::cluster_mesh_server::{ClusterMesh, ClusterMeshServer};
 use crate::pb::{
     AddTrustBundleRequest, AddTrustBundleResponse, ClusterInfo, GetClusterInfoRequest,
-    GetStatusRequest, GetStatusResponse, RegisterRemoteRequest, RegisterRemoteResponse,
-    UnregisterRemoteRequest, UnregisterRemoteResponse,
+    GetStatusRequest, GetStatusResponse, IssueRemoteReaderRequest, IssueRemoteReaderResponse,
+    RegisterRemoteRequest, RegisterRemoteResponse, UnregisterRemoteRequest,
+    UnregisterRemoteResponse,
 };
 use crate::{ApiError, MeshControl};
 
@@ -137,6 +138,7 @@ impl<C: MeshControl> ClusterMesh for MeshService<C> {
             id,
             endpoints: r.etcd_endpoints,
             ca_bundle: r.ca_bundle_pem,
+            client_cert: r.client_cert_pem,
         };
         let key = format!(
             "{}{}/{}",
@@ -147,6 +149,29 @@ impl<C: MeshControl> ClusterMesh for MeshService<C> {
         let changed = self.control.register_remote(remote).await?;
         info!(%key, changed, "remote cluster registered");
         Ok(Response::new(RegisterRemoteResponse { changed }))
+    }
+
+    async fn issue_remote_reader(
+        &self,
+        req: Request<IssueRemoteReaderRequest>,
+    ) -> Result<Response<IssueRemoteReaderResponse>, Status> {
+        self.check_admin(&req, "IssueRemoteReader")?;
+        let r = req.into_inner();
+        let name = cluster_name("name", &r.name)?;
+        if r.remote_cert_pem.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "remote_cert_pem: the peer's remote certificate is needed (its key is signed)",
+            ));
+        }
+        let (cert_pem, not_after) = self
+            .control
+            .issue_remote_reader(name.clone(), r.remote_cert_pem)
+            .await?;
+        info!(peer = %name, %not_after, "issued a reader certificate (remote-{name})");
+        Ok(Response::new(IssueRemoteReaderResponse {
+            cert_pem,
+            not_after,
+        }))
     }
 
     async fn unregister_remote(

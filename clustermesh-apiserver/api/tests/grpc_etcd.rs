@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clustermesh_api::control::EtcdMeshControl;
 use clustermesh_api::pb::{
-    GetClusterInfoRequest, GetStatusRequest, RegisterRemoteRequest, UnregisterRemoteRequest,
+    GetClusterInfoRequest, GetStatusRequest, IssueRemoteReaderRequest, RegisterRemoteRequest,
+    UnregisterRemoteRequest,
 };
 use mesh_certs::etcd::bootstrap_auth;
 use mesh_certs::tls::ClientAuth;
@@ -109,6 +110,7 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
         id: 2,
         etcd_endpoints: vec!["https://127.0.0.1:1".into()],
         ca_bundle_pem: String::new(),
+        client_cert_pem: String::new(),
     };
     let err = node.register_remote(reg.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -294,6 +296,219 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
 
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
+}
+
+/// Per-cluster trust through the gRPC connect (issue 17): c1's etcd trusts only c1's intermediate
+/// for clients, so c2's own remote certificate opens nothing there; c1's apiserver signs c2's
+/// remote key as `remote-c2` (the key never leaves c2), c2 reads c1 with it and cannot write,
+/// registering it again with a freshly signed twin changes nothing, and a disconnect revokes it.
+#[tokio::test]
+async fn a_peer_reads_a_cluster_trusting_only_itself_with_the_certificate_it_issued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = RootCa::init(
+        &tmp.path().join("ca"),
+        &TrustDomain::new("reader.test").unwrap(),
+        &Validity::default(),
+    )
+    .unwrap();
+    let c1 = issue(&ca, "c1", 1, &tmp.path().join("c1"));
+    let c2 = issue(&ca, "c2", 2, &tmp.path().join("c2"));
+    mesh_testkit::require_etcd();
+    let etcd = mesh_certs::etcd::EtcdSpec::for_cluster(
+        &c1,
+        tmp.path().join("etcd-c1"),
+        format!("https://127.0.0.1:{}", mesh_testkit::free_port()),
+        format!("http://127.0.0.1:{}", mesh_testkit::free_port()),
+    )
+    .client_trust(&c1, mesh_certs::etcd::ClientTrust::Cluster)
+    .unwrap()
+    .spawn(std::time::Duration::from_secs(30))
+    .await
+    .unwrap();
+    let eps = etcd.endpoints();
+    bootstrap_auth(&eps, &c1.tls_files(Role::EtcdRoot), &c1.info.name)
+        .await
+        .unwrap();
+    let config = ClusterConfig {
+        name: ClusterName::new("c1").unwrap(),
+        id: ClusterId::new(1, MaxConnectedClusters::DEFAULT).unwrap(),
+        max_connected_clusters: MaxConnectedClusters::DEFAULT,
+        capabilities: Capabilities::default(),
+        ca_fingerprints: vec![],
+    };
+    let (_state_tx, state) = tokio::sync::watch::channel(ApiserverState {
+        ready: true,
+        etcd_healthy: true,
+        is_leader: true,
+        ..Default::default()
+    });
+    let mut control = EtcdMeshControl::new(config, c1.clone(), eps.clone(), eps.clone(), state);
+    Arc::get_mut(&mut control).unwrap().etcd_client_trust = "cluster".into();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls =
+        mesh_certs::tls::grpc_server_config(&c1.tls_files(Role::Apiserver), ClientAuth::Required)
+            .unwrap();
+    let server = tokio::spawn(clustermesh_api::server::serve(
+        listener,
+        tls,
+        control,
+        std::future::pending(),
+    ));
+
+    let mut admin = clustermesh_api::client::connect(addr, &c1, Role::Admin)
+        .await
+        .unwrap();
+    let info = admin
+        .get_cluster_info(GetClusterInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.capabilities
+            .iter()
+            .any(|c| c == clustermesh_api::control::ISSUE_REMOTE_READER),
+        "{:?}",
+        info.capabilities
+    );
+    assert_eq!(info.etcd_client_trust, "cluster");
+    assert_eq!(
+        info.remote_cert_pem,
+        std::fs::read_to_string(c1.cert(Role::Remote)).unwrap(),
+        "the info hands out c1's own remote certificate (public), for peers to have signed"
+    );
+
+    // c2's own remote certificate does not open c1's etcd under per-cluster trust.
+    let c2_remote = c2.tls_files(Role::Remote);
+    let own = mesh_certs::etcd::connect(
+        &eps,
+        &mesh_certs::TlsFiles {
+            ca_bundle: c1.ca_bundle(),
+            identity: c2_remote.identity.clone(),
+        },
+    )
+    .await;
+    let refused = match own {
+        Err(e) => e.to_string(),
+        Ok(mut c) => c
+            .get("clustermesh/v1/remotes/c1/", None)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string(),
+    };
+    eprintln!("c2's own remote certificate: {refused}");
+
+    // Only c1's admin has c1 sign.
+    let ask = IssueRemoteReaderRequest {
+        name: "c2".into(),
+        remote_cert_pem: std::fs::read_to_string(c2.cert(Role::Remote)).unwrap(),
+    };
+    let mut other_admin = clustermesh_api::client::connect(addr, &c2, Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        other_admin
+            .issue_remote_reader(ask.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let err = admin
+        .issue_remote_reader(IssueRemoteReaderRequest {
+            name: "c1".into(),
+            ..ask.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    let issued = admin
+        .issue_remote_reader(ask.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
+    assert!(!issued.cert_pem.contains("PRIVATE KEY"));
+    assert!(!issued.not_after.is_empty());
+    let reader_crt = tmp.path().join("c2-reads-c1.crt");
+    std::fs::write(&reader_crt, &issued.cert_pem).unwrap();
+    let reader = mesh_certs::TlsFiles {
+        ca_bundle: c1.ca_bundle(),
+        identity: Some(mesh_certs::CertKeyPaths {
+            cert: reader_crt.clone(),
+            key: c2.key(Role::Remote),
+        }),
+    };
+
+    // Registered with the certificate; the entry carries it and c2 reads with it, cannot write.
+    let reg = RegisterRemoteRequest {
+        name: "c2".into(),
+        id: 2,
+        etcd_endpoints: vec!["https://127.0.0.1:1".into()],
+        ca_bundle_pem: String::new(),
+        client_cert_pem: issued.cert_pem.clone(),
+    };
+    assert!(
+        admin
+            .register_remote(reg.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let mut as_reader = mesh_certs::etcd::connect(&eps, &reader)
+        .await
+        .expect("c2's key certified by c1 opens c1's etcd");
+    let got = as_reader
+        .get("clustermesh/v1/remotes/c1/c2", None)
+        .await
+        .unwrap();
+    assert_eq!(got.kvs().len(), 1);
+    let entry: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    assert_eq!(entry["clientCert"], issued.cert_pem.as_str());
+    assert!(
+        as_reader
+            .put("clustermesh/v1/services/c1/x/y", "{}", None)
+            .await
+            .is_err(),
+        "remote-c2 is read-only"
+    );
+
+    // connect again: a fresh signature of the same key, the registered one stays.
+    let again = admin
+        .issue_remote_reader(ask.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !admin
+            .register_remote(RegisterRemoteRequest {
+                client_cert_pem: again.cert_pem,
+                ..reg.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .changed,
+        "re-running connect changes nothing (no node-sync reconnects)"
+    );
+
+    // Disconnect revokes: the user is gone, the certificate opens nothing.
+    assert!(
+        admin
+            .unregister_remote(UnregisterRemoteRequest { name: "c2".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let refused = as_reader.get("clustermesh/v1/remotes/c1/", None).await;
+    assert!(
+        refused.is_err(),
+        "c2's reader certificate must open nothing once disconnected: {refused:?}"
+    );
+    server.abort();
 }
 
 #[tokio::test]

@@ -290,9 +290,12 @@ pub struct UpOptions {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year).
     pub leaf_lifetime: Option<Duration>,
-    /// Per-cluster trust (`LabMeshSpec::cluster_trust`): clusters connected from the start through
-    /// each other's own remote certificates, not by the gRPC connect.
+    /// Per-cluster trust (`LabMeshSpec::cluster_trust`): every etcd trusts only its own cluster's
+    /// intermediate for clients.
     pub cluster_trust: bool,
+    /// Clusters connected from the start through each other's own remote certificates
+    /// (`LabMeshSpec::static_remotes`, what `connect --context` writes), not by the gRPC connect.
+    pub static_remotes: bool,
 }
 
 impl UpOptions {
@@ -310,6 +313,7 @@ impl UpOptions {
             kvstoremesh: false,
             leaf_lifetime: None,
             cluster_trust: false,
+            static_remotes: false,
         }
     }
 
@@ -353,6 +357,7 @@ impl ChaosMesh {
         spec.kvstoremesh = opts.kvstoremesh;
         spec.leaf_lifetime = opts.leaf_lifetime;
         spec.cluster_trust = opts.cluster_trust;
+        spec.static_remotes = opts.static_remotes;
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",
@@ -367,7 +372,7 @@ impl ChaosMesh {
         let mut model = Model::new(opts.clusters, opts.nodes);
         model.affinity_none = opts.affinity == "none";
         let mut me = Self { model, mesh, rt };
-        if !opts.cluster_trust {
+        if !opts.static_remotes {
             me.connect_all()?;
         }
         for c in 1..=opts.clusters {

@@ -1,7 +1,9 @@
 //! Per-cluster trust in the lab (issue 17): every etcd trusts for its clients only its own
-//! cluster's intermediate, and every node-sync reads the other cluster through the read-only
-//! `remote` certificate that cluster issued (the `--remote-config-dir` entries `clustermesh
-//! connect --context` writes). Asserted: the mesh works across clusters under it (affinity none:
+//! cluster's intermediate, and the other cluster is read with credentials it issued: in one run
+//! every node-sync reads it through its read-only `remote` certificate (the `--remote-config-dir`
+//! entries `clustermesh connect --context` writes); in the other the clusters are joined by the
+//! gRPC connect, which has each cluster sign the other's remote key, and KVStoreMesh mirrors with
+//! those reader certificates. Asserted in both: the mesh works across clusters under it (affinity none:
 //! every node's maps hold both clusters' backends, clients land in both, a drain of cluster 1
 //! fails no connect); a certificate with CN `admin-c1` minted with cluster 2's intermediate key, and
 //! cluster 2's own `remote` certificate, are refused by cluster 1's etcd; cluster 1's remote
@@ -18,6 +20,49 @@ use mesh_testkit::{Minted, mint_leaf};
 fn the_mesh_runs_on_per_cluster_trust_and_another_clusters_key_opens_nothing() -> Result<()> {
     let mut opts = UpOptions::new("cx-trust", 2, 2).affinity_none();
     opts.cluster_trust = true;
+    opts.static_remotes = true;
+    scenario(opts).map(drop)
+}
+
+#[test]
+fn the_grpc_connect_mints_reader_certificates_that_kvstoremesh_mirrors_with() -> Result<()> {
+    let mut opts = UpOptions::new("cx-trust-g", 2, 2)
+        .affinity_none()
+        .kvstoremesh();
+    opts.cluster_trust = true;
+    let m = scenario(opts)?;
+    // What made it work: c2's registration of c1 carries the certificate c1 signed for c2's
+    // remote key (CN remote-c2, issued by c1's intermediate), not c2's own.
+    let lab = m.mesh().lab();
+    let d1 = lab.cluster_certs(1)?.context("TLS lab")?;
+    let d2 = lab.cluster_certs(2)?.context("TLS lab")?;
+    let eps2 = lab.clusters()[1].etcd.client_urls();
+    let mut admin2 = m.block_on(mesh_certs::etcd::connect_as(&d2, Role::Admin, &eps2))?;
+    let got = m.block_on(admin2.get("clustermesh/v1/remotes/c2/c1", None))?;
+    let kv = got.kvs().first().context("c2 has registered c1")?;
+    let entry: serde_json::Value = serde_json::from_slice(kv.value())?;
+    let pem = entry["clientCert"]
+        .as_str()
+        .context("the registration carries a clientCert")?;
+    let p = lab.state_dir().join("c2-reads-c1.crt");
+    std::fs::write(&p, pem)?;
+    let info = mesh_certs::CertInfo::from_pem_file(&p)?.remove(0);
+    ensure!(
+        info.common_name.as_deref() == Some("remote-c2"),
+        "{:?}",
+        info.common_name
+    );
+    let c1_intermediate = d1.intermediate_info()?;
+    ensure!(
+        info.issuer == c1_intermediate.subject,
+        "issued by c1's intermediate ({}), not {}",
+        c1_intermediate.subject,
+        info.issuer
+    );
+    Ok(())
+}
+
+fn scenario(opts: UpOptions) -> Result<ChaosMesh> {
     let mut m = ChaosMesh::up(opts)?;
     let budget = settle_budget();
     let t = Traffic::start(&m, Duration::from_millis(10))?;
@@ -86,5 +131,5 @@ fn the_mesh_runs_on_per_cluster_trust_and_another_clusters_key_opens_nothing() -
 
     m.drain_and_restore(1, budget, "per-cluster trust")?;
     assert_no_failures(&t.stop(), "per-cluster trust")?;
-    Ok(())
+    Ok(m)
 }

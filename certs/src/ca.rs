@@ -974,9 +974,53 @@ impl ClusterDir {
 
     /// Replace this cluster's `ca-bundle.pem` with the CA directory's current bundle
     /// (after a rotation or retirement).
-    pub fn sync_bundle(&self, ca: &CaDir) -> Result<()> {
+    ///
+    /// `client-ca.pem` follows: an intermediate kept there from before a re-issue whose root is
+    /// no longer in the bundle (retired) is dropped, so an etcd on `ClientTrust::Cluster` stops
+    /// accepting the leaves it signed at its next start, as one on the bundle does. The current
+    /// intermediate always stays. Returns the subjects of the intermediates dropped.
+    pub fn sync_bundle(&self, ca: &CaDir) -> Result<Vec<String>> {
         let bundle = TrustBundle::load(&ca.bundle())?;
-        bundle.save(&self.ca_bundle())
+        bundle.save(&self.ca_bundle())?;
+        self.prune_client_ca(&bundle)
+    }
+
+    fn prune_client_ca(&self, bundle: &TrustBundle) -> Result<Vec<String>> {
+        let path = self.client_ca();
+        if !path.is_file() {
+            return Ok(Vec::new());
+        }
+        let subject = |der: &CertificateDer<'_>| {
+            x509_parser::parse_x509_certificate(der)
+                .map(|(_, x)| (x.subject().as_raw().to_vec(), x.issuer().as_raw().to_vec()))
+                .ok()
+        };
+        let roots: Vec<Vec<u8>> = bundle
+            .certs()
+            .iter()
+            .filter_map(|r| subject(r).map(|(s, _)| s))
+            .collect();
+        let current = files::load_certs(&self.cert(Role::Intermediate))?
+            .into_iter()
+            .next();
+        let (mut keep, mut dropped) = (String::new(), Vec::new());
+        for c in files::load_certs(&path)? {
+            let chains = subject(&c).is_some_and(|(_, issuer)| roots.contains(&issuer));
+            if chains || current.as_ref() == Some(&c) {
+                keep.push_str(&pem_of(&c));
+            } else {
+                dropped.push(
+                    CertInfo::from_der(&path, &c)
+                        .map(|i| i.subject)
+                        .unwrap_or_else(|_| "an unparsable certificate".to_owned()),
+                );
+            }
+        }
+        if !dropped.is_empty() {
+            files::write_atomic(&path, keep.as_bytes(), false)?;
+            tracing::info!(file = %path.display(), ?dropped, "dropped intermediates of retired roots from the etcd client trust");
+        }
+        Ok(dropped)
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mesh_certs::etcd;
+use mesh_certs::etcd::{self, ClientTrust, EtcdSpec};
 use mesh_certs::{CertKeyPaths, ClusterDir, Error, Role, RootCa, TlsFiles, TrustBundle, Validity};
 
 #[tokio::test]
@@ -105,4 +105,73 @@ async fn rotation_overlaps_then_retire_refuses_the_old_root() {
         "{e}"
     );
     let _ = ClusterDir::open(&east.path).unwrap();
+}
+
+/// The same under per-cluster client trust (`client-ca.pem`): during the overlap the re-issued
+/// cluster's etcd accepts leaves of its old and new intermediates; once the old root is retired
+/// and the bundle pushed, the old intermediate leaves `client-ca.pem` and its leaves are refused.
+#[tokio::test]
+async fn retiring_a_root_drops_its_intermediate_from_the_cluster_client_trust() {
+    require_etcd();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_dir = tmp.path().join("ca");
+    let ca = init_ca(&ca_dir, "mesh.test");
+    let east = issue(&ca, "east", 1, &tmp.path().join("east"));
+    let old_admin = CertKeyPaths {
+        cert: tmp.path().join("old-admin.crt"),
+        key: tmp.path().join("old-admin.key"),
+    };
+    std::fs::copy(east.cert(Role::Admin), &old_admin.cert).unwrap();
+    std::fs::copy(east.key(Role::Admin), &old_admin.key).unwrap();
+
+    RootCa::rotate(&ca_dir, &Validity::default()).unwrap();
+    let new_ca = RootCa::load(&ca_dir).unwrap();
+    let east = issue(&new_ca, "east", 1, &east.path);
+    let count = |d: &ClusterDir| mesh_certs::files::load_certs(&d.client_ca()).unwrap().len();
+    assert_eq!(
+        count(&east),
+        2,
+        "the replaced intermediate stays during the overlap"
+    );
+    let mut etcd_east = EtcdSpec::for_cluster(
+        &east,
+        tmp.path().join("etcd-east"),
+        format!("https://127.0.0.1:{}", free_port()),
+        format!("http://127.0.0.1:{}", free_port()),
+    )
+    .client_trust(&east, ClientTrust::Cluster)
+    .unwrap()
+    .spawn(Duration::from_secs(30))
+    .await
+    .unwrap();
+    let eps = etcd_east.endpoints();
+    etcd::bootstrap_auth(&eps, &east.tls_files(Role::EtcdRoot), &east.info.name)
+        .await
+        .unwrap();
+    let files = |id: &CertKeyPaths| TlsFiles {
+        ca_bundle: east.ca_bundle(),
+        identity: Some(id.clone()),
+    };
+    for (what, id) in [("old", &old_admin), ("new", &east.cert_key(Role::Admin))] {
+        let mut c = etcd::connect(&eps, &files(id))
+            .await
+            .unwrap_or_else(|e| panic!("{what} admin refused during overlap: {e}"));
+        c.get("clustermesh/v1/", None).await.unwrap();
+    }
+
+    RootCa::retire(&ca_dir, None).unwrap();
+    let dropped = east.sync_bundle(new_ca.dir()).unwrap();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(count(&east), 1);
+    etcd_east.restart(Duration::from_secs(30)).await.unwrap();
+    etcd::connect(&eps, &files(&east.cert_key(Role::Admin)))
+        .await
+        .expect("new admin after retire");
+    match etcd::connect(&eps, &files(&old_admin)).await {
+        Ok(_) => panic!("a leaf of the retired root's intermediate accepted after retire"),
+        Err(e) => assert!(matches!(e, Error::EtcdClientCertRefused { .. }), "{e:?}"),
+    }
+    // Pushing the bundle again drops nothing more: the current intermediate always stays.
+    assert!(east.sync_bundle(new_ca.dir()).unwrap().is_empty());
+    assert_eq!(count(&east), 1);
 }

@@ -340,9 +340,16 @@ fn issue_cluster(a: IssueClusterArgs) -> Result<()> {
 fn sync_bundles(ca: &CaDir, dirs: &[PathBuf]) -> Result<()> {
     for d in dirs {
         let cd = ClusterDir::open(d)?;
-        cd.sync_bundle(ca)
+        let dropped = cd
+            .sync_bundle(ca)
             .with_context(|| format!("updating the bundle of {}", d.display()))?;
         println!("  updated {}", cd.ca_bundle().display());
+        for subject in dropped {
+            println!(
+                "  dropped {subject} from {} (its root is retired)",
+                cd.client_ca().display()
+            );
+        }
     }
     Ok(())
 }

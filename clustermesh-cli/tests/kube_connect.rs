@@ -865,7 +865,7 @@ async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
     assert_eq!(tls.cert, remotes.join("c2.remote.crt"));
 
     // Real mTLS with those files: c2's etcd accepts c2's read-only certificate and refuses writes.
-    let mut client = node_sync::cluster::connect(src, Duration::from_secs(10))
+    let mut client = node_sync::connect::connect(src, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| {
             panic!("node-sync cannot reach c2's etcd with the Secret's files: {e}")
@@ -887,7 +887,7 @@ async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
         t.key = c1.dir.key(Role::Node);
     }
     let refused = async {
-        let mut c = node_sync::cluster::connect(&foreign, Duration::from_secs(5)).await?;
+        let mut c = node_sync::connect::connect(&foreign, Duration::from_secs(5)).await?;
         c.get("clustermesh/v1/cluster-config/c2", None)
             .await
             .map_err(|e| e.to_string())

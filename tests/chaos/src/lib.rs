@@ -392,7 +392,9 @@ impl ChaosMesh {
         Ok(me)
     }
 
-    fn connect_all(&mut self) -> Result<()> {
+    /// `clustermesh connect` (gRPC) every pair of clusters, waiting until each sees the other.
+    /// Idempotent: run again after a re-issue to have reader certificates signed for new keys.
+    pub fn connect_all(&mut self) -> Result<()> {
         let n = self.model.clusters;
         let sides: Vec<Side> = (1..=n)
             .map(|c| {

@@ -19,15 +19,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::args::Args;
-use crate::cluster::{
-    self, ClusterSource, ConnEvent, KeyScope, LiveState, Liveness, Validator, WatchSettings,
-};
+use crate::cluster::{self, ClusterSource, LiveState, Liveness};
 use crate::datapath::ClusterIds;
 use crate::health;
 use crate::index::{MergeIndex, ProbeTarget};
 use crate::lb::{MapError, MapWriter, Reconciler};
 use crate::publish::{self, Publish};
 use crate::reach::{self, ReachChange};
+use crate::watch::{ConnEvent, KeyScope, Validator, WatchSettings, watch_cluster};
 
 /// Settings of the agent.
 #[derive(Debug, Clone)]
@@ -936,7 +935,7 @@ fn spawn_watcher(
     if let Some((_, h)) = tasks.watchers.remove(&source.name) {
         h.abort();
     }
-    let h = tokio::spawn(cluster::watch_cluster(
+    let h = tokio::spawn(watch_cluster(
         source.clone(),
         scope,
         opts.watch.clone(),

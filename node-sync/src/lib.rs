@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod args;
 pub mod cluster;
+pub mod connect;
 pub mod datapath;
 pub mod health;
 pub mod index;
@@ -20,3 +21,4 @@ pub mod publish;
 pub mod reach;
 pub mod sockdestroy;
 pub mod status;
+pub mod watch;

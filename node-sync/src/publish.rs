@@ -10,7 +10,9 @@ use mesh_model::keys::MeshKey;
 use mesh_model::values::{HealthReport, MeshValue, NodeStatus};
 use tokio::sync::mpsc;
 
-use crate::cluster::{ClusterSource, backoff_delay, connect};
+use crate::cluster::ClusterSource;
+use crate::connect::connect;
+use mesh_kv::backoff_delay;
 
 /// Lease TTL of the published keys.
 pub const LEASE_TTL_SECS: i64 = 10;

@@ -6,7 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use node_sync::cluster::{ClusterSource, connect};
+use node_sync::cluster::ClusterSource;
+use node_sync::connect::connect;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

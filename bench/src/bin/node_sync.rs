@@ -32,10 +32,10 @@ use mesh_model::values::{
 };
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 use node_sync::agent::{self, AgentOptions};
-use node_sync::cluster::WatchSettings;
 use node_sync::datapath::{ClusterIds, GlbWriter};
 use node_sync::index::MergeIndex;
 use node_sync::lb::{FakeMaps, Frontend, MapWriter, Reconciler};
+use node_sync::watch::WatchSettings;
 
 const ETCD: &str = "/usr/bin/etcd";
 

@@ -14,8 +14,8 @@ use mesh_model::values::{
 };
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 use node_sync::agent::{self, Agent, AgentOptions};
-use node_sync::cluster::WatchSettings;
 use node_sync::lb::{Backend, FakeMaps, Frontend};
+use node_sync::watch::WatchSettings;
 
 // Each test binary uses a part of these.
 #[allow(unused_imports)]

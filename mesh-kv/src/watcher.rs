@@ -1,0 +1,330 @@
+//! The one list-then-watch loop, as an explicit state machine.
+//!
+//! ```text
+//!   Empty ──list ok──▶ Listing ──items done──▶ WatchFrom(rev) ──watch ok──▶ Watching(rev)
+//!     ▲  ▲                 (Init, InitApply…,     │  ▲                         │
+//!     │  └──list error──┘   InitDone)             │  └──stream broken/closed───┘  (Err; resume
+//!     │                                           │                               from rev + 1)
+//!     └────────── compacted (Err) ────────────────┴───────────────────────────────┘  (relist)
+//! ```
+//!
+//! A list reads every prefix at the revision of the first, so the watch from the next revision
+//! misses no change made while listing. A broken stream resumes from the last revision seen,
+//! with no relist; a compacted revision (the store forgot what the watch needs) relists, and the
+//! consumer learns what vanished by comparing the new Init..InitDone with what it had
+//! ([`crate::Known`]). Errors are returned, never retried here: the caller decides whether to
+//! back off, reconnect, or report; the next call to [`Watcher::next`] goes on from the state
+//! the error left.
+
+use std::collections::VecDeque;
+
+use futures::StreamExt;
+
+use crate::store::{KeyValue, KvError, KvStore, WatchEvent, WatchStream};
+
+/// What a [`Watcher`] emits (the events of kube-rs's `watcher`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A (re)list begins: the `InitApply`s up to `InitDone` are the whole state at `revision`.
+    Init { revision: i64 },
+    /// One key of the listing.
+    InitApply(KeyValue),
+    /// The listing is complete; keys a consumer had that were not in it are gone.
+    InitDone { revision: i64 },
+    /// A key was put after the listing.
+    Apply(KeyValue),
+    /// A key was deleted after the listing.
+    Delete { key: String, mod_revision: i64 },
+}
+
+enum State {
+    Empty,
+    Listing {
+        items: VecDeque<KeyValue>,
+        revision: i64,
+    },
+    WatchFrom {
+        revision: i64,
+    },
+    Watching {
+        stream: WatchStream,
+        revision: i64,
+        pending: VecDeque<WatchEvent>,
+    },
+}
+
+/// List-then-watch over a [`KvStore`].
+pub struct Watcher<S> {
+    store: S,
+    list_prefixes: Vec<String>,
+    watch_prefix: String,
+    state: State,
+    lists: u64,
+}
+
+impl<S: KvStore> Watcher<S> {
+    /// Follow every key under `prefix`.
+    pub fn new(store: S, prefix: &str) -> Self {
+        Self::with_prefixes(store, vec![prefix.to_owned()], prefix)
+    }
+
+    /// List only `list_prefixes` (at one revision) and watch `watch_prefix`, which must cover
+    /// them; the consumer drops watched keys it does not want.
+    pub fn with_prefixes(store: S, list_prefixes: Vec<String>, watch_prefix: &str) -> Self {
+        Self {
+            store,
+            list_prefixes,
+            watch_prefix: watch_prefix.to_owned(),
+            state: State::Empty,
+            lists: 0,
+        }
+    }
+
+    /// Lists made so far (1 after the first; each relist adds one).
+    pub fn lists(&self) -> u64 {
+        self.lists
+    }
+
+    /// The store revision the watcher has seen up to, once it has listed.
+    pub fn revision(&self) -> Option<i64> {
+        match &self.state {
+            State::Empty => None,
+            State::Listing { revision, .. }
+            | State::WatchFrom { revision }
+            | State::Watching { revision, .. } => Some(*revision),
+        }
+    }
+
+    /// The store this watcher reads.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The next event. Cancel-safe: dropping the future loses nothing but, at worst, a list in
+    /// flight (made again at the next call).
+    pub async fn next(&mut self) -> Result<Event, KvError> {
+        loop {
+            match &mut self.state {
+                State::Empty => {
+                    let mut items = VecDeque::new();
+                    let mut revision = None;
+                    for p in &self.list_prefixes {
+                        let l = self.store.list(p, revision).await?;
+                        revision = Some(l.revision);
+                        items.extend(l.kvs);
+                    }
+                    let revision = revision.unwrap_or(0);
+                    self.lists += 1;
+                    self.state = State::Listing { items, revision };
+                    return Ok(Event::Init { revision });
+                }
+                State::Listing { items, revision } => {
+                    if let Some(kv) = items.pop_front() {
+                        return Ok(Event::InitApply(kv));
+                    }
+                    let revision = *revision;
+                    self.state = State::WatchFrom { revision };
+                    return Ok(Event::InitDone { revision });
+                }
+                State::WatchFrom { revision } => {
+                    let revision = *revision;
+                    match self.store.watch(&self.watch_prefix, revision + 1).await {
+                        Ok(stream) => {
+                            self.state = State::Watching {
+                                stream,
+                                revision,
+                                pending: VecDeque::new(),
+                            }
+                        }
+                        Err(e) => {
+                            if e.is_compacted() {
+                                self.state = State::Empty;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                State::Watching {
+                    stream,
+                    revision,
+                    pending,
+                } => {
+                    if let Some(ev) = pending.pop_front() {
+                        *revision = (*revision).max(ev.revision());
+                        return Ok(match ev {
+                            WatchEvent::Put(kv) => Event::Apply(kv),
+                            WatchEvent::Delete { key, mod_revision } => {
+                                Event::Delete { key, mod_revision }
+                            }
+                        });
+                    }
+                    let err = match stream.next().await {
+                        Some(Ok(evs)) => {
+                            pending.extend(evs);
+                            continue;
+                        }
+                        Some(Err(e)) => e,
+                        None => KvError::Closed {
+                            what: format!("watching {}", self.watch_prefix),
+                        },
+                    };
+                    let revision = *revision;
+                    self.state = if err.is_compacted() {
+                        State::Empty
+                    } else {
+                        State::WatchFrom { revision }
+                    };
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStore;
+
+    fn key(e: &Event) -> Option<&str> {
+        match e {
+            Event::InitApply(kv) | Event::Apply(kv) => Some(&kv.key),
+            Event::Delete { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
+    /// Events up to and including the first that matches `stop`.
+    async fn until(
+        w: &mut Watcher<MemStore>,
+        stop: impl Fn(&Event) -> bool,
+    ) -> Result<Vec<Event>, KvError> {
+        let mut out = Vec::new();
+        loop {
+            let e = w.next().await?;
+            let done = stop(&e);
+            out.push(e);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lists_then_watches_from_the_next_revision() {
+        let s = MemStore::new();
+        s.put("p/a", b"1").await.unwrap();
+        s.put("q/x", b"other prefix").await.unwrap();
+        let mut w = Watcher::new(s.clone(), "p/");
+        let init = until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        assert_eq!(init.len(), 3, "{init:?}");
+        assert_eq!(key(&init[1]), Some("p/a"));
+        s.put("p/b", b"2").await.unwrap();
+        s.delete("p/a").await.unwrap();
+        assert!(matches!(w.next().await.unwrap(), Event::Apply(kv) if kv.key == "p/b"));
+        assert!(matches!(w.next().await.unwrap(), Event::Delete { key, .. } if key == "p/a"));
+        assert_eq!(w.lists(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_during_the_listing_is_not_lost() {
+        let s = MemStore::new();
+        s.put("p/a", b"1").await.unwrap();
+        let mut w = Watcher::new(s.clone(), "p/");
+        assert!(matches!(w.next().await.unwrap(), Event::Init { .. }));
+        // Listed; the watch is not open yet. Changes now must arrive after InitDone.
+        s.put("p/a", b"2").await.unwrap();
+        s.put("p/b", b"3").await.unwrap();
+        let evs = until(&mut w, |e| matches!(e, Event::Apply(kv) if kv.key == "p/b"))
+            .await
+            .unwrap();
+        let kinds: Vec<_> = evs
+            .iter()
+            .map(|e| match e {
+                Event::InitApply(kv) => format!("init {}={}", kv.key, kv.value[0] as char),
+                Event::InitDone { .. } => "done".into(),
+                Event::Apply(kv) => format!("apply {}={}", kv.key, kv.value[0] as char),
+                e => format!("{e:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["init p/a=1", "done", "apply p/a=2", "apply p/b=3"]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_resumes_without_a_relist_and_loses_nothing() {
+        let s = MemStore::new();
+        let mut w = Watcher::new(s.clone(), "p/");
+        until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        s.put("p/a", b"1").await.unwrap();
+        assert!(matches!(w.next().await.unwrap(), Event::Apply(_)));
+        s.break_watches();
+        s.put("p/b", b"2").await.unwrap(); // while the stream is down
+        let err = w.next().await.unwrap_err();
+        assert!(matches!(err, KvError::Unavailable { .. }), "{err}");
+        assert!(matches!(w.next().await.unwrap(), Event::Apply(kv) if kv.key == "p/b"));
+        assert_eq!(w.lists(), 1, "a broken stream needs no relist");
+    }
+
+    #[tokio::test]
+    async fn a_compacted_revision_relists_and_the_relist_is_the_whole_state() {
+        let s = MemStore::new();
+        s.put("p/a", b"1").await.unwrap();
+        s.put("p/b", b"1").await.unwrap();
+        let mut w = Watcher::new(s.clone(), "p/");
+        until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        s.put("p/x", b"1").await.unwrap();
+        assert!(matches!(w.next().await.unwrap(), Event::Apply(_))); // the watch is open
+        // The stream breaks; meanwhile a key goes and the store compacts past what we saw.
+        s.break_watches();
+        s.delete("p/a").await.unwrap();
+        s.put("p/c", b"1").await.unwrap();
+        s.compact(s.revision());
+        assert!(!w.next().await.unwrap_err().is_compacted()); // the broken stream
+        let err = w.next().await.unwrap_err(); // resuming finds the revision gone
+        assert!(err.is_compacted(), "{err}");
+        let relist = until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        let keys: Vec<_> = relist.iter().filter_map(key).collect();
+        assert_eq!(keys, ["p/b", "p/c", "p/x"]);
+        assert_eq!(w.lists(), 2);
+    }
+
+    #[tokio::test]
+    async fn several_prefixes_are_listed_at_one_revision() {
+        let s = MemStore::new();
+        s.put("p/a/1", b"1").await.unwrap();
+        s.put("p/b/1", b"1").await.unwrap();
+        s.put("p/c/1", b"not listed").await.unwrap();
+        let mut w = Watcher::with_prefixes(s.clone(), vec!["p/a/".into(), "p/b/".into()], "p/");
+        let init = until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        let keys: Vec<_> = init.iter().filter_map(key).collect();
+        assert_eq!(keys, ["p/a/1", "p/b/1"]);
+        let Event::Init { revision } = init[0] else {
+            panic!("{init:?}")
+        };
+        assert_eq!(revision, s.revision());
+    }
+
+    #[tokio::test]
+    async fn an_outage_during_the_list_is_an_error_then_a_list() {
+        let s = MemStore::new();
+        s.put("p/a", b"1").await.unwrap();
+        s.set_outage(Some("etcd down"));
+        let mut w = Watcher::new(s.clone(), "p/");
+        assert!(matches!(
+            w.next().await.unwrap_err(),
+            KvError::Unavailable { .. }
+        ));
+        s.set_outage(None);
+        assert!(matches!(w.next().await.unwrap(), Event::Init { .. }));
+    }
+}

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
-use rand::Rng;
 
 /// etcd errors, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -108,17 +107,8 @@ pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Clie
         .map_err(|e| EtcdError::request(format!("connect {}", endpoints.join(",")), e))
 }
 
-/// The end of the key range of a prefix.
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+/// The end of the key range of a prefix (one definition, in the store crate).
+pub use mesh_kv::prefix_end;
 
 /// Lists every key under `prefix` (in pages of 1000, all at one revision). Returns the keys with values and mod
 /// revisions, and the revision of the listing.
@@ -170,60 +160,5 @@ pub async fn list_prefix_at(
     Ok((out, revision))
 }
 
-/// Exponential backoff with full jitter: attempt n waits a random time in [0, min(cap, base * 2^n)].
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff from `base` up to `cap`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next wait.
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX));
-        let ceiling = exp.min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let ms = ceiling.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(0..=ms))
-    }
-
-    /// Back to the first attempt after a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_end_increments_the_last_byte() {
-        assert_eq!(prefix_end("a/b/"), b"a/b0".to_vec());
-    }
-
-    #[test]
-    fn backoff_stays_under_its_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        for n in 0..30 {
-            let d = b.next_delay();
-            let ceiling =
-                Duration::from_millis(100 * (1u64 << n.min(20))).min(Duration::from_secs(2));
-            assert!(d <= ceiling, "{n}: {d:?}");
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-}
+/// Exponential backoff with full jitter (the mesh's one backoff, in the store crate).
+pub use mesh_kv::Backoff;

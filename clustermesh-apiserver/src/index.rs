@@ -490,11 +490,7 @@ impl MeshIndex {
             name: self.config.cluster.clone(),
             id: self.config.cluster_id,
             max_connected_clusters: self.config.max_connected_clusters,
-            capabilities: Capabilities {
-                sync_canaries: true,
-                endpoint_chunks: true,
-                cached: self.config.cached,
-            },
+            capabilities: Capabilities::v1(self.config.cached),
             ca_fingerprints: self.config.ca_fingerprints.clone(),
         });
         self.set(key.to_string(), Some(v.encode()));

@@ -78,11 +78,7 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
         name: index.cluster.clone(),
         id: index.cluster_id,
         max_connected_clusters: index.max_connected_clusters,
-        capabilities: Capabilities {
-            sync_canaries: true,
-            endpoint_chunks: true,
-            cached: index.cached,
-        },
+        capabilities: Capabilities::v1(index.cached),
         ca_fingerprints: index.ca_fingerprints.clone(),
     };
     let (tx, rx) = watch::channel(apiserver_state(&status.snapshot()));

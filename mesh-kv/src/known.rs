@@ -78,11 +78,6 @@ impl Known {
         gone
     }
 
-    /// The keys held.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.seen.keys()
-    }
-
     pub fn len(&self) -> usize {
         self.seen.len()
     }

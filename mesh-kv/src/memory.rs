@@ -99,13 +99,6 @@ impl MemStore {
             .collect();
         apply(&mut g, keys);
     }
-
-    /// Open watch streams (closed ones are counted until the next write notices).
-    pub fn watchers(&self) -> usize {
-        let mut g = self.lock();
-        g.watchers.retain(|(_, s)| !s.is_closed());
-        g.watchers.len()
-    }
 }
 
 fn check(g: &Inner, what: impl FnOnce() -> String) -> Result<(), KvError> {

@@ -85,21 +85,6 @@ impl<S: KvStore> Watcher<S> {
         self.lists
     }
 
-    /// The store revision the watcher has seen up to, once it has listed.
-    pub fn revision(&self) -> Option<i64> {
-        match &self.state {
-            State::Empty => None,
-            State::Listing { revision, .. }
-            | State::WatchFrom { revision }
-            | State::Watching { revision, .. } => Some(*revision),
-        }
-    }
-
-    /// The store this watcher reads.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
     /// The next event. Cancel-safe: dropping the future loses nothing but, at worst, a list in
     /// flight (made again at the next call).
     pub async fn next(&mut self) -> Result<Event, KvError> {

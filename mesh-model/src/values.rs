@@ -413,6 +413,18 @@ pub struct Capabilities {
     pub cached: bool,
 }
 
+impl Capabilities {
+    /// What every v1 writer announces: sync canaries and chunked endpoints; `cached` for a
+    /// KVStoreMesh copy.
+    pub fn v1(cached: bool) -> Self {
+        Self {
+            sync_canaries: true,
+            endpoint_chunks: true,
+            cached,
+        }
+    }
+}
+
 /// `cluster-config/<cluster>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -363,11 +363,7 @@ mod tests {
             name: c("c2"),
             id: ClusterId::new(id, mcc).unwrap(),
             max_connected_clusters: mcc,
-            capabilities: Capabilities {
-                sync_canaries: true,
-                endpoint_chunks: true,
-                cached: false,
-            },
+            capabilities: Capabilities::v1(false),
             ca_fingerprints: vec![],
         })
         .encode()

@@ -252,11 +252,7 @@ async fn publish(
             name: c(cluster),
             id: ClusterId::new(id, mcc)?,
             max_connected_clusters: mcc,
-            capabilities: Capabilities {
-                sync_canaries: true,
-                endpoint_chunks: true,
-                cached: false,
-            },
+            capabilities: Capabilities::v1(false),
             ca_fingerprints: vec![],
         }),
     )

@@ -101,11 +101,7 @@ impl ApiWriter {
             name: self.cluster.clone(),
             id: ClusterId::new(id, mcc).unwrap(),
             max_connected_clusters: mcc,
-            capabilities: Capabilities {
-                sync_canaries: true,
-                endpoint_chunks: true,
-                cached: false,
-            },
+            capabilities: Capabilities::v1(false),
             ca_fingerprints: vec![],
         };
         self.put(

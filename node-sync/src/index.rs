@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use mesh_model::ClusterName;
 use mesh_model::keys::{MeshKey, ServiceName};
@@ -348,8 +349,8 @@ struct ServiceEntry {
     specs: BTreeMap<ClusterName, ServiceSpec>,
     import: Option<ServiceImport>,
     endpoints: BTreeMap<ClusterRef, BTreeMap<u32, Vec<Endpoint>>>,
-    /// The last selection (also the last usable set of rule 4).
-    status: Option<ServiceStatus>,
+    /// The last selection (also the last usable set of rule 4); shared with the agent's snapshots.
+    status: Option<Arc<ServiceStatus>>,
 }
 
 impl ServiceEntry {
@@ -885,15 +886,44 @@ impl MergeIndex {
         let mut v: Vec<&ServiceStatus> = self
             .services
             .values()
-            .filter_map(|e| e.status.as_ref())
+            .filter_map(|e| e.status.as_deref())
             .collect();
         v.sort_by(|a, b| a.service.cmp(&b.service));
         v
     }
 
+    /// Status of every global service known, sorted by name, shared (for the agent's snapshot:
+    /// a pointer per service, never a copy of its backends).
+    pub fn shared_services(&self) -> Vec<Arc<ServiceStatus>> {
+        let mut v: Vec<Arc<ServiceStatus>> = self
+            .services
+            .values()
+            .filter_map(|e| e.status.clone())
+            .collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v
+    }
+
+    /// Endpoints held per cluster (every chunk read, usable or not).
+    pub fn endpoints_by_cluster(&self) -> BTreeMap<ClusterName, usize> {
+        let mut out: BTreeMap<ClusterName, usize> = BTreeMap::new();
+        for (c, chunks) in self.services.values().flat_map(|e| e.endpoints.iter()) {
+            *out.entry(c.name().clone()).or_default() +=
+                chunks.values().map(Vec::len).sum::<usize>();
+        }
+        out
+    }
+
+    /// The nodes whose health reports are held, by cluster.
+    pub fn health_reporters(&self) -> Vec<(ClusterName, String)> {
+        let mut v: Vec<(ClusterName, String)> = self.reports.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// Status of one service.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceStatus> {
-        self.services.get(name).and_then(|e| e.status.as_ref())
+        self.services.get(name).and_then(|e| e.status.as_deref())
     }
 
     /// Every known backend of a service for its first frontend, with whether it is selected and,
@@ -1067,7 +1097,7 @@ impl MergeIndex {
         let mut v: Vec<_> = self
             .services
             .values()
-            .filter_map(|e| e.status.as_ref())
+            .filter_map(|e| e.status.as_deref())
             .flat_map(|s| {
                 s.frontends
                     .iter()
@@ -1213,8 +1243,9 @@ impl MergeIndex {
         if inputs_changed {
             self.generation += 1;
         }
-        let old = entry.status.take();
-        let old_groups = selected_clusters(old.as_ref().and_then(|s| s.frontends.first()));
+        let old_shared = entry.status.take();
+        let old = old_shared.as_deref();
+        let old_groups = selected_clusters(old.and_then(|s| s.frontends.first()));
         let cause = if inputs_changed {
             MoveCause::Endpoints
         } else {
@@ -1242,7 +1273,7 @@ impl MergeIndex {
             passive: &self.passive,
             lapsed: &self.lapsed,
         };
-        let status = select(name, &ctx, old.as_ref(), &entry);
+        let status = select(name, &ctx, old, &entry);
         if let Some(old) = &old {
             for f in &old.frontends {
                 if !status.frontends.iter().any(|n| n.frontend == f.frontend) {
@@ -1251,7 +1282,7 @@ impl MergeIndex {
             }
         }
         for sel in &status.frontends {
-            let was_fail_open = old.as_ref().is_some_and(|o| {
+            let was_fail_open = old.is_some_and(|o| {
                 o.frontends.iter().any(|f| {
                     f.frontend == sel.frontend && matches!(f.reason, Reason::FailOpen { .. })
                 })
@@ -1272,7 +1303,7 @@ impl MergeIndex {
                 ),
                 _ => {}
             }
-            let was_failed_over = old.as_ref().is_some_and(|o| {
+            let was_failed_over = old.is_some_and(|o| {
                 o.frontends.iter().any(|f| {
                     f.frontend == sel.frontend && matches!(f.reason, Reason::FailedOver { .. })
                 })
@@ -1297,7 +1328,7 @@ impl MergeIndex {
                 .specs
                 .get(&self.local)
                 .or_else(|| entry.specs.values().next());
-            if old.as_ref() != Some(&status) || governing.is_some_and(|s| s.headless) {
+            if old != Some(&status) || governing.is_some_and(|s| s.headless) {
                 self.generation += 1;
             }
         }
@@ -1310,7 +1341,7 @@ impl MergeIndex {
                 cause,
             });
         }
-        entry.status = Some(status);
+        entry.status = Some(Arc::new(status));
         self.services.insert(name.clone(), entry);
     }
 

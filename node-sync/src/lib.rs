@@ -5,8 +5,10 @@
 //! [`lb::Reconciler`] writes the difference to a [`lb::MapWriter`]. Around it sit thin shells:
 //! cluster connections ([`cluster`]: etcd list/watch with reconnects and liveness), the health
 //! checker ([`health`]) and its [`publish`]er, passive failure detection from the kernel's view of
-//! each connect ([`passive`]), the [`agent`] loop that wires them, and the
-//! [`status`] server.
+//! each connect ([`passive`]), the [`agent`] task that owns the index and the map writer and
+//! publishes a [`snapshot::Snapshot`] after every batch, and the [`status`] server that reads only
+//! those snapshots. [`readiness`] is the one state `/readyz` answers from; [`run`] is the binary's
+//! wiring.
 
 pub mod agent;
 pub mod args;
@@ -19,6 +21,11 @@ pub mod lb;
 pub mod passive;
 pub mod publish;
 pub mod reach;
+pub mod readiness;
+mod run;
+pub mod snapshot;
 pub mod sockdestroy;
 pub mod status;
 pub mod watch;
+
+pub use run::run;

@@ -1,9 +1,12 @@
 //! Status server (axum): `/healthz`, `/readyz`, `/metrics` (Prometheus text format) and
 //! `/api/v1/status` (JSON: every cluster's state, every global service's selected backends and why).
+//!
+//! Every answer is rendered from the agent's latest [`Snapshot`]: no lock is shared with the
+//! agent's loop, so a scrape never delays a map write. `/metrics` and `/api/v1/status` also ask
+//! the agent for fresh connect counters, which it reads on its own loop at most once a second.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
@@ -13,10 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::agent::{AgentState, lock};
+use crate::agent::StatusSource;
 use crate::cluster::LiveState;
+use crate::readiness::Readiness;
+use crate::snapshot::{ClusterView, Snapshot};
 
-type Shared = Arc<Mutex<AgentState>>;
+type Shared = StatusSource;
 
 /// The router.
 pub fn router(state: Shared) -> Router {
@@ -34,24 +39,11 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Shared) -> std::io:
 }
 
 async fn readyz(State(s): State<Shared>) -> Response {
-    let st = lock(&s);
-    if st.ready {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let waiting: Vec<String> = st
-            .clusters
-            .iter()
-            .filter(|(_, c)| !c.synced && !c.refused)
-            .map(|(n, _)| n.to_string())
-            .collect();
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: waiting for the initial sync of {}\n",
-                waiting.join(", ")
-            ),
-        )
-            .into_response()
+    let snap = s.latest();
+    match &snap.readiness {
+        Readiness::Ready => (StatusCode::OK, "ready\n").into_response(),
+        r @ Readiness::Degraded { .. } => (StatusCode::OK, format!("{r}\n")).into_response(),
+        r => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n")).into_response(),
     }
 }
 
@@ -64,7 +56,7 @@ fn state_name(s: &LiveState) -> &'static str {
 }
 
 /// The JSON status document.
-pub fn status_document(st: &AgentState) -> serde_json::Value {
+pub fn status_document(st: &Snapshot) -> serde_json::Value {
     let now = Instant::now();
     let clusters: Vec<serde_json::Value> = st
         .clusters
@@ -72,8 +64,8 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
         .map(|(n, c)| {
             json!({
                 "name": n,
-                "local": *n == st.opts.cluster,
-                "id": c.config.as_ref().map(|c| c.id.get()),
+                "local": *n == st.cluster,
+                "id": c.id,
                 "state": state_name(&c.state),
                 "connected": c.liveness.connected(),
                 "synced": c.synced,
@@ -81,7 +73,7 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
                 "heartbeatAgeMs": c.liveness.heartbeat_age(now).map(|d| d.as_millis() as u64),
                 "staleSince": c.stale_since.map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
                 "unreachableSince": c.unreachable_since.map(|t| mesh_model::values::format_time(time::OffsetDateTime::from(t))),
-                "keys": c.keys.len(),
+                "keys": c.keys,
                 "reconnects": c.reconnects,
                 "badValues": c.bad_values,
                 "error": c.error,
@@ -90,9 +82,8 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
         })
         .collect();
     let services: Vec<serde_json::Value> = st
-        .index
-        .services()
-        .into_iter()
+        .services
+        .iter()
         .map(|s| {
             json!({
                 "service": s.service.to_string(),
@@ -113,21 +104,22 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
         })
         .collect();
     json!({
-        "cluster": st.opts.cluster,
-        "node": st.opts.node,
-        "ready": st.ready,
+        "cluster": st.cluster,
+        "node": st.node,
+        "ready": st.ready(),
+        "readiness": st.readiness,
         "clusters": clusters,
         "services": services,
-        "failovers": st.index.failovers(),
-        "mapWrites": {"upserts": st.map_writes.0, "deletes": st.map_writes.1, "errors": st.map_errors()},
-        "remoteConfigErrors": st.remote_config_errors(),
-        "goldenSignals": st.golden.summary(Instant::now()),
+        "failovers": st.failovers,
+        "mapWrites": {"upserts": st.map_writes.upserts, "deletes": st.map_writes.deletes, "errors": st.map_writes.errors},
+        "remoteConfigErrors": &*st.remote_config_errors,
+        "goldenSignals": st.golden.summary,
         "passive": {
             "marks": st.passive.marks,
             "confirmed": st.passive.confirmed,
             "cleared": st.passive.cleared,
             "recovered": st.passive.recovered,
-            "failedBackends": st.index.passive_failures().iter().map(|(c, (ip, port, _))| format!("{c}/{ip}:{port}")).collect::<Vec<_>>(),
+            "failedBackends": st.passive_failures.iter().map(|(c, (ip, port, _))| format!("{c}/{ip}:{port}")).collect::<Vec<_>>(),
             "lastMarkDelayUs": st.passive.last_delay.as_micros() as u64,
             "maxMarkDelayUs": st.passive.max_delay.as_micros() as u64,
         },
@@ -135,11 +127,7 @@ pub fn status_document(st: &AgentState) -> serde_json::Value {
 }
 
 async fn status_json(State(s): State<Shared>) -> Response {
-    let doc = {
-        let mut st = lock(&s);
-        st.refresh_golden();
-        status_document(&st)
-    };
+    let doc = status_document(&s.latest_with_fresh_counters());
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::to_string_pretty(&doc).unwrap_or_default(),
@@ -153,8 +141,9 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The Prometheus text exposition.
-pub fn render_metrics(st: &AgentState) -> String {
+/// The Prometheus text exposition of a snapshot (the DNS server's counters, when one runs, are
+/// appended by the handler).
+pub fn render_metrics(st: &Snapshot) -> String {
     let now = Instant::now();
     let mut o = String::new();
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
@@ -164,7 +153,7 @@ pub fn render_metrics(st: &AgentState) -> String {
         &'a str,
         &'a str,
         &'a str,
-        Box<dyn Fn(&crate::agent::ClusterStatus) -> f64 + 'a>,
+        Box<dyn Fn(&ClusterView) -> f64 + 'a>,
     );
     let rows: Vec<Row<'_>> = vec![
         (
@@ -212,7 +201,7 @@ pub fn render_metrics(st: &AgentState) -> String {
             "nodesync_remote_keys",
             "gauge",
             "Keys held from the cluster",
-            Box::new(|c| c.keys.len() as f64),
+            Box::new(|c| c.keys as f64),
         ),
         (
             "nodesync_remote_reconnects_total",
@@ -239,7 +228,7 @@ pub fn render_metrics(st: &AgentState) -> String {
         "gauge",
         "Backends selected per global service frontend, by backend cluster",
     );
-    for s in st.index.services() {
+    for s in st.services.iter() {
         for f in &s.frontends {
             let mut by: BTreeMap<&str, u64> = BTreeMap::new();
             for c in &s.clusters {
@@ -265,18 +254,17 @@ pub fn render_metrics(st: &AgentState) -> String {
         "counter",
         "Frontends moved from their preferred clusters to a failover group",
     );
-    let _ = writeln!(o, "nodesync_failovers_total {}", st.index.failovers());
+    let _ = writeln!(o, "nodesync_failovers_total {}", st.failovers);
     family(
         &mut o,
         "nodesync_service_fail_open",
         "gauge",
         "1 while every ready backend of the frontend fails its health check and connects are spread over them anyway (fail open)",
     );
-    let fail_open = st.index.fail_open();
-    if fail_open.is_empty() {
+    if st.fail_open.is_empty() {
         let _ = writeln!(o, "nodesync_service_fail_open 0");
     }
-    for (svc, fe) in fail_open {
+    for (svc, fe) in st.fail_open.iter() {
         let _ = writeln!(
             o,
             "nodesync_service_fail_open{{service=\"{}\",frontend=\"{}\"}} 1",
@@ -290,7 +278,7 @@ pub fn render_metrics(st: &AgentState) -> String {
         "gauge",
         "1 once the initial reconcile of the maps is done",
     );
-    let _ = writeln!(o, "nodesync_ready {}", u8::from(st.ready));
+    let _ = writeln!(o, "nodesync_ready {}", u8::from(st.ready()));
     family(
         &mut o,
         "nodesync_map_writes_total",
@@ -300,12 +288,12 @@ pub fn render_metrics(st: &AgentState) -> String {
     let _ = writeln!(
         o,
         "nodesync_map_writes_total{{op=\"upsert\"}} {}",
-        st.map_writes.0
+        st.map_writes.upserts
     );
     let _ = writeln!(
         o,
         "nodesync_map_writes_total{{op=\"delete\"}} {}",
-        st.map_writes.1
+        st.map_writes.deletes
     );
     family(
         &mut o,
@@ -313,25 +301,22 @@ pub fn render_metrics(st: &AgentState) -> String {
         "counter",
         "Map operations that failed",
     );
-    let _ = writeln!(o, "nodesync_map_errors_total {}", st.map_errors());
+    let _ = writeln!(o, "nodesync_map_errors_total {}", st.map_writes.errors);
     family(
         &mut o,
         "nodesync_endpoints",
         "gauge",
         "Endpoints held from every cluster",
     );
-    let _ = writeln!(o, "nodesync_endpoints {}", st.index.endpoint_count());
+    let _ = writeln!(o, "nodesync_endpoints {}", st.endpoints);
     render_golden(&mut o, st);
     let certs = st.cert_expiries();
     o.push_str(&mesh_certs::expiry::prometheus("node-sync", &certs));
-    if let Some(dns) = &st.dns_metrics {
-        o.push_str(&dns.prometheus());
-    }
     o
 }
 
 /// The golden signals and the passive-detection counters.
-fn render_golden(o: &mut String, st: &AgentState) {
+fn render_golden(o: &mut String, st: &Snapshot) {
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
@@ -408,7 +393,7 @@ fn render_golden(o: &mut String, st: &AgentState) {
     let _ = writeln!(
         o,
         "nodesync_passive_failed_backends {}",
-        st.index.passive_failures().len()
+        st.passive_failures.len()
     );
     family(
         o,
@@ -441,10 +426,9 @@ fn render_golden(o: &mut String, st: &AgentState) {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    let text = {
-        let mut st = lock(&s);
-        st.refresh_golden();
-        render_metrics(&st)
-    };
+    let mut text = render_metrics(&s.latest_with_fresh_counters());
+    if let Some(dns) = &s.dns_metrics {
+        text.push_str(&dns.prometheus());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -187,12 +187,12 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     let _b1 = serve(l1, "c1");
     let took = wait_lands(&cgroup, &vip, "c1", Duration::from_secs(5)).await;
     println!("failback through the datapath took {took:?}");
-    assert!(agent.state().ready);
+    assert!(agent.snapshot().ready());
     // The datapath's per-backend counters (of the backends in the maps now) reach the status.
     let t0 = Instant::now();
     loop {
         let local = agent
-            .state()
+            .snapshot()
             .connections
             .get(&("127.0.0.1".parse().unwrap(), p1))
             .copied()
@@ -263,9 +263,9 @@ async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
         "moved in {took:?}, before the 2 s health checker could"
     );
     let (log, marks, confirmed, delay) = {
-        let st = agent.state();
+        let st = agent.snapshot();
         (
-            st.failover_log.back().cloned(),
+            st.failover_log.last().cloned(),
             st.passive.marks,
             st.passive.confirmed,
             st.passive.max_delay,
@@ -285,12 +285,31 @@ async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
     println!("mark read by node-sync {delay:?} after the kernel made it; failover record {log:?}");
     assert!(delay < Duration::from_millis(100), "mark delay {delay:?}");
 
-    // The golden signals equal the client's counts.
-    let metrics = {
-        let mut st = agent.state();
-        st.refresh_golden();
-        node_sync::status::render_metrics(&st)
+    // The golden signals equal the client's counts, as a scrape sees them: a scrape asks the
+    // agent for fresh connect counters, which it reads on its own loop (at most once a second).
+    let source = agent.status_source();
+    let mut snapshots = agent.subscribe();
+    let scrape = || node_sync::status::render_metrics(&source.latest_with_fresh_counters());
+    let count = |metrics: &str, cluster: &str, outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("nodesync_backend_connects_total{")
+                    && l.contains(&format!("cluster=\"{cluster}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
     };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut metrics = scrape();
+    while count(&metrics, "c2", "established") < landed["c2"] {
+        tokio::time::timeout_at(deadline, snapshots.changed())
+            .await
+            .unwrap_or_else(|_| panic!("golden signals not read within 5 s\n{metrics}"))
+            .unwrap();
+        metrics = scrape();
+    }
     let value = |cluster: &str, outcome: &str| -> u64 {
         metrics
             .lines()
@@ -473,7 +492,7 @@ async fn a_failed_backend_s_connections_are_aborted_and_a_drained_one_s_are_not(
     // (Counted once the whole run is done: the UDP and IPv6 dumps come after the client's abort.)
     let destroyed = || {
         agent
-            .state()
+            .snapshot()
             .destroyed
             .tcp
             .load(std::sync::atomic::Ordering::Relaxed)

@@ -88,18 +88,13 @@ async fn mtls_with_the_nodes_certificates_and_read_only_remote_user() {
     .await;
     // The node's health verdicts reach the local etcd (node user may write health/c1/).
     wait_for("health published", Duration::from_secs(10), || {
-        agent.state().clusters[&c("c1")]
-            .keys
-            .contains("clustermesh/v1/health/c1/n1")
+        agent.snapshot().has_health_report(&c("c1"), "n1")
     })
     .await;
     // /metrics names when the node's certificates expire; none is near, so no warning.
     let (metrics, warnings) = {
-        let st = agent.state();
-        (
-            node_sync::status::render_metrics(&st),
-            st.node_status().cert_warnings,
-        )
+        let st = agent.snapshot();
+        (node_sync::status::render_metrics(&st), st.cert_warnings())
     };
     for cert in ["node", "remote", "intermediate"] {
         assert!(
@@ -224,7 +219,7 @@ async fn a_remote_on_per_cluster_trust_is_read_with_the_certificate_it_issued() 
         || programmed(&maps).is_some_and(|b| b.len() == 2),
     )
     .await;
-    let metrics = node_sync::status::render_metrics(&agent.state());
+    let metrics = node_sync::status::render_metrics(&agent.snapshot());
     let want = format!(
         "clustermesh_certificate_expiry_timestamp_seconds{{component=\"node-sync\",certificate=\"remote-reader-c2\"}} {}",
         d2.intermediate_info().unwrap().not_after.unix_timestamp()
@@ -267,16 +262,16 @@ async fn a_remote_that_does_not_trust_us_shows_a_clear_error() {
     let agent = start_agent(opts, &maps);
     wait_for("c2 error shown", Duration::from_secs(20), || {
         agent
-            .state()
+            .snapshot()
             .clusters
             .get(&c("c2"))
             .and_then(|s| s.error.clone())
             .is_some()
     })
     .await;
-    let err = agent.state().clusters[&c("c2")].error.clone().unwrap();
+    let err = agent.snapshot().clusters[&c("c2")].error.clone().unwrap();
     println!("c2: {err}");
     assert!(err.contains(&u2), "{err}");
     assert!(err.contains("not signed by a CA of our bundle"), "{err}");
-    assert!(!agent.state().clusters[&c("c2")].synced);
+    assert!(!agent.snapshot().clusters[&c("c2")].synced);
 }

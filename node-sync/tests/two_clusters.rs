@@ -58,9 +58,7 @@ async fn local_preferred_failover_on_failing_health_and_failback() {
     .await;
     // Wait until the health checker has published at least once (its verdict is healthy).
     wait_for("first health report", Duration::from_secs(5), || {
-        agent.state().clusters[&c("c1")]
-            .keys
-            .contains("clustermesh/v1/health/c1/n1")
+        agent.snapshot().has_health_report(&c("c1"), "n1")
     })
     .await;
 
@@ -76,14 +74,14 @@ async fn local_preferred_failover_on_failing_health_and_failback() {
         "failover took {took:?}, more than 500 ms"
     );
     {
-        let st = agent.state();
-        let svc = st.index.service(&web()).unwrap();
+        let st = agent.snapshot();
+        let svc = st.service(&web()).unwrap();
         assert!(
             svc.frontends[0].reason.to_string().contains("failed over"),
             "{}",
             svc.frontends[0].reason
         );
-        assert_eq!(st.index.failovers(), 1);
+        assert_eq!(st.failovers, 1);
     }
 
     // It comes back on the same port: traffic returns to c1.
@@ -94,7 +92,7 @@ async fn local_preferred_failover_on_failing_health_and_failback() {
     .await;
     println!("failback took {took:?}");
     assert!(took <= Duration::from_millis(500), "failback took {took:?}");
-    let log = agent.state().failover_log.clone();
+    let log = agent.snapshot().failover_log.to_vec();
     assert!(log.len() >= 2, "{log:?}");
 }
 
@@ -127,12 +125,12 @@ async fn remote_killed_leaves_after_grace_and_returns_when_restarted() {
     .await;
     println!("c2 left selection {took:?} after the first second");
     {
-        let st = agent.state();
+        let st = agent.snapshot();
         let c2 = &st.clusters[&c("c2")];
         assert!(c2.stale_since.is_some());
         assert!(c2.error.is_some(), "a killed etcd shows an error");
         // Kept in memory.
-        assert_eq!(st.index.endpoint_count(), 2);
+        assert_eq!(st.endpoints, 2);
         let m = node_sync::status::render_metrics(&st);
         assert!(m.contains("nodesync_remote_stale{cluster=\"c2\"} 1"), "{m}");
     }
@@ -144,7 +142,7 @@ async fn remote_killed_leaves_after_grace_and_returns_when_restarted() {
         programmed(&maps) == Some(both.clone())
     })
     .await;
-    assert!(agent.state().clusters[&c("c2")].reconnects >= 1);
+    assert!(agent.snapshot().clusters[&c("c2")].reconnects >= 1);
     drop(listener);
 }
 
@@ -169,11 +167,11 @@ async fn garbage_in_remote_etcd_is_counted_and_good_backends_stay() {
     w2.put_raw("clustermesh/v1/services/c2/default/web", b"\xff\xfe")
         .await;
     wait_for("three bad values counted", Duration::from_secs(5), || {
-        agent.state().clusters[&c("c2")].bad_values >= 3
+        agent.snapshot().clusters[&c("c2")].bad_values >= 3
     })
     .await;
     assert_eq!(programmed(&maps), Some(both.clone()));
-    let m = node_sync::status::render_metrics(&agent.state());
+    let m = node_sync::status::render_metrics(&agent.snapshot());
     assert!(
         m.contains("nodesync_remote_bad_values_total{cluster=\"c2\"} 3"),
         "{m}"
@@ -219,7 +217,7 @@ async fn restart_reconciles_pinned_maps_without_flushing() {
     ]));
     let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
     wait_for("initial reconcile", Duration::from_secs(15), || {
-        agent.state().ready
+        agent.snapshot().ready()
     })
     .await;
     let counts = maps.counts();
@@ -255,7 +253,7 @@ async fn remotes_follow_the_config_dir_and_local_etcd_entries_without_restart() 
     let maps = FakeMaps::new();
     let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
     wait_for("ready with no remote", Duration::from_secs(15), || {
-        agent.state().ready
+        agent.snapshot().ready()
     })
     .await;
     assert_eq!(programmed(&maps), Some(vec![]));
@@ -290,7 +288,7 @@ async fn remotes_follow_the_config_dir_and_local_etcd_entries_without_restart() 
         programmed(&maps) == Some(vec![])
     })
     .await;
-    assert!(agent.state().clusters.len() == 1);
+    assert!(agent.snapshot().clusters.len() == 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,20 +309,20 @@ async fn a_remote_with_a_clashing_id_is_refused_with_a_clear_status() {
     let agent = start_agent(options(&e1, "c1", 1, Some(dir.path())), &maps);
     wait_for("c2 refused", Duration::from_secs(15), || {
         agent
-            .state()
+            .snapshot()
             .clusters
             .get(&c("c2"))
             .is_some_and(|s| s.refused)
     })
     .await;
     wait_for("ready without c2", Duration::from_secs(15), || {
-        agent.state().ready
+        agent.snapshot().ready()
     })
     .await;
-    let err = agent.state().clusters[&c("c2")].error.clone().unwrap();
+    let err = agent.snapshot().clusters[&c("c2")].error.clone().unwrap();
     assert!(err.contains("id 1") && err.contains("c1"), "{err}");
     assert_eq!(programmed(&maps), Some(vec![]));
-    let doc = node_sync::status::status_document(&agent.state());
+    let doc = node_sync::status::status_document(&agent.snapshot());
     assert!(doc.to_string().contains("already uses"), "{doc}");
 }
 
@@ -415,7 +413,7 @@ async fn kvstoremesh_reads_every_cluster_from_the_local_etcd_only() {
         || programmed(&maps) == Some(both.clone()),
     )
     .await;
-    assert!(!agent.state().clusters.contains_key(&c("c3")));
+    assert!(!agent.snapshot().clusters.contains_key(&c("c3")));
     // c2's cached heartbeat stops: after the grace its backends leave.
     w2.stop_heartbeat();
     wait_for("c2 stale", Duration::from_secs(10), || {
@@ -552,7 +550,7 @@ async fn kvstoremesh_learns_mirrored_cluster_ids_and_keeps_its_stream_on_a_peer_
     })
     .await;
     {
-        let st = agent.state();
+        let st = agent.snapshot();
         let local = &st.clusters[&c("c1")];
         assert_eq!(local.reconnects, 0, "the local stream was dropped");
         assert!(!local.refused, "{:?}", local.error);
@@ -566,7 +564,7 @@ async fn kvstoremesh_learns_mirrored_cluster_ids_and_keeps_its_stream_on_a_peer_
     glb.rewire(opts.cluster_ids.clone());
     let agent = node_sync::agent::start(opts, Box::new(glb.clone()));
     wait_for("ready after the restart", Duration::from_secs(15), || {
-        agent.state().ready
+        agent.snapshot().ready()
     })
     .await;
     assert_eq!(glb.writes(), 0, "a restart rewrote unchanged services");
@@ -594,11 +592,14 @@ async fn a_remote_is_not_trusted_before_its_sync_canaries() {
     opts.sync_timeout = Duration::from_millis(500);
     let maps = FakeMaps::new();
     let agent = start_agent(opts, &maps);
-    wait_for("ready", Duration::from_secs(15), || agent.state().ready).await;
+    wait_for("ready", Duration::from_secs(15), || {
+        agent.snapshot().ready()
+    })
+    .await;
     remote_file(dir.path(), "c2", &e2);
     wait_for("c2 connected", Duration::from_secs(10), || {
         agent
-            .state()
+            .snapshot()
             .clusters
             .get(&c("c2"))
             .is_some_and(|s| s.liveness.connected())
@@ -607,10 +608,10 @@ async fn a_remote_is_not_trusted_before_its_sync_canaries() {
     // c2's service and endpoint have arrived (held, not trusted): still only c1 is programmed.
     wait_for("c2's keys held", Duration::from_secs(10), || {
         agent
-            .state()
+            .snapshot()
             .clusters
             .get(&c("c2"))
-            .is_some_and(|s| s.keys.iter().any(|k| k.contains("/endpoints/")))
+            .is_some_and(|s| s.endpoints > 0)
     })
     .await;
     assert_eq!(programmed(&maps), Some(vec![format!("c1/{C1_EP}:9")]));
@@ -681,13 +682,13 @@ async fn an_unreachable_local_etcd_at_restart_never_empties_the_maps() {
     wait_for(
         "ready after the sync timeout",
         Duration::from_secs(10),
-        || agent.state().ready,
+        || agent.snapshot().ready(),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(maps.get(&vip()).map(|b| b.len()), Some(1));
     assert_eq!(maps.counts().deletes, 0);
-    assert!(agent.state().sweep_pending);
+    assert!(agent.snapshot().readiness.sweep_pending());
 }
 
 /// Overlapping pod CIDRs: c1 and c2 both have a backend at 127.0.0.5:8080. A failing verdict

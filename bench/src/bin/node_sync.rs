@@ -371,17 +371,17 @@ async fn resync(root: &Path) -> anyhow::Result<()> {
     let deadline = Duration::from_secs(120);
     loop {
         {
-            let st = agent.state();
-            if st.ready && st.index.endpoint_count() == 100_000 {
+            let st = agent.snapshot();
+            if st.ready() && st.endpoints == 100_000 {
                 break;
             }
         }
         if t0.elapsed() > deadline {
-            let st = agent.state();
+            let st = agent.snapshot();
             bail!(
                 "resync did not finish in {deadline:?}: ready={} endpoints={}",
-                st.ready,
-                st.index.endpoint_count()
+                st.ready(),
+                st.endpoints
             );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

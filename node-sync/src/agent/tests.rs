@@ -1,0 +1,268 @@
+//! The agent's task state driven directly, without etcd or the task: watcher events in, map
+//! writes and published snapshots out.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
+
+use mesh_model::keys::{MeshKey, ServiceName};
+use mesh_model::values::{
+    Affinity, Conditions, Endpoint, EndpointChunk, EndpointPort, HealthCheck, MeshValue, Protocol,
+    ServicePort, ServiceSpec,
+};
+use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
+use tokio::sync::watch;
+
+use super::state::{AgentState, ClusterStatus};
+use super::writes::after_batch;
+use super::{AgentOptions, Readiness, Snapshot};
+use crate::datapath::ClusterIds;
+use crate::lb::{FakeMaps, Frontend};
+use crate::watch::{ConnEvent, WatchSettings};
+
+const VIP: &str = "10.96.0.10";
+
+fn c(n: &str) -> ClusterName {
+    ClusterName::new(n).unwrap()
+}
+
+fn web() -> ServiceName {
+    ServiceName::new("default", "web").unwrap()
+}
+
+fn vip() -> Frontend {
+    Frontend {
+        ip: VIP.parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn options() -> AgentOptions {
+    AgentOptions {
+        cluster: c("c1"),
+        cluster_id: ClusterId::new(1, MaxConnectedClusters::DEFAULT).unwrap(),
+        node: "n1".into(),
+        etcd_endpoints: vec!["http://127.0.0.1:1".into()],
+        tls_dir: None,
+        remote_config_dir: None,
+        stale_grace: Duration::from_secs(2),
+        sync_timeout: Duration::from_secs(3600),
+        heartbeat_timeout: Duration::from_secs(5),
+        kvstoremesh: false,
+        health_interval: Duration::from_secs(1),
+        health_failures: 2,
+        health_rise: 2,
+        remote_probe_timeout: None,
+        watch: WatchSettings::default(),
+        remote_dir_poll: Duration::from_secs(1),
+        status_every: Duration::from_secs(5),
+        publish: false,
+        destroy_sockets: false,
+        cluster_ids: ClusterIds::default(),
+    }
+}
+
+/// A task state over in-memory maps with the given clusters registered, and its snapshots.
+fn agent(clusters: &[&str]) -> (AgentState, watch::Receiver<Arc<Snapshot>>, FakeMaps) {
+    let opts = options();
+    let maps = FakeMaps::new();
+    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
+    let mut st = AgentState::new(
+        opts,
+        Box::new(maps.clone()),
+        tx,
+        zone,
+        Arc::new(AtomicBool::new(false)),
+    );
+    for n in clusters {
+        st.clusters
+            .insert(c(n), ClusterStatus::new(None, Instant::now()));
+    }
+    (st, rx, maps)
+}
+
+fn spec(cluster: &str) -> ConnEvent {
+    let s = ServiceSpec {
+        cluster: c(cluster),
+        namespace: "default".into(),
+        name: "web".into(),
+        ports: vec![ServicePort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+        frontends: vec![VIP.parse().unwrap()],
+        headless: false,
+        shared: true,
+        affinity: Affinity::None,
+        failover_order: vec![],
+        health_check: HealthCheck::Tcp,
+        health_check_port: None,
+    };
+    let key = MeshKey::Service {
+        cluster: c(cluster),
+        service: web(),
+    };
+    ConnEvent::Put(key, MeshValue::Service(s))
+}
+
+fn chunk(cluster: &str, ips: &[&str]) -> ConnEvent {
+    let endpoints = ips
+        .iter()
+        .map(|ip| Endpoint {
+            ip: ip.parse().unwrap(),
+            ports: vec![EndpointPort {
+                name: None,
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            node: Some("elsewhere".into()),
+            zone: None,
+            hostname: None,
+            conditions: Conditions::default(),
+        })
+        .collect();
+    let ch = EndpointChunk {
+        cluster: c(cluster),
+        namespace: "default".into(),
+        name: "web".into(),
+        chunk: 0,
+        endpoints,
+    };
+    let key = MeshKey::EndpointChunk {
+        cluster: c(cluster),
+        service: web(),
+        chunk: 0,
+    };
+    ConnEvent::Put(key, MeshValue::EndpointChunk(ch))
+}
+
+/// One batch as the task runs it: apply the events, write the maps, publish.
+fn batch(st: &mut AgentState, events: Vec<(&str, ConnEvent)>) {
+    for (cluster, ev) in events {
+        st.handle((c(cluster), ev));
+    }
+    after_batch(st, SystemTime::now());
+    st.publish();
+}
+
+fn selected(s: &Snapshot) -> Vec<String> {
+    s.service(&web())
+        .and_then(|s| s.frontends.first())
+        .map(|f| f.backends.iter().map(|b| b.to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_batch_is_written_then_published_and_a_held_snapshot_never_changes() {
+    let (mut st, rx, maps) = agent(&["c1"]);
+    batch(
+        &mut st,
+        vec![
+            ("c1", spec("c1")),
+            ("c1", chunk("c1", &["10.1.0.1"])),
+            ("c1", ConnEvent::Synced),
+        ],
+    );
+    // A reader takes the snapshot (no lock shared with the task is held from here on).
+    let held = rx.borrow().clone();
+    assert_eq!(held.readiness, Readiness::Ready);
+    assert_eq!(selected(&held), ["10.1.0.1:8080@c1"]);
+    assert_eq!(maps.get(&vip()).map(|b| b.len()), Some(1));
+    assert_eq!(held.map_writes.upserts, 1);
+    assert_eq!(held.endpoints, 1);
+    assert_eq!(held.clusters[&c("c1")].endpoints, 1);
+
+    // The next batch is written and published while the reader still holds its snapshot.
+    batch(
+        &mut st,
+        vec![("c1", chunk("c1", &["10.1.0.1", "10.1.0.2"]))],
+    );
+    let now = rx.borrow().clone();
+    assert_eq!(maps.get(&vip()).map(|b| b.len()), Some(2));
+    assert_eq!(selected(&now), ["10.1.0.1:8080@c1", "10.1.0.2:8080@c1"]);
+    assert_eq!(now.map_writes.upserts, 2);
+    assert!(now.seq > held.seq);
+    // What the reader holds is what it read.
+    assert_eq!(selected(&held), ["10.1.0.1:8080@c1"]);
+    assert_eq!(held.map_writes.upserts, 1);
+}
+
+#[test]
+fn nothing_is_written_until_every_cluster_synced() {
+    let (mut st, rx, maps) = agent(&["c1", "c2"]);
+    batch(
+        &mut st,
+        vec![
+            ("c1", spec("c1")),
+            ("c1", chunk("c1", &["10.1.0.1"])),
+            ("c1", ConnEvent::Synced),
+        ],
+    );
+    let snap = rx.borrow().clone();
+    assert_eq!(
+        snap.readiness,
+        Readiness::Syncing {
+            waiting: vec![c("c2")]
+        }
+    );
+    assert!(!snap.ready());
+    assert_eq!(maps.counts().upserts, 0, "written before c2's sync");
+    // The index already knows: the status shows it before the maps get it.
+    assert_eq!(selected(&snap), ["10.1.0.1:8080@c1"]);
+
+    batch(&mut st, vec![("c2", ConnEvent::Synced)]);
+    let snap = rx.borrow().clone();
+    assert_eq!(snap.readiness, Readiness::Ready);
+    assert_eq!(maps.get(&vip()).map(|b| b.len()), Some(1));
+}
+
+#[test]
+fn a_batch_that_changes_no_service_shares_the_published_selections() {
+    let (mut st, rx, _maps) = agent(&["c1"]);
+    batch(
+        &mut st,
+        vec![
+            ("c1", spec("c1")),
+            ("c1", chunk("c1", &["10.1.0.1"])),
+            ("c1", ConnEvent::Synced),
+        ],
+    );
+    let a = rx.borrow().clone();
+    batch(&mut st, vec![("c1", ConnEvent::Connected)]);
+    let b = rx.borrow().clone();
+    assert!(b.clusters[&c("c1")].liveness.connected());
+    assert!(
+        Arc::ptr_eq(&a.services, &b.services),
+        "selections copied though the index did not change"
+    );
+}
+
+#[test]
+fn a_refused_remote_is_shown_and_not_waited_for() {
+    let (mut st, rx, _maps) = agent(&["c1", "c2"]);
+    batch(
+        &mut st,
+        vec![
+            ("c1", ConnEvent::Synced),
+            (
+                "c2",
+                ConnEvent::Refused("cluster id 1 is already used by c1".into()),
+            ),
+        ],
+    );
+    let snap = rx.borrow().clone();
+    assert_eq!(snap.readiness, Readiness::Ready);
+    let c2 = &snap.clusters[&c("c2")];
+    assert!(c2.refused);
+    assert!(
+        c2.error
+            .as_deref()
+            .is_some_and(|e| e.contains("already used"))
+    );
+    let doc = crate::status::status_document(&snap).to_string();
+    assert!(doc.contains("already used"), "{doc}");
+}

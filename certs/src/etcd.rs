@@ -50,42 +50,9 @@ pub fn nodestatus_prefix(cluster: &ClusterName) -> String {
     format!("{MESH_PREFIX}nodestatus/{cluster}/")
 }
 
-/// True when etcd refused a request because the member that authenticated it had not yet applied
-/// the latest user or role change ("etcdserver: revision of auth store is old"). A multi-member etcd
-/// answers this for a moment after every auth change (a peer registered by `clustermesh connect`
-/// adds a user); the request itself is fine and succeeds when sent again, which is what etcd's own
-/// Go client does.
-pub fn is_auth_old_revision(e: &etcd_client::Error) -> bool {
-    e.to_string().contains("revision of auth store is old")
-}
-
-/// Run `op` (an etcd request on a cloned client) and send it again, with a short backoff, for as
-/// long as etcd answers [`is_auth_old_revision`] (at most ~2 s); any other answer is returned as it is.
-pub async fn retry_auth_old_revision<T, F, Fut>(
-    what: &str,
-    mut op: F,
-) -> Result<T, etcd_client::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let mut delay = Duration::from_millis(10);
-    let mut waited = Duration::ZERO;
-    loop {
-        match op().await {
-            Err(e) if is_auth_old_revision(&e) && waited < Duration::from_secs(2) => {
-                tracing::debug!(
-                    request = what,
-                    "etcd's auth store moved under the request; sending it again"
-                );
-                tokio::time::sleep(delay).await;
-                waited += delay;
-                delay = (delay * 2).min(Duration::from_millis(250));
-            }
-            other => return other,
-        }
-    }
-}
+// Whether etcd refused a request because its auth store moved under it, and the retry that sends
+// it again: the store crate's (every etcd request of the mesh goes through it).
+pub use mesh_kv::{is_auth_old_revision, retry_auth_old_revision};
 
 // ---------------------------------------------------------------------------------------------
 // Command line

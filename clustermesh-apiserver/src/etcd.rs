@@ -33,6 +33,9 @@ pub enum EtcdError {
     /// No member of a multi-member etcd answered.
     #[error("etcd: {0}")]
     Unreachable(String),
+    /// A store request failed (it names what and where).
+    #[error(transparent)]
+    Store(#[from] mesh_kv::KvError),
 }
 
 impl EtcdError {

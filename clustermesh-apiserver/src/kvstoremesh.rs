@@ -9,11 +9,12 @@
 //! A removed remote's mirrored keys are deleted. Every write carries the leader's fencing comparison.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, EventType, WatchOptions};
+use mesh_kv::{Backoff, EtcdStore, Event, Guard, KvError, KvStore, WatchTask, Watcher};
 use mesh_model::ClusterName;
 use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
 use mesh_model::values::{MeshValue, RemoteCluster, format_time};
@@ -21,7 +22,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::etcd::{Backoff, EtcdError, list_prefix, list_prefix_at};
+use crate::etcd::EtcdError;
 use crate::status::Status;
 use crate::writer::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, batches, send_guarded};
 
@@ -148,38 +149,34 @@ impl Refusals {
     }
 }
 
-/// Every key under `peer`'s mirrored prefixes, with its value and mod revision, and the revision of
-/// the snapshot. Every prefix is read at the revision of the first list: one snapshot, so the watch
-/// from the next revision misses no change made while the later prefixes were listed.
-async fn list_claimed(
-    c: &mut Client,
+/// The local copies of `peer`'s keys and canaries.
+async fn list_local<L: KvStore>(
+    local: &L,
     peer: &ClusterName,
-) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
-    let mut out = BTreeMap::new();
-    let mut rev = 0;
+) -> Result<(BTreeMap<String, Vec<u8>>, BTreeSet<String>), KvError> {
+    let mut ours = BTreeMap::new();
+    let mut revision = None;
     for p in mirrored_prefixes(peer) {
-        let (kvs, r) = list_prefix_at(c, &p, rev).await?;
-        rev = r;
-        out.extend(kvs.into_iter().filter(|(k, _)| claimed_by(k, peer)));
+        let l = local.list(&p, revision).await?;
+        revision = Some(l.revision);
+        ours.extend(
+            l.kvs
+                .into_iter()
+                .filter(|kv| is_mirrored(&kv.key, peer))
+                .map(|kv| (kv.key, kv.value)),
+        );
     }
-    Ok((out, rev))
-}
-
-/// The local copies of `peer`'s keys.
-async fn list_mirrored(
-    c: &mut Client,
-    peer: &ClusterName,
-) -> Result<(BTreeMap<String, Vec<u8>>, i64), EtcdError> {
-    let (kvs, rev) = list_claimed(c, peer).await?;
-    let out = kvs
+    let canaries = local
+        .list(&KeyKind::Synced.cluster_prefix(peer), revision)
+        .await?
+        .kvs
         .into_iter()
-        .filter(|(k, _)| is_mirrored(k, peer))
-        .map(|(k, (v, _))| (k, v))
+        .map(|kv| kv.key)
         .collect();
-    Ok((out, rev))
+    Ok((ours, canaries))
 }
 
-async fn write(local: &mut Client, ops: Vec<Op>, guard: &Compare) -> Result<usize, EtcdError> {
+async fn write<L: KvStore>(local: &L, ops: Vec<Op>, guard: &Guard) -> Result<usize, EtcdError> {
     let mut n = 0;
     for batch in batches(ops, MAX_TXN_OPS, MAX_TXN_BYTES) {
         send_guarded(local, &batch, guard).await?;
@@ -188,58 +185,129 @@ async fn write(local: &mut Client, ops: Vec<Op>, guard: &Compare) -> Result<usiz
     Ok(n)
 }
 
-async fn connect_peer(remote: &RemoteCluster, tls: &MirrorTls) -> Result<Client, String> {
-    let https = remote.endpoints.iter().any(|e| e.starts_with("https://"));
-    if !https {
-        return crate::etcd::connect(&remote.endpoints, None)
-            .await
-            .map_err(|e| e.to_string());
-    }
-    let dir = tls.cluster_dir.as_ref().ok_or_else(|| {
-        format!(
-            "remote {} uses https but this apiserver has no cluster certificate directory (--tls-dir)",
-            remote.name.as_str()
-        )
-    })?;
-    let ca_bundle = if remote.ca_bundle.trim().is_empty() {
-        dir.ca_bundle()
-    } else {
-        let p = tls
-            .work_dir
-            .join(format!("remote-{}-ca-bundle.pem", remote.name.as_str()));
-        std::fs::create_dir_all(&tls.work_dir)
-            .and_then(|()| std::fs::write(&p, &remote.ca_bundle))
-            .map_err(|e| format!("writing {}: {e}", p.display()))?;
-        p
-    };
-    // The certificate the remote issued for our remote key, when it did (its etcd may trust
-    // only its own intermediate); else our own remote certificate.
-    let mut identity = dir.cert_key(mesh_certs::Role::Remote);
-    if !remote.client_cert.trim().is_empty() {
-        let p = tls
-            .work_dir
-            .join(format!("remote-{}-client.crt", remote.name.as_str()));
-        std::fs::create_dir_all(&tls.work_dir)
-            .and_then(|()| std::fs::write(&p, &remote.client_cert))
-            .map_err(|e| format!("writing {}: {e}", p.display()))?;
-        identity.cert = p;
-    }
-    let files = mesh_certs::TlsFiles {
-        ca_bundle,
-        identity: Some(identity),
-    };
-    mesh_certs::etcd::connect(&remote.endpoints, &files)
-        .await
-        .map_err(|e| e.to_string())
+/// Why a peer's store could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The remote uses https and this apiserver has no certificates to present.
+    #[error(
+        "remote {0} uses https but this apiserver has no cluster certificate directory (--tls-dir)"
+    )]
+    NoCertificates(ClusterName),
+    /// A file the connection needs could not be written.
+    #[error("writing {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("connecting to remote {peer}: {message}")]
+    Connect {
+        /// The remote.
+        peer: ClusterName,
+        /// What the connect said (certificate diagnosis included).
+        message: String,
+    },
 }
 
+/// How the mirror reaches a peer's store: [`MirrorTls`] connects to its etcd; tests hand out
+/// in-memory stores.
+pub trait Dial: Send + Sync + 'static {
+    /// The peer's store.
+    type Store: KvStore;
+    /// Connect to `remote`'s store.
+    fn dial(
+        &self,
+        remote: &RemoteCluster,
+    ) -> impl Future<Output = Result<Self::Store, DialError>> + Send;
+}
+
+/// Request timeout on a peer's etcd.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Dial for MirrorTls {
+    type Store = EtcdStore;
+
+    async fn dial(&self, remote: &RemoteCluster) -> Result<EtcdStore, DialError> {
+        let connect_err = |message: String| DialError::Connect {
+            peer: remote.name.clone(),
+            message,
+        };
+        let https = remote.endpoints.iter().any(|e| e.starts_with("https://"));
+        if !https {
+            let c = crate::etcd::connect(&remote.endpoints, None)
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            return Ok(EtcdStore::new(c, PEER_REQUEST_TIMEOUT));
+        }
+        let dir = self
+            .cluster_dir
+            .as_ref()
+            .ok_or_else(|| DialError::NoCertificates(remote.name.clone()))?;
+        let save = |name: String, text: &str| -> Result<PathBuf, DialError> {
+            let path = self.work_dir.join(name);
+            std::fs::create_dir_all(&self.work_dir)
+                .and_then(|()| std::fs::write(&path, text))
+                .map_err(|source| DialError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(path)
+        };
+        let ca_bundle = if remote.ca_bundle.trim().is_empty() {
+            dir.ca_bundle()
+        } else {
+            save(
+                format!("remote-{}-ca-bundle.pem", remote.name.as_str()),
+                &remote.ca_bundle,
+            )?
+        };
+        // The certificate the remote issued for our remote key, when it did (its etcd may trust
+        // only its own intermediate); else our own remote certificate.
+        let mut identity = dir.cert_key(mesh_certs::Role::Remote);
+        if !remote.client_cert.trim().is_empty() {
+            identity.cert = save(
+                format!("remote-{}-client.crt", remote.name.as_str()),
+                &remote.client_cert,
+            )?;
+        }
+        let files = mesh_certs::TlsFiles {
+            ca_bundle,
+            identity: Some(identity),
+        };
+        let c = mesh_certs::etcd::connect(&remote.endpoints, &files)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        Ok(EtcdStore::new(c, PEER_REQUEST_TIMEOUT))
+    }
+}
+
+/// Why one mirror pass of a peer ended.
+#[derive(Debug, thiserror::Error)]
+enum MirrorError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Local(#[from] EtcdError),
+    #[error("remote: {0}")]
+    Remote(#[from] KvError),
+}
+
+/// Watch errors in a row on one connection before the peer is dialled again.
+const MAX_STREAM_FAILURES: u32 = 3;
+
+/// Events of a watch taken at once, at most this many per local write.
+const MAX_BATCH: usize = 4096;
+
 /// Mirrors one peer until aborted or leadership is lost.
-async fn mirror_peer(
-    mut local: Client,
+async fn mirror_peer<L: KvStore, D: Dial>(
+    local: L,
     own: ClusterName,
     remote: RemoteCluster,
-    tls: MirrorTls,
-    guard: Compare,
+    dial: Arc<D>,
+    guard: Guard,
     status: Option<Arc<Status>>,
 ) {
     let peer = remote.name.clone();
@@ -250,227 +318,237 @@ async fn mirror_peer(
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let r: Result<(), String> = async {
-            let mut rc = connect_peer(&remote, &tls).await?;
-            let (listed, rev) = list_claimed(&mut rc, &peer)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (ours, _) = list_mirrored(&mut local, &peer)
-                .await
-                .map_err(|e| e.to_string())?;
-            // A refused value is neither copied nor a reason to delete the local copy.
-            let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-            let mut refused: BTreeSet<String> = BTreeSet::new();
-            for (k, (v, mod_rev)) in listed {
-                match judge(&remote, &k, &v) {
-                    Judged::Skip => {}
-                    Judged::Refuse(why) => {
-                        refusals.refuse(&k, mod_rev, &why);
-                        refused.insert(k);
-                    }
-                    Judged::Mirror(lv) => {
-                        refusals.accepted(&k);
-                        theirs.insert(k, lv);
-                    }
-                }
-            }
-            let mut ops = Vec::new();
-            for (k, lv) in &theirs {
-                if ours.get(k) != Some(lv) {
-                    ops.push(Op {
-                        key: k.clone(),
-                        value: Some(lv.clone()),
-                    });
-                }
-            }
-            for k in ours.keys() {
-                if !theirs.contains_key(k) && !refused.contains(k) {
-                    ops.push(Op {
-                        key: k.clone(),
-                        value: None,
-                    });
-                }
-            }
-            let n = write(&mut local, ops, &guard)
-                .await
-                .map_err(|e| e.to_string())?;
-            // Our canaries for the peer, once its full state is here.
-            let (canaries, _) = list_prefix(&mut local, &KeyKind::Synced.cluster_prefix(&peer))
-                .await
-                .map_err(|e| e.to_string())?;
-            let now = format_time(OffsetDateTime::now_utc()).into_bytes();
-            let missing: Vec<Op> = SyncKind::ALL
-                .into_iter()
-                .map(|kind| {
-                    MeshKey::Synced {
-                        cluster: peer.clone(),
-                        kind,
-                    }
-                    .to_string()
-                })
-                .filter(|k| !canaries.contains_key(k))
-                .map(|key| Op {
-                    key,
-                    value: Some(now.clone()),
-                })
-                .collect();
-            write(&mut local, missing, &guard)
-                .await
-                .map_err(|e| e.to_string())?;
-            info!(%own, %peer, keys = theirs.len(), refused = refused.len(), written = n, "remote mirrored");
-            backoff.reset();
-            let mut w = rc
-                .watch(
-                    mesh_model::keys::PREFIX,
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(rev + 1),
-                    ),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            while let Some(resp) = w.message().await.map_err(|e| e.to_string())? {
-                if resp.canceled() {
-                    return Err(format!(
-                        "watch of {peer} canceled: {}",
-                        resp.cancel_reason()
-                    ));
-                }
-                let mut ops = Vec::new();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    match ev.event_type() {
-                        EventType::Put => match judge(&remote, &key, kv.value()) {
-                            Judged::Skip => {}
-                            Judged::Refuse(why) => refusals.refuse(&key, kv.mod_revision(), &why),
-                            Judged::Mirror(lv) => {
-                                refusals.accepted(&key);
-                                ops.push(Op {
-                                    key,
-                                    value: Some(lv),
-                                });
-                            }
-                        },
-                        EventType::Delete => {
-                            refusals.accepted(&key);
-                            if is_mirrored(&key, &peer) {
-                                ops.push(Op { key, value: None });
-                            }
-                        }
-                    }
-                }
-                if !ops.is_empty() {
-                    write(&mut local, ops, &guard)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            Err(format!("watch of {peer} ended"))
-        }
+        let r = mirror_once(
+            &local,
+            &own,
+            &remote,
+            &*dial,
+            &guard,
+            &mut refusals,
+            &mut backoff,
+        )
         .await;
-        if let Err(e) = r {
-            if e.contains("leadership lost") {
-                return;
+        match r {
+            Err(MirrorError::Local(EtcdError::LostLeadership)) => return,
+            Err(e) => {
+                let d = backoff.next_delay();
+                warn!(%peer, error = %e, retry_in = ?d, "kvstoremesh mirror");
+                tokio::time::sleep(d).await;
             }
-            let d = backoff.next_delay();
-            warn!(%peer, error = %e, retry_in = ?d, "kvstoremesh mirror");
-            tokio::time::sleep(d).await;
+            Ok(()) => {}
         }
     }
 }
 
-/// Deletes every mirrored key and canary of `peer` from the local etcd.
-async fn forget_peer(
-    local: &mut Client,
+/// One connection to a peer: list its keys (one snapshot), make the local copies equal to them
+/// (mark and sweep: a refused value is neither copied nor a reason to delete the local copy),
+/// write our canaries, then follow its watch, one local write per batch of changes. A broken
+/// stream resumes, a compaction relists (and sweeps again); only a failed connect, a local write
+/// error or lost leadership ends it.
+async fn mirror_once<L: KvStore, D: Dial>(
+    local: &L,
+    own: &ClusterName,
+    remote: &RemoteCluster,
+    dial: &D,
+    guard: &Guard,
+    refusals: &mut Refusals,
+    backoff: &mut Backoff,
+) -> Result<(), MirrorError> {
+    let peer = &remote.name;
+    let rc = dial.dial(remote).await?;
+    let mut watcher = Watcher::with_prefixes(rc, mirrored_prefixes(peer), mesh_model::keys::PREFIX);
+    // Keys of the listing in progress: what they judge to (a refused key is `None`).
+    let mut listing: Option<BTreeMap<String, Option<Vec<u8>>>> = None;
+    let mut ops = Vec::new();
+    let mut failures = 0;
+    loop {
+        // `ops` is written before the watcher runs dry, so an error never strands it. A broken
+        // stream resumes from the last revision (a compaction relists) on the same connection;
+        // after a few failures in a row the peer is dialled again (its entry or our certificates
+        // may have changed).
+        let ev = match watcher.next().await {
+            Ok(ev) => {
+                failures = 0;
+                ev
+            }
+            Err(e) if failures < MAX_STREAM_FAILURES => {
+                failures += 1;
+                let d = backoff.next_delay();
+                warn!(%peer, error = %e, retry_in = ?d, "kvstoremesh: the remote's watch broke; resuming");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        {
+            match ev {
+                Event::Init { .. } => listing = Some(BTreeMap::new()),
+                Event::InitApply(kv) => {
+                    let judged = match judge(remote, &kv.key, &kv.value) {
+                        Judged::Skip => continue,
+                        Judged::Refuse(why) => {
+                            refusals.refuse(&kv.key, kv.mod_revision, &why);
+                            None
+                        }
+                        Judged::Mirror(lv) => {
+                            refusals.accepted(&kv.key);
+                            Some(lv)
+                        }
+                    };
+                    if let Some(l) = &mut listing {
+                        l.insert(kv.key, judged);
+                    }
+                }
+                Event::InitDone { .. } => {
+                    let theirs = listing.take().unwrap_or_default();
+                    let (ours, canaries) =
+                        list_local(local, peer).await.map_err(EtcdError::from)?;
+                    let mut sweep = Vec::new();
+                    for (k, lv) in &theirs {
+                        if let Some(lv) = lv
+                            && ours.get(k) != Some(lv)
+                        {
+                            sweep.push(Op {
+                                key: k.clone(),
+                                value: Some(lv.clone()),
+                            });
+                        }
+                    }
+                    for k in ours.keys() {
+                        if !theirs.contains_key(k) {
+                            sweep.push(Op {
+                                key: k.clone(),
+                                value: None,
+                            });
+                        }
+                    }
+                    let n = write(local, sweep, guard).await?;
+                    // Our canaries for the peer, once its full state is here.
+                    let now = format_time(OffsetDateTime::now_utc()).into_bytes();
+                    let missing: Vec<Op> = SyncKind::ALL
+                        .into_iter()
+                        .map(|kind| {
+                            MeshKey::Synced {
+                                cluster: peer.clone(),
+                                kind,
+                            }
+                            .to_string()
+                        })
+                        .filter(|k| !canaries.contains(k))
+                        .map(|key| Op {
+                            key,
+                            value: Some(now.clone()),
+                        })
+                        .collect();
+                    write(local, missing, guard).await?;
+                    let refused = theirs.values().filter(|v| v.is_none()).count();
+                    info!(%own, %peer, keys = theirs.len() - refused, refused, written = n, "remote mirrored");
+                    backoff.reset();
+                }
+                Event::Apply(kv) => match judge(remote, &kv.key, &kv.value) {
+                    Judged::Skip => {}
+                    Judged::Refuse(why) => refusals.refuse(&kv.key, kv.mod_revision, &why),
+                    Judged::Mirror(lv) => {
+                        refusals.accepted(&kv.key);
+                        ops.push(Op {
+                            key: kv.key,
+                            value: Some(lv),
+                        });
+                    }
+                },
+                Event::Delete { key, .. } => {
+                    refusals.accepted(&key);
+                    if is_mirrored(&key, peer) {
+                        ops.push(Op { key, value: None });
+                    }
+                }
+            }
+        }
+        // One local write per store response (at most MAX_BATCH changes).
+        if !ops.is_empty() && (!watcher.has_ready() || ops.len() >= MAX_BATCH) {
+            write(local, std::mem::take(&mut ops), guard).await?;
+        }
+    }
+}
+
+/// Deletes every mirrored key and canary of `peer` from the local store.
+async fn forget_peer<L: KvStore>(
+    local: &L,
     peer: &ClusterName,
-    guard: &Compare,
+    guard: &Guard,
 ) -> Result<(), EtcdError> {
-    let (ours, _) = list_mirrored(local, peer).await?;
-    let (canaries, _) = list_prefix(local, &KeyKind::Synced.cluster_prefix(peer)).await?;
+    let (ours, canaries) = list_local(local, peer).await?;
     let ops: Vec<Op> = ours
         .into_keys()
-        .chain(canaries.into_keys())
+        .chain(canaries)
         .map(|key| Op { key, value: None })
         .collect();
     write(local, ops, guard).await.map(|_| ())
 }
 
-/// Follows `remotes/<own>/` in the local etcd and runs one mirror per peer. Runs until aborted.
-/// Values refused are counted in `status` (`remote_bad_values`, by peer).
-pub async fn run(
-    local: Client,
+/// The mirrors running, by peer, with the remote entry each was started for.
+type Mirrors = HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)>;
+
+/// Follows `remotes/<own>/` in the local store and runs one mirror per peer, reaching peers
+/// through `dial`. Runs until aborted or leadership is lost. Values refused are counted in
+/// `status` (`remote_bad_values`, by peer).
+pub async fn run<L: KvStore, D: Dial>(
+    local: L,
     own: ClusterName,
-    tls: MirrorTls,
-    guard: Compare,
+    dial: D,
+    guard: Guard,
     status: Option<Arc<Status>>,
 ) {
+    let dial = Arc::new(dial);
     let prefix = KeyKind::Remotes.cluster_prefix(&own);
-    let mut mirrors: HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)> = HashMap::new();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let mut c = local.clone();
-    loop {
-        let r: Result<(), EtcdError> = async {
-            let (kvs, rev) = list_prefix(&mut c, &prefix).await?;
-            let mut wanted: BTreeMap<ClusterName, RemoteCluster> = BTreeMap::new();
-            for (k, (v, _)) in kvs {
-                if let Some(rcl) = decode_remote(&own, &k, &v) {
-                    wanted.insert(rcl.name.clone(), rcl);
-                }
+    let mut mirrors: Mirrors = HashMap::new();
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut remotes = WatchTask::spawn(Watcher::new(local.clone(), &prefix), backoff, 256);
+    // The remotes wanted; during a (re)list, the ones listed so far.
+    let mut wanted: BTreeMap<ClusterName, RemoteCluster> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<ClusterName, RemoteCluster>> = None;
+    while let Some(ev) = remotes.recv().await {
+        let changed = match ev {
+            Err(e) => {
+                warn!(error = %e, "kvstoremesh remotes");
+                false
             }
-            reconcile(&local, &own, &tls, &guard, &status, &mut mirrors, &wanted).await?;
-            backoff.reset();
-            let mut w = c
-                .watch(
-                    prefix.as_str(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(rev + 1),
-                    ),
-                )
-                .await
-                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?;
-            while let Some(resp) = w
-                .message()
-                .await
-                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?
-            {
-                if resp.events().is_empty() {
-                    continue;
-                }
-                let mut wanted: BTreeMap<ClusterName, RemoteCluster> = mirrors
-                    .iter()
-                    .map(|(n, (r, _))| (n.clone(), r.clone()))
-                    .collect();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    match ev.event_type() {
-                        EventType::Put => {
-                            if let Some(rcl) = decode_remote(&own, &key, kv.value()) {
-                                wanted.insert(rcl.name.clone(), rcl);
-                            }
-                        }
-                        EventType::Delete => {
-                            if let Ok(MeshKey::Remote { remote, .. }) = MeshKey::parse(&key) {
-                                wanted.remove(&remote);
-                            }
-                        }
-                    }
-                }
-                reconcile(&local, &own, &tls, &guard, &status, &mut mirrors, &wanted).await?;
+            Ok(Event::Init { .. }) => {
+                listing = Some(BTreeMap::new());
+                false
             }
-            Ok(())
+            Ok(Event::InitApply(kv)) => {
+                if let (Some(l), Some(r)) = (&mut listing, decode_remote(&own, &kv.key, &kv.value))
+                {
+                    l.insert(r.name.clone(), r);
+                }
+                false
+            }
+            Ok(Event::InitDone { .. }) => {
+                wanted = listing.take().unwrap_or_default();
+                true
+            }
+            Ok(Event::Apply(kv)) => match decode_remote(&own, &kv.key, &kv.value) {
+                Some(r) => {
+                    wanted.insert(r.name.clone(), r);
+                    true
+                }
+                None => false,
+            },
+            Ok(Event::Delete { key, .. }) => match MeshKey::parse(&key) {
+                Ok(MeshKey::Remote { remote, .. }) => wanted.remove(&remote).is_some(),
+                _ => false,
+            },
+        };
+        if !changed {
+            continue;
         }
-        .await;
+        let r = reconcile(&local, &own, &dial, &guard, &status, &mut mirrors, &wanted).await;
         match r {
             Err(EtcdError::LostLeadership) => break,
             Err(e) => warn!(error = %e, "kvstoremesh remotes"),
             Ok(()) => {}
         }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
     for (_, (_, h)) in mirrors {
         h.abort();
@@ -489,13 +567,13 @@ fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<RemoteClu
     }
 }
 
-async fn reconcile(
-    local: &Client,
+async fn reconcile<L: KvStore, D: Dial>(
+    local: &L,
     own: &ClusterName,
-    tls: &MirrorTls,
-    guard: &Compare,
+    dial: &Arc<D>,
+    guard: &Guard,
     status: &Option<Arc<Status>>,
-    mirrors: &mut HashMap<ClusterName, (RemoteCluster, JoinHandle<()>)>,
+    mirrors: &mut Mirrors,
     wanted: &BTreeMap<ClusterName, RemoteCluster>,
 ) -> Result<(), EtcdError> {
     let gone: Vec<ClusterName> = mirrors
@@ -508,7 +586,7 @@ async fn reconcile(
             h.abort();
         }
         info!(%peer, "remote removed; deleting its mirrored keys");
-        forget_peer(&mut local.clone(), &peer, guard).await?;
+        forget_peer(local, &peer, guard).await?;
     }
     for (peer, rcl) in wanted {
         let same = mirrors.get(peer).is_some_and(|(r, _)| r == rcl);
@@ -523,7 +601,7 @@ async fn reconcile(
             local.clone(),
             own.clone(),
             rcl.clone(),
-            tls.clone(),
+            dial.clone(),
             guard.clone(),
             status.clone(),
         ));
@@ -587,5 +665,271 @@ mod tests {
         assert!(refused(cc, b"{}").contains("not a valid"));
         assert!(refused("clustermesh/v1/heartbeat/c2", b"yesterday").contains("RFC 3339"));
         assert!(refused("clustermesh/v1/services/c2/ns", b"{}").contains("does not parse"));
+    }
+
+    // --- The mirror on in-memory stores: no etcd, every fault on demand. ---
+
+    use mesh_kv::MemStore;
+
+    /// Peers by name, each an in-memory store.
+    #[derive(Clone, Default)]
+    struct MemDial(Arc<std::sync::Mutex<HashMap<ClusterName, MemStore>>>);
+
+    impl Dial for MemDial {
+        type Store = MemStore;
+        async fn dial(&self, remote: &RemoteCluster) -> Result<MemStore, DialError> {
+            self.0
+                .lock()
+                .unwrap()
+                .get(&remote.name)
+                .cloned()
+                .ok_or_else(|| DialError::Connect {
+                    peer: remote.name.clone(),
+                    message: "no such peer".into(),
+                })
+        }
+    }
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).unwrap()
+    }
+
+    fn service(cluster: &str, name: &str) -> (String, Vec<u8>) {
+        let key = format!("clustermesh/v1/services/{cluster}/ns/{name}");
+        let value = format!(
+            r#"{{"cluster":"{cluster}","namespace":"ns","name":"{name}","ports":[{{"port":80}}],"headless":true}}"#
+        );
+        let judged = judge(&remote(cluster, 9), &key, value.as_bytes());
+        assert!(matches!(judged, Judged::Mirror(_)), "{key}: {judged:?}");
+        (key, value.into_bytes())
+    }
+
+    /// A leader key in `local` and the guard of its term.
+    async fn lead(local: &MemStore) -> Guard {
+        let key = "clustermesh/v1/leader/c1";
+        local.put(key, b"replica-0").await.unwrap();
+        Guard {
+            key: key.into(),
+            create_revision: local.get(key).await.unwrap().unwrap().create_revision,
+        }
+    }
+
+    async fn register(local: &MemStore, peer: &RemoteCluster) {
+        let mut peer = peer.clone();
+        // An endpoint the in-memory dial ignores (a remote needs one to be valid).
+        peer.endpoints = vec!["http://127.0.0.1:2379".into()];
+        let key = MeshKey::Remote {
+            cluster: c("c1"),
+            remote: peer.name.clone(),
+        }
+        .to_string();
+        local
+            .put(&key, &MeshValue::Remote(peer).encode())
+            .await
+            .unwrap();
+    }
+
+    /// Waits (on the store's own watch, no polling) until the keys under `prefix` satisfy `done`;
+    /// fails after 5 s with what they were.
+    async fn until(
+        store: &MemStore,
+        prefix: &str,
+        done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
+    ) -> BTreeMap<String, Vec<u8>> {
+        let mut w = Watcher::new(store.clone(), prefix);
+        let mut keys = BTreeMap::new();
+        let mut listed = false;
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.next().await.unwrap() {
+                    Event::Init { .. } => keys.clear(),
+                    Event::InitApply(kv) | Event::Apply(kv) => {
+                        keys.insert(kv.key, kv.value);
+                    }
+                    Event::Delete { key, .. } => {
+                        keys.remove(&key);
+                    }
+                    Event::InitDone { .. } => listed = true,
+                }
+                if listed && done(&keys) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "timed out; {prefix} holds {:?}", keys.keys());
+        keys
+    }
+
+    #[tokio::test]
+    async fn mirrors_a_peer_follows_it_and_refuses_what_is_not_its_own() {
+        let (local, peer) = (MemStore::new(), MemStore::new());
+        let c2 = remote("c2", 2);
+        peer.put("clustermesh/v1/cluster-config/c2", &config("c2", 2))
+            .await
+            .unwrap();
+        let (web, web_v) = service("c2", "web");
+        peer.put(&web, &web_v).await.unwrap();
+        // Another cluster's key in the peer's etcd (it runs KVStoreMesh too): not mirrored.
+        let (other, other_v) = service("c3", "web");
+        peer.put(&other, &other_v).await.unwrap();
+        // A value of the peer's that does not decode: refused, counted.
+        peer.put("clustermesh/v1/services/c2/ns/bad", b"{")
+            .await
+            .unwrap();
+        let dial = MemDial::default();
+        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
+        let guard = lead(&local).await;
+        register(&local, &c2).await;
+        let status = Status::new("c1", 1, "replica-0");
+        let mirror = tokio::spawn(run(
+            local.clone(),
+            c("c1"),
+            dial,
+            guard,
+            Some(status.clone()),
+        ));
+
+        // The listing lands, then the canaries.
+        until(&local, "clustermesh/v1/synced/c2/", |k| {
+            k.len() == SyncKind::ALL.len()
+        })
+        .await;
+        let cc = local
+            .get("clustermesh/v1/cluster-config/c2")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&cc.value).contains(r#""cached":true"#));
+        let services = until(&local, "clustermesh/v1/services/", |_| true).await;
+        assert_eq!(services.keys().collect::<Vec<_>>(), [&web]);
+        assert_eq!(status.snapshot().remote_bad_values.get("c2"), Some(&1));
+
+        // Changes follow, batched per response.
+        let (api, api_v) = service("c2", "api");
+        peer.put(&api, &api_v).await.unwrap();
+        peer.delete(&web).await.unwrap();
+        until(&local, "clustermesh/v1/services/", |k| {
+            k.contains_key(&api) && !k.contains_key(&web)
+        })
+        .await;
+        mirror.abort();
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_resumes_and_a_compaction_relists_and_sweeps() {
+        let (local, peer) = (MemStore::new(), MemStore::new());
+        let c2 = remote("c2", 2);
+        let (web, web_v) = service("c2", "web");
+        let (api, api_v) = service("c2", "api");
+        peer.put(&web, &web_v).await.unwrap();
+        peer.put(&api, &api_v).await.unwrap();
+        let dial = MemDial::default();
+        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
+        let guard = lead(&local).await;
+        register(&local, &c2).await;
+        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
+        until(&local, "clustermesh/v1/services/c2/", |k| k.len() == 2).await;
+
+        // A change while the stream is down arrives when it resumes.
+        peer.break_watches();
+        let (db, db_v) = service("c2", "db");
+        peer.put(&db, &db_v).await.unwrap();
+        until(&local, "clustermesh/v1/services/c2/", |k| {
+            k.contains_key(&db)
+        })
+        .await;
+
+        // A delete the watch never saw (the stream broke, then the peer compacted past it): the
+        // relist sweeps the local copy.
+        peer.break_watches();
+        peer.delete(&web).await.unwrap();
+        peer.compact(peer.revision());
+        let left = until(&local, "clustermesh/v1/services/c2/", |k| {
+            !k.contains_key(&web)
+        })
+        .await;
+        assert_eq!(left.keys().collect::<Vec<_>>(), [&api, &db]);
+        mirror.abort();
+    }
+
+    #[tokio::test]
+    async fn lost_leadership_stops_every_write_of_the_mirror() {
+        let (local, peer) = (MemStore::new(), MemStore::new());
+        let c2 = remote("c2", 2);
+        let (web, web_v) = service("c2", "web");
+        peer.put(&web, &web_v).await.unwrap();
+        let dial = MemDial::default();
+        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
+        let guard = lead(&local).await;
+        register(&local, &c2).await;
+        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
+        until(&local, "clustermesh/v1/synced/c2/", |k| !k.is_empty()).await;
+
+        // Leadership moves: the leader key is recreated by another replica. The mirror writes
+        // nothing more, and the run ends at its next local write.
+        local.delete("clustermesh/v1/leader/c1").await.unwrap();
+        local
+            .put("clustermesh/v1/leader/c1", b"replica-1")
+            .await
+            .unwrap();
+        let (api, api_v) = service("c2", "api");
+        peer.put(&api, &api_v).await.unwrap();
+        let before = local.revision();
+        // The remote entry goes: forgetting it is a guarded write too, which fails: run returns.
+        local
+            .delete(
+                &MeshKey::Remote {
+                    cluster: c("c1"),
+                    remote: c("c2"),
+                }
+                .to_string(),
+            )
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), mirror)
+            .await
+            .expect("run ends once leadership is lost")
+            .unwrap();
+        assert!(
+            local.get(&api).await.unwrap().is_none(),
+            "not written after the loss"
+        );
+        assert!(
+            local.get(&web).await.unwrap().is_some(),
+            "not deleted after the loss either"
+        );
+        assert_eq!(
+            local.revision(),
+            before + 1,
+            "only the remote entry's delete"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_remote_loses_its_mirrored_keys_and_canaries() {
+        let (local, peer) = (MemStore::new(), MemStore::new());
+        let c2 = remote("c2", 2);
+        let (web, web_v) = service("c2", "web");
+        peer.put(&web, &web_v).await.unwrap();
+        let dial = MemDial::default();
+        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
+        let guard = lead(&local).await;
+        register(&local, &c2).await;
+        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
+        until(&local, "clustermesh/v1/synced/c2/", |k| !k.is_empty()).await;
+        local
+            .delete(
+                &MeshKey::Remote {
+                    cluster: c("c1"),
+                    remote: c("c2"),
+                }
+                .to_string(),
+            )
+            .await
+            .unwrap();
+        until(&local, "clustermesh/v1/synced/c2/", |k| k.is_empty()).await;
+        until(&local, "clustermesh/v1/services/c2/", |k| k.is_empty()).await;
+        mirror.abort();
     }
 }

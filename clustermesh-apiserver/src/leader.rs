@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use futures::StreamExt;
+use mesh_kv::{Backoff, Guard, KvStore, Op, WatchEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::etcd::{Backoff, EtcdError};
+use crate::etcd::EtcdError;
 
 /// A term as leader. Dropping it stops the keepalive; [`LeaderTerm::resign`] also deletes the key at once so a
 /// standby takes over without waiting for the lease to end.
@@ -32,9 +33,12 @@ impl Drop for LeaderTerm {
 }
 
 impl LeaderTerm {
-    /// The comparison every leader write carries.
-    pub fn guard(&self) -> Compare {
-        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
+    /// The condition every leader write carries.
+    pub fn guard(&self) -> Guard {
+        Guard {
+            key: self.key.clone(),
+            create_revision: self.revision,
+        }
     }
 
     /// Resolves when the lease is gone (keepalive refused or failing for longer than the TTL).
@@ -44,15 +48,15 @@ impl LeaderTerm {
     }
 
     /// Gives up leadership: revokes the lease, which deletes the leader key.
-    pub async fn resign(self, client: &mut Client) {
-        if let Err(e) = client.lease_revoke(self.lease).await {
+    pub async fn resign<S: KvStore>(self, store: &S) {
+        if let Err(e) = store.lease_revoke(self.lease).await {
             warn!(error = %e, "revoking the leader lease failed; it ends by itself");
         }
     }
 }
 
-fn spawn_keepalive(
-    mut client: Client,
+fn spawn_keepalive<S: KvStore>(
+    store: S,
     lease: i64,
     ttl: Duration,
     lost_tx: watch::Sender<bool>,
@@ -60,7 +64,6 @@ fn spawn_keepalive(
     tokio::spawn(async move {
         let every = (ttl / 3).max(Duration::from_millis(200));
         let mut last_ok = tokio::time::Instant::now();
-        let mut stream = None;
         loop {
             if last_ok.elapsed() >= ttl {
                 warn!(
@@ -70,26 +73,15 @@ fn spawn_keepalive(
                 let _ = lost_tx.send(true);
                 return;
             }
-            if stream.is_none() {
-                match client.lease_keep_alive(lease).await {
-                    Ok(s) => stream = Some(s),
-                    Err(e) => warn!(error = %e, "leader lease keepalive stream"),
+            match tokio::time::timeout(every, store.lease_keep_alive(lease)).await {
+                Ok(Ok(left)) if left > 0 => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(_)) => {
+                    warn!(lease, "leader lease expired");
+                    let _ = lost_tx.send(true);
+                    return;
                 }
-            }
-            if let Some((keeper, st)) = &mut stream {
-                let ok = async {
-                    keeper.keep_alive().await?;
-                    st.message().await
-                };
-                match tokio::time::timeout(every, ok).await {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-                    Ok(Ok(Some(_))) => {
-                        warn!(lease, "leader lease expired");
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => stream = None,
-                }
+                Ok(Err(e)) => warn!(error = %e, "leader lease keepalive"),
+                Err(_) => warn!(lease, after = ?every, "leader lease keepalive: no answer"),
             }
             tokio::time::sleep(every).await;
         }
@@ -107,16 +99,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// Campaigns until this replica holds the leader key. Keeps a standby waiting on a watch of the key (no polling).
-pub async fn campaign(
-    client: &Client,
+pub async fn campaign<S: KvStore>(
+    store: &S,
     key: &str,
     replica: &str,
     ttl: Duration,
 ) -> Result<LeaderTerm, EtcdError> {
-    let mut c = client.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
-        match try_campaign(&mut c, key, replica, ttl).await {
+        match try_campaign(store, key, replica, ttl).await {
             Ok(term) => return Ok(term),
             Err(e) => {
                 let d = backoff.next_delay();
@@ -127,40 +118,32 @@ pub async fn campaign(
     }
 }
 
-async fn try_campaign(
-    client: &mut Client,
+async fn try_campaign<S: KvStore>(
+    store: &S,
     key: &str,
     replica: &str,
     ttl: Duration,
 ) -> Result<LeaderTerm, EtcdError> {
     let secs = ttl.as_secs().max(1) as i64;
-    let lease = client
-        .lease_grant(secs, None)
-        .await
-        .map_err(|e| EtcdError::request("lease grant", e))?
-        .id();
+    let lease = store.lease_grant(secs).await?;
     let (lost_tx, lost_rx) = watch::channel(false);
     // Aborted if this attempt fails (an error return drops it); handed to the term on success.
-    let mut keepalive = AbortOnDrop(Some(spawn_keepalive(client.clone(), lease, ttl, lost_tx)));
+    let mut keepalive = AbortOnDrop(Some(spawn_keepalive(store.clone(), lease, ttl, lost_tx)));
     let mut announced = false;
+    let absent = Guard {
+        key: key.to_owned(),
+        create_revision: 0,
+    };
     loop {
         if *lost_rx.borrow() {
             return Err(EtcdError::LostLeadership);
         }
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                replica,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(key, None)]);
-        let resp = client
-            .txn(txn)
-            .await
-            .map_err(|e| EtcdError::request(format!("campaign {key}"), e))?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        if resp.succeeded() {
+        let put = Op::Put {
+            key: key.to_owned(),
+            value: replica.as_bytes().to_vec(),
+            lease: Some(lease),
+        };
+        if let Some(rev) = store.txn(Some(&absent), vec![put]).await? {
             info!(key, replica, revision = rev, "became leader");
             let Some(keepalive) = keepalive.0.take() else {
                 return Err(EtcdError::LostLeadership);
@@ -173,62 +156,47 @@ async fn try_campaign(
                 keepalive,
             });
         }
-        let (holder, holder_rev) = resp
-            .op_responses()
-            .into_iter()
-            .find_map(|r| match r {
-                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                        kv.create_revision(),
-                    )
-                }),
-                _ => None,
-            })
-            .unwrap_or_default();
-        if holder == replica && holder_rev > 0 {
+        // Someone holds it: who, and the revision to watch from.
+        let listing = store.list(key, None).await?;
+        let Some(holder) = listing.kvs.into_iter().find(|kv| kv.key == key) else {
+            continue; // gone meanwhile: try again
+        };
+        if holder.value == replica.as_bytes() {
             // A previous incarnation of this replica (same id, e.g. a restarted container of the same pod)
             // holds the key: it is dead, take over now instead of waiting for its lease to end.
             info!(
                 key,
                 replica, "taking over the leader key of this replica's previous run"
             );
-            client
-                .txn(
-                    Txn::new()
-                        .when([Compare::create_revision(key, CompareOp::Equal, holder_rev)])
-                        .and_then([TxnOp::delete(key, None)]),
-                )
-                .await
-                .map_err(|e| EtcdError::request(format!("delete stale {key}"), e))?;
+            let stale = Guard {
+                key: key.to_owned(),
+                create_revision: holder.create_revision,
+            };
+            let delete = Op::Delete {
+                key: key.to_owned(),
+            };
+            store.txn(Some(&stale), vec![delete]).await?;
             continue;
         }
         if !announced {
-            info!(key, leader = %holder, "standing by");
+            info!(key, leader = %String::from_utf8_lossy(&holder.value), "standing by");
             announced = true;
         }
-        // Wait until the key is deleted (or its lease ends), then try again.
-        let mut stream = client
-            .watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))
-            .await
-            .map_err(|e| EtcdError::request(format!("watch {key}"), e))?;
+        // Wait until the key is deleted (or its lease ends), then try again. The watch is of a
+        // prefix: `leader/c1` also sees `leader/c10`.
+        let mut stream = store.watch(key, listing.revision + 1).await?;
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
-            match msg {
-                Ok(Ok(Some(resp))) => {
-                    if resp.canceled() {
-                        break;
-                    }
-                    if resp
-                        .events()
+            match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                Ok(Some(Ok(evs))) => {
+                    if evs
                         .iter()
-                        .any(|e| e.event_type() == EventType::Delete)
+                        .any(|e| matches!(e, WatchEvent::Delete { key: k, .. } if k == key))
                     {
                         break;
                     }
                 }
-                Ok(Ok(None)) => break,
-                Ok(Err(e)) => return Err(EtcdError::request(format!("watch {key}"), e)),
+                // The stream broke or ended: campaign again (it reopens the watch).
+                Ok(Some(Err(_)) | None) => break,
                 // No event for a while: check again (the watch may have been cut without telling).
                 Err(_) => break,
             }

@@ -1,27 +1,28 @@
-//! The publisher: campaigns for leadership; as leader it lists etcd, seeds the index, runs the sources, writes
-//! the first full state once every source synced (then the sync canaries), and from then on writes each change
-//! as it comes; a heartbeat every second. Losing the lease ends the term: sources stop, nothing more is written,
-//! and the replica campaigns again.
+//! The publisher: campaigns for leadership; as leader it lists the store (etcd), seeds the index, runs the
+//! sources, writes the first full state once every source synced (then the sync canaries), and from then on
+//! writes each change as it comes; a heartbeat every second. Losing the lease ends the term: sources stop,
+//! nothing more is written, and the replica campaigns again. Generic over [`KvStore`], so a term is unit-tested
+//! on the in-memory store.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, WatchOptions};
+use mesh_kv::{Backoff, Event, Guard, KvError, KvStore, WatchTask, Watcher};
 use mesh_model::ClusterName;
-use mesh_model::keys::{KeyKind, MeshKey, ServiceName, SyncKind};
+use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
 use mesh_model::values::{MeshValue, ServiceSpec, format_time};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::etcd::{Backoff, EtcdError, list_prefix};
+use crate::etcd::EtcdError;
 use crate::index::{IndexConfig, MeshIndex, owned_prefixes};
 use crate::leader::{LeaderTerm, campaign};
 use crate::source::{Source, SourceEvent};
 use crate::status::{Role, Status};
-use crate::writer::{EtcdWriter, plan};
+use crate::writer::{Op, StoreWriter, plan};
 
 /// Settings of the publisher.
 #[derive(Debug, Clone)]
@@ -67,82 +68,7 @@ impl Drop for Tasks {
     }
 }
 
-enum RemoteEvent {
-    Reset(BTreeMap<ClusterName, Vec<ServiceSpec>>),
-    Apply(ServiceSpec),
-    Delete(ClusterName, ServiceName),
-}
-
-/// Lists and watches other clusters' service specs in this etcd.
-async fn feed_remote_services(mut client: Client, own: ClusterName, tx: mpsc::Sender<RemoteEvent>) {
-    let prefix = KeyKind::Services.prefix();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let r: Result<(), EtcdError> = async {
-            let (kvs, rev) = list_prefix(&mut client, &prefix).await?;
-            let mut all: BTreeMap<ClusterName, Vec<ServiceSpec>> = BTreeMap::new();
-            for (k, (v, _)) in kvs {
-                if let Some(spec) = decode_remote(&own, &k, &v) {
-                    all.entry(spec.cluster.clone()).or_default().push(spec);
-                }
-            }
-            if tx.send(RemoteEvent::Reset(all)).await.is_err() {
-                return Ok(());
-            }
-            backoff.reset();
-            let mut stream = client
-                .watch(
-                    prefix.as_str(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(rev + 1),
-                    ),
-                )
-                .await
-                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?;
-            while let Some(resp) = stream
-                .message()
-                .await
-                .map_err(|e| EtcdError::request(format!("watch {prefix}"), e))?
-            {
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let msg = match ev.event_type() {
-                        EventType::Put => {
-                            decode_remote(&own, &key, kv.value()).map(RemoteEvent::Apply)
-                        }
-                        EventType::Delete => match MeshKey::parse(&key) {
-                            Ok(MeshKey::Service { cluster, service }) if cluster != own => {
-                                Some(RemoteEvent::Delete(cluster, service))
-                            }
-                            _ => None,
-                        },
-                    };
-                    if let Some(m) = msg
-                        && tx.send(m).await.is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-                if resp.canceled() {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if tx.is_closed() {
-            return;
-        }
-        if let Err(e) = r {
-            warn!(error = %e, "watching remote services");
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
-}
-
+/// Other clusters' shared service specs in this store (there in KVStoreMesh mode), decoded.
 fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<ServiceSpec> {
     let k = MeshKey::parse(key).ok()?;
     if k.cluster() == own {
@@ -158,6 +84,11 @@ fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<ServiceSp
     }
 }
 
+/// Resolves once `shutdown` holds `true` (holding no borrow of it, so the future stays `Send`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
 /// How a term ended.
 enum TermEnd {
     Shutdown,
@@ -165,8 +96,8 @@ enum TermEnd {
 }
 
 /// Runs the publisher until `shutdown` turns true (then resigns leadership).
-pub async fn run(
-    client: Client,
+pub async fn run<S: KvStore>(
+    store: S,
     cfg: PublisherConfig,
     sources: Vec<Arc<dyn Source>>,
     status: Arc<Status>,
@@ -185,8 +116,8 @@ pub async fn run(
             s.sources = sources.iter().map(|s| (s.name(), false)).collect();
         });
         let term = tokio::select! {
-            t = campaign(&client, &leader_key, &cfg.replica, cfg.lease_ttl) => t?,
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            t = campaign(&store, &leader_key, &cfg.replica, cfg.lease_ttl) => t?,
+            _ = stopped(&mut shutdown) => return Ok(()),
         };
         status.update(|s| {
             s.role = Role::Leader;
@@ -195,7 +126,7 @@ pub async fn run(
         });
         let mut errors_in_term = 0;
         let r = run_term(
-            &client,
+            &store,
             &cfg,
             &sources,
             &status,
@@ -212,12 +143,11 @@ pub async fn run(
         });
         match r {
             Ok(TermEnd::Shutdown) => {
-                let mut c = client.clone();
-                term.resign(&mut c).await;
+                term.resign(&store).await;
                 info!("resigned leadership, shutting down");
                 return Ok(());
             }
-            Ok(TermEnd::Lost) | Err(EtcdError::LostLeadership) => {
+            Ok(TermEnd::Lost) | Err(TermError::Store(EtcdError::LostLeadership)) => {
                 warn!("lost leadership; standing by");
             }
             Err(e) => {
@@ -226,8 +156,7 @@ pub async fn run(
                     s.etcd_errors_total += 1;
                     s.last_error = Some(e.to_string());
                 });
-                let mut c = client.clone();
-                term.resign(&mut c).await;
+                term.resign(&store).await;
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
@@ -247,31 +176,47 @@ fn canary_keys(cluster: &ClusterName) -> Vec<String> {
         .collect()
 }
 
+/// Why a term stops early.
+#[derive(Debug, thiserror::Error)]
+enum TermError {
+    /// Every source stopped: nothing more can be published.
+    #[error("every source stopped")]
+    SourcesGone,
+    /// A store request failed.
+    #[error(transparent)]
+    Store(#[from] EtcdError),
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn run_term(
-    client: &Client,
+async fn run_term<S: KvStore>(
+    store: &S,
     cfg: &PublisherConfig,
     sources: &[Arc<dyn Source>],
     status: &Arc<Status>,
-    term: &LeaderTerm,
+    leader: &LeaderTerm,
     shutdown: &mut watch::Receiver<bool>,
     errors_base: u64,
     errors_in_term: &mut u64,
-) -> Result<TermEnd, EtcdError> {
+) -> Result<TermEnd, TermError> {
     let cluster = cfg.index.cluster.clone();
-    let guard = term.guard();
-    let prefixes = owned_prefixes(&cluster);
-    let cc_key = MeshKey::ClusterConfig {
-        cluster: cluster.clone(),
-    }
-    .to_string();
+    let guard = leader.guard();
     let canaries = canary_keys(&cluster);
-    let mut exact = vec![cc_key.clone()];
+    let mut exact = vec![
+        MeshKey::ClusterConfig {
+            cluster: cluster.clone(),
+        }
+        .to_string(),
+    ];
     exact.extend(canaries.iter().cloned());
-    let (mut writer, existing) = EtcdWriter::load(client.clone(), &prefixes, &exact).await?;
+    // Watch what we own, so a change made by someone else (a deleted or overwritten key, a stray key under our
+    // prefixes) is repaired; events of our own writes are recognised by revision and ignored.
+    let (writer, existing, own_watch) =
+        StoreWriter::load(store.clone(), &owned_prefixes(&cluster), &exact).await?;
     info!(keys = existing.len(), "listed this cluster's keys in etcd");
     let mut index = MeshIndex::new(cfg.index.clone());
     index.seed(&existing);
+    let watch_backoff = || Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut own_watch = WatchTask::spawn(own_watch, watch_backoff(), 1024);
 
     // Sources.
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(4096);
@@ -288,51 +233,21 @@ async fn run_term(
         }));
     }
     drop(tx);
-    let (rtx, mut rrx) = mpsc::channel::<RemoteEvent>(1024);
-    let mut remote_synced = !(cfg.remote_services && cfg.index.clusterset_cidr.is_some());
-    if !remote_synced {
-        tasks.push(tokio::spawn(feed_remote_services(
-            client.clone(),
-            cluster.clone(),
-            rtx,
-        )));
-    } else {
-        drop(rtx);
-    }
-    if let Some(tls) = &cfg.kvstoremesh {
+    let wants_remote = cfg.remote_services && cfg.index.clusterset_cidr.is_some();
+    let mut remote_watch = wants_remote.then(|| {
+        let w = Watcher::new(store.clone(), &KeyKind::Services.prefix());
+        WatchTask::spawn(w, watch_backoff(), 1024)
+    });
+    if let Some(dial) = &cfg.kvstoremesh {
         tasks.push(tokio::spawn(crate::kvstoremesh::run(
-            client.clone(),
+            store.clone(),
             cluster.clone(),
-            tls.clone(),
+            dial.clone(),
             guard.clone(),
             Some(status.clone()),
         )));
     }
     let _tasks = Tasks(tasks);
-    let mut remote_clusters: BTreeSet<ClusterName> = BTreeSet::new();
-
-    // Watch what we own, so a change made by someone else (a deleted or overwritten key, a stray key under our
-    // prefixes) is repaired; events of our own writes are recognised by revision and ignored.
-    let mut own_watch = {
-        let mut c = client.clone();
-        let start = writer.listed_at() + 1;
-        let opts = || WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut watched: Vec<String> = prefixes.clone();
-        watched.push(KeyKind::Synced.cluster_prefix(&cluster));
-        let mut w = c
-            .watch(
-                cc_key.as_str(),
-                Some(WatchOptions::new().with_start_revision(start)),
-            )
-            .await
-            .map_err(|e| EtcdError::request(format!("watch {cc_key}"), e))?;
-        for p in &watched {
-            w.watch(p.as_str(), Some(opts()))
-                .await
-                .map_err(|e| EtcdError::request(format!("watch {p}"), e))?;
-        }
-        w
-    };
 
     let heartbeat_key = MeshKey::Heartbeat {
         cluster: cluster.clone(),
@@ -340,235 +255,577 @@ async fn run_term(
     .to_string();
     let mut heartbeat = tokio::time::interval(cfg.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut source_errors: BTreeMap<String, String> = BTreeMap::new();
-    let mut source_errors_total = 0u64;
-    let mut synced_once = false;
-    let mut pending: BTreeSet<String> = BTreeSet::new();
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut first_event: Option<Instant> = None;
-    let mut repair_canaries = false;
-
-    loop {
-        let mut got_event = false;
-        tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => return Ok(TermEnd::Shutdown),
-            _ = term.lost() => return Ok(TermEnd::Lost),
-            _ = heartbeat.tick() => {
-                let now = format_time(OffsetDateTime::now_utc()).into_bytes();
-                if let Err(e) = writer.put_untracked(&heartbeat_key, now, &guard).await {
-                    if matches!(e, EtcdError::LostLeadership) {
-                        return Ok(TermEnd::Lost);
-                    }
-                    warn!(error = %e, "heartbeat");
-                    status.update(|s| { s.etcd_errors_total += 1; s.last_error = Some(e.to_string()); });
+    let mut t = Term {
+        status,
+        guard,
+        writer,
+        index,
+        canaries,
+        unsynced,
+        remote: RemoteServices {
+            synced: !wants_remote,
+            ..Default::default()
+        },
+        source_errors: BTreeMap::new(),
+        source_errors_total: 0,
+        errors_base,
+        synced_once: false,
+        pending: BTreeSet::new(),
+        retry_at: None,
+        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        first_event: None,
+        repair_canaries: false,
+    };
+    let r: Result<TermEnd, TermError> = async {
+        loop {
+            let mut got_event = false;
+            tokio::select! {
+                biased;
+                _ = stopped(shutdown) => return Ok(TermEnd::Shutdown),
+                _ = leader.lost() => return Ok(TermEnd::Lost),
+                _ = heartbeat.tick() => t.heartbeat(&heartbeat_key).await?,
+                _ = async { match t.retry_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending::<()>().await } } => {
+                    t.retry_at = None;
                 }
-            }
-            _ = async { match retry_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending::<()>().await } } => {
-                retry_at = None;
-            }
-            ev = rx.recv() => {
-                let Some(ev) = ev else {
-                    return Err(EtcdError::request("sources", etcd_client::Error::InvalidArgs("every source stopped".into())));
-                };
-                first_event.get_or_insert_with(Instant::now);
-                got_event = true;
-                let mut next = Some(ev);
-                let mut n = 0;
-                while let Some(ev) = next.take() {
-                    match ev {
-                        SourceEvent::Apply(o) => index.apply(o),
-                        SourceEvent::Delete(r) => index.delete(&r),
-                        SourceEvent::Reset { kind, objects } => index.reset(kind, objects),
-                        SourceEvent::Synced { source } => {
-                            info!(source = %source, "source synced");
-                            unsynced.remove(&source);
-                            status.update(|s| { s.sources.insert(source, true); });
-                        }
-                        SourceEvent::Error { origin, message } => {
-                            source_errors_total += 1;
-                            source_errors.insert(origin, message);
-                        }
-                        SourceEvent::ErrorCleared { origin } => {
-                            source_errors.remove(&origin);
-                        }
-                    }
-                    n += 1;
-                    if n < 10_000 {
-                        next = rx.try_recv().ok();
-                    }
-                }
-            }
-            msg = own_watch.message() => {
-                let resp = match msg {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => return Err(EtcdError::request("watch of own keys", etcd_client::Error::WatchError("stream ended".into()))),
-                    Err(e) => return Err(EtcdError::request("watch of own keys", e)),
-                };
-                if resp.canceled() {
-                    return Err(EtcdError::request("watch of own keys", etcd_client::Error::WatchError(resp.cancel_reason().to_owned())));
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let value = match ev.event_type() {
-                        EventType::Put => Some(kv.value()),
-                        EventType::Delete => None,
-                    };
-                    if writer.observe(&key, value, kv.mod_revision()) && synced_once {
-                        warn!(key = %key, deleted = value.is_none(), "key changed outside the apiserver; repairing");
-                        if canaries.contains(&key) {
-                            repair_canaries = true;
-                        } else {
-                            pending.insert(key);
-                        }
-                    }
-                }
-            }
-            rev = rrx.recv(), if !remote_synced || !rrx.is_closed() => {
-                if let Some(rev) = rev {
-                    first_event.get_or_insert_with(Instant::now);
+                ev = rx.recv() => {
+                    t.on_sources(ev.ok_or(TermError::SourcesGone)?, &mut rx);
                     got_event = true;
-                    match rev {
-                        RemoteEvent::Reset(all) => {
-                            for c in remote_clusters.clone() {
-                                if !all.contains_key(&c) {
-                                    index.set_remote_services(&c, Vec::new());
-                                }
-                            }
-                            remote_clusters = all.keys().cloned().collect();
-                            for (c, specs) in all {
-                                index.set_remote_services(&c, specs);
-                            }
-                            remote_synced = true;
-                        }
-                        RemoteEvent::Apply(spec) => {
-                            remote_clusters.insert(spec.cluster.clone());
-                            index.apply_remote_service(spec);
-                        }
-                        RemoteEvent::Delete(c, s) => index.delete_remote_service(&c, &s),
-                    }
+                }
+                Some(ev) = own_watch.recv() => t.on_own(ev),
+                Some(ev) = async { match &mut remote_watch { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                    got_event = t.on_remote(&cluster, ev);
                 }
             }
-        }
-        if got_event {
-            *errors_in_term = source_errors_total + index.errors_total();
-            let mut errs = source_errors.clone();
-            for e in index.errors() {
-                errs.insert(e.object.to_string(), e.message);
+            if got_event {
+                *errors_in_term = t.errors_in_term();
+                t.report();
             }
-            let desired = index.desired().len() as u64;
-            status.update(|s| {
-                s.source_errors = errs;
-                s.source_errors_total = errors_base + *errors_in_term;
-                s.desired_keys = desired;
-            });
+            t.flush().await?;
         }
-        if !synced_once {
-            if !unsynced.is_empty() || !remote_synced {
+    }
+    .await;
+    *errors_in_term = t.errors_in_term();
+    r
+}
+
+/// What the term knows of other clusters' shared services (for ClusterSetIP imports).
+#[derive(Default)]
+struct RemoteServices {
+    /// The first listing is in.
+    synced: bool,
+    /// Clusters with specs in the index.
+    clusters: BTreeSet<ClusterName>,
+    /// A (re)listing in progress.
+    listing: Option<BTreeMap<ClusterName, Vec<ServiceSpec>>>,
+}
+
+/// The state of one leader term: the index, the writer, what is pending, what is synced.
+struct Term<'a, S> {
+    status: &'a Arc<Status>,
+    guard: Guard,
+    writer: StoreWriter<S>,
+    index: MeshIndex,
+    canaries: Vec<String>,
+    /// Sources that have not synced yet.
+    unsynced: BTreeSet<String>,
+    remote: RemoteServices,
+    source_errors: BTreeMap<String, String>,
+    source_errors_total: u64,
+    /// Errors counted in earlier terms.
+    errors_base: u64,
+    /// The first full state and the canaries are written.
+    synced_once: bool,
+    /// Keys to bring to their desired state.
+    pending: BTreeSet<String>,
+    /// A failed write waits until then.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    /// When the first event not yet written arrived (the reconcile latency).
+    first_event: Option<Instant>,
+    /// A canary was changed by someone else.
+    repair_canaries: bool,
+}
+
+impl<S: KvStore> Term<'_, S> {
+    async fn heartbeat(&mut self, key: &str) -> Result<(), TermError> {
+        let now = format_time(OffsetDateTime::now_utc()).into_bytes();
+        match self.writer.put_untracked(key, now, &self.guard).await {
+            Err(EtcdError::LostLeadership) => return Err(EtcdError::LostLeadership.into()),
+            Err(e) => {
+                warn!(error = %e, "heartbeat");
+                self.store_error(&e);
+            }
+            Ok(()) => {}
+        }
+        Ok(())
+    }
+
+    fn store_error(&self, e: &dyn std::fmt::Display) {
+        self.status.update(|s| {
+            s.etcd_errors_total += 1;
+            s.last_error = Some(e.to_string());
+        });
+    }
+
+    /// Takes `first` and whatever else the sources have queued (up to 10,000 events).
+    fn on_sources(&mut self, first: SourceEvent, rx: &mut mpsc::Receiver<SourceEvent>) {
+        self.first_event.get_or_insert_with(Instant::now);
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(ev) = next.take() {
+            match ev {
+                SourceEvent::Apply(o) => self.index.apply(o),
+                SourceEvent::Delete(r) => self.index.delete(&r),
+                SourceEvent::Reset { kind, objects } => self.index.reset(kind, objects),
+                SourceEvent::Synced { source } => {
+                    info!(source = %source, "source synced");
+                    self.unsynced.remove(&source);
+                    self.status.update(|s| {
+                        s.sources.insert(source, true);
+                    });
+                }
+                SourceEvent::Error { origin, message } => {
+                    self.source_errors_total += 1;
+                    self.source_errors.insert(origin, message);
+                }
+                SourceEvent::ErrorCleared { origin } => {
+                    self.source_errors.remove(&origin);
+                }
+            }
+            n += 1;
+            if n < 10_000 {
+                next = rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// A change of our own keys: someone else's is repaired once the first full state is written.
+    fn on_own(&mut self, ev: Result<Event, KvError>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                // The watcher resumes (or relists) by itself.
+                warn!(error = %e, "watch of this cluster's keys");
+                self.store_error(&e);
+                return;
+            }
+        };
+        for (key, deleted) in self.writer.on_event(ev) {
+            if !self.synced_once {
                 continue;
             }
-            // First full write: everything desired, and everything under our prefixes that is not.
-            pending.extend(index.take_dirty());
-            pending.extend(index.desired().keys().cloned());
-            pending.extend(
-                writer
-                    .current()
-                    .keys()
-                    .filter(|k| !canaries.contains(k))
-                    .cloned(),
-            );
+            warn!(key = %key, deleted, "key changed outside the apiserver; repairing");
+            if self.canaries.contains(&key) {
+                self.repair_canaries = true;
+            } else {
+                self.pending.insert(key);
+            }
+        }
+    }
+
+    /// Another cluster's service spec; whether the index may have changed.
+    fn on_remote(&mut self, own: &ClusterName, ev: Result<Event, KvError>) -> bool {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(error = %e, "watching remote services");
+                return false;
+            }
+        };
+        self.first_event.get_or_insert_with(Instant::now);
+        match ev {
+            Event::Init { .. } => {
+                self.remote.listing = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(kv) => {
+                if let (Some(l), Some(spec)) = (
+                    &mut self.remote.listing,
+                    decode_remote(own, &kv.key, &kv.value),
+                ) {
+                    l.entry(spec.cluster.clone()).or_default().push(spec);
+                }
+                false
+            }
+            Event::InitDone { .. } => {
+                let all = self.remote.listing.take().unwrap_or_default();
+                for c in &self.remote.clusters {
+                    if !all.contains_key(c) {
+                        self.index.set_remote_services(c, Vec::new());
+                    }
+                }
+                self.remote.clusters = all.keys().cloned().collect();
+                for (c, specs) in all {
+                    self.index.set_remote_services(&c, specs);
+                }
+                self.remote.synced = true;
+                true
+            }
+            Event::Apply(kv) => match decode_remote(own, &kv.key, &kv.value) {
+                Some(spec) => {
+                    self.remote.clusters.insert(spec.cluster.clone());
+                    self.index.apply_remote_service(spec);
+                    true
+                }
+                None => false,
+            },
+            Event::Delete { key, .. } => match MeshKey::parse(&key) {
+                Ok(MeshKey::Service { cluster, service }) if &cluster != own => {
+                    self.index.delete_remote_service(&cluster, &service);
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
+
+    fn errors_in_term(&self) -> u64 {
+        self.source_errors_total + self.index.errors_total()
+    }
+
+    /// Errors and desired keys into the status.
+    fn report(&self) {
+        let mut errs = self.source_errors.clone();
+        for e in self.index.errors() {
+            errs.insert(e.object.to_string(), e.message);
+        }
+        let desired = self.index.desired().len() as u64;
+        let total = self.errors_base + self.errors_in_term();
+        self.status.update(|s| {
+            s.source_errors = errs;
+            s.source_errors_total = total;
+            s.desired_keys = desired;
+        });
+    }
+
+    /// The canaries not in the store, dated now.
+    fn missing_canaries(&self) -> Vec<Op> {
+        let now = format_time(OffsetDateTime::now_utc()).into_bytes();
+        self.canaries
+            .iter()
+            .filter(|k| !self.writer.current().contains_key(*k))
+            .map(|k| Op {
+                key: k.clone(),
+                value: Some(now.clone()),
+            })
+            .collect()
+    }
+
+    /// Writes what is pending: nothing until every source (and the remote services) synced; then
+    /// the first full state (everything desired, and everything under our prefixes that is not)
+    /// and the canaries; from then on each change. A failed write waits out a backoff.
+    async fn flush(&mut self) -> Result<(), TermError> {
+        if !self.synced_once {
+            if !self.unsynced.is_empty() || !self.remote.synced {
+                return Ok(());
+            }
+            self.pending.extend(self.index.take_dirty());
+            self.pending.extend(self.index.desired().keys().cloned());
+            let stray: Vec<String> = self
+                .writer
+                .current()
+                .keys()
+                .filter(|k| !self.canaries.contains(k))
+                .cloned()
+                .collect();
+            self.pending.extend(stray);
         } else {
-            pending.extend(index.take_dirty());
-            if repair_canaries {
-                repair_canaries = false;
-                let missing: Vec<crate::writer::Op> = canaries
-                    .iter()
-                    .filter(|k| !writer.current().contains_key(*k))
-                    .map(|k| crate::writer::Op {
-                        key: k.clone(),
-                        value: Some(format_time(OffsetDateTime::now_utc()).into_bytes()),
-                    })
-                    .collect();
-                match writer.write(missing, &guard).await {
+            self.pending.extend(self.index.take_dirty());
+            if self.repair_canaries {
+                self.repair_canaries = false;
+                match self
+                    .writer
+                    .write(self.missing_canaries(), &self.guard)
+                    .await
+                {
                     Ok(_) => {}
-                    Err(EtcdError::LostLeadership) => return Ok(TermEnd::Lost),
+                    Err(EtcdError::LostLeadership) => return Err(EtcdError::LostLeadership.into()),
                     Err(e) => {
                         warn!(error = %e, "rewriting sync canaries");
-                        repair_canaries = true;
+                        self.repair_canaries = true;
                     }
                 }
             }
         }
-        if pending.is_empty() || retry_at.is_some() {
-            continue;
+        if self.pending.is_empty() || self.retry_at.is_some() {
+            return Ok(());
         }
-        let ops = plan(pending.iter(), index.desired(), writer.current(), true);
-        let started = first_event.take();
-        match writer.write(ops, &guard).await {
-            Ok(st) => {
-                pending.clear();
-                backoff.reset();
-                if synced_once {
-                    index.compact_unpublished();
-                }
-                status.update(|s| {
-                    s.keys_put_total += st.puts;
-                    s.keys_deleted_total += st.deletes;
-                    s.txns_total += st.txns;
-                });
-                if let Some(t) = started
-                    && (st.puts + st.deletes) > 0
-                {
-                    status.observe_reconcile(t.elapsed());
-                }
-                if !synced_once {
-                    // Canaries only after the whole first write.
-                    let missing: Vec<crate::writer::Op> = canaries
-                        .iter()
-                        .filter(|k| !writer.current().contains_key(*k))
-                        .map(|k| crate::writer::Op {
-                            key: k.clone(),
-                            value: Some(format_time(OffsetDateTime::now_utc()).into_bytes()),
-                        })
-                        .collect();
-                    match writer.write(missing, &guard).await {
-                        Ok(cst) => {
-                            synced_once = true;
-                            index.compact();
-                            info!(
-                                puts = st.puts,
-                                deletes = st.deletes,
-                                canaries = cst.puts,
-                                keys = index.desired().len(),
-                                "initial sync written"
-                            );
-                            status.update(|s| {
-                                s.ready = true;
-                                s.keys_put_total += cst.puts;
-                                s.txns_total += cst.txns;
-                                s.last_full_sync = Some(format_time(OffsetDateTime::now_utc()));
-                            });
-                        }
-                        Err(EtcdError::LostLeadership) => return Ok(TermEnd::Lost),
-                        Err(e) => {
-                            warn!(error = %e, "writing sync canaries");
-                            retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
-                        }
-                    }
-                }
-            }
-            Err(EtcdError::LostLeadership) => return Ok(TermEnd::Lost),
+        let ops = plan(
+            self.pending.iter(),
+            self.index.desired(),
+            self.writer.current(),
+            true,
+        );
+        let started = self.first_event.take();
+        let st = match self.writer.write(ops, &self.guard).await {
+            Ok(st) => st,
+            Err(EtcdError::LostLeadership) => return Err(EtcdError::LostLeadership.into()),
             Err(e) => {
-                let d = backoff.next_delay();
+                let d = self.backoff.next_delay();
                 warn!(error = %e, retry_in = ?d, "etcd write failed; retrying");
-                status.update(|s| {
-                    s.etcd_errors_total += 1;
-                    s.last_error = Some(e.to_string());
+                self.store_error(&e);
+                self.retry_at = Some(tokio::time::Instant::now() + d);
+                return Ok(());
+            }
+        };
+        self.pending.clear();
+        self.backoff.reset();
+        if self.synced_once {
+            self.index.compact_unpublished();
+        }
+        self.status.update(|s| {
+            s.keys_put_total += st.puts;
+            s.keys_deleted_total += st.deletes;
+            s.txns_total += st.txns;
+        });
+        if let Some(t) = started
+            && (st.puts + st.deletes) > 0
+        {
+            self.status.observe_reconcile(t.elapsed());
+        }
+        if self.synced_once {
+            return Ok(());
+        }
+        // Canaries only after the whole first write.
+        match self
+            .writer
+            .write(self.missing_canaries(), &self.guard)
+            .await
+        {
+            Ok(cst) => {
+                self.synced_once = true;
+                self.index.compact();
+                info!(
+                    puts = st.puts,
+                    deletes = st.deletes,
+                    canaries = cst.puts,
+                    keys = self.index.desired().len(),
+                    "initial sync written"
+                );
+                self.status.update(|s| {
+                    s.ready = true;
+                    s.keys_put_total += cst.puts;
+                    s.txns_total += cst.txns;
+                    s.last_full_sync = Some(format_time(OffsetDateTime::now_utc()));
                 });
-                retry_at = Some(tokio::time::Instant::now() + d);
+            }
+            Err(EtcdError::LostLeadership) => return Err(EtcdError::LostLeadership.into()),
+            Err(e) => {
+                warn!(error = %e, "writing sync canaries");
+                self.retry_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A term on the in-memory store: the first write waits for the sources, changes follow,
+    //! someone else's change is repaired (also across a compaction of the watch), and a lost lease
+    //! ends the term and the replica leads again.
+
+    use std::sync::Mutex;
+
+    use mesh_kv::MemStore;
+    use mesh_model::{ClusterId, MaxConnectedClusters};
+
+    use super::*;
+    use crate::objects::{ObjectKind, ObjectRef};
+    use crate::source::SourceFuture;
+    use crate::source::manifests::parse_manifests;
+
+    /// A source that sends its objects and `Synced` at each term, then whatever the test pushes.
+    #[derive(Clone, Default)]
+    struct TestSource {
+        objects: Vec<crate::objects::SourceObject>,
+        push: Arc<Mutex<Option<mpsc::Sender<SourceEvent>>>>,
+    }
+
+    impl Source for TestSource {
+        fn name(&self) -> String {
+            "test".into()
+        }
+        fn run(&self, tx: mpsc::Sender<SourceEvent>) -> SourceFuture {
+            let objects = self.objects.clone();
+            *self.push.lock().unwrap() = Some(tx.clone());
+            Box::pin(async move {
+                for o in objects {
+                    let _ = tx.send(SourceEvent::Apply(o)).await;
+                }
+                let synced = SourceEvent::Synced {
+                    source: "test".into(),
+                };
+                let _ = tx.send(synced).await;
+                tx.closed().await;
+                Ok(())
+            })
+        }
+    }
+
+    impl TestSource {
+        async fn push(&self, ev: SourceEvent) {
+            let tx = self.push.lock().unwrap().clone().expect("a term runs");
+            tx.send(ev).await.unwrap();
+        }
+    }
+
+    const WEB: &str = "clustermesh/v1/services/c1/shop/web";
+    const LEADER: &str = "clustermesh/v1/leader/c1";
+
+    fn web() -> Vec<crate::objects::SourceObject> {
+        let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n  annotations:\n    clustermesh.io/global: \"true\"\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - name: http\n    port: 80\n";
+        parse_manifests("web.yaml", text).unwrap()
+    }
+
+    fn start(store: &MemStore, source: &TestSource) -> (Arc<Status>, watch::Sender<bool>) {
+        let c1 = ClusterName::new("c1").unwrap();
+        let index = IndexConfig::new(
+            c1,
+            ClusterId::new(1, MaxConnectedClusters::DEFAULT).unwrap(),
+        );
+        let mut cfg = PublisherConfig::new(index, "replica-0");
+        cfg.heartbeat = Duration::from_secs(3600);
+        let status = Status::new("c1", 1, "replica-0");
+        let (tx, rx) = watch::channel(false);
+        let sources: Vec<Arc<dyn Source>> = vec![Arc::new(source.clone())];
+        tokio::spawn(run(store.clone(), cfg, sources, status.clone(), rx));
+        (status, tx)
+    }
+
+    /// Waits, on the store's own watch (no polling), until the keys under `prefix` satisfy
+    /// `done`; fails after 5 s with what they were.
+    async fn until(
+        store: &MemStore,
+        prefix: &str,
+        done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
+    ) -> BTreeMap<String, Vec<u8>> {
+        let mut w = Watcher::new(store.clone(), prefix);
+        let mut keys = BTreeMap::new();
+        let mut listed = false;
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.next().await.unwrap() {
+                    Event::Init { .. } => keys.clear(),
+                    Event::InitApply(kv) | Event::Apply(kv) => {
+                        keys.insert(kv.key, kv.value);
+                    }
+                    Event::Delete { key, .. } => {
+                        keys.remove(&key);
+                    }
+                    Event::InitDone { .. } => listed = true,
+                }
+                if listed && done(&keys) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "timed out; {prefix} holds {:?}", keys.keys());
+        keys
+    }
+
+    async fn synced(store: &MemStore) {
+        until(store, "clustermesh/v1/synced/c1/", |k| {
+            k.len() == SyncKind::ALL.len()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn writes_once_every_source_synced_then_the_canaries_then_each_change() {
+        let store = MemStore::new();
+        // A stray key under our prefix from an earlier life: deleted by the first full write.
+        store
+            .put("clustermesh/v1/services/c1/shop/gone", b"{}")
+            .await
+            .unwrap();
+        let source = TestSource {
+            objects: web(),
+            ..Default::default()
+        };
+        let (status, _stop) = start(&store, &source);
+        synced(&store).await;
+        let services = until(&store, "clustermesh/v1/services/c1/", |_| true).await;
+        assert_eq!(services.keys().collect::<Vec<_>>(), [WEB]);
+        assert!(
+            store
+                .get("clustermesh/v1/cluster-config/c1")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let hb = "clustermesh/v1/heartbeat/c1";
+        until(&store, hb, |k| k.contains_key(hb)).await;
+        assert!(status.snapshot().ready);
+
+        source
+            .push(SourceEvent::Delete(ObjectRef::new(
+                ObjectKind::Service,
+                "shop",
+                "web",
+            )))
+            .await;
+        until(&store, "clustermesh/v1/services/c1/", |k| k.is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn a_key_changed_by_someone_else_is_repaired_across_a_compaction() {
+        let store = MemStore::new();
+        let source = TestSource {
+            objects: web(),
+            ..Default::default()
+        };
+        let (_status, _stop) = start(&store, &source);
+        synced(&store).await;
+        let published = store.get(WEB).await.unwrap().unwrap().value;
+
+        // Overwritten: put back.
+        store.put(WEB, b"{\"tampered\":true}").await.unwrap();
+        until(&store, WEB, |k| k.get(WEB) == Some(&published)).await;
+
+        // Deleted while the publisher's watch is down, and the store compacts past the delete:
+        // the watch relists, sees the key gone, and puts it back. So is a deleted canary.
+        store.break_watches();
+        store.delete(WEB).await.unwrap();
+        store
+            .delete("clustermesh/v1/synced/c1/services")
+            .await
+            .unwrap();
+        store.compact(store.revision());
+        until(&store, WEB, |k| k.get(WEB) == Some(&published)).await;
+        synced(&store).await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_ends_the_term_and_the_replica_leads_and_publishes_again() {
+        let store = MemStore::new();
+        let source = TestSource {
+            objects: web(),
+            ..Default::default()
+        };
+        let (status, stop) = start(&store, &source);
+        synced(&store).await;
+        let first = store.get(LEADER).await.unwrap().unwrap();
+        // The lease ends (as when etcd did not hear from the replica for a TTL): the key goes
+        // with it, and so would anything else under the lease.
+        let lease = (1..=16)
+            .find(|l| futures::executor::block_on(store.lease_keep_alive(*l)).unwrap_or(0) > 0)
+            .expect("the leader's lease");
+        store.delete(WEB).await.unwrap();
+        store.expire_lease(lease);
+        // A new term: a new leader key, and the deleted key is published again.
+        let again = until(&store, LEADER, |k| k.contains_key(LEADER)).await;
+        assert_ne!(
+            store.get(LEADER).await.unwrap().unwrap().create_revision,
+            first.create_revision,
+            "{again:?}"
+        );
+        until(&store, WEB, |k| k.contains_key(WEB)).await;
+        assert_eq!(status.snapshot().leader_terms_total, 2);
+
+        // Shutdown resigns: the leader key goes at once.
+        stop.send(true).unwrap();
+        until(&store, LEADER, |k| k.is_empty()).await;
     }
 }

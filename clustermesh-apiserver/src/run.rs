@@ -178,7 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
         let r = run_publisher(
-            client,
+            mesh_kv::EtcdStore::new(client, STORE_REQUEST_TIMEOUT),
             cfg.clone(),
             sources.clone(),
             status.clone(),
@@ -196,6 +196,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stamp = files_stamp(&creds);
     }
 }
+
+/// How long one etcd request of the publisher may take (the client's own timeout is 5 s; a
+/// transaction of 128 operations on a loaded etcd may take longer).
+const STORE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Resolves once `rx` holds `true`.
 async fn wait_true(mut rx: watch::Receiver<bool>) {

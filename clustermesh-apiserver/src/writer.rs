@@ -1,13 +1,13 @@
-//! The etcd writer: knows what etcd holds under this cluster's prefixes, plans the puts and deletes that bring it
-//! to the desired state (only what differs), and sends them in transactions bounded in operations and bytes,
-//! each guarded by the leader's fencing comparison.
+//! The store writer: knows what the store (etcd) holds under this cluster's prefixes, plans the puts and deletes
+//! that bring it to the desired state (only what differs), and sends them in transactions bounded in operations
+//! and bytes, each guarded by the leader's fencing comparison.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use etcd_client::{Client, Compare, Txn, TxnOp};
+use mesh_kv::{Event, Guard, KvStore, Op as KvOp, Watcher};
 use tracing::debug;
 
-use crate::etcd::{EtcdError, list_prefix};
+use crate::etcd::EtcdError;
 
 /// etcd 3.4's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
@@ -24,6 +24,20 @@ pub struct Op {
 }
 
 impl Op {
+    /// The store's form of this change.
+    pub fn to_kv(&self) -> KvOp {
+        match &self.value {
+            Some(v) => KvOp::Put {
+                key: self.key.clone(),
+                value: v.clone(),
+                lease: None,
+            },
+            None => KvOp::Delete {
+                key: self.key.clone(),
+            },
+        }
+    }
+
     fn size(&self) -> usize {
         self.key.len() + self.value.as_ref().map_or(0, Vec::len) + 16
     }
@@ -87,119 +101,139 @@ pub struct WriteStats {
 }
 
 /// Sends `batch` as one transaction guarded by `guard`; returns its revision. A failed guard
-/// means leadership is lost.
-pub async fn send_guarded(
-    client: &mut Client,
+/// means leadership is lost. (The store sends it again while etcd's auth store moves under it:
+/// a peer registered by `clustermesh connect` adds an etcd user.)
+pub async fn send_guarded<S: KvStore>(
+    store: &S,
     batch: &[Op],
-    guard: &Compare,
+    guard: &Guard,
 ) -> Result<i64, EtcdError> {
-    let txn_ops: Vec<TxnOp> = batch
-        .iter()
-        .map(|op| match &op.value {
-            Some(v) => TxnOp::put(op.key.as_str(), v.clone(), None),
-            None => TxnOp::delete(op.key.as_str(), None),
-        })
-        .collect();
-    let n = txn_ops.len();
-    let txn = Txn::new().when([guard.clone()]).and_then(txn_ops);
-    // A peer registered by `clustermesh connect` adds an etcd user; a member that has not applied
-    // that yet refuses the transaction for a moment: it is sent again rather than ending the term.
-    let resp = mesh_certs::etcd::retry_auth_old_revision("txn", || {
-        let (mut c, txn) = (client.clone(), txn.clone());
-        async move { c.txn(txn).await }
-    })
-    .await
-    .map_err(|e| EtcdError::request(format!("txn of {n} ops"), e))?;
-    if !resp.succeeded() {
-        return Err(EtcdError::LostLeadership);
-    }
-    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    let ops = batch.iter().map(Op::to_kv).collect();
+    store
+        .txn(Some(guard), ops)
+        .await?
+        .ok_or(EtcdError::LostLeadership)
 }
 
-/// Writes to etcd and remembers what etcd holds under the owned prefixes.
-pub struct EtcdWriter {
-    client: Client,
+/// Writes to the store and remembers what it holds under the owned prefixes and keys: it learns
+/// that from a [`Watcher`] of them (the listing, then every change), so it tells its own writes
+/// from someone else's by revision.
+pub struct StoreWriter<S> {
+    store: S,
+    prefixes: Vec<String>,
+    exact: Vec<String>,
     current: HashMap<String, Vec<u8>>,
     /// Last revision at which each key was seen or written (deletes included), to tell stale watch events.
     revs: HashMap<String, i64>,
-    /// Revision of the initial listing.
-    listed_at: i64,
+    /// Keys seen by a relist in progress (a compaction made the watcher list again).
+    relisting: Option<HashSet<String>>,
     /// Operations per transaction.
     pub max_ops: usize,
     /// Bytes per transaction.
     pub max_bytes: usize,
 }
 
-impl std::fmt::Debug for EtcdWriter {
+impl<S> std::fmt::Debug for StoreWriter<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdWriter")
+        f.debug_struct("StoreWriter")
             .field("keys", &self.current.len())
             .finish()
     }
 }
 
-impl EtcdWriter {
-    /// Lists what etcd holds under `prefixes` and at `exact` keys; returns the writer and that listing.
+impl<S: KvStore> StoreWriter<S> {
+    /// Lists what the store holds under `prefixes` and at `exact` keys (one snapshot); returns the
+    /// writer, that listing, and the watcher of those keys positioned after the listing (feed its
+    /// events to [`StoreWriter::on_event`]).
     pub async fn load(
-        client: Client,
+        store: S,
         prefixes: &[String],
         exact: &[String],
-    ) -> Result<(Self, BTreeMap<String, Vec<u8>>), EtcdError> {
-        let mut c = client.clone();
-        let mut all = BTreeMap::new();
-        let mut revs = HashMap::new();
-        let mut listed_at = i64::MAX;
-        for p in prefixes {
-            let (kvs, rev) = list_prefix(&mut c, p).await?;
-            listed_at = listed_at.min(rev);
-            for (k, (v, r)) in kvs {
-                revs.insert(k.clone(), r);
-                all.insert(k, v);
+    ) -> Result<(Self, BTreeMap<String, Vec<u8>>, Watcher<S>), EtcdError> {
+        let mut watched = prefixes.to_vec();
+        watched.extend(exact.iter().cloned());
+        let mut watcher = Watcher::multi(store.clone(), watched);
+        let mut w = Self {
+            store,
+            prefixes: prefixes.to_vec(),
+            exact: exact.to_vec(),
+            current: HashMap::new(),
+            revs: HashMap::new(),
+            relisting: None,
+            max_ops: MAX_TXN_OPS,
+            max_bytes: MAX_TXN_BYTES,
+        };
+        loop {
+            let ev = watcher.next().await?;
+            let done = matches!(ev, Event::InitDone { .. });
+            w.on_event(ev);
+            if done {
+                break;
             }
         }
-        for k in exact {
-            let resp = c
-                .get(k.as_str(), None)
-                .await
-                .map_err(|e| EtcdError::request(format!("get {k}"), e))?;
-            if let Some(h) = resp.header() {
-                listed_at = listed_at.min(h.revision());
-            }
-            if let Some(kv) = resp.kvs().first() {
-                revs.insert(k.clone(), kv.mod_revision());
-                all.insert(k.clone(), kv.value().to_vec());
-            }
-        }
-        if listed_at == i64::MAX {
-            listed_at = 0;
-        }
-        let current = all.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        Ok((
-            Self {
-                client,
-                current,
-                revs,
-                listed_at,
-                max_ops: MAX_TXN_OPS,
-                max_bytes: MAX_TXN_BYTES,
-            },
-            all,
-        ))
+        let all = w
+            .current
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok((w, all, watcher))
     }
 
-    /// What etcd holds, as far as this writer knows.
+    /// Whether `key` is one this writer owns (under a prefix, or one of the exact keys; a watch of
+    /// `cluster-config/c1` also sees `cluster-config/c10`).
+    pub fn owns(&self, key: &str) -> bool {
+        self.exact.iter().any(|k| k == key) || self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    /// What the store holds, as far as this writer knows.
     pub fn current(&self) -> &HashMap<String, Vec<u8>> {
         &self.current
     }
 
-    /// Revision of the initial listing (a watch from the next revision misses nothing).
-    pub fn listed_at(&self) -> i64 {
-        self.listed_at
+    /// Takes one event of the watcher of the owned keys. Returns the changes that are news
+    /// (made by someone else, not older than what we know): `(key, deleted)`. A relist (after a
+    /// compaction) reports what changed and what vanished while the watch was down.
+    pub fn on_event(&mut self, ev: Event) -> Vec<(String, bool)> {
+        let mut news = Vec::new();
+        match ev {
+            Event::Init { .. } => self.relisting = Some(HashSet::new()),
+            Event::InitApply(kv) | Event::Apply(kv) => {
+                if !self.owns(&kv.key) {
+                    return news;
+                }
+                if let Some(seen) = &mut self.relisting {
+                    seen.insert(kv.key.clone());
+                }
+                if self.observe(&kv.key, Some(&kv.value), kv.mod_revision) {
+                    news.push((kv.key, false));
+                }
+            }
+            Event::InitDone { revision } => {
+                let seen = self.relisting.take().unwrap_or_default();
+                let vanished: Vec<String> = self
+                    .current
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in vanished {
+                    if self.observe(&k, None, revision) {
+                        news.push((k, true));
+                    }
+                }
+            }
+            Event::Delete { key, mod_revision } => {
+                if self.owns(&key) && self.observe(&key, None, mod_revision) {
+                    news.push((key, true));
+                }
+            }
+        }
+        news
     }
 
     /// Records a change someone else made (seen on a watch at `revision`; `None` = deleted). Returns whether it
     /// is news: events of our own writes, or older than what we know, are not.
-    pub fn observe(&mut self, key: &str, value: Option<&[u8]>, revision: i64) -> bool {
+    fn observe(&mut self, key: &str, value: Option<&[u8]>, revision: i64) -> bool {
         if let Some(&r) = self.revs.get(key)
             && r >= revision
         {
@@ -225,10 +259,10 @@ impl EtcdWriter {
 
     /// Sends `ops` in guarded transactions. On success of each transaction its keys are recorded as written; a
     /// failed guard means leadership is lost.
-    pub async fn write(&mut self, ops: Vec<Op>, guard: &Compare) -> Result<WriteStats, EtcdError> {
+    pub async fn write(&mut self, ops: Vec<Op>, guard: &Guard) -> Result<WriteStats, EtcdError> {
         let mut stats = WriteStats::default();
         for batch in batches(ops, self.max_ops, self.max_bytes) {
-            let rev = send_guarded(&mut self.client, &batch, guard).await?;
+            let rev = send_guarded(&self.store, &batch, guard).await?;
             stats.txns += 1;
             for op in batch {
                 self.revs.insert(op.key.clone(), rev);
@@ -253,22 +287,13 @@ impl EtcdWriter {
         &mut self,
         key: &str,
         value: Vec<u8>,
-        guard: &Compare,
+        guard: &Guard,
     ) -> Result<(), EtcdError> {
-        let txn = Txn::new()
-            .when([guard.clone()])
-            .and_then([TxnOp::put(key, value, None)]);
-        let resp = mesh_certs::etcd::retry_auth_old_revision("put", || {
-            let (mut c, txn) = (self.client.clone(), txn.clone());
-            async move { c.txn(txn).await }
-        })
-        .await
-        .map_err(|e| EtcdError::request(format!("put {key}"), e))?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(EtcdError::LostLeadership)
-        }
+        let op = Op {
+            key: key.to_owned(),
+            value: Some(value),
+        };
+        send_guarded(&self.store, &[op], guard).await.map(|_| ())
     }
 }
 

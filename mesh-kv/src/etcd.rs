@@ -69,6 +69,42 @@ fn kv_of(kv: &etcd_client::KeyValue) -> KeyValue {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
         value: kv.value().to_vec(),
         mod_revision: kv.mod_revision(),
+        create_revision: kv.create_revision(),
+    }
+}
+
+/// Whether etcd refused a request because its auth store moved under it ("revision of auth store
+/// is old"): a member that has not yet applied a user or role change refuses for a moment.
+pub fn is_auth_old_revision(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("revision of auth store is old")
+}
+
+/// Runs `op` again while etcd answers "revision of auth store is old" (for at most 2 s, backing off
+/// from 10 ms to 250 ms): a peer registered by `clustermesh connect` adds an etcd user, and a
+/// member that has not applied it yet refuses requests for a moment. Any other answer is returned.
+pub async fn retry_auth_old_revision<T, F, Fut>(
+    what: &str,
+    mut op: F,
+) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(10);
+    let mut waited = Duration::ZERO;
+    loop {
+        match op().await {
+            Err(e) if is_auth_old_revision(&e) && waited < Duration::from_secs(2) => {
+                tracing::debug!(
+                    request = what,
+                    "etcd's auth store moved under the request; sending it again"
+                );
+                tokio::time::sleep(delay).await;
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_millis(250));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -175,7 +211,7 @@ impl KvStore for EtcdStore {
         Ok(stream.boxed())
     }
 
-    async fn txn(&self, guard: Option<&Guard>, ops: Vec<Op>) -> Result<bool, KvError> {
+    async fn txn(&self, guard: Option<&Guard>, ops: Vec<Op>) -> Result<Option<i64>, KvError> {
         let what = || {
             let first = ops.first().map(|o| match o {
                 Op::Put { key, .. } | Op::Delete { key } => key.as_str(),
@@ -206,9 +242,19 @@ impl KvStore for EtcdStore {
             )]);
         }
         let txn = txn.and_then(txn_ops);
-        let mut c = self.client.clone();
-        let resp = self.bounded(what, c.txn(txn)).await?;
-        Ok(resp.succeeded())
+        // A member that has not applied a user change yet refuses for a moment: send it again.
+        let resp = self
+            .bounded(
+                what,
+                retry_auth_old_revision("txn", || {
+                    let (mut c, txn) = (self.client.clone(), txn.clone());
+                    async move { c.txn(txn).await }
+                }),
+            )
+            .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     async fn lease_grant(&self, ttl: i64) -> Result<i64, KvError> {

@@ -96,6 +96,7 @@ mod tests {
             key: k.into(),
             value: v.as_bytes().to_vec(),
             mod_revision: rev,
+            create_revision: rev,
         }
     }
 

@@ -30,10 +30,10 @@ mod store;
 mod watcher;
 
 pub use backoff::{Backoff, backoff_delay};
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, is_auth_old_revision, retry_auth_old_revision};
 pub use known::{Change, Known};
 pub use memory::MemStore;
 pub use store::{
     Guard, KeyValue, KvError, KvStore, Listing, Op, WatchEvent, WatchStream, prefix_end,
 };
-pub use watcher::{Event, Watcher};
+pub use watcher::{Event, WatchTask, Watcher};

@@ -132,6 +132,7 @@ fn apply(g: &mut Inner, ops: Vec<Op>) {
                     key,
                     value,
                     mod_revision: rev,
+                    create_revision,
                 }));
             }
             Op::Delete { key } => {
@@ -167,6 +168,7 @@ impl KvStore for MemStore {
             key: key.to_owned(),
             value: e.value.clone(),
             mod_revision: e.mod_revision,
+            create_revision: e.create_revision,
         }))
     }
 
@@ -182,11 +184,19 @@ impl KvStore for MemStore {
             });
         }
         // The current state, or, in the past, every key's last change at or before `at`.
-        let mut state: BTreeMap<String, (Vec<u8>, i64)> = g
+        let mut state: BTreeMap<String, KeyValue> = g
             .data
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, e)| (k.clone(), (e.value.clone(), e.mod_revision)))
+            .map(|(k, e)| {
+                let kv = KeyValue {
+                    key: k.clone(),
+                    value: e.value.clone(),
+                    mod_revision: e.mod_revision,
+                    create_revision: e.create_revision,
+                };
+                (k.clone(), kv)
+            })
             .collect();
         if at < g.revision {
             state.clear();
@@ -196,7 +206,7 @@ impl KvStore for MemStore {
                 }
                 match e {
                     WatchEvent::Put(kv) => {
-                        state.insert(kv.key.clone(), (kv.value.clone(), kv.mod_revision));
+                        state.insert(kv.key.clone(), kv.clone());
                     }
                     WatchEvent::Delete { key, .. } => {
                         state.remove(key);
@@ -205,14 +215,7 @@ impl KvStore for MemStore {
             }
         }
         Ok(Listing {
-            kvs: state
-                .into_iter()
-                .map(|(key, (value, mod_revision))| KeyValue {
-                    key,
-                    value,
-                    mod_revision,
-                })
-                .collect(),
+            kvs: state.into_values().collect(),
             revision: at,
         })
     }
@@ -255,20 +258,17 @@ impl KvStore for MemStore {
         Ok(stream.boxed())
     }
 
-    async fn txn(&self, guard: Option<&Guard>, ops: Vec<Op>) -> Result<bool, KvError> {
+    async fn txn(&self, guard: Option<&Guard>, ops: Vec<Op>) -> Result<Option<i64>, KvError> {
         let mut g = self.lock();
         check(&g, || format!("writing {} key(s)", ops.len()))?;
         if let Some(guard) = guard {
-            let holds = g
-                .data
-                .get(&guard.key)
-                .is_some_and(|e| e.create_revision == guard.create_revision);
-            if !holds {
-                return Ok(false);
+            let create_revision = g.data.get(&guard.key).map_or(0, |e| e.create_revision);
+            if create_revision != guard.create_revision {
+                return Ok(None);
             }
         }
         apply(&mut g, ops);
-        Ok(true)
+        Ok(Some(g.revision))
     }
 
     async fn lease_grant(&self, ttl: i64) -> Result<i64, KvError> {
@@ -339,11 +339,26 @@ mod tests {
             value: v.as_bytes().to_vec(),
             lease: None,
         };
-        assert!(s.txn(Some(&g), vec![put("1")]).await.unwrap());
+        assert_eq!(
+            s.txn(Some(&g), vec![put("1")]).await.unwrap(),
+            Some(s.revision())
+        );
         s.expire_lease(lease);
         assert!(s.get("leader").await.unwrap().is_none());
-        assert!(!s.txn(Some(&g), vec![put("2")]).await.unwrap());
+        assert_eq!(s.txn(Some(&g), vec![put("2")]).await.unwrap(), None);
         assert_eq!(s.get("k").await.unwrap().unwrap().value, b"1");
+        // Create revision 0: the key is absent (a campaign).
+        let absent = Guard {
+            key: "leader".into(),
+            create_revision: 0,
+        };
+        assert!(
+            s.txn(Some(&absent), vec![put("3")])
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(s.get("k").await.unwrap().unwrap().value, b"3");
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@ pub struct KeyValue {
     pub value: Vec<u8>,
     /// The store revision of the last write of this key.
     pub mod_revision: i64,
+    /// The store revision at which this key was created (the fencing token of a leader key).
+    pub create_revision: i64,
 }
 
 /// One change seen by a watch.
@@ -62,7 +64,8 @@ pub enum Op {
 }
 
 /// The condition of a guarded transaction: `key` still exists with this create revision (a
-/// leader's election key: the write lands only while the writer still leads).
+/// leader's election key: the write lands only while the writer still leads). A create revision
+/// of 0 means the key is absent (a campaign: create the key only if nobody holds it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guard {
     pub key: String,
@@ -130,13 +133,13 @@ pub trait KvStore: Clone + Send + Sync + 'static {
         from_revision: i64,
     ) -> impl Future<Output = Result<WatchStream, KvError>> + Send;
 
-    /// Apply `ops` atomically, if `guard` holds (always, without one). `Ok(false)`: the guard
-    /// failed and nothing was written.
+    /// Apply `ops` atomically, if `guard` holds (always, without one): `Some(revision)` of the
+    /// store after the write, or `None` when the guard failed and nothing was written.
     fn txn(
         &self,
         guard: Option<&Guard>,
         ops: Vec<Op>,
-    ) -> impl Future<Output = Result<bool, KvError>> + Send;
+    ) -> impl Future<Output = Result<Option<i64>, KvError>> + Send;
 
     /// A lease of `ttl` seconds; keys put with it are deleted when it expires or is revoked.
     fn lease_grant(&self, ttl: i64) -> impl Future<Output = Result<i64, KvError>> + Send;

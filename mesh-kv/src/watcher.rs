@@ -19,8 +19,11 @@
 use std::collections::VecDeque;
 
 use futures::StreamExt;
+use futures::stream::{BoxStream, SelectAll};
+use tokio::sync::mpsc;
 
-use crate::store::{KeyValue, KvError, KvStore, WatchEvent, WatchStream};
+use crate::backoff::Backoff;
+use crate::store::{KeyValue, KvError, KvStore, WatchEvent};
 
 /// What a [`Watcher`] emits (the events of kube-rs's `watcher`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,21 +46,26 @@ enum State {
         items: VecDeque<KeyValue>,
         revision: i64,
     },
+    /// Open the watches, each from the revision after its own last one.
     WatchFrom {
-        revision: i64,
+        revisions: Vec<i64>,
     },
     Watching {
-        stream: WatchStream,
-        revision: i64,
-        pending: VecDeque<WatchEvent>,
+        streams: SelectAll<Tagged>,
+        /// Per watch prefix: the last revision delivered.
+        revisions: Vec<i64>,
+        pending: VecDeque<(usize, WatchEvent)>,
     },
 }
+
+/// A watch stream whose items carry the index of their prefix.
+type Tagged = BoxStream<'static, (usize, Result<Vec<WatchEvent>, KvError>)>;
 
 /// List-then-watch over a [`KvStore`].
 pub struct Watcher<S> {
     store: S,
     list_prefixes: Vec<String>,
-    watch_prefix: String,
+    watch_prefixes: Vec<String>,
     state: State,
     lists: u64,
 }
@@ -71,10 +79,22 @@ impl<S: KvStore> Watcher<S> {
     /// List only `list_prefixes` (at one revision) and watch `watch_prefix`, which must cover
     /// them; the consumer drops watched keys it does not want.
     pub fn with_prefixes(store: S, list_prefixes: Vec<String>, watch_prefix: &str) -> Self {
+        Self::with_watches(store, list_prefixes, vec![watch_prefix.to_owned()])
+    }
+
+    /// Follow every key under each of `prefixes` (listed at one revision, one watch each): for
+    /// keys of several kinds that share no narrower prefix than the whole keyspace. The prefixes
+    /// must not overlap. A prefix that is an exact key matches the keys it begins too (`a/c1` is
+    /// a prefix of `a/c10`): the consumer drops what it does not want.
+    pub fn multi(store: S, prefixes: Vec<String>) -> Self {
+        Self::with_watches(store, prefixes.clone(), prefixes)
+    }
+
+    fn with_watches(store: S, list_prefixes: Vec<String>, watch_prefixes: Vec<String>) -> Self {
         Self {
             store,
             list_prefixes,
-            watch_prefix: watch_prefix.to_owned(),
+            watch_prefixes,
             state: State::Empty,
             lists: 0,
         }
@@ -86,7 +106,9 @@ impl<S: KvStore> Watcher<S> {
     }
 
     /// The next event. Cancel-safe: dropping the future loses nothing but, at worst, a list in
-    /// flight (made again at the next call).
+    /// flight (made again at the next call). A consumer that may cancel often (a `select!` with a
+    /// short timer beside it) runs the watcher in its own task instead ([`WatchTask`]), so a long
+    /// relist is never cut short forever.
     pub async fn next(&mut self) -> Result<Event, KvError> {
         loop {
             match &mut self.state {
@@ -108,34 +130,45 @@ impl<S: KvStore> Watcher<S> {
                         return Ok(Event::InitApply(kv));
                     }
                     let revision = *revision;
-                    self.state = State::WatchFrom { revision };
+                    self.state = State::WatchFrom {
+                        revisions: vec![revision; self.watch_prefixes.len()],
+                    };
                     return Ok(Event::InitDone { revision });
                 }
-                State::WatchFrom { revision } => {
-                    let revision = *revision;
-                    match self.store.watch(&self.watch_prefix, revision + 1).await {
-                        Ok(stream) => {
-                            self.state = State::Watching {
-                                stream,
-                                revision,
-                                pending: VecDeque::new(),
+                State::WatchFrom { revisions } => {
+                    let revisions = std::mem::take(revisions);
+                    let mut streams = SelectAll::new();
+                    let mut failed = None;
+                    for (i, p) in self.watch_prefixes.iter().enumerate() {
+                        match self.store.watch(p, revisions[i] + 1).await {
+                            Ok(s) => streams.push(s.map(move |r| (i, r)).boxed()),
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
                             }
-                        }
-                        Err(e) => {
-                            if e.is_compacted() {
-                                self.state = State::Empty;
-                            }
-                            return Err(e);
                         }
                     }
+                    if let Some(e) = failed {
+                        self.state = if e.is_compacted() {
+                            State::Empty
+                        } else {
+                            State::WatchFrom { revisions }
+                        };
+                        return Err(e);
+                    }
+                    self.state = State::Watching {
+                        streams,
+                        revisions,
+                        pending: VecDeque::new(),
+                    };
                 }
                 State::Watching {
-                    stream,
-                    revision,
+                    streams,
+                    revisions,
                     pending,
                 } => {
-                    if let Some(ev) = pending.pop_front() {
-                        *revision = (*revision).max(ev.revision());
+                    if let Some((i, ev)) = pending.pop_front() {
+                        revisions[i] = revisions[i].max(ev.revision());
                         return Ok(match ev {
                             WatchEvent::Put(kv) => Event::Apply(kv),
                             WatchEvent::Delete { key, mod_revision } => {
@@ -143,26 +176,84 @@ impl<S: KvStore> Watcher<S> {
                             }
                         });
                     }
-                    let err = match stream.next().await {
-                        Some(Ok(evs)) => {
-                            pending.extend(evs);
+                    let err = match streams.next().await {
+                        Some((i, Ok(evs))) => {
+                            pending.extend(evs.into_iter().map(|e| (i, e)));
                             continue;
                         }
-                        Some(Err(e)) => e,
+                        Some((_, Err(e))) => e,
                         None => KvError::Closed {
-                            what: format!("watching {}", self.watch_prefix),
+                            what: format!("watching {}", self.watch_prefixes.join(", ")),
                         },
                     };
-                    let revision = *revision;
+                    // Every watch is opened again, each from its own last revision.
+                    let revisions = std::mem::take(revisions);
                     self.state = if err.is_compacted() {
                         State::Empty
                     } else {
-                        State::WatchFrom { revision }
+                        State::WatchFrom { revisions }
                     };
                     return Err(err);
                 }
             }
         }
+    }
+
+    /// Whether an event is ready without waiting (the rest of a store response, or of a listing):
+    /// a consumer that batches its writes per response takes events while this holds.
+    pub fn has_ready(&self) -> bool {
+        match &self.state {
+            State::Listing { .. } => true,
+            State::Watching { pending, .. } => !pending.is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// A [`Watcher`] run in its own task: every event and every error is sent on a channel, and after
+/// an error the task waits out a [`Backoff`] before going on (a broken stream resumes, a
+/// compaction relists). The task ends when the receiver is dropped, and is aborted when the
+/// `WatchTask` is.
+pub struct WatchTask {
+    rx: mpsc::Receiver<Result<Event, KvError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WatchTask {
+    /// Start `watcher` in a task; `buffer` events may wait for the consumer.
+    pub fn spawn<S: KvStore>(mut watcher: Watcher<S>, mut backoff: Backoff, buffer: usize) -> Self {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let task = tokio::spawn(async move {
+            loop {
+                let r = watcher.next().await;
+                let failed = r.is_err();
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+                if failed {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                } else {
+                    backoff.reset();
+                }
+            }
+        });
+        Self { rx, task }
+    }
+
+    /// The next event or error (`None` only if the task died).
+    pub async fn recv(&mut self) -> Option<Result<Event, KvError>> {
+        self.rx.recv().await
+    }
+
+    /// The next event or error if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Result<Event, KvError>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -297,6 +388,47 @@ mod tests {
             panic!("{init:?}")
         };
         assert_eq!(revision, s.revision());
+    }
+
+    #[tokio::test]
+    async fn several_watches_resume_each_from_its_own_revision() {
+        let s = MemStore::new();
+        let mut w = Watcher::multi(s.clone(), vec!["a/".into(), "b/".into()]);
+        until(&mut w, |e| matches!(e, Event::InitDone { .. }))
+            .await
+            .unwrap();
+        s.put("a/1", b"1").await.unwrap();
+        s.put("b/1", b"1").await.unwrap();
+        s.put("c/1", b"not watched").await.unwrap();
+        let mut seen = vec![];
+        for _ in 0..2 {
+            seen.push(key(&w.next().await.unwrap()).unwrap().to_owned());
+        }
+        seen.sort();
+        assert_eq!(seen, ["a/1", "b/1"]);
+        s.break_watches();
+        s.put("a/2", b"2").await.unwrap(); // while both streams are down
+        assert!(w.next().await.is_err());
+        assert!(matches!(w.next().await.unwrap(), Event::Apply(kv) if kv.key == "a/2"));
+        assert_eq!(w.lists(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watch_task_sends_the_error_then_goes_on() {
+        let s = MemStore::new();
+        s.put("p/a", b"1").await.unwrap();
+        let backoff = Backoff::new(
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_millis(5),
+        );
+        let mut t = WatchTask::spawn(Watcher::new(s.clone(), "p/"), backoff, 16);
+        assert!(matches!(t.recv().await, Some(Ok(Event::Init { .. }))));
+        assert!(matches!(t.recv().await, Some(Ok(Event::InitApply(_)))));
+        assert!(matches!(t.recv().await, Some(Ok(Event::InitDone { .. }))));
+        s.break_watches();
+        s.put("p/b", b"2").await.unwrap();
+        assert!(matches!(t.recv().await, Some(Err(_))));
+        assert!(matches!(t.recv().await, Some(Ok(Event::Apply(kv))) if kv.key == "p/b"));
     }
 
     #[tokio::test]

@@ -59,7 +59,7 @@ async fn lists_page_at_one_revision_and_guarded_writes_follow_the_guard() {
         })
         .collect();
     for chunk in ops.chunks(100) {
-        assert!(s.txn(None, chunk.to_vec()).await.unwrap());
+        assert!(s.txn(None, chunk.to_vec()).await.unwrap().is_some());
     }
     let l = s.list("p/", None).await.unwrap();
     assert_eq!(l.kvs.len(), 2500, "three pages of 1000, one listing");
@@ -86,13 +86,13 @@ async fn lists_page_at_one_revision_and_guarded_writes_follow_the_guard() {
         value: v.as_bytes().to_vec(),
         lease: None,
     };
-    assert!(s.txn(Some(&guard), vec![put("1")]).await.unwrap());
+    assert!(s.txn(Some(&guard), vec![put("1")]).await.unwrap().is_some());
     s.lease_revoke(lease).await.unwrap();
     assert!(
         s.get("leader").await.unwrap().is_none(),
         "revoked with its lease"
     );
-    assert!(!s.txn(Some(&guard), vec![put("2")]).await.unwrap());
+    assert_eq!(s.txn(Some(&guard), vec![put("2")]).await.unwrap(), None);
     assert_eq!(s.get("k").await.unwrap().unwrap().value, b"1");
 }
 

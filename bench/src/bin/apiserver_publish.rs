@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Parser;
-use clustermesh_apiserver::etcd::list_prefix;
 use clustermesh_apiserver::index::{IndexConfig, MeshIndex, owned_prefixes};
 use clustermesh_apiserver::leader::campaign;
 use clustermesh_apiserver::objects::SourceObject;
 use clustermesh_apiserver::source::manifests::parse_manifests;
-use clustermesh_apiserver::writer::{EtcdWriter, Op, plan};
+use clustermesh_apiserver::writer::{Op, StoreWriter, plan};
+use mesh_kv::{EtcdStore, KvStore};
 use mesh_model::keys::{MeshKey, SyncKind};
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 
@@ -98,8 +98,9 @@ async fn main() -> anyhow::Result<()> {
     let objects = parse_manifests("bench.yaml", &text).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Initial publish: list, seed, index, write everything, then the canaries.
+    let store = EtcdStore::new(client.clone(), Duration::from_secs(30));
     let term = campaign(
-        &client,
+        &store,
         &MeshKey::Leader {
             cluster: cluster.clone(),
         }
@@ -110,8 +111,8 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let guard = term.guard();
     let t0 = Instant::now();
-    let (mut writer, existing) =
-        EtcdWriter::load(client.clone(), &owned_prefixes(&cluster), &[]).await?;
+    let (mut writer, existing, _watcher) =
+        StoreWriter::load(store.clone(), &owned_prefixes(&cluster), &[]).await?;
     let mut index = MeshIndex::new(cfg);
     index.seed(&existing);
     for o in objects {
@@ -176,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|h| h.revision())
         .unwrap_or(0);
     lat.sort();
-    let total_keys = list_prefix(&mut c, "clustermesh/v1/").await?.0.len();
+    let total_keys = store.list("clustermesh/v1/", None).await?.kvs.len();
     let one_put = puts.iter().all(|p| *p == 1);
 
     println!(

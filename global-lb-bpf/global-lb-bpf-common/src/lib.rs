@@ -19,8 +19,12 @@
 //!   a hash lookup (the common case, a connect to anything else, costs an array read).
 //! - [`BACKENDS_MAP`]: backend id (`u32`) -> [`Backend`]. For the loader (cluster id, flags,
 //!   restarts); the programs do not read it.
-//! - [`REV_NAT_MAP`]: [`RevNatKey`] (socket cookie + backend address) -> [`RevNatValue`]
-//!   (service address), so replies and `getpeername` show the service address.
+//! - [`SOCK_CONN_MAP`]: array of [`ConnSlot`]s, the [`SockConn`] of a live translated
+//!   connected socket in the slot of its cookie (freed when the socket is closed), and
+//!   [`SOCK_REV_NAT_MAP`] (socket-local storage) for those whose slot is taken; [`SOCK_REV_NAT_UDP_MAP`] (socket-local storage) for
+//!   unconnected UDP sockets: so replies and `getpeername` show the service address.
+//! - [`REV_NAT_MAP`]: the first layouts' reverse NAT ([`RevNatKey`] (socket cookie + backend
+//!   address) -> [`RevNatValue`]), read only, for sockets an older build translated.
 //! - [`COUNTERS_MAP`]: per-CPU array of `u64` indexed by backend id: connections (TCP connects,
 //!   connected UDP sockets and unconnected UDP datagrams) sent to that backend.
 #![cfg_attr(not(test), no_std)]
@@ -49,6 +53,15 @@ pub const REV_NAT_MAP: &str = "GLB_REV_NAT";
 /// Name of the socket-local reverse-NAT storage of connected sockets (TCP, connected UDP):
 /// `BPF_MAP_TYPE_SK_STORAGE` with a [`SockRevNat`] per translated socket.
 pub const SOCK_REV_NAT_MAP: &str = "GLB_SOCK_REV_NAT";
+/// Name of the connection table: an array of [`MAX_SOCK_CONN`] [`ConnSlot`]s holding the state
+/// of live translated connected sockets (TCP, connected UDP). A socket's slot is its cookie
+/// modulo [`MAX_SOCK_CONN`] (cookies are handed out in sequence, so consecutive sockets use
+/// consecutive slots); `connect4/6` claim it with a compare-and-swap of its cookie into a free
+/// slot and write the state there: no allocation, no lock, no helper call. The `sock_release`
+/// program frees the slot when the socket is closed. A connect whose slot is held by another
+/// live socket keeps its state in [`SOCK_REV_NAT_MAP`] instead: nothing is ever evicted, and
+/// cookies are never reused, so a slot never answers for another socket.
+pub const SOCK_CONN_MAP: &str = "GLB_SOCK_CONN";
 /// Name of the socket-local reverse-NAT storage of unconnected UDP sockets (`sendmsg`):
 /// `BPF_MAP_TYPE_SK_STORAGE` with a [`SockRevNatUdp`] per socket that sent to a service.
 pub const SOCK_REV_NAT_UDP_MAP: &str = "GLB_SOCK_REV_NAT_UDP";
@@ -98,6 +111,8 @@ pub const MAX_BACKENDS: u32 = 1 << 16;
 /// Capacity of the reverse-NAT LRU map of the first layouts, as they created it. This build never
 /// writes that map; it creates it with one entry when none is pinned (see [`REV_NAT_MAP`]).
 pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 16;
+/// Slots of the connection table ([`SOCK_CONN_MAP`], 64 bytes each: 4 MiB); a power of two.
+pub const MAX_SOCK_CONN: u32 = 1 << 16;
 /// How many (backend -> service) pairs an unconnected UDP socket remembers: the last
 /// `SOCK_REV_NAT_UDP_SLOTS` distinct backends it sent a datagram to (through any services).
 pub const SOCK_REV_NAT_UDP_SLOTS: usize = 8;
@@ -264,7 +279,7 @@ pub struct SockRevNatUdp {
 
 /// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
 /// them; a pinned map that differs was made by another layout and is not reused as it is.
-pub const MAP_SPECS: [(&str, MapSpec); 11] = [
+pub const MAP_SPECS: [(&str, MapSpec); 12] = [
     (
         SERVICES_MAP,
         MapSpec {
@@ -303,6 +318,16 @@ pub const MAP_SPECS: [(&str, MapSpec); 11] = [
             value_size: core::mem::size_of::<SockConn>() as u32,
             max_entries: 0,
             flags: BPF_F_NO_PREALLOC,
+        },
+    ),
+    (
+        SOCK_CONN_MAP,
+        MapSpec {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size: core::mem::size_of::<ConnSlot>() as u32,
+            max_entries: MAX_SOCK_CONN,
+            flags: 0,
         },
     ),
     (
@@ -447,7 +472,8 @@ pub struct SuspectEvent {
     pub at_ns: u64,
 }
 
-/// Socket-local state of a translated connected socket ([`SOCK_REV_NAT_MAP`]): the reverse NAT
+/// State of a translated connected socket ([`SOCK_CONN_MAP`], or [`SOCK_REV_NAT_MAP`] when the
+/// table is full): the reverse NAT
 /// and what the `sock_ops` program needs to tell the connect's outcome.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -460,6 +486,16 @@ pub struct SockConn {
     pub flags: u32,
     /// When the SYN was sent (`bpf_ktime_get_ns()`).
     pub syn_ns: u64,
+}
+
+/// One slot of the connection table ([`SOCK_CONN_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ConnSlot {
+    /// Cookie of the socket that holds the slot; 0 when free.
+    pub cookie: u64,
+    /// Its state.
+    pub conn: SockConn,
 }
 
 /// [`SockConn::flags`]: the `sock_ops` program follows this socket's connect.
@@ -497,6 +533,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevNat {}
     unsafe impl aya::Pod for super::SockRevNatUdp {}
     unsafe impl aya::Pod for super::SockConn {}
+    unsafe impl aya::Pod for super::ConnSlot {}
     unsafe impl aya::Pod for super::ConnOutcome {}
     unsafe impl aya::Pod for super::SuspectEvent {}
 }
@@ -517,6 +554,8 @@ mod tests {
         assert_eq!(size_of::<SockRevNat>(), 40);
         assert_eq!(size_of::<SockRevNatUdp>(), 8 + 40 * SOCK_REV_NAT_UDP_SLOTS);
         assert_eq!(size_of::<SockConn>(), 56);
+        assert_eq!(size_of::<ConnSlot>(), 64);
+        assert!(MAX_SOCK_CONN.is_power_of_two());
         assert_eq!(size_of::<ConnOutcome>(), 32 + 4 * CONNECT_BUCKETS);
         assert_eq!(size_of::<SuspectEvent>(), 24);
     }

@@ -6,15 +6,19 @@
 //!   backends fails the `connect()` with `ECONNREFUSED` at once (`bpf_set_retval`).
 //! - `sendmsg4`/`sendmsg6`: the same per datagram for unconnected UDP.
 //! - `recvmsg4`/`recvmsg6`, `getpeername4`/`getpeername6`: translate a backend address back to the
-//!   service address the socket asked for, through socket-local storage (`SK_STORAGE`): the
-//!   state lives on the socket and is freed with it, so it has no capacity and nothing evicts
-//!   the state of a live socket.
+//!   service address the socket asked for. A connected socket's state is in the connection table
+//!   (`GLB_SOCK_CONN`, an array: the slot of the socket's cookie, claimed with a
+//!   compare-and-swap; a connect allocates nothing and takes no lock), freed by `sock_release`
+//!   when the socket is closed; when its slot is held by another live socket, in socket-local
+//!   storage (`SK_STORAGE`, allocated, freed with the socket). An unconnected UDP socket's is in
+//!   socket-local storage. Nothing evicts the state of a live socket.
+//! - `sock_release`: frees a closed socket's slot of the connection table.
 //!
 //! Anything not in the services map is left alone; that costs an array read (the pre-filter)
 //! and, for the few non-services whose filter bit is shared with a service, one lookup. A
 //! translated connect costs one services lookup for a one-backend service (slot 0 carries slot
-//! 1's backend), two otherwise, and the creation of the socket's storage (see
-//! `bench --bin datapath`).
+//! 1's backend), two otherwise, and a compare-and-swap and a 64-byte write into the connection
+//! table (see `bench --bin datapath`).
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -29,16 +33,17 @@ use aya_ebpf::{
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
         bpf_sk_storage_get,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use global_lb_bpf_common::{
-    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, CONN_DONE, CONN_TRACKED, ConnOutcome, ECONNREFUSED,
-    EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS, MAX_REV_NAT_ENTRIES,
-    MAX_SERVICE_ENTRIES, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, SOCK_REV_NAT_UDP_SLOTS,
-    SUSPECT_REFUSED, SUSPECT_TIMEOUT, SUSPECT_TTL_NS, ServiceKey, ServiceValue, SockConn,
-    SockRevNat, SockRevNatUdp, SuspectEvent, connect_bucket, filter_bit, is_v4_mapped, v4_mapped,
+    BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, CONN_DONE, CONN_TRACKED, ConnOutcome, ConnSlot,
+    ECONNREFUSED, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS,
+    MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, MAX_SOCK_CONN, PROTO_TCP, PROTO_UDP, RevNatKey,
+    RevNatValue, SOCK_REV_NAT_UDP_SLOTS, SUSPECT_REFUSED, SUSPECT_TIMEOUT, SUSPECT_TTL_NS,
+    ServiceKey, ServiceValue, SockConn, SockRevNat, SockRevNatUdp, SuspectEvent, connect_bucket,
+    filter_bit, is_v4_mapped, v4_mapped,
 };
 
 #[map(name = "GLB_SERVICES")]
@@ -124,8 +129,8 @@ impl<V> SkStorageDef<V> {
     }
 }
 
-/// Connected sockets (TCP, connected UDP): the backend `connect()` was sent to, the service, and
-/// what `sock_ops` needs to tell the connect's outcome.
+/// Connected sockets (TCP, connected UDP) whose connection-table slot is taken: the backend
+/// `connect()` was sent to, the service, and what `sock_ops` needs to tell the connect's outcome.
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "GLB_SOCK_REV_NAT")]
 static GLB_SOCK_REV_NAT: SkStorageDef<SockConn> = SkStorageDef::new();
@@ -134,6 +139,53 @@ static GLB_SOCK_REV_NAT: SkStorageDef<SockConn> = SkStorageDef::new();
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "GLB_SOCK_REV_NAT_UDP")]
 static GLB_SOCK_REV_NAT_UDP: SkStorageDef<SockRevNatUdp> = SkStorageDef::new();
+
+/// The connection table: the state of a live translated connected socket in the slot of its
+/// cookie (`cookie % MAX_SOCK_CONN`), tagged with the cookie; `sock_release` frees it. A socket
+/// whose slot is taken keeps its state in `GLB_SOCK_REV_NAT` instead (never an eviction).
+#[map(name = "GLB_SOCK_CONN")]
+static SOCK_CONN: Array<ConnSlot> = Array::with_max_entries(MAX_SOCK_CONN, 0);
+
+/// The connection-table slot of the socket with this cookie.
+#[inline(always)]
+fn slot_of(cookie: u64) -> Option<*mut ConnSlot> {
+    SOCK_CONN.get_ptr_mut((cookie as u32) & (MAX_SOCK_CONN - 1))
+}
+
+/// The tag of a slot: the cookie of the socket that holds it, 0 when free. (An aligned 8-byte
+/// load is atomic; the BPF target has no atomic load before cpu v4.)
+#[inline(always)]
+fn tag_of(slot: *mut ConnSlot) -> u64 {
+    // SAFETY: a map value, valid and 8-byte aligned for the program run.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*slot).cookie)) }
+}
+
+/// Sets the tag of `slot` to `new` if it is `old` (BPF_CMPXCHG); whether it did.
+#[inline(always)]
+fn swap_tag(slot: *mut ConnSlot, old: u64, new: u64) -> bool {
+    use core::intrinsics::AtomicOrdering::{Relaxed, SeqCst};
+    // SAFETY: as in tag_of.
+    unsafe {
+        core::intrinsics::atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(
+            core::ptr::addr_of_mut!((*slot).cookie),
+            old,
+            new,
+        )
+        .1
+    }
+}
+
+/// The state of the socket with this cookie in the connection table, if it holds its slot.
+#[inline(always)]
+fn conn_in_table(cookie: u64) -> Option<*mut SockConn> {
+    let slot = slot_of(cookie)?;
+    if tag_of(slot) == cookie {
+        // SAFETY: as in tag_of.
+        Some(unsafe { core::ptr::addr_of_mut!((*slot).conn) })
+    } else {
+        None
+    }
+}
 
 #[map(name = "GLB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -309,19 +361,28 @@ fn remember_service(ctx: &SockAddrContext, how: Remember, entry: &SockRevNat, ba
     // the connection itself still works.
     match how {
         Remember::Connected => {
+            let conn = SockConn {
+                rev: *entry,
+                backend_id,
+                flags: 0,
+                syn_ns: 0,
+            };
+            // The table first: the slot of the socket's cookie, if free (or already its own: a
+            // UDP socket connecting again). The compare-and-swap settles two sockets racing for
+            // one slot; the loser keeps its state in socket-local storage.
+            let cookie = cookie_of(ctx);
+            if let Some(slot) = slot_of(cookie) {
+                if tag_of(slot) == cookie || swap_tag(slot, 0, cookie) {
+                    // SAFETY: the slot is this socket's now, as in tag_of.
+                    unsafe { core::ptr::write(core::ptr::addr_of_mut!((*slot).conn), conn) };
+                    return;
+                }
+            }
+            // Taken by another live socket: socket-local storage (allocated, freed with the
+            // socket).
             if let Some(slot) = GLB_SOCK_REV_NAT.get(ctx, true) {
                 // SAFETY: the storage of this socket in this map, valid for the program run.
-                unsafe {
-                    core::ptr::write(
-                        slot,
-                        SockConn {
-                            rev: *entry,
-                            backend_id,
-                            flags: 0,
-                            syn_ns: 0,
-                        },
-                    )
-                };
+                unsafe { core::ptr::write(slot, conn) };
             }
         }
         Remember::Datagram => {
@@ -345,6 +406,13 @@ fn remember_service(ctx: &SockAddrContext, how: Remember, entry: &SockRevNat, ba
             udp.next = udp.next.wrapping_add(1);
         }
     }
+}
+
+/// The socket's cookie (unique for the boot, never reused).
+#[inline(always)]
+fn cookie_of(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
 #[inline(always)]
@@ -500,8 +568,9 @@ fn try_sendmsg6(ctx: &SockAddrContext) -> i32 {
 // ---- reverse translation: recvmsg and getpeername ----
 
 /// The service address (and port) a socket asked for when it was sent to backend `addr:port`:
-/// its connected storage, then (`recvmsg` only) its unconnected-UDP storage, then the first
-/// layouts' cookie-keyed map (sockets translated by an older build before an upgrade).
+/// its connection-table entry, its connected storage (a full table, or an older build), then
+/// (`recvmsg` only) its unconnected-UDP storage, then the first layouts' cookie-keyed map
+/// (sockets translated by an older build before an upgrade).
 #[inline(always)]
 fn service_of(
     ctx: &SockAddrContext,
@@ -509,6 +578,15 @@ fn service_of(
     port: u16,
     datagrams: bool,
 ) -> Option<([u32; 4], u16)> {
+    let cookie = cookie_of(ctx);
+    if let Some(c) = conn_in_table(cookie) {
+        // SAFETY: this socket's slot, read at once (only this socket's own connect rewrites it,
+        // and only its close frees it).
+        let c = unsafe { &(*c).rev };
+        if c.backend_port == port && c.backend == addr {
+            return Some((c.service, c.service_port));
+        }
+    }
     if let Some(c) = GLB_SOCK_REV_NAT.get(ctx, false) {
         // SAFETY: the storage of this socket, valid for the program run.
         let c = unsafe { &(*c).rev };
@@ -528,8 +606,6 @@ fn service_of(
             i += 1;
         }
     }
-    // SAFETY: the context pointer is valid for the whole program run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = RevNatKey {
         cookie,
         addr,
@@ -573,9 +649,15 @@ fn try_xlate_rev6(ctx: &SockAddrContext, datagrams: bool) -> i32 {
 const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 
-/// The translated-connect state of the socket of a `sock_ops` callback, if it has one.
+/// The translated-connect state of the socket of a `sock_ops` callback, if it has one: its
+/// connection-table entry, else its socket-local storage.
 #[inline(always)]
 fn conn_of(ctx: &SockOpsContext) -> Option<*mut SockConn> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if let Some(c) = conn_in_table(cookie) {
+        return Some(c);
+    }
     // SAFETY: `ctx.ops` is the program context; `sk` is NULL when it is not a full socket.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -678,6 +760,18 @@ fn try_sock_ops(ctx: &SockOpsContext) {
 }
 
 // ---- entry points ----
+
+/// A socket of the cgroup is closed: its connection-table slot, if it holds one, is freed.
+/// (Callbacks `sock_ops` still gets for the closed socket find no state: nothing left to learn.)
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context's socket, valid for the program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if let Some(slot) = slot_of(cookie) {
+        swap_tag(slot, cookie, 0);
+    }
+    ALLOW
+}
 
 /// TCP connect outcomes of translated sockets: established (and SYN-to-established time),
 /// refused, timed out; a failed connect marks its backend suspect at once.

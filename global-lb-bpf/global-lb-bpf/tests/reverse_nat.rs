@@ -1,6 +1,7 @@
 //! Reverse NAT that lives and dies with the socket: far more translated sockets open at once than
 //! the old cookie-keyed LRU could hold (65,536 entries), and every one of them, the oldest
-//! included, still sees the service address; nothing is left behind when they close; state
+//! included, still sees the service address (its state in the connection table, or in its
+//! socket-local storage when its slot is taken); nothing is left behind when they close; state
 //! survives loader restarts, and sockets translated under the LRU layout keep their service
 //! address across the upgrade. Real programs, real sockets, in a private netns. Needs root.
 
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use common::{Env, PROBE, in_netns, ok, pin_dir, unique};
 use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, ServiceMaps};
-use global_lb_bpf_common::{REV_NAT_MAP, RevNatKey, RevNatValue, v4_mapped};
+use global_lb_bpf_common::{MAX_SOCK_CONN, REV_NAT_MAP, RevNatKey, RevNatValue, v4_mapped};
 use serde_json::Value;
 
 fn backend(addr: &str) -> Backend {
@@ -32,11 +33,12 @@ fn n(v: &Value, key: &str) -> u64 {
 }
 
 /// 10k unconnected UDP sockets (each sending to three services), then 100k TCP connections, open
-/// at once: 130k translated (socket, backend) pairs, twice the old LRU's capacity. Every socket,
-/// the oldest (the UDP ones, their replies read last) included, answers getpeername()/recvfrom()
-/// with its service; the storage is on the sockets while they are open and gone once they close,
-/// round after round. (Against the LRU layout 34,640 TCP sockets and all 30k UDP replies showed
-/// the backend.)
+/// at once: 130k translated (socket, backend) pairs, twice the old LRU's capacity and more than
+/// the connection table's 65,536 slots. Every socket, the oldest (the UDP ones, their replies
+/// read last) included, answers getpeername()/recvfrom() with its service; every TCP socket's
+/// state is in the table or in its own storage while open, and the table's slots and the storage
+/// are given back once they close, round after round. (Against the LRU layout 34,640 TCP sockets
+/// and all 30k UDP replies showed the backend.)
 #[test]
 fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
     in_netns(&[], || {
@@ -98,10 +100,20 @@ fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
                 0,
                 "getpeername() of a live socket shows something else than the service: {r}"
             );
+            let (in_table, in_storage) = (n(r, "table_slots_open"), n(r, "tcp_in_storage"));
             assert_eq!(
-                n(r, "tcp_storage_missing"),
+                in_table + in_storage,
+                tcp_sockets,
+                "every live TCP socket has its state in the table or in its storage: {r}"
+            );
+            assert!(
+                in_table > 0 && in_table <= u64::from(MAX_SOCK_CONN),
+                "the table holds some, at most its size: {r}"
+            );
+            assert_eq!(
+                n(r, "table_slots_closed"),
                 0,
-                "a live TCP socket without its storage: {r}"
+                "table slots still held once every socket closed: {r}"
             );
             assert_eq!(n(r, "udp_sockets"), udp_sockets, "{r}");
             assert_eq!(n(r, "udp_replies_missing"), 0, "{r}");
@@ -110,14 +122,18 @@ fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
                 0,
                 "recvfrom() of a live socket shows something else than the service: {r}"
             );
-            growth.push(n(r, "kmalloc_cg_open").saturating_sub(n(r, "kmalloc_cg_before")));
+            growth.push((
+                n(r, "kmalloc_cg_open").saturating_sub(n(r, "kmalloc_cg_before")),
+                in_storage + udp_sockets,
+            ));
         }
-        // The state is on the sockets: accounted kernel memory grows with them (at least ~100
-        // bytes per translated socket)...
-        let per_round_floor = 100 * (tcp_sockets + udp_sockets);
+        // The storage is on the sockets: accounted kernel memory grows with the sockets that
+        // have some (at least ~100 bytes each)...
+        let growth_floor = |with_storage: u64| 100 * with_storage;
         assert!(
-            growth.iter().all(|g| *g >= per_round_floor),
-            "storage while open: {growth:?} bytes, expected >= {per_round_floor}: {v}"
+            growth.iter().all(|(g, with)| *g >= growth_floor(*with)),
+            "storage while open: {growth:?} (bytes, sockets with storage), expected >= 100 bytes \
+             per socket with storage: {v}"
         );
         // ...and is given back when they close: after two rounds of 110k sockets the memory is
         // within 4 MiB (the probe's --settle-bytes) of where it started, not rounds x growth.
@@ -126,7 +142,7 @@ fn more_live_sockets_than_the_old_lru_held_all_keep_their_service() {
         assert!(
             after <= baseline + (4 << 20),
             "state left behind after the sockets closed: {baseline} -> {after} bytes \
-             (growth per round while open: {growth:?}): {v}"
+             (growth per round while open, sockets with storage: {growth:?}): {v}"
         );
         // The old map is not written any more.
         let lru = MapData::from_pin(env.config.pin_dir.join(REV_NAT_MAP)).unwrap();
@@ -177,7 +193,12 @@ fn ipv6_sockets_keep_their_service_and_udp_sockets_tell_services_apart() {
             ok(&v);
             let r = &v["rounds"][0];
             assert_eq!(n(r, "tcp_wrong_peer"), 0, "{r}");
-            assert_eq!(n(r, "tcp_storage_missing"), 0, "{r}");
+            assert_eq!(
+                n(r, "table_slots_open") + n(r, "tcp_in_storage"),
+                2000,
+                "{r}"
+            );
+            assert_eq!(n(r, "table_slots_closed"), 0, "{r}");
             assert_eq!(n(r, "udp_replies_missing"), 0, "{r}");
             assert_eq!(n(r, "udp_replies_wrong_source"), 0, "{r}");
         },

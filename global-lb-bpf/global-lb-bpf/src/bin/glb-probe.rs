@@ -19,13 +19,14 @@ use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read as _};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use global_lb_bpf_common::{ConnSlot, SOCK_CONN_MAP};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -123,7 +124,9 @@ struct HoldArgs {
     /// Open, check and close everything this many times.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// The datapath's pin directory: also read each TCP socket's own storage there.
+    /// The datapath's pin directory: also count where the TCP sockets' state is (the connection
+    /// table's live slots, each socket's own storage) while open, and the table's live slots
+    /// after they closed.
     #[arg(long)]
     pin_dir: Option<PathBuf>,
     /// After the last round, wait (up to the timeout) for the accounted kmalloc memory to come
@@ -134,8 +137,9 @@ struct HoldArgs {
     /// address and wait for a line on stdin (a test changes the datapath meanwhile).
     #[arg(long)]
     pause: bool,
-    /// Once everything is open, delete every socket's socket-local reverse-NAT state (needs
-    /// `--pin-dir`): what a socket translated by a build that kept that state elsewhere looks like.
+    /// Once everything is open, delete every socket's reverse-NAT state (its socket-local
+    /// storage, and every slot of the connection table; needs `--pin-dir`): what a socket
+    /// translated by a build that kept that state elsewhere looks like.
     #[arg(long)]
     drop_storage: bool,
 }
@@ -287,6 +291,24 @@ fn bound_socket(source: IpAddr, kind: nix::sys::socket::SockType) -> std::io::Re
     Ok(fd)
 }
 
+/// The connection table pinned under `pin_dir`.
+fn conn_table(pin_dir: &Path) -> Result<aya::maps::Array<aya::maps::MapData, ConnSlot>> {
+    let data = aya::maps::MapData::from_pin(pin_dir.join(SOCK_CONN_MAP))?;
+    Ok(aya::maps::Array::try_from(aya::maps::Map::Array(data))?)
+}
+
+/// Slots of the connection table held by a socket.
+fn live_slots(pin_dir: &Path) -> Result<u64> {
+    let table = conn_table(pin_dir)?;
+    let mut live = 0;
+    for slot in table.iter() {
+        if slot?.cookie != 0 {
+            live += 1;
+        }
+    }
+    Ok(live)
+}
+
 /// Bytes of memcg-accounted kmalloc objects in use (`kmalloc-cg-*` in /proc/slabinfo): where the
 /// kernel allocates socket-local storage.
 fn kmalloc_cg_bytes() -> Result<u64> {
@@ -426,6 +448,7 @@ fn hold(args: &HoldArgs, timeout: Duration) -> Result<Value> {
         }
         let opened_ms = round_started.elapsed().as_millis() as u64;
         let while_open = kmalloc_cg_bytes()?;
+        let table_open = args.pin_dir.as_deref().map(live_slots).transpose()?;
         if args.pause {
             println!(
                 "{}",
@@ -448,7 +471,7 @@ fn hold(args: &HoldArgs, timeout: Duration) -> Result<Value> {
             anyhow::ensure!(r["ok"] == json!(true), "hold-worker: {r}");
             for key in [
                 "tcp_wrong_peer",
-                "tcp_storage_missing",
+                "tcp_in_storage",
                 "udp_replies_wrong_source",
                 "udp_replies_missing",
             ] {
@@ -467,6 +490,8 @@ fn hold(args: &HoldArgs, timeout: Duration) -> Result<Value> {
             anyhow::ensure!(status.success(), "hold-worker exited with {status}");
         }
         drop(listeners);
+        // Every worker has exited: its sockets are closed and sock_release has run for each.
+        let table_closed = args.pin_dir.as_deref().map(live_slots).transpose()?;
         let mut round = json!({
             "tcp_sockets": args.tcp_sockets,
             "udp_sockets": args.udp_sockets,
@@ -474,7 +499,8 @@ fn hold(args: &HoldArgs, timeout: Duration) -> Result<Value> {
             "checked_ms": checked_ms,
             "kmalloc_cg_before": before,
             "kmalloc_cg_open": while_open,
-            "tcp_storage_checked": args.pin_dir.is_some(),
+            "table_slots_open": table_open,
+            "table_slots_closed": table_closed,
         });
         for (k, v) in sums {
             round[k] = json!(v);
@@ -563,13 +589,18 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
         }
     }
     if args.drop_storage
-        && let (Some(st), Some(ust)) = (&mut storage, &mut udp_storage)
+        && let (Some(st), Some(ust), Some(dir)) = (&mut storage, &mut udp_storage, &args.pin_dir)
     {
         for s in &tcp_socks {
-            st.remove(s)?;
+            // A socket whose state is in the table has no storage.
+            let _ = st.remove(s);
         }
         for s in &udp_socks {
             ust.remove(s)?;
+        }
+        let mut table = conn_table(dir)?;
+        for i in 0..global_lb_bpf_common::MAX_SOCK_CONN {
+            table.set(i, ConnSlot::default(), 0)?;
         }
     }
     let local = |a: std::io::Result<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
@@ -587,7 +618,7 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
 
     let mut tcp_wrong = 0usize;
     let mut tcp_example = Value::Null;
-    let mut storage_missing = 0usize;
+    let mut in_storage = 0usize;
     if let Some(svc) = &args.tcp {
         for (i, s) in tcp_socks.iter().enumerate() {
             let peer = s.peer_addr();
@@ -599,9 +630,9 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
                 }
             }
             if let Some(st) = &storage
-                && st.get(s, 0).is_err()
+                && st.get(s, 0).is_ok()
             {
-                storage_missing += 1;
+                in_storage += 1;
             }
         }
     }
@@ -637,7 +668,7 @@ fn hold_worker(args: &WorkerArgs, timeout: Duration) -> Result<()> {
             "ok": true,
             "tcp_wrong_peer": tcp_wrong,
             "tcp_example": tcp_example,
-            "tcp_storage_missing": storage_missing,
+            "tcp_in_storage": in_storage,
             "udp_replies_wrong_source": udp_wrong,
             "udp_replies_missing": udp_missing,
             "udp_example": udp_example,

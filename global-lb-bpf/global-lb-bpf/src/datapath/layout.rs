@@ -6,6 +6,11 @@
 //! those over the old pins. The reverse NAT of the first layouts (a cookie-keyed LRU) is the one
 //! exception: it is reused at whatever capacity it was made with, read only, so sockets an older
 //! build translated keep their service address across the upgrade.
+//!
+//! A map a build adds (the connection table `GLB_SOCK_CONN`, issue 21) is simply created and
+//! pinned next to the others. Live sockets an older build translated keep their state where that
+//! build put it: socket-local storage (`GLB_SOCK_REV_NAT`, `GLB_SOCK_REV_NAT_UDP`, reused as
+//! pinned) or the LRU; the reverse programs read the table, then the storage, then the LRU.
 
 use std::path::Path;
 

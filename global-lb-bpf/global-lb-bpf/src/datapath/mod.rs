@@ -9,9 +9,9 @@
 //!   [`LbMaps`] writes through.
 //!
 //! Pin layout under the pin directory (on bpffs):
-//! - `GLB_SERVICES`, `GLB_BACKENDS`, `GLB_FILTER`, `GLB_COUNTERS`, `GLB_SOCK_REV_NAT`,
-//!   `GLB_SOCK_REV_NAT_UDP` (socket-local storage) and `GLB_REV_NAT` (the earlier layouts'
-//!   reverse NAT, read only): the maps;
+//! - `GLB_SERVICES`, `GLB_BACKENDS`, `GLB_FILTER`, `GLB_COUNTERS`, `GLB_SOCK_CONN` (the
+//!   connection table), `GLB_SOCK_REV_NAT`, `GLB_SOCK_REV_NAT_UDP` (socket-local storage),
+//!   `GLB_REV_NAT` (the earlier layouts' reverse NAT, read only) and the signal maps: the maps;
 //! - `link_<program>` (e.g. `link_connect4`): one BPF link per program, attached to the cgroup.
 //!
 //! A pinned link keeps its program attached after the loader exits, and a pinned map keeps its
@@ -54,20 +54,23 @@ pub static EBPF_OBJECT: &[u8] =
 /// upgrade no socket translated by a new `connect`/`sendmsg` program meets an old
 /// `getpeername`/`recvmsg` program that does not know where the new one keeps its state.
 /// `sock_ops` (connect outcomes, suspect marks) comes before the connect programs so that every
-/// socket they translate is followed.
-pub const PROGRAMS: [&str; 9] = [
+/// socket they translate is followed, and `sock_release` (which deletes a closed socket's
+/// connection-table entry) so that every entry they write is deleted. [`Datapath::remove`]
+/// detaches in the opposite order.
+pub const PROGRAMS: [&str; 10] = [
     "recvmsg4",
     "recvmsg6",
     "getpeername4",
     "getpeername6",
     "sock_ops",
+    "sock_release",
     "connect4",
     "connect6",
     "sendmsg4",
     "sendmsg6",
 ];
 
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     common::OUTCOMES_MAP,
     common::SUSPECT_MAP,
     common::SUSPECT_GATE_MAP,
@@ -75,6 +78,7 @@ const MAPS: [&str; 11] = [
     common::SERVICES_MAP,
     common::BACKENDS_MAP,
     common::REV_NAT_MAP,
+    common::SOCK_CONN_MAP,
     common::SOCK_REV_NAT_MAP,
     common::SOCK_REV_NAT_UDP_MAP,
     common::COUNTERS_MAP,
@@ -335,7 +339,7 @@ impl Datapath {
     /// Detaches the programs attached through `pin_dir` and deletes its maps: connections made
     /// afterwards are no longer translated. Missing pins are skipped.
     pub fn remove(pin_dir: &Path) -> Result<(), Error> {
-        for program in PROGRAMS {
+        for program in PROGRAMS.iter().rev() {
             remove_pin(&pin_dir.join(format!("link_{program}")))?;
         }
         for map in MAPS {
@@ -357,8 +361,8 @@ impl Datapath {
         &self.config
     }
 
-    /// How many pinned program links were kept as they were (8 after a restart of the same
-    /// build, 0 on a first start).
+    /// How many pinned program links were kept as they were (all of [`PROGRAMS`] after a restart
+    /// of the same build, 0 on a first start).
     pub fn reused_links(&self) -> usize {
         self.reused_links
     }

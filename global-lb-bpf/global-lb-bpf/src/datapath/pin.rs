@@ -9,7 +9,9 @@ use std::path::Path;
 use aya::Ebpf;
 use aya::maps::MapData;
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramInfo, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, ProgramInfo, SockOps,
+};
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info};
 
@@ -67,6 +69,7 @@ pub(super) fn remove_pin(path: &Path) -> Result<(), Error> {
 pub(super) enum Loaded<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     SockOps(&'a mut SockOps),
+    Sock(&'a mut CgroupSock),
 }
 
 impl Loaded<'_> {
@@ -74,6 +77,7 @@ impl Loaded<'_> {
         match self {
             Loaded::SockAddr(p) => p.info(),
             Loaded::SockOps(p) => p.info(),
+            Loaded::Sock(p) => p.info(),
         }
     }
 }
@@ -95,6 +99,10 @@ pub(super) fn load_program<'a>(
         let prog: &mut SockOps = prog.try_into().map_err(refused)?;
         prog.load().map_err(refused)?;
         Ok(Loaded::SockOps(prog))
+    } else if program == "sock_release" {
+        let prog: &mut CgroupSock = prog.try_into().map_err(refused)?;
+        prog.load().map_err(refused)?;
+        Ok(Loaded::Sock(prog))
     } else {
         let prog: &mut CgroupSockAddr = prog.try_into().map_err(refused)?;
         prog.load().map_err(refused)?;
@@ -139,6 +147,12 @@ pub(super) fn attach_and_pin(
             FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(link_err)?
         }
         Loaded::SockOps(prog) => {
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            FdLink::try_from(prog.take_link(id).map_err(attach_err)?).map_err(link_err)?
+        }
+        Loaded::Sock(prog) => {
             let id = prog
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(attach_err)?;

@@ -9,6 +9,15 @@
 //! and closes with RST so no TIME_WAIT piles up on the client side.
 //! Rows at one service count are measured in interleaved rounds so drift hits them alike.
 //!
+//! The nftables rows are measured the same way (the same client, the same connects, in the same
+//! namespace): a `nat` table with an output-hook DNAT, either one map lookup
+//! (`dnat ip addr . port to ip daddr . tcp dport map @svc`) or one rule per service with the
+//! measured service last; the host's ruleset is never touched. Beside the latency, the programs' own cost comes
+//! from the kernel's bpf_stats (run_time_ns / run_cnt): connect4 on a non-service connect, on a
+//! translated connect (a free connection-table slot), on a UDP socket connecting again (its slot
+//! already its own), and with every free slot reserved (the socket-local storage path);
+//! sock_ops and sock_release per connect.
+//!
 //! Needs root: `cargo run --release -p mesh-bench --bin datapath`.
 
 use std::fmt::Write as _;
@@ -21,7 +30,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use global_lb_bpf::{
-    Backend, Datapath, DatapathConfig, Frontend, Proto, RunStats, ServiceMaps, mounts,
+    Backend, ConnTable, Datapath, DatapathConfig, Frontend, Proto, RunStats, ServiceMaps, mounts,
 };
 
 #[derive(Debug, Parser)]
@@ -247,13 +256,15 @@ fn summarize(path: &str, services: &str, mut samples: Vec<u64>, baseline: Option
 }
 
 /// Runs of the `connect4` program, nanoseconds spent in them, and nanoseconds spent in the
-/// `sock_ops` program (every callback of the same sockets: SYN, established, state changes)
-/// (kernel bpf_stats).
-type ProgRuns = (u64, u64, u64);
+/// `sock_ops` program (every callback of the same sockets: SYN, established, state changes), and
+/// the time of the `sock_release` program (once per closed socket) (kernel bpf_stats).
+type ProgRuns = (u64, u64, u64, u64);
 
 /// Runs (count, time) of the `connect4` program and the time of `sock_ops`, from bpf_stats.
 fn connect4_stats(dp: Option<&Datapath>) -> Result<ProgRuns> {
-    let Some(dp) = dp else { return Ok((0, 0, 0)) };
+    let Some(dp) = dp else {
+        return Ok((0, 0, 0, 0));
+    };
     let stats = dp.program_stats()?;
     let c4 = stats
         .iter()
@@ -263,7 +274,16 @@ fn connect4_stats(dp: Option<&Datapath>) -> Result<ProgRuns> {
         .iter()
         .find(|s| s.program == "sock_ops")
         .context("sock_ops is not attached")?;
-    Ok((c4.run_count, c4.run_time_ns, ops.run_time_ns))
+    let release = stats
+        .iter()
+        .find(|s| s.program == "sock_release")
+        .context("sock_release is not attached")?;
+    Ok((
+        c4.run_count,
+        c4.run_time_ns,
+        ops.run_time_ns,
+        release.run_time_ns,
+    ))
 }
 
 /// Measures each target in `targets` (label, cgroup, address) in `rounds` interleaved rounds.
@@ -276,7 +296,7 @@ fn interleaved(
 ) -> Result<(Vec<Vec<u64>>, Vec<ProgRuns>)> {
     let per_round = connects.div_ceil(rounds.max(1));
     let mut all = vec![Vec::with_capacity(connects); targets.len()];
-    let mut prog = vec![(0u64, 0u64, 0u64); targets.len()];
+    let mut prog = vec![(0u64, 0u64, 0u64, 0u64); targets.len()];
     // Warm-up: first connects pay for page faults and cold caches.
     for (_, cg, addr) in targets {
         measure(*cg, addr, 200)?;
@@ -289,6 +309,7 @@ fn interleaved(
             prog[i].0 += after.0 - before.0;
             prog[i].1 += after.1 - before.1;
             prog[i].2 += after.2 - before.2;
+            prog[i].3 += after.3 - before.3;
         }
     }
     Ok((all, prog))
@@ -342,8 +363,8 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     let cg = Some(config.cgroup.as_path());
     let mut rows = Vec::new();
     // (services, connect4 runs/ns on direct connects, on VIP connects, on UDP reconnects to the
-    // VIP), from bpf_stats.
-    let mut hook_rows: Vec<(String, ProgRuns, ProgRuns, ProgRuns)> = Vec::new();
+    // VIP, on VIP connects whose table slot is taken), from bpf_stats.
+    let mut hook_rows: Vec<(String, ProgRuns, ProgRuns, ProgRuns, ProgRuns)> = Vec::new();
     // The kernel counts program runs only while statistics are on; off again when this drops.
     let _stats = RunStats::enable()?;
 
@@ -389,7 +410,13 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
             args.rounds,
             Some(&dp),
         )?;
-        hook_rows.push((label.clone(), prog[0], prog[1], prog[2]));
+        // The other path: every free slot of the connection table reserved, so each translated
+        // connect keeps its state in newly allocated socket-local storage.
+        let mut table = ConnTable::open(&config.pin_dir)?;
+        table.reserve_free_slots()?;
+        let (_, taken) = interleaved(&[("vip", cg, VIP)], args.connects, args.rounds, Some(&dp))?;
+        table.release_reserved()?;
+        hook_rows.push((label.clone(), prog[0], prog[1], prog[2], taken[0]));
         let mut it = samples.into_iter();
         let direct = summarize(
             "direct to backend, in the cgroup",
@@ -456,7 +483,7 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         "{:<52} {:>9} {:>9} {:>12}",
         "connect() to", "services", "runs", "ns per run"
     );
-    let per_run = |(n, ns, _): ProgRuns| {
+    let per_run = |(n, ns, _, _): ProgRuns| {
         if n == 0 {
             f64::NAN
         } else {
@@ -464,14 +491,22 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         }
     };
     // sock_ops time per connect (connect4 runs once per connect).
-    let ops_per_connect = |(n, _, ops): ProgRuns| {
+    let ops_per_connect = |(n, _, ops, _): ProgRuns| {
         if n == 0 {
             f64::NAN
         } else {
             ops as f64 / n as f64
         }
     };
-    for (label, direct, vip, reconnect) in &hook_rows {
+    // sock_release time per connect (each measured connect closes its socket).
+    let release_per_connect = |(n, _, _, release): ProgRuns| {
+        if n == 0 {
+            f64::NAN
+        } else {
+            release as f64 / n as f64
+        }
+    };
+    for (label, direct, vip, reconnect, taken) in &hook_rows {
         for (what, v) in [
             ("a non-service address (direct to backend)", direct),
             ("the service address (translated)", vip),
@@ -479,6 +514,7 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
                 "the service, UDP socket reconnecting (state found)",
                 reconnect,
             ),
+            ("the service, its table slot taken (sk storage)", taken),
         ] {
             let _ = writeln!(
                 out,
@@ -493,17 +529,29 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
     let _ = writeln!(
         out,
         "pieces of a translated connect (from the rows above): the pre-filter and the run itself \
-         (a non-service connect); the selection, rewrite and an update of existing reverse-NAT \
-         state (a UDP reconnect, minus that); creating the socket's state (a translated TCP \
-         connect, minus a UDP reconnect)"
+         (a non-service connect); the selection, rewrite and a rewrite of the socket's own table \
+         slot (a UDP reconnect, minus that); claiming a free table slot (a translated TCP \
+         connect, minus a UDP reconnect); and, on the other path, allocating socket-local \
+         storage when the slot is taken (that row minus a UDP reconnect)"
     );
-    for (label, direct, vip, reconnect) in &hook_rows {
-        let (d, v, r) = (per_run(*direct), per_run(*vip), per_run(*reconnect));
+    for (label, direct, vip, reconnect, taken) in &hook_rows {
+        let (d, v, r, t) = (
+            per_run(*direct),
+            per_run(*vip),
+            per_run(*reconnect),
+            per_run(*taken),
+        );
+        // (scripts/bench.sh reads this line: "state creation" is the slot claim.)
         let _ = writeln!(
             out,
             "  {label:>5} services: pre-filter+run {d:.0} ns, selection+rewrite {:.0} ns, state creation {:.0} ns",
             r - d,
             v - r
+        );
+        let _ = writeln!(
+            out,
+            "  {label:>5} services, table slot taken: socket-local storage creation {:.0} ns",
+            t - r
         );
     }
     let _ = writeln!(
@@ -516,7 +564,7 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
         "{:<52} {:>9} {:>12} {:>12}",
         "connect() to", "services", "sock_ops ns", "total ns"
     );
-    for (label, direct, vip, _) in &hook_rows {
+    for (label, direct, vip, _, _) in &hook_rows {
         for (what, v) in [
             ("a non-service address (direct to backend)", direct),
             ("the service address (translated)", vip),
@@ -528,6 +576,31 @@ fn measure_all(args: &Args, config: &DatapathConfig, backend_addr: SocketAddr) -
                 label,
                 ops_per_connect(*v),
                 per_run(*v) + ops_per_connect(*v)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nsock_release (frees the socket's table slot) per closed socket, and the translated \
+         connect's total with it (connect4 + sock_ops + sock_release), same rounds (bpf_stats)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<52} {:>9} {:>12} {:>12}",
+        "socket closed after", "services", "release ns", "total ns"
+    );
+    for (label, direct, vip, _, _) in &hook_rows {
+        for (what, v) in [
+            ("a connect to a non-service", direct),
+            ("a translated connect", vip),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<52} {:>9} {:>12.0} {:>12.0}",
+                what,
+                label,
+                release_per_connect(*v),
+                per_run(*v) + ops_per_connect(*v) + release_per_connect(*v)
             );
         }
     }

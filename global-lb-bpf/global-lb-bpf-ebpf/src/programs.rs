@@ -706,7 +706,12 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     {
         return;
     }
-    // Only sockets connect4/connect6 translated have the storage.
+    // The socket's state is looked up at the SYN; after it, only for a socket whose callbacks
+    // the SYN turned on (a translated one): a connect to anything else pays one lookup.
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && ctx.cb_flags() == 0 {
+        return;
+    }
+    // Only sockets connect4/connect6 translated have state.
     let Some(c) = conn_of(ctx) else { return };
     // SAFETY: the socket's storage, valid for the program run; callbacks of one socket run
     // under its lock, one at a time.

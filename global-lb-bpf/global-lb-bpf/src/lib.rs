@@ -27,6 +27,7 @@
 //! [`ServiceMaps`] is the seam: [`Datapath`] writes the kernel maps, [`FakeMaps`] runs the same
 //! update logic over in-memory maps for tests.
 
+pub mod conn_table;
 mod datapath;
 mod error;
 mod maps;
@@ -35,6 +36,7 @@ pub mod mounts;
 pub mod signals;
 pub mod store;
 
+pub use conn_table::ConnTable;
 pub use datapath::{
     Datapath, DatapathConfig, DatapathView, EBPF_OBJECT, PROGRAMS, ProgramStats, RunStats,
 };

@@ -190,7 +190,8 @@ impl TrustBundle {
     }
 }
 
-pub(crate) fn explain_verify_error(e: &rustls::Error) -> String {
+/// A rustls verification error in words (what to check), for messages about a refused peer.
+pub fn explain_verify_error(e: &rustls::Error) -> String {
     use rustls::CertificateError as C;
     match e {
         rustls::Error::InvalidCertificate(C::Other(o))

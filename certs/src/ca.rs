@@ -930,7 +930,7 @@ impl ClusterDir {
     }
 
     /// Issue the credential with which cluster `peer`'s node-syncs read this cluster's etcd
-    /// (the gRPC `connect`): CN `remote-<peer>` (the etcd user [`crate::etcd::add_remote_user`]
+    /// (the gRPC `connect`): CN `remote-<peer>` (the etcd user `mesh_etcd::add_remote_user`
     /// creates), SPIFFE id `spiffe://<our trust domain>/cluster/<peer>/remote`, for the public key
     /// of `peer_cert_pem` (the peer's own `remote` certificate; only its key is used, the private
     /// key never leaves the peer), signed by this cluster's intermediate. So this cluster's etcd

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `etcd-server` | `etcd-server.<cluster>` | the cluster's etcd (server + peer; SANs below) |
 //! | `apiserver` | `clustermesh-apiserver.<cluster>` | the clustermesh-apiserver gRPC server |
-//! | `root` | `root` | etcd's `root` user, only to bootstrap etcd auth ([`etcd::bootstrap_auth`]); files `etcd-root.{crt,key}` |
+//! | `root` | `root` | etcd's `root` user, only to bootstrap etcd auth (`mesh_etcd::bootstrap_auth`); files `etcd-root.{crt,key}` |
 //! | `admin` | `admin-<cluster>` | the apiserver: read-write on its own etcd |
 //! | `node` | `node-<cluster>` | the cluster's node-syncs on their own etcd: read `clustermesh/v1/`, write `clustermesh/v1/health/<cluster>/` and `clustermesh/v1/nodestatus/<cluster>/` |
 //! | `remote` | `remote-<cluster>` | the cluster's node-syncs on *other* clusters' etcd: read-only `clustermesh/v1/` |
@@ -72,15 +72,14 @@
 //!
 //! # etcd
 //!
-//! [`etcd`] builds the etcd command line for mTLS with `--client-cert-auth`, starts etcd, creates the
-//! least-privilege users and roles ([`etcd::bootstrap_auth`], [`etcd::add_remote_user`]) and connects
-//! clients with a preflight that turns TLS failures into errors that say what was wrong
-//! ([`etcd::connect`]).
+//! The `mesh-etcd` crate runs etcd on these files: the command line for mTLS with
+//! `--client-cert-auth`, the process, the least-privilege users and roles (`bootstrap_auth`,
+//! `add_remote_user`) and clients with a preflight that turns TLS failures into errors that say
+//! what was wrong (`connect`). This crate knows certificates only.
 
 pub mod bundle;
 pub mod ca;
 pub mod error;
-pub mod etcd;
 pub mod expiry;
 pub mod files;
 pub mod inspect;

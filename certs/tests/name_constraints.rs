@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use common::*;
 use mesh_certs::ca::permitted_dns_of;
-use mesh_certs::{Error, LeafOptions, Role, San, TlsFiles, TrustBundle};
+use mesh_certs::{LeafOptions, Role, San, TlsFiles, TrustBundle};
+use mesh_etcd::Error;
 use mesh_testkit::{Minted, mint_leaf};
 
 #[tokio::test]
@@ -53,7 +54,10 @@ async fn a_leaf_outside_its_intermediates_name_constraints_is_refused_by_etcd_an
             },
         )
         .unwrap_err();
-    assert!(matches!(e, Error::OutsideNameConstraints { .. }), "{e:?}");
+    assert!(
+        matches!(e, mesh_certs::Error::OutsideNameConstraints { .. }),
+        "{e:?}"
+    );
     let msg = e.to_string();
     assert!(
         msg.contains("\"etcd-server.west\"") && msg.contains("--san etcd-server.west"),
@@ -62,7 +66,7 @@ async fn a_leaf_outside_its_intermediates_name_constraints_is_refused_by_etcd_an
 
     let etcd_east = start_etcd(&east, tmp.path()).await;
     let eps = etcd_east.endpoints();
-    mesh_certs::etcd::bootstrap_auth(&eps, &east.tls_files(Role::EtcdRoot), &east.info.name)
+    mesh_etcd::bootstrap_auth(&eps, &east.tls_files(Role::EtcdRoot), &east.info.name)
         .await
         .unwrap();
 
@@ -93,10 +97,10 @@ async fn a_leaf_outside_its_intermediates_name_constraints_is_refused_by_etcd_an
         identity: Some(id),
     };
     // etcd (Go's x509 verifier): the control passes, the one outside is refused.
-    mesh_certs::etcd::probe(&eps[0], &files(inside.clone()))
+    mesh_etcd::probe(&eps[0], &files(inside.clone()))
         .await
         .expect("a leaf inside the constraints is accepted by etcd");
-    let e = mesh_certs::etcd::probe(&eps[0], &files(outside.clone()))
+    let e = mesh_etcd::probe(&eps[0], &files(outside.clone()))
         .await
         .expect_err("etcd must refuse a leaf outside its intermediate's name constraints");
     eprintln!("etcd: {e}");
@@ -105,7 +109,7 @@ async fn a_leaf_outside_its_intermediates_name_constraints_is_refused_by_etcd_an
         "refused by etcd itself, not before: {e:?}"
     );
     assert!(e.to_string().contains("name constraints"), "{e}");
-    let mut client = mesh_certs::etcd::connect(&eps, &files(inside.clone()))
+    let mut client = mesh_etcd::connect(&eps, &files(inside.clone()))
         .await
         .unwrap();
     client.put("probe", "ok", None).await.unwrap();

@@ -289,7 +289,7 @@ pub enum EtcdClientTrust {
     Cluster,
 }
 
-impl From<EtcdClientTrust> for mesh_certs::etcd::ClientTrust {
+impl From<EtcdClientTrust> for mesh_etcd::ClientTrust {
     fn from(t: EtcdClientTrust) -> Self {
         match t {
             EtcdClientTrust::Mesh => Self::Mesh,

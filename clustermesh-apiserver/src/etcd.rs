@@ -96,12 +96,12 @@ pub fn connect_options(tls: Option<&EtcdTls>) -> Result<ConnectOptions, EtcdErro
 
 /// Connects to etcd, with mTLS when `tls` is given. Several endpoints: one member that answers
 /// (for clients that reconnect on failure; the apiserver's own long-lived client is
-/// [`mesh_certs::etcd::connect_tracked`]).
+/// [`mesh_etcd::connect_tracked`]).
 pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdError> {
     let opts = connect_options(tls)?;
     if endpoints.len() > 1 {
-        // One member that answers, not all: see mesh_certs::etcd::connect_any_member.
-        return mesh_certs::etcd::connect_any_member(endpoints, &opts, Duration::from_secs(3))
+        // One member that answers, not all: see mesh_etcd::connect_any_member.
+        return mesh_etcd::connect_any_member(endpoints, &opts, Duration::from_secs(3))
             .await
             .map_err(|e| EtcdError::Unreachable(e.to_string()));
     }

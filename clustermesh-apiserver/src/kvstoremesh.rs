@@ -277,7 +277,7 @@ impl Dial for MirrorTls {
             ca_bundle,
             identity: Some(identity),
         };
-        let c = mesh_certs::etcd::connect(&remote.endpoints, &files)
+        let c = mesh_etcd::connect(&remote.endpoints, &files)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         Ok(EtcdStore::new(c, PEER_REQUEST_TIMEOUT))

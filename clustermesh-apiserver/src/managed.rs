@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_certs::etcd::{EtcdAuthAdmin, EtcdProcess, EtcdSpec};
 use mesh_certs::{ClusterDir, Role};
+use mesh_etcd::{EtcdAuthAdmin, EtcdProcess, EtcdSpec};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -26,8 +26,8 @@ impl ManagedEtcd {
         data_dir: &Path,
         client_url: &str,
         peer_url: &str,
-        trust: mesh_certs::etcd::ClientTrust,
-    ) -> Result<Self, mesh_certs::Error> {
+        trust: mesh_etcd::ClientTrust,
+    ) -> Result<Self, mesh_etcd::Error> {
         let spec = EtcdSpec::for_cluster(dir, data_dir.join("etcd"), client_url, peer_url)
             .client_trust(dir, trust)?;
         let proc = spec.spawn(Duration::from_secs(30)).await?;

@@ -243,13 +243,13 @@ async fn connect_client(
     endpoints: &[String],
     cluster_dir: Option<&mesh_certs::ClusterDir>,
     tls: Option<&EtcdTls>,
-) -> anyhow::Result<(etcd_client::Client, Option<mesh_certs::etcd::MemberTracker>)> {
+) -> anyhow::Result<(etcd_client::Client, Option<mesh_etcd::MemberTracker>)> {
     if endpoints.len() > 1 {
         let opts = match cluster_dir {
-            Some(dir) => mesh_certs::etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
+            Some(dir) => mesh_etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
             None => crate::etcd::connect_options(tls)?,
         };
-        let (c, t) = mesh_certs::etcd::connect_tracked(
+        let (c, t) = mesh_etcd::connect_tracked(
             endpoints,
             &opts,
             std::time::Duration::from_secs(2),
@@ -260,7 +260,7 @@ async fn connect_client(
         return Ok((c, Some(t)));
     }
     let client = match cluster_dir {
-        Some(dir) => mesh_certs::etcd::connect_as(dir, mesh_certs::Role::Admin, endpoints)
+        Some(dir) => mesh_etcd::connect_as(dir, mesh_certs::Role::Admin, endpoints)
             .await
             .context("connecting to etcd as admin")?,
         None => connect(endpoints, tls)

@@ -81,7 +81,7 @@ async fn managed_etcd_is_secure_published_into_and_restarted() {
     });
     ap.wait_ready_leader(T).await;
     let endpoints = vec![client_url.clone()];
-    let mut admin = mesh_certs::etcd::connect_as(&dir, Role::Admin, &endpoints)
+    let mut admin = mesh_etcd::connect_as(&dir, Role::Admin, &endpoints)
         .await
         .unwrap();
     let keys = data_keys(&mut admin, "c1").await;
@@ -97,8 +97,8 @@ async fn managed_etcd_is_secure_published_into_and_restarted() {
         ca_bundle: dir.ca_bundle(),
         identity: None,
     };
-    assert!(mesh_certs::etcd::connect(&endpoints, &plain).await.is_err());
-    let mut node = mesh_certs::etcd::connect_as(&dir, Role::Node, &endpoints)
+    assert!(mesh_etcd::connect(&endpoints, &plain).await.is_err());
+    let mut node = mesh_etcd::connect_as(&dir, Role::Node, &endpoints)
         .await
         .unwrap();
     assert!(
@@ -136,7 +136,7 @@ async fn managed_etcd_is_secure_published_into_and_restarted() {
         let dir = dir.clone();
         let endpoints = endpoints.clone();
         async move {
-            let mut c = mesh_certs::etcd::connect_as(&dir, Role::Admin, &endpoints)
+            let mut c = mesh_etcd::connect_as(&dir, Role::Admin, &endpoints)
                 .await
                 .ok()?;
             let keys =

@@ -12,7 +12,7 @@ use mesh_certs::{ClusterRequest, Role, RootCa, TrustDomain, Validity};
 const T: Duration = Duration::from_secs(60);
 
 async fn published(dir: &mesh_certs::ClusterDir, endpoints: &[String], key: &str) -> bool {
-    let Ok(mut c) = mesh_certs::etcd::connect_as(dir, Role::Admin, endpoints).await else {
+    let Ok(mut c) = mesh_etcd::connect_as(dir, Role::Admin, endpoints).await else {
         return false;
     };
     clustermesh_apiserver::etcd::list_prefix(&mut c, "clustermesh/v1/")
@@ -39,7 +39,7 @@ async fn a_rotated_root_and_reissued_certificates_are_picked_up_without_a_restar
     let dir = issue();
     let mut etcd = mesh_testkit::tls_etcd(&dir, tmp.path()).await;
     let endpoints = etcd.endpoints();
-    mesh_certs::etcd::bootstrap_auth(&endpoints, &dir.tls_files(Role::EtcdRoot), &dir.info.name)
+    mesh_etcd::bootstrap_auth(&endpoints, &dir.tls_files(Role::EtcdRoot), &dir.info.name)
         .await
         .unwrap();
     let manifests = tmp.path().join("manifests");
@@ -117,7 +117,7 @@ async fn a_rotated_root_and_reissued_certificates_are_picked_up_without_a_restar
         let endpoints = endpoints.clone();
         let new_root = new_root.clone();
         async move {
-            let mut c = mesh_certs::etcd::connect_as(&dir, Role::Admin, &endpoints)
+            let mut c = mesh_etcd::connect_as(&dir, Role::Admin, &endpoints)
                 .await
                 .ok()?;
             let keys = data_keys(&mut c, "c1").await;

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_certs::etcd;
-use mesh_certs::{CertKeyPaths, ClusterDir, Error, Role, TlsFiles};
+use mesh_certs::{CertKeyPaths, ClusterDir, Role, TlsFiles};
+use mesh_etcd as etcd;
+use mesh_etcd::Error;
 
 fn clustermesh(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_clustermesh"))

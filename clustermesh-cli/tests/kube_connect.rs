@@ -12,8 +12,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use base64::Engine as _;
-use mesh_certs::etcd::{self, EtcdAuthAdmin, EtcdSpec};
 use mesh_certs::{ClusterDir, ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use mesh_etcd::{self as etcd, EtcdAuthAdmin, EtcdSpec};
 use serde_json::{Value, json};
 
 const NS: &str = "clustermesh";

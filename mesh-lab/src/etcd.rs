@@ -11,7 +11,7 @@ use crate::plan::{ClusterInfo, ETCD_CLIENT_PORT, EtcdInfo};
 use crate::process::{LabProcess, poll_until};
 
 /// Command-line flags of a cluster's etcd (a single member, or member `member` of a multi-member one). Plain: our
-/// own flags; TLS: `mesh_certs::etcd::EtcdSpec::args` (mTLS, `--client-cert-auth`, peer mTLS with https peer URLs)
+/// own flags; TLS: `mesh_etcd::EtcdSpec::args` (mTLS, `--client-cert-auth`, peer mTLS with https peer URLs)
 /// over the cluster's certificate directory. The data directory is reused across restarts; the initial-cluster
 /// flags are ignored by etcd once it holds data.
 pub fn member_args(prefix: &str, cluster: &EtcdInfo, member: usize) -> Result<Vec<String>> {
@@ -38,7 +38,7 @@ pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
             prefix: prefix.to_string(),
             detail: format!("certificate directory of etcd {}: {e}", etcd.name),
         })?;
-        let mut spec = mesh_certs::etcd::EtcdSpec::for_cluster(
+        let mut spec = mesh_etcd::EtcdSpec::for_cluster(
             &dir,
             &etcd.data_dir,
             &etcd.client_url,
@@ -46,9 +46,9 @@ pub fn etcd_args(prefix: &str, etcd: &EtcdInfo) -> Result<Vec<String>> {
         );
         spec.name = etcd.name.clone();
         let trust = if tls.client_trust_cluster {
-            mesh_certs::etcd::ClientTrust::Cluster
+            mesh_etcd::ClientTrust::Cluster
         } else {
-            mesh_certs::etcd::ClientTrust::Mesh
+            mesh_etcd::ClientTrust::Mesh
         };
         let spec = spec
             .client_trust(&dir, trust)
@@ -139,7 +139,7 @@ fn issue_cluster(
 }
 
 /// Creates etcd's users and roles (`root`, `admin-<cluster>`, `node-<cluster>`) and enables auth on every TLS etcd
-/// of `plan` (`mesh_certs::etcd::bootstrap_auth`).
+/// of `plan` (`mesh_etcd::bootstrap_auth`).
 pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
     for c in &plan.clusters {
         let Some(tls) = &c.etcd.tls else { continue };
@@ -148,7 +148,7 @@ pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
         let name = c.name.clone();
         on_runtime(|| async move {
             let cluster = mesh_model::ClusterName::new(&name).map_err(|e| e.to_string())?;
-            mesh_certs::etcd::bootstrap_auth(&urls, &files, &cluster)
+            mesh_etcd::bootstrap_auth(&urls, &files, &cluster)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -204,7 +204,7 @@ pub fn add_remote_user(prefix: &str, target: &ClusterInfo, peer: &ClusterInfo) -
     let peer_name = peer.name.clone();
     on_runtime(|| async move {
         let peer = mesh_model::ClusterName::new(&peer_name).map_err(|e| e.to_string())?;
-        mesh_certs::etcd::add_remote_user(&urls, &files, &peer)
+        mesh_etcd::add_remote_user(&urls, &files, &peer)
             .await
             .map_err(|e| e.to_string())
     })
@@ -304,7 +304,7 @@ pub fn tls_status(
     let url = url.to_string();
     on_runtime(|| async move {
         let call = async {
-            let mut c = mesh_certs::etcd::connect(std::slice::from_ref(&url), &files)
+            let mut c = mesh_etcd::connect(std::slice::from_ref(&url), &files)
                 .await
                 .map_err(|e| e.to_string())?;
             let s = c.status().await.map_err(|e| e.to_string())?;

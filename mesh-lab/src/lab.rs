@@ -269,7 +269,7 @@ impl Lab {
 
     /// The certificate directory of cluster `c` (`mesh_certs` layout: bundle, intermediate, and the `etcd-server`,
     /// `apiserver`, `root`, `admin`, `node`, `remote` certificates); `None` for plain etcd. Connect to the cluster's
-    /// etcd with e.g. `mesh_certs::etcd::connect_as(&dir, Role::Admin, &[lab.etcd_endpoint(c)?])`.
+    /// etcd with e.g. `mesh_etcd::connect_as(&dir, Role::Admin, &[lab.etcd_endpoint(c)?])`.
     pub fn cluster_certs(&self, c: impl ClusterRef) -> Result<Option<mesh_certs::ClusterDir>> {
         let cl = c.resolve(&self.plan)?;
         let Some(tls) = &cl.etcd.tls else {

@@ -442,14 +442,14 @@ fn tls_etcd_by_default_needs_a_client_certificate_and_has_users() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut admin = mesh_certs::etcd::connect_as(&dir, Role::Admin, std::slice::from_ref(&url))
+        let mut admin = mesh_etcd::connect_as(&dir, Role::Admin, std::slice::from_ref(&url))
             .await
             .expect("admin connects");
         admin
             .put("clustermesh/v1/lab-test", "x", None)
             .await
             .expect("admin put");
-        let mut node = mesh_certs::etcd::connect_as(&dir, Role::Node, std::slice::from_ref(&url))
+        let mut node = mesh_etcd::connect_as(&dir, Role::Node, std::slice::from_ref(&url))
             .await
             .expect("node connects");
         let got = node
@@ -465,10 +465,9 @@ fn tls_etcd_by_default_needs_a_client_certificate_and_has_users() {
     lab.add_all_remote_users().unwrap();
     let c1 = lab.cluster_certs(1).unwrap().expect("cert dir of c1");
     rt.block_on(async {
-        let mut remote =
-            mesh_certs::etcd::connect_as(&c1, Role::Remote, std::slice::from_ref(&url))
-                .await
-                .expect("remote-c1 connects to c2");
+        let mut remote = mesh_etcd::connect_as(&c1, Role::Remote, std::slice::from_ref(&url))
+            .await
+            .expect("remote-c1 connects to c2");
         let got = remote
             .get("clustermesh/v1/lab-test", None)
             .await
@@ -650,7 +649,7 @@ fn a_three_member_etcd_elects_a_new_leader_when_its_leader_dies_and_the_old_one_
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &live)
+        let mut c = mesh_etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &live)
             .await
             .unwrap();
         c.put("mlt/k", "v", None).await.unwrap();
@@ -661,7 +660,7 @@ fn a_three_member_etcd_elects_a_new_leader_when_its_leader_dies_and_the_old_one_
     // the rejoined member has the write made while it was down
     let only: Vec<String> = vec![lab.etcd_endpoints(1).unwrap()[leader - 1].clone()];
     rt.block_on(async {
-        let mut c = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &only)
+        let mut c = mesh_etcd::connect_as(&dir, mesh_certs::Role::EtcdRoot, &only)
             .await
             .unwrap();
         let started = Instant::now();

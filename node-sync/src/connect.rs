@@ -58,7 +58,7 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
             .map_err(|_| format!("connecting to {:?}: timed out", source.endpoints))?
             .map_err(|e| format!("connecting to {:?}: {e}", source.endpoints));
     }
-    mesh_certs::etcd::connect_any_member(&source.endpoints, &opts, timeout)
+    mesh_etcd::connect_any_member(&source.endpoints, &opts, timeout)
         .await
         .map_err(|e| e.to_string())
 }

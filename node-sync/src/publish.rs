@@ -82,7 +82,7 @@ pub async fn run_publisher(
                                 last_health = Some(v.clone());
                                 // A user change on another member (a peer connecting) refuses
                                 // the put for a moment: send it again, keep the lease.
-                                mesh_certs::etcd::retry_auth_old_revision("health put", || {
+                                mesh_etcd::retry_auth_old_revision("health put", || {
                                     let (mut c, v) = (client.clone(), v.clone());
                                     let key = health_key.clone();
                                     async move { c.put(key, v, opts()).await }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_certs::Role;
-use mesh_certs::etcd::connect_as;
+use mesh_etcd::connect_as;
 use mesh_lab::{Lab, LabProcess, LabSpec};
 use mesh_model::values::Affinity;
 use support::*;

@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use mesh_certs::etcd::{EtcdAuthAdmin, connect_as};
 use mesh_certs::{ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use mesh_etcd::{EtcdAuthAdmin, connect_as};
 use mesh_model::values::Affinity;
 use node_sync::lb::FakeMaps;
 use support::*;
@@ -134,13 +134,13 @@ async fn a_remote_on_per_cluster_trust_is_read_with_the_certificate_it_issued() 
         .unwrap();
     mesh_testkit::require_etcd();
     let s1 = tls_etcd(&d1, tmp.path()).await;
-    let s2 = mesh_certs::etcd::EtcdSpec::for_cluster(
+    let s2 = mesh_etcd::EtcdSpec::for_cluster(
         &d2,
         tmp.path().join("etcd-c2-cluster-trust"),
         format!("https://127.0.0.1:{}", free_port()),
         format!("http://127.0.0.1:{}", free_port()),
     )
-    .client_trust(&d2, mesh_certs::etcd::ClientTrust::Cluster)
+    .client_trust(&d2, mesh_etcd::ClientTrust::Cluster)
     .unwrap()
     .spawn(Duration::from_secs(30))
     .await
@@ -155,7 +155,7 @@ async fn a_remote_on_per_cluster_trust_is_read_with_the_certificate_it_issued() 
         .unwrap();
     a2.bootstrap(&c("c2")).await.unwrap();
     a2.add_remote_user(&c("c1")).await.unwrap();
-    let own = mesh_certs::etcd::connect(
+    let own = mesh_etcd::connect(
         &s2.endpoints(),
         &mesh_certs::TlsFiles {
             ca_bundle: d1.ca_bundle(),

@@ -4,7 +4,7 @@
 //! - [`Etcd`]: a real single-member etcd on plain HTTP, killed by its PID on drop, that can be
 //!   killed and restarted on the same ports (with or without its data);
 //! - [`tls_etcd`]: a real etcd with mutual TLS for a cluster's certificate directory, started
-//!   as production starts it ([`mesh_certs::etcd::EtcdSpec`]);
+//!   as production starts it ([`mesh_etcd::EtcdSpec`]);
 //! - [`http_get`]: one HTTP/1.0 GET on loopback, for status endpoints;
 //! - [`mint_leaf`]: a leaf signed with a cluster's intermediate key directly, past every check of
 //!   `mesh_certs` (what whoever holds that key can do), for tests of what verifiers refuse.
@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use mesh_certs::ClusterDir;
-use mesh_certs::etcd::{EtcdProcess, EtcdSpec};
+use mesh_etcd::{EtcdProcess, EtcdSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where Debian's `etcd-server` installs etcd.
-pub const ETCD: &str = mesh_certs::etcd::DEFAULT_ETCD_BINARY;
+pub const ETCD: &str = mesh_etcd::DEFAULT_ETCD_BINARY;
 
 /// How long an etcd may take to answer after its start.
 const ETCD_START: Duration = Duration::from_secs(30);

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use mesh_certs::etcd::EtcdProcess;
 use mesh_certs::{ClusterDir, ClusterRequest, RootCa, TrustDomain, Validity};
+use mesh_etcd::EtcdProcess;
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 
 #[allow(unused_imports)]

@@ -49,8 +49,7 @@ pub async fn connect_with(
 
 /// An mTLS channel to the apiserver (for the gRPC health service or other clients).
 pub async fn channel(addr: SocketAddr, files: &TlsFiles) -> Result<Channel, ClientError> {
-    mesh_certs::etcd::check_client_files(files)
-        .map_err(|e| ClientError::Credentials(e.to_string()))?;
+    mesh_etcd::check_client_files(files).map_err(|e| ClientError::Credentials(e.to_string()))?;
     let cfg = mesh_certs::tls::grpc_client_config(files)
         .map_err(|e| ClientError::Credentials(e.to_string()))?;
     let connector = TlsConnector::from(Arc::new(cfg));

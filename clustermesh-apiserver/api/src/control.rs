@@ -69,7 +69,7 @@ impl EtcdMeshControl {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = mesh_certs::etcd::connect_as(&self.dir, Role::Admin, &self.etcd_endpoints)
+        let c = mesh_etcd::connect_as(&self.dir, Role::Admin, &self.etcd_endpoints)
             .await
             .map_err(|e| {
                 ApiError::Unavailable(format!("etcd {}: {e}", self.etcd_endpoints.join(",")))
@@ -262,7 +262,7 @@ impl MeshControl for EtcdMeshControl {
         let value = MeshValue::Remote(remote.clone());
         let changed = existing.iter().find(|r| r.name == remote.name) != Some(&remote);
         // The user first: a node-sync that sees the registration can log in at once.
-        mesh_certs::etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &remote.name)
+        mesh_etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &remote.name)
             .await
             .map_err(|e| {
                 ApiError::Unavailable(format!("create etcd user remote-{}: {e}", remote.name))
@@ -272,7 +272,7 @@ impl MeshControl for EtcdMeshControl {
             // for a moment ("revision of auth store is old"); it is sent again.
             let c = self.client().await?;
             let (k, v) = (key.to_string(), value.encode());
-            mesh_certs::etcd::retry_auth_old_revision("register remote", || {
+            mesh_etcd::retry_auth_old_revision("register remote", || {
                 let mut c = c.clone();
                 let (k, v) = (k.clone(), v.clone());
                 async move { c.put(k, v, None).await }
@@ -310,7 +310,7 @@ impl MeshControl for EtcdMeshControl {
             .intermediate_info()
             .map(|i| format_time(i.not_after))
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        mesh_certs::etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &peer)
+        mesh_etcd::add_remote_user(&self.etcd_endpoints, &self.root_files(), &peer)
             .await
             .map_err(|e| ApiError::Unavailable(format!("create etcd user remote-{peer}: {e}")))?;
         Ok((pem, not_after))
@@ -323,14 +323,14 @@ impl MeshControl for EtcdMeshControl {
         };
         let c = self.client().await?;
         let k = key.to_string();
-        let resp = mesh_certs::etcd::retry_auth_old_revision("unregister remote", || {
+        let resp = mesh_etcd::retry_auth_old_revision("unregister remote", || {
             let mut c = c.clone();
             let k = k.clone();
             async move { c.delete(k, None).await }
         })
         .await
         .map_err(|e| ApiError::Unavailable(format!("etcd delete {key}: {e}")))?;
-        mesh_certs::etcd::remove_remote_user(&self.etcd_endpoints, &self.root_files(), &name)
+        mesh_etcd::remove_remote_user(&self.etcd_endpoints, &self.root_files(), &name)
             .await
             .map_err(|e| ApiError::Unavailable(format!("delete etcd user remote-{name}: {e}")))?;
         Ok(resp.deleted() > 0)

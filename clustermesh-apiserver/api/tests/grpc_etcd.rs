@@ -9,9 +9,9 @@ use clustermesh_api::pb::{
     GetClusterInfoRequest, GetStatusRequest, IssueRemoteReaderRequest, RegisterRemoteRequest,
     UnregisterRemoteRequest,
 };
-use mesh_certs::etcd::bootstrap_auth;
 use mesh_certs::tls::ClientAuth;
 use mesh_certs::{ClusterDir, ClusterRequest, Role, RootCa, TrustDomain, Validity};
+use mesh_etcd::bootstrap_auth;
 use mesh_model::status::{ApiserverState, MeshStatus};
 use mesh_model::values::{Capabilities, ClusterConfig};
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
@@ -203,7 +203,7 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
     );
 
     // The registration is in etcd and remote-c2 can read c1's etcd (and not write).
-    let mut as_remote = mesh_certs::etcd::connect(&eps, &c2.tls_files(Role::Remote))
+    let mut as_remote = mesh_etcd::connect(&eps, &c2.tls_files(Role::Remote))
         .await
         .unwrap();
     let got = as_remote
@@ -276,9 +276,7 @@ async fn register_and_unregister_through_grpc_with_admin_only() {
             .into_inner()
             .changed
     );
-    let mut as_admin = mesh_certs::etcd::connect_as(&c1, Role::Admin, &eps)
-        .await
-        .unwrap();
+    let mut as_admin = mesh_etcd::connect_as(&c1, Role::Admin, &eps).await.unwrap();
     assert_eq!(
         as_admin
             .get("clustermesh/v1/remotes/c1/c2", None)
@@ -314,13 +312,13 @@ async fn a_peer_reads_a_cluster_trusting_only_itself_with_the_certificate_it_iss
     let c1 = issue(&ca, "c1", 1, &tmp.path().join("c1"));
     let c2 = issue(&ca, "c2", 2, &tmp.path().join("c2"));
     mesh_testkit::require_etcd();
-    let etcd = mesh_certs::etcd::EtcdSpec::for_cluster(
+    let etcd = mesh_etcd::EtcdSpec::for_cluster(
         &c1,
         tmp.path().join("etcd-c1"),
         format!("https://127.0.0.1:{}", mesh_testkit::free_port()),
         format!("http://127.0.0.1:{}", mesh_testkit::free_port()),
     )
-    .client_trust(&c1, mesh_certs::etcd::ClientTrust::Cluster)
+    .client_trust(&c1, mesh_etcd::ClientTrust::Cluster)
     .unwrap()
     .spawn(std::time::Duration::from_secs(30))
     .await
@@ -380,7 +378,7 @@ async fn a_peer_reads_a_cluster_trusting_only_itself_with_the_certificate_it_iss
 
     // c2's own remote certificate does not open c1's etcd under per-cluster trust.
     let c2_remote = c2.tls_files(Role::Remote);
-    let own = mesh_certs::etcd::connect(
+    let own = mesh_etcd::connect(
         &eps,
         &mesh_certs::TlsFiles {
             ca_bundle: c1.ca_bundle(),
@@ -457,7 +455,7 @@ async fn a_peer_reads_a_cluster_trusting_only_itself_with_the_certificate_it_iss
             .into_inner()
             .changed
     );
-    let mut as_reader = mesh_certs::etcd::connect(&eps, &reader)
+    let mut as_reader = mesh_etcd::connect(&eps, &reader)
         .await
         .expect("c2's key certified by c1 opens c1's etcd");
     let got = as_reader

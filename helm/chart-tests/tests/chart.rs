@@ -3165,7 +3165,7 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
             .await
             .unwrap_or_else(|e| panic!("managed etcd with --managed-etcd-client-url={client_url}: {e}"));
         // The apiserver connects to what the managed etcd advertises, as admin-<cluster>.
-        let mut admin = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Admin, managed.endpoints())
+        let mut admin = mesh_etcd::connect_as(&dir, mesh_certs::Role::Admin, managed.endpoints())
             .await
             .unwrap_or_else(|e| panic!("apiserver -> managed etcd {:?}: {e}", managed.endpoints()));
         admin
@@ -3174,7 +3174,7 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
             .expect("admin writes");
         // A node-sync comes in on another address of the pod.
         let via_pod_address = vec![format!("https://127.0.0.2:{client_port}")];
-        let mut node = mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Node, &via_pod_address)
+        let mut node = mesh_etcd::connect_as(&dir, mesh_certs::Role::Node, &via_pod_address)
             .await
             .unwrap_or_else(|e| {
                 panic!(

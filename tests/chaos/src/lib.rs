@@ -891,7 +891,7 @@ impl ChaosMesh {
         self.rt.block_on(async {
             let mut client = tokio::time::timeout(
                 Duration::from_secs(3),
-                mesh_certs::etcd::connect_as(&dir, mesh_certs::Role::Admin, &endpoints),
+                mesh_etcd::connect_as(&dir, mesh_certs::Role::Admin, &endpoints),
             )
             .await
             .context("connect to etcd: no answer in 3 s")??;

@@ -206,7 +206,7 @@ fn scenario(opts: UpOptions) -> Result<()> {
         let try_get = |files: TlsFiles| {
             let endpoints = endpoints.clone();
             async move {
-                let mut c = mesh_certs::etcd::connect(&endpoints, &files).await?;
+                let mut c = mesh_etcd::connect(&endpoints, &files).await?;
                 c.get("clustermesh/v1/cluster-config/c1", None).await?;
                 anyhow::Ok(())
             }

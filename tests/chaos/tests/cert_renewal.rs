@@ -171,11 +171,8 @@ fn two_minute_leaves_are_renewed_while_traffic_flows() -> Result<()> {
             })?;
         eprintln!("[chaos] cluster {c}: restarted node-sync connected in {back:?}");
         let endpoint = m.mesh().lab().clusters()[c - 1].etcd.client_url.clone();
-        m.block_on(mesh_certs::etcd::probe(
-            &endpoint,
-            &dirs[i].tls_files(Role::Node),
-        ))
-        .with_context(|| format!("TLS probe of cluster {c}'s etcd with renewed files"))?;
+        m.block_on(mesh_etcd::probe(&endpoint, &dirs[i].tls_files(Role::Node)))
+            .with_context(|| format!("TLS probe of cluster {c}'s etcd with renewed files"))?;
         let side = clustermesh_cli::connect::Side {
             addr: m.mesh().apiserver_grpc(c),
             tls_dir: m.mesh().cert_dir(c)?,

@@ -37,7 +37,7 @@ fn the_grpc_connect_mints_reader_certificates_that_kvstoremesh_mirrors_with() ->
     let d1 = lab.cluster_certs(1)?.context("TLS lab")?;
     let d2 = lab.cluster_certs(2)?.context("TLS lab")?;
     let eps2 = lab.clusters()[1].etcd.client_urls();
-    let mut admin2 = m.block_on(mesh_certs::etcd::connect_as(&d2, Role::Admin, &eps2))?;
+    let mut admin2 = m.block_on(mesh_etcd::connect_as(&d2, Role::Admin, &eps2))?;
     let got = m.block_on(admin2.get("clustermesh/v1/remotes/c2/c1", None))?;
     let kv = got.kvs().first().context("c2 has registered c1")?;
     let entry: serde_json::Value = serde_json::from_slice(kv.value())?;
@@ -94,10 +94,7 @@ fn scenario(opts: UpOptions) -> Result<ChaosMesh> {
         (forged, "CN=admin-c1 minted with c2's intermediate"),
         (d2.cert_key(Role::Remote), "c2's own remote certificate"),
     ] {
-        let r = m.block_on(mesh_certs::etcd::connect(
-            &eps1,
-            &files(&d1.ca_bundle(), id),
-        ));
+        let r = m.block_on(mesh_etcd::connect(&eps1, &files(&d1.ca_bundle(), id)));
         let e = r
             .err()
             .with_context(|| format!("{what} must be refused by c1's etcd"))?;
@@ -107,7 +104,7 @@ fn scenario(opts: UpOptions) -> Result<ChaosMesh> {
             "{what}: {e}"
         );
     }
-    let mut reader = m.block_on(mesh_certs::etcd::connect(
+    let mut reader = m.block_on(mesh_etcd::connect(
         &eps1,
         &files(&d1.ca_bundle(), d1.cert_key(Role::Remote)),
     ))?;

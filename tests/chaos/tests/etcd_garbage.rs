@@ -27,7 +27,7 @@ async fn admin(m: &ChaosMesh, c: usize) -> Result<Client> {
     let dir = lab
         .cluster_certs(c)?
         .context("the lab runs plain etcd; the chaos tests need TLS")?;
-    Ok(mesh_certs::etcd::connect_as(&dir, Role::Admin, &[lab.etcd_endpoint(c)?]).await?)
+    Ok(mesh_etcd::connect_as(&dir, Role::Admin, &[lab.etcd_endpoint(c)?]).await?)
 }
 
 async fn get(client: &mut Client, key: &str) -> Result<Vec<u8>> {

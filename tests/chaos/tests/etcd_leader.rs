@@ -89,7 +89,7 @@ fn three_member_etcd_loses_its_leader() -> Result<()> {
     );
     // With the member still down, the mesh keeps working: the apiserver and every node-sync
     // (cluster 2's too, through the endpoints cluster 1 advertises) talk to a member that answers
-    // (mesh_certs::etcd::connect_any_member: etcd-client alone keeps sending to a dead endpoint,
+    // (mesh_etcd::connect_any_member: etcd-client alone keeps sending to a dead endpoint,
     // etcdv3/etcd-client#39), and a change made now reaches every node. A client that was talking
     // to the killed member notices the broken stream (keepalive) and reconnects with backoff.
     let down_budget = Duration::from_secs(15);

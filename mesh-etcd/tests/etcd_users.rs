@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use mesh_certs::Role;
-use mesh_certs::etcd::{self, EtcdAuthAdmin};
+use mesh_etcd::{self as etcd, EtcdAuthAdmin};
 
 #[tokio::test]
 async fn admin_node_and_remote_users_get_exactly_their_rights() {

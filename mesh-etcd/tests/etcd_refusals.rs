@@ -3,8 +3,9 @@
 mod common;
 
 use common::*;
-use mesh_certs::etcd::{self, EtcdAuthAdmin};
-use mesh_certs::{CertKeyPaths, Error, LeafOptions, Role, TlsFiles};
+use mesh_certs::{CertKeyPaths, LeafOptions, Role, TlsFiles};
+use mesh_etcd::Error;
+use mesh_etcd::{self as etcd, EtcdAuthAdmin};
 use time::{Duration, OffsetDateTime};
 
 #[tokio::test]
@@ -73,7 +74,10 @@ async fn refused_clients_are_told_why() {
         identity: Some(expired.clone()),
     };
     let e = refused(etcd::connect(&eps, &files).await, "expired");
-    assert!(matches!(e, Error::Expired { .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::Certs(mesh_certs::Error::Expired { .. })),
+        "{e:?}"
+    );
     let msg = e.to_string();
     eprintln!("refusal: {msg}");
     assert!(
@@ -100,7 +104,10 @@ async fn refused_clients_are_told_why() {
         }),
     };
     let e = refused(etcd::connect(&eps, &mixed).await, "key mismatch");
-    assert!(matches!(e, Error::KeyMismatch { .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::Certs(mesh_certs::Error::KeyMismatch { .. })),
+        "{e:?}"
+    );
     let msg = e.to_string();
     eprintln!("refusal: {msg}");
     assert!(
@@ -146,7 +153,7 @@ async fn refused_clients_are_told_why() {
     );
 }
 
-fn refused<T>(r: mesh_certs::Result<T>, what: &str) -> Error {
+fn refused<T>(r: mesh_etcd::Result<T>, what: &str) -> Error {
     match r {
         Ok(_) => panic!("{what}: connected, but etcd should have refused"),
         Err(e) => e,

@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mesh_certs::etcd::EtcdSpec;
-use mesh_certs::{Error, Role};
+use mesh_certs::Role;
+use mesh_etcd::Error;
+use mesh_etcd::EtcdSpec;
 
 #[tokio::test]
 async fn spawn_failures_are_explained() {
@@ -40,6 +41,9 @@ async fn spawn_failures_are_explained() {
     spec.tls.probe_client.key = east.key(Role::Node);
     let started = std::time::Instant::now();
     let e = spec.spawn(Duration::from_secs(20)).await.unwrap_err();
-    assert!(matches!(e, Error::KeyMismatch { .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::Certs(mesh_certs::Error::KeyMismatch { .. })),
+        "{e:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 }

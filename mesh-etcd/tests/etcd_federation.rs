@@ -7,8 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mesh_certs::etcd::{self, EtcdSpec};
-use mesh_certs::{Error, Role, TlsFiles, TrustBundle};
+use mesh_certs::{Role, TlsFiles, TrustBundle};
+use mesh_etcd::Error;
+use mesh_etcd::{self as etcd, EtcdSpec};
 
 #[tokio::test]
 async fn federated_meshes_trust_each_other_after_bundle_exchange() {

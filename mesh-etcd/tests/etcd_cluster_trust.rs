@@ -9,8 +9,8 @@
 mod common;
 
 use common::*;
-use mesh_certs::etcd::{self, ClientTrust, EtcdSpec};
 use mesh_certs::{CertKeyPaths, Role, TlsFiles, TrustBundle};
+use mesh_etcd::{self as etcd, ClientTrust, EtcdSpec};
 use mesh_testkit::{Minted, mint_leaf};
 
 async fn spawn(

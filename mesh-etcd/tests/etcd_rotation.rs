@@ -7,8 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mesh_certs::etcd::{self, ClientTrust, EtcdSpec};
-use mesh_certs::{CertKeyPaths, ClusterDir, Error, Role, RootCa, TlsFiles, TrustBundle, Validity};
+use mesh_certs::{CertKeyPaths, ClusterDir, Role, RootCa, TlsFiles, TrustBundle, Validity};
+use mesh_etcd::Error;
+use mesh_etcd::{self as etcd, ClientTrust, EtcdSpec};
 
 #[tokio::test]
 async fn rotation_overlaps_then_retire_refuses_the_old_root() {

@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mesh_certs::Error;
 use mesh_certs::Role;
-use mesh_certs::etcd;
+use mesh_etcd as etcd;
+use mesh_etcd::Error;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_listed_first_or_last_never_fails_a_request() {

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use common::{Env, PROBE, in_netns, ok, pin_dir, unique};
-use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, ServiceMaps};
+use global_lb_bpf::{Backend, ConnTable, Datapath, DatapathConfig, Frontend, ServiceMaps};
 use global_lb_bpf_common::{MAX_SOCK_CONN, REV_NAT_MAP, RevNatKey, RevNatValue, v4_mapped};
 use serde_json::Value;
 
@@ -239,11 +239,13 @@ fn v4_words(addr: &SocketAddr) -> ([u32; 4], u16) {
     )
 }
 
-/// A live socket keeps answering with its service across a loader restart (the storage maps are
-/// pinned and reused) and across the upgrade from the cookie-keyed LRU layout: sockets whose
-/// state an older build left in the pinned LRU map (made here by taking their socket-local state
-/// away and writing the LRU entries an older build wrote) are answered from it; one socket left
-/// without either shows its backend, which proves it is that map that answers.
+/// A live socket keeps answering with its service across a loader restart (the connection table
+/// and the storage maps are pinned and reused), whether its state is in the table or in
+/// socket-local storage (where the build before the table kept it), and across the upgrade
+/// from the cookie-keyed LRU layout: sockets whose state an older build left in the pinned LRU
+/// map (made here by taking their state away and writing the LRU entries an older build wrote)
+/// are answered from it; one socket left without either shows its backend, which proves it is
+/// that map that answers.
 #[test]
 fn live_sockets_keep_their_service_across_restarts_and_the_upgrade_from_the_lru_layout() {
     in_netns(&[], || {
@@ -318,6 +320,28 @@ fn live_sockets_keep_their_service_across_restarts_and_the_upgrade_from_the_lru_
         assert_eq!(n(r, "tcp_wrong_peer"), 0, "after a restart: {r}");
         assert_eq!(n(r, "udp_replies_wrong_source"), 0, "after a restart: {r}");
         assert_eq!(n(r, "udp_replies_missing"), 0, "{r}");
+        assert_eq!(n(r, "tcp_in_storage"), 0, "in the connection table: {r}");
+
+        // 1b. Sockets whose state is in socket-local storage, where the build before the
+        // connection table kept it (and where a connect whose slot is taken keeps it): every
+        // free slot reserved while they connect, then a restart.
+        let mut table = ConnTable::open(&config.pin_dir).unwrap();
+        table.reserve_free_slots().unwrap();
+        let (child, out, _) = hold(&[]);
+        drop(dp);
+        let dp = Datapath::open(&config).unwrap();
+        let v = finish(child, out);
+        table.release_reserved().unwrap();
+        let r = &ok(&v)["rounds"][0];
+        assert_eq!(n(r, "tcp_in_storage"), 20, "in socket-local storage: {r}");
+        assert_eq!(n(r, "tcp_wrong_peer"), 0, "after a restart: {r}");
+        assert_eq!(n(r, "udp_replies_wrong_source"), 0, "after a restart: {r}");
+        assert_eq!(n(r, "udp_replies_missing"), 0, "{r}");
+        assert_eq!(
+            table.live_slots().unwrap(),
+            0,
+            "no slot held once they closed"
+        );
 
         // 2. Sockets an older build translated: their state is in the LRU map only.
         let (child, out, opened) = hold(&["--drop-storage"]);

@@ -165,15 +165,15 @@ pub struct Args {
 
     /// How often the TLS files (--tls-dir) are checked for a change; on a change this replica
     /// resigns, reconnects to etcd with the new certificate and campaigns again.
-    #[arg(long, env = "CLUSTERMESH_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = mesh_logging::parse_duration)]
     pub tls_reload_interval: Duration,
 
     /// TTL of the leader lease: a dead leader is replaced after about this long.
-    #[arg(long, env = "CLUSTERMESH_LEADER_LEASE_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_LEADER_LEASE_TTL", default_value = "3s", value_parser = mesh_logging::parse_duration)]
     pub leader_lease_ttl: Duration,
 
     /// How often the manifest directory is rescanned for changes.
-    #[arg(long, env = "CLUSTERMESH_MANIFEST_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_MANIFEST_POLL_INTERVAL", default_value = "200ms", value_parser = mesh_logging::parse_duration)]
     pub manifest_poll_interval: Duration,
 }
 

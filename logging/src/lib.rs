@@ -1,5 +1,6 @@
 //! The one tracing set-up of every ClusterMesh binary (`clustermesh`, `clustermesh-apiserver`,
-//! `node-sync`, `mesh-lab`, `glb`).
+//! `node-sync`, `mesh-lab`, `glb`), and the one way their flags read a duration
+//! ([`parse_duration`]).
 //!
 //! Logs go to stderr, one line per event: human-readable (`--log-format plain`, the default) or one
 //! JSON object per line (`--log-format json`, what the Helm chart sets). Plain lines carry terminal
@@ -20,6 +21,13 @@ pub enum LogFormat {
     Plain,
     /// One JSON object per line.
     Json,
+}
+
+/// A duration flag (`200ms`, `30s`, `2m`, `1h 30m`): the value parser of every duration flag of
+/// every binary, so they all take the same spellings and refuse a bad one the same way.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (like 200ms, 30s, 2m): {e}"))
 }
 
 /// Whether plain log lines carry ANSI colour codes: only on a terminal, and not when `NO_COLOR`
@@ -57,6 +65,20 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_every_flag_reads_them() {
+        assert_eq!(
+            parse_duration("200ms"),
+            Ok(std::time::Duration::from_millis(200))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
+        let e = parse_duration("soon").unwrap_err();
+        assert!(e.contains("\"soon\" is not a duration"), "{e}");
+    }
 
     #[test]
     fn colours_only_on_a_terminal_without_no_color() {

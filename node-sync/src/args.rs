@@ -20,11 +20,6 @@ fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
     ClusterId::new(n, MaxConnectedClusters::EXTENDED).map_err(|e| e.to_string())
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration (like 200ms, 30s): {e}"))
-}
-
 /// node-sync: keeps the eBPF socket load-balancer maps of this node right for every global
 /// service, preferring local backends and failing over to other clusters.
 #[derive(Debug, Clone, Parser)]
@@ -73,7 +68,7 @@ pub struct Args {
     pub bpffs: PathBuf,
 
     /// How often the backends on this node are probed.
-    #[arg(long, env = "CLUSTERMESH_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_HEALTH_INTERVAL", default_value = "200ms", value_parser = mesh_logging::parse_duration)]
     pub health_interval: Duration,
 
     /// Probes in a row that must fail before a backend is reported failing.
@@ -90,7 +85,7 @@ pub struct Args {
     /// to answer (a few per remote cluster every --health-interval). A cluster whose probes all go
     /// unanswered twice in a row leaves this node's selection at once, whatever the affinity, until
     /// one answers. 0 turns the check off.
-    #[arg(long, env = "CLUSTERMESH_REMOTE_PROBE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_REMOTE_PROBE_TIMEOUT", default_value = "250ms", value_parser = mesh_logging::parse_duration)]
     pub remote_probe_timeout: Duration,
 
     /// Do not abort this node's sockets to a backend that failed (a failing verdict, a failed connect
@@ -102,11 +97,11 @@ pub struct Args {
 
     /// How long a cluster that is not live keeps its backends in selection before they are
     /// marked stale (kept in memory, used again as soon as it is live).
-    #[arg(long, env = "CLUSTERMESH_STALE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_STALE_GRACE", default_value = "30s", value_parser = mesh_logging::parse_duration)]
     pub stale_grace: Duration,
 
     /// Longest wait at start for the initial sync of every cluster before the maps are reconciled.
-    #[arg(long, env = "CLUSTERMESH_SYNC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "CLUSTERMESH_SYNC_TIMEOUT", default_value = "30s", value_parser = mesh_logging::parse_duration)]
     pub sync_timeout: Duration,
 
     /// Read only the local etcd, where KVStoreMesh caches every remote cluster's keys.

@@ -1,11 +1,26 @@
-//! Tests of the Helm chart in `helm/clustermesh` (no library code: everything is in `tests/chart.rs`).
+//! Support for the tests of the Helm chart in `helm/clustermesh`; the tests themselves are under
+//! `tests/chart/`, one module per concern of the chart, all in one test binary (one link, not one
+//! per file):
 //!
-//! They run the real `helm` (v4; `scripts/install-helm.sh` installs it) to lint and render the chart
-//! with its default values and with every file under `helm/clustermesh/examples/`, then check the
-//! rendered manifests: node-sync mounts bpffs and cgroup v2 and runs privileged, RBAC grants only
-//! read access to the kinds the apiserver's Kubernetes source watches, TLS Secrets are mounted where
-//! `--tls-dir` points, the values schema refuses bad cluster ids and names, and every rendered
-//! container's arguments are accepted by the binary's own argument parser
-//! (`clustermesh_apiserver::Args`, `node_sync::Args`), so chart and binaries cannot drift apart.
-//! The shell scripts of `kind-multicluster/` and `scripts/install-helm.sh`, and the scripts embedded
-//! in the chart, are checked with `bash -n` and shellcheck.
+//! - `rendering.rs`: `helm lint` and `helm template` with the default values and every example,
+//!   the rendered objects as Kubernetes sees them, and the binaries' own parsers on what is rendered;
+//! - `schema.rs`: the values schema and the chart's own checks refuse settings that cannot work;
+//! - `rbac.rs`: RBAC and ServiceAccounts;
+//! - `node_sync_daemonset.rs`: node-sync's DaemonSet (bpffs, cgroup v2, remotes, DNS);
+//! - `certs.rs`: the certificate modes, the certgen Job and renewal CronJob scripts run for real,
+//!   and the managed etcd on the certificates the chart issues;
+//! - `notes_and_dashboard.rs`: the install NOTES and the Grafana dashboard;
+//! - `shell_scripts.rs`: `bash -n` and shellcheck on every script, in the repository and the chart;
+//! - `kind.rs`: `kind-multicluster/` against the chart, driven through stand-ins, and the images it builds.
+//!
+//! They run the real `helm` (v4) and `shellcheck`: `scripts/install-helm.sh` installs both. This
+//! library holds what several of those files share: running helm and parsing what it renders
+//! ([`helm`], [`manifest`]), the binaries' argument parsers on rendered args ([`binaries`]), a
+//! stand-in for the Kubernetes Secrets API ([`fake_secrets_api`]) and scratch directories
+//! ([`scratch`]).
+
+pub mod binaries;
+pub mod fake_secrets_api;
+pub mod helm;
+pub mod manifest;
+pub mod scratch;

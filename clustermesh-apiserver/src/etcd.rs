@@ -1,10 +1,11 @@
-//! Small etcd helpers: connecting (plain or mTLS), paginated prefix listing, backoff with full jitter.
+//! Small etcd helpers of the apiserver: plain connects, the files of a Kubernetes TLS secret, paginated
+//! prefix listing (for tests and the bench), and its error type.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions};
 
 /// etcd errors, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -17,15 +18,6 @@ pub enum EtcdError {
         /// The client error.
         #[source]
         source: etcd_client::Error,
-    },
-    /// A TLS file could not be read.
-    #[error("reading {path}: {source}")]
-    TlsFile {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
     },
     /// This replica no longer holds the leader key; it must stop writing.
     #[error("leadership lost")]
@@ -48,57 +40,33 @@ impl EtcdError {
     }
 }
 
-/// Client TLS files for etcd: `ca.crt`, `tls.crt`, `tls.key` in one directory (the layout of Kubernetes TLS
-/// secrets mounted as a volume).
-#[derive(Debug, Clone)]
-pub struct EtcdTls {
-    /// CA bundle that signs the etcd server certificate.
-    pub ca: std::path::PathBuf,
-    /// Client certificate.
-    pub cert: std::path::PathBuf,
-    /// Client key.
-    pub key: std::path::PathBuf,
-}
-
-impl EtcdTls {
-    /// The files of a Kubernetes TLS secret directory (`ca.crt`, `tls.crt`, `tls.key`). A cluster
-    /// certificate directory (`clustermesh ca issue-cluster`) is opened with `mesh_certs::ClusterDir`
-    /// instead (see `run`).
-    pub fn from_dir(dir: &Path) -> Self {
-        Self {
-            ca: dir.join("ca.crt"),
+/// The client TLS files of a Kubernetes TLS secret mounted as a directory (`ca.crt`, `tls.crt`,
+/// `tls.key`). A cluster certificate directory (`clustermesh ca issue-cluster`) gives its own
+/// ([`mesh_certs::ClusterDir::tls_files`], see `run`).
+pub fn secret_dir_files(dir: &Path) -> mesh_certs::TlsFiles {
+    mesh_certs::TlsFiles {
+        ca_bundle: dir.join("ca.crt"),
+        identity: Some(mesh_certs::CertKeyPaths {
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
-        }
+        }),
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
-    std::fs::read(path).map_err(|source| EtcdError::TlsFile {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-/// The connect options of [`connect`]: mTLS when `tls` is given, timeouts, keepalive.
-pub fn connect_options(tls: Option<&EtcdTls>) -> Result<ConnectOptions, EtcdError> {
-    let mut opts = ConnectOptions::new()
+/// The connect options of a plain (no TLS) etcd client: timeouts, keepalive. With TLS files,
+/// [`mesh_etcd::client_options`].
+pub fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-    if let Some(t) = tls {
-        let ca = etcd_client::Certificate::from_pem(read(&t.ca)?);
-        let id = etcd_client::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
-        opts = opts.with_tls(TlsOptions::new().ca_certificate(ca).identity(id));
-    }
-    Ok(opts)
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
 }
 
-/// Connects to etcd, with mTLS when `tls` is given. Several endpoints: one member that answers
-/// (for clients that reconnect on failure; the apiserver's own long-lived client is
-/// [`mesh_etcd::connect_tracked`]).
-pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Client, EtcdError> {
-    let opts = connect_options(tls)?;
+/// Connects to a plain (no TLS) etcd; with TLS files, [`mesh_etcd::connect`]. Several endpoints:
+/// one member that answers (for clients that reconnect on failure; the apiserver's own long-lived
+/// client is [`mesh_etcd::connect_tracked`]).
+pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
+    let opts = connect_options();
     if endpoints.len() > 1 {
         // One member that answers, not all: see mesh_etcd::connect_any_member.
         return mesh_etcd::connect_any_member(endpoints, &opts, Duration::from_secs(3))

@@ -237,7 +237,7 @@ impl Dial for MirrorTls {
         };
         let https = remote.endpoints.iter().any(|e| e.starts_with("https://"));
         if !https {
-            let c = crate::etcd::connect(&remote.endpoints, None)
+            let c = crate::etcd::connect(&remote.endpoints)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
             return Ok(EtcdStore::new(c, PEER_REQUEST_TIMEOUT));

@@ -7,7 +7,6 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::args::{Args, LogFormat, SourceKind};
-use crate::etcd::{EtcdTls, connect};
 use crate::managed::ManagedEtcd;
 use crate::publisher::{PublisherConfig, run as run_publisher};
 use crate::source::Source;
@@ -100,7 +99,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(m) => m.endpoints().to_vec(),
         None => args.etcd_endpoints.clone(),
     };
-    let tls = args.tls_dir.as_deref().map(EtcdTls::from_dir);
+    // The etcd client's files: the admin identity of a cluster directory, or a TLS secret's files.
+    let tls: Option<mesh_certs::TlsFiles> = match (&cluster_dir, &args.tls_dir) {
+        (Some(d), _) => Some(d.tls_files(mesh_certs::Role::Admin)),
+        (None, Some(d)) => Some(crate::etcd::secret_dir_files(d)),
+        (None, None) => None,
+    };
     let mut api_args = args.clone();
     api_args.etcd_endpoints = endpoints.clone();
     crate::mesh_api::start(&api_args, &index, status.clone())
@@ -127,11 +131,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // what etcd holds, so nothing is rewritten). Without it, a renewed or re-rooted certificate
     // would only be used after a restart, and a broken connection could not come back once etcd
     // refuses the old one.
-    let creds = credential_files(cluster_dir.as_ref(), tls.as_ref());
+    let creds = credential_files(tls.as_ref());
     let mut stamp = files_stamp(&creds);
     let mut first = true;
     loop {
-        let client = match connect_client(&endpoints, cluster_dir.as_ref(), tls.as_ref()).await {
+        let client = match connect_client(&endpoints, tls.as_ref()).await {
             Ok(c) => c,
             Err(e) if first => return Err(e),
             Err(e) => {
@@ -207,23 +211,14 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
 }
 
 /// The files the etcd client's credentials come from.
-fn credential_files(
-    dir: Option<&mesh_certs::ClusterDir>,
-    tls: Option<&EtcdTls>,
-) -> Vec<std::path::PathBuf> {
-    match (dir, tls) {
-        (Some(d), _) => {
-            let f = d.tls_files(mesh_certs::Role::Admin);
-            let mut v = vec![f.ca_bundle.clone()];
-            if let Some(id) = &f.identity {
-                v.push(id.cert.clone());
-                v.push(id.key.clone());
-            }
-            v
-        }
-        (None, Some(t)) => vec![t.ca.clone(), t.cert.clone(), t.key.clone()],
-        (None, None) => vec![],
+fn credential_files(tls: Option<&mesh_certs::TlsFiles>) -> Vec<std::path::PathBuf> {
+    let Some(f) = tls else { return vec![] };
+    let mut v = vec![f.ca_bundle.clone()];
+    if let Some(id) = &f.identity {
+        v.push(id.cert.clone());
+        v.push(id.key.clone());
     }
+    v
 }
 
 /// A digest of the files' contents (a missing file counts as empty).
@@ -241,13 +236,12 @@ fn files_stamp(files: &[std::path::PathBuf]) -> u64 {
 /// when it returns), with its tracker.
 async fn connect_client(
     endpoints: &[String],
-    cluster_dir: Option<&mesh_certs::ClusterDir>,
-    tls: Option<&EtcdTls>,
+    tls: Option<&mesh_certs::TlsFiles>,
 ) -> anyhow::Result<(etcd_client::Client, Option<mesh_etcd::MemberTracker>)> {
     if endpoints.len() > 1 {
-        let opts = match cluster_dir {
-            Some(dir) => mesh_etcd::client_options(&dir.tls_files(mesh_certs::Role::Admin))?,
-            None => crate::etcd::connect_options(tls)?,
+        let opts = match tls {
+            Some(files) => mesh_etcd::client_options(files)?,
+            None => crate::etcd::connect_options(),
         };
         let (c, t) = mesh_etcd::connect_tracked(
             endpoints,
@@ -259,11 +253,11 @@ async fn connect_client(
         .context("connecting to the etcd members")?;
         return Ok((c, Some(t)));
     }
-    let client = match cluster_dir {
-        Some(dir) => mesh_etcd::connect_as(dir, mesh_certs::Role::Admin, endpoints)
+    let client = match tls {
+        Some(files) => mesh_etcd::connect(endpoints, files)
             .await
-            .context("connecting to etcd as admin")?,
-        None => connect(endpoints, tls)
+            .context("connecting to etcd")?,
+        None => crate::etcd::connect(endpoints)
             .await
             .context("connecting to etcd")?,
     };

@@ -33,9 +33,10 @@ pub enum ClusterError {
     },
 }
 
-/// TLS material for one etcd connection.
+/// TLS material for one etcd connection of node-sync (files, or PEM inline from a `remotes/` entry);
+/// `mesh_certs::TlsFiles` is the certificate directory's view of the same (files only).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
+pub struct EtcdClientTls {
     /// CA bundle that signs the etcd server certificate (file path), or inline PEM.
     pub ca: CaSource,
     /// Client certificate (PEM file).
@@ -66,14 +67,14 @@ pub struct ClusterSource {
     /// etcd client URLs (`https://` needs `tls`; `http://` is plain, for tests).
     pub endpoints: Vec<String>,
     /// TLS files.
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<EtcdClientTls>,
 }
 
 /// The TLS files of `--tls-dir`. Two layouts are understood:
 /// * a mesh-certs cluster directory (`clustermesh ca issue-cluster`): `ca-bundle.pem`, and
 ///   `node.{crt,key}` for the local etcd or `remote.{crt,key}` for other clusters' etcds;
 /// * a Kubernetes TLS secret: `ca.crt`, `tls.crt`, `tls.key` for every connection.
-pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
+pub fn tls_from_dir(dir: &Path, remote: bool) -> EtcdClientTls {
     if mesh_certs::ClusterDir::is_cluster_dir(dir) {
         let role = if remote {
             mesh_certs::Role::Remote
@@ -82,7 +83,7 @@ pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
         };
         let f = mesh_certs::ClusterDir::tls_files_at(dir, role);
         if let Some(id) = f.identity {
-            return TlsFiles {
+            return EtcdClientTls {
                 ca: CaSource::File(f.ca_bundle),
                 cert: id.cert,
                 key: id.key,
@@ -90,7 +91,7 @@ pub fn tls_from_dir(dir: &Path, remote: bool) -> TlsFiles {
             };
         }
     }
-    TlsFiles {
+    EtcdClientTls {
         ca: CaSource::File(dir.join("ca.crt")),
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
@@ -176,7 +177,7 @@ pub fn parse_remote_file(
             .map(resolve)
             .or_else(|| defaults.as_ref().map(|d| d.key.clone()));
         match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            (Some(ca), Some(cert), Some(key)) => Some(EtcdClientTls {
                 ca,
                 cert,
                 key,

@@ -892,26 +892,33 @@ impl MergeIndex {
         v
     }
 
-    /// Status of every global service known, sorted by name, shared (for the agent's snapshot:
-    /// a pointer per service, never a copy of its backends).
+    /// Status of every global service known, in no order, shared (for the agent's snapshot: a
+    /// pointer per service, never a copy of its backends).
     pub fn shared_services(&self) -> Vec<Arc<ServiceStatus>> {
-        let mut v: Vec<Arc<ServiceStatus>> = self
-            .services
+        self.services
             .values()
             .filter_map(|e| e.status.clone())
-            .collect();
-        v.sort_by(|a, b| a.service.cmp(&b.service));
-        v
+            .collect()
     }
 
     /// Endpoints held per cluster (every chunk read, usable or not).
     pub fn endpoints_by_cluster(&self) -> BTreeMap<ClusterName, usize> {
-        let mut out: BTreeMap<ClusterName, usize> = BTreeMap::new();
+        // Counted by reference first: a name is cloned once per cluster, not once per service.
+        let mut counts: Vec<(&ClusterName, usize)> = Vec::new();
         for (c, chunks) in self.services.values().flat_map(|e| e.endpoints.iter()) {
-            *out.entry(c.name().clone()).or_default() +=
-                chunks.values().map(Vec::len).sum::<usize>();
+            let n: usize = chunks.values().map(Vec::len).sum();
+            match counts.iter_mut().find(|(name, _)| *name == c.name()) {
+                Some((_, total)) => *total += n,
+                None => counts.push((c.name(), n)),
+            }
         }
-        out
+        counts.into_iter().map(|(c, n)| (c.clone(), n)).collect()
+    }
+
+    /// Whether the health reports held are those of `reporters` (cluster, node), in any order.
+    pub fn health_reporters_are(&self, reporters: &[(ClusterName, String)]) -> bool {
+        reporters.len() == self.reports.len()
+            && reporters.iter().all(|r| self.reports.contains_key(r))
     }
 
     /// The nodes whose health reports are held, by cluster.

@@ -6,7 +6,11 @@
 //! `Arc<Snapshot>` (the channel's lock is held only to clone the `Arc`) and render from it, so a
 //! scrape never waits for a map write and a map write never waits for a scrape. The large parts
 //! are shared between snapshots and rebuilt only when they changed: the service selections are the
-//! index's own `Arc`s, taken again only when the index's generation moved.
+//! index's own `Arc`s, taken again only when the index's generation moved, and left unsorted (a
+//! reader sorts its copy). During a burst the loop publishes at most one snapshot per
+//! [`PUBLISH_EVERY`] (the first change after a quiet spell at once, the last one of the burst at
+//! most that much later), so a burst costs the loop a pointer copy per service every few
+//! milliseconds, not per event.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -24,6 +28,9 @@ use crate::index::ServiceStatus;
 use crate::lb::Frontend;
 use crate::passive::{GoldenRow, TotalsByService};
 use crate::readiness::Readiness;
+
+/// The shortest time between two snapshots while changes keep coming.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 
 /// One cluster as the agent saw it at the snapshot.
 #[derive(Debug, Clone)]
@@ -125,7 +132,8 @@ pub struct Snapshot {
     pub clusters: BTreeMap<ClusterName, ClusterView>,
     /// The merge index's generation the services were taken at.
     pub generation: u64,
-    /// Every global service with its selection, sorted by name.
+    /// Every global service with its selection, in no order (readers sort: see
+    /// [`Snapshot::services_by_name`]; the loop does not spend the time).
     pub services: Arc<[Arc<ServiceStatus>]>,
     /// Frontends failing open, with their service.
     pub fail_open: Arc<[(ServiceName, Frontend)]>,
@@ -189,9 +197,16 @@ impl Snapshot {
     /// One service's selection.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceStatus> {
         self.services
-            .binary_search_by(|s| s.service.cmp(name))
-            .ok()
-            .map(|i| &*self.services[i])
+            .iter()
+            .find(|s| s.service == *name)
+            .map(|s| &**s)
+    }
+
+    /// Every global service with its selection, sorted by name.
+    pub fn services_by_name(&self) -> Vec<&ServiceStatus> {
+        let mut v: Vec<&ServiceStatus> = self.services.iter().map(|s| &**s).collect();
+        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v
     }
 
     /// Whether the health report of `node` of `cluster` is held.

@@ -82,8 +82,8 @@ pub fn status_document(st: &Snapshot) -> serde_json::Value {
         })
         .collect();
     let services: Vec<serde_json::Value> = st
-        .services
-        .iter()
+        .services_by_name()
+        .into_iter()
         .map(|s| {
             json!({
                 "service": s.service.to_string(),
@@ -127,12 +127,20 @@ pub fn status_document(st: &Snapshot) -> serde_json::Value {
 }
 
 async fn status_json(State(s): State<Shared>) -> Response {
-    let doc = status_document(&s.latest_with_fresh_counters());
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string_pretty(&doc).unwrap_or_default(),
-    )
-        .into_response()
+    let snap = s.latest_with_fresh_counters();
+    let text = off_the_workers(move || {
+        serde_json::to_string_pretty(&status_document(&snap)).unwrap_or_default()
+    })
+    .await;
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// Render on a blocking thread: a large document takes milliseconds, which on a runtime worker
+/// would hold back the tasks queued behind it (the agent's among them).
+async fn off_the_workers(render: impl FnOnce() -> String + Send + 'static) -> String {
+    tokio::task::spawn_blocking(render)
+        .await
+        .unwrap_or_default()
 }
 
 fn esc(s: &str) -> String {
@@ -228,7 +236,7 @@ pub fn render_metrics(st: &Snapshot) -> String {
         "gauge",
         "Backends selected per global service frontend, by backend cluster",
     );
-    for s in st.services.iter() {
+    for s in st.services_by_name() {
         for f in &s.frontends {
             let mut by: BTreeMap<&str, u64> = BTreeMap::new();
             for c in &s.clusters {
@@ -426,9 +434,15 @@ fn render_golden(o: &mut String, st: &Snapshot) {
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    let mut text = render_metrics(&s.latest_with_fresh_counters());
-    if let Some(dns) = &s.dns_metrics {
-        text.push_str(&dns.prometheus());
-    }
+    let snap = s.latest_with_fresh_counters();
+    let dns = s.dns_metrics.clone();
+    let text = off_the_workers(move || {
+        let mut text = render_metrics(&snap);
+        if let Some(dns) = &dns {
+            text.push_str(&dns.prometheus());
+        }
+        text
+    })
+    .await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

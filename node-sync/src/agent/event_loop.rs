@@ -1,7 +1,8 @@
 //! The agent's task: starts the watchers, the health checker, the publisher and the probers, then
 //! loops over their events. Each arm drains what is queued (one batch), applies it to the state it
-//! owns, writes the maps, and publishes a new snapshot; nothing else touches the index or the map
-//! writer, so a reader of the status never delays a map write.
+//! owns, writes the maps, and publishes a new snapshot (during a burst at most one per
+//! [`crate::snapshot::PUBLISH_EVERY`], the last one once it is due); nothing else touches the index
+//! or the map writer, so a reader of the status never delays a map write.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
@@ -111,8 +112,12 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
     dir_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(opts.status_every);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A snapshot held back during a burst, and when it is due.
+    let mut publish_due: Option<Instant> = None;
     loop {
+        let due = publish_due.map(tokio::time::Instant::from_std);
         tokio::select! {
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
                 let received = SystemTime::now();
@@ -197,6 +202,6 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 }
             }
         }
-        st.publish();
+        publish_due = st.publish_or_defer();
     }
 }

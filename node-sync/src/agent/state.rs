@@ -25,7 +25,8 @@ use crate::lb::{MapWriter, Reconciler};
 use crate::reach::ReachChange;
 use crate::readiness::{Readiness, SyncView};
 use crate::snapshot::{
-    ClusterView, DestroyStats, GoldenView, MapWrites, PassiveCounts, Snapshot, cert_expiries,
+    ClusterView, DestroyStats, GoldenView, MapWrites, PUBLISH_EVERY, PassiveCounts, Snapshot,
+    cert_expiries,
 };
 use crate::watch::ConnEvent;
 
@@ -80,6 +81,8 @@ impl ClusterStatus {
 struct Published {
     tx: watch::Sender<Arc<Snapshot>>,
     seq: u64,
+    /// When the last snapshot was published.
+    at: Instant,
     /// Index-derived parts, valid for `generation`.
     generation: u64,
     services: Arc<[Arc<crate::index::ServiceStatus>]>,
@@ -162,6 +165,7 @@ impl AgentState {
             published: Published {
                 tx: snapshots,
                 seq: 0,
+                at: Instant::now(),
                 generation: u64::MAX,
                 services: empty.services,
                 fail_open: empty.fail_open,
@@ -349,10 +353,22 @@ impl AgentState {
         }
     }
 
+    /// Publish now if the last snapshot is at least [`PUBLISH_EVERY`] old; otherwise returns when
+    /// the next one is due (the caller publishes then, whatever came in between).
+    pub fn publish_or_defer(&mut self) -> Option<Instant> {
+        let due = self.published.at + PUBLISH_EVERY;
+        if Instant::now() >= due {
+            self.publish();
+            return None;
+        }
+        Some(due)
+    }
+
     /// Publish the state as a new [`Snapshot`]. The service selections are taken again only when
     /// the index's generation moved; everything else is small.
     pub fn publish(&mut self) {
         let p = &mut self.published;
+        p.at = Instant::now();
         if p.generation != self.index.generation() {
             p.generation = self.index.generation();
             p.services = self.index.shared_services().into();
@@ -368,9 +384,8 @@ impl AgentState {
             p.endpoints = p.endpoints_by_cluster.values().sum();
         }
         // Health reports do not always move the generation (a verdict that changes no selection).
-        let reporters = self.index.health_reporters();
-        if *p.health_reporters != reporters[..] {
-            p.health_reporters = reporters.into();
+        if !self.index.health_reporters_are(&p.health_reporters) {
+            p.health_reporters = self.index.health_reporters().into();
         }
         let failover_log = p
             .failover_log
@@ -407,7 +422,7 @@ impl AgentState {
         let ps = &self.passive;
         let snapshot = Snapshot {
             seq: p.seq,
-            at: Instant::now(),
+            at: p.at,
             cluster: self.opts.cluster.clone(),
             node: self.opts.node.clone(),
             tls_dir: self.opts.tls_dir.clone(),

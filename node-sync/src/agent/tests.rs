@@ -266,3 +266,22 @@ fn a_refused_remote_is_shown_and_not_waited_for() {
     let doc = crate::status::status_document(&snap).to_string();
     assert!(doc.contains("already used"), "{doc}");
 }
+
+#[test]
+fn a_burst_is_published_at_most_once_per_interval_and_its_end_when_due() {
+    let (mut st, rx, _maps) = agent(&["c1"]);
+    batch(&mut st, vec![("c1", spec("c1")), ("c1", ConnEvent::Synced)]);
+    let first = rx.borrow().seq;
+    // A change right after: held back, with the time it is due.
+    st.handle((c("c1"), chunk("c1", &["10.1.0.1"])));
+    after_batch(&mut st, SystemTime::now());
+    let due = st.publish_or_defer().expect("deferred within the interval");
+    assert_eq!(rx.borrow().seq, first);
+    assert!(due <= Instant::now() + crate::snapshot::PUBLISH_EVERY);
+    // Once due, it goes out with everything that came in between.
+    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    assert_eq!(st.publish_or_defer(), None);
+    let snap = rx.borrow().clone();
+    assert!(snap.seq > first);
+    assert_eq!(selected(&snap), ["10.1.0.1:8080@c1"]);
+}

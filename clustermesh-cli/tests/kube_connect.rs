@@ -887,7 +887,9 @@ async fn the_written_secret_lets_node_sync_reach_the_remote_etcd_over_mtls() {
         t.key = c1.dir.key(Role::Node);
     }
     let refused = async {
-        let mut c = node_sync::connect::connect(&foreign, Duration::from_secs(5)).await?;
+        let mut c = node_sync::connect::connect(&foreign, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
         c.get("clustermesh/v1/cluster-config/c2", None)
             .await
             .map_err(|e| e.to_string())

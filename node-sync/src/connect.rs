@@ -2,31 +2,78 @@
 //! certificate the remote issued us when it fits our key, the first member that answers) and the
 //! error text that says which side's files are at fault.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 use crate::cluster::{CaSource, ClusterSource};
 
+/// Why a cluster's etcd could not be reached. Each names the file or the endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A TLS file could not be read.
+    #[error("reading {what} {}: {source}", path.display())]
+    Read {
+        /// Which file (CA bundle, client key, client certificate).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The one endpoint did not answer in time.
+    #[error("connecting to {endpoints}: timed out after {after:?}")]
+    Timeout {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The client refused or failed to connect.
+    #[error("connecting to {endpoints}: {source}")]
+    Etcd {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The client error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// No member of a multi-member etcd answered.
+    #[error(transparent)]
+    NoMember(#[from] mesh_etcd::Error),
+}
+
+/// Why a certificate a remote issued us cannot be used with our key.
+#[derive(Debug, thiserror::Error)]
+enum NotIssuedForKey {
+    #[error("no certificate in it")]
+    Empty,
+    #[error(transparent)]
+    Certs(#[from] mesh_certs::Error),
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|source| ConnectError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Build an etcd client for a source.
-pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client, String> {
+pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client, ConnectError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
     if let Some(tls) = &source.tls {
         let ca = match &tls.ca {
-            CaSource::File(p) => {
-                std::fs::read(p).map_err(|e| format!("reading CA bundle {}: {e}", p.display()))?
-            }
+            CaSource::File(p) => read("CA bundle", p)?,
             CaSource::Pem(s) => s.clone().into_bytes(),
         };
-        let key = std::fs::read(&tls.key)
-            .map_err(|e| format!("reading client key {}: {e}", tls.key.display()))?;
-        let read_own = || {
-            std::fs::read(&tls.cert)
-                .map_err(|e| format!("reading client certificate {}: {e}", tls.cert.display()))
-        };
+        let key = read("client key", &tls.key)?;
+        let read_own = || read("client certificate", &tls.cert);
         let cert = match &tls.cert_pem {
             Some(pem) => match issued_for_key(pem, &tls.key) {
                 Ok(()) => pem.clone().into_bytes(),
@@ -52,25 +99,32 @@ pub async fn connect(source: &ClusterSource, timeout: Duration) -> Result<Client
                 .identity(Identity::from_pem(cert, key)),
         );
     }
+    let endpoints = || source.endpoints.join(",");
     if source.endpoints.len() <= 1 {
         return tokio::time::timeout(timeout, Client::connect(&source.endpoints, Some(opts)))
             .await
-            .map_err(|_| format!("connecting to {:?}: timed out", source.endpoints))?
-            .map_err(|e| format!("connecting to {:?}: {e}", source.endpoints));
+            .map_err(|_| ConnectError::Timeout {
+                endpoints: endpoints(),
+                after: timeout,
+            })?
+            .map_err(|source| ConnectError::Etcd {
+                endpoints: endpoints(),
+                source,
+            });
     }
-    mesh_etcd::connect_any_member(&source.endpoints, &opts, timeout)
-        .await
-        .map_err(|e| e.to_string())
+    Ok(mesh_etcd::connect_any_member(&source.endpoints, &opts, timeout).await?)
 }
 
 /// Whether the certificate chain `pem` (one a remote cluster issued) certifies the private key
 /// in `key_path`.
-fn issued_for_key(pem: &str, key_path: &Path) -> Result<(), String> {
+fn issued_for_key(pem: &str, key_path: &Path) -> Result<(), NotIssuedForKey> {
     let what = Path::new("<clientCert of the remotes/ entry>");
-    let certs = mesh_certs::files::parse_certs(what, pem.as_bytes()).map_err(|e| e.to_string())?;
-    let leaf = certs.first().ok_or("no certificate")?;
-    let key = mesh_certs::files::load_key(key_path).map_err(|e| e.to_string())?;
-    mesh_certs::files::check_key_matches(what, leaf, key_path, &key).map_err(|e| e.to_string())
+    let certs = mesh_certs::files::parse_certs(what, pem.as_bytes())?;
+    let leaf = certs.first().ok_or(NotIssuedForKey::Empty)?;
+    let key = mesh_certs::files::load_key(key_path)?;
+    Ok(mesh_certs::files::check_key_matches(
+        what, leaf, key_path, &key,
+    )?)
 }
 
 /// Name the endpoints and, for TLS failures, say which side's files are at fault.
@@ -144,7 +198,9 @@ mod tests {
             .issue_remote_reader(&c("west"), &std::fs::read(west.cert(Role::Remote)).unwrap())
             .unwrap();
         issued_for_key(&pem, &west.key(Role::Remote)).expect("west's own key fits");
-        let e = issued_for_key(&pem, &east.key(Role::Remote)).unwrap_err();
+        let e = issued_for_key(&pem, &east.key(Role::Remote))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not match") || e.contains("key"), "{e}");
         assert!(issued_for_key("garbage", &west.key(Role::Remote)).is_err());
     }

@@ -4,18 +4,32 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use mesh_kv::{EtcdStore, KvError, KvStore, Op};
 use mesh_model::ClusterName;
 use mesh_model::keys::MeshKey;
 use mesh_model::values::{HealthReport, MeshValue, NodeStatus};
 use tokio::sync::mpsc;
 
 use crate::cluster::ClusterSource;
-use crate::connect::connect;
+use crate::connect::{ConnectError, connect};
 use mesh_kv::backoff_delay;
 
 /// Lease TTL of the published keys.
 pub const LEASE_TTL_SECS: i64 = 10;
+
+/// How long one request to the local etcd may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why publishing stopped (it reconnects with backoff).
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Store(#[from] KvError),
+    #[error("lease {0:x} of the published keys expired")]
+    LeaseExpired(i64),
+}
 
 /// Something to publish.
 #[derive(Debug, Clone)]
@@ -48,26 +62,25 @@ pub async fn run_publisher(
     let mut attempt = 0u32;
     let mut status_refused = false;
     loop {
-        let err = async {
-            let mut client: Client = connect(&local, Duration::from_secs(5)).await?;
-            let lease = client
-                .lease_grant(LEASE_TTL_SECS, None)
-                .await
-                .map_err(|e| format!("granting a lease in the local etcd: {e}"))?
-                .id();
-            let (mut keeper, mut responses) = client
-                .lease_keep_alive(lease)
-                .await
-                .map_err(|e| format!("keeping lease {lease} alive: {e}"))?;
-            let opts = || Some(PutOptions::new().with_lease(lease));
+        let err: Result<(), PublishError> = async {
+            let client = connect(&local, REQUEST_TIMEOUT).await?;
+            let store = EtcdStore::new(client, REQUEST_TIMEOUT);
+            let lease = store.lease_grant(LEASE_TTL_SECS).await?;
+            let put = |key: &str, value: &[u8]| {
+                let op = Op::Put {
+                    key: key.to_owned(),
+                    value: value.to_vec(),
+                    lease: Some(lease),
+                };
+                // A user change on another member (a peer connecting) refuses the put for a
+                // moment: the store sends it again, the lease stays.
+                store.txn(None, vec![op])
+            };
             if let Some(v) = &last_health {
-                client
-                    .put(health_key.as_str(), v.clone(), opts())
-                    .await
-                    .map_err(|e| format!("etcd put {health_key}: {e}"))?;
+                put(&health_key, v).await?;
             }
             if let Some(v) = &last_status {
-                let _ = client.put(status_key.as_str(), v.clone(), opts()).await;
+                let _ = put(&status_key, v).await;
             }
             attempt = 0;
             let mut keepalive =
@@ -75,27 +88,19 @@ pub async fn run_publisher(
             loop {
                 tokio::select! {
                     msg = rx.recv() => {
-                        let Some(msg) = msg else { return Ok::<(), String>(()) };
+                        let Some(msg) = msg else { return Ok(()) };
                         match msg {
                             Publish::Health(h) => {
                                 let v = MeshValue::Health(h).encode();
                                 last_health = Some(v.clone());
-                                // A user change on another member (a peer connecting) refuses
-                                // the put for a moment: send it again, keep the lease.
-                                mesh_etcd::retry_auth_old_revision("health put", || {
-                                    let (mut c, v) = (client.clone(), v.clone());
-                                    let key = health_key.clone();
-                                    async move { c.put(key, v, opts()).await }
-                                })
-                                .await
-                                .map_err(|e| format!("etcd put {health_key}: {e}"))?;
+                                put(&health_key, &v).await?;
                             }
                             Publish::Status(s) => {
                                 // The summary is best effort: a refusal (e.g. RBAC) must not
                                 // hold up health verdicts.
                                 let v = MeshValue::NodeStatus(s).encode();
                                 last_status = Some(v.clone());
-                                if let Err(e) = client.put(status_key.as_str(), v, opts()).await {
+                                if let Err(e) = put(&status_key, &v).await {
                                     if !status_refused {
                                         tracing::warn!(key = %status_key, error = %e, "writing the node summary failed");
                                     }
@@ -107,14 +112,8 @@ pub async fn run_publisher(
                         }
                     }
                     _ = keepalive.tick() => {
-                        keeper.keep_alive().await.map_err(|e| format!("lease keep-alive: {e}"))?;
-                    }
-                    r = responses.message() => {
-                        match r {
-                            Ok(Some(r)) if r.ttl() > 0 => {}
-                            Ok(Some(_)) => return Err("lease expired".to_string()),
-                            Ok(None) => return Err("lease keep-alive stream closed".to_string()),
-                            Err(e) => return Err(format!("lease keep-alive stream: {e}")),
+                        if store.lease_keep_alive(lease).await? <= 0 {
+                            return Err(PublishError::LeaseExpired(lease));
                         }
                     }
                 }

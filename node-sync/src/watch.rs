@@ -160,7 +160,7 @@ pub async fn watch_cluster(
                 let store = EtcdStore::new(client, settings.request_timeout);
                 follow(&store, &source, &scope, &validate, &tx, &mut state).await
             }
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         let err = explain(&source, &err);
         if tx.is_closed() {

@@ -6,9 +6,11 @@
 //! At start nothing is written until every cluster finished its initial sync (bounded by the sync
 //! timeout); then one full reconcile brings the pinned maps to the desired state.
 //!
-//! Files: this one holds the options and the handle; [`state`](self) the task's state and how a
-//! watcher event changes it, `event_loop` the task, `writes` the map writes after a batch,
-//! `connections` the watchers of remote clusters, `passive_events` the kernel's suspect marks.
+//! Files: this one holds the options and the handle ([`Agent`], [`StatusSource`]); `agent/state.rs`
+//! the task's state, how a watcher event changes it and how it becomes a snapshot;
+//! `agent/event_loop.rs` the task; `agent/writes.rs` the map writes after a batch;
+//! `agent/connections.rs` the watchers of remote clusters; `agent/passive_events.rs` the kernel's
+//! suspect marks.
 
 mod connections;
 mod event_loop;

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Client, GetOptions};
 use mesh_certs::{ClusterDir, Role, TrustBundle};
+use mesh_kv::{EtcdStore, KvStore};
 use mesh_model::keys::{KeyKind, MeshKey};
 use mesh_model::status::{ApiserverState, MeshStatus};
 use mesh_model::values::{ClusterConfig, MeshValue, NodeStatus, RemoteCluster, format_time};
@@ -23,6 +23,9 @@ use crate::{ApiError, MeshControl};
 /// answer `IssueRemoteReader`.
 pub const ISSUE_REMOTE_READER: &str = "issue-remote-reader";
 
+/// How long one etcd request of the API may take.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The API over etcd.
 pub struct EtcdMeshControl {
     config: ClusterConfig,
@@ -32,7 +35,7 @@ pub struct EtcdMeshControl {
     /// The endpoints remote node-syncs should use (often the same).
     advertised_endpoints: Vec<String>,
     state: watch::Receiver<ApiserverState>,
-    client: Mutex<Option<Client>>,
+    client: Mutex<Option<EtcdStore>>,
     /// Service CIDRs of the cluster, for the overlap check of `connect`.
     pub service_cidrs: Vec<String>,
     /// Pod CIDRs of the cluster.
@@ -64,7 +67,7 @@ impl EtcdMeshControl {
         })
     }
 
-    async fn client(&self) -> Result<Client, ApiError> {
+    async fn client(&self) -> Result<EtcdStore, ApiError> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
@@ -74,8 +77,9 @@ impl EtcdMeshControl {
             .map_err(|e| {
                 ApiError::Unavailable(format!("etcd {}: {e}", self.etcd_endpoints.join(",")))
             })?;
-        *guard = Some(c.clone());
-        Ok(c)
+        let store = EtcdStore::new(c, REQUEST_TIMEOUT);
+        *guard = Some(store.clone());
+        Ok(store)
     }
 
     async fn forget_client(&self) {
@@ -87,20 +91,20 @@ impl EtcdMeshControl {
         prefix: &str,
         pick: impl Fn(MeshValue) -> Option<T>,
     ) -> Result<Vec<T>, ApiError> {
-        let mut c = self.client().await?;
-        let resp = match c.get(prefix, Some(GetOptions::new().with_prefix())).await {
-            Ok(r) => r,
+        let c = self.client().await?;
+        let listing = match c.list(prefix, None).await {
+            Ok(l) => l,
             Err(e) => {
                 self.forget_client().await;
-                return Err(ApiError::Unavailable(format!("etcd get {prefix}: {e}")));
+                return Err(ApiError::Unavailable(e.to_string()));
             }
         };
         let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
+        for kv in listing.kvs {
+            let key = kv.key;
             let parsed = MeshKey::parse_for(&key, &self.config.name)
                 .map_err(|e| e.to_string())
-                .and_then(|k| MeshValue::decode(&k, kv.value()).map_err(|e| e.to_string()));
+                .and_then(|k| MeshValue::decode(&k, &kv.value).map_err(|e| e.to_string()));
             match parsed {
                 Ok(v) => out.extend(pick(v)),
                 Err(error) => warn!(%key, %error, "skipping a value that does not parse"),
@@ -269,16 +273,11 @@ impl MeshControl for EtcdMeshControl {
             })?;
         if changed {
             // The user was just added: a member that has not applied that yet refuses the put
-            // for a moment ("revision of auth store is old"); it is sent again.
+            // for a moment ("revision of auth store is old"); the store sends it again.
             let c = self.client().await?;
-            let (k, v) = (key.to_string(), value.encode());
-            mesh_etcd::retry_auth_old_revision("register remote", || {
-                let mut c = c.clone();
-                let (k, v) = (k.clone(), v.clone());
-                async move { c.put(k, v, None).await }
-            })
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("etcd put {key}: {e}")))?;
+            c.put(&key.to_string(), &value.encode())
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         }
         Ok(changed)
     }
@@ -323,17 +322,13 @@ impl MeshControl for EtcdMeshControl {
         };
         let c = self.client().await?;
         let k = key.to_string();
-        let resp = mesh_etcd::retry_auth_old_revision("unregister remote", || {
-            let mut c = c.clone();
-            let k = k.clone();
-            async move { c.delete(k, None).await }
-        })
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("etcd delete {key}: {e}")))?;
+        let unavailable = |e: mesh_kv::KvError| ApiError::Unavailable(e.to_string());
+        let existed = c.get(&k).await.map_err(unavailable)?.is_some();
+        c.delete(&k).await.map_err(unavailable)?;
         mesh_etcd::remove_remote_user(&self.etcd_endpoints, &self.root_files(), &name)
             .await
             .map_err(|e| ApiError::Unavailable(format!("delete etcd user remote-{name}: {e}")))?;
-        Ok(resp.deleted() > 0)
+        Ok(existed)
     }
 
     async fn add_trust_bundle(&self, pem: String) -> Result<(bool, Vec<String>), ApiError> {

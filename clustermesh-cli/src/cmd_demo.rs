@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use clustermesh_cli::demo::{DemoOptions, fmt_ms, run};
+use clustermesh_cli::connect::GrpcConnect;
+use mesh_lab::demo::{DemoOptions, fmt_ms, run};
 
 use crate::cmd_mesh::Output;
 
@@ -46,7 +47,7 @@ pub async fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{l}");
         }
     };
-    let (report, mesh) = run(&opts, &mut progress).await?;
+    let (report, mesh) = run(&opts, &GrpcConnect, &mut progress).await?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
         Output::Text => {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use clustermesh_cli::demo::fmt_ms;
-use clustermesh_cli::drill::analyze;
-use clustermesh_cli::workload::ProbeSample;
+use mesh_lab::demo::fmt_ms;
+use mesh_lab::drill::analyze;
+use mesh_lab::workload::ProbeSample;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::cmd_mesh::Output;

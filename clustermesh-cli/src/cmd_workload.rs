@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use clustermesh_cli::workload::{ProbeConfig, run_backend, run_probe};
+use mesh_lab::workload::{ProbeConfig, run_backend, run_probe};
 
 #[derive(Debug, Subcommand)]
 pub enum WorkloadCommand {
@@ -59,7 +59,7 @@ pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
                 anyhow::bail!("backend: give at least one --tcp or --udp address");
             }
             let health = a.health.zip(a.health_mode_file).map(|(listen, mode_file)| {
-                clustermesh_cli::workload::HealthEndpoint { listen, mode_file }
+                mesh_lab::workload::HealthEndpoint { listen, mode_file }
             });
             run_backend(a.name, a.tcp, a.udp, health).await
         }

@@ -750,6 +750,44 @@ pub fn check_tls_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("{} is not a cluster certificate directory", dir.display()))
 }
 
+// ---------------------------------------------------------------------------------------------
+// The lab demo's connector
+
+/// How `clustermesh demo` (and the tests and bench built on `mesh_lab::demo`) connect the lab's
+/// clusters: this module's [`open`], and [`connect`] both ways with `--wait`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcConnect;
+
+impl mesh_lab::demo::MeshConnect for GrpcConnect {
+    async fn open(&self, addr: SocketAddr, tls_dir: &Path) -> Result<()> {
+        let side = Side {
+            addr,
+            tls_dir: tls_dir.to_path_buf(),
+        };
+        open(&side).await.map(|_| ())
+    }
+
+    async fn connect(
+        &self,
+        a: (SocketAddr, &Path),
+        b: (SocketAddr, &Path),
+        wait: Duration,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let side = |(addr, tls_dir): (SocketAddr, &Path)| Side {
+            addr,
+            tls_dir: tls_dir.to_path_buf(),
+        };
+        let opts = ConnectOptions {
+            unidirectional: false,
+            federate: false,
+            wait: Some(wait),
+        };
+        connect(&side(a), &side(b), &opts, progress).await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,8 +38,8 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use mesh_certs::TrustBundle;
+pub use mesh_model::remotes::{RemoteTls, entry_keys};
 use mesh_model::status::MeshStatus;
-use serde::Serialize;
 
 use crate::connect::{
     Check, ConnectOptions, ConnectReport, StatusSource, Verdict, preflight, status_of,
@@ -170,17 +170,6 @@ impl MeshInfo {
                 .unwrap_or_else(|| "status".to_owned()),
         })
     }
-}
-
-/// A cluster's read-only remote credentials (PEM).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteTls {
-    /// CA bundle the cluster's etcd server certificate chains to.
-    pub ca_bundle: Vec<u8>,
-    /// The `remote` client certificate chain.
-    pub cert: Vec<u8>,
-    /// Its key.
-    pub key: Vec<u8>,
 }
 
 /// One side, read through its kubeconfig context.
@@ -491,50 +480,9 @@ async fn endpoints_and_cidrs(
     Ok((endpoints, pod_cidrs))
 }
 
-/// The node-sync remote file of one registration (TLS files relative to the config dir).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct RemoteFileOut<'a> {
-    name: &'a str,
-    id: u32,
-    endpoints: &'a [String],
-    ca_file: String,
-    cert_file: String,
-    key_file: String,
-}
-
-/// The keys of `remote`'s entry in a remotes Secret.
-pub fn entry_keys(remote: &str) -> [String; 4] {
-    [
-        format!("{remote}.yaml"),
-        format!("{remote}.ca-bundle.pem"),
-        format!("{remote}.remote.crt"),
-        format!("{remote}.remote.key"),
-    ]
-}
-
 /// The entry registering `remote` (pure): its remote file and credentials, keyed as in [`entry_keys`].
 pub fn remote_entry(remote: &ClusterInfo, tls: &RemoteTls) -> BTreeMap<String, Vec<u8>> {
-    let [yaml_k, ca_k, cert_k, key_k] = entry_keys(&remote.name);
-    let file = RemoteFileOut {
-        name: &remote.name,
-        id: remote.id,
-        endpoints: &remote.etcd_endpoints,
-        ca_file: ca_k.clone(),
-        cert_file: cert_k.clone(),
-        key_file: key_k.clone(),
-    };
-    let yaml = format!(
-        "# Written by `clustermesh connect --context`: cluster {} through its read-only remote certificate.\n{}",
-        remote.name,
-        serde_yaml::to_string(&file).unwrap_or_default()
-    );
-    BTreeMap::from([
-        (yaml_k, yaml.into_bytes()),
-        (ca_k, tls.ca_bundle.clone()),
-        (cert_k, tls.cert.clone()),
-        (key_k, tls.key.clone()),
-    ])
+    mesh_model::remotes::entry(&remote.name, remote.id, &remote.etcd_endpoints, tls)
 }
 
 /// Replace `remote`'s entry in `data` with `entry` (`None`: remove it). Returns whether anything changed.

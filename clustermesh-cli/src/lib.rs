@@ -1,12 +1,10 @@
-//! The `clustermesh` command's library: drill workloads and analysis, and the commands that talk to a
-//! running mesh. The binary (`src/main.rs`) is a thin clap shell over it.
+//! The `clustermesh` command's library: the commands that talk to a running mesh (`connect`,
+//! `disconnect`, `status`, through gRPC or the Kubernetes API). The
+//! binary (`src/main.rs`) is a thin clap shell over it; its `demo`, `drill` and `workload`
+//! subcommands run the lab harness of `mesh_lab` (`mesh`, `demo`, `drill`, `workload`).
 
 pub mod connect;
-pub mod demo;
-pub mod drill;
 pub mod kube_connect;
-pub mod labmesh;
-pub mod workload;
 
 /// A duration flag (`500ms`, `30s`, `2m`), with an error that says what was wrong.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

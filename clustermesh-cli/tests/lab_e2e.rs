@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use clustermesh_cli::labmesh::{LabMesh, LabMeshSpec, default_bin_dir};
+use mesh_lab::mesh::{LabMesh, LabMeshSpec, default_bin_dir};
 
 fn clustermesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clustermesh"))
@@ -335,7 +335,7 @@ fn connect_status_drill_page_disconnect() {
     }
 
     // 6. disconnect: c2's backends leave every c1 node's maps. Drain c1 first so c1's nodes program c2.
-    mesh.write_service(1, clustermesh_cli::labmesh::EndpointState::Terminating)
+    mesh.write_service(1, mesh_lab::mesh::EndpointState::Terminating)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while [1, 2]
@@ -373,7 +373,7 @@ fn connect_status_drill_page_disconnect() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    mesh.write_service(1, clustermesh_cli::labmesh::EndpointState::Ready)
+    mesh.write_service(1, mesh_lab::mesh::EndpointState::Ready)
         .unwrap();
     mesh.teardown().expect("teardown");
 }

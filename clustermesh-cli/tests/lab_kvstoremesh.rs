@@ -8,8 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use clustermesh_cli::demo::{self, DemoOptions};
-use clustermesh_cli::labmesh::{EndpointState, http_get};
+use clustermesh_cli::connect::GrpcConnect;
+use mesh_lab::demo::{self, DemoOptions};
+use mesh_lab::mesh::{EndpointState, http_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvstoremesh_drills_fail_over_and_back_within_a_second_and_no_node_dials_a_remote_etcd() {
@@ -20,7 +21,7 @@ async fn kvstoremesh_drills_fail_over_and_back_within_a_second_and_no_node_dials
         ..DemoOptions::default()
     };
     let mut progress = |l: &str| eprintln!("[kvstoremesh] {l}");
-    let (report, mut mesh) = demo::run(&opts, &mut progress)
+    let (report, mut mesh) = demo::run(&opts, &GrpcConnect, &mut progress)
         .await
         .expect("the demo in KVStoreMesh mode");
     eprintln!(

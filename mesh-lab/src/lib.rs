@@ -19,6 +19,15 @@
 //! `root`, `admin-<cluster>` and `node-<cluster>`; [`Lab::add_remote_user`] adds `remote-<peer>`.
 //! [`EtcdSecurity::Plain`] gives plain HTTP for tests that ask for it.
 //!
+//! # The mesh on the lab
+//!
+//! On top of the lab, [`mesh::LabMesh`] deploys the whole mesh (an apiserver per cluster, a node-sync
+//! and an identity backend per node, a global service); [`workload`] is the backend and the probe that
+//! run inside nodes (`clustermesh workload`), [`drill`] turns the probe's samples into failover and
+//! failback times, and [`demo`] is `clustermesh demo`: two clusters, connected, two failover drills.
+//! `clustermesh demo`, `drill` and `workload`, the lab end-to-end tests, the chaos scenarios and the
+//! failover bench all use these.
+//!
 //! # In an end-to-end test
 //!
 //! ```no_run
@@ -53,14 +62,18 @@
 
 pub mod cgroup;
 mod cmd;
+pub mod demo;
+pub mod drill;
 pub mod error;
 mod etcd;
 pub mod impair;
 mod lab;
+pub mod mesh;
 mod net;
 pub mod plan;
 pub mod process;
 pub mod state;
+pub mod workload;
 
 pub use error::{LabError, Result};
 pub use etcd::MemberStatus;

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use clustermesh_cli::demo::{self, DemoOptions, Fault};
+use clustermesh_cli::connect::GrpcConnect;
+use mesh_lab::demo::{self, DemoOptions, Fault};
 
 #[derive(Debug, Parser)]
 #[command(name = "failover", about = "failover/failback drills on the mesh lab")]
@@ -44,7 +45,7 @@ struct Args {
 }
 
 /// `--cuts` whole-cluster cuts under affinity none; prints the FIGURE lines.
-fn cutoff(mesh: &mut clustermesh_cli::labmesh::LabMesh, args: &Args) -> Result<()> {
+fn cutoff(mesh: &mut mesh_lab::mesh::LabMesh, args: &Args) -> Result<()> {
     mesh.set_affinity("none")?;
     let remote = format!("{}-", mesh.cluster_name(2));
     mesh.wait_for_landing(1, 1, Duration::from_secs(30), |b| b.starts_with(&remote))?;
@@ -152,7 +153,7 @@ fn main() -> Result<()> {
         .build()?;
     let mut quiet = |_: &str| {};
     let mut mesh = rt
-        .block_on(demo::bring_up(&opts, &mut quiet))
+        .block_on(demo::bring_up(&opts, &GrpcConnect, &mut quiet))
         .context("bring up the lab mesh")?;
     let local = format!("{}-", mesh.cluster_name(1));
     mesh.wait_for_landing(1, 1, Duration::from_secs(30), |b| b.starts_with(&local))?;

@@ -1,6 +1,6 @@
 //! What the lab tests of the `clustermesh` command share.
 
-use clustermesh_cli::labmesh::{LabMesh, default_bin_dir, preflight};
+use mesh_lab::mesh::{LabMesh, default_bin_dir, preflight};
 
 /// Fail loudly, naming what is missing, when this machine cannot run the lab or the binaries the
 /// lab runs were not built next to the tests.

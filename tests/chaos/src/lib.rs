@@ -27,11 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clustermesh_cli::connect::{ConnectOptions, Side};
-use clustermesh_cli::labmesh::{
-    BACKEND_PORT, LabMesh, LabMeshSpec, RunningProbe, SERVICE_PORT, preflight,
-};
-use clustermesh_cli::workload::ProbeSample;
 use global_lb_bpf::{Datapath, Proto};
+use mesh_lab::mesh::{BACKEND_PORT, LabMesh, LabMeshSpec, RunningProbe, SERVICE_PORT, preflight};
+use mesh_lab::workload::ProbeSample;
 
 pub mod random;
 
@@ -734,25 +732,23 @@ impl ChaosMesh {
         let verbose = std::env::var_os("CHAOS_VERBOSE").is_some();
         let mut shown = String::new();
         loop {
-            let leader =
-                match clustermesh_cli::labmesh::http_get(self.mesh.apiserver_status(c), "/metrics")
-                {
-                    Ok((200, body)) => {
-                        body.lines()
-                            .any(|l| l.trim() == "clustermesh_apiserver_leader 1")
-                            && body
-                                .lines()
-                                .any(|l| l.trim() == "clustermesh_apiserver_ready 1")
-                    }
-                    Ok((code, _)) => {
-                        last = format!("apiserver metrics: HTTP {code}");
-                        false
-                    }
-                    Err(e) => {
-                        last = format!("apiserver metrics: {e:#}");
-                        false
-                    }
-                };
+            let leader = match mesh_lab::mesh::http_get(self.mesh.apiserver_status(c), "/metrics") {
+                Ok((200, body)) => {
+                    body.lines()
+                        .any(|l| l.trim() == "clustermesh_apiserver_leader 1")
+                        && body
+                            .lines()
+                            .any(|l| l.trim() == "clustermesh_apiserver_ready 1")
+                }
+                Ok((code, _)) => {
+                    last = format!("apiserver metrics: HTTP {code}");
+                    false
+                }
+                Err(e) => {
+                    last = format!("apiserver metrics: {e:#}");
+                    false
+                }
+            };
             let mut connected = leader;
             if leader {
                 'nodes: for cl in 1..=self.model.clusters {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use chaos_tests::{ChaosMesh, Published, Traffic, UpOptions, assert_no_failures, settle_budget};
-use clustermesh_cli::labmesh::http_get;
 use mesh_lab::LabProcess;
+use mesh_lab::mesh::http_get;
 
 const STANDBY_GRPC: u16 = 9453;
 const STANDBY_STATUS: u16 = 9890;

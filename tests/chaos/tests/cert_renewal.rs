@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use chaos_tests::{ChaosMesh, Traffic, UpOptions, assert_no_failures, settle_budget};
-use clustermesh_cli::labmesh::http_get;
 use mesh_certs::{CertInfo, ClusterDir, Role};
+use mesh_lab::mesh::http_get;
 
 const LIFETIME: Duration = Duration::from_secs(120);
 const EVERY: Duration = Duration::from_secs(10);

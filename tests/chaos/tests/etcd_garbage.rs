@@ -63,7 +63,7 @@ fn bad_values(m: &ChaosMesh, c: usize, n: usize) -> Result<u64> {
 
 /// Cluster `c`'s apiserver's count of refused values of cluster `of` (KVStoreMesh).
 fn mirror_refused(m: &ChaosMesh, c: usize, of: &str) -> Result<u64> {
-    let (_, text) = clustermesh_cli::labmesh::http_get(m.mesh().apiserver_status(c), "/metrics")?;
+    let (_, text) = mesh_lab::mesh::http_get(m.mesh().apiserver_status(c), "/metrics")?;
     let prefix = format!("clustermesh_apiserver_remote_bad_values_total{{cluster=\"{of}\"}} ");
     Ok(text
         .lines()

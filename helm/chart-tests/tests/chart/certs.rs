@@ -560,7 +560,7 @@ fn renew_cronjob(sets: &[&str]) -> (String, Vec<(String, String)>) {
 fn run_renew(script: &str, env: &[(String, String)], api: &FakeSecretsApi, work: &Path) -> Output {
     let script = in_fake_pod(script, work, "renew-token")
         .replace("/etc/clustermesh", work.join("mounts").to_str().unwrap());
-    let bin = clustermesh_cli::labmesh::default_bin_dir();
+    let bin = mesh_lab::mesh::default_bin_dir();
     assert!(
         bin.join("clustermesh").is_file(),
         "{} missing: build the workspace's binaries first (cargo build --bins)",

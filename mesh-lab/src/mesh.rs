@@ -1,4 +1,4 @@
-//! A whole mesh deployed on a [`mesh_lab::Lab`]: every cluster's clustermesh-apiserver (fed by a
+//! A whole mesh deployed on a [`Lab`]: every cluster's clustermesh-apiserver (fed by a
 //! manifest directory), a node-sync on every node attached to the node's cgroup, an identity backend on
 //! every node, and a global service `default/echo` whose endpoints are those backends.
 //!
@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use mesh_lab::{Lab, LabProcess, LabSpec};
 
 use crate::workload::ProbeSample;
+use crate::{Lab, LabProcess, LabSpec};
 
 /// Port of the global service on its ClusterIP.
 pub const SERVICE_PORT: u16 = 80;
@@ -536,18 +536,18 @@ impl LabMesh {
             let certs = mesh_certs::ClusterDir::open(&self.cert_dir(other)?)?;
             let read =
                 |p: PathBuf| std::fs::read(&p).with_context(|| format!("read {}", p.display()));
-            let tls = crate::kube_connect::RemoteTls {
+            let tls = mesh_model::remotes::RemoteTls {
                 ca_bundle: read(certs.ca_bundle())?,
                 cert: read(certs.cert(mesh_certs::Role::Remote))?,
                 key: read(certs.key(mesh_certs::Role::Remote))?,
             };
-            let info = clustermesh_api::pb::ClusterInfo {
-                name: cl.name.clone(),
-                id: self.cluster_id(other),
-                etcd_endpoints: cl.etcd.client_urls(),
-                ..Default::default()
-            };
-            for (file, bytes) in crate::kube_connect::remote_entry(&info, &tls) {
+            let entry = mesh_model::remotes::entry(
+                &cl.name,
+                self.cluster_id(other),
+                &cl.etcd.client_urls(),
+                &tls,
+            );
+            for (file, bytes) in entry {
                 let p = dir.join(file);
                 std::fs::write(&p, bytes).with_context(|| format!("write {}", p.display()))?;
             }

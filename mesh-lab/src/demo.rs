@@ -9,15 +9,39 @@
 //!
 //! The failover time is from the fault to the first connection of the run that lands only on cluster 2;
 //! failback likewise (see [`crate::drill::analyze`]).
+//!
+//! The clusters are connected by the operator's own `clustermesh connect --wait` (gRPC mode), which
+//! this crate cannot depend on (the CLI depends on it): the caller passes it as a [`MeshConnect`]
+//! (`clustermesh_cli::connect::GrpcConnect`).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::connect::{ConnectOptions, Side};
 use crate::drill::{DrillReport, analyze};
-use crate::labmesh::{EndpointState, LabMesh, LabMeshSpec, RunningProbe, preflight};
+use crate::mesh::{EndpointState, LabMesh, LabMeshSpec, RunningProbe, preflight};
+
+/// How the demo reaches and connects its clusters' apiservers: `clustermesh connect` in gRPC mode.
+pub trait MeshConnect {
+    /// One attempt to reach the apiserver's gRPC API at `addr` as its cluster's admin
+    /// (certificates in `tls_dir`).
+    fn open(&self, addr: SocketAddr, tls_dir: &Path) -> impl Future<Output = Result<()>>;
+
+    /// Connect cluster `a` and cluster `b` both ways (each an apiserver address and its cluster's
+    /// certificate directory), then wait up to `wait` until every node of each reports the other
+    /// connected and synced; `progress` gets a line per step.
+    fn connect(
+        &self,
+        a: (SocketAddr, &Path),
+        b: (SocketAddr, &Path),
+        wait: Duration,
+        progress: &mut dyn FnMut(&str),
+    ) -> impl Future<Output = Result<()>>;
+}
 
 /// Options.
 #[derive(Debug, Clone)]
@@ -39,7 +63,7 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             prefix: "cmdemo".into(),
-            bin_dir: crate::labmesh::default_bin_dir(),
+            bin_dir: crate::mesh::default_bin_dir(),
             interval: Duration::from_millis(10),
             settle: Duration::from_millis(1500),
             kvstoremesh: false,
@@ -156,8 +180,12 @@ pub fn drill(
     Ok(analyze(&samples, fault_ms, Some(recover_ms), is_local))
 }
 
-/// Bring the demo mesh up and connect it.
-pub async fn bring_up(opts: &DemoOptions, progress: &mut dyn FnMut(&str)) -> Result<LabMesh> {
+/// Bring the demo mesh up and connect it with `connect`.
+pub async fn bring_up(
+    opts: &DemoOptions,
+    connect: &impl MeshConnect,
+    progress: &mut dyn FnMut(&str),
+) -> Result<LabMesh> {
     let missing = preflight();
     if !missing.is_empty() {
         bail!(
@@ -177,37 +205,38 @@ pub async fn bring_up(opts: &DemoOptions, progress: &mut dyn FnMut(&str)) -> Res
         .await
         .context("lab task")??;
     progress("connecting c1 <-> c2 (clustermesh connect --wait)");
-    let a = Side {
-        addr: mesh.apiserver_grpc(1),
-        tls_dir: mesh.cert_dir(1)?,
-    };
-    let b = Side {
-        addr: mesh.apiserver_grpc(2),
-        tls_dir: mesh.cert_dir(2)?,
-    };
-    for (c, side) in [(1, &a), (2, &b)] {
-        if let Err(e) = wait_grpc(side, Duration::from_secs(30)).await {
+    let a = (mesh.apiserver_grpc(1), mesh.cert_dir(1)?);
+    let b = (mesh.apiserver_grpc(2), mesh.cert_dir(2)?);
+    for (c, (addr, tls_dir)) in [(1, &a), (2, &b)] {
+        if let Err(e) = wait_grpc(connect, *addr, tls_dir, Duration::from_secs(30)).await {
             let name = mesh.cluster_name(c);
             let tail = mesh.log_tail(&format!("apiserver-{name}"), 15);
             return Err(e.context(format!("apiserver of {name}; its log ends with:\n{tail}")));
         }
     }
-    let opts_c = ConnectOptions {
-        unidirectional: false,
-        federate: false,
-        wait: Some(Duration::from_secs(60)),
-    };
-    crate::connect::connect(&a, &b, &opts_c, &mut |l| progress(&format!("  {l}"))).await?;
+    connect
+        .connect(
+            (a.0, &a.1),
+            (b.0, &b.1),
+            Duration::from_secs(60),
+            &mut |l| progress(&format!("  {l}")),
+        )
+        .await?;
     Ok(mesh)
 }
 
-async fn wait_grpc(side: &Side, timeout: Duration) -> Result<()> {
+async fn wait_grpc(
+    connect: &impl MeshConnect,
+    addr: SocketAddr,
+    tls_dir: &Path,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        match crate::connect::open(side).await {
-            Ok(_) => return Ok(()),
+        match connect.open(addr, tls_dir).await {
+            Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!("apiserver at {} did not come up", side.addr)));
+                return Err(e.context(format!("apiserver at {addr} did not come up")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -217,10 +246,11 @@ async fn wait_grpc(side: &Side, timeout: Duration) -> Result<()> {
 /// The whole demo; the mesh is returned so `--keep` can leave it running.
 pub async fn run(
     opts: &DemoOptions,
+    connect: &impl MeshConnect,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(DemoReport, LabMesh)> {
     let started = Instant::now();
-    let mut mesh = bring_up(opts, progress).await?;
+    let mut mesh = bring_up(opts, connect, progress).await?;
     progress("waiting until a client in c1/n1 lands on cluster 1's backends");
     let local = format!("{}-", mesh.cluster_name(1));
     let m = &mesh;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions};
 
 /// etcd errors, naming what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -78,58 +78,18 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
         .map_err(|e| EtcdError::request(format!("connect {}", endpoints.join(",")), e))
 }
 
-/// The end of the key range of a prefix (one definition, in the store crate).
-pub use mesh_kv::prefix_end;
-
-/// Lists every key under `prefix` (in pages of 1000, all at one revision). Returns the keys with values and mod
-/// revisions, and the revision of the listing.
+/// Every key under `prefix` with its value and mod revision, and the revision of the listing (the
+/// store's paged list at one revision; for the integration tests and the bench, which hold a client).
 pub async fn list_prefix(
     client: &mut Client,
     prefix: &str,
 ) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
-    list_prefix_at(client, prefix, 0).await
+    let store = mesh_kv::EtcdStore::new(client.clone(), Duration::from_secs(10));
+    let l = mesh_kv::KvStore::list(&store, prefix, None).await?;
+    let kvs = l
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+        .collect();
+    Ok((kvs, l.revision))
 }
-
-/// [`list_prefix`] at `revision` (0: the current one), so that several prefixes listed one after
-/// another form one consistent snapshot to watch from.
-pub async fn list_prefix_at(
-    client: &mut Client,
-    prefix: &str,
-    revision: i64,
-) -> Result<(BTreeMap<String, (Vec<u8>, i64)>, i64), EtcdError> {
-    let end = prefix_end(prefix);
-    let mut out = BTreeMap::new();
-    let mut start = prefix.as_bytes().to_vec();
-    let mut revision = revision;
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let resp = client
-            .get(start.clone(), Some(opts))
-            .await
-            .map_err(|e| EtcdError::request(format!("list {prefix}"), e))?;
-        if revision == 0 {
-            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        }
-        let kvs = resp.kvs();
-        for kv in kvs {
-            out.insert(
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                (kv.value().to_vec(), kv.mod_revision()),
-            );
-        }
-        match kvs.last() {
-            Some(last) if resp.more() => {
-                start = last.key().to_vec();
-                start.push(0);
-            }
-            _ => break,
-        }
-    }
-    Ok((out, revision))
-}
-
-/// Exponential backoff with full jitter (the mesh's one backoff, in the store crate).
-pub use mesh_kv::Backoff;

@@ -729,42 +729,30 @@ mod tests {
             .unwrap();
     }
 
-    /// Waits (on the store's own watch, no polling) until the keys under `prefix` satisfy `done`;
-    /// fails after 5 s with what they were.
-    async fn until(
-        store: &MemStore,
-        prefix: &str,
-        done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
-    ) -> BTreeMap<String, Vec<u8>> {
-        let mut w = Watcher::new(store.clone(), prefix);
-        let mut keys = BTreeMap::new();
-        let mut listed = false;
-        let r = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match w.next().await.unwrap() {
-                    Event::Init { .. } => keys.clear(),
-                    Event::InitApply(kv) | Event::Apply(kv) => {
-                        keys.insert(kv.key, kv.value);
-                    }
-                    Event::Delete { key, .. } => {
-                        keys.remove(&key);
-                    }
-                    Event::InitDone { .. } => listed = true,
-                }
-                if listed && done(&keys) {
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "timed out; {prefix} holds {:?}", keys.keys());
-        keys
+    fn remote_key() -> String {
+        MeshKey::Remote {
+            cluster: c("c1"),
+            remote: c("c2"),
+        }
+        .to_string()
+    }
+
+    /// c1's KVStoreMesh, leading, with c2 (`peer`) registered as its remote.
+    async fn mirror_c2(
+        local: &MemStore,
+        peer: &MemStore,
+        status: Option<Arc<Status>>,
+    ) -> JoinHandle<()> {
+        let dial = MemDial::default();
+        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
+        let guard = lead(local).await;
+        register(local, &remote("c2", 2)).await;
+        tokio::spawn(run(local.clone(), c("c1"), dial, guard, status))
     }
 
     #[tokio::test]
     async fn mirrors_a_peer_follows_it_and_refuses_what_is_not_its_own() {
         let (local, peer) = (MemStore::new(), MemStore::new());
-        let c2 = remote("c2", 2);
         peer.put("clustermesh/v1/cluster-config/c2", &config("c2", 2))
             .await
             .unwrap();
@@ -777,31 +765,22 @@ mod tests {
         peer.put("clustermesh/v1/services/c2/ns/bad", b"{")
             .await
             .unwrap();
-        let dial = MemDial::default();
-        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
-        let guard = lead(&local).await;
-        register(&local, &c2).await;
         let status = Status::new("c1", 1, "replica-0");
-        let mirror = tokio::spawn(run(
-            local.clone(),
-            c("c1"),
-            dial,
-            guard,
-            Some(status.clone()),
-        ));
+        let mirror = mirror_c2(&local, &peer, Some(status.clone())).await;
 
         // The listing lands, then the canaries.
-        until(&local, "clustermesh/v1/synced/c2/", |k| {
-            k.len() == SyncKind::ALL.len()
-        })
-        .await;
+        local
+            .until("clustermesh/v1/synced/c2/", |k| {
+                k.len() == SyncKind::ALL.len()
+            })
+            .await;
         let cc = local
             .get("clustermesh/v1/cluster-config/c2")
             .await
             .unwrap()
             .unwrap();
         assert!(String::from_utf8_lossy(&cc.value).contains(r#""cached":true"#));
-        let services = until(&local, "clustermesh/v1/services/", |_| true).await;
+        let services = local.until("clustermesh/v1/services/", |_| true).await;
         assert_eq!(services.keys().collect::<Vec<_>>(), [&web]);
         assert_eq!(status.snapshot().remote_bad_values.get("c2"), Some(&1));
 
@@ -809,46 +788,42 @@ mod tests {
         let (api, api_v) = service("c2", "api");
         peer.put(&api, &api_v).await.unwrap();
         peer.delete(&web).await.unwrap();
-        until(&local, "clustermesh/v1/services/", |k| {
-            k.contains_key(&api) && !k.contains_key(&web)
-        })
-        .await;
+        local
+            .until("clustermesh/v1/services/", |k| {
+                k.contains_key(&api) && !k.contains_key(&web)
+            })
+            .await;
         mirror.abort();
     }
 
     #[tokio::test]
     async fn a_broken_stream_resumes_and_a_compaction_relists_and_sweeps() {
         let (local, peer) = (MemStore::new(), MemStore::new());
-        let c2 = remote("c2", 2);
         let (web, web_v) = service("c2", "web");
         let (api, api_v) = service("c2", "api");
         peer.put(&web, &web_v).await.unwrap();
         peer.put(&api, &api_v).await.unwrap();
-        let dial = MemDial::default();
-        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
-        let guard = lead(&local).await;
-        register(&local, &c2).await;
-        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
-        until(&local, "clustermesh/v1/services/c2/", |k| k.len() == 2).await;
+        let mirror = mirror_c2(&local, &peer, None).await;
+        local
+            .until("clustermesh/v1/services/c2/", |k| k.len() == 2)
+            .await;
 
         // A change while the stream is down arrives when it resumes.
         peer.break_watches();
         let (db, db_v) = service("c2", "db");
         peer.put(&db, &db_v).await.unwrap();
-        until(&local, "clustermesh/v1/services/c2/", |k| {
-            k.contains_key(&db)
-        })
-        .await;
+        local
+            .until("clustermesh/v1/services/c2/", |k| k.contains_key(&db))
+            .await;
 
         // A delete the watch never saw (the stream broke, then the peer compacted past it): the
         // relist sweeps the local copy.
         peer.break_watches();
         peer.delete(&web).await.unwrap();
         peer.compact(peer.revision());
-        let left = until(&local, "clustermesh/v1/services/c2/", |k| {
-            !k.contains_key(&web)
-        })
-        .await;
+        let left = local
+            .until("clustermesh/v1/services/c2/", |k| !k.contains_key(&web))
+            .await;
         assert_eq!(left.keys().collect::<Vec<_>>(), [&api, &db]);
         mirror.abort();
     }
@@ -856,15 +831,12 @@ mod tests {
     #[tokio::test]
     async fn lost_leadership_stops_every_write_of_the_mirror() {
         let (local, peer) = (MemStore::new(), MemStore::new());
-        let c2 = remote("c2", 2);
         let (web, web_v) = service("c2", "web");
         peer.put(&web, &web_v).await.unwrap();
-        let dial = MemDial::default();
-        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
-        let guard = lead(&local).await;
-        register(&local, &c2).await;
-        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
-        until(&local, "clustermesh/v1/synced/c2/", |k| !k.is_empty()).await;
+        let mirror = mirror_c2(&local, &peer, None).await;
+        local
+            .until("clustermesh/v1/synced/c2/", |k| !k.is_empty())
+            .await;
 
         // Leadership moves: the leader key is recreated by another replica. The mirror writes
         // nothing more, and the run ends at its next local write.
@@ -877,16 +849,7 @@ mod tests {
         peer.put(&api, &api_v).await.unwrap();
         let before = local.revision();
         // The remote entry goes: forgetting it is a guarded write too, which fails: run returns.
-        local
-            .delete(
-                &MeshKey::Remote {
-                    cluster: c("c1"),
-                    remote: c("c2"),
-                }
-                .to_string(),
-            )
-            .await
-            .unwrap();
+        local.delete(&remote_key()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), mirror)
             .await
             .expect("run ends once leadership is lost")
@@ -909,27 +872,19 @@ mod tests {
     #[tokio::test]
     async fn a_removed_remote_loses_its_mirrored_keys_and_canaries() {
         let (local, peer) = (MemStore::new(), MemStore::new());
-        let c2 = remote("c2", 2);
         let (web, web_v) = service("c2", "web");
         peer.put(&web, &web_v).await.unwrap();
-        let dial = MemDial::default();
-        dial.0.lock().unwrap().insert(c("c2"), peer.clone());
-        let guard = lead(&local).await;
-        register(&local, &c2).await;
-        let mirror = tokio::spawn(run(local.clone(), c("c1"), dial, guard, None));
-        until(&local, "clustermesh/v1/synced/c2/", |k| !k.is_empty()).await;
+        let mirror = mirror_c2(&local, &peer, None).await;
         local
-            .delete(
-                &MeshKey::Remote {
-                    cluster: c("c1"),
-                    remote: c("c2"),
-                }
-                .to_string(),
-            )
-            .await
-            .unwrap();
-        until(&local, "clustermesh/v1/synced/c2/", |k| k.is_empty()).await;
-        until(&local, "clustermesh/v1/services/c2/", |k| k.is_empty()).await;
+            .until("clustermesh/v1/synced/c2/", |k| !k.is_empty())
+            .await;
+        local.delete(&remote_key()).await.unwrap();
+        local
+            .until("clustermesh/v1/synced/c2/", |k| k.is_empty())
+            .await;
+        local
+            .until("clustermesh/v1/services/c2/", |k| k.is_empty())
+            .await;
         mirror.abort();
     }
 }

@@ -693,43 +693,12 @@ mod tests {
         (status, tx)
     }
 
-    /// Waits, on the store's own watch (no polling), until the keys under `prefix` satisfy
-    /// `done`; fails after 5 s with what they were.
-    async fn until(
-        store: &MemStore,
-        prefix: &str,
-        done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
-    ) -> BTreeMap<String, Vec<u8>> {
-        let mut w = Watcher::new(store.clone(), prefix);
-        let mut keys = BTreeMap::new();
-        let mut listed = false;
-        let r = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match w.next().await.unwrap() {
-                    Event::Init { .. } => keys.clear(),
-                    Event::InitApply(kv) | Event::Apply(kv) => {
-                        keys.insert(kv.key, kv.value);
-                    }
-                    Event::Delete { key, .. } => {
-                        keys.remove(&key);
-                    }
-                    Event::InitDone { .. } => listed = true,
-                }
-                if listed && done(&keys) {
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "timed out; {prefix} holds {:?}", keys.keys());
-        keys
-    }
-
     async fn synced(store: &MemStore) {
-        until(store, "clustermesh/v1/synced/c1/", |k| {
-            k.len() == SyncKind::ALL.len()
-        })
-        .await;
+        store
+            .until("clustermesh/v1/synced/c1/", |k| {
+                k.len() == SyncKind::ALL.len()
+            })
+            .await;
     }
 
     #[tokio::test]
@@ -746,7 +715,7 @@ mod tests {
         };
         let (status, _stop) = start(&store, &source);
         synced(&store).await;
-        let services = until(&store, "clustermesh/v1/services/c1/", |_| true).await;
+        let services = store.until("clustermesh/v1/services/c1/", |_| true).await;
         assert_eq!(services.keys().collect::<Vec<_>>(), [WEB]);
         assert!(
             store
@@ -756,7 +725,7 @@ mod tests {
                 .is_some()
         );
         let hb = "clustermesh/v1/heartbeat/c1";
-        until(&store, hb, |k| k.contains_key(hb)).await;
+        store.until(hb, |k| k.contains_key(hb)).await;
         assert!(status.snapshot().ready);
 
         source
@@ -766,7 +735,9 @@ mod tests {
                 "web",
             )))
             .await;
-        until(&store, "clustermesh/v1/services/c1/", |k| k.is_empty()).await;
+        store
+            .until("clustermesh/v1/services/c1/", |k| k.is_empty())
+            .await;
     }
 
     #[tokio::test]
@@ -782,7 +753,7 @@ mod tests {
 
         // Overwritten: put back.
         store.put(WEB, b"{\"tampered\":true}").await.unwrap();
-        until(&store, WEB, |k| k.get(WEB) == Some(&published)).await;
+        store.until(WEB, |k| k.get(WEB) == Some(&published)).await;
 
         // Deleted while the publisher's watch is down, and the store compacts past the delete:
         // the watch relists, sees the key gone, and puts it back. So is a deleted canary.
@@ -793,7 +764,7 @@ mod tests {
             .await
             .unwrap();
         store.compact(store.revision());
-        until(&store, WEB, |k| k.get(WEB) == Some(&published)).await;
+        store.until(WEB, |k| k.get(WEB) == Some(&published)).await;
         synced(&store).await;
     }
 
@@ -815,17 +786,17 @@ mod tests {
         store.delete(WEB).await.unwrap();
         store.expire_lease(lease);
         // A new term: a new leader key, and the deleted key is published again.
-        let again = until(&store, LEADER, |k| k.contains_key(LEADER)).await;
+        let again = store.until(LEADER, |k| k.contains_key(LEADER)).await;
         assert_ne!(
             store.get(LEADER).await.unwrap().unwrap().create_revision,
             first.create_revision,
             "{again:?}"
         );
-        until(&store, WEB, |k| k.contains_key(WEB)).await;
+        store.until(WEB, |k| k.contains_key(WEB)).await;
         assert_eq!(status.snapshot().leader_terms_total, 2);
 
         // Shutdown resigns: the leader key goes at once.
         stop.send(true).unwrap();
-        until(&store, LEADER, |k| k.is_empty()).await;
+        store.until(LEADER, |k| k.is_empty()).await;
     }
 }

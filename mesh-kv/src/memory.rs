@@ -87,6 +87,38 @@ impl MemStore {
         }
     }
 
+    /// Waits, on the store's own watch (no polling), until the keys under `prefix` satisfy `done`,
+    /// and returns them. Panics after 5 s naming the keys it saw: for tests.
+    pub async fn until(
+        &self,
+        prefix: &str,
+        done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
+    ) -> BTreeMap<String, Vec<u8>> {
+        let mut w = crate::Watcher::new(self.clone(), prefix);
+        let mut keys = BTreeMap::new();
+        let mut listed = false;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match w.next().await.expect("the in-memory store's watch") {
+                    crate::Event::Init { .. } => keys.clear(),
+                    crate::Event::InitApply(kv) | crate::Event::Apply(kv) => {
+                        keys.insert(kv.key, kv.value);
+                    }
+                    crate::Event::Delete { key, .. } => {
+                        keys.remove(&key);
+                    }
+                    crate::Event::InitDone { .. } => listed = true,
+                }
+                if listed && done(&keys) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "timed out; {prefix} holds {:?}", keys.keys());
+        keys
+    }
+
     /// Expire a lease now: its keys are deleted.
     pub fn expire_lease(&self, id: i64) {
         let mut g = self.lock();

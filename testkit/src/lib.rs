@@ -149,6 +149,33 @@ impl Drop for Etcd {
     }
 }
 
+/// A cluster name (panics on a bad one: tests name their clusters).
+pub fn name(s: &str) -> mesh_model::ClusterName {
+    mesh_model::ClusterName::new(s).expect("valid cluster name")
+}
+
+/// A mesh root CA in `dir` for trust domain `td`, default validity.
+pub fn init_ca(dir: &Path, td: &str) -> mesh_certs::RootCa {
+    mesh_certs::RootCa::init(
+        dir,
+        &mesh_certs::TrustDomain::new(td).unwrap(),
+        &mesh_certs::Validity::default(),
+    )
+    .expect("ca init")
+}
+
+/// Cluster `cluster` (id `id`) issued by `ca` into `out`: its intermediate and every leaf.
+pub fn issue(ca: &mesh_certs::RootCa, cluster: &str, id: u32, out: &Path) -> ClusterDir {
+    ca.issue_cluster(&mesh_certs::ClusterRequest {
+        cluster: name(cluster),
+        id: mesh_model::ClusterId::new(id, mesh_model::MaxConnectedClusters::DEFAULT).unwrap(),
+        out: out.to_owned(),
+        sans: vec![],
+        validity: mesh_certs::Validity::default(),
+    })
+    .expect("issue cluster")
+}
+
 /// A real etcd for cluster `dir` with mutual TLS (clients need a certificate of the cluster's
 /// CA), data under `work`, on free loopback ports.
 pub async fn tls_etcd(dir: &ClusterDir, work: &Path) -> EtcdProcess {

@@ -61,13 +61,13 @@ pub struct RenewArgs {
     )]
     pub cluster_dir: PathBuf,
     /// Renew leaves with less than this left (e.g. 30d, 40s) instead of a third of their lifetime.
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "force")]
+    #[arg(long, value_parser = mesh_logging::parse_duration, conflicts_with = "force")]
     pub within: Option<std::time::Duration>,
     /// Renew every leaf now.
     #[arg(long)]
     pub force: bool,
     /// Lifetime of the renewed leaves (e.g. 365d); default: each leaf's own lifetime.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = mesh_logging::parse_duration)]
     pub lifetime: Option<std::time::Duration>,
 }
 

@@ -42,16 +42,16 @@ pub struct DrillArgs {
     #[arg(long)]
     pub cgroup: Option<std::path::PathBuf>,
     /// Time between two new connections.
-    #[arg(long, default_value = "10ms", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = mesh_logging::parse_duration)]
     pub interval: Duration,
     /// Traffic before the fault and after each settle.
-    #[arg(long, default_value = "1500ms", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = mesh_logging::parse_duration)]
     pub settle: Duration,
     /// Longest wait for traffic to move.
-    #[arg(long, default_value = "15s", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = mesh_logging::parse_duration)]
     pub timeout: Duration,
     /// Exit 1 when failover or failback takes longer, or does not happen.
-    #[arg(long, default_value = "1s", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = mesh_logging::parse_duration)]
     pub budget: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]

@@ -132,7 +132,7 @@ pub struct ConnectArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = mesh_logging::parse_duration)]
     pub wait_timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -171,7 +171,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "2m", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = mesh_logging::parse_duration)]
     pub wait_timeout: Duration,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]

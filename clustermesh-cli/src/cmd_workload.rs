@@ -39,13 +39,13 @@ pub struct ProbeArgs {
     #[arg(long)]
     pub target: SocketAddr,
     /// Time between two attempts.
-    #[arg(long, default_value = "10ms", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = mesh_logging::parse_duration)]
     pub interval: Duration,
     /// Timeout of one attempt.
-    #[arg(long, default_value = "1s", value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = mesh_logging::parse_duration)]
     pub timeout: Duration,
     /// Stop after this long (default: until SIGTERM).
-    #[arg(long, value_parser = clustermesh_cli::parse_duration)]
+    #[arg(long, value_parser = mesh_logging::parse_duration)]
     pub duration: Option<Duration>,
     /// Probe over UDP instead of TCP.
     #[arg(long)]

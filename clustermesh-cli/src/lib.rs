@@ -5,9 +5,3 @@
 
 pub mod connect;
 pub mod kube_connect;
-
-/// A duration flag (`500ms`, `30s`, `2m`), with an error that says what was wrong.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration (like 500ms, 30s, 2m): {e}"))
-}

@@ -129,6 +129,21 @@ pub struct Args {
     #[arg(long, env = "CLUSTERMESH_DNS_TTL", default_value_t = 5)]
     pub dns_ttl: u32,
 
+    /// How this node reaches the pod CIDRs of other clusters' nodes (issue 20).
+    ///
+    /// `none`: no routes (the CNI, the network or the operator routes them); today's behaviour.
+    ///
+    /// `native`: one route per remote node's pod CIDR via that node's address, for nodes that reach each other
+    /// directly; main table, routing protocol id 157 (`ip route show proto 157`), never flushed on restart,
+    /// other routes never touched, pod CIDRs overlapping another cluster's or a local route refused. The route
+    /// manager is built, but node-sync does not feed it remote nodes yet (nodes/ keys carry no pod CIDRs):
+    /// refused at start for now.
+    ///
+    /// `vxlan`: an overlay device with one forwarding entry per remote node, for underlays that route node
+    /// addresses but not pod CIDRs. Not built yet: refused at start.
+    #[arg(long, env = "CLUSTERMESH_ROUTING", value_enum, default_value = "none")]
+    pub routing: crate::routing::RoutingMode,
+
     /// Use the in-memory map writer instead of the eBPF maps (tests and demos without BPF).
     #[arg(long, env = "CLUSTERMESH_FAKE_MAPS")]
     pub fake_maps: bool,
@@ -171,6 +186,25 @@ mod tests {
         assert_eq!(a.etcd_endpoints.len(), 2);
         assert!(!a.kvstoremesh);
         assert_eq!(a.log_format, LogFormat::Plain);
+        assert_eq!(a.routing, crate::routing::RoutingMode::None);
+    }
+
+    #[test]
+    fn routing_modes_parse_and_an_unknown_one_is_refused() {
+        use crate::routing::RoutingMode;
+        for (s, m) in [
+            ("none", RoutingMode::None),
+            ("native", RoutingMode::Native),
+            ("vxlan", RoutingMode::Vxlan),
+        ] {
+            let mut v = base();
+            v.extend(["--routing", s]);
+            assert_eq!(Args::try_parse_from(v).unwrap().routing, m);
+        }
+        let mut v = base();
+        v.extend(["--routing", "bgp"]);
+        let e = Args::try_parse_from(v).unwrap_err().to_string();
+        assert!(e.contains("native") && e.contains("vxlan"), "{e}");
     }
 
     #[test]

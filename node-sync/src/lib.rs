@@ -22,6 +22,7 @@ pub mod passive;
 pub mod publish;
 pub mod reach;
 pub mod readiness;
+pub mod routing;
 mod run;
 pub mod snapshot;
 pub mod sockdestroy;

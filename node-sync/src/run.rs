@@ -12,6 +12,7 @@ use crate::lb::{FakeMaps, MapWriter};
 
 /// Runs node-sync until ctrl-c; logging is set up by the caller.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    crate::routing::refuse_unwired(args.routing)?;
     let opts = AgentOptions::from_args(&args);
     let (maps, events): (Box<dyn MapWriter>, _) = if args.fake_maps {
         tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");

@@ -1,0 +1,134 @@
+//! The route manager: brings the kernel's routes of node-sync's protocol id to what the remote nodes call for,
+//! with the fewest changes, and keeps a status (routes, refusals, counters) for the status endpoint.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::netlink::{RouteError, RouteTable};
+use super::plan::{DesiredRoute, Refusal, RemoteNode, diff_routes, plan_routes};
+
+/// The remote nodes as the agent knows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeSet {
+    /// Every node of every connected remote cluster (the local cluster's own nodes are not in it).
+    pub nodes: Vec<RemoteNode>,
+    /// Every connected cluster finished its initial sync: routes not called for may be removed. Until then the
+    /// manager only adds and replaces, so a restart withdraws nothing it is not sure of.
+    pub complete: bool,
+}
+
+/// What the manager did last, for `/api/v1/status` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingStatus {
+    /// The routes node-sync wants (and, unless `last_error`, has).
+    pub routes: Vec<DesiredRoute>,
+    /// The pod CIDRs refused, with the reason.
+    pub refused: Vec<Refusal>,
+    /// Refusals seen, each counted once when it appears (`nodesync_routing_refused_total`).
+    pub refused_total: u64,
+    /// Routes added, replaced and removed since start.
+    pub changes_total: u64,
+    /// Failed route operations since start (`nodesync_routing_errors_total`).
+    pub errors_total: u64,
+    /// The last failure, if the last sync had one.
+    pub last_error: Option<String>,
+}
+
+/// Owns node-sync's routes in one table (see `RouteOwner`).
+pub struct RouteManager<T> {
+    table: T,
+    status: RoutingStatus,
+}
+
+impl<T: RouteTable> RouteManager<T> {
+    /// A manager over `table`; nothing is read or written until the first `sync`.
+    pub fn new(table: T) -> Self {
+        RouteManager {
+            table,
+            status: RoutingStatus::default(),
+        }
+    }
+
+    /// The status after the last sync.
+    pub fn status(&self) -> &RoutingStatus {
+        &self.status
+    }
+
+    /// One reconcile: reads the table (our routes, and every other route's destination), plans, and applies
+    /// the difference. Never touches a route without our protocol id. A failed operation is logged, counted
+    /// and the rest still applied; the first failure is returned.
+    pub async fn sync(&mut self, set: &NodeSet) -> Result<&RoutingStatus, RouteError> {
+        let view = self.table.read().await?;
+        let plan = plan_routes(&set.nodes, &view.foreign);
+        let diff = diff_routes(&plan.routes, &view.ours, set.complete);
+
+        let before: BTreeSet<&Refusal> = self.status.refused.iter().collect();
+        let mut new_refusals = 0u64;
+        for r in &plan.refused {
+            if !before.contains(r) {
+                new_refusals += 1;
+                warn!(cidr = %r.cidr, cluster = %r.cluster, node = %r.node, reason = %r.reason, "pod CIDR refused: no route installed");
+            }
+        }
+
+        let mut first_error = None;
+        let mut changes = 0u64;
+        let mut errors = 0u64;
+        let mut note = |res: Result<(), RouteError>, first_error: &mut Option<RouteError>| match res
+        {
+            Ok(()) => changes += 1,
+            Err(e) => {
+                errors += 1;
+                warn!(error = %e, "route change failed");
+                first_error.get_or_insert(e);
+            }
+        };
+        for r in &diff.replace {
+            info!(dst = %r.dst, via = %r.gateway, cluster = %r.cluster, node = %r.node, "route moved");
+            note(self.table.replace(r).await, &mut first_error);
+        }
+        for r in &diff.add {
+            info!(dst = %r.dst, via = %r.gateway, cluster = %r.cluster, node = %r.node, "route added");
+            note(self.table.add(r).await, &mut first_error);
+        }
+        for r in &diff.remove {
+            info!(dst = %r.dst, "route removed");
+            note(self.table.delete(r).await, &mut first_error);
+        }
+
+        self.status.routes = plan.routes;
+        self.status.refused = plan.refused;
+        self.status.refused_total += new_refusals;
+        self.status.changes_total += changes;
+        self.status.errors_total += errors;
+        self.status.last_error = first_error.as_ref().map(|e| e.to_string());
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(&self.status),
+        }
+    }
+
+    /// Follows `nodes`: a sync at each change, and every `resync` (a route someone deleted comes back).
+    /// Publishes the status after each sync; ends when `nodes`' sender is dropped.
+    pub async fn run(
+        mut self,
+        mut nodes: watch::Receiver<NodeSet>,
+        status: watch::Sender<RoutingStatus>,
+        resync: Duration,
+    ) {
+        loop {
+            let set = nodes.borrow_and_update().clone();
+            if let Err(e) = self.sync(&set).await {
+                warn!(error = %e, "route sync incomplete; retried at the next change or resync");
+            }
+            status.send_replace(self.status.clone());
+            tokio::select! {
+                changed = nodes.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(resync) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Cross-cluster pod routes (issue 20): node-sync makes the pod CIDRs of every remote node reachable from this
+//! node, so the remote backends the socket LB selects (pod IPs) can be reached without a CNI that knows the
+//! other clusters.
+//!
+//! `--routing native` (`RoutingMode::Native`): one route per remote node's pod CIDR via that node's address
+//! (Cilium's auto-direct-node-routes case: the nodes reach each other directly). Routes go into the main table
+//! with node-sync's own routing protocol id (`CLUSTERMESH_PROTOCOL`, 157: `ip route show proto 157`), which is
+//! the only mark of ownership:
+//! - **Reconcile, never flush**: each sync dumps the table, takes the routes with our protocol id as installed
+//!   and applies the fewest changes (`plan::diff_routes`): add, replace in place when a node's address moved
+//!   (no moment without a route), delete what is no longer called for. A restarted node-sync finds its routes
+//!   and changes nothing; until every cluster finished its initial sync (`NodeSet::complete`) it only adds.
+//! - **Other routes are never touched**: deletes name our protocol id, so the kernel matches only ours; a
+//!   route of another protocol to the same destination is a local route (below), so ours is never added
+//!   beside it.
+//! - **Overlaps are refused**: a pod CIDR overlapping another remote node's (both refused: which side is meant
+//!   is ambiguous) or a route of this node that node-sync did not make (the local pod CIDR, a node subnet;
+//!   default routes aside) gets no route; it is in `RoutingStatus::refused` with its reason and counted once
+//!   in `refused_total`.
+//!
+//! The split: `plan.rs` is pure (desired routes, overlaps, diff; unit-tested), `netlink.rs` is the kernel
+//! behind the `RouteTable` trait (tested in a network namespace, `node-sync/tests/routing.rs`), `manager.rs`
+//! joins them and follows a `watch` of the remote nodes.
+//!
+//! `--routing vxlan` (`RoutingMode::Vxlan`) is not built yet; node-sync refuses it at start. Its design: one
+//! device `clustermesh0` of kind vxlan (`--vxlan-vni`, default 2; `--vxlan-port`, default 8472 as Cilium's,
+//! `nolearning`, local address = this node's address on the underlay, MTU = the underlay device's MTU - 50 for
+//! IPv4 underlays, - 70 for IPv6), made and kept by node-sync (found by name and kind on restart, its
+//! parameters corrected in place, never deleted on exit). Per remote node: an FDB entry
+//! `00:00:00:00:00:00 dst <node ip>` is not enough for unicast, so each node gets a neighbour entry for a
+//! per-node overlay address and an FDB entry `<mac> dst <node ip>`, as flannel's vxlan backend does: the MAC
+//! derived from the node's address (locally administered, `0a:` + 4 octets + `:00`), the overlay address the
+//! first address of the node's pod CIDR; then the pod CIDR route goes `via <overlay address> dev
+//! clustermesh0 onlink`, marked with the same protocol id, so the same plan, diff and ownership apply and
+//! only the gateway and device differ. FDB and neighbour entries are ours by device (node-sync owns the
+//! device), reconciled the same way (dump, diff, never flush).
+
+mod manager;
+mod netlink;
+mod plan;
+
+pub use manager::{NodeSet, RouteManager, RoutingStatus};
+pub use netlink::{
+    CLUSTERMESH_PROTOCOL, NetlinkRoutes, RouteError, RouteOwner, RouteTable, TableView,
+};
+pub use plan::{
+    DesiredRoute, InstalledRoute, Refusal, RefusalReason, RemoteNode, RouteDiff, RoutePlan,
+    diff_routes, overlaps, plan_routes,
+};
+
+/// `--routing`: how node-sync makes remote pod CIDRs reachable from this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingMode {
+    /// No routes: today's behaviour; pod CIDRs are routed by the CNI, the network or by hand.
+    #[default]
+    None,
+    /// One route per remote node's pod CIDR via that node's address (nodes reach each other directly), in the
+    /// main table with routing protocol id 157; never flushed on restart, other routes never touched,
+    /// overlapping CIDRs refused.
+    Native,
+    /// An overlay device with one forwarding entry per remote node, for underlays that route node addresses but
+    /// not pod CIDRs (not built yet: node-sync refuses it at start).
+    Vxlan,
+}
+
+/// At start: the modes node-sync cannot carry out yet are refused with the reason, rather than accepted and
+/// silently routing nothing. `native`'s manager is built but not fed (the `nodes/` keys carry no pod CIDRs and
+/// the watch does not deliver them to the agent); `vxlan` is designed above, not built.
+pub fn refuse_unwired(mode: RoutingMode) -> Result<(), RouteError> {
+    match mode {
+        RoutingMode::None => Ok(()),
+        RoutingMode::Native => Err(RouteError::NotAvailable(
+            "--routing native: the route manager is built but node-sync does not feed it remote nodes yet \
+             (clustermesh/v1/nodes/ values carry no pod CIDRs); issue 20",
+        )),
+        RoutingMode::Vxlan => Err(RouteError::NotAvailable(
+            "--routing vxlan is not built yet; issue 20",
+        )),
+    }
+}

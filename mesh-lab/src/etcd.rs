@@ -147,10 +147,8 @@ pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
         let urls = c.etcd.client_urls();
         let name = c.name.clone();
         on_runtime(|| async move {
-            let cluster = mesh_model::ClusterName::new(&name).map_err(|e| e.to_string())?;
-            mesh_etcd::bootstrap_auth(&urls, &files, &cluster)
-                .await
-                .map_err(|e| e.to_string())
+            let cluster = cluster_name(&name)?;
+            Ok(mesh_etcd::bootstrap_auth(&urls, &files, &cluster).await?)
         })
         .map_err(|detail| LabError::Certs {
             prefix: plan.prefix.clone(),
@@ -163,11 +161,57 @@ pub fn bootstrap_auth(plan: &crate::plan::LabPlan) -> Result<()> {
     Ok(())
 }
 
+/// Why a call to a lab etcd, or a health probe of one, failed (the caller names the cluster and
+/// member in its [`LabError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdCallError {
+    /// The plain-HTTP health request failed.
+    #[error("GET http://{addr}/health: {source}")]
+    Http {
+        /// The member's client address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The member answered, but not healthy.
+    #[error("GET /health answered {0:?}")]
+    Unhealthy(String),
+    /// The member has no leader yet.
+    #[error("{0}: no leader yet")]
+    NoLeader(String),
+    /// The member did not answer in time.
+    #[error("etcd status {url}: no answer within {after:?}")]
+    Timeout {
+        /// The member's client URL.
+        url: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Connecting or administering failed (the error says what was refused).
+    #[error(transparent)]
+    Etcd(#[from] mesh_etcd::Error),
+    /// A request failed.
+    #[error("etcd status: {0}")]
+    Request(#[from] etcd_client::Error),
+    /// The cluster's name in the plan is not a valid cluster name.
+    #[error("cluster name: {0}")]
+    Name(String),
+    /// No runtime for the client could be built.
+    #[error("tokio runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The client's thread panicked.
+    #[error("the etcd client thread panicked")]
+    Panicked,
+}
+
 /// Runs the future made by `make` on a fresh current-thread runtime on its own thread, so callers inside a tokio
 /// runtime are fine.
-pub(crate) fn on_runtime<T, F>(make: impl FnOnce() -> F + Send) -> std::result::Result<T, String>
+pub(crate) fn on_runtime<T, F>(
+    make: impl FnOnce() -> F + Send,
+) -> std::result::Result<T, EtcdCallError>
 where
-    F: std::future::Future<Output = std::result::Result<T, String>>,
+    F: std::future::Future<Output = std::result::Result<T, EtcdCallError>>,
     T: Send,
 {
     std::thread::scope(|s| {
@@ -175,12 +219,16 @@ where
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| format!("tokio runtime: {e}"))?;
+                .map_err(EtcdCallError::Runtime)?;
             rt.block_on(make())
         })
         .join()
-        .unwrap_or_else(|_| Err("the etcd client thread panicked".into()))
+        .unwrap_or(Err(EtcdCallError::Panicked))
     })
+}
+
+fn cluster_name(name: &str) -> std::result::Result<mesh_model::ClusterName, EtcdCallError> {
+    mesh_model::ClusterName::new(name).map_err(|e| EtcdCallError::Name(e.to_string()))
 }
 
 /// The `root` client files of a TLS etcd.
@@ -203,10 +251,8 @@ pub fn add_remote_user(prefix: &str, target: &ClusterInfo, peer: &ClusterInfo) -
     let urls = target.etcd.client_urls();
     let peer_name = peer.name.clone();
     on_runtime(|| async move {
-        let peer = mesh_model::ClusterName::new(&peer_name).map_err(|e| e.to_string())?;
-        mesh_etcd::add_remote_user(&urls, &files, &peer)
-            .await
-            .map_err(|e| e.to_string())
+        let peer = cluster_name(&peer_name)?;
+        Ok(mesh_etcd::add_remote_user(&urls, &files, &peer).await?)
     })
     .map_err(|detail| LabError::Certs {
         prefix: prefix.to_string(),
@@ -256,12 +302,12 @@ fn http_health(addr: SocketAddr) -> std::io::Result<String> {
 
 /// One health probe of a cluster's etcd from the host: `Ok(())` when every member reports healthy, else what the
 /// first that did not said.
-pub fn probe(cluster: &ClusterInfo) -> std::result::Result<(), String> {
+pub fn probe(cluster: &ClusterInfo) -> std::result::Result<(), EtcdCallError> {
     (1..=cluster.etcd.member_count()).try_for_each(|m| probe_member(cluster, m))
 }
 
 /// One health probe of member `m` (1-based) of a cluster's etcd.
-pub fn probe_member(cluster: &ClusterInfo, m: usize) -> std::result::Result<(), String> {
+pub fn probe_member(cluster: &ClusterInfo, m: usize) -> std::result::Result<(), EtcdCallError> {
     let (ip, url) = match cluster.etcd.members.get(m.wrapping_sub(1)) {
         Some(x) => (x.addr, x.client_url.clone()),
         None => (cluster.control_plane.addr, cluster.etcd.client_url.clone()),
@@ -270,14 +316,13 @@ pub fn probe_member(cluster: &ClusterInfo, m: usize) -> std::result::Result<(), 
     match &cluster.etcd.tls {
         None => match http_health(addr) {
             Ok(body) if body.contains("\"health\":\"true\"") => Ok(()),
-            Ok(body) => Err(format!(
-                "GET /health answered {:?}",
-                body.lines().last().unwrap_or("")
+            Ok(body) => Err(EtcdCallError::Unhealthy(
+                body.lines().last().unwrap_or("").to_owned(),
             )),
-            Err(e) => Err(format!("GET http://{addr}/health: {e}")),
+            Err(source) => Err(EtcdCallError::Http { addr, source }),
         },
         Some(tls) => match tls_status(&url, tls)? {
-            s if s.leader == 0 => Err(format!("{url}: no leader yet")),
+            s if s.leader == 0 => Err(EtcdCallError::NoLeader(url)),
             _ => Ok(()),
         },
     }
@@ -299,24 +344,26 @@ pub struct MemberStatus {
 pub fn tls_status(
     url: &str,
     tls: &crate::plan::EtcdTlsFiles,
-) -> std::result::Result<MemberStatus, String> {
+) -> std::result::Result<MemberStatus, EtcdCallError> {
     let files = root_files(tls);
     let url = url.to_string();
     on_runtime(|| async move {
         let call = async {
-            let mut c = mesh_etcd::connect(std::slice::from_ref(&url), &files)
-                .await
-                .map_err(|e| e.to_string())?;
-            let s = c.status().await.map_err(|e| e.to_string())?;
+            let mut c = mesh_etcd::connect(std::slice::from_ref(&url), &files).await?;
+            let s = c.status().await?;
             Ok(MemberStatus {
                 member_id: s.header().map_or(0, |h| h.member_id()),
                 leader: s.leader(),
                 raft_term: s.raft_term(),
             })
         };
-        tokio::time::timeout(Duration::from_secs(3), call)
+        let after = Duration::from_secs(3);
+        tokio::time::timeout(after, call)
             .await
-            .map_err(|_| format!("etcd status {url}: no answer within 3s"))?
+            .map_err(|_| EtcdCallError::Timeout {
+                url: url.clone(),
+                after,
+            })?
     })
 }
 
@@ -341,7 +388,7 @@ pub fn wait_member_healthy(
         match probe_member(cluster, m) {
             Ok(()) => true,
             Err(e) => {
-                last = e;
+                last = e.to_string();
                 false
             }
         }

@@ -132,3 +132,152 @@ impl<T: RouteTable> RouteManager<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ipnet::IpNet;
+    use mesh_model::ClusterName;
+
+    use super::super::netlink::TableView;
+    use super::super::plan::InstalledRoute;
+    use super::*;
+
+    /// A table in memory that records every change and fails adds to the destinations in `fail`.
+    #[derive(Default)]
+    struct FakeTable {
+        view: Mutex<TableView>,
+        log: Mutex<Vec<String>>,
+        fail: Vec<IpNet>,
+    }
+
+    impl RouteTable for &FakeTable {
+        async fn read(&self) -> Result<TableView, RouteError> {
+            Ok(self.view.lock().unwrap().clone())
+        }
+        async fn add(&self, r: &DesiredRoute) -> Result<(), RouteError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("add {} via {}", r.dst, r.gateway));
+            if self.fail.contains(&r.dst) {
+                return Err(RouteError::NotAvailable("refused by the fake"));
+            }
+            self.view.lock().unwrap().ours.push(InstalledRoute {
+                dst: r.dst,
+                gateway: Some(r.gateway),
+            });
+            Ok(())
+        }
+        async fn replace(&self, r: &DesiredRoute) -> Result<(), RouteError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("replace {} via {}", r.dst, r.gateway));
+            let mut v = self.view.lock().unwrap();
+            v.ours.retain(|o| o.dst != r.dst);
+            v.ours.push(InstalledRoute {
+                dst: r.dst,
+                gateway: Some(r.gateway),
+            });
+            Ok(())
+        }
+        async fn delete(&self, r: &InstalledRoute) -> Result<(), RouteError> {
+            self.log.lock().unwrap().push(format!("delete {}", r.dst));
+            self.view.lock().unwrap().ours.retain(|o| o.dst != r.dst);
+            Ok(())
+        }
+    }
+
+    fn node(cluster: &str, name: &str, ip: &str, cidr: &str) -> RemoteNode {
+        RemoteNode {
+            cluster: ClusterName::new(cluster).unwrap(),
+            name: name.into(),
+            addresses: vec![ip.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_is_counted_and_reported_and_the_other_routes_still_go_in() {
+        let table = FakeTable {
+            fail: vec!["10.2.1.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut m = RouteManager::new(&table);
+        let set = NodeSet {
+            nodes: vec![
+                node("c2", "n1", "192.0.2.11", "10.2.1.0/24"),
+                node("c2", "n2", "192.0.2.12", "10.2.2.0/24"),
+            ],
+            complete: true,
+        };
+        let e = m.sync(&set).await.unwrap_err();
+        assert_eq!(e.to_string(), "refused by the fake");
+        assert_eq!(m.status().errors_total, 1);
+        assert_eq!(m.status().changes_total, 1);
+        assert_eq!(
+            m.status().last_error.as_deref(),
+            Some("refused by the fake")
+        );
+        assert_eq!(
+            *table.log.lock().unwrap(),
+            [
+                "add 10.2.1.0/24 via 192.0.2.11",
+                "add 10.2.2.0/24 via 192.0.2.12"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn before_every_cluster_is_synced_nothing_is_removed_then_the_leftovers_go() {
+        let table = FakeTable::default();
+        table.view.lock().unwrap().ours.push(InstalledRoute {
+            dst: "10.3.0.0/24".parse().unwrap(),
+            gateway: Some("192.0.2.30".parse().unwrap()),
+        });
+        let mut m = RouteManager::new(&table);
+        let mut set = NodeSet {
+            nodes: vec![node("c2", "n1", "192.0.2.11", "10.2.1.0/24")],
+            complete: false,
+        };
+        m.sync(&set).await.unwrap();
+        assert_eq!(
+            *table.log.lock().unwrap(),
+            ["add 10.2.1.0/24 via 192.0.2.11"]
+        );
+        set.complete = true;
+        m.sync(&set).await.unwrap();
+        assert_eq!(
+            table.log.lock().unwrap().last().unwrap(),
+            "delete 10.3.0.0/24"
+        );
+        // A third sync of the same set changes nothing.
+        let before = table.log.lock().unwrap().len();
+        m.sync(&set).await.unwrap();
+        assert_eq!(table.log.lock().unwrap().len(), before);
+        assert_eq!(m.status().changes_total, 2);
+    }
+
+    #[tokio::test]
+    async fn run_follows_the_node_set_and_publishes_the_status() {
+        let table = Box::leak(Box::new(FakeTable::default()));
+        let (nodes_tx, nodes_rx) = watch::channel(NodeSet::default());
+        let (status_tx, mut status_rx) = watch::channel(RoutingStatus::default());
+        let task = tokio::spawn(RouteManager::new(&*table).run(
+            nodes_rx,
+            status_tx,
+            Duration::from_secs(60),
+        ));
+        status_rx.changed().await.unwrap();
+        nodes_tx.send_replace(NodeSet {
+            nodes: vec![node("c2", "n1", "192.0.2.11", "10.2.1.0/24")],
+            complete: true,
+        });
+        status_rx.changed().await.unwrap();
+        assert_eq!(status_rx.borrow().routes.len(), 1);
+        drop(nodes_tx);
+        task.await.unwrap();
+    }
+}

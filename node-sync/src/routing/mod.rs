@@ -22,6 +22,18 @@
 //! behind the `RouteTable` trait (tested in a network namespace, `node-sync/tests/routing.rs`), `manager.rs`
 //! joins them and follows a `watch` of the remote nodes.
 //!
+//! **Not fed yet** (so `refuse_unwired` refuses `native` at start). What is left, in order: (1) mesh-model's
+//! `NodeInfo` gets `pod_cidrs` (`podCIDRs`, serde default, skipped when empty) and the apiserver's node source
+//! fills it from `Node.spec.podCIDRs` (the lab's nodes get a pod CIDR each); (2) `watch.rs`'s `KeyScope::wants`
+//! takes `KeyKind::Nodes` (remote scopes, and `All` for KVStoreMesh), and a remote connection's list of
+//! prefixes (if it follows only its cluster's prefixes, issue 19) includes `nodes/<cluster>/`; (3) the agent (`agent/state.rs`, `apply`)
+//! keeps `(MeshKey::Node, MeshValue::Node)` in a map of its own keyed by cluster and node, not in the merge
+//! index, drops a cluster's nodes when the cluster goes, and after a batch that changed it sends
+//! `NodeSet { nodes: every non-local cluster's nodes, complete: every cluster synced or refused }` on a
+//! `watch::Sender<NodeSet>`; (4) `run.rs` opens `NetlinkRoutes` and spawns `RouteManager::run` on that receiver
+//! for `native`, and the status server renders `RoutingStatus` (`routing` in `/api/v1/status`;
+//! `nodesync_routing_refused_total`, `nodesync_routing_errors_total`, `nodesync_routing_routes` in `/metrics`).
+//!
 //! `--routing vxlan` (`RoutingMode::Vxlan`) is not built yet; node-sync refuses it at start. Its design: one
 //! device `clustermesh0` of kind vxlan (`--vxlan-vni`, default 2; `--vxlan-port`, default 8472 as Cilium's,
 //! `nolearning`, local address = this node's address on the underlay, MTU = the underlay device's MTU - 50 for

@@ -254,6 +254,56 @@ fn routing_native_installs_removes_and_survives_a_restart_without_touching_forei
 }
 
 #[test]
+fn routing_native_routes_ipv6_pod_cidrs_via_the_node_ipv6_address() {
+    in_new_netns(|| async {
+        let h = underlay().await;
+        let d = link_index(&h, "under0").await;
+        h.address()
+            .add(d, "2001:db8::1".parse().unwrap(), 64)
+            .execute()
+            .await
+            .unwrap();
+        let table = NetlinkRoutes::open(RouteOwner::default()).unwrap();
+        let mut m = RouteManager::new(table.clone());
+        let st = m
+            .sync(&set(dual_stack_nodes(), true))
+            .await
+            .unwrap()
+            .clone();
+        assert!(st.refused.is_empty(), "{:?}", st.refused);
+        let ours: Vec<String> = table
+            .read()
+            .await
+            .unwrap()
+            .ours
+            .iter()
+            .map(|r| format!("{} via {}", r.dst, r.gateway.unwrap()))
+            .collect();
+        assert_eq!(
+            ours,
+            [
+                "10.2.1.0/24 via 192.0.2.11",
+                "fd00:2:1::/64 via 2001:db8::11"
+            ]
+        );
+        // The same set again: nothing to do (the IPv6 route is read back as ours).
+        let st = m
+            .sync(&set(dual_stack_nodes(), true))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(st.changes_total, 2);
+    });
+}
+
+/// One node with an IPv4 and an IPv6 pod CIDR and an address of each family.
+fn dual_stack_nodes() -> Vec<RemoteNode> {
+    let mut n1 = node("c2", "n1", "192.0.2.11", &["10.2.1.0/24", "fd00:2:1::/64"]);
+    n1.addresses.push("2001:db8::11".parse().unwrap());
+    vec![n1]
+}
+
+#[test]
 fn routing_native_refuses_pod_cidrs_that_overlap_between_clusters_and_moves_a_gateway_in_place() {
     in_new_netns(|| async {
         let h = underlay().await;

@@ -30,7 +30,16 @@ pub use mesh_logging::LogFormat;
     long_about = "Publishes this cluster's global services, endpoints, identities and nodes into etcd under \
 clustermesh/v1/, keeping them exactly right: it puts only what changed, deletes only what vanished (and only after \
 every source synced once), writes sync canaries and a heartbeat. Several replicas elect a leader through an etcd \
-lease; only the leader writes."
+lease; only the leader writes.",
+    mut_arg("etcd_endpoints", |a| a.help(
+        "etcd client URLs, comma-separated. Without them the apiserver starts and supervises its own etcd \
+         (managed etcd) with data under --data-dir"
+    )),
+    mut_arg("tls_dir", |a| a.help(
+        "TLS directory: a cluster certificate directory from `clustermesh ca issue-cluster` (cluster.json, \
+         ca-bundle.pem, admin.crt/key, ...; the apiserver connects to etcd as admin-<cluster> and publishes the CA \
+         fingerprints), or a directory with ca.crt, tls.crt, tls.key. Plain HTTP to etcd without it"
+    ))
 )]
 pub struct Args {
     /// Name of this cluster (at most 32 characters of [a-z0-9-], not "default"); unique in the mesh.
@@ -49,10 +58,10 @@ pub struct Args {
     )]
     pub max_connected_clusters: u32,
 
-    /// etcd client URLs, comma-separated. Without them the apiserver starts and supervises its own etcd
-    /// (managed etcd) with data under --data-dir.
-    #[arg(long, env = "CLUSTERMESH_ETCD_ENDPOINTS", value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
+    /// --etcd-endpoints and --tls-dir (the flags every binary shares; their help here says what the
+    /// apiserver does with them).
+    #[command(flatten)]
+    pub etcd: mesh_etcd::EtcdFlags,
 
     /// etcd client URLs that other clusters' node-syncs should use (what `clustermesh connect`
     /// registers), comma-separated: e.g. the NodePort or LoadBalancer address of the etcd Service.
@@ -63,12 +72,6 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub advertise_etcd_endpoints: Vec<String>,
-
-    /// TLS directory: a cluster certificate directory from `clustermesh ca issue-cluster` (cluster.json,
-    /// ca-bundle.pem, admin.crt/key, ...; the apiserver connects to etcd as admin-<cluster> and publishes the CA
-    /// fingerprints), or a directory with ca.crt, tls.crt, tls.key. Plain HTTP to etcd without it.
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
 
     /// Client URL of the managed etcd (without --etcd-endpoints).
     #[arg(
@@ -244,7 +247,7 @@ mod tests {
             "5s",
         ])
         .unwrap();
-        assert_eq!(a.etcd_endpoints.len(), 2);
+        assert_eq!(a.etcd.endpoints.len(), 2);
         assert_eq!(a.leader_lease_ttl, Duration::from_secs(5));
         let c = a.index_config().unwrap();
         assert_eq!(c.cluster_id.get(), 7);

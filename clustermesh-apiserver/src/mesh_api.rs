@@ -64,7 +64,7 @@ pub fn apiserver_state(s: &StatusSnapshot) -> ApiserverState {
 /// Start the gRPC API (needs `--tls-dir`: the server presents `apiserver.crt` and requires client
 /// certificates of the mesh) and install the mesh control into `status`.
 pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> anyhow::Result<()> {
-    let Some(tls_dir) = args.tls_dir.as_deref() else {
+    let Some(tls_dir) = args.etcd.tls_dir.as_deref() else {
         warn!("no --tls-dir: the gRPC API (connect, disconnect, status) is off");
         return Ok(());
     };
@@ -96,15 +96,15 @@ pub async fn start(args: &Args, index: &IndexConfig, status: Arc<Status>) -> any
     let mut control = EtcdMeshControl::new(
         config,
         dir.clone(),
-        args.etcd_endpoints.clone(),
+        args.etcd.endpoints.clone(),
         if args.advertise_etcd_endpoints.is_empty() {
-            args.etcd_endpoints.clone()
+            args.etcd.endpoints.clone()
         } else {
             args.advertise_etcd_endpoints.clone()
         },
         rx,
     );
-    if args.etcd_endpoints.is_empty() {
+    if args.etcd.endpoints.is_empty() {
         // Managed etcd: this apiserver knows whom it trusts for clients.
         Arc::get_mut(&mut control)
             .expect("the control is not shared yet")

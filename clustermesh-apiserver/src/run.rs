@@ -35,7 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let index = args.index_config().context("invalid flags")?;
     let replica = args.replica();
     let status = Status::new(index.cluster.as_str(), index.cluster_id.get(), &replica);
-    if let Some(d) = &args.tls_dir {
+    if let Some(d) = &args.etcd.tls_dir {
         status.set_cert_dir(d);
     }
     let (bound, _status_task) = crate::status::serve(args.status_listen, status.clone())
@@ -57,7 +57,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     // TLS: a cluster certificate directory (clustermesh ca issue-cluster), or a flat ca.crt/tls.crt/tls.key one.
-    let cluster_dir = match &args.tls_dir {
+    let cluster_dir = match &args.etcd.tls_dir {
         Some(d) if mesh_certs::ClusterDir::is_cluster_dir(d) => Some(
             mesh_certs::ClusterDir::open(d)
                 .with_context(|| format!("--tls-dir {}", d.display()))?,
@@ -76,7 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         index.ca_fingerprints = dir.ca_fingerprints().context("reading the CA bundle")?;
     }
-    let managed = if args.etcd_endpoints.is_empty() {
+    let managed = if args.etcd.endpoints.is_empty() {
         let dir = cluster_dir.as_ref().context(
             "managed etcd (no --etcd-endpoints) needs --tls-dir with a cluster certificate directory \
              (clustermesh ca issue-cluster)",
@@ -97,16 +97,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let endpoints = match &managed {
         Some(m) => m.endpoints().to_vec(),
-        None => args.etcd_endpoints.clone(),
+        None => args.etcd.endpoints.clone(),
     };
     // The etcd client's files: the admin identity of a cluster directory, or a TLS secret's files.
-    let tls: Option<mesh_certs::TlsFiles> = match (&cluster_dir, &args.tls_dir) {
+    let tls: Option<mesh_certs::TlsFiles> = match (&cluster_dir, &args.etcd.tls_dir) {
         (Some(d), _) => Some(d.tls_files(mesh_certs::Role::Admin)),
         (None, Some(d)) => Some(crate::etcd::secret_dir_files(d)),
         (None, None) => None,
     };
     let mut api_args = args.clone();
-    api_args.etcd_endpoints = endpoints.clone();
+    api_args.etcd.endpoints = endpoints.clone();
     crate::mesh_api::start(&api_args, &index, status.clone())
         .await
         .context("gRPC API")?;

@@ -16,11 +16,13 @@
 
 mod connect;
 mod error;
+mod flags;
 mod process;
 mod users;
 
 pub use connect::*;
 pub use error::{Error, Result};
+pub use flags::EtcdFlags;
 pub use process::*;
 pub use users::*;
 

@@ -23,7 +23,16 @@ fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
 /// node-sync: keeps the eBPF socket load-balancer maps of this node right for every global
 /// service, preferring local backends and failing over to other clusters.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "node-sync", version, about, long_about = None)]
+#[command(
+    name = "node-sync",
+    version,
+    about,
+    long_about = None,
+    mut_arg("etcd_endpoints", |a| a
+        .required(true)
+        .help("Client URLs of the local cluster's etcd (comma-separated; https:// uses --tls-dir)")),
+    mut_arg("tls_dir", |a| a.help("Directory with this node's client certificate: ca.crt, tls.crt, tls.key"))
+)]
 pub struct Args {
     /// Name of the cluster this node belongs to.
     #[arg(long, env = "CLUSTERMESH_CLUSTER_NAME", value_parser = parse_cluster_name)]
@@ -37,18 +46,9 @@ pub struct Args {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
-    /// Client URLs of the local cluster's etcd (comma-separated; https:// uses --tls-dir).
-    #[arg(
-        long,
-        env = "CLUSTERMESH_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub etcd_endpoints: Vec<String>,
-
-    /// Directory with this node's client certificate: ca.crt, tls.crt, tls.key.
-    #[arg(long, env = "CLUSTERMESH_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
+    /// --etcd-endpoints (required here) and --tls-dir: the flags every binary shares.
+    #[command(flatten)]
+    pub etcd: mesh_etcd::EtcdFlags,
 
     /// Directory of remote cluster files (one YAML per cluster: name, endpoints, TLS files);
     /// added, changed and removed files take effect without a restart.
@@ -183,7 +183,7 @@ mod tests {
         assert_eq!(a.health_failures, 2);
         assert_eq!(a.health_rise, 2);
         assert_eq!(a.stale_grace, Duration::from_secs(30));
-        assert_eq!(a.etcd_endpoints.len(), 2);
+        assert_eq!(a.etcd.endpoints.len(), 2);
         assert!(!a.kvstoremesh);
         assert_eq!(a.log_format, LogFormat::Plain);
         assert_eq!(a.routing, crate::routing::RoutingMode::None);

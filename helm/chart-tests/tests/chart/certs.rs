@@ -730,7 +730,7 @@ fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
     };
     let api = parse_apiserver(&r.case.name, &args(container(r.apiserver(), "apiserver")));
     assert!(
-        api.etcd_endpoints.is_empty(),
+        api.etcd.endpoints.is_empty(),
         "the default is the managed etcd"
     );
     assert_eq!(

@@ -229,9 +229,9 @@ fn apiserver_and_node_sync_parse_every_rendered_container_args() {
             "{name}: node-sync --cluster-name"
         );
         assert!(
-            ns.etcd_endpoints.iter().all(|e| e.starts_with("https://")),
+            ns.etcd.endpoints.iter().all(|e| e.starts_with("https://")),
             "{name}: node-sync must reach etcd over TLS: {:?}",
-            ns.etcd_endpoints
+            ns.etcd.endpoints
         );
         checked += 1;
     }
@@ -285,7 +285,7 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
     }
     let parsed = parse_apiserver(&r.case.name, &api);
     assert_eq!(
-        parsed.etcd_endpoints.len(),
+        parsed.etcd.endpoints.len(),
         2,
         "--etcd-endpoints is comma separated: {api:?}"
     );
@@ -293,7 +293,7 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
     let ns = args(container(r.node_sync(), "node-sync"));
     let parsed = parse_node_sync(&r.case.name, &ns);
     assert_eq!(
-        parsed.etcd_endpoints.len(),
+        parsed.etcd.endpoints.len(),
         2,
         "--etcd-endpoints is comma separated: {ns:?}"
     );

@@ -232,7 +232,7 @@ fn cluster_name(name: &str) -> std::result::Result<mesh_model::ClusterName, Etcd
 }
 
 /// The `root` client files of a TLS etcd.
-fn root_files(tls: &crate::plan::EtcdTlsFiles) -> mesh_certs::TlsFiles {
+fn root_files(tls: &crate::plan::LabEtcdTls) -> mesh_certs::TlsFiles {
     mesh_certs::TlsFiles {
         ca_bundle: tls.ca.clone(),
         identity: Some(mesh_certs::CertKeyPaths {
@@ -343,7 +343,7 @@ pub struct MemberStatus {
 /// it without a leader too).
 pub fn tls_status(
     url: &str,
-    tls: &crate::plan::EtcdTlsFiles,
+    tls: &crate::plan::LabEtcdTls,
 ) -> std::result::Result<MemberStatus, EtcdCallError> {
     let files = root_files(tls);
     let url = url.to_string();

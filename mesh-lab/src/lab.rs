@@ -15,7 +15,7 @@ use crate::etcd;
 use crate::impair::Impairer;
 use crate::net;
 use crate::plan::{
-    ClusterInfo, DEFAULT_STATE_ROOT, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo, is_lab_netns,
+    ClusterInfo, DEFAULT_STATE_ROOT, LabEtcdTls, LabPlan, LabSpec, NodeInfo, is_lab_netns,
     lab_cgroup_dir,
 };
 use crate::process::{LabProcess, ProcRecord, poll_until};
@@ -263,7 +263,7 @@ impl Lab {
 
     /// TLS files of cluster `c`'s etcd (CA bundle, server and `root` client cert/key, and the certificate
     /// directory); `None` for plain etcd.
-    pub fn etcd_tls(&self, c: impl ClusterRef) -> Result<Option<&EtcdTlsFiles>> {
+    pub fn etcd_tls(&self, c: impl ClusterRef) -> Result<Option<&LabEtcdTls>> {
         Ok(c.resolve(&self.plan)?.etcd.tls.as_ref())
     }
 

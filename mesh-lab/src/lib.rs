@@ -80,7 +80,7 @@ pub use etcd::MemberStatus;
 pub use lab::{ClusterRef, Lab, LabStatus};
 pub use nix::sys::signal::Signal;
 pub use plan::{
-    ClusterInfo, EtcdInfo, EtcdMember, EtcdSecurity, EtcdTlsFiles, LabPlan, LabSpec, NodeInfo,
+    ClusterInfo, EtcdInfo, EtcdMember, EtcdSecurity, LabEtcdTls, LabPlan, LabSpec, NodeInfo,
 };
 pub use process::LabProcess;
 pub use state::{Impairment, ImpairmentRecord};

@@ -276,7 +276,7 @@ pub struct EtcdInfo {
     /// Log file (stdout and stderr of etcd, appended across restarts).
     pub log_file: PathBuf,
     /// TLS material, when etcd runs with TLS.
-    pub tls: Option<EtcdTlsFiles>,
+    pub tls: Option<LabEtcdTls>,
     /// With more than one member: every member, the first being the one the fields above describe (except
     /// `client_url`, which then lists every member's). Empty for a single-member etcd.
     #[serde(default)]
@@ -342,10 +342,11 @@ impl EtcdInfo {
     }
 }
 
-/// PEM files of a cluster's TLS etcd, in the cluster's certificate directory (a `mesh_certs::ClusterDir`, which
-/// also holds the `admin`, `node`, `remote` and `apiserver` certificates of the cluster).
+/// PEM files of a cluster's TLS etcd as the lab's state file records them, in the cluster's certificate directory
+/// (a `mesh_certs::ClusterDir`, which also holds the `admin`, `node`, `remote` and `apiserver` certificates of the
+/// cluster). `mesh_etcd::EtcdTlsFiles` is what an etcd process is started with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EtcdTlsFiles {
+pub struct LabEtcdTls {
     /// The cluster's certificate directory (open it with `mesh_certs::ClusterDir::open`).
     pub dir: PathBuf,
     /// The CA bundle etcd trusts for clients and clients trust for etcd.
@@ -356,7 +357,7 @@ pub struct EtcdTlsFiles {
     pub server_key: PathBuf,
     /// A client certificate with full rights (etcd user `root`), for tests and the CLI.
     pub client_cert: PathBuf,
-    /// Key of [`EtcdTlsFiles::client_cert`].
+    /// Key of [`LabEtcdTls::client_cert`].
     pub client_key: PathBuf,
     /// etcd trusts for clients only the cluster's own intermediate (`client-ca.pem`), not the
     /// bundle ([`LabSpec::etcd_client_trust_cluster`]).
@@ -364,11 +365,11 @@ pub struct EtcdTlsFiles {
     pub client_trust_cluster: bool,
 }
 
-impl EtcdTlsFiles {
+impl LabEtcdTls {
     /// The files of a certificate directory.
     pub fn of(dir: &mesh_certs::ClusterDir) -> Self {
         use mesh_certs::Role;
-        EtcdTlsFiles {
+        LabEtcdTls {
             dir: dir.path.clone(),
             ca: dir.ca_bundle(),
             server_cert: dir.cert(Role::EtcdServer),
@@ -558,9 +559,9 @@ impl LabPlan {
                     data_dir: cdir.join("etcd-data"),
                     log_file: cdir.join("etcd.log"),
                     tls: match tls {
-                        true => Some(EtcdTlsFiles {
+                        true => Some(LabEtcdTls {
                             client_trust_cluster: spec.etcd_client_trust_cluster,
-                            ..EtcdTlsFiles::of(&cluster_cert_dir(p, &name, c, cdir.join("certs"))?)
+                            ..LabEtcdTls::of(&cluster_cert_dir(p, &name, c, cdir.join("certs"))?)
                         }),
                         false => None,
                     },

@@ -6,12 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+/// A loopback TCP port that was free a moment ago (the workspace's one, from the test kit).
+pub use mesh_testkit::free_port;
 
 /// A real single-member etcd on plain HTTP on loopback, for benchmarks; killed by its PID on drop.
 pub struct BenchEtcd {
@@ -32,7 +28,7 @@ impl BenchEtcd {
         if !Path::new(binary).exists() {
             bail!("{binary} is missing: install Debian's etcd-server (scripts/setup.sh does)");
         }
-        let (cp, pp) = (free_port()?, free_port()?);
+        let (cp, pp) = (free_port(), free_port());
         let child = Self::spawn(binary, data_dir, (cp, pp), quota_bytes)?;
         let e = Self {
             child,

@@ -388,6 +388,10 @@ pub struct MergeIndex {
     /// The cause of recomputes that are not input changes (set by the event being applied).
     cause: MoveCause,
     generation: u64,
+    /// While a batch is applied ([`MergeIndex::defer`]): the services whose selection is due,
+    /// whether their inputs changed, and the cause of the move if not. [`MergeIndex::settle`]
+    /// selects each once.
+    deferred: Option<HashMap<ServiceName, (bool, MoveCause)>>,
 }
 
 /// The cluster group a service's traffic goes to changed (failover, failback, or loss).
@@ -465,7 +469,30 @@ impl MergeIndex {
             group_changes: Vec::new(),
             cause: MoveCause::Health,
             generation: 0,
+            deferred: None,
         }
+    }
+
+    /// Defer selection until [`MergeIndex::settle`]: a batch of changes (the chunks of a listing,
+    /// a burst of endpoint changes) selects each service it touches once, not once per change.
+    /// Readers of selections must wait for `settle`.
+    pub fn defer(&mut self) {
+        self.deferred.get_or_insert_with(HashMap::new);
+    }
+
+    /// Select every service the batch touched, once, and stop deferring.
+    pub fn settle(&mut self) {
+        let Some(due) = self.deferred.take() else {
+            return;
+        };
+        let cause = self.cause;
+        let mut due: Vec<_> = due.into_iter().collect();
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, (inputs_changed, c)) in due {
+            self.cause = c;
+            self.recompute(&name, inputs_changed);
+        }
+        self.cause = cause;
     }
 
     /// The local cluster.
@@ -1244,6 +1271,15 @@ impl MergeIndex {
     /// generation moves); otherwise (health, staleness) the generation moves only when the
     /// selection did, or for a headless service, whose DNS answers follow health directly.
     fn recompute(&mut self, name: &ServiceName, inputs_changed: bool) {
+        if let Some(due) = &mut self.deferred {
+            let cause = self.cause;
+            let e = due.entry(name.clone()).or_insert((false, cause));
+            e.0 |= inputs_changed;
+            if !inputs_changed {
+                e.1 = cause;
+            }
+            return;
+        }
         let Some(mut entry) = self.services.remove(name) else {
             return;
         };

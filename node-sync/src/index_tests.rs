@@ -164,6 +164,41 @@ fn local_unready(ix: &mut MergeIndex) {
     ));
 }
 
+// ---- batches ------------------------------------------------------------------------------------
+
+/// A batch selects once: the same final selection as change by change, without the moves a
+/// half-applied batch would have recorded (here: traffic to c2 and c3 while c1's chunk had not
+/// arrived yet).
+#[test]
+fn a_deferred_batch_selects_each_service_once_with_the_same_result() {
+    let mut one_by_one = three_clusters(Affinity::Local, &[]);
+    let mut batched = MergeIndex::new(c("c1"));
+    batched.defer();
+    batched.upsert_service(SpecB::new("c2").frontends(&["10.97.0.10"]).build());
+    batched.upsert_chunk(chunk("c2", 0, vec![ep("10.2.0.1")]));
+    batched.upsert_chunk(chunk("c3", 0, vec![ep("10.3.0.1")]));
+    batched.upsert_service(SpecB::new("c3").frontends(&["10.98.0.10"]).build());
+    batched.upsert_service(SpecB::new("c1").affinity(Affinity::Local).build());
+    batched.upsert_chunk(chunk("c1", 0, vec![ep("10.1.0.1"), ep("10.1.0.2")]));
+    assert!(
+        batched.desired().is_empty(),
+        "nothing selected before settle"
+    );
+    batched.settle();
+    assert_eq!(batched.desired(), one_by_one.desired());
+    assert_eq!(picked(&batched, &fe()), ["c1/10.1.0.1", "c1/10.1.0.2"]);
+    assert!(batched.take_group_changes().len() <= one_by_one.take_group_changes().len());
+    assert_eq!(batched.failovers(), 0);
+
+    // A health move deferred in a batch keeps its cause.
+    batched.defer();
+    local_unready(&mut batched);
+    batched.settle();
+    local_unready(&mut one_by_one);
+    assert_eq!(batched.desired(), one_by_one.desired());
+    assert_eq!(picked(&batched, &fe()), ["c2/10.2.0.1", "c3/10.3.0.1"]);
+}
+
 // ---- affinity local ------------------------------------------------------------------------------
 
 #[test]

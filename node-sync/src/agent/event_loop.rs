@@ -121,10 +121,13 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
                 let received = SystemTime::now();
+                // Each service the batch touches is selected once, at the end of the batch.
+                st.index.defer();
                 let mut conns_changed = st.handle(ev);
                 while let Ok(ev) = rx.try_recv() {
                     conns_changed |= st.handle(ev);
                 }
+                st.index.settle();
                 if conns_changed {
                     reconcile_connections(&mut st, &mut tasks);
                 }

@@ -19,6 +19,7 @@ use mesh_model::ClusterName;
 use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
 use mesh_model::values::{MeshValue, RemoteCluster, format_time};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -185,6 +186,80 @@ async fn write<L: KvStore>(local: &L, ops: Vec<Op>, guard: &Guard) -> Result<usi
     Ok(n)
 }
 
+/// A write request of one mirror: its changes, and where the outcome goes.
+type WriteRequest = (Vec<Op>, oneshot::Sender<Result<usize, WriteFailed>>);
+
+/// Why a coalesced write failed (the error itself stays with the writer's log).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteFailed {
+    /// The leader key changed: this replica no longer writes.
+    #[error("leadership lost")]
+    LostLeadership,
+    /// The local store refused or did not answer.
+    #[error("writing to the local etcd: {0}")]
+    Store(String),
+}
+
+/// One writer for every peer's mirror: it takes the changes all mirrors send and writes them in
+/// as few guarded transactions as fit (128 operations, ~1 MiB), so many peers' changes become one
+/// transaction per burst instead of one per peer and watch response. A mirror waits for its own
+/// outcome, so its changes stay in order; different peers' keys never overlap.
+#[derive(Clone)]
+pub struct MirrorWriter {
+    tx: mpsc::Sender<WriteRequest>,
+}
+
+impl MirrorWriter {
+    /// Start the writer on `local`, every transaction guarded by `guard`. It stops when every
+    /// handle is dropped.
+    pub fn spawn<L: KvStore>(local: L, guard: Guard) -> (Self, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<WriteRequest>(1024);
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut n = first.0.len();
+                let mut reqs = vec![first];
+                while n < MAX_TXN_OPS {
+                    let Ok(r) = rx.try_recv() else { break };
+                    n += r.0.len();
+                    reqs.push(r);
+                }
+                // The last change of a key wins (a transaction may not name a key twice).
+                let mut last: HashMap<&str, usize> = HashMap::new();
+                let all: Vec<&Op> = reqs.iter().flat_map(|(ops, _)| ops).collect();
+                for (i, op) in all.iter().enumerate() {
+                    last.insert(op.key.as_str(), i);
+                }
+                let ops: Vec<Op> = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, op)| last.get(op.key.as_str()) == Some(i))
+                    .map(|(_, op)| (*op).clone())
+                    .collect();
+                let outcome = match write(&local, ops, &guard).await {
+                    Ok(_) => Ok(()),
+                    Err(EtcdError::LostLeadership) => Err(WriteFailed::LostLeadership),
+                    Err(e) => Err(WriteFailed::Store(e.to_string())),
+                };
+                for (ops, reply) in reqs {
+                    let _ = reply.send(outcome.clone().map(|()| ops.len()));
+                }
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    /// Write `ops` (with whatever other mirrors have queued); the number written.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<usize, WriteFailed> {
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let (reply, outcome) = oneshot::channel();
+        let gone = || WriteFailed::Store("the mirror writer stopped".into());
+        self.tx.send((ops, reply)).await.map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
+
 /// Why a peer's store could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -291,6 +366,8 @@ enum MirrorError {
     Dial(#[from] DialError),
     #[error(transparent)]
     Local(#[from] EtcdError),
+    #[error(transparent)]
+    Write(#[from] WriteFailed),
     #[error("remote: {0}")]
     Remote(#[from] KvError),
 }
@@ -307,7 +384,7 @@ async fn mirror_peer<L: KvStore, D: Dial>(
     own: ClusterName,
     remote: RemoteCluster,
     dial: Arc<D>,
-    guard: Guard,
+    writer: MirrorWriter,
     status: Option<Arc<Status>>,
 ) {
     let peer = remote.name.clone();
@@ -323,13 +400,14 @@ async fn mirror_peer<L: KvStore, D: Dial>(
             &own,
             &remote,
             &*dial,
-            &guard,
+            &writer,
             &mut refusals,
             &mut backoff,
         )
         .await;
         match r {
-            Err(MirrorError::Local(EtcdError::LostLeadership)) => return,
+            Err(MirrorError::Local(EtcdError::LostLeadership))
+            | Err(MirrorError::Write(WriteFailed::LostLeadership)) => return,
             Err(e) => {
                 let d = backoff.next_delay();
                 warn!(%peer, error = %e, retry_in = ?d, "kvstoremesh mirror");
@@ -350,7 +428,7 @@ async fn mirror_once<L: KvStore, D: Dial>(
     own: &ClusterName,
     remote: &RemoteCluster,
     dial: &D,
-    guard: &Guard,
+    writer: &MirrorWriter,
     refusals: &mut Refusals,
     backoff: &mut Backoff,
 ) -> Result<(), MirrorError> {
@@ -422,7 +500,7 @@ async fn mirror_once<L: KvStore, D: Dial>(
                             });
                         }
                     }
-                    let n = write(local, sweep, guard).await?;
+                    let n = writer.write(sweep).await?;
                     // Our canaries for the peer, once its full state is here.
                     let now = format_time(OffsetDateTime::now_utc()).into_bytes();
                     let missing: Vec<Op> = SyncKind::ALL
@@ -440,7 +518,7 @@ async fn mirror_once<L: KvStore, D: Dial>(
                             value: Some(now.clone()),
                         })
                         .collect();
-                    write(local, missing, guard).await?;
+                    writer.write(missing).await?;
                     let refused = theirs.values().filter(|v| v.is_none()).count();
                     info!(%own, %peer, keys = theirs.len() - refused, refused, written = n, "remote mirrored");
                     backoff.reset();
@@ -466,7 +544,7 @@ async fn mirror_once<L: KvStore, D: Dial>(
         }
         // One local write per store response (at most MAX_BATCH changes).
         if !ops.is_empty() && (!watcher.has_ready() || ops.len() >= MAX_BATCH) {
-            write(local, std::mem::take(&mut ops), guard).await?;
+            writer.write(std::mem::take(&mut ops)).await?;
         }
     }
 }
@@ -502,6 +580,7 @@ pub async fn run<L: KvStore, D: Dial>(
     let dial = Arc::new(dial);
     let prefix = KeyKind::Remotes.cluster_prefix(&own);
     let mut mirrors: Mirrors = HashMap::new();
+    let (writer, writer_task) = MirrorWriter::spawn(local.clone(), guard.clone());
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut remotes = WatchTask::spawn(Watcher::new(local.clone(), &prefix), backoff, 256);
     // The remotes wanted; during a (re)list, the ones listed so far.
@@ -543,7 +622,17 @@ pub async fn run<L: KvStore, D: Dial>(
         if !changed {
             continue;
         }
-        let r = reconcile(&local, &own, &dial, &guard, &status, &mut mirrors, &wanted).await;
+        let r = reconcile(
+            &local,
+            &own,
+            &dial,
+            &guard,
+            &writer,
+            &status,
+            &mut mirrors,
+            &wanted,
+        )
+        .await;
         match r {
             Err(EtcdError::LostLeadership) => break,
             Err(e) => warn!(error = %e, "kvstoremesh remotes"),
@@ -553,6 +642,7 @@ pub async fn run<L: KvStore, D: Dial>(
     for (_, (_, h)) in mirrors {
         h.abort();
     }
+    writer_task.abort();
 }
 
 fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<RemoteCluster> {
@@ -567,11 +657,13 @@ fn decode_remote(own: &ClusterName, key: &str, value: &[u8]) -> Option<RemoteClu
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn reconcile<L: KvStore, D: Dial>(
     local: &L,
     own: &ClusterName,
     dial: &Arc<D>,
     guard: &Guard,
+    writer: &MirrorWriter,
     status: &Option<Arc<Status>>,
     mirrors: &mut Mirrors,
     wanted: &BTreeMap<ClusterName, RemoteCluster>,
@@ -602,7 +694,7 @@ async fn reconcile<L: KvStore, D: Dial>(
             own.clone(),
             rcl.clone(),
             dial.clone(),
-            guard.clone(),
+            writer.clone(),
             status.clone(),
         ));
         mirrors.insert(peer.clone(), (rcl.clone(), h));
@@ -886,5 +978,54 @@ mod tests {
             .until("clustermesh/v1/services/c2/", |k| k.is_empty())
             .await;
         mirror.abort();
+    }
+
+    #[tokio::test]
+    async fn the_writer_coalesces_many_mirrors_writes_into_few_transactions() {
+        let local = MemStore::new();
+        let guard = lead(&local).await;
+        let (writer, _task) = MirrorWriter::spawn(local.clone(), guard);
+        let before = local.revision();
+        let writes = (0..50).map(|i| {
+            let w = writer.clone();
+            tokio::spawn(async move {
+                let op = Op {
+                    key: format!("clustermesh/v1/services/p{i}/ns/web"),
+                    value: Some(b"v".to_vec()),
+                };
+                w.write(vec![op]).await
+            })
+        });
+        let writes: Vec<_> = writes.collect();
+        for w in writes {
+            assert_eq!(w.await.unwrap().unwrap(), 1);
+        }
+        let txns = local.revision() - before;
+        assert!(txns < 50 && txns >= 1, "50 writes took {txns} transactions");
+        let listed = local.list("clustermesh/v1/services/", None).await.unwrap();
+        assert_eq!(listed.kvs.len(), 50);
+
+        // A key changed twice in one batch: the last change wins (etcd refuses a key twice).
+        let key = "clustermesh/v1/services/p0/ns/web".to_string();
+        let twice = vec![
+            Op {
+                key: key.clone(),
+                value: Some(b"1".to_vec()),
+            },
+            Op {
+                key: key.clone(),
+                value: Some(b"2".to_vec()),
+            },
+        ];
+        writer.write(twice).await.unwrap();
+        assert_eq!(local.get(&key).await.unwrap().unwrap().value, b"2");
+
+        // Leadership moves: every waiting mirror learns it.
+        local.delete("clustermesh/v1/leader/c1").await.unwrap();
+        let op = Op { key, value: None };
+        assert!(matches!(
+            writer.write(vec![op]).await,
+            Err(WriteFailed::LostLeadership)
+        ));
     }
 }

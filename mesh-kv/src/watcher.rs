@@ -244,11 +244,6 @@ impl WatchTask {
     pub async fn recv(&mut self) -> Option<Result<Event, KvError>> {
         self.rx.recv().await
     }
-
-    /// The next event or error if one is waiting.
-    pub fn try_recv(&mut self) -> Option<Result<Event, KvError>> {
-        self.rx.try_recv().ok()
-    }
 }
 
 impl Drop for WatchTask {

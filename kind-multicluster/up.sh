@@ -2,10 +2,11 @@
 # Bring up a ClusterMesh of two (or three: CLUSTERS=3) kind clusters on this machine:
 #   1. create the kind clusters (distinct pod and service CIDRs, kind/cN.yaml)
 #   2. build the three images and load them into every cluster (SKIP_BUILD=1 to reuse built ones)
-#   3. route every cluster's pod CIDRs to the others (kind clusters share one Docker network)
-#   4. create one mesh CA and install the chart in every cluster with certificates issued from it
-#   5. `clustermesh connect` every pair of clusters and wait until every node is synced
-#   6. deploy a demo global service (demo/echo, backends in every cluster) and a client
+#   3. create one mesh CA and install the chart in every cluster with certificates issued from it, with
+#      node-sync routing the other clusters' pod CIDRs (nodeSync.routing.mode=native: kind clusters share
+#      one Docker network, so every node reaches every other node directly)
+#   4. `clustermesh connect` every pair of clusters and wait until every node is synced
+#   5. deploy a demo global service (demo/echo, backends in every cluster) and a client
 # Re-running it is safe: existing clusters, the CA and releases are kept and updated.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -40,24 +41,7 @@ for c in "${clusters[@]}"; do
     done
 done
 
-# --- 3. routes between the clusters' pod CIDRs ----------------------------------------------------
-for c in "${clusters[@]}"; do
-    # "podCIDR nodeIP" of every node of cluster c
-    routes="$(kubectl --context "$(ctx "${c}")" get nodes \
-        -o jsonpath='{range .items[*]}{.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')"
-    for other in "${clusters[@]}"; do
-        [ "${other}" = "${c}" ] && continue
-        for node in $(kind_nodes "${other}"); do
-            while read -r cidr via; do
-                [ -n "${cidr}" ] || continue
-                docker exec "${node}" ip route replace "${cidr}" via "${via}"
-            done <<< "${routes}"
-        done
-    done
-    log "routes to ${c}'s pod CIDRs added on the other clusters' nodes"
-done
-
-# --- 4. one mesh CA, the chart in every cluster ----------------------------------------------------
+# --- 3. one mesh CA, the chart in every cluster ----------------------------------------------------
 ca="${WORK_DIR}/ca"
 if [ -f "${ca}/root.crt" ]; then
     log "mesh CA exists: ${ca}"
@@ -91,6 +75,8 @@ for c in "${clusters[@]}"; do
         done < <(node_ips "${other}")
         i=$((i + 1))
     done
+    # node-sync routes every other cluster's pod CIDRs via that cluster's nodes (--routing native; the
+    # apiserver publishes each node's spec.podCIDRs), so a pod here reaches a backend pod there.
     log "installing the chart in ${c} (id $(cluster_id "${c}"), server SANs ${sans})"
     helm upgrade --install "${RELEASE}" "${repo}/helm/clustermesh" \
         --kube-context "${context}" --namespace "${NAMESPACE}" \
@@ -104,11 +90,12 @@ for c in "${clusters[@]}"; do
         --set image.cli.tag="${IMAGE_TAG}" --set image.pullPolicy=Never \
         --set apiserver.logFormat=plain --set nodeSync.logFormat=plain \
         --set nodeSync.cgroup.attachPath=kubelet.slice \
+        --set nodeSync.routing.mode=native \
         "${peers[@]}" \
         --wait --timeout 5m
 done
 
-# --- 5. connect every pair ------------------------------------------------------------------------
+# --- 4. connect every pair ------------------------------------------------------------------------
 for ((i = 0; i < ${#clusters[@]}; i++)); do
     for ((j = i + 1; j < ${#clusters[@]}; j++)); do
         a="${clusters[i]}"
@@ -119,7 +106,7 @@ for ((i = 0; i < ${#clusters[@]}; i++)); do
     done
 done
 
-# --- 6. demo global service -----------------------------------------------------------------------
+# --- 5. demo global service -----------------------------------------------------------------------
 for c in "${clusters[@]}"; do
     log "deploying the demo global service ${DEMO_NAMESPACE}/echo in ${c}"
     sed "s/__CLUSTER__/${c}/g" "${here}/demo/echo.yaml" |

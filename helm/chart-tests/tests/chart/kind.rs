@@ -86,7 +86,12 @@ fn up_sh_installs_the_chart_with_values_the_chart_and_the_binaries_accept() {
         };
         let api = parse_apiserver(&r.case.name, &args(container(r.apiserver(), "apiserver")));
         assert_eq!(api.cluster_name, c);
-        parse_node_sync(&r.case.name, &args(container(r.node_sync(), "node-sync")));
+        let ns = parse_node_sync(&r.case.name, &args(container(r.node_sync(), "node-sync")));
+        assert_eq!(
+            ns.routing,
+            node_sync::routing::RoutingMode::Native,
+            "{c}: kind clusters share one network: node-sync routes the pod CIDRs"
+        );
         // The node IPs are server SANs, so remote clusters can dial the NodePort.
         let job = r.one("Job", "-certgen");
         let server_sans = env(container(job, "certgen"), "SERVER_SANS").unwrap();
@@ -351,17 +356,19 @@ fn kind_scripts_bring_up_connect_drill_and_tear_down_three_clusters() {
             let load = format!("kind load docker-image --name {c} clustermesh/{image}:dev");
             assert_eq!(calls_starting(&calls, &load).len(), 1, "{load}");
         }
-        // Every other cluster's nodes get routes to this cluster's two pod CIDRs; its own do not.
-        for (j, other) in names.iter().enumerate() {
+        // node-sync routes the other clusters' pod CIDRs (--routing native); up.sh adds none by hand.
+        assert!(
+            installs[0].contains("nodeSync.routing.mode=native"),
+            "{}",
+            installs[0]
+        );
+        for other in names {
             for node in ["control-plane", "worker"] {
-                let routes = calls_starting(
-                    &calls,
-                    &format!("docker exec {other}-{node} ip route replace 10.{n}0."),
-                );
-                assert_eq!(
-                    routes.len(),
-                    if i == j { 0 } else { 2 },
-                    "{other}-{node} routes to {c}: {routes:?}"
+                let routes =
+                    calls_starting(&calls, &format!("docker exec {other}-{node} ip route"));
+                assert!(
+                    routes.is_empty(),
+                    "hand-made routes on {other}-{node}: {routes:?}"
                 );
             }
         }

@@ -11,5 +11,6 @@ mod node_sync_daemonset;
 mod notes_and_dashboard;
 mod rbac;
 mod rendering;
+mod routing;
 mod schema;
 mod shell_scripts;

@@ -356,6 +356,34 @@ impl Lab {
         Ok(Self::member_command(self.node(c, n)?, program))
     }
 
+    /// The pod behind node `n` of cluster `c` ([`LabSpec::pods`]); an error names a lab without pods.
+    pub fn pod(&self, c: impl ClusterRef, n: usize) -> Result<&crate::plan::PodInfo> {
+        let node = self.node(c, n)?;
+        node.pod.as_ref().ok_or_else(|| {
+            LabError::Spec(format!(
+                "lab {} has no pods (LabSpec::with_pods); node {} of cluster {} has none",
+                self.plan.prefix, node.name, node.cluster
+            ))
+        })
+    }
+
+    /// A command that runs `program` in the pod behind node `n` of cluster `c`: the pod's network namespace,
+    /// the node's cgroup (a pod's processes are the node's, as in Kubernetes). Start it with [`Lab::spawn`].
+    pub fn pod_command(
+        &self,
+        c: impl ClusterRef,
+        n: usize,
+        program: impl AsRef<OsStr>,
+    ) -> Result<Command> {
+        let node = self.node(c, n)?.clone();
+        let pod = self.pod(node.cluster, n)?;
+        let member = NodeInfo {
+            netns: pod.netns.clone(),
+            ..node
+        };
+        Ok(Self::member_command(&member, program))
+    }
+
     /// [`Lab::member_command`] for the control plane of cluster `c`.
     pub fn control_plane_command(
         &self,
@@ -780,6 +808,13 @@ impl Lab {
         loss_percent: f64,
     ) -> Result<()> {
         let (a, b) = self.pair(a, b)?;
+        if self.plan.underlay == crate::plan::Underlay::Switched {
+            return Err(LabError::Spec(format!(
+                "latency and loss between {} and {}: lab {} has a switched underlay (its clusters share one \
+                 bridge, for --routing native), and the delay line takes routed packets only",
+                a.name, b.name, self.plan.prefix
+            )));
+        }
         let imp = Impairment {
             delay,
             loss_percent,

@@ -19,6 +19,10 @@
 //! `root`, `admin-<cluster>` and `node-<cluster>`; [`Lab::add_remote_user`] adds `remote-<peer>`.
 //! [`EtcdSecurity::Plain`] gives plain HTTP for tests that ask for it.
 //!
+//! With [`LabSpec::with_pods`] every node gets a pod CIDR and a pod (a namespace behind the node, [`Lab::pod`],
+//! [`Lab::pod_command`]); the router never routes pod CIDRs, so pods of other clusters are reached only through
+//! node-sync's `--routing`. [`Underlay::Switched`] puts all clusters on one bridge, for `--routing native`.
+//!
 //! # The mesh on the lab
 //!
 //! On top of the lab, [`mesh::LabMesh`] deploys the whole mesh (an apiserver per cluster, a node-sync
@@ -81,6 +85,7 @@ pub use lab::{ClusterRef, Lab, LabStatus};
 pub use nix::sys::signal::Signal;
 pub use plan::{
     ClusterInfo, EtcdInfo, EtcdMember, EtcdSecurity, LabEtcdTls, LabPlan, LabSpec, NodeInfo,
+    PodInfo, Underlay,
 };
 pub use process::LabProcess;
 pub use state::{Impairment, ImpairmentRecord};

@@ -58,8 +58,8 @@ pub struct LabMeshSpec {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year; see `LabSpec::leaf_lifetime`).
     pub leaf_lifetime: Option<Duration>,
-    /// Per-cluster trust: every etcd trusts for clients only its own cluster's intermediate (its
-    /// `client-ca.pem`). The clusters then read each other with credentials the read cluster
+    /// Per-cluster trust (default, as the apiserver's and the chart's): every etcd trusts for
+    /// clients only its own cluster's intermediate (its `client-ca.pem`); `false`: the mesh bundle. The clusters then read each other with credentials the read cluster
     /// issued: the reader certificates the gRPC connect has minted, or with
     /// [`LabMeshSpec::static_remotes`] each cluster's own `remote` certificate.
     pub cluster_trust: bool,
@@ -67,6 +67,45 @@ pub struct LabMeshSpec {
     /// certificate, from `--remote-config-dir` entries as `clustermesh connect --context` writes
     /// them (the clusters are then connected from the start; the gRPC connect is not needed).
     pub static_remotes: bool,
+    /// The backends run as pods (a namespace behind each node, on the node's pod CIDR, which the node
+    /// objects publish as `spec.podCIDRs`) instead of on the node addresses. The router never routes pod
+    /// CIDRs: another cluster's pods are reached only through [`LabMeshSpec::routing`].
+    pub pods: bool,
+    /// node-sync's `--routing` on every node. [`Routing::Native`] puts the clusters on one switched underlay
+    /// (`mesh_lab::Underlay::Switched`: latency and loss are then refused), since its routes go via the remote
+    /// node's address, which must be on-link.
+    pub routing: Routing,
+}
+
+/// node-sync's `--routing` in the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// No routes (`--routing none`, node-sync's default).
+    #[default]
+    None,
+    /// `--routing native`: one route per remote node's pod CIDR via that node.
+    Native,
+    /// `--routing vxlan`: an overlay between the nodes, over the routed underlay.
+    Vxlan,
+}
+
+impl Routing {
+    /// The value of node-sync's `--routing`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Routing::None => "none",
+            Routing::Native => "native",
+            Routing::Vxlan => "vxlan",
+        }
+    }
+
+    /// The underlay this mode needs.
+    pub fn underlay(self) -> crate::Underlay {
+        match self {
+            Routing::Native => crate::Underlay::Switched,
+            Routing::None | Routing::Vxlan => crate::Underlay::Routed,
+        }
+    }
 }
 
 impl LabMeshSpec {
@@ -85,9 +124,18 @@ impl LabMeshSpec {
             cluster_service_annotations: BTreeMap::new(),
             kvstoremesh: false,
             leaf_lifetime: None,
-            cluster_trust: false,
+            cluster_trust: true,
             static_remotes: false,
+            pods: false,
+            routing: Routing::None,
         }
+    }
+
+    /// Backends as pods behind the nodes, reached across clusters through node-sync's `routing`.
+    pub fn with_pods(mut self, routing: Routing) -> Self {
+        self.pods = true;
+        self.routing = routing;
+        self
     }
 }
 
@@ -179,12 +227,25 @@ pub struct LabMesh {
     node_syncs: BTreeMap<(usize, usize), LabProcess>,
     backends: BTreeMap<(usize, usize), LabProcess>,
     endpoint_state: BTreeMap<usize, EndpointState>,
+    /// Nodes left out of their cluster's node objects ([`LabMesh::set_node_published`]).
+    unpublished: std::collections::BTreeSet<(usize, usize)>,
 }
 
 impl LabMesh {
     /// Bring up the lab and start everything (apiservers, node-syncs, backends). The clusters are not
     /// connected to each other yet: call [`LabMesh::connect_all`].
     pub fn up(spec: LabMeshSpec) -> Result<Self> {
+        Self::up_with(spec, |l| l)
+    }
+
+    /// [`LabMesh::up`] with the lab's spec adjusted by `adjust` first (e.g. a pod CIDR given by hand).
+    pub fn up_with(spec: LabMeshSpec, adjust: impl FnOnce(LabSpec) -> LabSpec) -> Result<Self> {
+        if spec.routing != Routing::None && !spec.pods {
+            bail!(
+                "--routing {} routes pod CIDRs: the lab needs pods (LabMeshSpec::with_pods)",
+                spec.routing.flag()
+            );
+        }
         for bin in ["clustermesh-apiserver", "node-sync", "clustermesh"] {
             let p = spec.bin_dir.join(bin);
             if !p.is_file() {
@@ -197,6 +258,9 @@ impl LabMesh {
         let mut lab_spec = LabSpec::new(spec.prefix.clone(), spec.clusters, spec.nodes);
         lab_spec.leaf_lifetime = spec.leaf_lifetime;
         lab_spec.etcd_client_trust_cluster = spec.cluster_trust;
+        lab_spec.pods = spec.pods;
+        lab_spec.underlay = spec.routing.underlay();
+        let lab_spec = adjust(lab_spec);
         let lab = Lab::up(lab_spec).with_context(|| format!("bring up lab {}", spec.prefix))?;
         let manifests = lab.state_dir().join("manifests");
         let logs = lab.state_dir().join("logs");
@@ -210,6 +274,7 @@ impl LabMesh {
             node_syncs: BTreeMap::new(),
             backends: BTreeMap::new(),
             endpoint_state: BTreeMap::new(),
+            unpublished: Default::default(),
         };
         for c in 1..=mesh.spec.clusters {
             mesh.write_nodes(c)?;
@@ -351,8 +416,18 @@ impl LabMesh {
         let cl = &self.lab().clusters()[c - 1];
         let mut out = String::new();
         for n in &cl.nodes {
+            if self.unpublished.contains(&(c, n.index)) {
+                continue;
+            }
+            let spec = match &n.pod {
+                Some(p) => format!(
+                    "spec:\n  podCIDR: {cidr}\n  podCIDRs: [\"{cidr}\"]\n",
+                    cidr = p.cidr()
+                ),
+                None => String::new(),
+            };
             out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {cluster}-z{idx}\n    topology.kubernetes.io/region: {cluster}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n",
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {cluster}-z{idx}\n    topology.kubernetes.io/region: {cluster}\n{spec}status:\n  addresses:\n  - type: InternalIP\n    address: {addr}\n",
                 name = n.name,
                 cluster = cl.name,
                 idx = n.index,
@@ -360,6 +435,53 @@ impl LabMesh {
             ));
         }
         self.write_file(c, "nodes.yaml", &out)
+    }
+
+    /// Publishes node `n` of cluster `c` in its cluster's node objects, or leaves it out (`false`): a node
+    /// joining or leaving the cluster, as the apiserver sees it (its namespace, pod and processes stay).
+    pub fn set_node_published(&mut self, c: usize, n: usize, published: bool) -> Result<()> {
+        if published {
+            self.unpublished.remove(&(c, n));
+        } else {
+            self.unpublished.insert((c, n));
+        }
+        self.write_nodes(c)
+    }
+
+    /// The address the backend of node `n` of cluster `c` listens on: its pod's with pods, else the node's.
+    pub fn backend_addr(&self, c: usize, n: usize) -> Ipv4Addr {
+        let node = &self.lab().clusters()[c - 1].nodes[n - 1];
+        node.pod.as_ref().map_or(node.addr, |p| p.addr)
+    }
+
+    /// The IPv4 routes of node `n` of cluster `c` made with routing protocol `proto` (`ip route show proto
+    /// <proto>`; node-sync's is 157), as `(destination, gateway)`, sorted.
+    pub fn node_routes(&self, c: usize, n: usize, proto: &str) -> Result<Vec<(String, String)>> {
+        let netns = &self.lab().node(c, n)?.netns;
+        let out = Command::new("ip")
+            .args(["-4", "-n", netns, "route", "show", "proto", proto])
+            .output()
+            .context("run ip route")?;
+        if !out.status.success() {
+            bail!(
+                "ip route in {netns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut v: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let via = f
+                    .iter()
+                    .position(|w| *w == "via")
+                    .and_then(|i| f.get(i + 1))
+                    .map_or(String::new(), |g| g.to_string());
+                Some((f.first()?.to_string(), via))
+            })
+            .collect();
+        v.sort();
+        Ok(v)
     }
 
     /// The EndpointSlice endpoints of cluster `c`'s backends (one per node), with the conditions
@@ -375,7 +497,7 @@ impl LabMesh {
             let (ready, serving, terminating) = conditions(n.index);
             endpoints.push_str(&format!(
                 "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  zone: {cluster}-z{idx}\n  conditions:\n    ready: {ready}\n    serving: {serving}\n    terminating: {terminating}\n",
-                addr = n.addr,
+                addr = n.pod.as_ref().map_or(n.addr, |p| p.addr),
                 node = n.name,
                 cluster = cl.name,
                 idx = n.index,
@@ -507,6 +629,9 @@ impl LabMesh {
         if self.spec.kvstoremesh {
             cmd.arg("--kvstoremesh");
         }
+        if self.spec.routing != Routing::None {
+            cmd.arg(format!("--routing={}", self.spec.routing.flag()));
+        }
         if self.spec.static_remotes {
             cmd.arg(format!(
                 "--remote-config-dir={}",
@@ -584,9 +709,12 @@ impl LabMesh {
         if let Some(mut old) = self.backends.remove(&(c, n)) {
             let _ = old.kill();
         }
-        let mut cmd = self
-            .lab()
-            .node_command(c, n, self.spec.bin_dir.join("clustermesh"))?;
+        let program = self.spec.bin_dir.join("clustermesh");
+        let mut cmd = if self.spec.pods {
+            self.lab().pod_command(c, n, program)?
+        } else {
+            self.lab().node_command(c, n, program)?
+        };
         cmd.args([
             "workload".to_string(),
             "backend".into(),

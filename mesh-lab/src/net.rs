@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::cmd;
 use crate::error::{LabError, Result};
-use crate::plan::{ClusterInfo, LabPlan};
+use crate::plan::{ClusterInfo, LabPlan, Underlay};
 
 /// nft table (family inet) in the router namespace.
 const NFT_TABLE: &str = "meshlab";
@@ -86,13 +86,17 @@ pub fn build(plan: &LabPlan) -> Result<()> {
     );
     cmd::ip_batch(None, &host)?;
 
-    // router: uplink, one bridge per cluster, one veth per member
+    // router: uplink, one bridge per cluster (one for all with a switched underlay), one veth per member
     let mut router = String::new();
     let _ = writeln!(router, "link set lo up");
     let _ = writeln!(router, "addr add {}/24 dev uplink", plan.router_addr);
     let _ = writeln!(router, "link set uplink up");
+    let mut bridges: Vec<&str> = Vec::new();
     for c in &plan.clusters {
-        let _ = writeln!(router, "link add {} type bridge", c.bridge);
+        if !bridges.contains(&c.bridge.as_str()) {
+            bridges.push(&c.bridge);
+            let _ = writeln!(router, "link add {} type bridge", c.bridge);
+        }
         let _ = writeln!(router, "addr add {}/24 dev {}", c.gateway, c.bridge);
         let _ = writeln!(router, "link set {} up", c.bridge);
         for m in std::iter::once(&c.control_plane).chain(&c.nodes) {
@@ -107,6 +111,14 @@ pub fn build(plan: &LabPlan) -> Result<()> {
     }
     cmd::ip_batch(Some(r), &router)?;
     set_sysctl(r, "net.ipv4.ip_forward", "1")?;
+    if plan.underlay == Underlay::Switched {
+        // bridged IPv4 between clusters passes the nft forward chain, so partitions apply to it
+        set_sysctl(r, "net.bridge.bridge-nf-call-iptables", "1").map_err(|e| {
+            LabError::Prerequisite(format!(
+                "a switched underlay needs bridge netfilter (CONFIG_BRIDGE_NETFILTER) in the router: {e}"
+            ))
+        })?;
+    }
     cmd::in_netns_input(r, "nft", &["-f", "-"], &nft_ruleset())?;
 
     // members: address, default route via the cluster bridge
@@ -123,9 +135,51 @@ pub fn build(plan: &LabPlan) -> Result<()> {
             }
             let _ = writeln!(b, "link set eth0 up");
             let _ = writeln!(b, "route add default via {}", c.gateway);
+            if plan.underlay == Underlay::Switched {
+                // every other cluster's members are on this link
+                for o in plan.clusters.iter().filter(|o| o.index != c.index) {
+                    let _ = writeln!(b, "route add {} dev eth0", o.cidr());
+                }
+            }
             cmd::ip_batch(Some(&m.netns), &b)?;
         }
     }
+    for c in &plan.clusters {
+        for n in &c.nodes {
+            build_pod(c, n)?;
+        }
+    }
+    Ok(())
+}
+
+/// The pod behind node `n` (when it has one): veth `pod0` (node, the pod's gateway) <-> `eth0` (pod), the pod's
+/// default route via the node, forwarding on in the node, and the node's routes to the pod CIDRs of its own
+/// cluster's other nodes (what the CNI does inside a cluster). Nothing about other clusters' pods.
+fn build_pod(c: &ClusterInfo, n: &crate::plan::NodeInfo) -> Result<()> {
+    let Some(pod) = &n.pod else {
+        return Ok(());
+    };
+    let mut b = String::new();
+    let _ = writeln!(
+        b,
+        "link add pod0 type veth peer name eth0 netns {}",
+        pod.netns
+    );
+    let _ = writeln!(b, "addr add {}/{} dev pod0", pod.gateway, pod.prefix_len);
+    let _ = writeln!(b, "link set pod0 up");
+    for peer in c.nodes.iter().filter(|p| p.index != n.index) {
+        if let Some(pp) = &peer.pod {
+            let _ = writeln!(b, "route add {} via {}", pp.cidr(), peer.addr);
+        }
+    }
+    cmd::ip_batch(Some(&n.netns), &b)?;
+    set_sysctl(&n.netns, "net.ipv4.ip_forward", "1")?;
+    let mut b = String::new();
+    let _ = writeln!(b, "link set lo up");
+    let _ = writeln!(b, "addr add {}/{} dev eth0", pod.addr, pod.prefix_len);
+    let _ = writeln!(b, "link set eth0 up");
+    let _ = writeln!(b, "route add default via {}", pod.gateway);
+    cmd::ip_batch(Some(&pod.netns), &b)?;
     Ok(())
 }
 
@@ -143,8 +197,15 @@ pub(crate) fn nft_ruleset() -> String {
     )
 }
 
+/// Both directions between every range of `a` and every range of `b` (subnets, and pod ranges with pods).
 pub(crate) fn partition_elements(a: &ClusterInfo, b: &ClusterInfo) -> String {
-    format!("{{ {0} . {1}, {1} . {0} }}", a.cidr(), b.cidr())
+    let mut pairs = Vec::new();
+    for x in a.ranges() {
+        for y in b.ranges() {
+            pairs.push(format!("{x} . {y}, {y} . {x}"));
+        }
+    }
+    format!("{{ {} }}", pairs.join(", "))
 }
 
 /// Drops all traffic between clusters `a` and `b` (both directions) in the router.
@@ -184,13 +245,12 @@ pub(crate) fn control_plane_ruleset(a: &ClusterInfo, b: &ClusterInfo) -> String 
     let table = control_plane_table(a, b);
     let mut rules = String::new();
     for (x, y) in [(a, b), (b, a)] {
-        rules.push_str(&format!(
-            "\t\tip saddr {} ip daddr {} drop\n\t\tip saddr {} ip daddr {} drop\n",
-            x.cidr(),
-            y.control_plane.addr,
-            y.control_plane.addr,
-            x.cidr()
-        ));
+        for r in x.ranges() {
+            rules.push_str(&format!(
+                "\t\tip saddr {} ip daddr {} drop\n\t\tip saddr {} ip daddr {} drop\n",
+                r, y.control_plane.addr, y.control_plane.addr, r
+            ));
+        }
     }
     format!(
         "table inet {table} {{\n\tchain forward {{\n\t\ttype filter hook forward priority -5; policy accept;\n{rules}\t}}\n}}\n"

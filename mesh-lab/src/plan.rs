@@ -11,8 +11,25 @@
 //! ```
 //!
 //! Traffic inside a cluster is bridged (never impaired); traffic between clusters is routed by the router
-//! namespace, where partitions (nft) and latency/loss (tc netem on the bridge of the destination cluster) apply.
+//! namespace, where partitions (nft) and latency/loss (a user-space delay line, see [`crate::impair`]) apply.
 //! The host reaches every lab address through its veth, so tests and the CLI talk to etcd directly.
+//!
+//! # Pods ([`LabSpec::pods`])
+//!
+//! As in Kubernetes, each node then gets a pod CIDR (a /28 of its cluster's pod range `10.X.<190+c>.0/24`:
+//! node `n` has `10.X.<190+c>.<16(n-1)>/28`) and a pod: a namespace `P-c<c>-n<n>-pod` behind the node (veth
+//! `pod0` in the node, `.1` of the CIDR; `eth0` in the pod, `.2`, default route via the node). Nodes of one
+//! cluster route each other's pod CIDRs (what the CNI does inside a cluster); the router never routes a pod
+//! CIDR, so a pod of another cluster is reachable only through what node-sync installs (`--routing`).
+//!
+//! # Underlays ([`Underlay`])
+//!
+//! [`Underlay::Routed`] is the picture above. [`Underlay::Switched`] puts every member of every cluster on one
+//! bridge (`brlab`), each cluster keeping its /24 and gateway, every member with an on-link route to the other
+//! clusters' /24s: the nodes of all clusters reach each other directly, as kind's nodes on one Docker network
+//! do, which `--routing native` needs (its routes go via the remote node's address, which must be on-link).
+//! Partitions still apply there (bridged IPv4 goes through the router's nft forward chain,
+//! `bridge-nf-call-iptables`); latency and loss do not (the delay line takes routed packets only).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -42,10 +59,72 @@ pub const MAX_NODES: usize = 200;
 /// Longest lab prefix (it ends up in namespace names).
 pub const MAX_PREFIX_LEN: usize = 24;
 /// Third octets of the lab's `10.<octet>.0.0/16` that no interface ever gets (clusters use 1..=[`MAX_CLUSTERS`],
-/// the host link 0): free for virtual addresses such as service VIPs, which stay inside the lab's range.
-pub const UNASSIGNED_THIRD_OCTETS: RangeInclusive<u8> = 100..=254;
+/// the host link 0, pods `POD_RANGE_BASE + c`): free for virtual addresses such as service VIPs, which stay
+/// inside the lab's range.
+pub const UNASSIGNED_THIRD_OCTETS: RangeInclusive<u8> = 100..=POD_RANGE_BASE;
 /// Second octets a lab may take: lab addresses are `10.<octet>.0.0/16`, one octet per live lab.
 pub const OCTETS: RangeInclusive<u8> = 100..=249;
+/// Cluster `c`'s pod range (with [`LabSpec::pods`]) is `10.<octet>.<POD_RANGE_BASE + c>.0/24`.
+pub const POD_RANGE_BASE: u8 = 190;
+/// Prefix length of a node's pod CIDR: a /28 of its cluster's pod range.
+pub const POD_CIDR_PREFIX: u8 = 28;
+/// Most nodes per cluster with pods (16 /28s fill a cluster's /24 pod range).
+pub const MAX_NODES_WITH_PODS: usize = 16;
+/// The single bridge of an [`Underlay::Switched`] lab, in the router namespace.
+pub const SWITCHED_BRIDGE: &str = "brlab";
+
+/// How the clusters' members reach each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Underlay {
+    /// One bridge per cluster; the router routes between clusters (partitions, latency and loss apply).
+    #[default]
+    Routed,
+    /// One bridge for every cluster: every node reaches every other node directly (on-link), as `--routing
+    /// native` needs. Partitions apply; latency and loss are refused.
+    Switched,
+}
+
+/// A node's pod: its network namespace behind the node and its pod CIDR.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    /// Network namespace of the pod (`P-c<c>-n<n>-pod`).
+    pub netns: String,
+    /// The node's pod CIDR's network address.
+    pub network: Ipv4Addr,
+    /// The node's pod CIDR's prefix length.
+    pub prefix_len: u8,
+    /// The node's address on its veth to the pod (`pod0`), the pod's default gateway (`.1`).
+    pub gateway: Ipv4Addr,
+    /// The pod's address (on its `eth0`, `.2`).
+    pub addr: Ipv4Addr,
+}
+
+impl PodInfo {
+    /// The pod CIDR, e.g. `10.123.191.16/28`: what the node object's `spec.podCIDRs` says.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.network, self.prefix_len)
+    }
+
+    fn of(netns: String, network: Ipv4Addr, prefix_len: u8) -> Result<PodInfo> {
+        let n = u32::from(network);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        if prefix_len > 30 || n & !mask != 0 {
+            return Err(LabError::Spec(format!(
+                "pod CIDR {network}/{prefix_len}: a network address with a prefix of at most /30"
+            )));
+        }
+        Ok(PodInfo {
+            netns,
+            network,
+            prefix_len,
+            gateway: Ipv4Addr::from(n + 1),
+            addr: Ipv4Addr::from(n + 2),
+        })
+    }
+}
 
 /// How the clusters' etcd servers are secured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +168,14 @@ pub struct LabSpec {
     /// Every etcd trusts for clients only its own cluster's intermediate (`ClientTrust::Cluster`);
     /// other clusters then read it with the credential it issued (its `remote` certificate).
     pub etcd_client_trust_cluster: bool,
+    /// Every node gets a pod CIDR and a pod namespace behind it (see the module doc); at most
+    /// [`MAX_NODES_WITH_PODS`] nodes per cluster.
+    pub pods: bool,
+    /// How members of different clusters reach each other (default [`Underlay::Routed`]).
+    pub underlay: Underlay,
+    /// Pod CIDRs given by hand, by `(cluster, node)` (1-based), instead of the node's /28: e.g. an overlap
+    /// on purpose. `(network, prefix length)`.
+    pub pod_cidrs: BTreeMap<(usize, usize), (Ipv4Addr, u8)>,
 }
 
 impl LabSpec {
@@ -108,7 +195,28 @@ impl LabSpec {
                 .unwrap_or_default(),
             leaf_lifetime: None,
             etcd_client_trust_cluster: false,
+            pods: false,
+            underlay: Underlay::default(),
+            pod_cidrs: BTreeMap::new(),
         }
+    }
+
+    /// Gives every node a pod (see the module doc).
+    pub fn with_pods(mut self) -> Self {
+        self.pods = true;
+        self
+    }
+
+    /// Sets the underlay.
+    pub fn underlay(mut self, underlay: Underlay) -> Self {
+        self.underlay = underlay;
+        self
+    }
+
+    /// Gives node `n` of cluster `c` (1-based) the pod CIDR `network/prefix_len` instead of its /28.
+    pub fn pod_cidr(mut self, c: usize, n: usize, network: Ipv4Addr, prefix_len: u8) -> Self {
+        self.pod_cidrs.insert((c, n), (network, prefix_len));
+        self
     }
 
     /// Issues every cluster's leaf certificates with this lifetime (at least a minute).
@@ -174,6 +282,25 @@ impl LabSpec {
                 "nodes per cluster must be 1..={MAX_NODES}, got {}",
                 self.nodes_per_cluster
             )));
+        }
+        if self.pods && self.nodes_per_cluster > MAX_NODES_WITH_PODS {
+            return Err(LabError::Spec(format!(
+                "with pods, at most {MAX_NODES_WITH_PODS} nodes per cluster (a /{POD_CIDR_PREFIX} each in the \
+                 cluster's /24 pod range), got {}",
+                self.nodes_per_cluster
+            )));
+        }
+        if !self.pods && !self.pod_cidrs.is_empty() {
+            return Err(LabError::Spec(
+                "pod CIDRs given for a lab without pods".into(),
+            ));
+        }
+        for &(c, n) in self.pod_cidrs.keys() {
+            if c == 0 || c > self.clusters || n == 0 || n > self.nodes_per_cluster {
+                return Err(LabError::Spec(format!(
+                    "pod CIDR given for node {n} of cluster {c}, which the lab does not have"
+                )));
+            }
         }
         if !self.cluster_names.is_empty() {
             if self.cluster_names.len() != self.clusters {
@@ -254,6 +381,9 @@ pub struct NodeInfo {
     pub router_port: String,
     /// The cgroup v2 directory of this node (absolute path); processes of the node run in it.
     pub cgroup: PathBuf,
+    /// The node's pod, with [`LabSpec::pods`] (never for the control plane).
+    #[serde(default)]
+    pub pod: Option<PodInfo>,
     /// A bpffs directory for this node's pinned BPF objects (`/sys/fs/bpf/mesh-lab/<prefix>/c<i>-<name>`),
     /// removed with the lab.
     #[serde(default)]
@@ -431,12 +561,44 @@ pub struct ClusterInfo {
     pub nodes: Vec<NodeInfo>,
     /// The cluster's etcd.
     pub etcd: EtcdInfo,
+    /// The cluster's pod range (`10.X.<190+c>.0/24`), with [`LabSpec::pods`].
+    #[serde(default)]
+    pub pod_range: Option<String>,
 }
 
 impl ClusterInfo {
     /// The subnet in CIDR notation, e.g. `10.123.1.0/24`.
     pub fn cidr(&self) -> String {
         format!("{}/{}", self.subnet, self.prefix_len)
+    }
+
+    /// Every address range of the cluster: its subnet, and its pod range with pods (a pod CIDR given by
+    /// hand outside the range is added too).
+    pub fn ranges(&self) -> Vec<String> {
+        let mut v = vec![self.cidr()];
+        v.extend(self.pod_range.clone());
+        for n in &self.nodes {
+            if let Some(p) = &n.pod
+                && !v.contains(&p.cidr())
+                && !self.pod_range_contains(p)
+            {
+                v.push(p.cidr());
+            }
+        }
+        v
+    }
+
+    fn pod_range_contains(&self, p: &PodInfo) -> bool {
+        let Some((net, len)) = self
+            .pod_range
+            .as_deref()
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(a, l)| Some((a.parse::<Ipv4Addr>().ok()?, l.parse::<u32>().ok()?)))
+        else {
+            return false;
+        };
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        p.prefix_len as u32 >= len && u32::from(p.network) & mask == u32::from(net) & mask
     }
 
     /// The etcd client endpoint (`http(s)://addr:2379`).
@@ -475,6 +637,9 @@ pub struct LabPlan {
     /// Lifetime of the clusters' leaf certificates when not the default ([`LabSpec::leaf_lifetime`]).
     #[serde(default)]
     pub leaf_lifetime: Option<Duration>,
+    /// How members of different clusters reach each other.
+    #[serde(default)]
+    pub underlay: Underlay,
     /// The clusters.
     pub clusters: Vec<ClusterInfo>,
 }
@@ -505,8 +670,10 @@ impl LabPlan {
                     router_port: format!("c{c}{name}"),
                     cgroup: cgroup_dir.join(format!("c{c}-{name}")),
                     bpffs: bpffs_dir.join(format!("c{c}-{name}")),
+                    pod: None,
                     name,
                 };
+                let pod_octet = POD_RANGE_BASE + c8; // c <= MAX_CLUSTERS = 64: 191..=254
                 let cp = member(0, "cp".into(), 2);
                 let name = spec.cluster_name(c);
                 let scheme = if tls { "https" } else { "http" };
@@ -573,12 +740,26 @@ impl LabPlan {
                     subnet: base,
                     prefix_len: 24,
                     gateway: Ipv4Addr::new(10, octet, c8, 1),
-                    bridge: format!("br{c}"),
+                    bridge: match spec.underlay {
+                        Underlay::Routed => format!("br{c}"),
+                        Underlay::Switched => SWITCHED_BRIDGE.to_string(),
+                    },
                     nodes: (1..=spec.nodes_per_cluster)
-                        .map(|n| member(n, format!("n{n}"), 10 + n as u8))
-                        .collect(),
+                        .map(|n| {
+                            let mut m = member(n, format!("n{n}"), 10 + n as u8);
+                            if spec.pods {
+                                let (net, len) = spec.pod_cidrs.get(&(c, n)).copied().unwrap_or((
+                                    Ipv4Addr::new(10, octet, pod_octet, 16 * (n as u8 - 1)),
+                                    POD_CIDR_PREFIX,
+                                ));
+                                m.pod = Some(PodInfo::of(format!("{}-pod", m.netns), net, len)?);
+                            }
+                            Ok(m)
+                        })
+                        .collect::<Result<Vec<_>>>()?,
                     control_plane: cp,
                     etcd,
+                    pod_range: spec.pods.then(|| format!("10.{octet}.{pod_octet}.0/24")),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -596,6 +777,7 @@ impl LabPlan {
             etcd_security: spec.etcd,
             ca_dir,
             leaf_lifetime: spec.leaf_lifetime,
+            underlay: spec.underlay,
             clusters,
         })
     }
@@ -610,7 +792,10 @@ impl LabPlan {
         let mut v = vec![self.router_netns.clone()];
         for c in &self.clusters {
             v.push(c.control_plane.netns.clone());
-            v.extend(c.nodes.iter().map(|n| n.netns.clone()));
+            for n in &c.nodes {
+                v.push(n.netns.clone());
+                v.extend(n.pod.as_ref().map(|p| p.netns.clone()));
+            }
         }
         v
     }
@@ -640,7 +825,7 @@ pub fn lab_bpffs_dir(prefix: &str) -> PathBuf {
 }
 
 /// True when `netns` is a namespace name that a lab with `prefix` creates (`P-router`, `P-c<i>-cp`,
-/// `P-c<i>-n<j>`). Exact: the lab `a` never claims the namespaces of the lab `a-b`.
+/// `P-c<i>-n<j>`, `P-c<i>-n<j>-pod`). Exact: the lab `a` never claims the namespaces of the lab `a-b`.
 pub fn is_lab_netns(prefix: &str, netns: &str) -> bool {
     let Some(rest) = netns.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
         return false;
@@ -655,7 +840,8 @@ pub fn is_lab_netns(prefix: &str, netns: &str) -> bool {
     let Some((c, member)) = rest.split_once('-') else {
         return false;
     };
-    digits(c) && (member == "cp" || member.strip_prefix('n').is_some_and(digits))
+    let node = |m: &str| m.strip_prefix('n').is_some_and(digits);
+    digits(c) && (member == "cp" || node(member) || member.strip_suffix("-pod").is_some_and(node))
 }
 
 #[cfg(test)]
@@ -834,6 +1020,81 @@ mod tests {
     }
 
     #[test]
+    fn pods_get_a_slash_28_of_their_cluster_pod_range_and_a_namespace() {
+        let spec = LabSpec::new("t", 2, 2).with_pods();
+        let p = LabPlan::new(&spec, 100, Path::new("/cg")).unwrap();
+        let c2 = &p.clusters[1];
+        assert_eq!(c2.pod_range.as_deref(), Some("10.100.192.0/24"));
+        let pod = c2.nodes[1].pod.as_ref().unwrap();
+        assert_eq!(pod.cidr(), "10.100.192.16/28");
+        assert_eq!(pod.gateway, Ipv4Addr::new(10, 100, 192, 17));
+        assert_eq!(pod.addr, Ipv4Addr::new(10, 100, 192, 18));
+        assert_eq!(pod.netns, "t-c2-n2-pod");
+        assert!(c2.control_plane.pod.is_none());
+        assert_eq!(c2.ranges(), ["10.100.2.0/24", "10.100.192.0/24"]);
+        assert!(p.netns_names().contains(&"t-c2-n2-pod".to_string()));
+        assert_eq!(p.netns_names().len(), 1 + 2 * 5);
+        // the largest lab with pods keeps pods out of the VIPs' octets
+        let big = plan_with(LabSpec::new("t", MAX_CLUSTERS, MAX_NODES_WITH_PODS).with_pods());
+        for c in &big.clusters {
+            for n in &c.nodes {
+                let o = n.pod.as_ref().unwrap().addr.octets()[2];
+                assert!(o > *UNASSIGNED_THIRD_OCTETS.end(), "{o}");
+            }
+        }
+        // no pods: none
+        assert!(plan("t", 1, 1).clusters[0].nodes[0].pod.is_none());
+    }
+
+    #[test]
+    fn pod_rules_and_a_pod_cidr_given_by_hand() {
+        let e = LabSpec::new("t", 1, MAX_NODES_WITH_PODS + 1)
+            .with_pods()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 16 nodes"), "{e}");
+        let net = Ipv4Addr::new(10, 100, 191, 0);
+        let e = LabSpec::new("t", 1, 1)
+            .pod_cidr(1, 1, net, 28)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("without pods"), "{e}");
+        let e = LabSpec::new("t", 2, 1)
+            .with_pods()
+            .pod_cidr(2, 2, net, 28)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("node 2 of cluster 2"), "{e}");
+        // c2's node 1 takes c1's node 1 CIDR (an overlap on purpose)
+        let p = plan_with(LabSpec::new("t", 2, 1).with_pods().pod_cidr(2, 1, net, 28));
+        assert_eq!(
+            p.clusters[1].nodes[0].pod.as_ref().unwrap().cidr(),
+            p.clusters[0].nodes[0].pod.as_ref().unwrap().cidr()
+        );
+        assert_eq!(
+            p.clusters[1].ranges(),
+            ["10.100.2.0/24", "10.100.192.0/24", "10.100.191.0/28"]
+        );
+        let bad =
+            LabSpec::new("t", 1, 1)
+                .with_pods()
+                .pod_cidr(1, 1, Ipv4Addr::new(10, 100, 191, 3), 28);
+        assert!(LabPlan::new(&bad, 100, Path::new("/cg")).is_err());
+    }
+
+    #[test]
+    fn a_switched_underlay_has_one_bridge() {
+        let p = plan_with(LabSpec::new("t", 3, 1).underlay(Underlay::Switched));
+        assert!(p.clusters.iter().all(|c| c.bridge == SWITCHED_BRIDGE));
+        assert_eq!(p.underlay, Underlay::Switched);
+        assert_eq!(plan("t", 2, 1).clusters[1].bridge, "br2");
+    }
+
+    fn plan_with(spec: LabSpec) -> LabPlan {
+        LabPlan::new(&spec, 100, Path::new("/cg")).unwrap()
+    }
+
+    #[test]
     fn octet_out_of_range_is_refused() {
         assert!(LabPlan::new(&LabSpec::new("x", 1, 1), 99, Path::new("/cg")).is_err());
         assert!(LabPlan::new(&LabSpec::new("x", 1, 1), 250, Path::new("/cg")).is_err());
@@ -848,6 +1109,9 @@ mod tests {
         assert!(!is_lab_netns("a", "a-c1-c1-n1"));
         assert!(!is_lab_netns("a", "ab-router"));
         assert!(!is_lab_netns("a", "a-c1-n"));
+        assert!(is_lab_netns("a", "a-c1-n2-pod"));
+        assert!(!is_lab_netns("a", "a-c1-cp-pod"));
+        assert!(!is_lab_netns("a", "a-c1-n-pod"));
         assert!(!is_lab_netns("a", "a-cx-n1"));
         assert!(!is_lab_netns("a", "other"));
         assert!(is_lab_netns("a-b", "a-b-router"));

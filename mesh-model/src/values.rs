@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -381,6 +382,11 @@ pub struct NodeInfo {
     /// `topology.kubernetes.io/region`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// The node's pod CIDRs (`Node.spec.podCIDRs`, or `spec.podCIDR` when that is absent): node-sync's
+    /// `--routing native` routes each via the node's address. Absent in values written before it existed (read
+    /// as none) and left out when empty.
+    #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// `imports/<cluster>/<ns>/<name>`: a ClusterSetIP this cluster allocated for a global service it lacks.
@@ -984,6 +990,30 @@ mod tests {
     }
 
     #[test]
+    fn a_node_value_carries_pod_cidrs_as_pod_cidrs_and_one_written_before_them_still_reads() {
+        let key = MeshKey::Node {
+            cluster: c("c1"),
+            node: "n1".into(),
+        };
+        let old = br#"{"cluster":"c1","name":"n1","addresses":[{"type":"InternalIP","ip":"192.168.1.1"}]}"#;
+        let MeshValue::Node(n) = MeshValue::decode(&key, old).unwrap() else {
+            panic!("not a node")
+        };
+        assert!(n.pod_cidrs.is_empty());
+        let text = String::from_utf8(MeshValue::Node(n.clone()).encode()).unwrap();
+        assert!(
+            !text.contains("podCIDRs"),
+            "an empty list is left out: {text}"
+        );
+        let with = NodeInfo {
+            pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+            ..n
+        };
+        let text = String::from_utf8(MeshValue::Node(with).encode()).unwrap();
+        assert!(text.contains(r#""podCIDRs":["10.1.1.0/24"]"#), "{text}");
+    }
+
+    #[test]
     fn every_value_round_trips() {
         let cc = ClusterConfig {
             name: c("c1"),
@@ -1070,6 +1100,10 @@ mod tests {
                 }],
                 zone: Some("z1".into()),
                 region: Some("r1".into()),
+                pod_cidrs: vec![
+                    "10.1.1.0/24".parse().unwrap(),
+                    "fd00:1:1::/64".parse().unwrap(),
+                ],
             }),
         );
         round_trip(

@@ -10,10 +10,12 @@
 //! the task's state, how a watcher event changes it and how it becomes a snapshot;
 //! `agent/event_loop.rs` the task; `agent/writes.rs` the map writes after a batch;
 //! `agent/connections.rs` the watchers of remote clusters; `agent/passive_events.rs` the kernel's
-//! suspect marks.
+//! suspect marks; `agent/nodes.rs` the remote clusters' nodes, handed to the route manager
+//! (`--routing`) as a [`crate::routing::NodeSet`].
 
 mod connections;
 mod event_loop;
+mod nodes;
 mod passive_events;
 mod state;
 #[cfg(test)]
@@ -142,6 +144,8 @@ pub struct StatusSource {
     pub counters_wanted: Arc<AtomicBool>,
     /// Query counters of the clusterset.local DNS server, when one runs (shown in /metrics).
     pub dns_metrics: Option<Arc<clusterset_dns::DnsMetrics>>,
+    /// The route manager's status, when `--routing` is not `none` (shown in /api/v1/status and /metrics).
+    pub routing: Option<crate::status::RoutingView>,
 }
 
 impl StatusSource {
@@ -162,6 +166,7 @@ pub struct Agent {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     counters_wanted: Arc<AtomicBool>,
     dns_zone: watch::Sender<Arc<clusterset_dns::Zone>>,
+    nodes: watch::Receiver<crate::routing::NodeSet>,
     task: JoinHandle<()>,
 }
 
@@ -189,6 +194,7 @@ impl Agent {
             snapshots: self.snapshots.clone(),
             counters_wanted: self.counters_wanted.clone(),
             dns_metrics: None,
+            routing: None,
         }
     }
 
@@ -196,6 +202,12 @@ impl Agent {
     /// `clusterset_dns::DnsServer`).
     pub fn dns_zone(&self) -> watch::Receiver<Arc<clusterset_dns::Zone>> {
         self.dns_zone.subscribe()
+    }
+
+    /// The remote clusters' nodes, sent after each batch that changed them (or completed the initial sync of
+    /// every cluster); the channel closes when the agent stops. What `--routing` follows.
+    pub fn remote_nodes(&self) -> watch::Receiver<crate::routing::NodeSet> {
+        self.nodes.clone()
     }
 
     /// Stop the agent and its tasks.
@@ -237,11 +249,13 @@ pub fn start_with_events(
         dns_zone.clone(),
         counters_wanted.clone(),
     );
+    let nodes = state.nodes.subscribe();
     let task = tokio::spawn(event_loop::run(state, events));
     Agent {
         snapshots,
         counters_wanted,
         dns_zone,
+        nodes,
         task,
     }
 }

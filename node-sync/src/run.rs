@@ -1,18 +1,47 @@
 //! The binary's wiring: open the datapath maps (or in-memory ones with `--fake-maps`), bind the
-//! status server, start the agent and the optional clusterset.local DNS server, then wait for
-//! ctrl-c (or the status server's end) and stop the agent. The pinned maps keep serving.
+//! status server, start the agent, the route manager of `--routing` and the optional
+//! clusterset.local DNS server, then wait for ctrl-c (or the status server's end) and stop the
+//! agent. The pinned maps keep serving, and the routes stay.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::agent::{self, AgentOptions};
+use crate::agent::{self, Agent, AgentOptions};
 use crate::args::Args;
 use crate::lb::{FakeMaps, MapWriter};
+use crate::routing::{NetlinkRoutes, RouteManager, RouteOwner, RoutingMode, RoutingStatus};
+use crate::status::RoutingView;
+
+/// How often the route manager reconciles with no node change (a route of ours someone deleted comes back).
+const ROUTE_RESYNC: Duration = Duration::from_secs(10);
+
+/// `--routing`: starts what carries the mode out, following the agent's remote nodes; what the status server
+/// shows of it (`None` for `none`). One branch per mode.
+fn start_routing(mode: RoutingMode, agent: &Agent) -> anyhow::Result<Option<RoutingView>> {
+    match mode {
+        RoutingMode::None => Ok(None),
+        RoutingMode::Native => {
+            let table = NetlinkRoutes::open(RouteOwner::default())
+                .context("--routing native: opening the route table")?;
+            let (tx, status) = tokio::sync::watch::channel(RoutingStatus::default());
+            tokio::spawn(RouteManager::new(table).run(agent.remote_nodes(), tx, ROUTE_RESYNC));
+            tracing::info!(
+                protocol = crate::routing::CLUSTERMESH_PROTOCOL,
+                "routing remote pod CIDRs natively (main table)"
+            );
+            Ok(Some(RoutingView { mode, status }))
+        }
+        RoutingMode::Vxlan => {
+            crate::routing::refuse_unwired(mode)?;
+            Ok(None)
+        }
+    }
+}
 
 /// Runs node-sync until ctrl-c; logging is set up by the caller.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    crate::routing::refuse_unwired(args.routing)?;
     let opts = AgentOptions::from_args(&args);
     let (maps, events): (Box<dyn MapWriter>, _) = if args.fake_maps {
         tracing::warn!("--fake-maps: backends are kept in memory only, no traffic is steered");
@@ -31,6 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding the status server to {}", args.status_listen))?;
     let agent = agent::start_with_events(opts, maps, events);
     let mut status_source = agent.status_source();
+    status_source.routing = start_routing(args.routing, &agent)?;
     let _dns = match args.dns_listen {
         Some(listen) => {
             let metrics = Arc::new(clusterset_dns::DnsMetrics::default());

@@ -1,5 +1,6 @@
 //! Status server (axum): `/healthz`, `/readyz`, `/metrics` (Prometheus text format) and
-//! `/api/v1/status` (JSON: every cluster's state, every global service's selected backends and why).
+//! `/api/v1/status` (JSON: every cluster's state, every global service's selected backends and why,
+//! and `routing`: the `--routing` mode, the routes to remote pod CIDRs and the refused ones).
 //!
 //! Every answer is rendered from the agent's latest [`Snapshot`]: no lock is shared with the
 //! agent's loop, so a scrape never delays a map write. `/metrics` and `/api/v1/status` also ask
@@ -19,7 +20,101 @@ use serde_json::json;
 use crate::agent::StatusSource;
 use crate::cluster::LiveState;
 use crate::readiness::Readiness;
+use crate::routing::{RoutingMode, RoutingStatus};
 use crate::snapshot::{ClusterView, Snapshot};
+
+/// What the status server shows of `--routing` when it is not `none`: the mode, and the route manager's
+/// status after its last sync.
+#[derive(Clone)]
+pub struct RoutingView {
+    /// `--routing`.
+    pub mode: RoutingMode,
+    /// Published by the route manager after each sync.
+    pub status: tokio::sync::watch::Receiver<RoutingStatus>,
+}
+
+fn mode_name(mode: RoutingMode) -> String {
+    clap::ValueEnum::to_possible_value(&mode)
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// The `routing` object of `/api/v1/status`: the mode, and for a mode that routes, the routes node-sync
+/// wants and installed, the pod CIDRs it refused and why, its counters and its last error.
+pub fn routing_document(routing: Option<&RoutingView>) -> serde_json::Value {
+    let Some(r) = routing else {
+        return json!({"mode": mode_name(RoutingMode::None)});
+    };
+    let st = r.status.borrow().clone();
+    json!({
+        "mode": mode_name(r.mode),
+        "routesInstalled": st.routes.len(),
+        "routes": st.routes.iter().map(|r| json!({
+            "cidr": r.dst.to_string(),
+            "via": r.gateway.to_string(),
+            "cluster": r.cluster,
+            "node": r.node,
+        })).collect::<Vec<_>>(),
+        "refused": st.refused.iter().map(|r| json!({
+            "cidr": r.cidr.to_string(),
+            "cluster": r.cluster,
+            "node": r.node,
+            "reason": r.reason.to_string(),
+        })).collect::<Vec<_>>(),
+        "refusedTotal": st.refused_total,
+        "changesTotal": st.changes_total,
+        "errorsTotal": st.errors_total,
+        "lastError": st.last_error,
+    })
+}
+
+/// The route manager's metrics (nothing for `--routing none`).
+pub fn render_routing_metrics(routing: Option<&RoutingView>) -> String {
+    let Some(r) = routing else {
+        return String::new();
+    };
+    let st = r.status.borrow().clone();
+    let mut o = String::new();
+    for (name, kind, help, value) in [
+        (
+            "nodesync_routing_routes",
+            "gauge",
+            "Routes to remote pod CIDRs node-sync holds (routing protocol 157)",
+            st.routes.len() as u64,
+        ),
+        (
+            "nodesync_routing_refused",
+            "gauge",
+            "Remote pod CIDRs refused now (overlapping another node's or a local route, or no gateway)",
+            st.refused.len() as u64,
+        ),
+        (
+            "nodesync_routing_refused_total",
+            "counter",
+            "Remote pod CIDR refusals, each counted once when it appears",
+            st.refused_total,
+        ),
+        (
+            "nodesync_routing_changes_total",
+            "counter",
+            "Routes added, replaced and removed",
+            st.changes_total,
+        ),
+        (
+            "nodesync_routing_errors_total",
+            "counter",
+            "Route operations that failed",
+            st.errors_total,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{mode=\"{}\"}} {value}",
+            mode_name(r.mode)
+        );
+    }
+    o
+}
 
 type Shared = StatusSource;
 
@@ -128,8 +223,11 @@ pub fn status_document(st: &Snapshot) -> serde_json::Value {
 
 async fn status_json(State(s): State<Shared>) -> Response {
     let snap = s.latest_with_fresh_counters();
+    let routing = routing_document(s.routing.as_ref());
     let text = off_the_workers(move || {
-        serde_json::to_string_pretty(&status_document(&snap)).unwrap_or_default()
+        let mut doc = status_document(&snap);
+        doc["routing"] = routing;
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
     })
     .await;
     ([(header::CONTENT_TYPE, "application/json")], text).into_response()
@@ -436,8 +534,10 @@ fn render_golden(o: &mut String, st: &Snapshot) {
 async fn metrics(State(s): State<Shared>) -> Response {
     let snap = s.latest_with_fresh_counters();
     let dns = s.dns_metrics.clone();
+    let routing = render_routing_metrics(s.routing.as_ref());
     let text = off_the_workers(move || {
         let mut text = render_metrics(&snap);
+        text.push_str(&routing);
         if let Some(dns) = &dns {
             text.push_str(&dns.prometheus());
         }

@@ -40,12 +40,21 @@ impl KeyScope {
                 | KeyKind::Health
                 | KeyKind::Imports
         );
+        // A remote cluster's nodes (their addresses and pod CIDRs feed `--routing`); the local cluster's own
+        // nodes are not routed by node-sync, so the local scopes leave them out.
+        let remote_node =
+            |home: &ClusterName| key.kind() == KeyKind::Nodes && key.cluster() != home;
         match self {
-            KeyScope::Cluster(c) => kind_ok && key.cluster() == c && key.kind() != KeyKind::Imports,
+            KeyScope::Cluster(c) => {
+                (kind_ok || key.kind() == KeyKind::Nodes)
+                    && key.cluster() == c
+                    && key.kind() != KeyKind::Imports
+            }
             KeyScope::Local(c) => key.cluster() == c && (kind_ok || key.kind() == KeyKind::Remotes),
             KeyScope::All(c) => {
                 kind_ok && (key.kind() != KeyKind::Imports || key.cluster() == c)
                     || (key.kind() == KeyKind::Remotes && key.cluster() == c)
+                    || remote_node(c)
             }
         }
     }
@@ -73,6 +82,7 @@ fn watcher_for<S: KvStore>(store: S, scope: &KeyScope) -> Watcher<S> {
                 KeyKind::Services.cluster_prefix(c),
                 KeyKind::Endpoints.cluster_prefix(c),
                 KeyKind::Health.cluster_prefix(c),
+                KeyKind::Nodes.cluster_prefix(c),
             ],
         ),
         KeyScope::Local(_) | KeyScope::All(_) => Watcher::new(store, PREFIX),
@@ -377,6 +387,54 @@ mod tests {
         let all = KeyScope::All(c("c1"));
         assert!(all.wants(&k("clustermesh/v1/services/c2/default/web")));
         assert!(!all.wants(&k("clustermesh/v1/imports/c2/default/web")));
+        // Nodes (for `--routing`): a remote's own, and every mirrored peer's through KVStoreMesh; never the
+        // local cluster's.
+        assert!(remote.wants(&k("clustermesh/v1/nodes/c2/n1")));
+        assert!(!remote.wants(&k("clustermesh/v1/nodes/c3/n1")));
+        assert!(!local.wants(&k("clustermesh/v1/nodes/c1/n1")));
+        assert!(all.wants(&k("clustermesh/v1/nodes/c2/n1")));
+        assert!(!all.wants(&k("clustermesh/v1/nodes/c1/n1")));
+    }
+
+    /// A remote connection lists and watches its cluster's `nodes/` prefix (and not another cluster's that
+    /// shares the etcd).
+    #[tokio::test]
+    async fn a_remote_connection_delivers_its_cluster_nodes() {
+        let s = MemStore::new();
+        s.put(&cfg_key(), &config(2)).await.unwrap();
+        let node = |cluster: &str, name: &str| {
+            let key = MeshKey::Node {
+                cluster: c(cluster),
+                node: name.into(),
+            };
+            let v = MeshValue::Node(mesh_model::values::NodeInfo {
+                cluster: c(cluster),
+                name: name.into(),
+                addresses: vec![],
+                zone: None,
+                region: None,
+                pod_cidrs: vec!["10.2.1.0/24".parse().unwrap()],
+            });
+            (key.to_string(), v.encode())
+        };
+        let (k1, v1) = node("c2", "n1");
+        s.put(&k1, &v1).await.unwrap();
+        let (k9, v9) = node("c9", "x1");
+        s.put(&k9, &v9).await.unwrap();
+        let (h, mut rx) = start(&s, WatchState::default());
+        assert_eq!(
+            names_until(&mut rx, "connected").await,
+            ["accepted", "put cluster-config", "put nodes", "connected"]
+        );
+        let (k2, v2) = node("c2", "n2");
+        s.put(&k2, &v2).await.unwrap();
+        s.put(&k9, &v9).await.unwrap();
+        s.delete(&k1).await.unwrap();
+        assert_eq!(
+            names_until(&mut rx, "delete nodes").await,
+            ["put nodes", "delete nodes"]
+        );
+        h.abort();
     }
 
     fn config(id: u32) -> Vec<u8> {

@@ -1,12 +1,20 @@
 //! `--routing native`'s route manager against the kernel, in a network namespace each test makes for itself
 //! (a thread that unshares its network namespace; the host's routes are never read or written). Needs root.
+//! The last test runs the whole feed: a real etcd and the `node-sync` binary, both started inside the
+//! namespace, a remote cluster's `nodes/` keys in, routes out.
+
+mod support;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use mesh_model::ClusterName;
+use mesh_model::keys::MeshKey;
+use mesh_model::values::{MeshValue, NodeAddress, NodeInfo};
 use node_sync::routing::{
     CLUSTERMESH_PROTOCOL, NetlinkRoutes, NodeSet, RefusalReason, RemoteNode, RouteManager,
     RouteOwner, RouteTable,
@@ -22,10 +30,11 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for a network namespace");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root: each makes a network namespace of its own (unshare(CLONE_NEWNET)) and \
+         changes its routes"
+    );
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
         tokio::runtime::Builder::new_current_thread()
@@ -348,4 +357,337 @@ fn routing_native_refuses_pod_cidrs_that_overlap_between_clusters_and_moves_a_ga
             "{r:#?}"
         );
     });
+}
+
+/// The `node-sync` binary, SIGKILLed (by its PID) on drop.
+struct NodeSync(Child);
+
+impl Drop for NodeSync {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `node-sync --routing native` for node n1 of c1 (in the calling thread's network namespace), its
+/// remotes in `remotes`, its log appended to `log`.
+fn start_node_sync(
+    etcd: &support::Etcd,
+    remotes: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+) -> NodeSync {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_node-sync"))
+        .args([
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "n1",
+        ])
+        .args(["--etcd-endpoints", &etcd.url()])
+        .arg("--remote-config-dir")
+        .arg(remotes)
+        .args(["--status-listen", &format!("127.0.0.1:{port}")])
+        .args(["--fake-maps", "--routing", "native"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn node-sync");
+    NodeSync(child)
+}
+
+/// A node of `cluster` at `ip` with `cidrs`, as the apiserver publishes it.
+fn node_value(cluster: &str, name: &str, ip: &str, cidrs: &[&str]) -> (MeshKey, MeshValue) {
+    (
+        MeshKey::Node {
+            cluster: support::c(cluster),
+            node: name.into(),
+        },
+        MeshValue::Node(NodeInfo {
+            cluster: support::c(cluster),
+            name: name.into(),
+            addresses: vec![NodeAddress {
+                kind: "InternalIP".into(),
+                ip: ip.parse().unwrap(),
+            }],
+            zone: None,
+            region: None,
+            pod_cidrs: cidrs.iter().map(|s| s.parse().unwrap()).collect(),
+        }),
+    )
+}
+
+/// `dst/len` and protocol of a route message.
+fn route_dst(m: &rtnetlink::packet_route::route::RouteMessage) -> (String, u8) {
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => Some(
+                format!("{d:?}")
+                    .trim_start_matches("Inet(")
+                    .trim_end_matches(')')
+                    .to_string(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default();
+    (
+        format!("{dst}/{}", m.header.destination_prefix_length),
+        u8::from(m.header.protocol),
+    )
+}
+
+type RouteEvents = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// Waits (up to `limit`) for the kernel to announce a route of ours to `dst` added (`added`) or deleted;
+/// every other route event before it is returned as a line, for the caller to judge.
+async fn route_event(
+    events: &mut RouteEvents,
+    dst: &str,
+    added: bool,
+    limit: Duration,
+) -> Vec<String> {
+    let mut others = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (msg, _) = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no route to {dst} {} within {limit:?}; other route events: {others:?}",
+                    if added { "added" } else { "deleted" }
+                )
+            })
+            .expect("the route monitor");
+        let (what, m) = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => (true, m),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(m)) => (false, m),
+            _ => continue,
+        };
+        let (d, proto) = route_dst(&m);
+        if d == dst && proto == P && what == added {
+            return others;
+        }
+        others.push(format!(
+            "{} {d} proto {proto}",
+            if what { "add" } else { "del" }
+        ));
+    }
+}
+
+/// Our routes (`ip route show proto 157`), as `routes` shows them.
+async fn our_routes(h: &rtnetlink::Handle) -> Vec<String> {
+    routes(h)
+        .await
+        .into_iter()
+        .filter(|l| l.ends_with(&format!(" proto {P}")))
+        .collect()
+}
+
+/// `/api/v1/status` once `ok` holds for it (polled: the status server offers no event), or a failure naming
+/// what was last seen and the log.
+async fn status_until(
+    port: u16,
+    log: &std::path::Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some((200, body)) = support::http_get(port, "/api/v1/status").await
+            && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            if ok(&doc) {
+                return doc;
+            }
+            last = Some(doc);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node-sync's status never showed {what}; last: {:#}\nlog:\n{}",
+            last.unwrap_or_default(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The whole feed: a real etcd and the `node-sync` binary with `--routing native`, both in the test's own
+/// network namespace; remote clusters c2 and c3 publish nodes with pod CIDRs as the apiserver does. A node
+/// appearing gets its route within a second and a deleted node loses it; a SIGKILL leaves the routes and a
+/// restart changes nothing (a route monitor sees no event); an overlap between c2 and c3 is refused, both
+/// CIDRs, and shows in `/api/v1/status` and `/metrics`.
+#[test]
+fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_binary() {
+    in_new_netns(|| async {
+        let h = underlay().await;
+        let (mconn, _mh, mut events) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Route]).unwrap();
+        tokio::spawn(mconn);
+
+        // One etcd holds the three clusters' keys (a remote connection reads only its cluster's prefixes).
+        let etcd = support::Etcd::start().await;
+        let mut c1 = support::ApiWriter::new(&etcd, "c1", 1).await;
+        let mut c2 = support::ApiWriter::new(&etcd, "c2", 2).await;
+        let mut c3 = support::ApiWriter::new(&etcd, "c3", 3).await;
+        c1.publish_all(vec![], vec![]).await;
+        let (k, v) = node_value("c2", "n1", "192.0.2.11", &["10.2.1.0/24"]);
+        c2.put(k, v).await;
+        c2.publish_all(vec![], vec![]).await;
+        c3.publish_all(vec![], vec![]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let remotes = dir.path().join("remotes");
+        std::fs::create_dir(&remotes).unwrap();
+        support::remote_file(&remotes, "c2", &etcd);
+        support::remote_file(&remotes, "c3", &etcd);
+        let log = dir.path().join("node-sync.log");
+        let port = support::free_port();
+
+        let t0 = Instant::now();
+        let mut ns = start_node_sync(&etcd, &remotes, port, &log);
+        let others = route_event(&mut events, "10.2.1.0/24", true, Duration::from_secs(20)).await;
+        eprintln!("first route {:?} after node-sync's start", t0.elapsed());
+        assert!(
+            others.iter().all(|l| !l.ends_with(&format!("proto {P}"))),
+            "{others:?}"
+        );
+
+        // A node appears: its route within a second of the put.
+        let (k, v) = node_value("c2", "n2", "192.0.2.12", &["10.2.2.0/24"]);
+        let t = Instant::now();
+        c2.put(k.clone(), v).await;
+        route_event(&mut events, "10.2.2.0/24", true, Duration::from_secs(1)).await;
+        let added = t.elapsed();
+        // It leaves: its route goes within a second.
+        let t = Instant::now();
+        c2.delete(k).await;
+        route_event(&mut events, "10.2.2.0/24", false, Duration::from_secs(1)).await;
+        let removed = t.elapsed();
+        eprintln!("node put -> route added {added:?}; node deleted -> route removed {removed:?}");
+        let doc = status_until(port, &log, "one route", |d| {
+            d["routing"]["routesInstalled"] == 1
+        })
+        .await;
+        assert_eq!(doc["routing"]["mode"], "native", "{:#}", doc["routing"]);
+        assert_eq!(
+            doc["routing"]["routes"][0],
+            serde_json::json!({"cidr": "10.2.1.0/24", "via": "192.0.2.11", "cluster": "c2", "node": "n1"})
+        );
+
+        // SIGKILL: the routes stay. A restart finds them and changes nothing.
+        let before = our_routes(&h).await;
+        assert_eq!(before, [format!("10.2.1.0/24 via 192.0.2.11 proto {P}")]);
+        let _ = ns.0.kill();
+        let _ = ns.0.wait();
+        assert_eq!(
+            our_routes(&h).await,
+            before,
+            "routes gone with node-sync's SIGKILL"
+        );
+        let ns = start_node_sync(&etcd, &remotes, port, &log);
+        let doc = status_until(
+            port,
+            &log,
+            "the restarted node-sync synced with its route",
+            |d| d["ready"] == true && d["routing"]["routesInstalled"] == 1,
+        )
+        .await;
+        assert_eq!(doc["routing"]["changesTotal"], 0, "{:#}", doc["routing"]);
+        assert_eq!(our_routes(&h).await, before);
+        // The first route event since the SIGKILL must be the test's marker: any other is a blip.
+        add_foreign(&h, "10.8.0.0/24", "192.0.2.52").await;
+        let blips = route_event_any(&mut events, "10.8.0.0/24").await;
+        assert!(
+            blips.is_empty(),
+            "routes changed across the restart: {blips:?}"
+        );
+
+        // c3 announces a CIDR inside c2's n1: both refused, c2's route withdrawn, both in the status and
+        // counted in the metrics.
+        let (k, v) = node_value("c3", "m1", "192.0.2.21", &["10.2.1.128/25"]);
+        c3.put(k.clone(), v).await;
+        route_event(&mut events, "10.2.1.0/24", false, Duration::from_secs(1)).await;
+        let doc = status_until(port, &log, "two refusals", |d| {
+            d["routing"]["refused"]
+                .as_array()
+                .is_some_and(|r| r.len() == 2)
+        })
+        .await;
+        let reasons: Vec<String> = doc["routing"]["refused"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}/{}: {}",
+                    r["cidr"].as_str().unwrap(),
+                    r["cluster"].as_str().unwrap(),
+                    r["node"].as_str().unwrap(),
+                    r["reason"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "10.2.1.0/24 c2/n1: overlaps 10.2.1.128/25 of node m1 in cluster c3",
+                "10.2.1.128/25 c3/m1: overlaps 10.2.1.0/24 of node n1 in cluster c2",
+            ]
+        );
+        assert_eq!(doc["routing"]["routesInstalled"], 0);
+        assert!(our_routes(&h).await.is_empty());
+        let (_, metrics) = support::http_get(port, "/metrics").await.unwrap();
+        for needle in [
+            "nodesync_routing_routes{mode=\"native\"} 0",
+            "nodesync_routing_refused_total{mode=\"native\"} 2",
+            "nodesync_routing_errors_total{mode=\"native\"} 0",
+        ] {
+            assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+        }
+        // c3 withdraws it: c2's route comes back.
+        c3.delete(k).await;
+        route_event(&mut events, "10.2.1.0/24", true, Duration::from_secs(1)).await;
+        let log_text = std::fs::read_to_string(&log).unwrap();
+        for needle in ["route added", "route removed", "pod CIDR refused"] {
+            assert!(
+                log_text.contains(needle),
+                "no {needle:?} in the log:\n{log_text}"
+            );
+        }
+        drop(ns);
+    });
+}
+
+/// The next route event of any protocol: the lines of those before the one to `dst`.
+async fn route_event_any(events: &mut RouteEvents, dst: &str) -> Vec<String> {
+    let mut others = Vec::new();
+    loop {
+        let (msg, _) = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("a route event within 5 s")
+            .expect("the route monitor");
+        let (what, m) = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => ("add", m),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(m)) => ("del", m),
+            _ => continue,
+        };
+        let (d, proto) = route_dst(&m);
+        if d == dst {
+            return others;
+        }
+        others.push(format!("{what} {d} proto {proto}"));
+    }
 }

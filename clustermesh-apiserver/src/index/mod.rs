@@ -257,7 +257,7 @@ impl MeshIndex {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Objects currently skipped, with the reason.
+    /// Objects currently skipped (or published without a part that is wrong), with the reason.
     pub fn errors(&self) -> impl Iterator<Item = ObjectError> + '_ {
         self.errors.iter().map(|(o, m)| ObjectError {
             object: o.clone(),
@@ -265,7 +265,7 @@ impl MeshIndex {
         })
     }
 
-    /// How many objects are skipped now.
+    /// How many objects are skipped (or published without a bad part) now.
     pub fn error_count(&self) -> usize {
         self.errors.len()
     }
@@ -303,6 +303,16 @@ impl MeshIndex {
             None => {
                 self.errors.remove(&object);
             }
+        }
+    }
+
+    /// Records what is wrong with an object that is still published without the bad part: listed and
+    /// counted as `set_error` does (logged and counted once per distinct message).
+    fn set_partial_error(&mut self, object: ObjectRef, message: String) {
+        if self.errors.get(&object) != Some(&message) {
+            warn!(kind = %object.kind, namespace = %object.namespace, name = %object.name, error = %message, "object published without its bad parts");
+            self.errors_total += 1;
+            self.errors.insert(object, message);
         }
     }
 

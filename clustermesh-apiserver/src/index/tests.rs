@@ -482,6 +482,106 @@ fn nodes_are_published_with_zone_and_region() {
     assert_eq!(keys(&ix), [CC, "clustermesh/v1/nodes/c1/node-2"]);
 }
 
+/// A node with `spec.podCIDRs` and `spec.podCIDR` as given.
+fn node_with_cidrs(name: &str, pod_cidrs: Option<&[&str]>, pod_cidr: Option<&str>) -> SourceObject {
+    let mut n = mk_node(name, "192.168.0.1", "z1");
+    if let SourceObject::Node(n) = &mut n {
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidrs: pod_cidrs.map(|v| v.iter().map(|s| s.to_string()).collect()),
+            pod_cidr: pod_cidr.map(str::to_owned),
+            ..Default::default()
+        });
+    }
+    n
+}
+
+fn published_cidrs(ix: &MeshIndex, name: &str) -> Vec<String> {
+    let MeshValue::Node(n) = decode(ix, &format!("clustermesh/v1/nodes/c1/{name}")) else {
+        panic!("not a node")
+    };
+    n.pod_cidrs.iter().map(|c| c.to_string()).collect()
+}
+
+#[test]
+fn nodes_carry_their_pod_cidrs_from_pod_cidrs_or_else_pod_cidr() {
+    let mut ix = MeshIndex::new(cfg());
+    // Dual stack: both, in order; `podCIDR` (the first, as Kubernetes sets it) does not add a third.
+    ix.apply(node_with_cidrs(
+        "n1",
+        Some(&["10.1.1.0/24", "fd00:1:1::/64"]),
+        Some("10.1.1.0/24"),
+    ));
+    assert_eq!(published_cidrs(&ix, "n1"), ["10.1.1.0/24", "fd00:1:1::/64"]);
+    // Only the older single field.
+    ix.apply(node_with_cidrs("n2", None, Some("10.1.2.0/24")));
+    assert_eq!(published_cidrs(&ix, "n2"), ["10.1.2.0/24"]);
+    // An empty list counts as absent; host bits are cleared.
+    ix.apply(node_with_cidrs("n3", Some(&[]), Some("10.1.3.7/24")));
+    assert_eq!(published_cidrs(&ix, "n3"), ["10.1.3.0/24"]);
+    // None at all (a node the IPAM has not reached yet): no podCIDRs field.
+    ix.apply(node_with_cidrs("n4", None, None));
+    assert!(published_cidrs(&ix, "n4").is_empty());
+    let raw = String::from_utf8(ix.desired()["clustermesh/v1/nodes/c1/n4"].clone()).unwrap();
+    assert!(!raw.contains("podCIDRs"), "{raw}");
+    assert_eq!(ix.error_count(), 0);
+    assert_eq!(ix.errors_total(), 0);
+}
+
+#[test]
+fn a_bad_pod_cidr_is_reported_and_counted_and_the_node_published_without_it() {
+    let mut ix = MeshIndex::new(cfg());
+    ix.apply(node_with_cidrs(
+        "n1",
+        Some(&["10.1.1.0/24", "10.1.300.0/24", "fd00::/200"]),
+        None,
+    ));
+    assert_eq!(published_cidrs(&ix, "n1"), ["10.1.1.0/24"]);
+    let errors: Vec<ObjectError> = ix.errors().collect();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].object, ObjectRef::new(ObjectKind::Node, "", "n1"));
+    assert_eq!(
+        errors[0].message,
+        "pod CIDR \"10.1.300.0/24\" is not a CIDR (address/prefix length); \
+         pod CIDR \"fd00::/200\" is not a CIDR (address/prefix length); \
+         the node is published without them"
+    );
+    assert_eq!(ix.errors_total(), 1);
+    // The same node again: still reported, not counted twice.
+    ix.apply(node_with_cidrs(
+        "n1",
+        Some(&["10.1.1.0/24", "10.1.300.0/24", "fd00::/200"]),
+        None,
+    ));
+    assert_eq!(ix.errors_total(), 1);
+    // Fixed: the report goes, the CIDR is published.
+    ix.apply(node_with_cidrs(
+        "n1",
+        Some(&["10.1.1.0/24", "10.1.3.0/24"]),
+        None,
+    ));
+    assert_eq!(published_cidrs(&ix, "n1"), ["10.1.1.0/24", "10.1.3.0/24"]);
+    assert_eq!(ix.error_count(), 0);
+}
+
+#[test]
+fn a_manifest_node_carries_its_pod_cidrs_and_a_bad_one_is_left_out() {
+    // `--source manifests` reads Nodes as the Kubernetes API serves them; the same translation applies.
+    let text = "apiVersion: v1\nkind: Node\nmetadata:\n  name: m1\nspec:\n  podCIDR: 10.1.7.0/24\n  \
+                podCIDRs: [10.1.7.0/24, not-a-cidr]\nstatus:\n  addresses:\n  - type: InternalIP\n    \
+                address: 192.168.0.7\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: m2\nspec:\n  \
+                podCIDR: 10.1.8.0/24\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.0.8\n";
+    let objs = crate::source::manifests::parse_manifests("nodes.yaml", text).unwrap();
+    let mut ix = MeshIndex::new(cfg());
+    for o in objs {
+        ix.apply(o);
+    }
+    assert_eq!(published_cidrs(&ix, "m1"), ["10.1.7.0/24"]);
+    assert_eq!(published_cidrs(&ix, "m2"), ["10.1.8.0/24"]);
+    let errors: Vec<ObjectError> = ix.errors().collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].message.contains("\"not-a-cidr\""), "{errors:?}");
+}
+
 fn remote_spec(cluster: &str, ns: &str, name: &str) -> ServiceSpec {
     ServiceSpec {
         cluster: ClusterName::new(cluster).unwrap(),

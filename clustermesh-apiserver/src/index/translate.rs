@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_model::annotations;
 use mesh_model::keys::{KeyKind, MeshKey, ServiceName};
@@ -502,11 +503,25 @@ impl MeshIndex {
                         }
                     }
                 }
+                let (pod_cidrs, bad_cidrs) = node_pod_cidrs(n);
                 if error.is_some() {
                     self.set_error(r, error);
                     None
                 } else {
-                    self.set_error(r, None);
+                    // A bad pod CIDR does not hide the node (its addresses and zone are still good): it
+                    // is published without that CIDR, and the CIDR reported and counted.
+                    if bad_cidrs.is_empty() {
+                        self.set_error(r, None);
+                    } else {
+                        self.set_partial_error(
+                            r,
+                            format!(
+                                "{}; the node is published without {}",
+                                bad_cidrs.join("; "),
+                                if bad_cidrs.len() == 1 { "it" } else { "them" }
+                            ),
+                        );
+                    }
                     Some(
                         MeshValue::Node(NodeInfo {
                             cluster: self.config.cluster.clone(),
@@ -514,6 +529,7 @@ impl MeshIndex {
                             addresses,
                             zone: labels.get(ZONE_LABEL).cloned(),
                             region: labels.get(REGION_LABEL).cloned(),
+                            pod_cidrs,
                         })
                         .encode(),
                     )
@@ -527,6 +543,37 @@ impl MeshIndex {
         debug!(node = name, published = value.is_some(), "node recomputed");
         self.set(key, value);
     }
+}
+
+/// A node's pod CIDRs: `spec.podCIDRs`, or `spec.podCIDR` when that list is absent or empty (clusters older
+/// than dual-stack set only the latter); each normalised (host bits cleared) and listed once. The second list
+/// names the entries that are not CIDRs, which are left out.
+pub(super) fn node_pod_cidrs(n: &Node) -> (Vec<IpNet>, Vec<String>) {
+    let spec = n.spec.as_ref();
+    let listed: Vec<String> = match (
+        spec.and_then(|s| s.pod_cidrs.as_ref()),
+        spec.and_then(|s| s.pod_cidr.as_ref()),
+    ) {
+        (Some(v), _) if !v.is_empty() => v.clone(),
+        (_, Some(one)) if !one.is_empty() => vec![one.clone()],
+        _ => Vec::new(),
+    };
+    let mut cidrs = Vec::new();
+    let mut bad = Vec::new();
+    for s in listed {
+        match s.trim().parse::<IpNet>() {
+            Ok(net) => {
+                let net = net.trunc();
+                if !cidrs.contains(&net) {
+                    cidrs.push(net);
+                }
+            }
+            Err(_) => bad.push(format!(
+                "pod CIDR {s:?} is not a CIDR (address/prefix length)"
+            )),
+        }
+    }
+    (cidrs, bad)
 }
 
 /// The endpoints of one EndpointSlice (FQDN slices and addresses that do not parse are errors).

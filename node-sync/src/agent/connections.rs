@@ -155,6 +155,7 @@ pub(super) fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
             }
             tracing::info!(cluster = %n, "remote cluster removed");
             st.index.remove_cluster(&n);
+            st.nodes.drop_cluster(&n);
             st.clusters.remove(&n);
             lock_registry(&tasks.registry).accepted.remove(&n);
         }

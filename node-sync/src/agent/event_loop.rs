@@ -131,6 +131,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 if conns_changed {
                     reconcile_connections(&mut st, &mut tasks);
                 }
+                st.send_nodes();
                 after_batch(&mut st, received);
             }
             Some(mark) = mark_rx.recv() => {
@@ -189,6 +190,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
             _ = dir_poll.tick() => {
                 if reread_remote_dir(&mut st) {
                     reconcile_connections(&mut st, &mut tasks);
+                    st.send_nodes();
                 }
             }
             _ = status_tick.tick() => {

@@ -17,6 +17,7 @@ use mesh_model::values::{
 use tokio::sync::watch;
 
 use super::AgentOptions;
+use super::nodes::RemoteNodes;
 use super::passive_events::spawn_destroy;
 use crate::cluster::{ClusterSource, LiveState, Liveness};
 use crate::datapath::ClusterIds;
@@ -130,6 +131,8 @@ pub(super) struct AgentState {
     pub counters_wanted: Arc<AtomicBool>,
     /// Sockets aborted because their backend failed.
     pub destroyed: Arc<DestroyStats>,
+    /// The remote clusters' nodes (for `--routing`), outside the merge index.
+    pub nodes: RemoteNodes,
     published: Published,
 }
 
@@ -162,6 +165,7 @@ impl AgentState {
             golden_read: None,
             counters_wanted,
             destroyed: empty.destroyed.clone(),
+            nodes: RemoteNodes::new(opts.cluster.clone()),
             published: Published {
                 tx: snapshots,
                 seq: 0,
@@ -179,6 +183,13 @@ impl AgentState {
             },
             opts,
         }
+    }
+
+    /// Hands the remote nodes to the route manager if they changed, or if whether every cluster finished its
+    /// initial sync (or was refused) did: only then may routes no node calls for be removed.
+    pub fn send_nodes(&mut self) {
+        let complete = self.clusters.values().all(|c| c.synced || c.refused);
+        self.nodes.send(complete);
     }
 
     /// The clusters' initial syncs, for [`Readiness`].
@@ -553,12 +564,24 @@ impl AgentState {
                 if kvstoremesh && conn == local {
                     learn_mirrored_id(&self.opts.cluster_ids, &local, &value);
                 }
+                // Nodes select no backend: they are kept apart, for the route manager.
+                let value = match (&key, value) {
+                    (MeshKey::Node { cluster, node }, MeshValue::Node(info)) => {
+                        self.nodes.put(cluster, node, info);
+                        return false;
+                    }
+                    (_, v) => v,
+                };
                 self.index.apply(&key, Some(value));
             }
             ConnEvent::Delete(key) => {
                 cs.keys.remove(&key.to_string());
                 if let MeshKey::Remote { remote, .. } = &key {
                     return conn == local && self.remote_entries.remove(remote).is_some();
+                }
+                if let MeshKey::Node { cluster, node } = &key {
+                    self.nodes.delete(cluster, node);
+                    return false;
                 }
                 self.index.apply(&key, None);
             }

@@ -285,3 +285,78 @@ fn a_burst_is_published_at_most_once_per_interval_and_its_end_when_due() {
     assert!(snap.seq > first);
     assert_eq!(selected(&snap), ["10.1.0.1:8080@c1"]);
 }
+
+fn node_put(cluster: &str, name: &str, cidr: &str) -> ConnEvent {
+    let key = MeshKey::Node {
+        cluster: c(cluster),
+        node: name.into(),
+    };
+    ConnEvent::Put(
+        key,
+        MeshValue::Node(mesh_model::values::NodeInfo {
+            cluster: c(cluster),
+            name: name.into(),
+            addresses: vec![mesh_model::values::NodeAddress {
+                kind: "InternalIP".into(),
+                ip: "192.0.2.11".parse().unwrap(),
+            }],
+            zone: None,
+            region: None,
+            pod_cidrs: vec![cidr.parse().unwrap()],
+        }),
+    )
+}
+
+/// The nodes of remote clusters (and of a peer mirrored into the local etcd by KVStoreMesh) reach the route
+/// manager's channel, apart from the merge index; the set is complete once every cluster synced.
+#[test]
+fn remote_nodes_are_sent_to_the_route_manager_and_complete_once_every_cluster_synced() {
+    let (mut st, _rx, _maps) = agent(&["c1", "c2"]);
+    let mut nodes = st.nodes.subscribe();
+    let node_batch = |st: &mut AgentState, events: Vec<(&str, ConnEvent)>| {
+        batch(st, events);
+        st.send_nodes();
+    };
+    node_batch(
+        &mut st,
+        vec![
+            ("c1", ConnEvent::Synced),
+            ("c2", node_put("c2", "n1", "10.2.1.0/24")),
+            // KVStoreMesh: a peer's node arrives on the local connection, under its own cluster.
+            ("c1", node_put("c3", "m1", "10.3.1.0/24")),
+            // The local cluster's own nodes are not routed.
+            ("c1", node_put("c1", "own", "10.1.1.0/24")),
+        ],
+    );
+    assert!(nodes.has_changed().unwrap());
+    let set = nodes.borrow_and_update().clone();
+    let names: Vec<String> = set
+        .nodes
+        .iter()
+        .map(|n| format!("{}/{} {}", n.cluster, n.name, n.pod_cidrs[0]))
+        .collect();
+    assert_eq!(names, ["c2/n1 10.2.1.0/24", "c3/m1 10.3.1.0/24"]);
+    assert!(!set.complete, "c2 has not synced");
+    assert_eq!(st.index.services().len(), 0, "nodes are not in the index");
+
+    node_batch(&mut st, vec![("c2", ConnEvent::Synced)]);
+    assert!(nodes.borrow_and_update().complete);
+
+    node_batch(
+        &mut st,
+        vec![(
+            "c2",
+            ConnEvent::Delete(MeshKey::Node {
+                cluster: c("c2"),
+                node: "n1".into(),
+            }),
+        )],
+    );
+    let set = nodes.borrow_and_update().clone();
+    assert_eq!(set.nodes.len(), 1);
+    assert_eq!(set.nodes[0].name, "m1");
+
+    // A batch that changes no node sends nothing.
+    node_batch(&mut st, vec![("c2", ConnEvent::Connected)]);
+    assert!(!nodes.has_changed().unwrap());
+}

@@ -95,7 +95,16 @@ impl<T: RouteTable> RouteManager<T> {
             note(self.table.add(r).await, &mut first_error);
         }
         for r in &diff.remove {
-            info!(dst = %r.dst, "route removed");
+            // Whose it was, if this run made or found it wanted; a leftover from before a restart is named by
+            // its destination and gateway only.
+            let owner = self.status.routes.iter().find(|w| w.dst == r.dst);
+            let via = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+            match owner {
+                Some(w) => {
+                    info!(dst = %r.dst, via, cluster = %w.cluster, node = %w.node, "route removed")
+                }
+                None => info!(dst = %r.dst, via, "route removed (no node calls for it)"),
+            }
             note(self.table.delete(r).await, &mut first_error);
         }
 

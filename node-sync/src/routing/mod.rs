@@ -22,17 +22,16 @@
 //! behind the `RouteTable` trait (tested in a network namespace, `node-sync/tests/routing.rs`), `manager.rs`
 //! joins them and follows a `watch` of the remote nodes.
 //!
-//! **Not fed yet** (so `refuse_unwired` refuses `native` at start). What is left, in order: (1) mesh-model's
-//! `NodeInfo` gets `pod_cidrs` (`podCIDRs`, serde default, skipped when empty) and the apiserver's node source
-//! fills it from `Node.spec.podCIDRs` (the lab's nodes get a pod CIDR each); (2) `watch.rs`'s `KeyScope::wants`
-//! takes `KeyKind::Nodes` (remote scopes, and `All` for KVStoreMesh), and a remote connection's list of
-//! prefixes (if it follows only its cluster's prefixes, issue 19) includes `nodes/<cluster>/`; (3) the agent (`agent/state.rs`, `apply`)
-//! keeps `(MeshKey::Node, MeshValue::Node)` in a map of its own keyed by cluster and node, not in the merge
-//! index, drops a cluster's nodes when the cluster goes, and after a batch that changed it sends
-//! `NodeSet { nodes: every non-local cluster's nodes, complete: every cluster synced or refused }` on a
-//! `watch::Sender<NodeSet>`; (4) `run.rs` opens `NetlinkRoutes` and spawns `RouteManager::run` on that receiver
-//! for `native`, and the status server renders `RoutingStatus` (`routing` in `/api/v1/status`;
-//! `nodesync_routing_refused_total`, `nodesync_routing_errors_total`, `nodesync_routing_routes` in `/metrics`).
+//! **The feed**: each apiserver publishes its nodes with their pod CIDRs (`NodeInfo::pod_cidrs`, `podCIDRs`,
+//! from `Node.spec.podCIDRs`, else `spec.podCIDR`; a CIDR that does not parse is reported and left out). A
+//! remote connection lists and watches `nodes/<cluster>/` (`watch.rs`; through KVStoreMesh the local etcd's
+//! every peer's, never the local cluster's own). The agent keeps them apart from the merge index
+//! (`agent/nodes.rs`, keyed by cluster and node, dropped with their cluster) and after a batch that changed
+//! them sends `NodeSet { nodes, complete: every cluster synced or refused }` on a watch (`Agent::remote_nodes`).
+//! `run.rs` (`start_routing`) opens `NetlinkRoutes` and runs `RouteManager::run` on it for `native`, resyncing
+//! every 10 s without a change; the status server shows `RoutingStatus` (`routing` in `/api/v1/status`;
+//! `nodesync_routing_routes`, `_refused`, `_refused_total`, `_changes_total`, `_errors_total` in `/metrics`).
+//! Tested end to end in `node-sync/tests/routing.rs` (etcd and the binary in the test's network namespace).
 //!
 //! `--routing vxlan` (`RoutingMode::Vxlan`) is not built yet; node-sync refuses it at start. Its design: one
 //! device `clustermesh0` of kind vxlan (`--vxlan-vni`, default 2; `--vxlan-port`, default 8472 as Cilium's,
@@ -50,14 +49,20 @@
 mod manager;
 mod netlink;
 mod plan;
+mod vxlan;
 
 pub use manager::{NodeSet, RouteManager, RoutingStatus};
 pub use netlink::{
     CLUSTERMESH_PROTOCOL, NetlinkRoutes, RouteError, RouteOwner, RouteTable, TableView,
 };
 pub use plan::{
-    DesiredRoute, InstalledRoute, Refusal, RefusalReason, RemoteNode, RouteDiff, RoutePlan,
-    diff_routes, overlaps, plan_routes,
+    DesiredRoute, GatewayFamily, InstalledRoute, Refusal, RefusalReason, RemoteNode, RouteDiff,
+    RoutePlan, diff_routes, overlaps, plan_routes, plan_routes_via,
+};
+pub use vxlan::{
+    DEFAULT_PORT, DEFAULT_VNI, DeviceAction, DeviceSpec, DeviceState, Entries, MAX_VNI, Mac,
+    NetlinkVxlan, OverlayRoute, OverlayTable, Underlay, VXLAN_DEVICE, VxlanConfig, VxlanKernel,
+    VxlanRoutes, device_action, mac_for, overhead, overlay_addr, resolve, stale_entries,
 };
 
 /// `--routing`: how node-sync makes remote pod CIDRs reachable from this node.
@@ -76,15 +81,10 @@ pub enum RoutingMode {
 }
 
 /// At start: the modes node-sync cannot carry out yet are refused with the reason, rather than accepted and
-/// silently routing nothing. `native`'s manager is built but not fed (the `nodes/` keys carry no pod CIDRs and
-/// the watch does not deliver them to the agent); `vxlan` is designed above, not built.
+/// silently routing nothing. `vxlan` is designed above, not built.
 pub fn refuse_unwired(mode: RoutingMode) -> Result<(), RouteError> {
     match mode {
-        RoutingMode::None => Ok(()),
-        RoutingMode::Native => Err(RouteError::NotAvailable(
-            "--routing native: the route manager is built but node-sync does not feed it remote nodes yet \
-             (clustermesh/v1/nodes/ values carry no pod CIDRs); issue 20",
-        )),
+        RoutingMode::None | RoutingMode::Native => Ok(()),
         RoutingMode::Vxlan => Err(RouteError::NotAvailable(
             "--routing vxlan is not built yet; issue 20",
         )),

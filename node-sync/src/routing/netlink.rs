@@ -23,6 +23,10 @@ pub enum RouteError {
     /// The netlink socket could not be opened.
     #[error("open a netlink route socket: {0}")]
     Open(#[source] std::io::Error),
+    /// `--routing vxlan`'s device cannot be made or kept (a link of another kind has its name, the underlay
+    /// address is on no device, ...).
+    #[error("{0}")]
+    Device(String),
     /// The kernel refused or failed a request.
     #[error("{op} {what}: {source}")]
     Netlink {
@@ -121,7 +125,7 @@ impl NetlinkRoutes {
     }
 }
 
-fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
+pub(super) fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
@@ -130,7 +134,7 @@ fn addr_of(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 /// The table of a dumped route (`RTA_TABLE` when present, else the header's).
-fn table_of(m: &RouteMessage) -> u32 {
+pub(super) fn table_of(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()
         .find_map(|a| match a {
@@ -141,7 +145,7 @@ fn table_of(m: &RouteMessage) -> u32 {
 }
 
 /// Destination and gateway of a dumped unicast route.
-fn decode(m: &RouteMessage) -> Option<(IpNet, Option<IpAddr>)> {
+pub(super) fn decode(m: &RouteMessage) -> Option<(IpNet, Option<IpAddr>)> {
     let mut dst = None;
     let mut gw = None;
     for a in &m.attributes {

@@ -64,7 +64,7 @@ pub enum RefusalReason {
         /// The local route's destination.
         route: IpNet,
     },
-    /// The node has no address of the CIDR's family.
+    /// The node has no address of the family its route needs (the CIDR's; the underlay's with vxlan).
     NoGateway,
 }
 
@@ -82,7 +82,9 @@ impl fmt::Display for RefusalReason {
                     "overlaps the local route to {route}, not made by node-sync"
                 )
             }
-            RefusalReason::NoGateway => write!(f, "the node has no address of this family"),
+            RefusalReason::NoGateway => {
+                write!(f, "the node has no address of the family its route needs")
+            }
         }
     }
 }
@@ -124,20 +126,41 @@ pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// Which of a remote node's addresses a route to its pod CIDR goes through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GatewayFamily {
+    /// The node's first address of the CIDR's family (`--routing native`: the route's gateway).
+    #[default]
+    OfCidr,
+    /// The node's first IPv4 address, whatever the CIDR's family (`--routing vxlan` on an IPv4 underlay: the
+    /// tunnel's remote end).
+    Ipv4,
+    /// The node's first IPv6 address (`--routing vxlan` on an IPv6 underlay).
+    Ipv6,
+}
+
 /// The routes for `nodes`: one per pod CIDR via the node's first address of the CIDR's family. A CIDR that
 /// overlaps another node's CIDR (both refused) or one of `local` (destinations of routes on this node that
 /// node-sync did not make; a default route is ignored) is refused; so is one without a gateway of its family.
 /// A node listing the same CIDR twice gets one route.
 pub fn plan_routes(nodes: &[RemoteNode], local: &[IpNet]) -> RoutePlan {
+    plan_routes_via(nodes, local, GatewayFamily::OfCidr)
+}
+
+/// `plan_routes` with the gateway's family chosen by `via`: a node without an address of that family gets
+/// its CIDRs refused (`NoGateway`).
+pub fn plan_routes_via(nodes: &[RemoteNode], local: &[IpNet], via: GatewayFamily) -> RoutePlan {
     let mut candidates: Vec<DesiredRoute> = Vec::new();
     let mut refused = Vec::new();
     for n in nodes {
         for cidr in &n.pod_cidrs {
             let dst = cidr.trunc();
-            let gateway = n
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv4() == dst.addr().is_ipv4());
+            let want_v4 = match via {
+                GatewayFamily::OfCidr => dst.addr().is_ipv4(),
+                GatewayFamily::Ipv4 => true,
+                GatewayFamily::Ipv6 => false,
+            };
+            let gateway = n.addresses.iter().find(|a| a.is_ipv4() == want_v4);
             match gateway {
                 Some(gw) => candidates.push(DesiredRoute {
                     dst,
@@ -321,6 +344,31 @@ mod tests {
                 route: net("10.1.0.0/16")
             }
         );
+    }
+
+    #[test]
+    fn an_underlay_family_gateway_carries_both_families_of_pod_cidrs() {
+        let mut n = node("c2", "n1", "192.0.2.11", &["10.2.1.0/24", "fd00:2:1::/64"]);
+        n.addresses.push("2001:db8::11".parse().unwrap());
+        let p = plan_routes_via(&[n.clone()], &[], GatewayFamily::Ipv4);
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+        assert!(
+            p.routes
+                .iter()
+                .all(|r| r.gateway.to_string() == "192.0.2.11")
+        );
+        let p = plan_routes_via(&[n], &[], GatewayFamily::Ipv6);
+        assert!(
+            p.routes
+                .iter()
+                .all(|r| r.gateway.to_string() == "2001:db8::11")
+        );
+        let p = plan_routes_via(
+            &[node("c2", "n2", "192.0.2.12", &["10.2.2.0/24"])],
+            &[],
+            GatewayFamily::Ipv6,
+        );
+        assert_eq!(p.refused[0].reason, RefusalReason::NoGateway);
     }
 
     #[test]

@@ -1,0 +1,451 @@
+//! `--routing vxlan` against the kernel: two network namespaces the test makes, "node A" and "node B", joined by
+//! a veth that carries only the nodes' addresses (192.0.2.1 and .2, or 2001:db8::1 and ::2), each with a pod
+//! address on `lo` (10.1.1.1 in A's pod CIDR 10.1.1.0/24, 10.2.1.1 in B's 10.2.1.0/24). Nothing routes the pod
+//! CIDRs but what node-sync installs, so a TCP connection between the pod addresses goes through
+//! `clustermesh0` or nowhere. The host's links and routes are never read or written. Needs root
+//! (CAP_NET_ADMIN, CAP_SYS_ADMIN for the namespaces): the tests fail, not skip, without it.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use mesh_model::ClusterName;
+use node_sync::routing::{
+    DeviceState, Entries, NetlinkVxlan, NodeSet, OverlayRoute, RemoteNode, RouteManager,
+    RouteOwner, RoutingStatus, VXLAN_DEVICE, VxlanConfig, VxlanKernel, VxlanRoutes, mac_for,
+};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::AddressHeaderFlags;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::{LinkUnspec, LinkVeth, LinkVxlan, MulticastGroup, RouteMessageBuilder};
+
+/// A network namespace of the test's own, kept by a file descriptor; gone when the last one closes.
+struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "routing_vxlan needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make network namespaces and links"
+        );
+        let fd = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            OwnedFd::from(
+                std::fs::File::open("/proc/thread-self/ns/net").expect("open the new netns"),
+            )
+        })
+        .join()
+        .expect("the netns thread");
+        Netns { fd }
+    }
+
+    /// Runs `f` to completion on a current-thread runtime in a thread that entered this namespace.
+    fn run<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let fd = self.fd.try_clone().expect("dup the netns fd");
+        std::thread::spawn(move || {
+            nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+fn handle() -> rtnetlink::Handle {
+    let (conn, h, _) = rtnetlink::new_connection().unwrap();
+    tokio::spawn(conn);
+    h
+}
+
+async fn link(h: &rtnetlink::Handle, name: &str) -> LinkMessage {
+    h.link()
+        .get()
+        .match_name(name)
+        .execute()
+        .try_next()
+        .await
+        .unwrap_or_else(|e| panic!("link {name}: {e}"))
+        .unwrap_or_else(|| panic!("link {name}"))
+}
+
+async fn up(h: &rtnetlink::Handle, name: &str) -> u32 {
+    let i = link(h, name).await.header.index;
+    h.link()
+        .set(LinkUnspec::new_with_index(i).up().build())
+        .execute()
+        .await
+        .unwrap();
+    i
+}
+
+async fn set_mtu(h: &rtnetlink::Handle, name: &str, mtu: u32) {
+    let i = link(h, name).await.header.index;
+    h.link()
+        .set(LinkUnspec::new_with_index(i).mtu(mtu).build())
+        .execute()
+        .await
+        .unwrap();
+}
+
+async fn add_addr(h: &rtnetlink::Handle, index: u32, a: IpAddr, prefix: u8) {
+    let mut req = h.address().add(index, a, prefix);
+    // No duplicate address detection: an IPv6 address is usable at once.
+    req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+    req.execute().await.unwrap();
+}
+
+/// The two nodes. `v6`: the underlay is IPv6 (the pod CIDRs stay IPv4).
+struct Pair {
+    a: Netns,
+    b: Netns,
+    a_ip: IpAddr,
+    b_ip: IpAddr,
+}
+
+const A_POD: &str = "10.1.1.1";
+const B_POD: &str = "10.2.1.1";
+
+fn pair(v6: bool, a_mtu: u32) -> Pair {
+    let (a, b) = (Netns::new(), Netns::new());
+    let (a_ip, b_ip): (IpAddr, IpAddr) = if v6 {
+        (
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+        )
+    } else {
+        ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap())
+    };
+    let prefix = if v6 { 64 } else { 24 };
+    let b_fd = b.fd.try_clone().unwrap();
+    a.run(move || async move {
+        let h = handle();
+        let lo = up(&h, "lo").await;
+        add_addr(&h, lo, A_POD.parse().unwrap(), 32).await;
+        h.link()
+            .add(LinkVeth::new("under0", "under1").build())
+            .execute()
+            .await
+            .unwrap();
+        let peer = link(&h, "under1").await.header.index;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(peer)
+                    .setns_by_fd(b_fd.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .unwrap();
+        set_mtu(&h, "under0", a_mtu).await;
+        let u = up(&h, "under0").await;
+        add_addr(&h, u, a_ip, prefix).await;
+    });
+    b.run(move || async move {
+        let h = handle();
+        let lo = up(&h, "lo").await;
+        add_addr(&h, lo, B_POD.parse().unwrap(), 32).await;
+        let u = up(&h, "under1").await;
+        add_addr(&h, u, b_ip, prefix).await;
+    });
+    Pair { a, b, a_ip, b_ip }
+}
+
+fn node(cluster: &str, name: &str, ip: IpAddr, cidr: &str) -> RemoteNode {
+    RemoteNode {
+        cluster: ClusterName::new(cluster).unwrap(),
+        name: name.into(),
+        addresses: vec![ip],
+        pod_cidrs: vec![cidr.parse().unwrap()],
+    }
+}
+
+/// One node-sync start and sync in `ns`: a new table and manager (as after a restart), the device step, the
+/// route sync, then the sweep of entries no route needs.
+fn sync(ns: &Netns, config: VxlanConfig, nodes: Vec<RemoteNode>) -> (RoutingStatus, usize) {
+    ns.run(move || async move {
+        let vx = VxlanRoutes::open(config, RouteOwner::default()).unwrap();
+        let mut m = RouteManager::new(vx.clone());
+        vx.ensure_device().await.expect("the vxlan device");
+        let st = m
+            .sync(&NodeSet {
+                nodes,
+                complete: true,
+            })
+            .await
+            .expect("the sync")
+            .clone();
+        let swept = vx.sweep(&st.routes).await.expect("the sweep");
+        (st, swept)
+    })
+}
+
+/// What `ns` has: the device, its entries, our routes.
+fn state(ns: &Netns) -> (DeviceState, Entries, Vec<OverlayRoute>) {
+    ns.run(|| async {
+        let k = NetlinkVxlan::open(RouteOwner::default()).unwrap();
+        let d = k
+            .device(VXLAN_DEVICE)
+            .await
+            .unwrap()
+            .expect("clustermesh0 exists");
+        let e = k.entries(d.index).await.unwrap();
+        let r = k.routes().await.unwrap().ours;
+        (d, e, r)
+    })
+}
+
+/// Packets the device sent and received.
+fn counters(ns: &Netns) -> (u64, u64) {
+    ns.run(|| async {
+        let h = handle();
+        link(&h, VXLAN_DEVICE)
+            .await
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Stats64(s) => Some((s.tx_packets, s.rx_packets)),
+                _ => None,
+            })
+            .expect("stats64")
+    })
+}
+
+/// A TCP connection from A's pod address to B's, a line sent through it; the peer address B saw.
+fn connect_pods(p: &Pair) -> Result<SocketAddr, String> {
+    let listener =
+        p.b.run(|| async { std::net::TcpListener::bind((B_POD, 0)).unwrap() });
+    let to = listener.local_addr().unwrap();
+    p.a.run(move || async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind((A_POD.parse::<IpAddr>().unwrap(), 0).into())
+            .unwrap();
+        let mut c = tokio::time::timeout(Duration::from_secs(3), s.connect(to))
+            .await
+            .map_err(|_| format!("connect {A_POD} -> {to}: timed out"))?
+            .map_err(|e| format!("connect {A_POD} -> {to}: {e}"))?;
+        tokio::io::AsyncWriteExt::write_all(&mut c, b"hello over the overlay\n")
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    let (mut s, peer) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello over the overlay\n");
+    s.write_all(b"").unwrap();
+    Ok(peer)
+}
+
+fn cfg(local: IpAddr) -> VxlanConfig {
+    VxlanConfig::new(local)
+}
+
+#[test]
+fn routing_vxlan_carries_pod_traffic_between_two_nodes_and_a_restart_changes_nothing() {
+    let p = pair(false, 1400);
+    let e = connect_pods(&p).expect_err("no route to B's pods before node-sync");
+    assert!(e.contains("unreachable"), "{e}");
+
+    let (st, _) = sync(
+        &p.a,
+        cfg(p.a_ip),
+        vec![node("c2", "b", p.b_ip, "10.2.1.0/24")],
+    );
+    assert_eq!(st.changes_total, 1, "{st:?}");
+    sync(
+        &p.b,
+        cfg(p.b_ip),
+        vec![node("c1", "a", p.a_ip, "10.1.1.0/24")],
+    );
+
+    // A's device, entries and route, as designed.
+    let (d, e, r) = state(&p.a);
+    assert_eq!(d.kind.as_deref(), Some("vxlan"));
+    assert_eq!((d.vni, d.port), (Some(2), Some(8472)));
+    assert_eq!(d.learning, Some(false));
+    assert_eq!(d.local, Some(p.a_ip));
+    assert_eq!(d.mtu, 1350, "the underlay's 1400 - 50");
+    assert_eq!(d.mac, Some(mac_for(p.a_ip)));
+    assert!(d.up);
+    let b_mac = mac_for(p.b_ip);
+    assert_eq!(e.fdb.iter().copied().collect::<Vec<_>>(), [(b_mac, p.b_ip)]);
+    assert_eq!(
+        e.neighbours
+            .iter()
+            .map(|(a, m)| (*a, *m))
+            .collect::<Vec<_>>(),
+        [("10.2.1.0".parse().unwrap(), b_mac)]
+    );
+    assert_eq!(
+        r,
+        [OverlayRoute {
+            dst: "10.2.1.0/24".parse().unwrap(),
+            via: Some("10.2.1.0".parse().unwrap()),
+            oif: Some(d.index),
+        }]
+    );
+
+    // Pod to pod, through the overlay: A's device sends, B's receives, B sees A's pod address.
+    let (a_tx, _) = counters(&p.a);
+    let (_, b_rx) = counters(&p.b);
+    let peer = connect_pods(&p).expect("pod to pod after the sync");
+    assert_eq!(peer.ip().to_string(), A_POD);
+    let (a_tx2, _) = counters(&p.a);
+    let (_, b_rx2) = counters(&p.b);
+    assert!(
+        a_tx2 > a_tx,
+        "A's clustermesh0 sent nothing: {a_tx} -> {a_tx2}"
+    );
+    assert!(
+        b_rx2 > b_rx,
+        "B's clustermesh0 received nothing: {b_rx} -> {b_rx2}"
+    );
+
+    // A restart of A's node-sync: a link, neighbour/FDB and route monitor sees no change at all, only the
+    // marker route the test adds after the sync.
+    let b_ip = p.b_ip;
+    let a_ip = p.a_ip;
+    p.a.run(move || async move {
+        let (mconn, _mh, mut events) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Neigh,
+            MulticastGroup::Ipv4Route,
+        ])
+        .unwrap();
+        tokio::spawn(mconn);
+        let vx = VxlanRoutes::open(cfg(a_ip), RouteOwner::default()).unwrap();
+        let mut m = RouteManager::new(vx.clone());
+        vx.ensure_device().await.unwrap();
+        let st = m
+            .sync(&NodeSet {
+                nodes: vec![node("c2", "b", b_ip, "10.2.1.0/24")],
+                complete: true,
+            })
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(
+            st.changes_total, 0,
+            "a restart with the same nodes changes nothing"
+        );
+        assert_eq!(vx.sweep(&st.routes).await.unwrap(), 0);
+        let h = handle();
+        let marker = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix("10.8.0.0".parse().unwrap(), 24)
+            .unwrap()
+            .gateway("192.0.2.52".parse().unwrap())
+            .unwrap()
+            .protocol(RouteProtocol::Static)
+            .build();
+        h.route().add(marker).execute().await.unwrap();
+        let (msg, _) = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("the monitor stream");
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r))
+                if r.header.protocol == RouteProtocol::Static => {}
+            other => panic!("something changed during the restart: {other:?}"),
+        }
+    });
+    connect_pods(&p).expect("pod to pod after the restart");
+}
+
+#[test]
+fn routing_vxlan_corrects_a_wrong_device_follows_the_underlay_mtu_and_removes_a_gone_node() {
+    let p = pair(false, 1500);
+    // A device left with another VNI and port, learning on and the wrong MTU (another configuration, an
+    // older node-sync).
+    p.a.run(|| async {
+        let h = handle();
+        h.link()
+            .add(
+                LinkVxlan::new(VXLAN_DEVICE, 7)
+                    .port(4789)
+                    .learning(true)
+                    .mtu(1500)
+                    .build(),
+            )
+            .execute()
+            .await
+            .unwrap();
+    });
+    let before = state(&p.a).0;
+    assert_eq!((before.vni, before.port), (Some(7), Some(4789)));
+
+    // A knows B and a node C that is not there (its entries are only looked at).
+    let c_ip: IpAddr = "192.0.2.3".parse().unwrap();
+    let both = vec![
+        node("c2", "b", p.b_ip, "10.2.1.0/24"),
+        node("c3", "c", c_ip, "10.3.1.0/24"),
+    ];
+    sync(&p.a, cfg(p.a_ip), both.clone());
+    sync(
+        &p.b,
+        cfg(p.b_ip),
+        vec![node("c1", "a", p.a_ip, "10.1.1.0/24")],
+    );
+    let (d, e, r) = state(&p.a);
+    assert_eq!(
+        (d.vni, d.port),
+        (Some(2), Some(8472)),
+        "VNI and port corrected"
+    );
+    assert_ne!(
+        d.index, before.index,
+        "made again: the kernel changes neither in place"
+    );
+    assert_eq!((d.learning, d.mtu), (Some(false), 1450));
+    assert_eq!(e.fdb.len(), 2);
+    assert_eq!(r.len(), 2);
+    connect_pods(&p).expect("pod to pod through the corrected device");
+
+    // The underlay's MTU changes: corrected in place at the next sync, nothing else moves.
+    p.a.run(|| async { set_mtu(&handle(), "under0", 9000).await });
+    let (st, swept) = sync(&p.a, cfg(p.a_ip), both.clone());
+    assert_eq!((st.changes_total, swept), (0, 0));
+    let (d2, e2, r2) = state(&p.a);
+    assert_eq!(d2.index, d.index, "the MTU changes in place");
+    assert_eq!(d2.mtu, 8950);
+    assert_eq!((e2, r2), (e, r));
+
+    // C leaves: its route, neighbour and FDB entries go; B's stay and carry traffic.
+    let (st, swept) = sync(&p.a, cfg(p.a_ip), both[..1].to_vec());
+    assert_eq!(st.changes_total, 1);
+    assert_eq!(swept, 1, "C's FDB entry");
+    let (_, e, r) = state(&p.a);
+    assert_eq!(
+        e.fdb.iter().copied().collect::<Vec<_>>(),
+        [(mac_for(p.b_ip), p.b_ip)]
+    );
+    assert_eq!(
+        e.neighbours
+            .keys()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>(),
+        ["10.2.1.0"]
+    );
+    assert_eq!(
+        r.iter().map(|r| r.dst).collect::<Vec<IpNet>>(),
+        ["10.2.1.0/24".parse::<IpNet>().unwrap()]
+    );
+    connect_pods(&p).expect("pod to pod after C left");
+}

@@ -135,9 +135,9 @@ pub struct Args {
     ///
     /// `native`: one route per remote node's pod CIDR via that node's address, for nodes that reach each other
     /// directly; main table, routing protocol id 157 (`ip route show proto 157`), never flushed on restart,
-    /// other routes never touched, pod CIDRs overlapping another cluster's or a local route refused. The route
-    /// manager is built, but node-sync does not feed it remote nodes yet (nodes/ keys carry no pod CIDRs):
-    /// refused at start for now.
+    /// other routes never touched, pod CIDRs overlapping another cluster's or a local route refused (shown in
+    /// /api/v1/status `routing` and nodesync_routing_* metrics). The pod CIDRs come from each remote cluster's
+    /// nodes/ keys (the apiserver publishes Node.spec.podCIDRs). Needs CAP_NET_ADMIN.
     ///
     /// `vxlan`: an overlay device with one forwarding entry per remote node, for underlays that route node
     /// addresses but not pod CIDRs. Not built yet: refused at start.

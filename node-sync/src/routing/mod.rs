@@ -49,14 +49,20 @@
 mod manager;
 mod netlink;
 mod plan;
+mod vxlan;
 
 pub use manager::{NodeSet, RouteManager, RoutingStatus};
 pub use netlink::{
     CLUSTERMESH_PROTOCOL, NetlinkRoutes, RouteError, RouteOwner, RouteTable, TableView,
 };
 pub use plan::{
-    DesiredRoute, InstalledRoute, Refusal, RefusalReason, RemoteNode, RouteDiff, RoutePlan,
-    diff_routes, overlaps, plan_routes,
+    DesiredRoute, GatewayFamily, InstalledRoute, Refusal, RefusalReason, RemoteNode, RouteDiff,
+    RoutePlan, diff_routes, overlaps, plan_routes, plan_routes_via,
+};
+pub use vxlan::{
+    DEFAULT_PORT, DEFAULT_VNI, DeviceAction, DeviceSpec, DeviceState, Entries, MAX_VNI, Mac,
+    NetlinkVxlan, OverlayRoute, OverlayTable, Underlay, VXLAN_DEVICE, VxlanConfig, VxlanKernel,
+    VxlanRoutes, device_action, mac_for, overhead, overlay_addr, resolve, stale_entries,
 };
 
 /// `--routing`: how node-sync makes remote pod CIDRs reachable from this node.

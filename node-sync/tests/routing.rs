@@ -370,10 +370,11 @@ impl Drop for NodeSync {
 }
 
 /// Starts `node-sync --routing native` for node n1 of c1 (in the calling thread's network namespace), its
-/// remotes in `remotes`, its log appended to `log`.
+/// remotes in `remotes` (`None`: `--kvstoremesh`, every peer mirrored into the local etcd), its log appended
+/// to `log`.
 fn start_node_sync(
     etcd: &support::Etcd,
-    remotes: &std::path::Path,
+    remotes: Option<&std::path::Path>,
     port: u16,
     log: &std::path::Path,
 ) -> NodeSync {
@@ -392,8 +393,10 @@ fn start_node_sync(
             "n1",
         ])
         .args(["--etcd-endpoints", &etcd.url()])
-        .arg("--remote-config-dir")
-        .arg(remotes)
+        .args(match remotes {
+            Some(dir) => vec!["--remote-config-dir".into(), dir.as_os_str().to_owned()],
+            None => vec!["--kvstoremesh".into()],
+        })
         .args(["--status-listen", &format!("127.0.0.1:{port}")])
         .args(["--fake-maps", "--routing", "native"])
         .env("RUST_LOG", "info")
@@ -557,7 +560,7 @@ fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_bi
         let port = support::free_port();
 
         let t0 = Instant::now();
-        let mut ns = start_node_sync(&etcd, &remotes, port, &log);
+        let mut ns = start_node_sync(&etcd, Some(&remotes), port, &log);
         let others = route_event(&mut events, "10.2.1.0/24", true, Duration::from_secs(20)).await;
         eprintln!("first route {:?} after node-sync's start", t0.elapsed());
         assert!(
@@ -597,7 +600,7 @@ fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_bi
             before,
             "routes gone with node-sync's SIGKILL"
         );
-        let ns = start_node_sync(&etcd, &remotes, port, &log);
+        let ns = start_node_sync(&etcd, Some(&remotes), port, &log);
         let doc = status_until(
             port,
             &log,
@@ -690,4 +693,52 @@ async fn route_event_any(events: &mut RouteEvents, dst: &str) -> Vec<String> {
         }
         others.push(format!("{what} {d} proto {proto}"));
     }
+}
+
+/// Through KVStoreMesh the local etcd holds every peer's keys, nodes among them: node-sync `--kvstoremesh
+/// --routing native` routes a mirrored peer's pod CIDRs and withdraws them with the mirrored node.
+#[test]
+fn routing_native_follows_the_nodes_kvstoremesh_mirrors_into_the_local_etcd() {
+    in_new_netns(|| async {
+        let _h = underlay().await;
+        let (mconn, _mh, mut events) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Route]).unwrap();
+        tokio::spawn(mconn);
+        let etcd = support::Etcd::start().await;
+        let mut c1 = support::ApiWriter::new(&etcd, "c1", 1).await;
+        // c2's keys as KVStoreMesh mirrors them into c1's etcd (the same keys, under c2's prefixes).
+        let mut c2 = support::ApiWriter::new(&etcd, "c2", 2).await;
+        c1.publish_all(vec![], vec![]).await;
+        c2.publish_all(vec![], vec![]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("node-sync.log");
+        let port = support::free_port();
+        let _ns = start_node_sync(&etcd, None, port, &log);
+        status_until(port, &log, "ready", |d| d["ready"] == true).await;
+
+        let (k, v) = node_value("c2", "n1", "192.0.2.11", &["10.2.1.0/24"]);
+        let t = Instant::now();
+        c2.put(k.clone(), v).await;
+        route_event(&mut events, "10.2.1.0/24", true, Duration::from_secs(1)).await;
+        let added = t.elapsed();
+        c2.delete(k).await;
+        route_event(&mut events, "10.2.1.0/24", false, Duration::from_secs(1)).await;
+        eprintln!("kvstoremesh: mirrored node put -> route added {added:?}");
+        // The local cluster's own nodes are never routed.
+        let (k, v) = node_value("c1", "n2", "192.0.2.31", &["10.1.2.0/24"]);
+        c1.put(k, v).await;
+        let (k, v) = node_value("c2", "n3", "192.0.2.13", &["10.2.3.0/24"]);
+        c2.put(k, v).await;
+        let others = route_event(&mut events, "10.2.3.0/24", true, Duration::from_secs(1)).await;
+        assert!(others.is_empty(), "{others:?}");
+        let doc = status_until(port, &log, "one route", |d| {
+            d["routing"]["routesInstalled"] == 1
+        })
+        .await;
+        assert_eq!(
+            doc["routing"]["routes"][0]["node"], "n3",
+            "{:#}",
+            doc["routing"]
+        );
+    });
 }

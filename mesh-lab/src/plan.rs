@@ -174,8 +174,18 @@ pub struct LabSpec {
     /// How members of different clusters reach each other (default [`Underlay::Routed`]).
     pub underlay: Underlay,
     /// Pod CIDRs given by hand, by `(cluster, node)` (1-based), instead of the node's /28: e.g. an overlap
-    /// on purpose. `(network, prefix length)`.
-    pub pod_cidrs: BTreeMap<(usize, usize), (Ipv4Addr, u8)>,
+    /// on purpose.
+    pub pod_cidrs: BTreeMap<(usize, usize), PodCidr>,
+}
+
+/// A pod CIDR given by hand ([`LabSpec::pod_cidrs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodCidr {
+    /// `network/prefix length`.
+    Given(Ipv4Addr, u8),
+    /// The /28 another node `(cluster, node)` gets by default (the lab's address range is allocated at
+    /// `up`, so an overlap on purpose is said this way).
+    SameAs(usize, usize),
 }
 
 impl LabSpec {
@@ -215,7 +225,15 @@ impl LabSpec {
 
     /// Gives node `n` of cluster `c` (1-based) the pod CIDR `network/prefix_len` instead of its /28.
     pub fn pod_cidr(mut self, c: usize, n: usize, network: Ipv4Addr, prefix_len: u8) -> Self {
-        self.pod_cidrs.insert((c, n), (network, prefix_len));
+        self.pod_cidrs
+            .insert((c, n), PodCidr::Given(network, prefix_len));
+        self
+    }
+
+    /// Gives node `n` of cluster `c` the pod CIDR that node `of_n` of cluster `of_c` gets by default: an
+    /// overlap on purpose.
+    pub fn pod_cidr_same_as(mut self, c: usize, n: usize, of_c: usize, of_n: usize) -> Self {
+        self.pod_cidrs.insert((c, n), PodCidr::SameAs(of_c, of_n));
         self
     }
 
@@ -295,11 +313,17 @@ impl LabSpec {
                 "pod CIDRs given for a lab without pods".into(),
             ));
         }
-        for &(c, n) in self.pod_cidrs.keys() {
-            if c == 0 || c > self.clusters || n == 0 || n > self.nodes_per_cluster {
-                return Err(LabError::Spec(format!(
-                    "pod CIDR given for node {n} of cluster {c}, which the lab does not have"
-                )));
+        for (&(c, n), how) in &self.pod_cidrs {
+            let mut nodes = vec![(c, n)];
+            if let PodCidr::SameAs(oc, on) = how {
+                nodes.push((*oc, *on));
+            }
+            for (c, n) in nodes {
+                if c == 0 || c > self.clusters || n == 0 || n > self.nodes_per_cluster {
+                    return Err(LabError::Spec(format!(
+                        "pod CIDR given for node {n} of cluster {c}, which the lab does not have"
+                    )));
+                }
             }
         }
         if !self.cluster_names.is_empty() {
@@ -748,10 +772,19 @@ impl LabPlan {
                         .map(|n| {
                             let mut m = member(n, format!("n{n}"), 10 + n as u8);
                             if spec.pods {
-                                let (net, len) = spec.pod_cidrs.get(&(c, n)).copied().unwrap_or((
-                                    Ipv4Addr::new(10, octet, pod_octet, 16 * (n as u8 - 1)),
-                                    POD_CIDR_PREFIX,
-                                ));
+                                let default_of = |c: usize, n: usize| {
+                                    // c <= MAX_CLUSTERS, n <= MAX_NODES_WITH_PODS (validated)
+                                    let o = POD_RANGE_BASE + c as u8;
+                                    (
+                                        Ipv4Addr::new(10, octet, o, 16 * (n as u8 - 1)),
+                                        POD_CIDR_PREFIX,
+                                    )
+                                };
+                                let (net, len) = match spec.pod_cidrs.get(&(c, n)) {
+                                    Some(PodCidr::Given(a, l)) => (*a, *l),
+                                    Some(PodCidr::SameAs(oc, on)) => default_of(*oc, *on),
+                                    None => default_of(c, n),
+                                };
                                 m.pod = Some(PodInfo::of(format!("{}-pod", m.netns), net, len)?);
                             }
                             Ok(m)
@@ -1067,6 +1100,12 @@ mod tests {
         assert!(e.to_string().contains("node 2 of cluster 2"), "{e}");
         // c2's node 1 takes c1's node 1 CIDR (an overlap on purpose)
         let p = plan_with(LabSpec::new("t", 2, 1).with_pods().pod_cidr(2, 1, net, 28));
+        let same = plan_with(
+            LabSpec::new("t", 2, 1)
+                .with_pods()
+                .pod_cidr_same_as(2, 1, 1, 1),
+        );
+        assert_eq!(same.clusters[1].nodes[0].pod, p.clusters[1].nodes[0].pod);
         assert_eq!(
             p.clusters[1].nodes[0].pod.as_ref().unwrap().cidr(),
             p.clusters[0].nodes[0].pod.as_ref().unwrap().cidr()

@@ -139,10 +139,33 @@ pub struct Args {
     /// /api/v1/status `routing` and nodesync_routing_* metrics). The pod CIDRs come from each remote cluster's
     /// nodes/ keys (the apiserver publishes Node.spec.podCIDRs). Needs CAP_NET_ADMIN.
     ///
-    /// `vxlan`: an overlay device with one forwarding entry per remote node, for underlays that route node
-    /// addresses but not pod CIDRs. Not built yet: refused at start.
+    /// `vxlan`: an overlay device, clustermesh0, for underlays that route node addresses but not pod CIDRs:
+    /// per remote node an FDB entry to its address (of the underlay's family), per pod CIDR a neighbour entry
+    /// and the route `<cidr> via <CIDR's first address> dev clustermesh0 onlink proto 157`, with the same
+    /// ownership, overlap refusal and status as native. The device (--vxlan-vni, --vxlan-port, no learning,
+    /// MTU = the underlay device's - 50 over IPv4, - 70 over IPv6) is kept: corrected in place on restart, made
+    /// again only if its VNI or port differ, never deleted on exit. Every node of the mesh needs the same VNI
+    /// and port, and UDP to that port open between nodes. Needs CAP_NET_ADMIN.
     #[arg(long, env = "CLUSTERMESH_ROUTING", value_enum, default_value = "none")]
     pub routing: crate::routing::RoutingMode,
+
+    /// With --routing vxlan: the VXLAN network identifier of clustermesh0 (1..=16777215; the same on every
+    /// node of the mesh).
+    #[arg(long, env = "CLUSTERMESH_VXLAN_VNI", default_value_t = crate::routing::DEFAULT_VNI,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::routing::MAX_VNI)))]
+    pub vxlan_vni: u32,
+
+    /// With --routing vxlan: the UDP port of clustermesh0, sent to and listened on (8472 as Cilium and
+    /// flannel; the same on every node of the mesh).
+    #[arg(long, env = "CLUSTERMESH_VXLAN_PORT", default_value_t = crate::routing::DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_port: u16,
+
+    /// With --routing vxlan: this node's address on the underlay, the tunnels' local end (its family is the
+    /// underlay's: remote nodes are reached at their address of that family). Unset: the preferred source of
+    /// the default route, else the first global address of its device (IPv4 first).
+    #[arg(long, env = "CLUSTERMESH_VXLAN_LOCAL_ADDRESS")]
+    pub vxlan_local_address: Option<std::net::IpAddr>,
 
     /// Use the in-memory map writer instead of the eBPF maps (tests and demos without BPF).
     #[arg(long, env = "CLUSTERMESH_FAKE_MAPS")]
@@ -205,6 +228,39 @@ mod tests {
         v.extend(["--routing", "bgp"]);
         let e = Args::try_parse_from(v).unwrap_err().to_string();
         assert!(e.contains("native") && e.contains("vxlan"), "{e}");
+    }
+
+    #[test]
+    fn vxlan_flags_default_to_vni_2_port_8472_and_refuse_what_the_kernel_would() {
+        let a = Args::try_parse_from(base()).unwrap();
+        assert_eq!((a.vxlan_vni, a.vxlan_port), (2, 8472));
+        assert_eq!(a.vxlan_local_address, None);
+        let mut v = base();
+        v.extend([
+            "--routing",
+            "vxlan",
+            "--vxlan-vni",
+            "42",
+            "--vxlan-port",
+            "4789",
+            "--vxlan-local-address",
+            "192.0.2.1",
+        ]);
+        let a = Args::try_parse_from(v).unwrap();
+        assert_eq!((a.vxlan_vni, a.vxlan_port), (42, 4789));
+        assert_eq!(a.vxlan_local_address, Some("192.0.2.1".parse().unwrap()));
+        for (flag, bad) in [
+            ("--vxlan-vni", "0"),
+            ("--vxlan-vni", "16777216"),
+            ("--vxlan-port", "0"),
+            ("--vxlan-port", "65536"),
+            ("--vxlan-local-address", "node1"),
+        ] {
+            let mut v = base();
+            v.extend([flag, bad]);
+            let e = Args::try_parse_from(v).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
+        }
     }
 
     #[test]

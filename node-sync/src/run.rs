@@ -11,7 +11,10 @@ use anyhow::Context as _;
 use crate::agent::{self, Agent, AgentOptions};
 use crate::args::Args;
 use crate::lb::{FakeMaps, MapWriter};
-use crate::routing::{NetlinkRoutes, RouteManager, RouteOwner, RoutingMode, RoutingStatus};
+use crate::routing::{
+    NetlinkRoutes, NetlinkVxlan, RouteManager, RouteOwner, RoutingMode, RoutingStatus, VxlanConfig,
+    VxlanRoutes,
+};
 use crate::status::RoutingView;
 
 /// How often the route manager reconciles with no node change (a route of ours someone deleted comes back).
@@ -19,7 +22,8 @@ const ROUTE_RESYNC: Duration = Duration::from_secs(10);
 
 /// `--routing`: starts what carries the mode out, following the agent's remote nodes; what the status server
 /// shows of it (`None` for `none`). One branch per mode.
-fn start_routing(mode: RoutingMode, agent: &Agent) -> anyhow::Result<Option<RoutingView>> {
+async fn start_routing(args: &Args, agent: &Agent) -> anyhow::Result<Option<RoutingView>> {
+    let mode = args.routing;
     match mode {
         RoutingMode::None => Ok(None),
         RoutingMode::Native => {
@@ -34,8 +38,33 @@ fn start_routing(mode: RoutingMode, agent: &Agent) -> anyhow::Result<Option<Rout
             Ok(Some(RoutingView { mode, status }))
         }
         RoutingMode::Vxlan => {
-            crate::routing::refuse_unwired(mode)?;
-            Ok(None)
+            let local = match args.vxlan_local_address {
+                Some(a) => a,
+                None => {
+                    NetlinkVxlan::open(RouteOwner::default())
+                        .context("--routing vxlan: opening a netlink socket")?
+                        .default_route_address()
+                        .await?
+                }
+            };
+            let config = VxlanConfig {
+                vni: args.vxlan_vni,
+                port: args.vxlan_port,
+                ..VxlanConfig::new(local)
+            };
+            tracing::info!(
+                device = %config.name,
+                vni = config.vni,
+                port = config.port,
+                local = %config.local,
+                protocol = crate::routing::CLUSTERMESH_PROTOCOL,
+                "routing remote pod CIDRs through a vxlan overlay"
+            );
+            let table = VxlanRoutes::open(config, RouteOwner::default())
+                .context("--routing vxlan: opening the route table")?;
+            let (tx, status) = tokio::sync::watch::channel(RoutingStatus::default());
+            tokio::spawn(RouteManager::new(table).run(agent.remote_nodes(), tx, ROUTE_RESYNC));
+            Ok(Some(RoutingView { mode, status }))
         }
     }
 }
@@ -60,7 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding the status server to {}", args.status_listen))?;
     let agent = agent::start_with_events(opts, maps, events);
     let mut status_source = agent.status_source();
-    status_source.routing = start_routing(args.routing, &agent)?;
+    status_source.routing = start_routing(&args, &agent).await?;
     let _dns = match args.dns_listen {
         Some(listen) => {
             let metrics = Arc::new(clusterset_dns::DnsMetrics::default());

@@ -177,23 +177,20 @@ fn node(cluster: &str, name: &str, ip: IpAddr, cidr: &str) -> RemoteNode {
     }
 }
 
-/// One node-sync start and sync in `ns`: a new table and manager (as after a restart), the device step, the
-/// route sync, then the sweep of entries no route needs.
-fn sync(ns: &Netns, config: VxlanConfig, nodes: Vec<RemoteNode>) -> (RoutingStatus, usize) {
+/// One node-sync start and sync in `ns`: a new table and manager (as after a restart); the manager's sync
+/// makes or corrects the device, reconciles the routes and their entries, then sweeps the entries no route
+/// needs.
+fn sync(ns: &Netns, config: VxlanConfig, nodes: Vec<RemoteNode>) -> RoutingStatus {
     ns.run(move || async move {
         let vx = VxlanRoutes::open(config, RouteOwner::default()).unwrap();
-        let mut m = RouteManager::new(vx.clone());
-        vx.ensure_device().await.expect("the vxlan device");
-        let st = m
-            .sync(&NodeSet {
-                nodes,
-                complete: true,
-            })
-            .await
-            .expect("the sync")
-            .clone();
-        let swept = vx.sweep(&st.routes).await.expect("the sweep");
-        (st, swept)
+        let mut m = RouteManager::new(vx);
+        m.sync(&NodeSet {
+            nodes,
+            complete: true,
+        })
+        .await
+        .expect("the sync")
+        .clone()
     })
 }
 
@@ -264,7 +261,7 @@ fn routing_vxlan_carries_pod_traffic_between_two_nodes_and_a_restart_changes_not
     let e = connect_pods(&p).expect_err("no route to B's pods before node-sync");
     assert!(e.contains("unreachable"), "{e}");
 
-    let (st, _) = sync(
+    let st = sync(
         &p.a,
         cfg(p.a_ip),
         vec![node("c2", "b", p.b_ip, "10.2.1.0/24")],
@@ -331,9 +328,7 @@ fn routing_vxlan_carries_pod_traffic_between_two_nodes_and_a_restart_changes_not
         ])
         .unwrap();
         tokio::spawn(mconn);
-        let vx = VxlanRoutes::open(cfg(a_ip), RouteOwner::default()).unwrap();
-        let mut m = RouteManager::new(vx.clone());
-        vx.ensure_device().await.unwrap();
+        let mut m = RouteManager::new(VxlanRoutes::open(cfg(a_ip), RouteOwner::default()).unwrap());
         let st = m
             .sync(&NodeSet {
                 nodes: vec![node("c2", "b", b_ip, "10.2.1.0/24")],
@@ -346,7 +341,6 @@ fn routing_vxlan_carries_pod_traffic_between_two_nodes_and_a_restart_changes_not
             st.changes_total, 0,
             "a restart with the same nodes changes nothing"
         );
-        assert_eq!(vx.sweep(&st.routes).await.unwrap(), 0);
         let h = handle();
         let marker = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix("10.8.0.0".parse().unwrap(), 24)
@@ -420,17 +414,19 @@ fn routing_vxlan_corrects_a_wrong_device_follows_the_underlay_mtu_and_removes_a_
 
     // The underlay's MTU changes: corrected in place at the next sync, nothing else moves.
     p.a.run(|| async { set_mtu(&handle(), "under0", 9000).await });
-    let (st, swept) = sync(&p.a, cfg(p.a_ip), both.clone());
-    assert_eq!((st.changes_total, swept), (0, 0));
+    let st = sync(&p.a, cfg(p.a_ip), both.clone());
+    assert_eq!(st.changes_total, 0);
     let (d2, e2, r2) = state(&p.a);
     assert_eq!(d2.index, d.index, "the MTU changes in place");
     assert_eq!(d2.mtu, 8950);
     assert_eq!((e2, r2), (e, r));
 
     // C leaves: its route, neighbour and FDB entries go; B's stay and carry traffic.
-    let (st, swept) = sync(&p.a, cfg(p.a_ip), both[..1].to_vec());
-    assert_eq!(st.changes_total, 1);
-    assert_eq!(swept, 1, "C's FDB entry");
+    let st = sync(&p.a, cfg(p.a_ip), both[..1].to_vec());
+    assert_eq!(
+        st.changes_total, 2,
+        "C's route (and neighbour entry) removed, its FDB entry swept"
+    );
     let (_, e, r) = state(&p.a);
     assert_eq!(
         e.fdb.iter().copied().collect::<Vec<_>>(),
@@ -448,4 +444,22 @@ fn routing_vxlan_corrects_a_wrong_device_follows_the_underlay_mtu_and_removes_a_
         ["10.2.1.0/24".parse::<IpNet>().unwrap()]
     );
     connect_pods(&p).expect("pod to pod after C left");
+
+    // With no --vxlan-local-address, node-sync takes the address of the default route's device; with no
+    // default route it says what to give.
+    let a_ip = p.a_ip;
+    p.a.run(move || async move {
+        let k = NetlinkVxlan::open(RouteOwner::default()).unwrap();
+        let e = k.default_route_address().await.unwrap_err().to_string();
+        assert!(e.contains("--vxlan-local-address"), "{e}");
+        let h = handle();
+        let default = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix("0.0.0.0".parse().unwrap(), 0)
+            .unwrap()
+            .gateway("192.0.2.2".parse().unwrap())
+            .unwrap()
+            .build();
+        h.route().add(default).execute().await.unwrap();
+        assert_eq!(k.default_route_address().await.unwrap(), a_ip);
+    });
 }

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::netlink::{RouteError, RouteTable};
-use super::plan::{DesiredRoute, Refusal, RemoteNode, diff_routes, plan_routes};
+use super::plan::{DesiredRoute, Refusal, RemoteNode, diff_routes, plan_routes_via};
 
 /// The remote nodes as the agent knows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,8 +61,14 @@ impl<T: RouteTable> RouteManager<T> {
     /// the difference. Never touches a route without our protocol id. A failed operation is logged, counted
     /// and the rest still applied; the first failure is returned.
     pub async fn sync(&mut self, set: &NodeSet) -> Result<&RoutingStatus, RouteError> {
+        if let Err(e) = self.table.prepare().await {
+            warn!(error = %e, "routing not ready: no route changed");
+            self.status.errors_total += 1;
+            self.status.last_error = Some(e.to_string());
+            return Err(e);
+        }
         let view = self.table.read().await?;
-        let plan = plan_routes(&set.nodes, &view.foreign);
+        let plan = plan_routes_via(&set.nodes, &view.foreign, self.table.gateway_family());
         let diff = diff_routes(&plan.routes, &view.ours, set.complete);
 
         let before: BTreeSet<&Refusal> = self.status.refused.iter().collect();
@@ -106,6 +112,14 @@ impl<T: RouteTable> RouteManager<T> {
                 None => info!(dst = %r.dst, via, "route removed (no node calls for it)"),
             }
             note(self.table.delete(r).await, &mut first_error);
+        }
+        match self.table.settle(&plan.routes, set.complete).await {
+            Ok(n) => changes += n as u64,
+            Err(e) => {
+                errors += 1;
+                warn!(error = %e, "clean-up after the route sync failed");
+                first_error.get_or_insert(e);
+            }
         }
 
         self.status.routes = plan.routes;

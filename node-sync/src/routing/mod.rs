@@ -33,18 +33,28 @@
 //! `nodesync_routing_routes`, `_refused`, `_refused_total`, `_changes_total`, `_errors_total` in `/metrics`).
 //! Tested end to end in `node-sync/tests/routing.rs` (etcd and the binary in the test's network namespace).
 //!
-//! `--routing vxlan` (`RoutingMode::Vxlan`) is not built yet; node-sync refuses it at start. Its design: one
-//! device `clustermesh0` of kind vxlan (`--vxlan-vni`, default 2; `--vxlan-port`, default 8472 as Cilium's,
-//! `nolearning`, local address = this node's address on the underlay, MTU = the underlay device's MTU - 50 for
-//! IPv4 underlays, - 70 for IPv6), made and kept by node-sync (found by name and kind on restart, its
-//! parameters corrected in place, never deleted on exit). Per remote node: an FDB entry
-//! `00:00:00:00:00:00 dst <node ip>` is not enough for unicast, so each node gets a neighbour entry for a
-//! per-node overlay address and an FDB entry `<mac> dst <node ip>`, as flannel's vxlan backend does: the MAC
-//! derived from the node's address (locally administered, `0a:` + 4 octets + `:00`), the overlay address the
-//! first address of the node's pod CIDR; then the pod CIDR route goes `via <overlay address> dev
-//! clustermesh0 onlink`, marked with the same protocol id, so the same plan, diff and ownership apply and
-//! only the gateway and device differ. FDB and neighbour entries are ours by device (node-sync owns the
-//! device), reconciled the same way (dump, diff, never flush).
+//! `--routing vxlan` (`RoutingMode::Vxlan`, `vxlan.rs`): one device `clustermesh0` of kind vxlan
+//! (`--vxlan-vni`, default 2; `--vxlan-port`, default 8472 as Cilium's; `nolearning`; local address = this
+//! node's address on the underlay, `--vxlan-local-address` or else the default route's source; MTU = the
+//! underlay device's MTU - 50 for IPv4 underlays, - 70 for IPv6; MAC = `mac_for` of the local address), made
+//! and kept by node-sync: before each sync (`RouteTable::prepare`) it is found by name and kind, its MTU, MAC,
+//! local address, learning and up corrected in place (only what differs), made again when its VNI, port or
+//! address family differ (the kernel changes none of them in place; its routes go with it and the same sync
+//! adds them back), a link of another kind with its name refused by name; never deleted on exit. Per remote
+//! node an FDB entry `00:00:00:00:00:00 dst <node ip>` is not enough for unicast, so, as flannel's vxlan
+//! backend does: an FDB entry `<mac> dst <node ip>` (the MAC derived from the node's address, locally
+//! administered, `0a:` + 4 octets (an IPv6 address's last 4) + `:00`; the node address is the one of the
+//! underlay's family, `GatewayFamily`), per pod CIDR a permanent neighbour entry for the overlay address (the
+//! CIDR's first address) with that MAC, and the route `<cidr> via <overlay address> dev clustermesh0 onlink`
+//! with protocol id 157: the same plan, diff, ownership, refusals and status as native; only the gateway and
+//! device differ (`RoutingStatus` shows the node address as `via`). A route reads back as going to a node only
+//! when its whole chain is there (route, neighbour, FDB), so a broken chain or a native route left behind is
+//! replaced in place. FDB and neighbour entries are ours by device: after each sync with every cluster synced
+//! (`RouteTable::settle`) those no route needs are removed; never a flush. Tested in two network namespaces
+//! joined by a veth that carries only node addresses (`node-sync/tests/routing_vxlan.rs`). Not done: the
+//! overlay address of this node's own pod CIDR is not put on `clustermesh0`, so a host-network client (not a
+//! pod) reaching a remote pod sends from its node address, and the reply comes back over the underlay: a
+//! remote node with strict `rp_filter` on `clustermesh0` drops the request.
 
 mod manager;
 mod netlink;
@@ -75,18 +85,8 @@ pub enum RoutingMode {
     /// main table with routing protocol id 157; never flushed on restart, other routes never touched,
     /// overlapping CIDRs refused.
     Native,
-    /// An overlay device with one forwarding entry per remote node, for underlays that route node addresses but
-    /// not pod CIDRs (not built yet: node-sync refuses it at start).
+    /// An overlay device (`clustermesh0`) with one forwarding entry per remote node, for underlays that route
+    /// node addresses but not pod CIDRs; routes marked as native's (protocol id 157), same ownership and
+    /// refusals.
     Vxlan,
-}
-
-/// At start: the modes node-sync cannot carry out yet are refused with the reason, rather than accepted and
-/// silently routing nothing. `vxlan` is designed above, not built.
-pub fn refuse_unwired(mode: RoutingMode) -> Result<(), RouteError> {
-    match mode {
-        RoutingMode::None | RoutingMode::Native => Ok(()),
-        RoutingMode::Vxlan => Err(RouteError::NotAvailable(
-            "--routing vxlan is not built yet; issue 20",
-        )),
-    }
 }

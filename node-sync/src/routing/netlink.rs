@@ -12,7 +12,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::plan::{DesiredRoute, InstalledRoute};
+use super::plan::{DesiredRoute, GatewayFamily, InstalledRoute};
 
 /// A route table failure, naming the operation and the route.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,25 @@ pub trait RouteTable {
     fn replace(&self, r: &DesiredRoute) -> impl Future<Output = Result<(), RouteError>> + Send;
     /// Deletes our route.
     fn delete(&self, r: &InstalledRoute) -> impl Future<Output = Result<(), RouteError>> + Send;
+    /// Before each sync: what the routes need in place (`--routing vxlan`: the device). A failure ends the
+    /// sync before anything is read or changed.
+    fn prepare(&self) -> impl Future<Output = Result<(), RouteError>> + Send {
+        async { Ok(()) }
+    }
+    /// After each sync, with the routes wanted and whether every cluster is synced (`prune`): what no route
+    /// needs any more goes (`--routing vxlan`: forwarding entries). Returns how many things went.
+    fn settle(
+        &self,
+        _routes: &[DesiredRoute],
+        _prune: bool,
+    ) -> impl Future<Output = Result<usize, RouteError>> + Send {
+        async { Ok(0) }
+    }
+    /// Which of a remote node's addresses its routes go through (the CIDR's family for native routes; the
+    /// underlay's for vxlan).
+    fn gateway_family(&self) -> GatewayFamily {
+        GatewayFamily::OfCidr
+    }
 }
 
 /// The kernel's routing table over an rtnetlink socket opened in the calling thread's network namespace.

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -415,11 +415,6 @@ impl<K: VxlanKernel> VxlanRoutes<K> {
         &self.config
     }
 
-    /// Which node address a route's "gateway" is: the node's address of the underlay's family.
-    pub fn gateway_family(&self) -> GatewayFamily {
-        self.config.gateway_family()
-    }
-
     fn require_index(&self) -> Result<u32, RouteError> {
         match self.index.load(Ordering::Relaxed) {
             0 => Err(RouteError::Device(format!(
@@ -555,6 +550,22 @@ impl<K: VxlanKernel> RouteTable for VxlanRoutes<K> {
         self.put(r, true).await
     }
 
+    async fn prepare(&self) -> Result<(), RouteError> {
+        self.ensure_device().await.map(|_| ())
+    }
+
+    async fn settle(&self, routes: &[DesiredRoute], prune: bool) -> Result<usize, RouteError> {
+        if prune {
+            self.sweep(routes).await
+        } else {
+            Ok(0)
+        }
+    }
+
+    fn gateway_family(&self) -> GatewayFamily {
+        self.config.gateway_family()
+    }
+
     async fn delete(&self, r: &InstalledRoute) -> Result<(), RouteError> {
         self.kernel.del_route(r.dst).await?;
         // The FDB entry may serve another CIDR of the same node: `sweep` takes it when nothing does.
@@ -662,6 +673,63 @@ impl NetlinkVxlan {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Open)?;
         tokio::spawn(conn);
         Ok(NetlinkVxlan { handle, owner })
+    }
+
+    /// This node's underlay address when none is configured: the preferred source of the default route
+    /// (IPv4 first, then IPv6), else the first global address of the default route's device (flannel's
+    /// choice). An error says to configure it when there is none.
+    pub async fn default_route_address(&self) -> Result<IpAddr, RouteError> {
+        for m in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let family = m.header.address_family;
+            let mut s = self.handle.route().get(m).execute();
+            let mut found = None;
+            while let Some(m) = s.try_next().await.map_err(nl("dump", "routes"))? {
+                if table_of(&m) != u32::from(self.owner.table)
+                    || m.header.kind != RouteType::Unicast
+                    || m.header.destination_prefix_length != 0
+                {
+                    continue;
+                }
+                let src = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::PrefSource(a) => super::netlink::addr_of(a),
+                    _ => None,
+                });
+                if let Some(src) = src {
+                    return Ok(src);
+                }
+                if let Some(oif) = oif_of(&m) {
+                    found = Some(oif);
+                    break;
+                }
+            }
+            drop(s);
+            let Some(oif) = found else { continue };
+            let mut s = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(oif)
+                .execute();
+            while let Some(a) = s.try_next().await.map_err(nl("dump", "addresses"))? {
+                if a.header.family != family || a.header.scope != AddressScope::Universe {
+                    continue;
+                }
+                if let Some(ip) = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                }) {
+                    return Ok(ip);
+                }
+            }
+        }
+        Err(RouteError::Device(
+            "--routing vxlan: no --vxlan-local-address given and no default route with an address on its \
+             device: give this node's underlay address"
+                .into(),
+        ))
     }
 
     async fn link_by_index(&self, index: u32) -> Result<LinkMessage, RouteError> {
@@ -1364,7 +1432,7 @@ mod tests {
             .entries
             .neighbours
             .remove(&"10.2.1.0".parse().unwrap());
-        let st = m.sync(&set(vec![n1.clone()])).await.unwrap().clone();
+        m.sync(&set(vec![n1.clone()])).await.unwrap();
         let log = k.log();
         assert!(
             log.ends_with(&[
@@ -1373,11 +1441,16 @@ mod tests {
                 "replace 10.2.1.0/24".into(),
                 "del route 10.2.2.0/24".into(),
                 "del neigh 10.2.2.0".into(),
+                // The manager's settle step: n2's FDB entry, which no route needs any more.
+                "del fdb 192.0.2.12".into(),
             ]),
             "{log:?}"
         );
-        assert_eq!(vx.sweep(&st.routes).await.unwrap(), 1);
-        assert_eq!(k.log().last().unwrap(), "del fdb 192.0.2.12");
+        assert_eq!(
+            m.status().changes_total,
+            2 + 3,
+            "two routes added; then n1's replaced, n2's removed and its FDB entry swept"
+        );
         let e = k.state.lock().unwrap().entries.clone();
         assert_eq!(e, entries(&[("10.2.1.0", "192.0.2.11")], &["192.0.2.11"]));
     }
@@ -1430,12 +1503,21 @@ mod tests {
         let vx = VxlanRoutes::new(&k, VxlanConfig::new("192.0.2.1".parse().unwrap()));
         let e = vx.ensure_device().await.unwrap_err().to_string();
         assert!(e.contains("clustermesh0 of kind bridge"), "{e}");
+        // The manager's sync stops at its prepare step, counts and reports the error.
         let mut m = RouteManager::new(vx.clone());
         let e = m
             .sync(&set(vec![node("c2", "n1", "192.0.2.11", "10.2.1.0/24")]))
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("not set up"), "{e}");
+        assert!(e.to_string().contains("of kind bridge"), "{e}");
+        assert_eq!(m.status().errors_total, 1);
+        assert!(
+            m.status()
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("rename or delete")
+        );
         assert!(k.log().is_empty(), "nothing touched: {:?}", k.log());
     }
 }

@@ -3,17 +3,24 @@
 //! address on `lo` (10.1.1.1 in A's pod CIDR 10.1.1.0/24, 10.2.1.1 in B's 10.2.1.0/24). Nothing routes the pod
 //! CIDRs but what node-sync installs, so a TCP connection between the pod addresses goes through
 //! `clustermesh0` or nowhere. The host's links and routes are never read or written. Needs root
-//! (CAP_NET_ADMIN, CAP_SYS_ADMIN for the namespaces): the tests fail, not skip, without it.
+//! (CAP_NET_ADMIN, CAP_SYS_ADMIN for the namespaces): the tests fail, not skip, without it. The last test runs
+//! the `node-sync` binary with `--routing vxlan` in node A, fed by a real etcd there.
+
+mod support;
 
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use mesh_model::ClusterName;
+use mesh_model::keys::MeshKey;
+use mesh_model::values::{MeshValue, NodeAddress, NodeInfo};
 use node_sync::routing::{
     DeviceState, Entries, NetlinkVxlan, NodeSet, OverlayRoute, RemoteNode, RouteManager,
     RouteOwner, RoutingStatus, VXLAN_DEVICE, VxlanConfig, VxlanKernel, VxlanRoutes, mac_for,
@@ -227,10 +234,14 @@ fn counters(ns: &Netns) -> (u64, u64) {
 
 /// A TCP connection from A's pod address to B's, a line sent through it; the peer address B saw.
 fn connect_pods(p: &Pair) -> Result<SocketAddr, String> {
-    let listener =
-        p.b.run(|| async { std::net::TcpListener::bind((B_POD, 0)).unwrap() });
+    connect_pods_in(&p.a, &p.b)
+}
+
+/// `connect_pods` between the namespaces `a` and `b`.
+fn connect_pods_in(a: &Netns, b: &Netns) -> Result<SocketAddr, String> {
+    let listener = b.run(|| async { std::net::TcpListener::bind((B_POD, 0)).unwrap() });
     let to = listener.local_addr().unwrap();
-    p.a.run(move || async move {
+    a.run(move || async move {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
         s.bind((A_POD.parse::<IpAddr>().unwrap(), 0).into())
             .unwrap();
@@ -461,5 +472,312 @@ fn routing_vxlan_corrects_a_wrong_device_follows_the_underlay_mtu_and_removes_a_
             .build();
         h.route().add(default).execute().await.unwrap();
         assert_eq!(k.default_route_address().await.unwrap(), a_ip);
+    });
+}
+
+#[test]
+fn routing_vxlan_over_an_ipv6_underlay_carries_ipv4_pods_with_a_70_byte_overhead() {
+    let p = pair(true, 1500);
+    // The nodes publish an IPv4 address too (not on the underlay): the tunnel goes to the IPv6 one.
+    let mut b = node("c2", "b", p.b_ip, "10.2.1.0/24");
+    b.addresses.insert(0, "198.51.100.2".parse().unwrap());
+    let st = sync(&p.a, cfg(p.a_ip), vec![b]);
+    assert_eq!(st.routes[0].gateway, p.b_ip, "{st:?}");
+    sync(
+        &p.b,
+        cfg(p.b_ip),
+        vec![node("c1", "a", p.a_ip, "10.1.1.0/24")],
+    );
+    let (d, e, _) = state(&p.a);
+    assert_eq!(d.mtu, 1430, "1500 - 70");
+    assert_eq!(d.local, Some(p.a_ip));
+    assert_eq!(
+        e.fdb.iter().copied().collect::<Vec<_>>(),
+        [(mac_for(p.b_ip), p.b_ip)]
+    );
+    let peer = connect_pods(&p).expect("pod to pod over the IPv6 underlay");
+    assert_eq!(peer.ip().to_string(), A_POD);
+}
+
+/// The `node-sync` binary, SIGKILLed (by its PID) on drop.
+struct NodeSync(Child);
+
+impl Drop for NodeSync {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `node-sync --routing vxlan` for node a of c1, in the calling thread's network namespace, its log appended to
+/// `log`.
+fn start_node_sync(
+    etcd: &support::Etcd,
+    remotes: &Path,
+    port: u16,
+    local: IpAddr,
+    log: &Path,
+) -> NodeSync {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_node-sync"))
+        .args([
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--node-name",
+            "a",
+        ])
+        .args(["--etcd-endpoints", &etcd.url()])
+        .arg("--remote-config-dir")
+        .arg(remotes)
+        .args(["--status-listen", &format!("127.0.0.1:{port}")])
+        .args(["--fake-maps", "--routing", "vxlan"])
+        .args(["--vxlan-local-address", &local.to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn node-sync");
+    NodeSync(child)
+}
+
+/// A node of `cluster` at `ip` with `cidr`, as the apiserver publishes it.
+fn node_value(cluster: &str, name: &str, ip: IpAddr, cidr: &str) -> (MeshKey, MeshValue) {
+    (
+        MeshKey::Node {
+            cluster: support::c(cluster),
+            node: name.into(),
+        },
+        MeshValue::Node(NodeInfo {
+            cluster: support::c(cluster),
+            name: name.into(),
+            addresses: vec![NodeAddress {
+                kind: "InternalIP".into(),
+                ip,
+            }],
+            zone: None,
+            region: None,
+            pod_cidrs: vec![cidr.parse().unwrap()],
+        }),
+    )
+}
+
+type Events = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A monitor of links, neighbour/FDB entries and IPv4 routes in the calling thread's namespace.
+fn monitor() -> Events {
+    let (conn, _h, events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+    ])
+    .unwrap();
+    tokio::spawn(conn);
+    events
+}
+
+/// One line per event: `newroute 10.2.1.0/24 proto 157`, `delneigh family Bridge`, `newlink clustermesh0`.
+fn describe(m: &RouteNetlinkMessage) -> String {
+    match m {
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+            let dst = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    rtnetlink::packet_route::route::RouteAttribute::Destination(d) => {
+                        Some(format!("{d:?}"))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let dst = dst.trim_start_matches("Inet(").trim_end_matches(')');
+            format!(
+                "{} {dst}/{} proto {}",
+                if matches!(m, RouteNetlinkMessage::NewRoute(_)) {
+                    "newroute"
+                } else {
+                    "delroute"
+                },
+                r.header.destination_prefix_length,
+                u8::from(r.header.protocol)
+            )
+        }
+        RouteNetlinkMessage::NewNeighbour(n) => format!("newneigh family {:?}", n.header.family),
+        RouteNetlinkMessage::DelNeighbour(n) => format!("delneigh family {:?}", n.header.family),
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => format!(
+            "{} {}",
+            if matches!(m, RouteNetlinkMessage::NewLink(_)) {
+                "newlink"
+            } else {
+                "dellink"
+            },
+            l.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Waits (up to `limit`) for an event described as `want`; returns the descriptions of those before it.
+async fn event(events: &mut Events, want: &str, limit: Duration) -> Vec<String> {
+    let mut others = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (msg, _) = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} within {limit:?}; other events: {others:?}"))
+            .expect("the monitor");
+        let NetlinkPayload::InnerMessage(m) = msg.payload else {
+            continue;
+        };
+        let d = describe(&m);
+        if d == want {
+            return others;
+        }
+        others.push(d);
+    }
+}
+
+/// `/api/v1/status` once `ok` holds (polled: the status server offers no event), or a failure with the log.
+async fn status_until(
+    port: u16,
+    log: &Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some((200, body)) = support::http_get(port, "/api/v1/status").await
+            && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            if ok(&doc) {
+                return doc;
+            }
+            last = Some(doc);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node-sync's status never showed {what}; last: {:#}\nlog:\n{}",
+            last.unwrap_or_default(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The whole feed with the binary: etcd and `node-sync --routing vxlan` in node A; c2 publishes node B with
+/// its pod CIDR. The device, FDB/neighbour entries and route come up and carry pod traffic to B; a SIGKILL
+/// leaves them and traffic flowing; a restart changes nothing (a link/neighbour/route monitor sees no event);
+/// B's node key deleted takes its route and entries within a second.
+#[test]
+fn routing_vxlan_end_to_end_from_etcd_node_keys_through_the_binary() {
+    let p = pair(false, 1500);
+    // B's side, by the library: its route back to A's pods.
+    sync(
+        &p.b,
+        cfg(p.b_ip),
+        vec![node("c1", "a", p.a_ip, "10.1.1.0/24")],
+    );
+    let (a, b) = (
+        Netns {
+            fd: p.a.fd.try_clone().unwrap(),
+        },
+        Netns {
+            fd: p.b.fd.try_clone().unwrap(),
+        },
+    );
+    let (a_ip, b_ip) = (p.a_ip, p.b_ip);
+    p.a.run(move || async move {
+        let mut events = monitor();
+        let etcd = support::Etcd::start().await;
+        let mut c1 = support::ApiWriter::new(&etcd, "c1", 1).await;
+        c1.publish_all(vec![], vec![]).await;
+        let mut c2 = support::ApiWriter::new(&etcd, "c2", 2).await;
+        let (k, v) = node_value("c2", "b", b_ip, "10.2.1.0/24");
+        c2.put(k.clone(), v).await;
+        c2.publish_all(vec![], vec![]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let remotes = dir.path().join("remotes");
+        std::fs::create_dir(&remotes).unwrap();
+        support::remote_file(&remotes, "c2", &etcd);
+        let log = dir.path().join("node-sync.log");
+        let port = support::free_port();
+
+        let t0 = Instant::now();
+        let mut ns = start_node_sync(&etcd, &remotes, port, a_ip, &log);
+        event(&mut events, "newroute 10.2.1.0/24 proto 157", Duration::from_secs(20)).await;
+        eprintln!("vxlan route up {:?} after node-sync's start", t0.elapsed());
+        let doc = status_until(port, &log, "one route", |d| {
+            d["routing"]["routesInstalled"] == 1
+        })
+        .await;
+        assert_eq!(doc["routing"]["mode"], "vxlan", "{:#}", doc["routing"]);
+        assert_eq!(
+            doc["routing"]["routes"][0],
+            serde_json::json!({"cidr": "10.2.1.0/24", "via": b_ip.to_string(), "cluster": "c2", "node": "b"})
+        );
+        let (d, e, _) = state(&a);
+        assert_eq!((d.vni, d.port, d.mtu), (Some(2), Some(8472), 1450));
+        assert_eq!(e.fdb.iter().copied().collect::<Vec<_>>(), [(mac_for(b_ip), b_ip)]);
+        let t = Instant::now();
+        connect_pods_in(&a, &b).expect("pod to pod through node-sync's overlay");
+        eprintln!("pod-to-pod connect + line through the overlay: {:?}", t.elapsed());
+
+        // SIGKILL: everything stays and still carries traffic.
+        let _ = ns.0.kill();
+        let _ = ns.0.wait();
+        let kept = state(&a);
+        connect_pods_in(&a, &b).expect("pod to pod with node-sync dead");
+        // A restart: nothing changes, not even for a moment.
+        let mut after_kill = monitor();
+        let ns = start_node_sync(&etcd, &remotes, port, a_ip, &log);
+        let doc = status_until(port, &log, "the restarted node-sync synced", |d| {
+            d["ready"] == true && d["routing"]["routesInstalled"] == 1
+        })
+        .await;
+        assert_eq!(doc["routing"]["changesTotal"], 0, "{:#}", doc["routing"]);
+        assert_eq!(doc["routing"]["errorsTotal"], 0, "{:#}", doc["routing"]);
+        assert_eq!(state(&a), kept);
+        let h = handle();
+        let marker = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix("10.8.0.0".parse().unwrap(), 24)
+            .unwrap()
+            .gateway("192.0.2.52".parse().unwrap())
+            .unwrap()
+            .protocol(RouteProtocol::Static)
+            .build();
+        h.route().add(marker).execute().await.unwrap();
+        let blips = event(&mut after_kill, "newroute 10.8.0.0/24 proto 4", Duration::from_secs(5)).await;
+        assert!(blips.is_empty(), "changes across the restart: {blips:?}");
+
+        // B leaves: its route, then its FDB entry, within a second of the delete.
+        let t = Instant::now();
+        c2.delete(k).await;
+        event(&mut after_kill, "delroute 10.2.1.0/24 proto 157", Duration::from_secs(1)).await;
+        event(&mut after_kill, "delneigh family Bridge", Duration::from_secs(1)).await;
+        eprintln!("node deleted -> route and FDB entry gone {:?}", t.elapsed());
+        let (_, e, r) = state(&a);
+        assert!(e.fdb.is_empty() && e.neighbours.is_empty() && r.is_empty(), "{e:?} {r:?}");
+        let err = connect_pods_in(&a, &b).expect_err("B's pods unreachable once B left");
+        assert!(err.contains("unreachable"), "{err}");
+        let log_text = std::fs::read_to_string(&log).unwrap();
+        for needle in ["vxlan device created", "route added", "route removed", "vxlan FDB entry removed"] {
+            assert!(log_text.contains(needle), "no {needle:?} in the log:\n{log_text}");
+        }
+        drop(ns);
     });
 }

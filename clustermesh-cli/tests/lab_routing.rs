@@ -125,6 +125,11 @@ fn native_routing_reaches_a_pod_in_another_cluster() {
 }
 
 #[test]
+fn vxlan_routing_reaches_a_pod_in_another_cluster() {
+    a_client_in_c1_reaches_a_pod_in_c2("rt-vxlan", Routing::Vxlan);
+}
+
+#[test]
 fn a_node_joining_or_leaving_adds_or_removes_its_routes_within_a_second_and_others_routes_stay() {
     let mut mesh = mesh("rt-join", Routing::Native, |s| s);
     let all = c2_routes(&mesh, &[1, 2]);

@@ -81,8 +81,9 @@ fn vxlan_mode_renders_its_vni_and_port() {
         has_net_admin(c),
         "vxlan makes a device and routes: NET_ADMIN"
     );
-    // Not parsed with node-sync's parser yet: --vxlan-vni/--vxlan-port are the flag names
-    // node-sync/src/routing/mod.rs designs; parse here once vxlan lands in node-sync's Args.
+    let parsed = parse_node_sync("routing vxlan", &a);
+    assert_eq!(parsed.routing, node_sync::routing::RoutingMode::Vxlan);
+    assert_eq!((parsed.vxlan_vni, parsed.vxlan_port), (42, 4789));
 }
 
 #[test]

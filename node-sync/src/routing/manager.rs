@@ -23,7 +23,8 @@ pub struct NodeSet {
 /// What the manager did last, for `/api/v1/status` and `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutingStatus {
-    /// The routes node-sync wants (and, unless `last_error`, has).
+    /// The routes node-sync wants and has: those whose add or move failed in the last sync are left out
+    /// (counted in `errors_total`, the first in `last_error`) and retried at the next.
     pub routes: Vec<DesiredRoute>,
     /// The pod CIDRs refused, with the reason.
     pub refused: Vec<Refusal>,
@@ -67,7 +68,15 @@ impl<T: RouteTable> RouteManager<T> {
             self.status.last_error = Some(e.to_string());
             return Err(e);
         }
-        let view = self.table.read().await?;
+        let view = match self.table.read().await {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "reading the route table failed: no route changed");
+                self.status.errors_total += 1;
+                self.status.last_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
         let plan = plan_routes_via(&set.nodes, &view.foreign, self.table.gateway_family());
         let diff = diff_routes(&plan.routes, &view.ours, set.complete);
 
@@ -85,20 +94,30 @@ impl<T: RouteTable> RouteManager<T> {
         let mut errors = 0u64;
         let mut note = |res: Result<(), RouteError>, first_error: &mut Option<RouteError>| match res
         {
-            Ok(()) => changes += 1,
+            Ok(()) => {
+                changes += 1;
+                true
+            }
             Err(e) => {
                 errors += 1;
                 warn!(error = %e, "route change failed");
                 first_error.get_or_insert(e);
+                false
             }
         };
+        // Routes whose add or move failed: not reported as installed.
+        let mut failed = BTreeSet::new();
         for r in &diff.replace {
             info!(dst = %r.dst, via = %r.gateway, cluster = %r.cluster, node = %r.node, "route moved");
-            note(self.table.replace(r).await, &mut first_error);
+            if !note(self.table.replace(r).await, &mut first_error) {
+                failed.insert(r.dst);
+            }
         }
         for r in &diff.add {
             info!(dst = %r.dst, via = %r.gateway, cluster = %r.cluster, node = %r.node, "route added");
-            note(self.table.add(r).await, &mut first_error);
+            if !note(self.table.add(r).await, &mut first_error) {
+                failed.insert(r.dst);
+            }
         }
         for r in &diff.remove {
             // Whose it was, if this run made or found it wanted; a leftover from before a restart is named by
@@ -122,7 +141,11 @@ impl<T: RouteTable> RouteManager<T> {
             }
         }
 
-        self.status.routes = plan.routes;
+        self.status.routes = plan
+            .routes
+            .into_iter()
+            .filter(|r| !failed.contains(&r.dst))
+            .collect();
         self.status.refused = plan.refused;
         self.status.refused_total += new_refusals;
         self.status.changes_total += changes;
@@ -240,6 +263,17 @@ mod tests {
         assert_eq!(e.to_string(), "refused by the fake");
         assert_eq!(m.status().errors_total, 1);
         assert_eq!(m.status().changes_total, 1);
+        let installed: Vec<String> = m
+            .status()
+            .routes
+            .iter()
+            .map(|r| r.dst.to_string())
+            .collect();
+        assert_eq!(
+            installed,
+            ["10.2.2.0/24"],
+            "the failed route is not reported as installed"
+        );
         assert_eq!(
             m.status().last_error.as_deref(),
             Some("refused by the fake")

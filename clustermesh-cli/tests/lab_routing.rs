@@ -2,7 +2,8 @@
 //! with `--routing`, backends as pods behind their nodes. The lab's router never routes a pod CIDR, so a pod of
 //! another cluster is reachable only through what node-sync installs.
 //!
-//! The reach test is parametrised by the routing mode: vxlan is one more `#[test]` line.
+//! The reach, join/leave and SIGKILL tests run with `native` (switched underlay) and `vxlan` (routed underlay:
+//! the router routes node addresses only).
 
 mod support;
 
@@ -39,6 +40,18 @@ fn c2_routes(mesh: &LabMesh, nodes: &[usize]) -> Vec<(String, String)> {
         })
         .collect();
     v.sort();
+    v
+}
+
+/// The routes c1's nodes are to get for c2's `nodes` with `routing`: native via c2's nodes; vxlan via each pod
+/// CIDR's first address (the overlay address, on `clustermesh0`, whose FDB entry leads to the node).
+fn c2_routes_for(mesh: &LabMesh, routing: Routing, nodes: &[usize]) -> Vec<(String, String)> {
+    let mut v = c2_routes(mesh, nodes);
+    if routing == Routing::Vxlan {
+        for (cidr, via) in &mut v {
+            *via = cidr.split('/').next().unwrap().to_string();
+        }
+    }
     v
 }
 
@@ -131,8 +144,17 @@ fn vxlan_routing_reaches_a_pod_in_another_cluster() {
 
 #[test]
 fn a_node_joining_or_leaving_adds_or_removes_its_routes_within_a_second_and_others_routes_stay() {
-    let mut mesh = mesh("rt-join", Routing::Native, |s| s);
-    let all = c2_routes(&mesh, &[1, 2]);
+    join_and_leave("rt-join", Routing::Native);
+}
+
+#[test]
+fn vxlan_a_node_joining_or_leaving_adds_or_removes_its_routes_within_a_second() {
+    join_and_leave("rt-vjoin", Routing::Vxlan);
+}
+
+fn join_and_leave(prefix: &str, routing: Routing) {
+    let mut mesh = mesh(prefix, routing, |s| s);
+    let all = c2_routes_for(&mesh, routing, &[1, 2]);
     for n in [1, 2] {
         wait_routes(&mesh, 1, n, &all, Duration::from_secs(30));
     }
@@ -159,7 +181,7 @@ fn a_node_joining_or_leaving_adds_or_removes_its_routes_within_a_second_and_othe
 
     // c2/n2 leaves its cluster: its pod CIDR's route goes from every c1 node within a second.
     mesh.set_node_published(2, 2, false).unwrap();
-    let only_n1 = c2_routes(&mesh, &[1]);
+    let only_n1 = c2_routes_for(&mesh, routing, &[1]);
     for n in [1, 2] {
         let took = wait_routes(&mesh, 1, n, &only_n1, Duration::from_secs(5));
         assert!(
@@ -186,8 +208,17 @@ fn a_node_joining_or_leaving_adds_or_removes_its_routes_within_a_second_and_othe
 
 #[test]
 fn a_node_sync_sigkill_under_traffic_fails_no_connect_and_leaves_the_routes() {
-    let mut mesh = mesh("rt-kill", Routing::Native, |s| s);
-    let all = c2_routes(&mesh, &[1, 2]);
+    sigkill_under_traffic("rt-kill", Routing::Native);
+}
+
+#[test]
+fn vxlan_a_node_sync_sigkill_under_traffic_fails_no_connect_and_leaves_the_routes() {
+    sigkill_under_traffic("rt-vkill", Routing::Vxlan);
+}
+
+fn sigkill_under_traffic(prefix: &str, routing: Routing) {
+    let mut mesh = mesh(prefix, routing, |s| s);
+    let all = c2_routes_for(&mesh, routing, &[1, 2]);
     wait_routes(&mesh, 1, 1, &all, Duration::from_secs(30));
     mesh.wait_for_landing(1, 1, Duration::from_secs(30), |b| b.starts_with("c2-"))
         .unwrap();

@@ -499,6 +499,51 @@ fn routing_vxlan_over_an_ipv6_underlay_carries_ipv4_pods_with_a_70_byte_overhead
     assert_eq!(peer.ip().to_string(), A_POD);
 }
 
+#[test]
+fn routing_vxlan_carries_ipv6_pods_over_an_ipv4_underlay() {
+    let p = pair(false, 1500);
+    for (ns, pod) in [(&p.a, "fd00:1:1::1"), (&p.b, "fd00:2:1::1")] {
+        ns.run(move || async move {
+            let h = handle();
+            let lo = link(&h, "lo").await.header.index;
+            add_addr(&h, lo, pod.parse().unwrap(), 128).await;
+        });
+    }
+    let mut b = node("c2", "b", p.b_ip, "10.2.1.0/24");
+    b.pod_cidrs.push("fd00:2:1::/64".parse().unwrap());
+    let st = sync(&p.a, cfg(p.a_ip), vec![b]);
+    assert!(st.refused.is_empty(), "{st:?}");
+    assert_eq!(st.routes.len(), 2, "{st:?}");
+    let mut a = node("c1", "a", p.a_ip, "10.1.1.0/24");
+    a.pod_cidrs.push("fd00:1:1::/64".parse().unwrap());
+    sync(&p.b, cfg(p.b_ip), vec![a]);
+    let (_, e, r) = state(&p.a);
+    assert_eq!(e.fdb.len(), 1, "one FDB entry for the node: {e:?}");
+    assert_eq!(
+        e.neighbours
+            .keys()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>(),
+        ["10.2.1.0", "fd00:2:1::"]
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+
+    let listener =
+        p.b.run(|| async { std::net::TcpListener::bind(("fd00:2:1::1", 0)).unwrap() });
+    let to = listener.local_addr().unwrap();
+    p.a.run(move || async move {
+        let s = tokio::net::TcpSocket::new_v6().unwrap();
+        s.bind(("fd00:1:1::1".parse::<IpAddr>().unwrap(), 0).into())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(3), s.connect(to))
+            .await
+            .expect("IPv6 pod connect within 3 s")
+            .expect("IPv6 pod to pod through the overlay");
+    });
+    let (_, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), "fd00:1:1::1");
+}
+
 /// The `node-sync` binary, SIGKILLed (by its PID) on drop.
 struct NodeSync(Child);
 

@@ -65,6 +65,14 @@ pub fn routing_document(routing: Option<&RoutingView>) -> serde_json::Value {
         "changesTotal": st.changes_total,
         "errorsTotal": st.errors_total,
         "lastError": st.last_error,
+        "device": st.device.map(|d| json!({
+            "name": d.name,
+            "vni": d.vni,
+            "port": d.port,
+            "local": d.local.to_string(),
+            "underlay": d.underlay,
+            "mtu": d.mtu,
+        })),
     })
 }
 

@@ -772,6 +772,11 @@ fn routing_vxlan_end_to_end_from_etcd_node_keys_through_the_binary() {
         .await;
         assert_eq!(doc["routing"]["mode"], "vxlan", "{:#}", doc["routing"]);
         assert_eq!(
+            doc["routing"]["device"],
+            serde_json::json!({"name": "clustermesh0", "vni": 2, "port": 8472, "local": a_ip.to_string(),
+                               "underlay": "under0", "mtu": 1450})
+        );
+        assert_eq!(
             doc["routing"]["routes"][0],
             serde_json::json!({"cidr": "10.2.1.0/24", "via": b_ip.to_string(), "cluster": "c2", "node": "b"})
         );

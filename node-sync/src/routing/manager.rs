@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::netlink::{RouteError, RouteTable};
 use super::plan::{DesiredRoute, Refusal, RemoteNode, diff_routes, plan_routes_via};
+use super::vxlan::OverlayDevice;
 
 /// The remote nodes as the agent knows them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub struct RoutingStatus {
     pub errors_total: u64,
     /// The last failure, if the last sync had one.
     pub last_error: Option<String>,
+    /// `--routing vxlan`'s device as the last sync made or found it (`None` for native, or when it could
+    /// not be set up: see `last_error`).
+    pub device: Option<OverlayDevice>,
 }
 
 /// Owns node-sync's routes in one table (see `RouteOwner`).
@@ -62,7 +66,9 @@ impl<T: RouteTable> RouteManager<T> {
     /// the difference. Never touches a route without our protocol id. A failed operation is logged, counted
     /// and the rest still applied; the first failure is returned.
     pub async fn sync(&mut self, set: &NodeSet) -> Result<&RoutingStatus, RouteError> {
-        if let Err(e) = self.table.prepare().await {
+        let prepared = self.table.prepare().await;
+        self.status.device = self.table.device();
+        if let Err(e) = prepared {
             warn!(error = %e, "routing not ready: no route changed");
             self.status.errors_total += 1;
             self.status.last_error = Some(e.to_string());

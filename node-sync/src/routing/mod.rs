@@ -47,7 +47,8 @@
 //! underlay's family, `GatewayFamily`), per pod CIDR a permanent neighbour entry for the overlay address (the
 //! CIDR's first address) with that MAC, and the route `<cidr> via <overlay address> dev clustermesh0 onlink`
 //! with protocol id 157: the same plan, diff, ownership, refusals and status as native; only the gateway and
-//! device differ (`RoutingStatus` shows the node address as `via`). A route reads back as going to a node only
+//! device differ (`RoutingStatus` shows the node address as `via`, and the device, `routing.device` in
+//! `/api/v1/status`: name, VNI, port, local address, underlay device, MTU). A route reads back as going to a node only
 //! when its whole chain is there (route, neighbour, FDB), so a broken chain or a native route left behind is
 //! replaced in place. FDB and neighbour entries are ours by device: after each sync with every cluster synced
 //! (`RouteTable::settle`) those no route needs are removed; never a flush. Tested in two network namespaces
@@ -71,8 +72,9 @@ pub use plan::{
 };
 pub use vxlan::{
     DEFAULT_PORT, DEFAULT_VNI, DeviceAction, DeviceSpec, DeviceState, Entries, MAX_VNI, Mac,
-    NetlinkVxlan, OverlayRoute, OverlayTable, Underlay, VXLAN_DEVICE, VxlanConfig, VxlanKernel,
-    VxlanRoutes, device_action, mac_for, overhead, overlay_addr, resolve, stale_entries,
+    NetlinkVxlan, OverlayDevice, OverlayRoute, OverlayTable, Underlay, VXLAN_DEVICE, VxlanConfig,
+    VxlanKernel, VxlanRoutes, device_action, mac_for, overhead, overlay_addr, resolve,
+    stale_entries,
 };
 
 /// `--routing`: how node-sync makes remote pod CIDRs reachable from this node.

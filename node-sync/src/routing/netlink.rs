@@ -101,6 +101,10 @@ pub trait RouteTable {
     fn gateway_family(&self) -> GatewayFamily {
         GatewayFamily::OfCidr
     }
+    /// The overlay device the routes go through, if any (`--routing vxlan`), for the status.
+    fn device(&self) -> Option<super::vxlan::OverlayDevice> {
+        None
+    }
 }
 
 /// The kernel's routing table over an rtnetlink socket opened in the calling thread's network namespace.

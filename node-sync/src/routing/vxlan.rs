@@ -21,8 +21,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -309,6 +309,23 @@ pub fn stale_entries(
     )
 }
 
+/// The overlay device as last made or found, for the status (`routing.device` in `/api/v1/status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayDevice {
+    /// `clustermesh0`.
+    pub name: String,
+    /// VNI.
+    pub vni: u32,
+    /// UDP port.
+    pub port: u16,
+    /// Local address (this node's on the underlay).
+    pub local: IpAddr,
+    /// The underlay device (the one holding `local`).
+    pub underlay: String,
+    /// MTU (the underlay's minus `overhead`).
+    pub mtu: u32,
+}
+
 /// The device the underlay address is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Underlay {
@@ -391,6 +408,8 @@ pub struct VxlanRoutes<K> {
     config: VxlanConfig,
     /// The device's index as of the last `ensure_device` (0: none).
     index: Arc<AtomicU32>,
+    /// The device as of the last successful `ensure_device`.
+    device: Arc<Mutex<Option<OverlayDevice>>>,
 }
 
 impl VxlanRoutes<NetlinkVxlan> {
@@ -407,6 +426,7 @@ impl<K: VxlanKernel> VxlanRoutes<K> {
             kernel,
             config,
             index: Arc::new(AtomicU32::new(0)),
+            device: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -432,12 +452,16 @@ impl<K: VxlanKernel> VxlanRoutes<K> {
     /// error naming it, and left alone. Returns the device's index.
     pub async fn ensure_device(&self) -> Result<u32, RouteError> {
         let r = self.ensure().await;
-        self.index
-            .store(*r.as_ref().unwrap_or(&0), Ordering::Relaxed);
-        r
+        let (index, device) = match r {
+            Ok((index, ref d)) => (index, Some(d.clone())),
+            Err(_) => (0, None),
+        };
+        self.index.store(index, Ordering::Relaxed);
+        *self.device.lock().unwrap_or_else(|e| e.into_inner()) = device;
+        r.map(|(index, _)| index)
     }
 
-    async fn ensure(&self) -> Result<u32, RouteError> {
+    async fn ensure(&self) -> Result<(u32, OverlayDevice), RouteError> {
         let c = &self.config;
         let u = self.kernel.underlay(c.local).await?;
         let spec = DeviceSpec {
@@ -448,23 +472,31 @@ impl<K: VxlanKernel> VxlanRoutes<K> {
             mtu: u.mtu.saturating_sub(overhead(c.local)),
             mac: mac_for(c.local),
         };
+        let summary = OverlayDevice {
+            name: c.name.clone(),
+            vni: c.vni,
+            port: c.port,
+            local: c.local,
+            underlay: u.name.clone(),
+            mtu: spec.mtu,
+        };
         let Some(have) = self.kernel.device(&c.name).await? else {
             let index = self.kernel.create(&spec).await?;
             info!(device = %c.name, vni = c.vni, port = c.port, local = %c.local, mtu = spec.mtu, underlay = %u.name, "vxlan device created");
-            return Ok(index);
+            return Ok((index, summary));
         };
         match device_action(&have, &spec) {
-            DeviceAction::Keep => Ok(have.index),
+            DeviceAction::Keep => Ok((have.index, summary)),
             DeviceAction::Modify(changes) => {
                 self.kernel.modify(&have, &spec).await?;
                 info!(device = %c.name, changes = %changes.join(", "), underlay = %u.name, "vxlan device corrected in place");
-                Ok(have.index)
+                Ok((have.index, summary))
             }
             DeviceAction::Recreate(changes) => {
                 warn!(device = %c.name, changes = %changes.join(", "), "vxlan device made again: the kernel cannot change these in place; its routes are added back");
                 self.kernel.delete(have.index).await?;
                 let index = self.kernel.create(&spec).await?;
-                Ok(index)
+                Ok((index, summary))
             }
             DeviceAction::Foreign(kind) => Err(RouteError::Device(format!(
                 "a link named {} of kind {kind} exists: --routing vxlan makes {} as its vxlan device and does not \
@@ -564,6 +596,13 @@ impl<K: VxlanKernel> RouteTable for VxlanRoutes<K> {
 
     fn gateway_family(&self) -> GatewayFamily {
         self.config.gateway_family()
+    }
+
+    fn device(&self) -> Option<OverlayDevice> {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn delete(&self, r: &InstalledRoute) -> Result<(), RouteError> {

@@ -820,10 +820,9 @@ impl VxlanKernel for NetlinkVxlan {
                  on the underlay)"
             )));
         };
-        let d = device_state(&self.link_by_index(index).await?);
-        let name = self
-            .link_by_index(index)
-            .await?
+        let link = self.link_by_index(index).await?;
+        let d = device_state(&link);
+        let name = link
             .attributes
             .iter()
             .find_map(|a| match a {

@@ -7,6 +7,9 @@
 //! * **hard kill**: cluster 1's backends are SIGKILLed with no warning; the node-syncs' active health
 //!   checks find out and fail over; then the backends are restarted and traffic returns.
 //!
+//! The backends are pods behind their nodes (see [`crate::plan`]); node-sync runs with `--routing native`,
+//! whose routes are the only way from cluster 1 to cluster 2's pods.
+//!
 //! The failover time is from the fault to the first connection of the run that lands only on cluster 2;
 //! failback likewise (see [`crate::drill::analyze`]).
 //!
@@ -23,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::drill::{DrillReport, analyze};
-use crate::mesh::{EndpointState, LabMesh, LabMeshSpec, RunningProbe, preflight};
+use crate::mesh::{EndpointState, LabMesh, LabMeshSpec, Routing, RunningProbe, preflight};
 
 /// How the demo reaches and connects its clusters' apiservers: `clustermesh connect` in gRPC mode.
 pub trait MeshConnect {
@@ -194,11 +197,13 @@ pub async fn bring_up(
         );
     }
     progress(if opts.kvstoremesh {
-        "bringing up 2 clusters x 2 nodes in KVStoreMesh mode (network namespaces, etcd with mTLS, apiservers mirroring their remotes, node-syncs reading only their local etcd, eBPF, backends)"
+        "bringing up 2 clusters x 2 nodes in KVStoreMesh mode (network namespaces, etcd with mTLS, apiservers mirroring their remotes, node-syncs reading only their local etcd, eBPF, backends as pods routed across clusters by node-sync --routing native)"
     } else {
-        "bringing up 2 clusters x 2 nodes (network namespaces, etcd with mTLS, apiservers, node-syncs, eBPF, backends)"
+        "bringing up 2 clusters x 2 nodes (network namespaces, etcd with mTLS, apiservers, node-syncs, eBPF, backends as pods routed across clusters by node-sync --routing native)"
     });
-    let mut spec = LabMeshSpec::new(opts.prefix.clone(), 2, 2);
+    // Backends are pods behind their nodes, on the nodes' pod CIDRs; nothing but node-sync's routes
+    // makes cluster 2's pods reachable from cluster 1.
+    let mut spec = LabMeshSpec::new(opts.prefix.clone(), 2, 2).with_pods(Routing::Native);
     spec.bin_dir = opts.bin_dir.clone();
     spec.kvstoremesh = opts.kvstoremesh;
     let mesh = tokio::task::spawn_blocking(move || LabMesh::up(spec))

@@ -8,7 +8,7 @@
 //! `capabilities.cached = true`. The peer's own canaries, leader key, remotes and node status are not mirrored.
 //! A removed remote's mirrored keys are deleted. Every write carries the leader's fencing comparison.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use mesh_model::keys::{KeyKind, MeshKey, SyncKind};
 use mesh_model::values::{MeshValue, RemoteCluster, format_time};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
 
 use crate::etcd::EtcdError;
@@ -200,10 +200,18 @@ pub enum WriteFailed {
     Store(String),
 }
 
+/// Transactions the [`MirrorWriter`] keeps in flight at once.
+pub const MAX_WRITES_IN_FLIGHT: usize = 4;
+
 /// One writer for every peer's mirror: it takes the changes all mirrors send and writes them in
 /// as few guarded transactions as fit (128 operations, ~1 MiB), so many peers' changes become one
-/// transaction per burst instead of one per peer and watch response. A mirror waits for its own
-/// outcome, so its changes stay in order; different peers' keys never overlap.
+/// transaction per burst instead of one per peer and watch response. Up to
+/// [`MAX_WRITES_IN_FLIGHT`] transactions are in flight at once (etcd commits concurrent proposals
+/// together, so a few in flight commit about as fast as one); while all are, the changes queued
+/// meanwhile gather into the next. Order: a mirror waits for its own outcome before it sends
+/// more, different peers' keys never overlap, and a batch that names a key still in flight (a
+/// peer's new mirror while its aborted one's write is out) waits for that write first. Every
+/// transaction carries the leadership guard.
 #[derive(Clone)]
 pub struct MirrorWriter {
     tx: mpsc::Sender<WriteRequest>,
@@ -211,11 +219,29 @@ pub struct MirrorWriter {
 
 impl MirrorWriter {
     /// Start the writer on `local`, every transaction guarded by `guard`. It stops when every
-    /// handle is dropped.
+    /// handle is dropped (after the writes in flight).
     pub fn spawn<L: KvStore>(local: L, guard: Guard) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<WriteRequest>(1024);
         let task = tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
+            // Writes in flight, each with the keys it names.
+            let mut in_flight: JoinSet<()> = JoinSet::new();
+            let mut busy: HashMap<tokio::task::Id, HashSet<String>> = HashMap::new();
+            let done = |r: Result<(tokio::task::Id, ()), tokio::task::JoinError>| match r {
+                Ok((id, ())) => id,
+                Err(e) => e.id(),
+            };
+            loop {
+                let first = tokio::select! {
+                    biased;
+                    Some(r) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                        busy.remove(&done(r));
+                        continue;
+                    }
+                    r = rx.recv(), if in_flight.len() < MAX_WRITES_IN_FLIGHT => match r {
+                        Some(r) => r,
+                        None => break,
+                    },
+                };
                 let mut n = first.0.len();
                 let mut reqs = vec![first];
                 while n < MAX_TXN_OPS {
@@ -223,27 +249,29 @@ impl MirrorWriter {
                     n += r.0.len();
                     reqs.push(r);
                 }
-                // The last change of a key wins (a transaction may not name a key twice).
-                let mut last: HashMap<&str, usize> = HashMap::new();
-                let all: Vec<&Op> = reqs.iter().flat_map(|(ops, _)| ops).collect();
-                for (i, op) in all.iter().enumerate() {
-                    last.insert(op.key.as_str(), i);
+                let ops = coalesce(&reqs);
+                let keys: HashSet<String> = ops.iter().map(|op| op.key.clone()).collect();
+                // Per-key order: a key still being written is written again only after.
+                while busy.values().any(|b| !b.is_disjoint(&keys)) {
+                    let Some(r) = in_flight.join_next_with_id().await else {
+                        break;
+                    };
+                    busy.remove(&done(r));
                 }
-                let ops: Vec<Op> = all
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, op)| last.get(op.key.as_str()) == Some(i))
-                    .map(|(_, op)| (*op).clone())
-                    .collect();
-                let outcome = match write(&local, ops, &guard).await {
-                    Ok(_) => Ok(()),
-                    Err(EtcdError::LostLeadership) => Err(WriteFailed::LostLeadership),
-                    Err(e) => Err(WriteFailed::Store(e.to_string())),
-                };
-                for (ops, reply) in reqs {
-                    let _ = reply.send(outcome.clone().map(|()| ops.len()));
-                }
+                let (local, guard) = (local.clone(), guard.clone());
+                let handle = in_flight.spawn(async move {
+                    let outcome = match write(&local, ops, &guard).await {
+                        Ok(_) => Ok(()),
+                        Err(EtcdError::LostLeadership) => Err(WriteFailed::LostLeadership),
+                        Err(e) => Err(WriteFailed::Store(e.to_string())),
+                    };
+                    for (ops, reply) in reqs {
+                        let _ = reply.send(outcome.clone().map(|()| ops.len()));
+                    }
+                });
+                busy.insert(handle.id(), keys);
             }
+            while in_flight.join_next().await.is_some() {}
         });
         (Self { tx }, task)
     }
@@ -258,6 +286,21 @@ impl MirrorWriter {
         self.tx.send((ops, reply)).await.map_err(|_| gone())?;
         outcome.await.map_err(|_| gone())?
     }
+}
+
+/// The changes of `reqs` in order, the last change of a key winning (a transaction may not name
+/// a key twice).
+fn coalesce(reqs: &[WriteRequest]) -> Vec<Op> {
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    let all: Vec<&Op> = reqs.iter().flat_map(|(ops, _)| ops).collect();
+    for (i, op) in all.iter().enumerate() {
+        last.insert(op.key.as_str(), i);
+    }
+    all.iter()
+        .enumerate()
+        .filter(|(i, op)| last.get(op.key.as_str()) == Some(i))
+        .map(|(_, op)| (*op).clone())
+        .collect()
 }
 
 /// Why a peer's store could not be reached.
@@ -434,7 +477,11 @@ async fn mirror_once<L: KvStore, D: Dial>(
 ) -> Result<(), MirrorError> {
     let peer = &remote.name;
     let rc = dial.dial(remote).await?;
-    let mut watcher = Watcher::with_prefixes(rc, mirrored_prefixes(peer), mesh_model::keys::PREFIX);
+    // One watch per mirrored prefix of the peer, not the whole keyspace: a peer's etcd may hold
+    // other clusters' keys (a peer that runs KVStoreMesh holds all its peers'), and a whole-prefix
+    // watch would deliver every one of their changes to every mirror (`judge` still skips the
+    // keys of a cluster whose name begins with the peer's, `c20` under `c2`'s exact keys).
+    let mut watcher = Watcher::multi(rc, mirrored_prefixes(peer));
     // Keys of the listing in progress: what they judge to (a refused key is `None`).
     let mut listing: Option<BTreeMap<String, Option<Vec<u8>>>> = None;
     let mut ops = Vec::new();
@@ -1030,5 +1077,177 @@ mod tests {
             writer.write(vec![op]).await,
             Err(WriteFailed::LostLeadership)
         ));
+    }
+
+    /// A store whose transactions that put `held` wait for [`Gated::release`]; it counts the
+    /// transactions in flight at once.
+    #[derive(Clone)]
+    struct Gated {
+        inner: MemStore,
+        held: Vec<u8>,
+        gate: Arc<tokio::sync::Semaphore>,
+        now: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+        entered: Arc<tokio::sync::Notify>,
+    }
+
+    impl Gated {
+        fn new(inner: MemStore, held: &[u8]) -> Self {
+            Self {
+                inner,
+                held: held.to_vec(),
+                gate: Arc::new(tokio::sync::Semaphore::new(0)),
+                now: Arc::default(),
+                most: Arc::default(),
+                entered: Arc::default(),
+            }
+        }
+
+        fn in_flight(&self) -> usize {
+            self.now.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// Wait until `n` transactions are in flight.
+        async fn until_in_flight(&self, n: usize) {
+            let wait = async {
+                loop {
+                    let entered = self.entered.notified();
+                    if self.in_flight() >= n {
+                        return;
+                    }
+                    entered.await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{} transactions in flight after 10 s, wanted {n}",
+                        self.in_flight()
+                    )
+                });
+        }
+
+        fn release(&self, n: usize) {
+            self.gate.add_permits(n);
+        }
+    }
+
+    impl KvStore for Gated {
+        async fn get(&self, key: &str) -> Result<Option<mesh_kv::KeyValue>, KvError> {
+            self.inner.get(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            revision: Option<i64>,
+        ) -> Result<mesh_kv::Listing, KvError> {
+            self.inner.list(prefix, revision).await
+        }
+        async fn watch(&self, prefix: &str, from: i64) -> Result<mesh_kv::WatchStream, KvError> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn txn(
+            &self,
+            guard: Option<&Guard>,
+            ops: Vec<mesh_kv::Op>,
+        ) -> Result<Option<i64>, KvError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let hold = ops
+                .iter()
+                .any(|op| matches!(op, mesh_kv::Op::Put { value, .. } if *value == self.held));
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(n, SeqCst);
+            self.entered.notify_waiters();
+            if hold {
+                self.gate.acquire().await.expect("gate").forget();
+            }
+            let r = self.inner.txn(guard, ops).await;
+            self.now.fetch_sub(1, SeqCst);
+            r
+        }
+        async fn lease_grant(&self, ttl: i64) -> Result<i64, KvError> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: i64) -> Result<i64, KvError> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: i64) -> Result<(), KvError> {
+            self.inner.lease_revoke(id).await
+        }
+    }
+
+    fn put_op(key: &str, value: &[u8]) -> Op {
+        Op {
+            key: key.into(),
+            value: Some(value.to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_several_transactions_in_flight() {
+        let local = MemStore::new();
+        let guard = lead(&local).await;
+        let gated = Gated::new(local.clone(), b"slow");
+        let (writer, _task) = MirrorWriter::spawn(gated.clone(), guard);
+        // Peers whose writes the store holds, one after another: the writer does not wait for
+        // one to send the next, up to MAX_WRITES_IN_FLIGHT; the rest wait, gathered into one.
+        let write = |i: usize| {
+            let w = writer.clone();
+            tokio::spawn(async move {
+                w.write(vec![put_op(
+                    &format!("clustermesh/v1/services/p{i}/ns/a"),
+                    b"slow",
+                )])
+                .await
+            })
+        };
+        let mut slow = Vec::new();
+        for i in 0..MAX_WRITES_IN_FLIGHT {
+            slow.push(write(i));
+            gated.until_in_flight(i + 1).await;
+        }
+        slow.push(write(MAX_WRITES_IN_FLIGHT));
+        slow.push(write(MAX_WRITES_IN_FLIGHT + 1));
+        gated.release(slow.len());
+        for w in slow {
+            assert_eq!(w.await.unwrap().unwrap(), 1);
+        }
+        let most = gated.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            most, MAX_WRITES_IN_FLIGHT,
+            "transactions in flight at once (at most {MAX_WRITES_IN_FLIGHT})"
+        );
+        let listed = local.list("clustermesh/v1/services/", None).await.unwrap();
+        assert_eq!(listed.kvs.len(), MAX_WRITES_IN_FLIGHT + 2);
+    }
+
+    #[tokio::test]
+    async fn a_key_in_flight_is_written_again_only_after() {
+        let local = MemStore::new();
+        let guard = lead(&local).await;
+        let gated = Gated::new(local.clone(), b"old");
+        let (writer, _task) = MirrorWriter::spawn(gated.clone(), guard);
+        let key = "clustermesh/v1/services/c2/ns/web";
+        // A peer's aborted mirror left a write in flight; its new mirror writes the same key.
+        let old = {
+            let w = writer.clone();
+            tokio::spawn(async move { w.write(vec![put_op(key, b"old")]).await })
+        };
+        gated.until_in_flight(1).await;
+        let new = {
+            let w = writer.clone();
+            tokio::spawn(async move { w.write(vec![put_op(key, b"new")]).await })
+        };
+        // Let the writer take the new write and decide (an unheld transaction would commit now).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gated.in_flight(), 1, "the new write waits for the old one");
+        assert!(local.get(key).await.unwrap().is_none());
+        gated.release(1);
+        old.await.unwrap().unwrap();
+        new.await.unwrap().unwrap();
+        assert_eq!(local.get(key).await.unwrap().unwrap().value, b"new");
     }
 }

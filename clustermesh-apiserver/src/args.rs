@@ -89,20 +89,21 @@ pub struct Args {
     )]
     pub managed_etcd_peer_url: String,
 
-    /// Which client certificates the managed etcd accepts. `mesh`: any chaining to the mesh's
-    /// bundle (every cluster's intermediate, federated roots included; the CN names the user, so
-    /// one compromised cluster can write here). `cluster`: only this cluster's own intermediates
-    /// (client-ca.pem of --tls-dir, written by `clustermesh ca issue-cluster`): every credential
-    /// that opens this etcd was issued by this cluster. With `cluster`, other clusters must read
-    /// it with credentials this cluster issued: its remote certificate, which `clustermesh connect
-    /// --context` hands them, or the reader certificate this apiserver signs for their remote key
-    /// during the gRPC `connect` (needs intermediate.key in --tls-dir; without it the gRPC connect
-    /// to this cluster fails its preflight).
+    /// Which client certificates the managed etcd accepts. `cluster` (default): only this
+    /// cluster's own intermediates (client-ca.pem of --tls-dir, written by `clustermesh ca
+    /// issue-cluster`): every credential that opens this etcd was issued by this cluster, so
+    /// another cluster's keys or a federated mesh's root open nothing here. Other clusters read it
+    /// with credentials this cluster issued: the reader certificate this apiserver signs for their
+    /// remote key during the gRPC `connect` (needs intermediate.crt/.key in --tls-dir; without them
+    /// the gRPC connect to this cluster fails its preflight, saying so), or its remote
+    /// certificate, which `clustermesh connect --context` hands them. `mesh`: any certificate
+    /// chaining to the mesh's bundle (every cluster's intermediate, federated roots included; the
+    /// CN names the user, so one compromised cluster can write here).
     #[arg(
         long,
         env = "CLUSTERMESH_MANAGED_ETCD_CLIENT_TRUST",
         value_enum,
-        default_value_t = EtcdClientTrust::Mesh
+        default_value_t = EtcdClientTrust::Cluster
     )]
     pub managed_etcd_client_trust: EtcdClientTrust,
 

@@ -89,6 +89,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The managed etcd's client trust: etcd.clientTrust, or by default cluster (mesh with certs.mode=certManager,
+whose intermediate renews to a new certificate that etcd would only read at its next start). */}}
+{{- define "clustermesh.etcdClientTrust" -}}
+{{- if .Values.etcd.clientTrust -}}
+{{- .Values.etcd.clientTrust -}}
+{{- else if or (eq .Values.certs.mode "certManager") (ne .Values.etcd.mode "managed") -}}
+mesh
+{{- else -}}
+cluster
+{{- end -}}
+{{- end -}}
+
 {{- define "clustermesh.secret.intermediate" -}}
 {{- include "clustermesh.fullname" . }}-intermediate
 {{- end -}}

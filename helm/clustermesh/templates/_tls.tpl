@@ -48,7 +48,7 @@ node remote
               path: ca-bundle.pem
             - key: cluster.json
               path: cluster.json
-            {{- if and (eq .component "apiserver") (eq $root.Values.etcd.clientTrust "cluster") }}
+            {{- if and (eq .component "apiserver") (eq (include "clustermesh.etcdClientTrust" $root) "cluster") }}
             # The managed etcd's client trust: the cluster's own intermediate only.
             - key: client-ca.pem
               path: client-ca.pem
@@ -59,5 +59,19 @@ node remote
             - key: {{ . }}.key
               path: {{ . }}.key
             {{- end }}
+{{- if and (eq .component "apiserver") (eq (include "clustermesh.etcdClientTrust" $root) "cluster") }}
+      # The cluster's intermediate, with which the apiserver signs the reader certificates other clusters
+      # read this etcd with (gRPC connect, IssueRemoteReader). Under cluster trust it opens this cluster's
+      # etcd only, which the apiserver already administers as root. Optional: without it the apiserver
+      # runs and the gRPC connect to this cluster fails its preflight, saying so.
+      - secret:
+          name: {{ ternary (include "clustermesh.secret.intermediate" $root) $secret (eq $root.Values.certs.mode "job") }}
+          optional: true
+          items:
+            - key: intermediate.crt
+              path: intermediate.crt
+            - key: intermediate.key
+              path: intermediate.key
+{{- end }}
 {{- end }}
 {{- end -}}

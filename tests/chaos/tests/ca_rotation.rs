@@ -83,9 +83,12 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("copy {} to {}", from.display(), to.display()))
 }
 
+/// Under the mesh bundle's client trust (`etcd.clientTrust=mesh`, certManager's default).
 #[test]
 fn root_ca_and_server_certificates_rotate_under_traffic() -> Result<()> {
-    scenario(UpOptions::new("cx-carot", 2, 2))
+    let mut opts = UpOptions::new("cx-carot", 2, 2);
+    opts.cluster_trust = false;
+    scenario(opts)
 }
 
 /// The same under per-cluster trust (every etcd trusts only its own intermediates, the clusters

@@ -36,6 +36,10 @@ fn rotated_client_certificates_are_used_on_reconnect() -> Result<()> {
         ensure!(before != after, "{} did not change", path.display());
     }
     eprintln!("[chaos] cluster 1's node and remote certificates re-issued");
+    // New keys: under per-cluster trust cluster 2 must sign a reader certificate for cluster 1's
+    // new remote key before cluster 1's node-syncs can open cluster 2's etcd again; `connect`
+    // again does that (idempotent for everything else).
+    m.connect_all()?;
     // Force new handshakes with the rotated files.
     m.kill_etcd(1)?;
     std::thread::sleep(Duration::from_millis(500));

@@ -68,16 +68,47 @@ fn tls_secrets_are_mounted_where_tls_dir_points_with_every_file_the_binary_reads
             let kvstoremesh = at(values, &["clustermesh", "kvstoremesh"])
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let cluster_trust =
-                str_at(values, &["etcd", "clientTrust"]).is_some_and(|t| t == "cluster");
+            // The managed etcd trusts only the cluster's own intermediate unless told otherwise
+            // (certManager and an external etcd default to the mesh bundle).
+            let managed = str_at(values, &["etcd", "mode"]).is_none_or(|m| m == "managed");
+            let cluster_trust = match str_at(values, &["etcd", "clientTrust"]) {
+                Some(t) if !t.is_empty() => t == "cluster",
+                _ => managed && mode != "certManager",
+            };
+            assert_eq!(
+                flag(&a, "managed-etcd-client-trust").is_some_and(|t| t == "cluster"),
+                cluster_trust && component == "apiserver",
+                "{name}: {cname} --managed-etcd-client-trust"
+            );
             // client-ca.pem is stored always, mounted only where the managed etcd uses it.
             let want: Vec<String> = tls_files(component, kvstoremesh)
                 .into_iter()
                 .filter(|f| f != "client-ca.pem" || cluster_trust)
                 .collect();
+            // Under cluster trust the apiserver also holds the intermediate, optionally, to sign
+            // other clusters' reader certificates (gRPC connect); nothing else ever does.
+            let mut optional_files = BTreeSet::new();
             let mut files = BTreeSet::new();
             let mut secrets = BTreeSet::new();
             for src in seq_at(vol, &["projected", "sources"]) {
+                if at(src, &["secret", "optional"]).and_then(Value::as_bool) == Some(true) {
+                    let secret = str_at(src, &["secret", "name"]).unwrap();
+                    for item in seq_at(src, &["secret", "items"]) {
+                        optional_files.insert(str_at(item, &["path"]).unwrap().to_owned());
+                    }
+                    let from = if mode == "job" {
+                        let job = r.one("Job", "-certgen");
+                        env(container(job, "certgen"), "INTERMEDIATE_SECRET")
+                            .unwrap()
+                            .to_owned()
+                    } else {
+                        str_at(values, &["certs", "existing", "apiserverSecret"])
+                            .unwrap()
+                            .to_owned()
+                    };
+                    assert_eq!(secret, from, "{name}: {cname} intermediate Secret");
+                    continue;
+                }
                 if let Some(secret) = str_at(src, &["secret", "name"]) {
                     secrets.insert(secret.to_owned());
                 }
@@ -93,6 +124,15 @@ fn tls_secrets_are_mounted_where_tls_dir_points_with_every_file_the_binary_reads
                     "{name}: {cname} --tls-dir={tls_dir} lacks {f} ({files:?})"
                 );
             }
+            let want_optional: BTreeSet<String> = if cluster_trust && component == "apiserver" {
+                BTreeSet::from(["intermediate.crt".to_owned(), "intermediate.key".to_owned()])
+            } else {
+                BTreeSet::new()
+            };
+            assert_eq!(
+                optional_files, want_optional,
+                "{name}: {cname} --tls-dir={tls_dir}: the intermediate goes to the apiserver under cluster trust only"
+            );
             assert!(
                 !secrets.is_empty(),
                 "{name}: {cname} --tls-dir volume holds no Secret: {vol:?}"
@@ -717,9 +757,8 @@ fn cert_renew_cronjob_re_signs_due_leaves_and_updates_the_secrets_in_place() {
 /// 127.0.0.2, given to the chart as an extra SAN, as a node or load balancer address would be).
 #[test]
 fn managed_etcd_serves_the_pod_addresses_and_the_apiserver_itself() {
-    // With the client trust of the cluster's own intermediate: its own clients still get in.
-    let yaml =
-        template_set(&["certs.extraSans={127.0.0.2}", "etcd.clientTrust=cluster"]).expect("render");
+    // With the default client trust, the cluster's own intermediate: its own clients still get in.
+    let yaml = template_set(&["certs.extraSans={127.0.0.2}"]).expect("render");
     let r = Rendered {
         case: Case {
             name: "managed etcd".to_owned(),

@@ -3,10 +3,11 @@
 //! every node, and a global service `default/echo` whose endpoints are those backends.
 //!
 //! With [`LabMeshSpec::with_pods`] the backends are pods behind their nodes (the node objects carry
-//! `spec.podCIDRs`) and node-sync runs with `--routing`: the demo and the chaos suite run that way. The
-//! backends on the node addresses remain for what pods cannot do yet in the lab: latency and loss between
-//! clusters (native routing needs the switched underlay, where the delay line does not apply; pods with
-//! `--routing vxlan` on the routed underlay will cover it) and clusters of more than 16 nodes.
+//! `spec.podCIDRs`) and node-sync runs with `--routing`: the demo and the chaos suite run that way (native
+//! on the switched underlay; vxlan on the routed one where latency and loss are injected, since the delay
+//! line takes routed packets only). The backends on the node addresses remain the default of
+//! [`LabMeshSpec::new`] for the lab tests that have not moved to pods and for clusters of more than 16
+//! nodes (a cluster's pod range holds 16 pod CIDRs).
 //!
 //! `clustermesh demo`, the lab end-to-end tests and the chaos scenarios all stand on this, so the
 //! processes, addresses and manifests are spelled in one place.

@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clustermesh_cli::connect::{ConnectOptions, Side};
 use global_lb_bpf::{Datapath, Proto};
-use mesh_lab::mesh::{BACKEND_PORT, LabMesh, LabMeshSpec, RunningProbe, SERVICE_PORT, preflight};
+use mesh_lab::mesh::{
+    BACKEND_PORT, LabMesh, LabMeshSpec, Routing, RunningProbe, SERVICE_PORT, preflight,
+};
 use mesh_lab::workload::ProbeSample;
 
 pub mod random;
@@ -288,12 +290,16 @@ pub struct UpOptions {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year).
     pub leaf_lifetime: Option<Duration>,
-    /// Per-cluster trust (`LabMeshSpec::cluster_trust`, the default as in the product): every etcd
-    /// trusts only its own cluster's intermediate for clients. `false`: the mesh bundle.
+    /// Per-cluster trust (`LabMeshSpec::cluster_trust`): every etcd trusts only its own cluster's
+    /// intermediate for clients.
     pub cluster_trust: bool,
     /// Clusters connected from the start through each other's own remote certificates
     /// (`LabMeshSpec::static_remotes`, what `connect --context` writes), not by the gRPC connect.
     pub static_remotes: bool,
+    /// Backends as pods behind their nodes, the other clusters' pods reached through node-sync's
+    /// `--routing` (default [`Routing::Native`], on a switched underlay; [`UpOptions::vxlan`]); `None`:
+    /// backends on the node addresses over the routed underlay, as the lab had them before pods.
+    pub pods: Option<Routing>,
 }
 
 impl UpOptions {
@@ -310,9 +316,18 @@ impl UpOptions {
             health_port: None,
             kvstoremesh: false,
             leaf_lifetime: None,
-            cluster_trust: true,
+            cluster_trust: false,
             static_remotes: false,
+            pods: Some(Routing::Native),
         }
+    }
+
+    /// Pods reached through `--routing vxlan` over the routed underlay, instead of native routing over the
+    /// switched one: for latency and loss between clusters, which the lab's delay line applies to routed
+    /// traffic only (native routing needs the nodes on one bridge).
+    pub fn vxlan(mut self) -> Self {
+        self.pods = Some(Routing::Vxlan);
+        self
     }
 
     /// The same in KVStoreMesh mode.
@@ -356,6 +371,9 @@ impl ChaosMesh {
         spec.leaf_lifetime = opts.leaf_lifetime;
         spec.cluster_trust = opts.cluster_trust;
         spec.static_remotes = opts.static_remotes;
+        if let Some(routing) = opts.pods {
+            spec = spec.with_pods(routing);
+        }
         anyhow::ensure!(
             matches!(opts.affinity.as_str(), "local" | "none"),
             "the chaos model knows affinity local and none, not {}",
@@ -440,7 +458,7 @@ impl ChaosMesh {
     /// The backend key of node `n` of cluster `c`.
     pub fn bk(&self, c: usize, n: usize) -> Bk {
         Bk {
-            addr: self.mesh.lab().clusters()[c - 1].nodes[n - 1].addr,
+            addr: self.mesh.backend_addr(c, n),
             cluster_id: self.mesh.cluster_id(c) as u16,
         }
     }

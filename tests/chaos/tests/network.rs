@@ -15,7 +15,7 @@ use chaos_tests::{
 
 #[test]
 fn partition_heal_and_latency_loss_between_clusters() -> Result<()> {
-    let mut m = ChaosMesh::up(UpOptions::new("cx-network", 2, 2))?;
+    let mut m = ChaosMesh::up(UpOptions::new("cx-network", 2, 2).vxlan())?;
     let budget = settle_budget();
 
     let t = Traffic::start(&m, Duration::from_millis(10))?;

@@ -23,7 +23,7 @@ fn random_fault_sequences_settle_to_the_model() -> Result<()> {
     for i in 0..runs {
         let seed = first + i;
         println!("chaos random run {}/{runs}: seed {seed}", i + 1);
-        let mut m = ChaosMesh::up(UpOptions::new("cx-random", 2, 2))?;
+        let mut m = ChaosMesh::up(UpOptions::new("cx-random", 2, 2).vxlan())?;
         random::run(&mut m, seed, steps, budget)?;
     }
     Ok(())

@@ -381,6 +381,13 @@ pub struct MergeIndex {
     /// Which services have an endpoint on an address (with a count of occurrences).
     ip_services: HashMap<IpAddr, HashMap<ServiceName, u32>>,
     desired: HashMap<Frontend, Backends>,
+    /// The remote TCP backends of `desired` by cluster, with how many frontends select each:
+    /// kept as `desired` changes (by the changed stretch of a frontend's backends), so
+    /// [`MergeIndex::remote_probe_targets`] reads them instead of walking every backend.
+    remote_selected: BTreeMap<ClusterName, BTreeMap<std::net::SocketAddr, u32>>,
+    /// Per cluster: chunks held (over every service) and the endpoints in them, kept as chunks
+    /// come and go, for [`MergeIndex::endpoints_by_cluster`].
+    endpoint_counts: BTreeMap<ClusterName, (usize, usize)>,
     frontend_owner: HashMap<Frontend, ServiceName>,
     changed: HashSet<Frontend>,
     failovers: u64,
@@ -438,13 +445,16 @@ impl MoveCause {
 }
 
 fn selected_clusters(sel: Option<&FrontendSelection>) -> Vec<ClusterName> {
+    // A selection lists each cluster's backends together: one entry per run, then sorted (a
+    // `contains` per backend cost clusters x backends name comparisons, 255 x 2,550 per call).
     let mut v: Vec<&ClusterRef> = Vec::new();
     for b in sel.map(|s| &s.backends[..]).unwrap_or_default() {
-        if !v.contains(&&b.cluster) {
+        if v.last() != Some(&&b.cluster) {
             v.push(&b.cluster);
         }
     }
     v.sort();
+    v.dedup();
     v.into_iter().map(|c| c.name().clone()).collect()
 }
 
@@ -463,6 +473,8 @@ impl MergeIndex {
             lapsed: Lapsed::default(),
             ip_services: HashMap::new(),
             desired: HashMap::new(),
+            remote_selected: BTreeMap::new(),
+            endpoint_counts: BTreeMap::new(),
             frontend_owner: HashMap::new(),
             changed: HashSet::new(),
             failovers: 0,
@@ -586,6 +598,12 @@ impl MergeIndex {
             .iter()
             .map(|e| e.ip)
             .collect();
+        count_chunk(
+            &mut self.endpoint_counts,
+            &chunk.cluster,
+            old.as_ref().map(Vec::len),
+            Some(new_ips.len()),
+        );
         if let Some(old) = old {
             for e in &old {
                 unlink_ip(&mut self.ip_services, e.ip, &name);
@@ -616,6 +634,7 @@ impl MergeIndex {
         if chunks.is_empty() {
             entry.endpoints.remove(cluster);
         }
+        count_chunk(&mut self.endpoint_counts, cluster, Some(old.len()), None);
         for e in &old {
             unlink_ip(&mut self.ip_services, e.ip, service);
         }
@@ -804,15 +823,13 @@ impl MergeIndex {
     /// selected here (the traffic this node sends), and every usable-by-conditions TCP backend of a
     /// cluster marked unreachable (to see it answer again). Sorted, deduplicated.
     pub fn remote_probe_targets(&self) -> BTreeMap<ClusterName, Vec<std::net::SocketAddr>> {
-        let mut out: BTreeMap<ClusterName, BTreeSet<std::net::SocketAddr>> = BTreeMap::new();
-        for b in self.desired.values().flat_map(|b| b.iter()) {
-            if b.cluster != self.local && b.protocol == Protocol::Tcp {
-                out.entry(b.cluster.name().clone())
-                    .or_default()
-                    .insert(std::net::SocketAddr::new(b.ip, b.port));
-            }
-        }
+        let mut out: BTreeMap<ClusterName, Vec<std::net::SocketAddr>> = self
+            .remote_selected
+            .iter()
+            .map(|(c, addrs)| (c.clone(), addrs.keys().copied().collect()))
+            .collect();
         for cluster in &self.unreachable {
+            let mut extra: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
             for e in self.services.values() {
                 if e.status.as_ref().is_none_or(|s| s.frontends.is_empty()) {
                     continue;
@@ -825,16 +842,18 @@ impl MergeIndex {
                         continue;
                     }
                     for p in ep.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-                        out.entry(cluster.clone())
-                            .or_default()
-                            .insert(std::net::SocketAddr::new(ep.ip, p.port));
+                        extra.insert(std::net::SocketAddr::new(ep.ip, p.port));
                     }
                 }
             }
+            if extra.is_empty() {
+                continue;
+            }
+            let v = out.entry(cluster.clone()).or_default();
+            extra.extend(v.iter().copied());
+            *v = extra.into_iter().collect();
         }
-        out.into_iter()
-            .map(|(c, s)| (c, s.into_iter().collect()))
-            .collect()
+        out
     }
 
     /// Forget everything read from `cluster` (it was disconnected).
@@ -850,6 +869,7 @@ impl MergeIndex {
             }
             if let Some(chunks) = e.endpoints.remove(cluster) {
                 for eps in chunks.values() {
+                    count_chunk(&mut self.endpoint_counts, cluster, Some(eps.len()), None);
                     for ep in eps {
                         unlink_ip(&mut self.ip_services, ep.ip, &name);
                     }
@@ -928,18 +948,14 @@ impl MergeIndex {
             .collect()
     }
 
-    /// Endpoints held per cluster (every chunk read, usable or not).
+    /// Endpoints held per cluster (every chunk read, usable or not): a cluster is listed while it
+    /// has a chunk of some service. Kept as chunks come and go (a walk over every service's
+    /// chunks per snapshot cost the agent most of its CPU under churn at 255 clusters).
     pub fn endpoints_by_cluster(&self) -> BTreeMap<ClusterName, usize> {
-        // Counted by reference first: a name is cloned once per cluster, not once per service.
-        let mut counts: Vec<(&ClusterName, usize)> = Vec::new();
-        for (c, chunks) in self.services.values().flat_map(|e| e.endpoints.iter()) {
-            let n: usize = chunks.values().map(Vec::len).sum();
-            match counts.iter_mut().find(|(name, _)| *name == c.name()) {
-                Some((_, total)) => *total += n,
-                None => counts.push((c.name(), n)),
-            }
-        }
-        counts.into_iter().map(|(c, n)| (c.clone(), n)).collect()
+        self.endpoint_counts
+            .iter()
+            .map(|(c, (_, n))| (c.clone(), *n))
+            .collect()
     }
 
     /// Whether the health reports held are those of `reporters` (cluster, node), in any order.
@@ -1359,7 +1375,8 @@ impl MergeIndex {
                 .get(&sel.frontend)
                 .is_none_or(|cur| cur != &sel.backends);
             if differs {
-                self.desired.insert(sel.frontend, sel.backends.clone());
+                let old = self.desired.insert(sel.frontend, sel.backends.clone());
+                self.count_selected(old.as_deref().unwrap_or_default(), &sel.backends);
                 self.changed.insert(sel.frontend);
             }
             if self.frontend_owner.get(&sel.frontend) != Some(name) {
@@ -1388,13 +1405,85 @@ impl MergeIndex {
         self.services.insert(name.clone(), entry);
     }
 
+    /// A frontend's backends went from `old` to `new`: count the remote TCP backends that left
+    /// and came in `remote_selected`. Only the stretch between their common start and common end
+    /// is walked (a change of one endpoint moves one backend of thousands).
+    fn count_selected(&mut self, old: &[Backend], new: &[Backend]) {
+        let head = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        let (old, new) = (&old[head..], &new[head..]);
+        let tail = old
+            .iter()
+            .rev()
+            .zip(new.iter().rev())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let (old, new) = (&old[..old.len() - tail], &new[..new.len() - tail]);
+        let remote_tcp = |b: &&Backend| b.protocol == Protocol::Tcp && b.cluster != self.local;
+        let gone: Vec<&Backend> = old.iter().filter(remote_tcp).collect();
+        let came: Vec<&Backend> = new.iter().filter(remote_tcp).collect();
+        for b in gone {
+            let addr = std::net::SocketAddr::new(b.ip, b.port);
+            if let Some(m) = self.remote_selected.get_mut(b.cluster.name()) {
+                if let Some(n) = m.get_mut(&addr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(&addr);
+                    }
+                }
+                if m.is_empty() {
+                    self.remote_selected.remove(b.cluster.name());
+                }
+            }
+        }
+        for b in came {
+            let addr = std::net::SocketAddr::new(b.ip, b.port);
+            match self.remote_selected.get_mut(b.cluster.name()) {
+                Some(m) => *m.entry(addr).or_default() += 1,
+                None => {
+                    self.remote_selected
+                        .insert(b.cluster.name().clone(), BTreeMap::from([(addr, 1)]));
+                }
+            }
+        }
+    }
+
     fn remove_frontend(&mut self, fe: &Frontend, owner: &ServiceName) {
         if self.frontend_owner.get(fe) == Some(owner) {
             self.frontend_owner.remove(fe);
-            if self.desired.remove(fe).is_some() {
+            if let Some(old) = self.desired.remove(fe) {
+                self.count_selected(&old, &[]);
                 self.changed.insert(*fe);
             }
         }
+    }
+}
+
+/// A chunk of `cluster` went from `old` endpoints to `new` (`None`: no chunk).
+fn count_chunk(
+    counts: &mut BTreeMap<ClusterName, (usize, usize)>,
+    cluster: &ClusterName,
+    old: Option<usize>,
+    new: Option<usize>,
+) {
+    if old.is_none() && new.is_none() {
+        return;
+    }
+    if !counts.contains_key(cluster) {
+        counts.insert(cluster.clone(), (0, 0));
+    }
+    let Some((chunks, endpoints)) = counts.get_mut(cluster) else {
+        return;
+    };
+    if let Some(o) = old {
+        *chunks -= 1;
+        *endpoints -= o;
+    }
+    if let Some(n) = new {
+        *chunks += 1;
+        *endpoints += n;
+    }
+    if *chunks == 0 {
+        counts.remove(cluster);
     }
 }
 
@@ -1559,6 +1648,14 @@ fn select(
             Affinity::None => vec![candidate_clusters.clone()],
         }
     };
+    // Each cluster's group (the first that names it: a cluster twice in the failover order adds
+    // nothing the first time did not), instead of a search of the group per cluster.
+    let mut group_index: HashMap<&ClusterName, usize> = HashMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        for c in g {
+            group_index.entry(*c).or_insert(i);
+        }
+    }
 
     for sp in ports {
         for ip in ips {
@@ -1567,8 +1664,9 @@ fn select(
                 port: sp.port,
                 protocol: sp.protocol,
             };
-            // Candidates of the frontend's address family, per cluster.
+            // Candidates of the frontend's address family, per cluster, with the cluster's group.
             let mut per_cluster: Vec<(&ClusterRef, Vec<Candidate<'_>>)> = Vec::new();
+            let mut group_of: Vec<Option<usize>> = Vec::new();
             let mut total = 0;
             for c in &candidate_clusters {
                 let Some((cref, chunks)) = entry.endpoints.get_key_value(*c) else {
@@ -1599,6 +1697,7 @@ fn select(
                 }
                 total += cands.len();
                 per_cluster.push((cref, cands));
+                group_of.push(group_index.get(*c).copied());
             }
             // First without the backends whose node stopped publishing verdicts; only when that
             // leaves nothing anywhere, with them (never zero backends while usable ones exist).
@@ -1623,8 +1722,8 @@ fn select(
             'passes: for &strict in passes {
                 for (i, g) in groups.iter().enumerate() {
                     let mut picked: Vec<Backend> = Vec::new();
-                    for (cref, cands) in &per_cluster {
-                        if !g.contains(&cref.name()) {
+                    for ((cref, cands), gi) in per_cluster.iter().zip(&group_of) {
+                        if *gi != Some(i) {
                             continue;
                         }
                         picked.extend(
@@ -1654,11 +1753,11 @@ fn select(
             }
             if chosen.is_none() {
                 // Fail open: ready backends exist but every one fails its health check.
-                for g in &groups {
+                for (i, g) in groups.iter().enumerate() {
                     let mut picked: Vec<Backend> = Vec::new();
                     let mut failing = 0;
-                    for (cref, cands) in &per_cluster {
-                        if !g.contains(&cref.name()) {
+                    for ((cref, cands), gi) in per_cluster.iter().zip(&group_of) {
+                        if *gi != Some(i) {
                             continue;
                         }
                         for c in cands.iter().filter(|c| c.conditions.usable()) {

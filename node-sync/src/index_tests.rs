@@ -1147,3 +1147,158 @@ fn headless_dns_leaves_out_endpoints_of_a_lapsed_node_unless_nothing_else_is_usa
     ix.upsert_health(report("c1", "n2", &[("10.1.0.2", Verdict::Healthy)]));
     assert_eq!(ips(&ix), ["10.1.0.1", "10.1.0.2"]);
 }
+
+// ---- counters kept incrementally ----------------------------------------------------------------
+
+/// `endpoints_by_cluster` by a walk over every chunk (what the kept counts must equal).
+fn endpoints_by_cluster_walked(ix: &MergeIndex) -> BTreeMap<ClusterName, usize> {
+    let mut out: BTreeMap<ClusterName, usize> = BTreeMap::new();
+    for (cref, chunks) in ix.services.values().flat_map(|e| e.endpoints.iter()) {
+        *out.entry(cref.name().clone()).or_default() +=
+            chunks.values().map(Vec::len).sum::<usize>();
+    }
+    out
+}
+
+/// `remote_probe_targets` by a walk over every selected backend (what the kept counts must give).
+fn remote_probe_targets_walked(
+    ix: &MergeIndex,
+) -> BTreeMap<ClusterName, Vec<std::net::SocketAddr>> {
+    let mut out: BTreeMap<ClusterName, BTreeSet<std::net::SocketAddr>> = BTreeMap::new();
+    for b in ix.desired().values().flat_map(|b| b.iter()) {
+        if b.cluster != *ix.local() && b.protocol == Protocol::Tcp {
+            out.entry(b.cluster.name().clone())
+                .or_default()
+                .insert(std::net::SocketAddr::new(b.ip, b.port));
+        }
+    }
+    for cluster in ix.unreachable_clusters() {
+        for e in ix.services.values() {
+            if e.status.as_ref().is_none_or(|s| s.frontends.is_empty()) {
+                continue;
+            }
+            for ep in e
+                .endpoints
+                .get(cluster)
+                .into_iter()
+                .flat_map(|c| c.values().flatten())
+            {
+                if !ep.conditions.usable() {
+                    continue;
+                }
+                for p in ep.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                    out.entry(cluster.clone())
+                        .or_default()
+                        .insert(std::net::SocketAddr::new(ep.ip, p.port));
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(c, s)| (c, s.into_iter().collect()))
+        .collect()
+}
+
+/// Random sequences of specs, chunks, health, staleness, reachability and removed clusters (with
+/// batches deferred or not): the endpoint counts and remote probe targets kept as the index
+/// changes equal a walk over everything after every step.
+#[test]
+fn kept_counts_equal_a_full_walk_over_random_sequences() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let clusters = ["c1", "c2", "c3", "c4"];
+    let services = ["web", "api", "db"];
+    // Steps where some remote backend was selected (the sequences must exercise the counts).
+    let mut selected_steps = 0;
+    for run in 0..20 {
+        let mut ix = MergeIndex::new(c("c1"));
+        for step in 0..300 {
+            let cl = clusters[next(4) as usize];
+            let svc = services[next(3) as usize];
+            let defer = next(4) == 0;
+            if defer {
+                ix.defer();
+            }
+            match next(10) {
+                0 | 1 => {
+                    let mut s = SpecB::new(cl)
+                        .affinity(
+                            [Affinity::Local, Affinity::Remote, Affinity::None][next(3) as usize],
+                        )
+                        .shared(next(5) != 0)
+                        .build();
+                    s.name = svc.into();
+                    s.frontends = vec![
+                        format!("10.96.{}.{}", next(3), next(3) + 1)
+                            .parse()
+                            .unwrap(),
+                    ];
+                    ix.upsert_service(s);
+                }
+                2 => ix.delete_service(&c(cl), &ServiceName::new("default", svc).unwrap()),
+                3..=6 => {
+                    let eps = (0..next(4))
+                        .map(|i| {
+                            let e = ep(&format!(
+                                "10.{}.{}.{}",
+                                cl.len() + next(4) as usize,
+                                next(2),
+                                i + 1
+                            ));
+                            cond(e, next(3) != 0, next(2) == 0, next(4) == 0)
+                        })
+                        .collect();
+                    let mut ch = chunk(cl, next(3) as u32, eps);
+                    ch.name = svc.into();
+                    ix.upsert_chunk(ch);
+                }
+                7 => ix.delete_chunk(
+                    &c(cl),
+                    &ServiceName::new("default", svc).unwrap(),
+                    next(3) as u32,
+                ),
+                8 => match next(4) {
+                    0 => ix.set_stale(&c(cl), next(2) == 0),
+                    1 => ix.set_unreachable(&c(cl), next(2) == 0),
+                    2 => ix.upsert_health(report(
+                        cl,
+                        "n1",
+                        &[(
+                            &format!("10.{}.0.1", cl.len() + next(4) as usize),
+                            [Verdict::Healthy, Verdict::Failing][next(2) as usize],
+                        )],
+                    )),
+                    _ => ix.delete_health(&c(cl), "n1"),
+                },
+                _ => {
+                    if next(3) == 0 {
+                        ix.remove_cluster(&c(cl));
+                    }
+                }
+            }
+            if defer {
+                ix.settle();
+            }
+            assert_eq!(
+                ix.endpoints_by_cluster(),
+                endpoints_by_cluster_walked(&ix),
+                "endpoint counts, run {run} step {step}"
+            );
+            assert_eq!(
+                ix.remote_probe_targets(),
+                remote_probe_targets_walked(&ix),
+                "remote probe targets, run {run} step {step}"
+            );
+            selected_steps += usize::from(!ix.remote_selected.is_empty());
+        }
+    }
+    assert!(
+        selected_steps > 500,
+        "only {selected_steps} steps selected a remote backend"
+    );
+}

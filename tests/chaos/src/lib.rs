@@ -290,8 +290,8 @@ pub struct UpOptions {
     pub kvstoremesh: bool,
     /// Lifetime of the clusters' leaf certificates (default a year).
     pub leaf_lifetime: Option<Duration>,
-    /// Per-cluster trust (`LabMeshSpec::cluster_trust`): every etcd trusts only its own cluster's
-    /// intermediate for clients.
+    /// Per-cluster trust (`LabMeshSpec::cluster_trust`, the default as in the product): every etcd
+    /// trusts only its own cluster's intermediate for clients. `false`: the mesh bundle.
     pub cluster_trust: bool,
     /// Clusters connected from the start through each other's own remote certificates
     /// (`LabMeshSpec::static_remotes`, what `connect --context` writes), not by the gRPC connect.
@@ -316,7 +316,7 @@ impl UpOptions {
             health_port: None,
             kvstoremesh: false,
             leaf_lifetime: None,
-            cluster_trust: false,
+            cluster_trust: true,
             static_remotes: false,
             pods: Some(Routing::Native),
         }

@@ -349,6 +349,8 @@ struct ServiceEntry {
     specs: BTreeMap<ClusterName, ServiceSpec>,
     import: Option<ServiceImport>,
     endpoints: BTreeMap<ClusterRef, BTreeMap<u32, Vec<Endpoint>>>,
+    /// The service's name, shared by its entries in `ip_services`.
+    name: Option<Arc<ServiceName>>,
     /// The last selection (also the last usable set of rule 4); shared with the agent's snapshots.
     status: Option<Arc<ServiceStatus>>,
 }
@@ -378,13 +380,16 @@ pub struct MergeIndex {
     reports: HashMap<Reporter, HealthReport>,
     /// Reporters whose publication lapsed (see [`Lapsed`]).
     lapsed: Lapsed,
-    /// Which services have an endpoint on an address (with a count of occurrences).
-    ip_services: HashMap<IpAddr, HashMap<ServiceName, u32>>,
+    /// Which services have an endpoint on an address (with a count of occurrences). One entry
+    /// per endpoint address of the mesh (255k at 255 clusters x 1,000), so each is small: an
+    /// address is nearly always one service's, held as a list of the service's shared name.
+    ip_services: HashMap<IpAddr, Vec<(Arc<ServiceName>, u32)>>,
     desired: HashMap<Frontend, Backends>,
     /// The remote TCP backends of `desired` by cluster, with how many frontends select each:
     /// kept as `desired` changes (by the changed stretch of a frontend's backends), so
     /// [`MergeIndex::remote_probe_targets`] reads them instead of walking every backend.
-    remote_selected: BTreeMap<ClusterName, BTreeMap<std::net::SocketAddr, u32>>,
+    /// Each cluster's addresses sorted, so the targets are a copy of contiguous memory per tick.
+    remote_selected: BTreeMap<ClusterName, Vec<(std::net::SocketAddr, u32)>>,
     /// Per cluster: chunks held (over every service) and the endpoints in them, kept as chunks
     /// come and go, for [`MergeIndex::endpoints_by_cluster`].
     endpoint_counts: BTreeMap<ClusterName, (usize, usize)>,
@@ -604,18 +609,24 @@ impl MergeIndex {
             old.as_ref().map(Vec::len),
             Some(new_ips.len()),
         );
+        let shared = entry
+            .name
+            .get_or_insert_with(|| Arc::new(name.clone()))
+            .clone();
+        for ip in new_ips {
+            let services = self.ip_services.entry(ip).or_default();
+            match services.iter_mut().find(|(s, _)| **s == name) {
+                Some((_, n)) => *n += 1,
+                None => {
+                    services.reserve_exact(1);
+                    services.push((shared.clone(), 1));
+                }
+            }
+        }
         if let Some(old) = old {
             for e in &old {
                 unlink_ip(&mut self.ip_services, e.ip, &name);
             }
-        }
-        for ip in new_ips {
-            *self
-                .ip_services
-                .entry(ip)
-                .or_default()
-                .entry(name.clone())
-                .or_default() += 1;
         }
         self.recompute(&name, true);
     }
@@ -708,7 +719,7 @@ impl MergeIndex {
         let mut names: HashSet<ServiceName> = ips
             .iter()
             .filter_map(|ip| self.ip_services.get(ip))
-            .flat_map(|m| m.keys().cloned())
+            .flat_map(|m| m.iter().map(|(s, _)| (**s).clone()))
             .collect();
         for (name, e) in &self.services {
             if e.endpoints.get(cluster).is_some_and(|chunks| {
@@ -826,7 +837,7 @@ impl MergeIndex {
         let mut out: BTreeMap<ClusterName, Vec<std::net::SocketAddr>> = self
             .remote_selected
             .iter()
-            .map(|(c, addrs)| (c.clone(), addrs.keys().copied().collect()))
+            .map(|(c, addrs)| (c.clone(), addrs.iter().map(|(a, _)| *a).collect()))
             .collect();
         for cluster in &self.unreachable {
             let mut extra: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
@@ -1275,7 +1286,7 @@ impl MergeIndex {
         let mut names: BTreeSet<ServiceName> = BTreeSet::new();
         for ip in ips {
             if let Some(s) = self.ip_services.get(ip) {
-                names.extend(s.keys().cloned());
+                names.extend(s.iter().map(|(s, _)| (**s).clone()));
             }
         }
         for n in names {
@@ -1424,10 +1435,10 @@ impl MergeIndex {
         for b in gone {
             let addr = std::net::SocketAddr::new(b.ip, b.port);
             if let Some(m) = self.remote_selected.get_mut(b.cluster.name()) {
-                if let Some(n) = m.get_mut(&addr) {
-                    *n -= 1;
-                    if *n == 0 {
-                        m.remove(&addr);
+                if let Ok(i) = m.binary_search_by_key(&addr, |(a, _)| *a) {
+                    m[i].1 -= 1;
+                    if m[i].1 == 0 {
+                        m.remove(i);
                     }
                 }
                 if m.is_empty() {
@@ -1438,10 +1449,13 @@ impl MergeIndex {
         for b in came {
             let addr = std::net::SocketAddr::new(b.ip, b.port);
             match self.remote_selected.get_mut(b.cluster.name()) {
-                Some(m) => *m.entry(addr).or_default() += 1,
+                Some(m) => match m.binary_search_by_key(&addr, |(a, _)| *a) {
+                    Ok(i) => m[i].1 += 1,
+                    Err(i) => m.insert(i, (addr, 1)),
+                },
                 None => {
                     self.remote_selected
-                        .insert(b.cluster.name().clone(), BTreeMap::from([(addr, 1)]));
+                        .insert(b.cluster.name().clone(), vec![(addr, 1)]);
                 }
             }
         }
@@ -1487,12 +1501,16 @@ fn count_chunk(
     }
 }
 
-fn unlink_ip(map: &mut HashMap<IpAddr, HashMap<ServiceName, u32>>, ip: IpAddr, svc: &ServiceName) {
+fn unlink_ip(
+    map: &mut HashMap<IpAddr, Vec<(Arc<ServiceName>, u32)>>,
+    ip: IpAddr,
+    svc: &ServiceName,
+) {
     if let Some(m) = map.get_mut(&ip) {
-        if let Some(n) = m.get_mut(svc) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(svc);
+        if let Some(i) = m.iter().position(|(s, _)| **s == *svc) {
+            m[i].1 -= 1;
+            if m[i].1 == 0 {
+                m.swap_remove(i);
             }
         }
         if m.is_empty() {

@@ -1200,8 +1200,8 @@ fn remote_probe_targets_walked(
 }
 
 /// Random sequences of specs, chunks, health, staleness, reachability and removed clusters (with
-/// batches deferred or not): the endpoint counts and remote probe targets kept as the index
-/// changes equal a walk over everything after every step.
+/// batches deferred or not): the endpoint counts, remote probe targets and services by address
+/// kept as the index changes equal a walk over everything after every step.
 #[test]
 fn kept_counts_equal_a_full_walk_over_random_sequences() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1294,6 +1294,22 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
                 remote_probe_targets_walked(&ix),
                 "remote probe targets, run {run} step {step}"
             );
+            let mut walked: HashMap<IpAddr, BTreeMap<ServiceName, u32>> = HashMap::new();
+            for (name, e) in &ix.services {
+                for ep in e.endpoints.values().flat_map(|c| c.values().flatten()) {
+                    *walked
+                        .entry(ep.ip)
+                        .or_default()
+                        .entry(name.clone())
+                        .or_default() += 1;
+                }
+            }
+            let kept: HashMap<IpAddr, BTreeMap<ServiceName, u32>> = ix
+                .ip_services
+                .iter()
+                .map(|(ip, v)| (*ip, v.iter().map(|(s, n)| ((**s).clone(), *n)).collect()))
+                .collect();
+            assert_eq!(kept, walked, "services by address, run {run} step {step}");
             selected_steps += usize::from(!ix.remote_selected.is_empty());
         }
     }

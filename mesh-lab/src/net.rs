@@ -120,6 +120,9 @@ pub fn build(plan: &LabPlan) -> Result<()> {
         })?;
     }
     cmd::in_netns_input(r, "nft", &["-f", "-"], &nft_ruleset())?;
+    if let Some(rules) = pod_drop_ruleset(plan) {
+        cmd::in_netns_input(r, "nft", &["-f", "-"], &rules)?;
+    }
 
     // members: address, default route via the cluster bridge
     for c in &plan.clusters {
@@ -195,6 +198,52 @@ pub(crate) fn nft_ruleset() -> String {
          \t}}\n\
          }}\n"
     )
+}
+
+/// nft table (family inet) in the router of a routed lab with pods.
+const POD_DROP_TABLE: &str = "meshlab-pods";
+
+/// With pods on the routed underlay: the router drops every forwarded packet to a pod range, so another
+/// cluster's pods are reached only through node-sync's overlay (`--routing vxlan`, whose packets carry node
+/// addresses), never because the router forwarded to a pod address (it has no route for one either): an
+/// underlay that routes node addresses and not pod CIDRs (routed packets only: a cluster's own pod traffic is
+/// bridged). Packets *from* pods to node addresses pass (a
+/// pod answering a client on a remote node's host network answers over the underlay; an underlay that
+/// also checks source addresses would need node-sync to carry those too). `None` without pods, and on the
+/// switched underlay, where pod traffic between clusters is bridged node to node (native routing) and this
+/// chain would see it too.
+pub(crate) fn pod_drop_ruleset(plan: &LabPlan) -> Option<String> {
+    if plan.underlay != Underlay::Routed {
+        return None;
+    }
+    let mut ranges: Vec<String> = Vec::new();
+    for c in &plan.clusters {
+        for r in c.ranges().into_iter().skip(1) {
+            if !ranges.contains(&r) {
+                ranges.push(r);
+            }
+        }
+    }
+    if ranges.is_empty() {
+        return None;
+    }
+    let set = ranges.join(", ");
+    // Routed packets only: bridged IPv4 passes this chain too (bridge-nf-call-iptables is on by default),
+    // and a cluster's own pod traffic is bridged on its bridge.
+    let rules: String = plan
+        .clusters
+        .iter()
+        .map(|c| {
+            format!(
+                "\t\tiifname \"{br}\" oifname != \"{br}\" ip daddr {{ {set} }} drop\n",
+                br = c.bridge
+            )
+        })
+        .collect();
+    Some(format!(
+        "table inet {POD_DROP_TABLE} {{\n\tchain forward {{\n\t\ttype filter hook forward priority -10; policy accept;\n\
+         {rules}\t}}\n}}\n"
+    ))
 }
 
 /// Both directions between every range of `a` and every range of `b` (subnets, and pod ranges with pods).
@@ -386,6 +435,25 @@ mod tests {
         assert!(r.contains("ip saddr . ip daddr @partitions drop"));
         assert!(r.contains("flags interval"));
         assert!(r.contains("hook forward"));
+    }
+
+    #[test]
+    fn the_routed_router_drops_pod_ranges_and_the_switched_one_does_not() {
+        let spec = LabSpec::new("t", 2, 1).with_pods();
+        let p = LabPlan::new(&spec, 100, std::path::Path::new("/cg")).unwrap();
+        let r = pod_drop_ruleset(&p).unwrap();
+        assert!(
+            r.contains(
+                "iifname \"br1\" oifname != \"br1\" ip daddr { 10.100.191.0/24, 10.100.192.0/24 } drop"
+            ),
+            "{r}"
+        );
+        assert!(!r.contains("saddr"), "{r}");
+        let switched = spec.underlay(crate::plan::Underlay::Switched);
+        let p = LabPlan::new(&switched, 100, std::path::Path::new("/cg")).unwrap();
+        assert!(pod_drop_ruleset(&p).is_none());
+        let p = LabPlan::new(&LabSpec::new("t", 2, 1), 100, std::path::Path::new("/cg")).unwrap();
+        assert!(pod_drop_ruleset(&p).is_none());
     }
 
     #[test]

@@ -128,6 +128,24 @@ fn on_the_routed_underlay_the_router_does_not_route_pod_cidrs() {
     assert!(ok, "c1/n1 -> c2/n1 through the router: {text}");
     let (ok, text) = answers(&lab, 1, 1, remote.addr);
     assert!(!ok, "the router routed c2's pod {}: {text}", remote.addr);
+    // The router drops pod-range traffic: a route to its address for c2's pod changes nothing.
+    let netns = lab.plan().router_netns.clone();
+    let out = Command::new("ip")
+        .args(["-n", &netns, "route", "add", &remote.cidr(), "via"])
+        .arg(remote_node.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, text) = answers(&lab, 1, 1, remote.addr);
+    assert!(
+        !ok,
+        "the router forwarded to c2's pod {}: {text}",
+        remote.addr
+    );
     // c2's node is not on-link here: a native route via it is refused by the kernel, which is why
     // --routing native runs on the switched underlay.
     let netns = &lab.node(1, 1).unwrap().netns;

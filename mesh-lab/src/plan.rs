@@ -20,7 +20,8 @@
 //! node `n` has `10.X.<190+c>.<16(n-1)>/28`) and a pod: a namespace `P-c<c>-n<n>-pod` behind the node (veth
 //! `pod0` in the node, `.1` of the CIDR; `eth0` in the pod, `.2`, default route via the node). Nodes of one
 //! cluster route each other's pod CIDRs (what the CNI does inside a cluster); the router never routes a pod
-//! CIDR, so a pod of another cluster is reachable only through what node-sync installs (`--routing`).
+//! CIDR (on the routed underlay it drops routed packets to one), so a pod of another cluster is reachable
+//! only through what node-sync installs (`--routing`).
 //!
 //! # Underlays ([`Underlay`])
 //!

@@ -32,6 +32,14 @@ enum Security {
     Tls,
 }
 
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum UnderlayArg {
+    /// One bridge per cluster, routed between clusters.
+    Routed,
+    /// One bridge for every cluster.
+    Switched,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Build a lab (a crashed lab with the same prefix is cleaned up first) and leave it running.
@@ -51,6 +59,17 @@ enum Cmd {
         /// How etcd is secured (tls: a per-lab CA, mTLS, client-cert auth and etcd users).
         #[arg(long, env = "MESH_LAB_ETCD", value_enum, default_value_t = Security::Tls)]
         etcd: Security,
+        /// Give every node a pod CIDR (a /28 of its cluster's 10.X.<190+c>.0/24) and a pod: a network
+        /// namespace <prefix>-c<c>-n<n>-pod behind the node. The router never routes pod CIDRs: another
+        /// cluster's pods are reached only through node-sync's --routing. At most 16 nodes per cluster.
+        #[arg(long, env = "MESH_LAB_PODS")]
+        pods: bool,
+        /// How clusters reach each other. routed: one bridge per cluster, the router routes between them
+        /// (partitions, latency and loss apply). switched: every cluster on one bridge, nodes on-link to each
+        /// other as kind's nodes on one Docker network, which node-sync --routing native needs (partitions
+        /// apply; latency and loss are refused).
+        #[arg(long, env = "MESH_LAB_UNDERLAY", value_enum, default_value_t = UnderlayArg::Routed)]
+        underlay: UnderlayArg,
     },
     /// Remove a lab: processes, namespaces, cgroups, state.
     Down {
@@ -102,13 +121,20 @@ fn main() -> Result<()> {
             prefix,
             names,
             etcd,
+            pods,
+            underlay,
         } => {
             let mut spec = LabSpec::new(&prefix, clusters, nodes)
                 .cluster_names(names)
                 .etcd_security(match etcd {
                     Security::Plain => EtcdSecurity::Plain,
                     Security::Tls => EtcdSecurity::Tls,
+                })
+                .underlay(match underlay {
+                    UnderlayArg::Routed => mesh_lab::Underlay::Routed,
+                    UnderlayArg::Switched => mesh_lab::Underlay::Switched,
                 });
+            spec.pods = pods;
             spec.state_root = cli.state_root.clone();
             let lab = Lab::up(spec).with_context(|| format!("mesh-lab up --prefix {prefix}"))?;
             println!("lab {prefix} up");
@@ -185,6 +211,14 @@ fn print_plan(p: &mesh_lab::LabPlan) {
                     .map(|f| f.to_string_lossy())
                     .unwrap_or_default()
             );
+            if let Some(pod) = &n.pod {
+                println!(
+                    "        pod {:<15} on {:<18} netns {}",
+                    pod.addr,
+                    pod.cidr(),
+                    pod.netns
+                );
+            }
         }
     }
 }

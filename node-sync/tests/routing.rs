@@ -499,35 +499,6 @@ async fn our_routes(h: &rtnetlink::Handle) -> Vec<String> {
         .collect()
 }
 
-/// `/api/v1/status` once `ok` holds for it (polled: the status server offers no event), or a failure naming
-/// what was last seen and the log.
-async fn status_until(
-    port: u16,
-    log: &std::path::Path,
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let t0 = Instant::now();
-    let mut last = None;
-    loop {
-        if let Some((200, body)) = support::http_get(port, "/api/v1/status").await
-            && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body)
-        {
-            if ok(&doc) {
-                return doc;
-            }
-            last = Some(doc);
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "node-sync's status never showed {what}; last: {:#}\nlog:\n{}",
-            last.unwrap_or_default(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The whole feed: a real etcd and the `node-sync` binary with `--routing native`, both in the test's own
 /// network namespace; remote clusters c2 and c3 publish nodes with pod CIDRs as the apiserver does. A node
 /// appearing gets its route within a second and a deleted node loses it; a SIGKILL leaves the routes and a
@@ -580,7 +551,7 @@ fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_bi
         route_event(&mut events, "10.2.2.0/24", false, Duration::from_secs(1)).await;
         let removed = t.elapsed();
         eprintln!("node put -> route added {added:?}; node deleted -> route removed {removed:?}");
-        let doc = status_until(port, &log, "one route", |d| {
+        let doc = support::status_until(port, &log, "one route", |d| {
             d["routing"]["routesInstalled"] == 1
         })
         .await;
@@ -601,7 +572,7 @@ fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_bi
             "routes gone with node-sync's SIGKILL"
         );
         let ns = start_node_sync(&etcd, Some(&remotes), port, &log);
-        let doc = status_until(
+        let doc = support::status_until(
             port,
             &log,
             "the restarted node-sync synced with its route",
@@ -623,7 +594,7 @@ fn routing_native_end_to_end_from_etcd_node_keys_to_kernel_routes_through_the_bi
         let (k, v) = node_value("c3", "m1", "192.0.2.21", &["10.2.1.128/25"]);
         c3.put(k.clone(), v).await;
         route_event(&mut events, "10.2.1.0/24", false, Duration::from_secs(1)).await;
-        let doc = status_until(port, &log, "two refusals", |d| {
+        let doc = support::status_until(port, &log, "two refusals", |d| {
             d["routing"]["refused"]
                 .as_array()
                 .is_some_and(|r| r.len() == 2)
@@ -714,7 +685,7 @@ fn routing_native_follows_the_nodes_kvstoremesh_mirrors_into_the_local_etcd() {
         let log = dir.path().join("node-sync.log");
         let port = support::free_port();
         let _ns = start_node_sync(&etcd, None, port, &log);
-        status_until(port, &log, "ready", |d| d["ready"] == true).await;
+        support::status_until(port, &log, "ready", |d| d["ready"] == true).await;
 
         let (k, v) = node_value("c2", "n1", "192.0.2.11", &["10.2.1.0/24"]);
         let t = Instant::now();
@@ -731,7 +702,7 @@ fn routing_native_follows_the_nodes_kvstoremesh_mirrors_into_the_local_etcd() {
         c2.put(k, v).await;
         let others = route_event(&mut events, "10.2.3.0/24", true, Duration::from_secs(1)).await;
         assert!(others.is_empty(), "{others:?}");
-        let doc = status_until(port, &log, "one route", |d| {
+        let doc = support::status_until(port, &log, "one route", |d| {
             d["routing"]["routesInstalled"] == 1
         })
         .await;

@@ -696,34 +696,6 @@ async fn event(events: &mut Events, want: &str, limit: Duration) -> Vec<String> 
     }
 }
 
-/// `/api/v1/status` once `ok` holds (polled: the status server offers no event), or a failure with the log.
-async fn status_until(
-    port: u16,
-    log: &Path,
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let t0 = Instant::now();
-    let mut last = None;
-    loop {
-        if let Some((200, body)) = support::http_get(port, "/api/v1/status").await
-            && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body)
-        {
-            if ok(&doc) {
-                return doc;
-            }
-            last = Some(doc);
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "node-sync's status never showed {what}; last: {:#}\nlog:\n{}",
-            last.unwrap_or_default(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The whole feed with the binary: etcd and `node-sync --routing vxlan` in node A; c2 publishes node B with
 /// its pod CIDR. The device, FDB/neighbour entries and route come up and carry pod traffic to B; a SIGKILL
 /// leaves them and traffic flowing; a restart changes nothing (a link/neighbour/route monitor sees no event);
@@ -766,7 +738,7 @@ fn routing_vxlan_end_to_end_from_etcd_node_keys_through_the_binary() {
         let mut ns = start_node_sync(&etcd, &remotes, port, a_ip, &log);
         event(&mut events, "newroute 10.2.1.0/24 proto 157", Duration::from_secs(20)).await;
         eprintln!("vxlan route up {:?} after node-sync's start", t0.elapsed());
-        let doc = status_until(port, &log, "one route", |d| {
+        let doc = support::status_until(port, &log, "one route", |d| {
             d["routing"]["routesInstalled"] == 1
         })
         .await;
@@ -795,7 +767,7 @@ fn routing_vxlan_end_to_end_from_etcd_node_keys_through_the_binary() {
         // A restart: nothing changes, not even for a moment.
         let mut after_kill = monitor();
         let ns = start_node_sync(&etcd, &remotes, port, a_ip, &log);
-        let doc = status_until(port, &log, "the restarted node-sync synced", |d| {
+        let doc = support::status_until(port, &log, "the restarted node-sync synced", |d| {
             d["ready"] == true && d["routing"]["routesInstalled"] == 1
         })
         .await;

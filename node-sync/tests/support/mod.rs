@@ -296,3 +296,32 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
 pub fn agent_with(opts: AgentOptions, writer: Box<dyn node_sync::lb::MapWriter>) -> Agent {
     agent::start(opts, writer)
 }
+
+/// `/api/v1/status` once `ok` holds for it (polled: the status server offers no event), or a failure naming
+/// what was last seen and the log.
+pub async fn status_until(
+    port: u16,
+    log: &Path,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        if let Some((200, body)) = http_get(port, "/api/v1/status").await
+            && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            if ok(&doc) {
+                return doc;
+            }
+            last = Some(doc);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node-sync's status never showed {what}; last: {:#}\nlog:\n{}",
+            last.unwrap_or_default(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use mesh_lab::mesh::{LabMesh, LabMeshSpec, default_bin_dir};
+use mesh_lab::mesh::{LabMesh, LabMeshSpec, Routing, default_bin_dir};
 
 fn clustermesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clustermesh"))
@@ -122,7 +122,8 @@ fn artifacts() -> PathBuf {
 #[test]
 fn connect_status_drill_page_disconnect() {
     support::require_lab();
-    let mut spec = LabMeshSpec::new("e2ecli", 3, 2);
+    // Backends as pods behind their nodes, reached across clusters through node-sync's routes.
+    let mut spec = LabMeshSpec::new("e2ecli", 3, 2).with_pods(Routing::Native);
     spec.bin_dir = default_bin_dir();
     // c3 is installed with c1's id by mistake: connect must refuse it before changing anything.
     spec.cluster_ids.insert(3, 1);

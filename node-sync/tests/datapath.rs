@@ -262,8 +262,18 @@ async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
         took < Duration::from_secs(1),
         "moved in {took:?}, before the 2 s health checker could"
     );
+    // The maps are written before the batch's snapshot is published, so the client can land in c2
+    // a moment before the status shows why: wait for the snapshot that carries the record.
     let (log, marks, confirmed, delay) = {
-        let st = agent.snapshot();
+        let mut sub = agent.subscribe();
+        let st = tokio::time::timeout(
+            Duration::from_secs(5),
+            sub.wait_for(|st| !st.failover_log.is_empty()),
+        )
+        .await
+        .expect("no failover record in node-sync's snapshot within 5 s of the client's failover")
+        .expect("the agent is running")
+        .clone();
         (
             st.failover_log.last().cloned(),
             st.passive.marks,

@@ -182,6 +182,14 @@ check "nightly with rust-src" "rustup component add rust-src --toolchain nightly
 check "bpf-linker 0.10.0" "cargo install bpf-linker@0.10.0 --locked" version_is '0\.10\.0' bpf-linker --version
 check "cargo-nextest" "cargo install cargo-nextest --locked" cargo nextest --version
 check "/dev/net/tun" "the kernel's tun module (modprobe tun): the lab's delay line" test -c /dev/net/tun
+# Issue 20: the lab's switched underlay filters bridged traffic between clusters (bridge netfilter), and
+# node-sync --routing vxlan makes a vxlan device. Built in here; where they are modules, load them first.
+[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || modprobe br_netfilter 2>/dev/null || true
+[ -d /sys/module/vxlan ] || modprobe vxlan 2>/dev/null || true
+check "bridge netfilter" "the kernel's br_netfilter (modprobe br_netfilter): the lab's switched underlay" \
+  sh -c 'test -e /proc/sys/net/bridge/bridge-nf-call-iptables && echo /proc/sys/net/bridge'
+check "vxlan" "the kernel's vxlan module (modprobe vxlan): node-sync --routing vxlan and its tests" \
+  sh -c 'test -d /sys/module/vxlan && echo /sys/module/vxlan'
 check "kernel BTF" "a kernel built with CONFIG_DEBUG_INFO_BTF" sh -c 'test -r /sys/kernel/btf/vmlinux && echo /sys/kernel/btf/vmlinux'
 check "bpffs mounted" "mount -t bpf bpf /sys/fs/bpf (scripts/setup.sh mounts it)" mounted bpf
 check "cgroup v2 mounted" "mount -t cgroup2 none /run/clustermesh/cgroup2 (scripts/setup.sh mounts it)" mounted cgroup2

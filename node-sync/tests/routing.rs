@@ -7,7 +7,7 @@ mod support;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -359,16 +359,6 @@ fn routing_native_refuses_pod_cidrs_that_overlap_between_clusters_and_moves_a_ga
     });
 }
 
-/// The `node-sync` binary, SIGKILLed (by its PID) on drop.
-struct NodeSync(Child);
-
-impl Drop for NodeSync {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `node-sync --routing native` for node n1 of c1 (in the calling thread's network namespace), its
 /// remotes in `remotes` (`None`: `--kvstoremesh`, every peer mirrored into the local etcd), its log appended
 /// to `log`.
@@ -377,7 +367,7 @@ fn start_node_sync(
     remotes: Option<&std::path::Path>,
     port: u16,
     log: &std::path::Path,
-) -> NodeSync {
+) -> support::NodeSync {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -404,7 +394,7 @@ fn start_node_sync(
         .stderr(f)
         .spawn()
         .expect("spawn node-sync");
-    NodeSync(child)
+    support::NodeSync(child)
 }
 
 /// A node of `cluster` at `ip` with `cidrs`, as the apiserver publishes it.

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -544,16 +544,6 @@ fn routing_vxlan_carries_ipv6_pods_over_an_ipv4_underlay() {
     assert_eq!(peer.ip().to_string(), "fd00:1:1::1");
 }
 
-/// The `node-sync` binary, SIGKILLed (by its PID) on drop.
-struct NodeSync(Child);
-
-impl Drop for NodeSync {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `node-sync --routing vxlan` for node a of c1, in the calling thread's network namespace, its log appended to
 /// `log`.
 fn start_node_sync(
@@ -562,7 +552,7 @@ fn start_node_sync(
     port: u16,
     local: IpAddr,
     log: &Path,
-) -> NodeSync {
+) -> support::NodeSync {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -588,7 +578,7 @@ fn start_node_sync(
         .stderr(f)
         .spawn()
         .expect("spawn node-sync");
-    NodeSync(child)
+    support::NodeSync(child)
 }
 
 /// A node of `cluster` at `ip` with `cidr`, as the apiserver publishes it.

@@ -325,3 +325,13 @@ pub async fn status_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The `node-sync` binary, SIGKILLed (by its PID) on drop.
+pub struct NodeSync(pub std::process::Child);
+
+impl Drop for NodeSync {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -344,11 +344,14 @@ impl Lapsed {
     }
 }
 
+/// One cluster's endpoint chunks of a service, by chunk number.
+type Chunks = BTreeMap<u32, Vec<Endpoint>>;
+
 #[derive(Debug, Default)]
 struct ServiceEntry {
     specs: BTreeMap<ClusterName, ServiceSpec>,
     import: Option<ServiceImport>,
-    endpoints: BTreeMap<ClusterRef, BTreeMap<u32, Vec<Endpoint>>>,
+    endpoints: BTreeMap<ClusterRef, Chunks>,
     /// The service's name, shared by its entries in `ip_services`.
     name: Option<Arc<ServiceName>>,
     /// The last selection (also the last usable set of rule 4); shared with the agent's snapshots.
@@ -383,7 +386,8 @@ pub struct MergeIndex {
     /// Which services have an endpoint on an address (with a count of occurrences). One entry
     /// per endpoint address of the mesh (255k at 255 clusters x 1,000), so each is small: an
     /// address is nearly always one service's, held as a list of the service's shared name.
-    ip_services: HashMap<IpAddr, Vec<(Arc<ServiceName>, u32)>>,
+    /// Inline (no allocation of its own) while it names one service: 8 MiB less at 255k.
+    ip_services: HashMap<IpAddr, IpServices>,
     desired: HashMap<Frontend, Backends>,
     /// The remote TCP backends of `desired` by cluster, with how many frontends select each:
     /// kept as `desired` changes (by the changed stretch of a frontend's backends), so
@@ -617,10 +621,7 @@ impl MergeIndex {
             let services = self.ip_services.entry(ip).or_default();
             match services.iter_mut().find(|(s, _)| **s == name) {
                 Some((_, n)) => *n += 1,
-                None => {
-                    services.reserve_exact(1);
-                    services.push((shared.clone(), 1));
-                }
+                None => services.push((shared.clone(), 1)),
             }
         }
         if let Some(old) = old {
@@ -863,6 +864,30 @@ impl MergeIndex {
             let v = out.entry(cluster.clone()).or_default();
             extra.extend(v.iter().copied());
             *v = extra.into_iter().collect();
+        }
+        out
+    }
+
+    /// [`MergeIndex::remote_probe_targets`] with at most `per_cluster` addresses per cluster,
+    /// spread evenly over its sorted list: what the prober takes turns over. A 255-cluster mesh
+    /// selects about 1,000 backends per remote here; the prober needs a few per round, and a copy
+    /// of all 255k each tick cost 8 MiB and a walk per batch.
+    pub fn remote_probe_sample(
+        &self,
+        per_cluster: usize,
+    ) -> BTreeMap<ClusterName, Vec<std::net::SocketAddr>> {
+        let mut out: BTreeMap<ClusterName, Vec<std::net::SocketAddr>> = self
+            .remote_selected
+            .iter()
+            .map(|(c, addrs)| (c.clone(), spread(addrs, per_cluster, |(a, _)| *a)))
+            .collect();
+        if !self.unreachable.is_empty() {
+            let full = self.remote_probe_targets();
+            for c in &self.unreachable {
+                if let Some(v) = full.get(c) {
+                    out.insert(c.clone(), spread(v, per_cluster, |a| *a));
+                }
+            }
         }
         out
     }
@@ -1472,7 +1497,18 @@ impl MergeIndex {
     }
 }
 
+/// The services with an endpoint on one address, each with its count of occurrences.
+type IpServices = smallvec::SmallVec<[(Arc<ServiceName>, u32); 1]>;
+
 /// A chunk of `cluster` went from `old` endpoints to `new` (`None`: no chunk).
+/// At most `n` of `items`, spread evenly (all of them when there are no more than `n`).
+fn spread<T, U>(items: &[T], n: usize, f: impl Fn(&T) -> U) -> Vec<U> {
+    if items.len() <= n {
+        return items.iter().map(f).collect();
+    }
+    (0..n).map(|i| f(&items[i * items.len() / n])).collect()
+}
+
 fn count_chunk(
     counts: &mut BTreeMap<ClusterName, (usize, usize)>,
     cluster: &ClusterName,
@@ -1501,11 +1537,7 @@ fn count_chunk(
     }
 }
 
-fn unlink_ip(
-    map: &mut HashMap<IpAddr, Vec<(Arc<ServiceName>, u32)>>,
-    ip: IpAddr,
-    svc: &ServiceName,
-) {
+fn unlink_ip(map: &mut HashMap<IpAddr, IpServices>, ip: IpAddr, svc: &ServiceName) {
     if let Some(m) = map.get_mut(&ip) {
         if let Some(i) = m.iter().position(|(s, _)| **s == *svc) {
             m[i].1 -= 1;
@@ -1634,7 +1666,9 @@ fn select(
         }
     };
 
-    // Groups of clusters in order of preference.
+    // Groups of clusters in order of preference, and which of them is the remotes outside the
+    // failover order (the only large one; every other group is one cluster).
+    let mut rest_at: Option<usize> = None;
     let groups: Vec<Vec<&ClusterName>> = {
         let remotes: Vec<&ClusterName> = candidate_clusters
             .iter()
@@ -1652,6 +1686,7 @@ fn select(
             .filter(|c| !failover_order.contains(c))
             .copied()
             .collect();
+        let singles = remote_groups.len();
         if !rest.is_empty() {
             remote_groups.push(rest);
         }
@@ -1660,20 +1695,53 @@ fn select(
         } else {
             Vec::new()
         };
+        if remote_groups.len() > singles {
+            rest_at = match affinity {
+                Affinity::Local => Some(local_group.len() + singles),
+                Affinity::Remote => Some(singles),
+                Affinity::None => None,
+            };
+        }
         match affinity {
             Affinity::Local => local_group.into_iter().chain(remote_groups).collect(),
             Affinity::Remote => remote_groups.into_iter().chain(local_group).collect(),
             Affinity::None => vec![candidate_clusters.clone()],
         }
     };
-    // Each cluster's group (the first that names it: a cluster twice in the failover order adds
-    // nothing the first time did not), instead of a search of the group per cluster.
-    let mut group_index: HashMap<&ClusterName, usize> = HashMap::new();
-    for (i, g) in groups.iter().enumerate() {
-        for c in g {
-            group_index.entry(*c).or_insert(i);
+    // Each candidate cluster's group (the first that names it: a cluster twice in the failover
+    // order adds nothing the first time did not). The one-cluster groups are searched; a remote
+    // in none of them is in the rest.
+    let group_of: Vec<Option<usize>> = candidate_clusters
+        .iter()
+        .map(|c| {
+            if affinity == Affinity::None {
+                return Some(0);
+            }
+            groups
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != rest_at)
+                .find(|(_, g)| g.contains(c))
+                .map(|(i, _)| i)
+                .or(rest_at.filter(|_| *c != local))
+        })
+        .collect();
+    // Endpoints of the candidate clusters, in the same (name) order: one walk, no lookups.
+    let candidate_endpoints: Vec<(&ClusterRef, &Chunks, Option<usize>)> = {
+        let mut out = Vec::with_capacity(candidate_clusters.len());
+        let mut eps = entry.endpoints.iter().peekable();
+        for (c, gi) in candidate_clusters.iter().zip(&group_of) {
+            while eps.next_if(|(r, _)| r.name() < *c).is_some() {}
+            if let Some((cref, chunks)) = eps.next_if(|(r, _)| r.name() == *c) {
+                out.push((cref, chunks, *gi));
+            }
         }
-    }
+        out
+    };
+    let endpoint_count: usize = candidate_endpoints
+        .iter()
+        .map(|(_, chunks, _)| chunks.values().map(Vec::len).sum::<usize>())
+        .sum();
 
     for sp in ports {
         for ip in ips {
@@ -1682,15 +1750,13 @@ fn select(
                 port: sp.port,
                 protocol: sp.protocol,
             };
-            // Candidates of the frontend's address family, per cluster, with the cluster's group.
-            let mut per_cluster: Vec<(&ClusterRef, Vec<Candidate<'_>>)> = Vec::new();
-            let mut group_of: Vec<Option<usize>> = Vec::new();
-            let mut total = 0;
-            for c in &candidate_clusters {
-                let Some((cref, chunks)) = entry.endpoints.get_key_value(*c) else {
-                    continue;
-                };
-                let mut cands = Vec::new();
+            // Candidates of the frontend's address family, in one list; per cluster its stretch
+            // of the list and its group.
+            let mut all: Vec<Candidate<'_>> = Vec::with_capacity(endpoint_count);
+            let mut per_cluster: Vec<(&ClusterRef, std::ops::Range<usize>, Option<usize>)> =
+                Vec::with_capacity(candidate_endpoints.len());
+            for &(cref, chunks, gi) in &candidate_endpoints {
+                let start = all.len();
                 for ep in chunks.values().flatten() {
                     if ep.ip.is_ipv4() != ip.is_ipv4() {
                         continue;
@@ -1705,7 +1771,7 @@ fn select(
                                 .contains(&(cref.name().clone(), (ep.ip, port, sp.protocol))));
                     let orphaned =
                         lapsed.orphaned(cref.name(), ep, &(ep.ip, port, sp.protocol), health);
-                    cands.push(Candidate {
+                    all.push(Candidate {
                         ip: ep.ip,
                         port,
                         conditions: &ep.conditions,
@@ -1713,15 +1779,12 @@ fn select(
                         orphaned,
                     });
                 }
-                total += cands.len();
-                per_cluster.push((cref, cands));
-                group_of.push(group_index.get(*c).copied());
+                per_cluster.push((cref, start..all.len(), gi));
             }
+            let total = all.len();
             // First without the backends whose node stopped publishing verdicts; only when that
             // leaves nothing anywhere, with them (never zero backends while usable ones exist).
-            let any_orphaned = per_cluster
-                .iter()
-                .any(|(_, cands)| cands.iter().any(|c| c.orphaned));
+            let any_orphaned = all.iter().any(|c| c.orphaned);
             let passes: &[bool] = if any_orphaned {
                 &[true, false]
             } else {
@@ -1739,13 +1802,19 @@ fn select(
             let mut chosen: Option<(Vec<Backend>, Reason)> = None;
             'passes: for &strict in passes {
                 for (i, g) in groups.iter().enumerate() {
-                    let mut picked: Vec<Backend> = Vec::new();
-                    for ((cref, cands), gi) in per_cluster.iter().zip(&group_of) {
-                        if *gi != Some(i) {
-                            continue;
-                        }
+                    let in_group = || per_cluster.iter().filter(|(_, _, gi)| *gi == Some(i));
+                    let count = in_group()
+                        .map(|(_, r, _)| {
+                            all[r.clone()].iter().filter(|c| usable(c, strict)).count()
+                        })
+                        .sum();
+                    if count == 0 {
+                        continue;
+                    }
+                    let mut picked: Vec<Backend> = Vec::with_capacity(count);
+                    for (cref, r, _) in in_group() {
                         picked.extend(
-                            cands
+                            all[r.clone()]
                                 .iter()
                                 .filter(|c| usable(c, strict))
                                 .map(|c| backend(cref, c)),
@@ -1774,11 +1843,11 @@ fn select(
                 for (i, g) in groups.iter().enumerate() {
                     let mut picked: Vec<Backend> = Vec::new();
                     let mut failing = 0;
-                    for ((cref, cands), gi) in per_cluster.iter().zip(&group_of) {
+                    for (cref, r, gi) in &per_cluster {
                         if *gi != Some(i) {
                             continue;
                         }
-                        for c in cands.iter().filter(|c| c.conditions.usable()) {
+                        for c in all[r.clone()].iter().filter(|c| c.conditions.usable()) {
                             failing += usize::from(c.failing);
                             picked.push(backend(cref, c));
                         }
@@ -1804,8 +1873,8 @@ fn select(
                         Some(last) => {
                             let serving: HashSet<Backend> = per_cluster
                                 .iter()
-                                .flat_map(|(cref, cands)| {
-                                    cands
+                                .flat_map(|(cref, r, _)| {
+                                    all[r.clone()]
                                         .iter()
                                         .filter(|c| c.conditions.serving && !c.failing)
                                         .map(|c| backend(cref, c))
@@ -1820,11 +1889,7 @@ fn select(
                         None => Vec::new(),
                     };
                     if keep.is_empty() {
-                        let failing_health = per_cluster
-                            .iter()
-                            .flat_map(|(_, c)| c.iter())
-                            .filter(|c| c.failing)
-                            .count();
+                        let failing_health = all.iter().filter(|c| c.failing).count();
                         (
                             Backends::from(Vec::new()),
                             Reason::NoUsableBackends {

@@ -1289,11 +1289,28 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
                 endpoints_by_cluster_walked(&ix),
                 "endpoint counts, run {run} step {step}"
             );
+            let walked_targets = remote_probe_targets_walked(&ix);
             assert_eq!(
                 ix.remote_probe_targets(),
-                remote_probe_targets_walked(&ix),
+                walked_targets,
                 "remote probe targets, run {run} step {step}"
             );
+            // The prober's sample: at most 3 per cluster, spread over the whole sorted list.
+            let sample = ix.remote_probe_sample(3);
+            assert_eq!(
+                sample.keys().collect::<Vec<_>>(),
+                walked_targets.keys().collect::<Vec<_>>(),
+                "sampled clusters, run {run} step {step}"
+            );
+            for (c, all) in &walked_targets {
+                let s = &sample[c];
+                assert_eq!(s.len(), all.len().min(3), "run {run} step {step}");
+                assert!(s.iter().all(|a| all.contains(a)) && s.is_sorted());
+                assert_eq!(s.first(), all.first());
+                if all.len() > 3 {
+                    assert!(s[2] >= all[all.len() / 2], "spread, not the first three");
+                }
+            }
             let mut walked: HashMap<IpAddr, BTreeMap<ServiceName, u32>> = HashMap::new();
             for (name, e) in &ix.services {
                 for ep in e.endpoints.values().flat_map(|c| c.values().flatten()) {

@@ -36,7 +36,8 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 #[derive(Debug, Clone)]
 pub struct ClusterView {
     /// How it is reached (none for clusters only seen through KVStoreMesh).
-    pub source: Option<ClusterSource>,
+    /// Shared with the agent's state: a snapshot (up to 200 a second) copies no endpoint list.
+    pub source: Option<std::sync::Arc<ClusterSource>>,
     /// Connection and heartbeat.
     pub liveness: Liveness,
     /// Last evaluated state.
@@ -224,7 +225,7 @@ impl Snapshot {
         cert_expiries(
             self.tls_dir.as_deref(),
             &self.cluster,
-            self.clusters.iter().map(|(n, c)| (n, c.source.as_ref())),
+            self.clusters.iter().map(|(n, c)| (n, c.source.as_deref())),
         )
     }
 

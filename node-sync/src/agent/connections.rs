@@ -178,7 +178,7 @@ pub(super) fn reconcile_connections(st: &mut AgentState, tasks: &mut Tasks) {
             st.index.set_stale(&n, true);
         }
         if let Some(status) = st.clusters.get_mut(&n) {
-            status.source = Some(src.clone());
+            status.source = Some(Arc::new(src.clone()));
         }
         lock_registry(&tasks.registry).accepted.remove(&n);
         let known = st

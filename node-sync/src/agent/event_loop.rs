@@ -5,6 +5,7 @@
 //! or the map writer, so a reader of the status never delays a map write.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -63,7 +64,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
     }
 
     // Data-plane reachability of remote clusters from this node.
-    let (reach_targets_tx, reach_targets_rx) = watch::channel(BTreeMap::new());
+    let (reach_targets_tx, reach_targets_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let (reach_tx, mut reach_rx) = mpsc::unbounded_channel::<ReachChange>();
     if let Some(timeout) = opts.remote_probe_timeout {
         tasks.others.push(tokio::spawn(reach::run_reach_prober(
@@ -95,7 +96,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
         let src = opts.local_source();
         st.clusters.insert(
             opts.cluster.clone(),
-            ClusterStatus::new(Some(src.clone()), Instant::now()),
+            ClusterStatus::new(Some(std::sync::Arc::new(src.clone())), Instant::now()),
         );
         spawn_watcher(&mut tasks, src, &opts, HashSet::new());
         reread_remote_dir(&mut st);
@@ -174,7 +175,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                     targets_tx.send_if_modified(|cur| {
                         if *cur != targets { *cur = targets; true } else { false }
                     });
-                    let remote = st.index.remote_probe_targets();
+                    let remote = Arc::new(st.index.remote_probe_sample(reach::MAX_TARGETS_PER_CLUSTER));
                     reach_targets_tx.send_if_modified(|cur| {
                         if *cur != remote { *cur = remote; true } else { false }
                     });

@@ -35,7 +35,7 @@ use crate::watch::ConnEvent;
 #[derive(Debug)]
 pub(super) struct ClusterStatus {
     /// How it is reached (none for clusters only seen through KVStoreMesh).
-    pub source: Option<ClusterSource>,
+    pub source: Option<Arc<ClusterSource>>,
     pub liveness: Liveness,
     /// Last evaluated state.
     pub state: LiveState,
@@ -59,7 +59,7 @@ pub(super) struct ClusterStatus {
 }
 
 impl ClusterStatus {
-    pub fn new(source: Option<ClusterSource>, now: Instant) -> Self {
+    pub fn new(source: Option<Arc<ClusterSource>>, now: Instant) -> Self {
         Self {
             source,
             liveness: Liveness::new(now),
@@ -338,7 +338,7 @@ impl AgentState {
                     let certs = cert_expiries(
                         Some(dir),
                         &self.opts.cluster,
-                        self.clusters.iter().map(|(n, c)| (n, c.source.as_ref())),
+                        self.clusters.iter().map(|(n, c)| (n, c.source.as_deref())),
                     );
                     mesh_certs::expiry::warnings(
                         "node-sync",

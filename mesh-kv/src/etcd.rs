@@ -11,7 +11,7 @@ use etcd_client::{
 use futures::StreamExt;
 
 use crate::store::{
-    Guard, KeyValue, KvError, KvStore, Listing, Op, WatchEvent, WatchStream, prefix_end,
+    Guard, KeyValue, KvError, KvStore, Listing, Op, Page, WatchEvent, WatchStream, prefix_end,
 };
 
 /// Keys per page of a list.
@@ -118,45 +118,65 @@ impl KvStore for EtcdStore {
     }
 
     async fn list(&self, prefix: &str, revision: Option<i64>) -> Result<Listing, KvError> {
-        let end = prefix_end(prefix);
         let mut out = Listing {
             kvs: Vec::new(),
             revision: revision.unwrap_or(0),
         };
-        let mut start = prefix.as_bytes().to_vec();
+        let mut start: Option<String> = None;
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if out.revision > 0 {
-                opts = opts.with_revision(out.revision);
-            }
-            let mut c = self.client.clone();
-            let resp = self
-                .bounded(
-                    || format!("listing {prefix}"),
-                    c.get(start.clone(), Some(opts)),
-                )
-                .await
-                .map_err(|e| match e {
-                    KvError::Compacted { what, .. } => KvError::Compacted {
-                        what,
-                        revision: out.revision,
-                        compact_revision: 0,
-                    },
-                    e => e,
-                })?;
-            if out.revision == 0 {
-                out.revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            }
-            out.kvs.extend(resp.kvs().iter().map(kv_of));
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    start = last.key().to_vec();
-                    start.push(0);
-                }
-                _ => break,
+            let rev = (out.revision > 0).then_some(out.revision);
+            let page = self.list_page(prefix, start.as_deref(), rev).await?;
+            out.revision = page.revision;
+            out.kvs.extend(page.kvs);
+            match page.next {
+                Some(next) => start = Some(next),
+                None => break,
             }
         }
         Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start: Option<&str>,
+        revision: Option<i64>,
+    ) -> Result<Page, KvError> {
+        let end = prefix_end(prefix);
+        let mut opts = GetOptions::new().with_range(end).with_limit(PAGE);
+        if let Some(r) = revision.filter(|r| *r > 0) {
+            opts = opts.with_revision(r);
+        }
+        let from = start.unwrap_or(prefix).to_owned();
+        let mut c = self.client.clone();
+        let resp = self
+            .bounded(|| format!("listing {prefix}"), c.get(from, Some(opts)))
+            .await
+            .map_err(|e| match e {
+                KvError::Compacted { what, .. } => KvError::Compacted {
+                    what,
+                    revision: revision.unwrap_or(0),
+                    compact_revision: 0,
+                },
+                e => e,
+            })?;
+        let revision = match revision.filter(|r| *r > 0) {
+            Some(r) => r,
+            None => resp.header().map(|h| h.revision()).unwrap_or(0),
+        };
+        let next = match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                let mut k = String::from_utf8_lossy(last.key()).into_owned();
+                k.push('\0');
+                Some(k)
+            }
+            _ => None,
+        };
+        Ok(Page {
+            kvs: resp.kvs().iter().map(kv_of).collect(),
+            revision,
+            next,
+        })
     }
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, KvError> {

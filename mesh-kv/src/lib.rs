@@ -34,6 +34,6 @@ pub use etcd::{EtcdStore, is_auth_old_revision, retry_auth_old_revision};
 pub use known::{Change, Known};
 pub use memory::MemStore;
 pub use store::{
-    Guard, KeyValue, KvError, KvStore, Listing, Op, WatchEvent, WatchStream, prefix_end,
+    Guard, KeyValue, KvError, KvStore, Listing, Op, Page, WatchEvent, WatchStream, prefix_end,
 };
 pub use watcher::{Event, WatchTask, Watcher};

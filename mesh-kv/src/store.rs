@@ -49,6 +49,16 @@ pub struct Listing {
     pub revision: i64,
 }
 
+/// One page of a listing ([`KvStore::list_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// The store revision the page was read at (the one asked for, when one was).
+    pub revision: i64,
+    /// Where the next page starts (`None`: this was the last).
+    pub next: Option<String>,
+}
+
 /// One write of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -125,6 +135,31 @@ pub trait KvStore: Clone + Send + Sync + 'static {
         prefix: &str,
         revision: Option<i64>,
     ) -> impl Future<Output = Result<Listing, KvError>> + Send;
+
+    /// One page of the keys under `prefix`, from `start` (inclusive; `None`: the first), read at
+    /// `revision` (`None`: the current one). A consumer that applies each page before it reads
+    /// the next holds one page, not the whole listing (255k endpoints through one KVStoreMesh are
+    /// 40 MiB of values). By default the whole listing is one page.
+    fn list_page(
+        &self,
+        prefix: &str,
+        start: Option<&str>,
+        revision: Option<i64>,
+    ) -> impl Future<Output = Result<Page, KvError>> + Send {
+        let start = start.map(str::to_owned);
+        let listed = self.list(prefix, revision);
+        async move {
+            let mut l = listed.await?;
+            if let Some(s) = start {
+                l.kvs.retain(|kv| kv.key >= s);
+            }
+            Ok(Page {
+                kvs: l.kvs,
+                revision: l.revision,
+                next: None,
+            })
+        }
+    }
 
     /// The changes under `prefix` from `from_revision` on (inclusive).
     fn watch(

@@ -23,7 +23,7 @@ use futures::stream::{BoxStream, SelectAll};
 use tokio::sync::mpsc;
 
 use crate::backoff::Backoff;
-use crate::store::{KeyValue, KvError, KvStore, WatchEvent};
+use crate::store::{KeyValue, KvError, KvStore, Page, WatchEvent};
 
 /// What a [`Watcher`] emits (the events of kube-rs's `watcher`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +42,13 @@ pub enum Event {
 
 enum State {
     Empty,
+    /// A listing at `revision`, read a page at a time: `items` is what is left of the page, then
+    /// the page from `next` of list prefix `prefix`, then the next prefix's.
     Listing {
         items: VecDeque<KeyValue>,
         revision: i64,
+        prefix: usize,
+        next: Option<String>,
     },
     /// Open the watches, each from the revision after its own last one.
     WatchFrom {
@@ -113,21 +117,53 @@ impl<S: KvStore> Watcher<S> {
         loop {
             match &mut self.state {
                 State::Empty => {
-                    let mut items = VecDeque::new();
-                    let mut revision = None;
-                    for p in &self.list_prefixes {
-                        let l = self.store.list(p, revision).await?;
-                        revision = Some(l.revision);
-                        items.extend(l.kvs);
-                    }
-                    let revision = revision.unwrap_or(0);
+                    // The first page fixes the revision every later page is read at.
+                    let (page, revision) = match self.list_prefixes.first() {
+                        Some(p) => {
+                            let page = self.store.list_page(p, None, None).await?;
+                            let r = page.revision;
+                            (page, r)
+                        }
+                        None => (Page::default(), 0),
+                    };
                     self.lists += 1;
-                    self.state = State::Listing { items, revision };
+                    self.state = State::Listing {
+                        items: page.kvs.into(),
+                        revision,
+                        prefix: 0,
+                        next: page.next,
+                    };
                     return Ok(Event::Init { revision });
                 }
-                State::Listing { items, revision } => {
+                State::Listing {
+                    items,
+                    revision,
+                    prefix,
+                    next,
+                } => {
                     if let Some(kv) = items.pop_front() {
                         return Ok(Event::InitApply(kv));
+                    }
+                    // The next page: the rest of this prefix, else the next prefix. The state
+                    // moves only once it is read (a cancelled read is read again).
+                    let (p, start) = match next {
+                        Some(n) => (*prefix, Some(n.as_str())),
+                        None => (*prefix + 1, None),
+                    };
+                    if let Some(pfx) = self.list_prefixes.get(p) {
+                        match self.store.list_page(pfx, start, Some(*revision)).await {
+                            Ok(page) => {
+                                *items = page.kvs.into();
+                                *prefix = p;
+                                *next = page.next;
+                                continue;
+                            }
+                            Err(e) => {
+                                // Part of a listing is no listing: the next call lists again.
+                                self.state = State::Empty;
+                                return Err(e);
+                            }
+                        }
                     }
                     let revision = *revision;
                     self.state = State::WatchFrom {

@@ -116,3 +116,88 @@ async fn a_killed_etcd_is_an_error_not_a_hang() {
         "{got}"
     );
 }
+
+/// The watcher reads a listing a page at a time (it holds one page, not the whole prefix) and
+/// every page at the first one's revision: a write made while the listing is read is not in it,
+/// it comes after InitDone as a watch event; a listing over two prefixes is one snapshot too.
+#[tokio::test]
+async fn a_listing_read_page_by_page_is_one_snapshot() {
+    let etcd = Etcd::start().await;
+    let s = store(&etcd).await;
+    let ops: Vec<Op> = (0..2500)
+        .map(|i| Op::Put {
+            key: format!("p/{i:05}"),
+            value: b"v".to_vec(),
+            lease: None,
+        })
+        .chain((0..10).map(|i| Op::Put {
+            key: format!("q/{i:02}"),
+            value: b"v".to_vec(),
+            lease: None,
+        }))
+        .collect();
+    for chunk in ops.chunks(100) {
+        assert!(s.txn(None, chunk.to_vec()).await.unwrap().is_some());
+    }
+    let first = s.list_page("p/", None, None).await.unwrap();
+    assert_eq!(first.kvs.len(), 1000, "a page is 1,000 keys");
+    assert!(first.next.is_some());
+
+    let mut w = Watcher::multi(s.clone(), vec!["p/".into(), "q/".into()]);
+    let Event::Init { revision } = w.next().await.unwrap() else {
+        panic!("no Init")
+    };
+    let mut listed = Vec::new();
+    loop {
+        match w.next().await.unwrap() {
+            Event::InitApply(kv) => {
+                assert!(
+                    kv.mod_revision <= revision,
+                    "{} read past the listing",
+                    kv.key
+                );
+                listed.push(kv.key);
+                if listed.len() == 1500 {
+                    // Between the second and third page of p/, and before q/ is read.
+                    s.put("p/00007", b"changed").await.unwrap();
+                    s.put("q/99", b"new").await.unwrap();
+                }
+            }
+            Event::InitDone { revision: r } => {
+                assert_eq!(r, revision);
+                break;
+            }
+            other => panic!("{other:?} inside a listing"),
+        }
+    }
+    let expected: Vec<String> = ops
+        .iter()
+        .map(|o| match o {
+            Op::Put { key, .. } => key.clone(),
+            Op::Delete { key } => key.clone(),
+        })
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "every key once, in order, none of the later writes"
+    );
+    let mut after = Vec::new();
+    while after.len() < 2 {
+        match tokio::time::timeout(TIMEOUT, w.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Apply(kv) => after.push((kv.key, kv.value)),
+            other => panic!("{other:?}"),
+        }
+    }
+    after.sort();
+    assert_eq!(
+        after,
+        [
+            ("p/00007".to_owned(), b"changed".to_vec()),
+            ("q/99".to_owned(), b"new".to_vec())
+        ]
+    );
+}

@@ -8,7 +8,9 @@
 //! N-1 remote clusters share `--etcds` etcd processes (round robin).
 //!
 //! How this differs from production: several clusters' prefixes share one etcd (one process, one
-//! CPU budget and one TCP connection per etcd client instead of one per cluster); no TLS (plain
+//! CPU budget and one TCP connection per etcd client instead of one per cluster); the remote
+//! etcds keep their data on a tmpfs by default (`--remote-etcd-dir`: in production their disks
+//! are other machines'; c1's etcd is on this machine's disk, as it is in production); no TLS (plain
 //! HTTP on loopback: no handshakes, no encryption); the node-sync agent, KVStoreMesh, the
 //! publishers, churn and every etcd share two cores. node-sync is the library agent (the binary's
 //! event loop) with node-sync's in-memory map writer (`FakeMaps`, which records when each
@@ -89,6 +91,13 @@ struct Args {
     /// Skip the reconnect storm.
     #[arg(long)]
     no_reconnect: bool,
+    /// Where the remote clusters' shared etcds keep their data. In production each is on another
+    /// machine's disk; here, on this machine's disk, their fsyncs (1,000 changes/s) would queue
+    /// behind and ahead of the local etcd's, which KVStoreMesh writes every mirrored change to.
+    /// The default, a tmpfs, keeps them off the disk the local etcd (always on disk, under the
+    /// system temporary directory) uses; `--remote-etcd-dir /tmp` puts them back on it.
+    #[arg(long, default_value = "/dev/shm")]
+    remote_etcd_dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -419,11 +428,18 @@ impl Mesh {
     }
 }
 
-async fn build_mesh(root: &Path, n: u32, etcds: usize, shape: Shape) -> anyhow::Result<Mesh> {
+async fn build_mesh(
+    root: &Path,
+    remote_root: &Path,
+    n: u32,
+    etcds: usize,
+    shape: Shape,
+) -> anyhow::Result<Mesh> {
     let local = BenchEtcd::start(ETCD, &root.join("local"), 8 << 30).await?;
     let mut shared = Vec::new();
     for i in 0..etcds.min(n as usize - 1).max(1) {
-        shared.push(BenchEtcd::start(ETCD, &root.join(format!("shared{i}")), 8 << 30).await?);
+        shared
+            .push(BenchEtcd::start(ETCD, &remote_root.join(format!("shared{i}")), 8 << 30).await?);
     }
     let mesh = Mesh {
         local,
@@ -767,7 +783,13 @@ async fn wait_for(
     Ok(t0.elapsed())
 }
 
-async fn run_one(args: &Args, root: &Path, n: u32, via: Via) -> anyhow::Result<()> {
+async fn run_one(
+    args: &Args,
+    root: &Path,
+    remote_root: &Path,
+    n: u32,
+    via: Via,
+) -> anyhow::Result<()> {
     let shape = Shape {
         services: args.services,
         per_service: args.endpoints / args.services,
@@ -780,8 +802,14 @@ async fn run_one(args: &Args, root: &Path, n: u32, via: Via) -> anyhow::Result<(
         "== {n} clusters x {} endpoints = {total}, via {via:?} ==",
         shape.services * shape.per_service
     );
+    println!(
+        "  etcds: local (c1) under {}, {} shared remote etcds under {}",
+        root.display(),
+        args.etcds.min(n as usize - 1).max(1),
+        remote_root.display()
+    );
     let rss0 = rss_mib();
-    let mut mesh = build_mesh(root, n, args.etcds, shape).await?;
+    let mut mesh = build_mesh(root, remote_root, n, args.etcds, shape).await?;
     let quiet = Arc::new(Mutex::new(Vec::new()));
     let hb = spawn_heartbeats(&mesh, quiet.clone())?;
     let tck = clk_tck();
@@ -1101,8 +1129,14 @@ fn main() -> anyhow::Result<()> {
             for &via in &args.via {
                 let dir = root.join(format!("{n}-{via:?}"));
                 std::fs::create_dir_all(&dir)?;
-                let r = run_one(&args, &dir, n, via).await;
+                let remote_dir = args.remote_etcd_dir.join(format!(
+                    "clustermesh-scale-{}-{n}-{via:?}",
+                    std::process::id()
+                ));
+                std::fs::create_dir_all(&remote_dir)?;
+                let r = run_one(&args, &dir, &remote_dir, n, via).await;
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&remote_dir);
                 r?;
             }
         }

@@ -344,8 +344,43 @@ impl Lapsed {
     }
 }
 
-/// One cluster's endpoint chunks of a service, by chunk number.
-type Chunks = BTreeMap<u32, Vec<Endpoint>>;
+/// One cluster's endpoint chunks of a service, sorted by chunk number. Nearly always one chunk
+/// (64 endpoints each): a list of one costs 48 bytes where a map's first node took 320, for each
+/// of the mesh's services x clusters (25,500 at 255 x 100: 8 MiB).
+#[derive(Debug, Default)]
+struct Chunks(Vec<(u32, Vec<Endpoint>)>);
+
+impl Chunks {
+    /// Put chunk `n`; returns the one it replaced.
+    fn insert(&mut self, n: u32, eps: Vec<Endpoint>) -> Option<Vec<Endpoint>> {
+        match self.0.binary_search_by_key(&n, |(k, _)| *k) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, eps)),
+            Err(i) => {
+                self.0.insert(i, (n, eps));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, n: &u32) -> Option<Vec<Endpoint>> {
+        let i = self.0.binary_search_by_key(n, |(k, _)| *k).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn get(&self, n: &u32) -> Option<&Vec<Endpoint>> {
+        let i = self.0.binary_search_by_key(n, |(k, _)| *k).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The chunks' endpoint lists, in chunk order.
+    fn values(&self) -> impl Iterator<Item = &Vec<Endpoint>> {
+        self.0.iter().map(|(_, eps)| eps)
+    }
+}
 
 #[derive(Debug, Default)]
 struct ServiceEntry {
@@ -387,7 +422,7 @@ pub struct MergeIndex {
     /// per endpoint address of the mesh (255k at 255 clusters x 1,000), so each is small: an
     /// address is nearly always one service's, held as a list of the service's shared name.
     /// Inline (no allocation of its own) while it names one service: 8 MiB less at 255k.
-    ip_services: HashMap<IpAddr, IpServices>,
+    ip_services: IpIndex,
     desired: HashMap<Frontend, Backends>,
     /// The remote TCP backends of `desired` by cluster, with how many frontends select each:
     /// kept as `desired` changes (by the changed stretch of a frontend's backends), so
@@ -480,7 +515,7 @@ impl MergeIndex {
             newly_failed: Vec::new(),
             reports: HashMap::new(),
             lapsed: Lapsed::default(),
-            ip_services: HashMap::new(),
+            ip_services: IpIndex::default(),
             desired: HashMap::new(),
             remote_selected: BTreeMap::new(),
             endpoint_counts: BTreeMap::new(),
@@ -603,10 +638,10 @@ impl MergeIndex {
             .entry(ClusterRef::from(chunk.cluster.clone()))
             .or_default()
             .insert(chunk.chunk, chunk.endpoints);
-        let new_ips: Vec<IpAddr> = entry.endpoints[&chunk.cluster][&chunk.chunk]
-            .iter()
-            .map(|e| e.ip)
-            .collect();
+        let new_ips: Vec<IpAddr> = entry.endpoints[&chunk.cluster]
+            .get(&chunk.chunk)
+            .map(|eps| eps.iter().map(|e| e.ip).collect())
+            .unwrap_or_default();
         count_chunk(
             &mut self.endpoint_counts,
             &chunk.cluster,
@@ -618,15 +653,11 @@ impl MergeIndex {
             .get_or_insert_with(|| Arc::new(name.clone()))
             .clone();
         for ip in new_ips {
-            let services = self.ip_services.entry(ip).or_default();
-            match services.iter_mut().find(|(s, _)| **s == name) {
-                Some((_, n)) => *n += 1,
-                None => services.push((shared.clone(), 1)),
-            }
+            self.ip_services.add(ip, &shared);
         }
         if let Some(old) = old {
             for e in &old {
-                unlink_ip(&mut self.ip_services, e.ip, &name);
+                self.ip_services.remove(e.ip, &name);
             }
         }
         self.recompute(&name, true);
@@ -648,7 +679,7 @@ impl MergeIndex {
         }
         count_chunk(&mut self.endpoint_counts, cluster, Some(old.len()), None);
         for e in &old {
-            unlink_ip(&mut self.ip_services, e.ip, service);
+            self.ip_services.remove(e.ip, service);
         }
         self.recompute(service, true);
     }
@@ -719,8 +750,7 @@ impl MergeIndex {
     fn recompute_node(&mut self, (cluster, node): &Reporter, ips: &HashSet<IpAddr>) {
         let mut names: HashSet<ServiceName> = ips
             .iter()
-            .filter_map(|ip| self.ip_services.get(ip))
-            .flat_map(|m| m.iter().map(|(s, _)| (**s).clone()))
+            .flat_map(|ip| self.ip_services.services(ip).map(|s| (**s).clone()))
             .collect();
         for (name, e) in &self.services {
             if e.endpoints.get(cluster).is_some_and(|chunks| {
@@ -907,7 +937,7 @@ impl MergeIndex {
                 for eps in chunks.values() {
                     count_chunk(&mut self.endpoint_counts, cluster, Some(eps.len()), None);
                     for ep in eps {
-                        unlink_ip(&mut self.ip_services, ep.ip, &name);
+                        self.ip_services.remove(ep.ip, &name);
                     }
                 }
             }
@@ -1310,9 +1340,7 @@ impl MergeIndex {
     fn recompute_ips(&mut self, ips: &HashSet<IpAddr>) {
         let mut names: BTreeSet<ServiceName> = BTreeSet::new();
         for ip in ips {
-            if let Some(s) = self.ip_services.get(ip) {
-                names.extend(s.iter().map(|(s, _)| (**s).clone()));
-            }
+            names.extend(self.ip_services.services(ip).map(|s| (**s).clone()));
         }
         for n in names {
             self.recompute(&n, false);
@@ -1497,8 +1525,99 @@ impl MergeIndex {
     }
 }
 
-/// The services with an endpoint on one address, each with its count of occurrences.
-type IpServices = smallvec::SmallVec<[(Arc<ServiceName>, u32); 1]>;
+/// Which services have an endpoint on an address, each with its count of occurrences. One entry
+/// per endpoint address of the mesh (255k at 255 clusters x 1,000), so the common case is
+/// small: an IPv4 address of one service is 24 bytes in `v4` (a map keyed by `IpAddr` with a
+/// list per address took 56, 30 MiB at 255k); IPv6 addresses and addresses of several services
+/// are in `other`.
+#[derive(Debug, Default)]
+struct IpIndex {
+    v4: HashMap<u32, (Arc<ServiceName>, u32)>,
+    other: HashMap<IpAddr, Vec<(Arc<ServiceName>, u32)>>,
+}
+
+impl IpIndex {
+    /// One more endpoint of `svc` on `ip`.
+    fn add(&mut self, ip: IpAddr, svc: &Arc<ServiceName>) {
+        if let IpAddr::V4(v4) = ip
+            && !self.other.contains_key(&ip)
+        {
+            match self.v4.entry(u32::from(v4)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((svc.clone(), 1));
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if *e.get().0 == **svc {
+                        e.get_mut().1 += 1;
+                    } else {
+                        // A second service on the address: it moves to `other`.
+                        let first = e.remove();
+                        self.other.insert(ip, vec![first, (svc.clone(), 1)]);
+                    }
+                }
+            }
+            return;
+        }
+        let list = self.other.entry(ip).or_default();
+        match list.iter_mut().find(|(s, _)| **s == **svc) {
+            Some((_, n)) => *n += 1,
+            None => list.push((svc.clone(), 1)),
+        }
+    }
+
+    /// One endpoint of `svc` on `ip` fewer.
+    fn remove(&mut self, ip: IpAddr, svc: &ServiceName) {
+        if let IpAddr::V4(v4) = ip
+            && let std::collections::hash_map::Entry::Occupied(mut e) = self.v4.entry(u32::from(v4))
+        {
+            if *e.get().0 == *svc {
+                e.get_mut().1 -= 1;
+                if e.get().1 == 0 {
+                    e.remove();
+                }
+            }
+            return;
+        }
+        if let Some(m) = self.other.get_mut(&ip) {
+            if let Some(i) = m.iter().position(|(s, _)| **s == *svc) {
+                m[i].1 -= 1;
+                if m[i].1 == 0 {
+                    m.swap_remove(i);
+                }
+            }
+            if m.is_empty() {
+                self.other.remove(&ip);
+            }
+        }
+    }
+
+    /// The services with an endpoint on `ip`.
+    fn services(&self, ip: &IpAddr) -> impl Iterator<Item = &Arc<ServiceName>> {
+        let one = match ip {
+            IpAddr::V4(v4) => self.v4.get(&u32::from(*v4)).map(|(s, _)| s),
+            IpAddr::V6(_) => None,
+        };
+        one.into_iter().chain(
+            self.other
+                .get(ip)
+                .into_iter()
+                .flat_map(|m| m.iter().map(|(s, _)| s)),
+        )
+    }
+
+    /// Every (address, service, count).
+    #[cfg(test)]
+    fn entries(&self) -> impl Iterator<Item = (IpAddr, &Arc<ServiceName>, u32)> {
+        self.v4
+            .iter()
+            .map(|(ip, (s, n))| (IpAddr::V4((*ip).into()), s, *n))
+            .chain(
+                self.other
+                    .iter()
+                    .flat_map(|(ip, m)| m.iter().map(move |(s, n)| (*ip, s, *n))),
+            )
+    }
+}
 
 /// A chunk of `cluster` went from `old` endpoints to `new` (`None`: no chunk).
 /// At most `n` of `items`, spread evenly (all of them when there are no more than `n`).
@@ -1534,20 +1653,6 @@ fn count_chunk(
     }
     if *chunks == 0 {
         counts.remove(cluster);
-    }
-}
-
-fn unlink_ip(map: &mut HashMap<IpAddr, IpServices>, ip: IpAddr, svc: &ServiceName) {
-    if let Some(m) = map.get_mut(&ip) {
-        if let Some(i) = m.iter().position(|(s, _)| **s == *svc) {
-            m[i].1 -= 1;
-            if m[i].1 == 0 {
-                m.swap_remove(i);
-            }
-        }
-        if m.is_empty() {
-            map.remove(&ip);
-        }
     }
 }
 

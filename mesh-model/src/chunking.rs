@@ -175,7 +175,8 @@ mod tests {
                 name: None,
                 port,
                 protocol: Protocol::Tcp,
-            }],
+            }]
+            .into(),
             node: None,
             zone: None,
             hostname: None,
@@ -304,7 +305,9 @@ mod tests {
                         let ip = ips[i % ips.len()];
                         let mut e = c.endpoints().find(|e| e.ip == ip).unwrap().clone();
                         let same = e.ports[0].port == p;
-                        e.ports[0].port = p;
+                        let mut ports = e.ports.to_vec();
+                        ports[0].port = p;
+                        e.ports = ports.into();
                         (c.upsert(e), same)
                     }
                     Op::Remove(i) if !ips.is_empty() => (c.remove(&ips[i % ips.len()]), false),

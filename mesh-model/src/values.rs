@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -250,11 +251,12 @@ pub struct EndpointPort {
 pub struct Endpoint {
     /// Address.
     pub ip: IpAddr,
-    /// Ports.
-    pub ports: Vec<EndpointPort>,
-    /// Node it runs on.
+    /// Ports. Shared: the endpoints of a decoded chunk with the same ports hold one list
+    /// ([`EndpointChunk::shrink_to_fit`]).
+    pub ports: Arc<[EndpointPort]>,
+    /// Node it runs on (shared between the endpoints of a decoded chunk on the same node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// Zone of that node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
@@ -283,13 +285,29 @@ pub struct EndpointChunk {
 }
 
 impl EndpointChunk {
-    /// Give back the spare capacity of a decoded chunk. A decoder grows its lists by doubling: 10
-    /// endpoints took room for 16, and each endpoint's one port room for 4 (32 of 80 MiB at
-    /// 255 clusters x 1,000 endpoints was that slack, for as long as the chunk is held).
+    /// Give back the spare capacity of a decoded chunk, and share what its endpoints repeat. A
+    /// decoder grows its lists by doubling: 10 endpoints took room for 16 (and each endpoint's
+    /// one port room for 4: 32 of 80 MiB at 255 clusters x 1,000 endpoints was that slack); and
+    /// each endpoint had its own copy of the port list and node name its neighbours have too.
     pub fn shrink_to_fit(&mut self) {
         self.endpoints.shrink_to_fit();
+        // A few distinct values per chunk at most are looked for (a chunk is 64 endpoints).
+        const DISTINCT: usize = 8;
+        let mut ports: Vec<Arc<[EndpointPort]>> = Vec::new();
+        let mut nodes: Vec<Arc<str>> = Vec::new();
         for e in &mut self.endpoints {
-            e.ports.shrink_to_fit();
+            match ports.iter().find(|p| **p == e.ports) {
+                Some(p) => e.ports = p.clone(),
+                None if ports.len() < DISTINCT => ports.push(e.ports.clone()),
+                None => {}
+            }
+            if let Some(n) = &e.node {
+                match nodes.iter().find(|m| **m == *n) {
+                    Some(m) => e.node = Some(m.clone()),
+                    None if nodes.len() < DISTINCT => nodes.push(n.clone()),
+                    None => {}
+                }
+            }
         }
     }
 }
@@ -983,7 +1001,8 @@ mod tests {
                         name: Some("http".into()),
                         port: 8080,
                         protocol: Protocol::Tcp,
-                    }],
+                    }]
+                    .into(),
                     node: Some("n1".into()),
                     zone: Some("z1".into()),
                     hostname: None,
@@ -1006,7 +1025,7 @@ mod tests {
     }
 
     #[test]
-    fn a_decoded_chunk_holds_no_spare_capacity() {
+    fn a_decoded_chunk_holds_no_spare_capacity_and_shares_what_repeats() {
         let ips: Vec<String> = (1..=10).map(|i| format!("10.0.0.{i}")).collect();
         let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
         let bytes = MeshValue::EndpointChunk(chunk(0, &refs)).encode();
@@ -1021,8 +1040,15 @@ mod tests {
         );
         assert!(
             c.endpoints
-                .iter()
-                .all(|e| e.ports.capacity() == e.ports.len())
+                .windows(2)
+                .all(|w| Arc::ptr_eq(&w[0].ports, &w[1].ports)),
+            "the same ports, one list"
+        );
+        assert!(
+            c.endpoints
+                .windows(2)
+                .all(|w| Arc::ptr_eq(w[0].node.as_ref().unwrap(), w[1].node.as_ref().unwrap())),
+            "the same node, one name"
         );
     }
 

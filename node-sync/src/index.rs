@@ -339,7 +339,7 @@ impl Lapsed {
             .is_some_and(|m| m.contains_key(addr))
             || ep
                 .node
-                .as_ref()
+                .as_deref()
                 .is_some_and(|n| self.nodes.get(cluster).is_some_and(|s| s.contains(n)))
     }
 }
@@ -1183,7 +1183,7 @@ impl MergeIndex {
                             cluster: cref.name().clone(),
                             hostname: ep.hostname.clone(),
                             local: is_local,
-                            ports: ep.ports.clone(),
+                            ports: ep.ports.to_vec(),
                         };
                         if orphaned {
                             orphans.push(d);
@@ -1259,7 +1259,7 @@ impl MergeIndex {
                 if ep.node.as_deref() != Some(node) {
                     continue;
                 }
-                for p in &ep.ports {
+                for p in ep.ports.iter() {
                     // A TCP backend is probed on its port (or the health-check port); a UDP
                     // one only through a health-check port (its own silence proves nothing).
                     let probe_port = match (p.protocol, spec.health_check_port) {

@@ -78,7 +78,8 @@ fn ep(ip: &str) -> Endpoint {
             name: None,
             port: 8080,
             protocol: Protocol::Tcp,
-        }],
+        }]
+        .into(),
         node: Some("n1".into()),
         zone: None,
         hostname: None,
@@ -721,7 +722,8 @@ fn named_ports_map_to_the_endpoint_port_of_the_same_name() {
             port: 8080,
             protocol: Protocol::Tcp,
         },
-    ];
+    ]
+    .into();
     ix.upsert_chunk(chunk("c1", 0, vec![e]));
     let mf = Frontend {
         ip: VIP.parse().unwrap(),
@@ -824,7 +826,8 @@ fn udp_service(health_port: Option<u16>) -> MergeIndex {
         name: None,
         port: 5353,
         protocol: Protocol::Udp,
-    }];
+    }]
+    .into();
     ix.upsert_chunk(chunk("c1", 0, vec![e]));
     ix
 }
@@ -868,7 +871,8 @@ fn a_udp_service_is_probed_on_its_tcp_health_port_and_the_verdict_applies() {
         name: None,
         port: 5353,
         protocol: Protocol::Udp,
-    }];
+    }]
+    .into();
     let mut first = ep("10.1.0.1");
     first.ports = second.ports.clone();
     ix.upsert_chunk(chunk("c1", 0, vec![first, second]));

@@ -70,7 +70,8 @@ fn ep(ip: std::net::Ipv4Addr) -> Endpoint {
             name: None,
             port: 8080,
             protocol: Protocol::Tcp,
-        }],
+        }]
+        .into(),
         node: Some("elsewhere".into()),
         zone: None,
         hostname: None,
@@ -526,7 +527,11 @@ async fn failover(root: &Path) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let mut local_ep = ep(std::net::Ipv4Addr::new(127, 0, 0, 1));
-    local_ep.ports[0].port = port;
+    local_ep.ports = [EndpointPort {
+        port,
+        ..local_ep.ports[0].clone()
+    }]
+    .into();
     local_ep.node = Some("bench-node".into());
     let local_chunk = EndpointChunk {
         cluster: c("c1"),

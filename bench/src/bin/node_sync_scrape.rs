@@ -85,7 +85,8 @@ fn chunk(i: u32, n: u32) -> (MeshKey, MeshValue) {
                 name: None,
                 port: 8080,
                 protocol: Protocol::Tcp,
-            }],
+            }]
+            .into(),
             node: Some("elsewhere".into()),
             zone: None,
             hostname: None,

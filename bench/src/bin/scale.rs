@@ -181,7 +181,8 @@ fn chunks(k: u32, s: u32, shape: Shape, flip: bool, seq: Option<u64>) -> Vec<End
                     name: None,
                     port: 8080,
                     protocol: Protocol::Tcp,
-                }],
+                }]
+                .into(),
                 node: Some("elsewhere".into()),
                 zone: None,
                 hostname: if i == 0 {

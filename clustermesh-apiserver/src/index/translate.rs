@@ -138,12 +138,14 @@ impl MeshIndex {
                     for e in eps {
                         match out.get_mut(&e.ip) {
                             Some(have) => {
-                                for p in e.ports {
-                                    if !have.ports.contains(&p) {
-                                        have.ports.push(p);
+                                let mut ports = have.ports.to_vec();
+                                for p in e.ports.iter() {
+                                    if !ports.contains(p) {
+                                        ports.push(p.clone());
                                     }
                                 }
-                                have.ports.sort();
+                                ports.sort();
+                                have.ports = ports.into();
                             }
                             None => {
                                 out.insert(e.ip, e);
@@ -607,8 +609,8 @@ pub(super) fn slice_endpoints(sl: &EndpointSlice) -> Result<Vec<Endpoint>, Strin
                 .map_err(|_| format!("endpoint address {a:?} is not an IP address"))?;
             out.push(Endpoint {
                 ip,
-                ports: ports.clone(),
-                node: e.node_name.clone(),
+                ports: ports.clone().into(),
+                node: e.node_name.as_deref().map(Into::into),
                 zone: e.zone.clone(),
                 hostname: e.hostname.clone(),
                 conditions,

@@ -118,7 +118,8 @@ fn chunk(cluster: &str, ips: &[&str]) -> ConnEvent {
                 name: None,
                 port: 8080,
                 protocol: Protocol::Tcp,
-            }],
+            }]
+            .into(),
             node: Some("elsewhere".into()),
             zone: None,
             hostname: None,

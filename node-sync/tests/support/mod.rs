@@ -201,7 +201,8 @@ pub fn endpoint(ip: &str, port: u16, node: &str) -> Endpoint {
             name: None,
             port,
             protocol: Protocol::Tcp,
-        }],
+        }]
+        .into(),
         node: Some(node.into()),
         zone: None,
         hostname: None,

@@ -391,6 +391,9 @@ struct ServiceEntry {
     name: Option<Arc<ServiceName>>,
     /// The last selection (also the last usable set of rule 4); shared with the agent's snapshots.
     status: Option<Arc<ServiceStatus>>,
+    /// The clusters of the last selection's first frontend (`selected_clusters` of `status`),
+    /// kept so a selection compares against them instead of taking them again.
+    groups: Vec<ClusterName>,
 }
 
 impl ServiceEntry {
@@ -1368,7 +1371,7 @@ impl MergeIndex {
         }
         let old_shared = entry.status.take();
         let old = old_shared.as_deref();
-        let old_groups = selected_clusters(old.and_then(|s| s.frontends.first()));
+        let old_groups = std::mem::take(&mut entry.groups);
         let cause = if inputs_changed {
             MoveCause::Endpoints
         } else {
@@ -1434,13 +1437,16 @@ impl MergeIndex {
             if matches!(sel.reason, Reason::FailedOver { .. }) && !was_failed_over {
                 self.failovers += 1;
             }
-            let differs = self
-                .desired
-                .get(&sel.frontend)
-                .is_none_or(|cur| cur != &sel.backends);
+            // One walk both compares and counts what changed.
+            let differs = match self.desired.get(&sel.frontend).cloned() {
+                None => {
+                    self.count_selected(&[], &sel.backends);
+                    true
+                }
+                Some(cur) => self.count_selected(&cur, &sel.backends),
+            };
             if differs {
-                let old = self.desired.insert(sel.frontend, sel.backends.clone());
-                self.count_selected(old.as_deref().unwrap_or_default(), &sel.backends);
+                self.desired.insert(sel.frontend, sel.backends.clone());
                 self.changed.insert(sel.frontend);
             }
             if self.frontend_owner.get(&sel.frontend) != Some(name) {
@@ -1461,19 +1467,24 @@ impl MergeIndex {
             self.group_changes.push(GroupChange {
                 service: name.clone(),
                 from: old_groups,
-                to: new_groups,
+                to: new_groups.clone(),
                 cause,
             });
         }
+        entry.groups = new_groups;
         entry.status = Some(Arc::new(status));
         self.services.insert(name.clone(), entry);
     }
 
     /// A frontend's backends went from `old` to `new`: count the remote TCP backends that left
-    /// and came in `remote_selected`. Only the stretch between their common start and common end
-    /// is walked (a change of one endpoint moves one backend of thousands).
-    fn count_selected(&mut self, old: &[Backend], new: &[Backend]) {
+    /// and came in `remote_selected`, and say whether they differ. Only the stretch between their
+    /// common start and common end is walked (a change of one endpoint moves one backend of
+    /// thousands).
+    fn count_selected(&mut self, old: &[Backend], new: &[Backend]) -> bool {
         let head = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        if head == old.len() && head == new.len() {
+            return false;
+        }
         let (old, new) = (&old[head..], &new[head..]);
         let tail = old
             .iter()
@@ -1512,6 +1523,7 @@ impl MergeIndex {
                 }
             }
         }
+        true
     }
 
     fn remove_frontend(&mut self, fe: &Frontend, owner: &ServiceName) {
@@ -1908,15 +1920,10 @@ fn select(
             'passes: for &strict in passes {
                 for (i, g) in groups.iter().enumerate() {
                     let in_group = || per_cluster.iter().filter(|(_, _, gi)| *gi == Some(i));
-                    let count = in_group()
-                        .map(|(_, r, _)| {
-                            all[r.clone()].iter().filter(|c| usable(c, strict)).count()
-                        })
-                        .sum();
-                    if count == 0 {
-                        continue;
-                    }
-                    let mut picked: Vec<Backend> = Vec::with_capacity(count);
+                    // Room for every candidate of the group (a second walk to count the usable
+                    // ones cost more than the slack; the list is copied once, exactly, below).
+                    let room: usize = in_group().map(|(_, r, _)| r.len()).sum();
+                    let mut picked: Vec<Backend> = Vec::with_capacity(room);
                     for (cref, r, _) in in_group() {
                         picked.extend(
                             all[r.clone()]

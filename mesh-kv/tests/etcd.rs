@@ -13,6 +13,24 @@ async fn store(etcd: &Etcd) -> EtcdStore {
     EtcdStore::new(etcd.client().await, TIMEOUT)
 }
 
+/// `n` puts of `<prefix><i>` (i zero-padded to `width`), value "v".
+fn puts(prefix: &str, n: usize, width: usize) -> Vec<Op> {
+    (0..n)
+        .map(|i| Op::Put {
+            key: format!("{prefix}{i:0width$}"),
+            value: b"v".to_vec(),
+            lease: None,
+        })
+        .collect()
+}
+
+/// Write `ops` in transactions of 100.
+async fn write_all(s: &EtcdStore, ops: &[Op]) {
+    for chunk in ops.chunks(100) {
+        assert!(s.txn(None, chunk.to_vec()).await.unwrap().is_some());
+    }
+}
+
 #[tokio::test]
 async fn a_compacted_revision_is_named_and_the_watcher_relists() {
     let etcd = Etcd::start().await;
@@ -51,16 +69,7 @@ async fn a_compacted_revision_is_named_and_the_watcher_relists() {
 async fn lists_page_at_one_revision_and_guarded_writes_follow_the_guard() {
     let etcd = Etcd::start().await;
     let s = store(&etcd).await;
-    let ops: Vec<Op> = (0..2500)
-        .map(|i| Op::Put {
-            key: format!("p/{i:05}"),
-            value: b"v".to_vec(),
-            lease: None,
-        })
-        .collect();
-    for chunk in ops.chunks(100) {
-        assert!(s.txn(None, chunk.to_vec()).await.unwrap().is_some());
-    }
+    write_all(&s, &puts("p/", 2500, 5)).await;
     let l = s.list("p/", None).await.unwrap();
     assert_eq!(l.kvs.len(), 2500, "three pages of 1000, one listing");
 
@@ -124,21 +133,9 @@ async fn a_killed_etcd_is_an_error_not_a_hang() {
 async fn a_listing_read_page_by_page_is_one_snapshot() {
     let etcd = Etcd::start().await;
     let s = store(&etcd).await;
-    let ops: Vec<Op> = (0..2500)
-        .map(|i| Op::Put {
-            key: format!("p/{i:05}"),
-            value: b"v".to_vec(),
-            lease: None,
-        })
-        .chain((0..10).map(|i| Op::Put {
-            key: format!("q/{i:02}"),
-            value: b"v".to_vec(),
-            lease: None,
-        }))
-        .collect();
-    for chunk in ops.chunks(100) {
-        assert!(s.txn(None, chunk.to_vec()).await.unwrap().is_some());
-    }
+    let mut ops = puts("p/", 2500, 5);
+    ops.extend(puts("q/", 10, 2));
+    write_all(&s, &ops).await;
     let first = s.list_page("p/", None, None).await.unwrap();
     assert_eq!(first.kvs.len(), 1000, "a page is 1,000 keys");
     assert!(first.next.is_some());

@@ -252,7 +252,7 @@ pub struct Endpoint {
     /// Address.
     pub ip: IpAddr,
     /// Ports. Shared: the endpoints of a decoded chunk with the same ports hold one list
-    /// ([`EndpointChunk::shrink_to_fit`]).
+    /// ([`EndpointChunk::compact`]).
     pub ports: Arc<[EndpointPort]>,
     /// Node it runs on (shared between the endpoints of a decoded chunk on the same node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,7 +289,7 @@ impl EndpointChunk {
     /// decoder grows its lists by doubling: 10 endpoints took room for 16 (and each endpoint's
     /// one port room for 4: 32 of 80 MiB at 255 clusters x 1,000 endpoints was that slack); and
     /// each endpoint had its own copy of the port list and node name its neighbours have too.
-    pub fn shrink_to_fit(&mut self) {
+    pub fn compact(&mut self) {
         self.endpoints.shrink_to_fit();
         // A few distinct values per chunk at most are looked for (a chunk is 64 endpoints).
         const DISTINCT: usize = 8;
@@ -743,7 +743,7 @@ impl MeshValue {
             KeyKind::Services => MeshValue::Service(json(key, bytes)?),
             KeyKind::Endpoints => {
                 let mut chunk: EndpointChunk = json(key, bytes)?;
-                chunk.shrink_to_fit();
+                chunk.compact();
                 MeshValue::EndpointChunk(chunk)
             }
             KeyKind::Health => MeshValue::Health(json(key, bytes)?),

@@ -421,10 +421,7 @@ pub struct MergeIndex {
     reports: HashMap<Reporter, HealthReport>,
     /// Reporters whose publication lapsed (see [`Lapsed`]).
     lapsed: Lapsed,
-    /// Which services have an endpoint on an address (with a count of occurrences). One entry
-    /// per endpoint address of the mesh (255k at 255 clusters x 1,000), so each is small: an
-    /// address is nearly always one service's, held as a list of the service's shared name.
-    /// Inline (no allocation of its own) while it names one service: 8 MiB less at 255k.
+    /// Which services have an endpoint on an address (see [`IpIndex`]).
     ip_services: IpIndex,
     desired: HashMap<Frontend, Backends>,
     /// The remote TCP backends of `desired` by cluster, with how many frontends select each:
@@ -868,43 +865,50 @@ impl MergeIndex {
     /// selected here (the traffic this node sends), and every usable-by-conditions TCP backend of a
     /// cluster marked unreachable (to see it answer again). Sorted, deduplicated.
     pub fn remote_probe_targets(&self) -> BTreeMap<ClusterName, Vec<std::net::SocketAddr>> {
-        let mut out: BTreeMap<ClusterName, Vec<std::net::SocketAddr>> = self
+        self.remote_selected
+            .keys()
+            .chain(&self.unreachable)
+            .map(|c| (c.clone(), self.remote_probe_targets_of(c)))
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
+    }
+
+    /// [`MergeIndex::remote_probe_targets`] of one cluster (empty: none).
+    pub fn remote_probe_targets_of(&self, cluster: &ClusterName) -> Vec<std::net::SocketAddr> {
+        let selected = self
             .remote_selected
-            .iter()
-            .map(|(c, addrs)| (c.clone(), addrs.iter().map(|(a, _)| *a).collect()))
-            .collect();
-        for cluster in &self.unreachable {
-            let mut extra: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
-            for e in self.services.values() {
-                if e.status.as_ref().is_none_or(|s| s.frontends.is_empty()) {
-                    continue;
-                }
-                let Some(chunks) = e.endpoints.get(cluster) else {
-                    continue;
-                };
-                for ep in chunks.values().flatten() {
-                    if !ep.conditions.usable() {
-                        continue;
-                    }
-                    for p in ep.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-                        extra.insert(std::net::SocketAddr::new(ep.ip, p.port));
-                    }
-                }
-            }
-            if extra.is_empty() {
+            .get(cluster)
+            .into_iter()
+            .flatten()
+            .map(|(a, _)| *a);
+        if !self.unreachable.contains(cluster) {
+            return selected.collect();
+        }
+        let mut all: BTreeSet<std::net::SocketAddr> = selected.collect();
+        for e in self.services.values() {
+            if e.status.as_ref().is_none_or(|s| s.frontends.is_empty()) {
                 continue;
             }
-            let v = out.entry(cluster.clone()).or_default();
-            extra.extend(v.iter().copied());
-            *v = extra.into_iter().collect();
+            let Some(chunks) = e.endpoints.get(cluster) else {
+                continue;
+            };
+            for ep in chunks.values().flatten() {
+                if !ep.conditions.usable() {
+                    continue;
+                }
+                for p in ep.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                    all.insert(std::net::SocketAddr::new(ep.ip, p.port));
+                }
+            }
         }
-        out
+        all.into_iter().collect()
     }
 
     /// [`MergeIndex::remote_probe_targets`] with at most `per_cluster` addresses per cluster,
     /// spread evenly over its sorted list: what the prober takes turns over. A 255-cluster mesh
     /// selects about 1,000 backends per remote here; the prober needs a few per round, and a copy
-    /// of all 255k each tick cost 8 MiB and a walk per batch.
+    /// of all 255k each tick cost 8 MiB and a walk per batch. Only an unreachable cluster's list
+    /// is built whole (its usable backends are walked).
     pub fn remote_probe_sample(
         &self,
         per_cluster: usize,
@@ -914,12 +918,10 @@ impl MergeIndex {
             .iter()
             .map(|(c, addrs)| (c.clone(), spread(addrs, per_cluster, |(a, _)| *a)))
             .collect();
-        if !self.unreachable.is_empty() {
-            let full = self.remote_probe_targets();
-            for c in &self.unreachable {
-                if let Some(v) = full.get(c) {
-                    out.insert(c.clone(), spread(v, per_cluster, |a| *a));
-                }
+        for c in &self.unreachable {
+            let all = self.remote_probe_targets_of(c);
+            if !all.is_empty() {
+                out.insert(c.clone(), spread(&all, per_cluster, |a| *a));
             }
         }
         out
@@ -1631,7 +1633,6 @@ impl IpIndex {
     }
 }
 
-/// A chunk of `cluster` went from `old` endpoints to `new` (`None`: no chunk).
 /// At most `n` of `items`, spread evenly (all of them when there are no more than `n`).
 fn spread<T, U>(items: &[T], n: usize, f: impl Fn(&T) -> U) -> Vec<U> {
     if items.len() <= n {
@@ -1640,6 +1641,7 @@ fn spread<T, U>(items: &[T], n: usize, f: impl Fn(&T) -> U) -> Vec<U> {
     (0..n).map(|i| f(&items[i * items.len() / n])).collect()
 }
 
+/// A chunk of `cluster` went from `old` endpoints to `new` (`None`: no chunk).
 fn count_chunk(
     counts: &mut BTreeMap<ClusterName, (usize, usize)>,
     cluster: &ClusterName,

@@ -621,7 +621,8 @@ impl AgentState {
     pub fn apply_reach(&mut self, change: ReachChange) {
         if change.unreachable
             && self.opts.destroy_sockets
-            && let Some(addrs) = self.index.remote_probe_targets().remove(&change.cluster)
+            && let addrs = self.index.remote_probe_targets_of(&change.cluster)
+            && !addrs.is_empty()
         {
             spawn_destroy(self, addrs, "cluster unreachable from this node");
         }

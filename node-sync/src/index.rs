@@ -4,9 +4,10 @@
 //! endpoint chunks, health reports, cluster liveness) and keeps, for every local frontend, the
 //! backends to program, chosen by DESIGN.md's selection rules, with the reason for the choice.
 //!
-//! An event recomputes only the services it touches: an endpoint chunk recomputes its service,
-//! a health report the services that have an endpoint on the reported addresses, and a liveness
-//! change every service (rare). Frontends whose backend set changed are collected for
+//! An event recomputes only the services it touches: an endpoint chunk recomputes its service
+//! (splicing the chunk's cluster's backends into the last selection when the chosen group stays,
+//! see [`Scope`]), a health report the services that have an endpoint on the reported
+//! addresses, and a liveness change every service (rare). Frontends whose backend set changed are collected for
 //! [`MergeIndex::take_changes`], so the map writer touches only those.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -440,9 +441,55 @@ pub struct MergeIndex {
     cause: MoveCause,
     generation: u64,
     /// While a batch is applied ([`MergeIndex::defer`]): the services whose selection is due,
-    /// whether their inputs changed, and the cause of the move if not. [`MergeIndex::settle`]
-    /// selects each once.
-    deferred: Option<HashMap<ServiceName, (bool, MoveCause)>>,
+    /// whether their inputs changed, the cause of the move if not, and what changed.
+    /// [`MergeIndex::settle`] selects each once.
+    deferred: Option<HashMap<ServiceName, (bool, MoveCause, Scope)>>,
+    /// Selections made in full and by splicing (see [`Scope`]).
+    selections: Selections,
+}
+
+/// What changed for a service since its last selection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Anything (specs, health, liveness): select in full.
+    All,
+    /// Only the endpoint chunks of these clusters (a few, by name): each frontend's backends are
+    /// the last ones with these clusters' runs rebuilt, when the chosen group stays the same
+    /// (`splice`). At 255 clusters a service has 2,550 backends; a changed endpoint rebuilds ten.
+    Chunks(Vec<ClusterName>),
+}
+
+impl Scope {
+    /// At most this many clusters' runs are spliced; a batch that changed more selects in full.
+    const MAX_SPLICED: usize = 8;
+
+    /// This scope and then `other`.
+    fn and(self, other: &Scope) -> Scope {
+        match (self, other) {
+            (Scope::Chunks(mut a), Scope::Chunks(b)) => {
+                for c in b {
+                    if let Err(i) = a.binary_search(c) {
+                        a.insert(i, c.clone());
+                    }
+                }
+                if a.len() > Self::MAX_SPLICED {
+                    Scope::All
+                } else {
+                    Scope::Chunks(a)
+                }
+            }
+            _ => Scope::All,
+        }
+    }
+}
+
+/// How many selections were made, and how many of them by splicing one or a few clusters' runs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Selections {
+    /// Selections of a service in full.
+    full: u64,
+    /// Selections that spliced the changed clusters' runs into the last backends.
+    spliced: u64,
 }
 
 /// The cluster group a service's traffic goes to changed (failover, failback, or loss).
@@ -526,6 +573,7 @@ impl MergeIndex {
             cause: MoveCause::Health,
             generation: 0,
             deferred: None,
+            selections: Selections::default(),
         }
     }
 
@@ -544,9 +592,9 @@ impl MergeIndex {
         let cause = self.cause;
         let mut due: Vec<_> = due.into_iter().collect();
         due.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, (inputs_changed, c)) in due {
+        for (name, (inputs_changed, c, scope)) in due {
             self.cause = c;
-            self.recompute(&name, inputs_changed);
+            self.recompute_scoped(&name, inputs_changed, scope);
         }
         self.cause = cause;
     }
@@ -660,7 +708,7 @@ impl MergeIndex {
                 self.ip_services.remove(e.ip, &name);
             }
         }
-        self.recompute(&name, true);
+        self.recompute_scoped(&name, true, Scope::Chunks(vec![chunk.cluster]));
     }
 
     /// An endpoint chunk was deleted.
@@ -681,7 +729,7 @@ impl MergeIndex {
         for e in &old {
             self.ip_services.remove(e.ip, service);
         }
-        self.recompute(service, true);
+        self.recompute_scoped(service, true, Scope::Chunks(vec![cluster.clone()]));
     }
 
     /// A health report was put (replaces the reporter's previous one).
@@ -1356,12 +1404,24 @@ impl MergeIndex {
     /// generation moves); otherwise (health, staleness) the generation moves only when the
     /// selection did, or for a headless service, whose DNS answers follow health directly.
     fn recompute(&mut self, name: &ServiceName, inputs_changed: bool) {
+        self.recompute_scoped(name, inputs_changed, Scope::All);
+    }
+
+    /// [`MergeIndex::recompute`] when only `scope` changed.
+    fn recompute_scoped(&mut self, name: &ServiceName, inputs_changed: bool, scope: Scope) {
         if let Some(due) = &mut self.deferred {
             let cause = self.cause;
-            let e = due.entry(name.clone()).or_insert((false, cause));
-            e.0 |= inputs_changed;
-            if !inputs_changed {
-                e.1 = cause;
+            match due.get_mut(name) {
+                Some(e) => {
+                    e.0 |= inputs_changed;
+                    if !inputs_changed {
+                        e.1 = cause;
+                    }
+                    e.2 = std::mem::replace(&mut e.2, Scope::All).and(&scope);
+                }
+                None => {
+                    due.insert(name.clone(), (inputs_changed, cause, scope));
+                }
             }
             return;
         }
@@ -1401,7 +1461,20 @@ impl MergeIndex {
             passive: &self.passive,
             lapsed: &self.lapsed,
         };
-        let status = select(name, &ctx, old, &entry);
+        let spliced = match (&scope, old) {
+            (Scope::Chunks(clusters), Some(old)) => splice(&ctx, old, &entry, clusters),
+            _ => None,
+        };
+        let status = match spliced {
+            Some(s) => {
+                self.selections.spliced += 1;
+                s
+            }
+            None => {
+                self.selections.full += 1;
+                select(name, &ctx, old, &entry)
+            }
+        };
         if let Some(old) = &old {
             for f in &old.frontends {
                 if !status.frontends.iter().any(|n| n.frontend == f.frontend) {
@@ -1715,6 +1788,261 @@ struct SelectContext<'a> {
     lapsed: &'a Lapsed,
 }
 
+/// The spec that governs affinity and failover order: the local one, else the first remote one.
+fn governing<'a>(entry: &'a ServiceEntry, local: &ClusterName) -> Option<&'a ServiceSpec> {
+    entry
+        .specs
+        .get(local)
+        .or_else(|| entry.specs.values().next())
+}
+
+/// Clusters that share the service, by name: this one when it has the Service, and remotes that
+/// published a spec with shared=true.
+fn sharing<'a>(entry: &'a ServiceEntry, local: &ClusterName) -> Vec<&'a ClusterName> {
+    entry
+        .specs
+        .iter()
+        .filter(|(c, s)| *c == local || s.shared)
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// Whether a sharing cluster's backends may be chosen: the local one always, a remote one when
+/// it is neither stale nor unreachable.
+fn is_candidate(c: &ClusterName, ctx: &SelectContext<'_>) -> bool {
+    c == ctx.local || !(ctx.stale.contains(c) || ctx.unreachable.contains(c))
+}
+
+/// The groups of candidate clusters a service's frontends choose from, in order of preference:
+/// a frontend takes the usable backends of the first group that has any.
+struct Groups<'a> {
+    /// The candidate clusters, by name.
+    candidates: Vec<&'a ClusterName>,
+    /// Each candidate's group, in the order of `candidates` (every candidate is in one).
+    group_of: Vec<Option<usize>>,
+    /// The groups.
+    list: Vec<Vec<&'a ClusterName>>,
+}
+
+impl<'a> Groups<'a> {
+    fn new(
+        entry: &'a ServiceEntry,
+        local: &'a ClusterName,
+        candidates: Vec<&'a ClusterName>,
+    ) -> Self {
+        let governing = governing(entry, local);
+        let affinity = governing.map(|s| s.affinity).unwrap_or_default();
+        let failover_order: &[ClusterName] = governing
+            .map(|s| s.failover_order.as_slice())
+            .unwrap_or_default();
+        // Which group is the remotes outside the failover order (the only large one; every other
+        // group is one cluster).
+        let mut rest_at: Option<usize> = None;
+        let list: Vec<Vec<&ClusterName>> = {
+            let remotes: Vec<&ClusterName> = candidates
+                .iter()
+                .filter(|c| **c != local)
+                .copied()
+                .collect();
+            let mut remote_groups: Vec<Vec<&ClusterName>> = Vec::new();
+            for c in failover_order {
+                if remotes.contains(&c) {
+                    remote_groups.push(vec![c]);
+                }
+            }
+            let rest: Vec<&ClusterName> = remotes
+                .iter()
+                .filter(|c| !failover_order.contains(c))
+                .copied()
+                .collect();
+            let singles = remote_groups.len();
+            if !rest.is_empty() {
+                remote_groups.push(rest);
+            }
+            let local_group = if candidates.contains(&local) {
+                vec![vec![local]]
+            } else {
+                Vec::new()
+            };
+            if remote_groups.len() > singles {
+                rest_at = match affinity {
+                    Affinity::Local => Some(local_group.len() + singles),
+                    Affinity::Remote => Some(singles),
+                    Affinity::None => None,
+                };
+            }
+            match affinity {
+                Affinity::Local => local_group.into_iter().chain(remote_groups).collect(),
+                Affinity::Remote => remote_groups.into_iter().chain(local_group).collect(),
+                Affinity::None => vec![candidates.clone()],
+            }
+        };
+        // Each candidate cluster's group (the first that names it: a cluster twice in the
+        // failover order adds nothing the first time did not). The one-cluster groups are
+        // searched; a remote in none of them is in the rest.
+        let group_of: Vec<Option<usize>> = candidates
+            .iter()
+            .map(|c| {
+                if affinity == Affinity::None {
+                    return Some(0);
+                }
+                list.iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != rest_at)
+                    .find(|(_, g)| g.contains(c))
+                    .map(|(i, _)| i)
+                    .or(rest_at.filter(|_| *c != local))
+            })
+            .collect();
+        Self {
+            candidates,
+            group_of,
+            list,
+        }
+    }
+
+    /// The group of cluster `c` (`None`: not a candidate, or in no group).
+    fn of(&self, c: &ClusterName) -> Option<usize> {
+        let i = self.candidates.binary_search(&c).ok()?;
+        self.group_of[i]
+    }
+}
+
+/// Append to `out` the candidates for frontend `ip` / `sp` among `cluster`'s endpoints: those of
+/// the frontend's address family with a port serving `sp`, in chunk order.
+fn push_candidates<'a>(
+    out: &mut Vec<Candidate<'a>>,
+    cluster: &ClusterName,
+    chunks: &'a Chunks,
+    ip: &IpAddr,
+    sp: &ServicePort,
+    ctx: &SelectContext<'_>,
+) {
+    let SelectContext {
+        health,
+        passive,
+        lapsed,
+        ..
+    } = *ctx;
+    for ep in chunks.values().flatten() {
+        if ep.ip.is_ipv4() != ip.is_ipv4() {
+            continue;
+        }
+        let Some(port) = match_port(sp, ep) else {
+            continue;
+        };
+        let addr = (ep.ip, port, sp.protocol);
+        let failing = (!health.is_empty() && health.failing(cluster, &addr))
+            || (!passive.is_empty() && passive.contains(&(cluster.clone(), addr)));
+        let orphaned = lapsed.orphaned(cluster, ep, &addr, health);
+        out.push(Candidate {
+            ip: ep.ip,
+            port,
+            conditions: &ep.conditions,
+            failing,
+            orphaned,
+        });
+    }
+}
+
+/// The selection of a service of which only the endpoints of `changed` (sorted) changed since
+/// `old`: each frontend keeps its backends with the changed clusters' runs rebuilt, when that
+/// is what [`select`] would choose. That holds when the frontend chose a group's usable backends
+/// (not failing open, not keeping the last, no lapsed health publication anywhere), and each
+/// changed cluster is in the chosen group (its run is rebuilt; the group keeps some usable
+/// backend), in a later group (nothing changes), or in an earlier one that still has no usable
+/// backend of the frontend. Otherwise `None`: select in full.
+fn splice(
+    ctx: &SelectContext<'_>,
+    old: &ServiceStatus,
+    entry: &ServiceEntry,
+    changed: &[ClusterName],
+) -> Option<ServiceStatus> {
+    if !ctx.lapsed.is_empty() || old.no_frontend.is_some() || old.frontends.is_empty() {
+        return None;
+    }
+    let local = ctx.local;
+    let candidates: Vec<&ClusterName> = sharing(entry, local)
+        .into_iter()
+        .filter(|c| is_candidate(c, ctx))
+        .collect();
+    let groups = Groups::new(entry, local, candidates);
+    // The changed clusters that are candidates, with their group and endpoints (none: its last
+    // chunk was deleted).
+    type Changed<'e> = (&'e ClusterName, usize, Option<(&'e ClusterRef, &'e Chunks)>);
+    let changed: Vec<Changed<'_>> = changed
+        .iter()
+        .filter_map(|c| Some((c, groups.of(c)?, entry.endpoints.get_key_value(c))))
+        .collect();
+    let ports: &[ServicePort] = match (entry.specs.get(local), &entry.import) {
+        (Some(s), _) => &s.ports,
+        (None, Some(i)) => &i.ports,
+        (None, None) => return None,
+    };
+    let mut frontends = Vec::with_capacity(old.frontends.len());
+    for f in &old.frontends {
+        if !matches!(
+            f.reason,
+            Reason::AllUsable | Reason::Preferred { .. } | Reason::FailedOver { .. }
+        ) {
+            return None;
+        }
+        let sp = ports
+            .iter()
+            .find(|p| p.port == f.frontend.port && p.protocol == f.frontend.protocol)?;
+        let chosen = groups.of(f.backends.first()?.cluster.name())?;
+        let mut backends: Option<Vec<Backend>> = None;
+        let mut candidates: Vec<Candidate<'_>> = Vec::new();
+        for &(c, g, eps) in &changed {
+            if g > chosen {
+                continue;
+            }
+            candidates.clear();
+            if let Some((_, chunks)) = eps {
+                push_candidates(&mut candidates, c, chunks, &f.frontend.ip, sp, ctx);
+            }
+            let usable = candidates
+                .iter()
+                .filter(|c| c.conditions.usable() && !c.failing);
+            if g < chosen {
+                if usable.count() > 0 {
+                    return None;
+                }
+                continue;
+            }
+            let cref = eps.map(|(r, _)| r)?;
+            let run = usable.map(|cand| Backend {
+                cluster: cref.clone(),
+                ip: cand.ip,
+                port: cand.port,
+                protocol: sp.protocol,
+            });
+            // The chosen group's backends are by cluster name: `c`'s run is where its name goes.
+            let cur: &[Backend] = backends.as_deref().unwrap_or(&f.backends);
+            let start = cur.partition_point(|b| b.cluster.name() < c);
+            let end = start + cur[start..].partition_point(|b| b.cluster.name() == c);
+            let mut next = Vec::with_capacity(cur.len() - (end - start) + candidates.len());
+            next.extend_from_slice(&cur[..start]);
+            next.extend(run);
+            next.extend_from_slice(&cur[end..]);
+            backends = Some(next);
+        }
+        let backends = match backends {
+            Some(b) if b.is_empty() => return None,
+            Some(b) => Backends::from(b),
+            None => f.backends.clone(),
+        };
+        frontends.push(FrontendSelection {
+            backends,
+            ..f.clone()
+        });
+    }
+    Some(ServiceStatus {
+        frontends,
+        ..old.clone()
+    })
+}
+
 fn select(
     name: &ServiceName,
     ctx: &SelectContext<'_>,
@@ -1725,26 +2053,13 @@ fn select(
         local,
         stale,
         unreachable,
-        health,
-        passive,
-        lapsed,
+        ..
     } = *ctx;
     let local_spec = entry.specs.get(local);
-    // The spec that governs affinity and failover order: the local one, else the first remote one.
-    let governing = local_spec.or_else(|| entry.specs.values().next());
-    let affinity = governing.map(|s| s.affinity).unwrap_or_default();
-    let failover_order: &[ClusterName] = governing
-        .map(|s| s.failover_order.as_slice())
+    let affinity = governing(entry, local)
+        .map(|s| s.affinity)
         .unwrap_or_default();
-
-    // Clusters that share the service: this one when it has the Service, and remotes that
-    // published a spec with shared=true.
-    let sharing: Vec<&ClusterName> = entry
-        .specs
-        .iter()
-        .filter(|(c, s)| *c == local || s.shared)
-        .map(|(c, _)| c)
-        .collect();
+    let sharing = sharing(entry, local);
     let stale_clusters: Vec<ClusterName> = sharing
         .iter()
         .filter(|c| **c != local && stale.contains(**c))
@@ -1757,7 +2072,7 @@ fn select(
         .collect();
     let candidate_clusters: Vec<&ClusterName> = sharing
         .iter()
-        .filter(|c| **c == local || !(stale.contains(**c) || unreachable.contains(**c)))
+        .filter(|c| is_candidate(c, ctx))
         .copied()
         .collect();
 
@@ -1785,66 +2100,11 @@ fn select(
         }
     };
 
-    // Groups of clusters in order of preference, and which of them is the remotes outside the
-    // failover order (the only large one; every other group is one cluster).
-    let mut rest_at: Option<usize> = None;
-    let groups: Vec<Vec<&ClusterName>> = {
-        let remotes: Vec<&ClusterName> = candidate_clusters
-            .iter()
-            .filter(|c| **c != local)
-            .copied()
-            .collect();
-        let mut remote_groups: Vec<Vec<&ClusterName>> = Vec::new();
-        for c in failover_order {
-            if remotes.contains(&c) {
-                remote_groups.push(vec![c]);
-            }
-        }
-        let rest: Vec<&ClusterName> = remotes
-            .iter()
-            .filter(|c| !failover_order.contains(c))
-            .copied()
-            .collect();
-        let singles = remote_groups.len();
-        if !rest.is_empty() {
-            remote_groups.push(rest);
-        }
-        let local_group = if candidate_clusters.contains(&local) {
-            vec![vec![local]]
-        } else {
-            Vec::new()
-        };
-        if remote_groups.len() > singles {
-            rest_at = match affinity {
-                Affinity::Local => Some(local_group.len() + singles),
-                Affinity::Remote => Some(singles),
-                Affinity::None => None,
-            };
-        }
-        match affinity {
-            Affinity::Local => local_group.into_iter().chain(remote_groups).collect(),
-            Affinity::Remote => remote_groups.into_iter().chain(local_group).collect(),
-            Affinity::None => vec![candidate_clusters.clone()],
-        }
-    };
-    // Each candidate cluster's group (the first that names it: a cluster twice in the failover
-    // order adds nothing the first time did not). The one-cluster groups are searched; a remote
-    // in none of them is in the rest.
-    let group_of: Vec<Option<usize>> = candidate_clusters
-        .iter()
-        .map(|c| {
-            if affinity == Affinity::None {
-                return Some(0);
-            }
-            groups
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| Some(*i) != rest_at)
-                .find(|(_, g)| g.contains(c))
-                .map(|(i, _)| i)
-                .or(rest_at.filter(|_| *c != local))
-        })
-        .collect();
+    let Groups {
+        list: groups,
+        group_of,
+        ..
+    } = Groups::new(entry, local, candidate_clusters.clone());
     // Endpoints of the candidate clusters, in the same (name) order: one walk, no lookups.
     let candidate_endpoints: Vec<(&ClusterRef, &Chunks, Option<usize>)> = {
         let mut out = Vec::with_capacity(candidate_clusters.len());
@@ -1876,28 +2136,7 @@ fn select(
                 Vec::with_capacity(candidate_endpoints.len());
             for &(cref, chunks, gi) in &candidate_endpoints {
                 let start = all.len();
-                for ep in chunks.values().flatten() {
-                    if ep.ip.is_ipv4() != ip.is_ipv4() {
-                        continue;
-                    }
-                    let Some(port) = match_port(sp, ep) else {
-                        continue;
-                    };
-                    let failing = (!health.is_empty()
-                        && health.failing(cref.name(), &(ep.ip, port, sp.protocol)))
-                        || (!passive.is_empty()
-                            && passive
-                                .contains(&(cref.name().clone(), (ep.ip, port, sp.protocol))));
-                    let orphaned =
-                        lapsed.orphaned(cref.name(), ep, &(ep.ip, port, sp.protocol), health);
-                    all.push(Candidate {
-                        ip: ep.ip,
-                        port,
-                        conditions: &ep.conditions,
-                        failing,
-                        orphaned,
-                    });
-                }
+                push_candidates(&mut all, cref.name(), chunks, ip, sp, ctx);
                 per_cluster.push((cref, start..all.len(), gi));
             }
             let total = all.len();

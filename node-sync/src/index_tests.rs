@@ -1205,7 +1205,8 @@ fn remote_probe_targets_walked(
 
 /// Random sequences of specs, chunks, health, staleness, reachability and removed clusters (with
 /// batches deferred or not): the endpoint counts, remote probe targets and services by address
-/// kept as the index changes equal a walk over everything after every step.
+/// kept as the index changes equal a walk over everything after every step, and every service's
+/// selection (spliced when only chunks changed) equals a selection in full.
 #[test]
 fn kept_counts_equal_a_full_walk_over_random_sequences() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1219,6 +1220,7 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
     let services = ["web", "api", "db"];
     // Steps where some remote backend was selected (the sequences must exercise the counts).
     let mut selected_steps = 0;
+    let mut totals = Selections::default();
     for run in 0..20 {
         let mut ix = MergeIndex::new(c("c1"));
         for step in 0..300 {
@@ -1230,10 +1232,13 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
             }
             match next(10) {
                 0 | 1 => {
+                    let order: Vec<&str> =
+                        (0..next(3)).map(|_| clusters[next(4) as usize]).collect();
                     let mut s = SpecB::new(cl)
                         .affinity(
                             [Affinity::Local, Affinity::Remote, Affinity::None][next(3) as usize],
                         )
+                        .order(&order)
                         .shared(next(5) != 0)
                         .build();
                     s.name = svc.into();
@@ -1333,10 +1338,40 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
             }
             assert_eq!(kept, walked, "services by address, run {run} step {step}");
             selected_steps += usize::from(!ix.remote_selected.is_empty());
+            let ctx = SelectContext {
+                local: &ix.local,
+                stale: &ix.stale,
+                unreachable: &ix.unreachable,
+                health: &ix.health,
+                passive: &ix.passive,
+                lapsed: &ix.lapsed,
+            };
+            for (name, e) in &ix.services {
+                let Some(kept) = e.status.as_deref() else {
+                    continue;
+                };
+                // Selecting again changes nothing (the last selection only matters to rule 4,
+                // which keeps what it kept).
+                let full = select(name, &ctx, Some(kept), e);
+                assert_eq!(kept, &full, "{name}'s selection, run {run} step {step}");
+                // What the maps get (the services here may share a frontend: its owner's).
+                for f in &kept.frontends {
+                    if ix.frontend_owner.get(&f.frontend) == Some(name) {
+                        assert_eq!(ix.desired.get(&f.frontend), Some(&f.backends));
+                    }
+                }
+            }
         }
+        totals.full += ix.selections.full;
+        totals.spliced += ix.selections.spliced;
     }
     assert!(
         selected_steps > 500,
         "only {selected_steps} steps selected a remote backend"
+    );
+    let Selections { full, spliced } = totals;
+    assert!(
+        spliced > 400 && full > 1_000,
+        "{spliced} selections spliced, {full} in full: the sequences must exercise both"
     );
 }

@@ -6,7 +6,7 @@
 //!
 //! An event recomputes only the services it touches: an endpoint chunk recomputes its service
 //! (splicing the chunk's cluster's backends into the last selection when the chosen group stays,
-//! see [`Scope`]), a health report the services that have an endpoint on the reported
+//! see `Scope`), a health report the services that have an endpoint on the reported
 //! addresses, and a liveness change every service (rare). Frontends whose backend set changed are collected for
 //! [`MergeIndex::take_changes`], so the map writer touches only those.
 

@@ -389,11 +389,11 @@ fn sample_rates(
                         if let Some(d) = down_since[i].take() {
                             peak[i] = peak[i].max(v / (now - d).as_secs_f64());
                         }
-                        if let Some((t, p)) = last[i]
-                            && v >= p
-                        {
-                            let r = (v - p) / (now - t).as_secs_f64();
-                            peak[i] = peak[i].max(r);
+                        if let Some((t, p)) = last[i] {
+                            // A counter that went down restarted between two samples (killed
+                            // and back within 100 ms): all it counts came since the last one.
+                            let since = if v >= p { v - p } else { v };
+                            peak[i] = peak[i].max(since / (now - t).as_secs_f64());
                         }
                         last[i] = Some((now, v));
                     }

@@ -1203,10 +1203,10 @@ fn remote_probe_targets_walked(
         .collect()
 }
 
-/// Random sequences of specs, chunks, health, staleness, reachability and removed clusters (with
-/// batches deferred or not): the endpoint counts, remote probe targets and services by address
-/// kept as the index changes equal a walk over everything after every step, and every service's
-/// selection (spliced when only chunks changed) equals a selection in full.
+/// Random sequences of specs, chunks, health, passive failures, staleness, reachability and
+/// removed clusters (with batches deferred or not): the endpoint counts, remote probe targets and
+/// services by address kept as the index changes equal a walk over everything after every step,
+/// and every service's selection (spliced when only chunks changed) equals a selection in full.
 #[test]
 fn kept_counts_equal_a_full_walk_over_random_sequences() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1272,9 +1272,18 @@ fn kept_counts_equal_a_full_walk_over_random_sequences() {
                     &ServiceName::new("default", svc).unwrap(),
                     next(3) as u32,
                 ),
-                8 => match next(4) {
+                8 => match next(5) {
                     0 => ix.set_stale(&c(cl), next(2) == 0),
                     1 => ix.set_unreachable(&c(cl), next(2) == 0),
+                    // This node saw connects to a backend fail (or answer again).
+                    4 => {
+                        let ip = format!("10.{}.{}.1", cl.len() + next(4) as usize, next(2));
+                        ix.set_passive_failure(
+                            &c(cl),
+                            (ip.parse().unwrap(), 8080, Protocol::Tcp),
+                            next(2) == 0,
+                        );
+                    }
                     2 => ix.upsert_health(report(
                         cl,
                         "n1",

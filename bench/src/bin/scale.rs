@@ -13,9 +13,12 @@
 //! are other machines'; c1's etcd is on this machine's disk, as it is in production); no TLS (plain
 //! HTTP on loopback: no handshakes, no encryption); the node-sync agent, KVStoreMesh, the
 //! publishers, churn and every etcd share two cores. node-sync is the library agent (the binary's
-//! event loop) with node-sync's in-memory map writer (`FakeMaps`, which records when each
-//! frontend is written), not the kernel maps: the kernel-map write cost per frontend is in
-//! `node_sync`'s ingest figure.
+//! event loop) with the map writer the binary opens: global-lb-bpf's eBPF maps, loaded, pinned
+//! under a bpffs directory of the run's own and attached to a cgroup of its own (`--maps
+//! kernel`, the default; root), or node-sync's in-memory writer (`--maps memory`). A recording
+//! wrapper notes when each frontend's write returned. The kernel's backends map holds 65,535
+//! backends (global-lb-bpf `MAX_BACKENDS`): past that, the maps refuse the frontends that would
+//! add more, and the run says how many writes were refused.
 //!
 //! Per size and mode (`--via direct`: one watcher per remote cluster; `--via kvstoremesh`: the
 //! apiserver's `kvstoremesh::run` over `mesh_kv::EtcdStore` mirrors every remote into c1's etcd
@@ -54,7 +57,7 @@ use mesh_model::values::{
 use mesh_model::{ClusterId, ClusterName, MaxConnectedClusters};
 use node_sync::agent::{self, Agent, AgentOptions};
 use node_sync::datapath::ClusterIds;
-use node_sync::lb::{FakeMaps, Frontend};
+use node_sync::lb::{Backend, FakeMaps, Frontend, MapError, MapWriter};
 use node_sync::watch::WatchSettings;
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -98,6 +101,150 @@ struct Args {
     /// system temporary directory) uses; `--remote-etcd-dir /tmp` puts them back on it.
     #[arg(long, default_value = "/dev/shm")]
     remote_etcd_dir: PathBuf,
+    /// Where node-sync writes its selections: `kernel`, global-lb-bpf's eBPF maps as on a node
+    /// (loaded and pinned under /sys/fs/bpf/clustermesh-scale-<pid>-<run>, attached to a cgroup v2
+    /// of the same name, both removed at the end; needs root); `memory`, node-sync's in-memory
+    /// writer. The kernel's backends map holds 65,535 backends: a mesh whose frontends select more
+    /// distinct backends than that (128 clusters x 1,000) gets the maps' refusal for the frontends
+    /// past it, counted in the output.
+    #[arg(long, value_enum, default_value = "kernel")]
+    maps: Maps,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Maps {
+    Kernel,
+    Memory,
+}
+
+/// What the run reads of node-sync's map writes.
+#[derive(Default)]
+struct MapLog {
+    /// Whether `writes` records.
+    recording: bool,
+    /// When each frontend's write returned.
+    writes: Vec<(Instant, Frontend)>,
+    /// Backends per frontend, as last written.
+    backends: HashMap<Frontend, usize>,
+    /// Writes the maps refused, and the last refusal.
+    refused: u64,
+    last_refusal: Option<String>,
+}
+
+/// A map writer that notes the writes of another (the kernel maps or the in-memory ones).
+struct Recorded {
+    inner: Box<dyn MapWriter>,
+    log: Arc<Mutex<MapLog>>,
+}
+
+impl Recorded {
+    fn note(&self, fe: &Frontend, r: &Result<(), MapError>, backends: Option<usize>) {
+        let mut l = self.log.lock().expect("map log");
+        match r {
+            Ok(()) => {
+                if l.recording {
+                    l.writes.push((Instant::now(), *fe));
+                }
+                match backends {
+                    Some(n) => l.backends.insert(*fe, n),
+                    None => l.backends.remove(fe),
+                };
+            }
+            Err(e) => {
+                l.refused += 1;
+                l.last_refusal = Some(e.to_string());
+            }
+        }
+    }
+}
+
+impl MapWriter for Recorded {
+    fn upsert_service(&mut self, fe: &Frontend, backends: &[Backend]) -> Result<(), MapError> {
+        let r = self.inner.upsert_service(fe, backends);
+        self.note(fe, &r, Some(backends.len()));
+        r
+    }
+    fn update_service(
+        &mut self,
+        fe: &Frontend,
+        old: &[Backend],
+        new: &[Backend],
+    ) -> Result<(), MapError> {
+        let r = self.inner.update_service(fe, old, new);
+        self.note(fe, &r, Some(new.len()));
+        r
+    }
+    fn delete_service(&mut self, fe: &Frontend) -> Result<(), MapError> {
+        let r = self.inner.delete_service(fe);
+        self.note(fe, &r, None);
+        r
+    }
+    fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
+        self.inner.services()
+    }
+    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
+        self.inner.connection_counts()
+    }
+    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
+        self.inner.connect_outcomes()
+    }
+    fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
+        self.inner.connect_outcome(id)
+    }
+    fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
+        self.inner.backend_by_id(id)
+    }
+    fn clear_suspect(&mut self, id: u32) {
+        self.inner.clear_suspect(id)
+    }
+    fn sweep_suspects(&mut self) {
+        self.inner.sweep_suspects()
+    }
+}
+
+/// global-lb-bpf's datapath for one run: pinned under bpffs and attached to a cgroup made for
+/// it, both removed on drop (after the agent, which holds the maps, stopped).
+struct KernelMaps {
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl KernelMaps {
+    fn open(
+        name: &str,
+        ids: ClusterIds,
+    ) -> anyhow::Result<(
+        Self,
+        Box<dyn MapWriter>,
+        Option<global_lb_bpf::signals::SuspectEvents>,
+    )> {
+        use global_lb_bpf::mounts;
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("--maps kernel needs root (eBPF maps, a cgroup): run as root, or --maps memory");
+        }
+        mounts::ensure_bpffs(Path::new(mounts::DEFAULT_BPFFS)).context("mounting bpffs")?;
+        let cg_root = mounts::ensure_cgroup2().context("a cgroup v2 for the datapath")?;
+        let me = Self {
+            pin_dir: Path::new(mounts::DEFAULT_BPFFS).join(name),
+            cgroup: cg_root.join(name),
+        };
+        std::fs::create_dir(&me.cgroup)
+            .with_context(|| format!("mkdir {}", me.cgroup.display()))?;
+        let (writer, events) = node_sync::datapath::open(&me.pin_dir, &me.cgroup, c(1), ids)
+            .with_context(|| format!("loading the datapath under {}", me.pin_dir.display()))?;
+        Ok((me, writer, events))
+    }
+}
+
+impl Drop for KernelMaps {
+    fn drop(&mut self) {
+        if let Err(e) = global_lb_bpf::Datapath::remove(&self.pin_dir) {
+            eprintln!("removing {}: {e}", self.pin_dir.display());
+        }
+        if let Err(e) = std::fs::remove_dir(&self.cgroup) {
+            eprintln!("removing {}: {e}", self.cgroup.display());
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -845,7 +992,6 @@ async fn run_one(
 
     // Initial sync.
     let agent_rt = runtime("nsync")?;
-    let maps = FakeMaps::new();
     let remote_dir = root.join("remotes");
     std::fs::create_dir_all(&remote_dir)?;
     if via == Via::Direct {
@@ -863,20 +1009,39 @@ async fn run_one(
         (via == Via::Direct).then(|| remote_dir.clone()),
         via == Via::Kvstoremesh,
     );
+    let (kernel, writer, events) = match args.maps {
+        Maps::Kernel => {
+            let name = format!("clustermesh-scale-{}-{n}-{via:?}", std::process::id());
+            let (k, w, e) = KernelMaps::open(&name, opts.cluster_ids.clone())?;
+            (Some(k), w, e)
+        }
+        Maps::Memory => (None, Box::new(FakeMaps::new()) as Box<dyn MapWriter>, None),
+    };
+    let maps = Arc::new(Mutex::new(MapLog::default()));
     let agent = {
         let _g = agent_rt.enter();
-        agent::start(opts, Box::new(maps.clone()))
+        let w = Recorded {
+            inner: writer,
+            log: maps.clone(),
+        };
+        agent::start_with_events(opts, Box::new(w), events)
     };
     let sync = wait_for(Duration::from_secs(300), "initial sync", || {
         all_synced(&agent, total, n, None)
     })
     .await?;
     let agent_rss = rss_mib().saturating_sub(rss_before);
-    let programmed = maps.snapshot();
-    let backends: usize = programmed.values().map(Vec::len).sum();
+    let (frontends, backends) = {
+        let l = maps.lock().expect("map log");
+        (l.backends.len(), l.backends.values().sum::<usize>())
+    };
     println!(
-        "  node-sync initial sync: {total} endpoints -> {} frontends, {backends} backends in {sync:.2?}, CPU {:.1} s; RSS share {agent_rss} MiB (process {} MiB, {} MiB before the mesh) [target <= 10 s; <= {} MiB]",
-        programmed.len(),
+        "  node-sync initial sync: {total} endpoints -> {frontends} frontends, {backends} backends in {} maps in {sync:.2?}, CPU {:.1} s; RSS share {agent_rss} MiB (process {} MiB, {} MiB before the mesh) [target <= 10 s; <= {} MiB]",
+        if args.maps == Maps::Kernel {
+            "the kernel's"
+        } else {
+            "in-memory"
+        },
         (thread_ticks("nsync") - cpu0) as f64 / tck,
         rss_mib(),
         rss0,
@@ -890,8 +1055,11 @@ async fn run_one(
     let lag_watch = (via == Via::Kvstoremesh)
         .then(|| spawn_lag_watch(mesh.local.url.clone(), put_times.clone(), lags.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    maps.take_history();
-    maps.record_history(true);
+    {
+        let mut l = maps.lock().expect("map log");
+        l.writes.clear();
+        l.recording = true;
+    }
     let (a0, k0) = (thread_ticks("nsync"), thread_ticks("kvsm"));
     let tc = Instant::now();
     let ch = churn(
@@ -907,10 +1075,13 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let wall = tc.elapsed().as_secs_f64();
     let (a1, k1) = (thread_ticks("nsync"), thread_ticks("kvsm"));
-    maps.record_history(false);
     let mut writes: HashMap<Frontend, Vec<Instant>> = HashMap::new();
-    for (at, fe) in maps.take_history() {
-        writes.entry(fe).or_default().push(at);
+    {
+        let mut l = maps.lock().expect("map log");
+        l.recording = false;
+        for (at, fe) in std::mem::take(&mut l.writes) {
+            writes.entry(fe).or_default().push(at);
+        }
     }
     let mut prop = Vec::new();
     let mut missing = 0;
@@ -1008,9 +1179,21 @@ async fn run_one(
             ),
         }
     }
+    {
+        let l = maps.lock().expect("map log");
+        if l.refused > 0 {
+            println!(
+                "  map writes refused by the maps: {} (last: {})",
+                l.refused,
+                l.last_refusal.as_deref().unwrap_or("")
+            );
+        }
+    }
     agent.stop();
     hb.abort();
-    agent_rt.shutdown_background();
+    // The agent's runtime holds the maps: stopped before they are removed.
+    tokio::task::block_in_place(|| agent_rt.shutdown_timeout(Duration::from_secs(5)));
+    drop(kernel);
     kvsm_rt.shutdown_background();
     drop(mesh);
     Ok(())
@@ -1109,10 +1292,14 @@ async fn fanout(root: &Path, watchers: &[u32], rate: u32, secs: u64) -> anyhow::
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!(
-        "scale simulator (issue 19): synthetic clusters in shared loopback etcds (no TLS, several clusters per etcd, everything on this machine's {} cores); node-sync with in-memory maps",
+        "scale simulator (issue 19): synthetic clusters in shared loopback etcds (no TLS, several clusters per etcd, everything on this machine's {} cores); node-sync writing {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(0)
+            .unwrap_or(0),
+        match args.maps {
+            Maps::Kernel => "the kernel's eBPF maps (global-lb-bpf, a cgroup of the run's own)",
+            Maps::Memory => "in-memory maps",
+        }
     );
     let rt = runtime("bench")?;
     let root = std::env::temp_dir().join(format!("clustermesh-scale-{}", std::process::id()));

@@ -14,7 +14,7 @@ use global_lb_bpf::{Datapath, DatapathConfig, Proto, ServiceMaps};
 use mesh_model::ClusterName;
 use mesh_model::values::Protocol;
 
-use crate::lb::{Backend, Frontend, MapError, MapWriter};
+use crate::lb::{Backend, ClusterRef, Frontend, MapError, MapWriter};
 
 /// Cluster name <-> id, as learnt from accepted cluster configs.
 #[derive(Debug, Clone, Default)]
@@ -93,15 +93,21 @@ impl<S: ServiceMaps> GlbWriter<S> {
 
     /// Every backend the maps hold, by id.
     fn backends_by_id(&self) -> Vec<(u32, Backend)> {
+        // Each cluster's name once (a lookup in the ids and an interning per backend cost more
+        // than the rest at 32k backends).
+        let mut names: HashMap<u16, ClusterRef> = HashMap::new();
         self.maps
-            .counters()
-            .unwrap_or_default()
+            .backend_entries()
             .into_iter()
             .map(|c| {
+                let cluster = names
+                    .entry(c.cluster_id)
+                    .or_insert_with(|| self.ids.name(c.cluster_id).into())
+                    .clone();
                 (
                     c.backend_id,
                     Backend {
-                        cluster: self.ids.name(c.cluster_id).into(),
+                        cluster,
                         ip: c.addr,
                         port: c.port,
                         protocol: Protocol::Tcp,

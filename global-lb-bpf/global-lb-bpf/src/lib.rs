@@ -42,7 +42,7 @@ pub use datapath::{
 };
 pub use error::Error;
 pub use maps::{FakeMaps, LbMaps, ServiceMaps};
-pub use model::{Backend, BackendCounter, Frontend, Proto, Service};
+pub use model::{Backend, BackendCounter, BackendEntry, Frontend, Proto, Service};
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::model::{BackendIdentity, backend_from_value, backend_value};
 use crate::store::{MapStore, MemStore};
-use crate::{Backend, BackendCounter, Error, Frontend, Service};
+use crate::{Backend, BackendCounter, BackendEntry, Error, Frontend, Service};
 
 /// The typed map API node-sync writes through.
 ///
@@ -61,6 +61,11 @@ pub trait ServiceMaps {
 
     /// Connection counters of every backend in the maps, sorted by backend id.
     fn counters(&self) -> Result<Vec<BackendCounter>, Error>;
+
+    /// Every backend in the maps, sorted by backend id, from the writer's own record: no map is
+    /// read (the counters are one kernel lookup per backend and CPU: 32k backends took a node's
+    /// event loop 30 ms).
+    fn backend_entries(&self) -> Vec<BackendEntry>;
 }
 
 /// The in-memory maps with the real update logic, for tests of code that writes services.
@@ -540,6 +545,23 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
                 backends: self.backends_of(&s.slots),
             })
             .collect())
+    }
+
+    fn backend_entries(&self) -> Vec<BackendEntry> {
+        let mut ids: Vec<u32> = self.backends.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|id| {
+                let b = backend_from_value(&self.backends[&id].value);
+                BackendEntry {
+                    backend_id: id,
+                    addr: b.addr,
+                    port: b.port,
+                    cluster_id: b.cluster_id,
+                    local: b.local,
+                }
+            })
+            .collect()
     }
 
     fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
@@ -1519,6 +1541,31 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!((c[0].connections, c[0].local), (5, true));
         assert_eq!((c[1].connections, c[1].local), (0, false));
+    }
+
+    /// The backends listed without their counters are the ones the counters list (same ids,
+    /// addresses, clusters), and leave with their service.
+    #[test]
+    fn backend_entries_are_the_counted_backends_without_a_map_read() {
+        let mut maps = FakeMaps::new();
+        let f = fe("tcp:127.10.0.1:80");
+        maps.upsert_service(&f, &[be("127.0.0.2:1@1,local"), be("127.0.0.3:1@2")])
+            .unwrap();
+        let entries = maps.backend_entries();
+        let counted: Vec<_> = maps
+            .counters()
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.backend_id, c.addr, c.port, c.cluster_id, c.local))
+            .collect();
+        let listed: Vec<_> = entries
+            .into_iter()
+            .map(|e| (e.backend_id, e.addr, e.port, e.cluster_id, e.local))
+            .collect();
+        assert_eq!(listed, counted);
+        assert_eq!(listed.len(), 2);
+        maps.delete_service(&f).unwrap();
+        assert!(maps.backend_entries().is_empty());
     }
 
     /// A store that fails every write after the first `budget` ones.

@@ -228,6 +228,21 @@ pub struct Service {
     pub backends: Vec<Backend>,
 }
 
+/// One backend in the maps: its id, address and cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    /// Id of the backend in the maps.
+    pub backend_id: u32,
+    /// Backend address.
+    pub addr: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// Cluster of the backend.
+    pub cluster_id: u16,
+    /// Whether the backend is in the local cluster.
+    pub local: bool,
+}
+
 /// Connections sent to one backend since it entered the maps.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendCounter {

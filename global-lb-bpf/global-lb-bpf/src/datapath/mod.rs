@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::maps::{LbMaps, ServiceMaps};
 use crate::mounts::is_cgroup2;
 use crate::signals::{KernelSignals, SuspectEvents};
-use crate::{BackendCounter, Error, Frontend, Service};
+use crate::{BackendCounter, BackendEntry, Error, Frontend, Service};
 
 mod aya_store;
 mod layout;
@@ -471,5 +471,9 @@ impl ServiceMaps for Datapath {
 
     fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
         self.maps.counters()
+    }
+
+    fn backend_entries(&self) -> Vec<BackendEntry> {
+        self.maps.backend_entries()
     }
 }

@@ -5,7 +5,7 @@
 //! The datapath identifies a backend's cluster by id; node-sync by name. [`ClusterIds`] holds the
 //! ids of the clusters whose config was accepted, shared with the agent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -153,12 +153,16 @@ const SMALL_CHANGE: usize = 64;
 /// The backends that leave and join when `old` becomes `new`, if that is a small change: the
 /// merge index emits a frontend's backends in a stable order, so one endpoint change leaves a
 /// common prefix and suffix and a short middle. Two passes of equality checks, no hashing of the
-/// 10k unchanged ones. `None` when the middles are long (a reorder, a failover): upsert then.
+/// 10k unchanged ones. When the middles are long, changes may still be few and scattered (a
+/// batch that changed endpoints of several clusters of one frontend: the event loop behind by
+/// 200 ms at 255 clusters gave batches of 8 changes per frontend, spread over its 2,550
+/// backends): then by set, when no backend is listed twice and at most a quarter of them
+/// changed. `None` otherwise (a failover, duplicates): upsert then.
 fn small_change<'a>(
     old: &'a [Backend],
     new: &'a [Backend],
 ) -> Option<(Vec<&'a Backend>, Vec<&'a Backend>)> {
-    let whole_new = new;
+    let (whole_old, whole_new) = (old, new);
     let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
     let (old, new) = (&old[prefix..], &new[prefix..]);
     let suffix = old
@@ -169,7 +173,17 @@ fn small_change<'a>(
         .count();
     let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
     if old.len() + new.len() > SMALL_CHANGE {
-        return None;
+        // A backend listed twice has a weight to count: upsert.
+        let old_all: HashSet<&Backend> = whole_old.iter().collect();
+        let new_all: HashSet<&Backend> = whole_new.iter().collect();
+        if old_all.len() != whole_old.len() || new_all.len() != whole_new.len() {
+            return None;
+        }
+        let removed: Vec<&Backend> = old.iter().filter(|b| !new_all.contains(b)).collect();
+        let added: Vec<&Backend> = new.iter().filter(|b| !old_all.contains(b)).collect();
+        let limit = whole_old.len().max(whole_new.len()) / 4;
+        return (removed.len() + added.len() <= limit.max(SMALL_CHANGE))
+            .then_some((removed, added));
     }
     // Removed: what `new` lacks anywhere (a backend listed twice must not go because one copy
     // did). An entry in both middles moved: listing it as added keeps it.
@@ -428,7 +442,8 @@ mod tests {
         .unwrap();
         let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
         // Each step: drop one, bring one back, replace the set with a reordered one (a large
-        // change), drop the first and last, a duplicate entry (bad data) then its removal.
+        // change), drop the first and last, a duplicate entry (bad data) then its removal, one
+        // more, three changes far apart.
         let mut steps: Vec<Vec<Backend>> = vec![all.clone()];
         let mut s = all.clone();
         s.remove(17);
@@ -446,6 +461,11 @@ mod tests {
         steps.push(s.clone());
         s.push(b("c2", 9_999));
         steps.push(s.clone());
+        // Changes scattered over the list (a batch of several): by set.
+        s.remove(400);
+        s[250] = b("c1", 7_777);
+        s.remove(10);
+        steps.push(s.clone());
         for (i, step) in steps.iter().enumerate() {
             let step: crate::lb::Backends = step.clone().into();
             r.set(&fe, Some(step.clone()));
@@ -461,7 +481,7 @@ mod tests {
             };
             assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
         }
-        assert_eq!(svc_len(r.maps()), 499);
+        assert_eq!(svc_len(r.maps()), 497);
         assert_eq!(r.errors(), 0);
     }
 
@@ -483,10 +503,29 @@ mod tests {
         let (removed, added) = small_change(&old, &new).unwrap();
         assert_eq!(removed, vec![&b(40)]);
         assert_eq!(added, vec![&b(1000)]);
-        let reversed: Vec<Backend> = old.iter().rev().cloned().collect();
-        assert!(small_change(&old, &reversed).is_none());
         let (removed, added) = small_change(&old, &old[1..]).unwrap();
         assert_eq!((removed, added.len()), (vec![&b(0)], 0));
+
+        // Scattered changes (a batch): by set, exactly what left and what came.
+        let mut new = old.clone();
+        new[3] = b(1003);
+        new.remove(50);
+        new[96] = b(1096);
+        let (mut removed, mut added) = small_change(&old, &new).unwrap();
+        removed.sort();
+        added.sort();
+        assert_eq!(removed, vec![&b(3), &b(50), &b(97)]);
+        assert_eq!(added, vec![&b(1003), &b(1096)]);
+        // The same set in another order: nothing to write.
+        let reversed: Vec<Backend> = old.iter().rev().cloned().collect();
+        assert_eq!(small_change(&old, &reversed), Some((vec![], vec![])));
+        // A failover (most backends replaced) and a backend listed twice: upsert.
+        let other: Vec<Backend> = (500..600).map(b).collect();
+        assert!(small_change(&old, &other).is_none());
+        let mut twice = old.clone();
+        twice[10] = b(20);
+        twice[90] = b(1090);
+        assert!(small_change(&old, &twice).is_none());
     }
 
     #[test]

@@ -285,6 +285,18 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         self.signals.as_ref()?.outcomes(id).ok()
     }
 
+    fn backend_ids(&mut self) -> Vec<(u32, Backend)> {
+        self.backends_by_id()
+    }
+
+    fn backend_counts(&mut self, id: u32) -> Option<(u64, Option<Outcomes>)> {
+        let connections = self.maps.counter(id).ok()?;
+        Some((
+            connections,
+            self.signals.as_ref().and_then(|s| s.outcomes(id).ok()),
+        ))
+    }
+
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
         self.backends_by_id()
             .into_iter()

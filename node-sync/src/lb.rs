@@ -220,6 +220,22 @@ pub trait MapWriter: Send {
         None
     }
 
+    /// Every backend in the maps by id, from the writer's own record (no kernel read); empty
+    /// when the writer does not count per backend.
+    fn backend_ids(&mut self) -> Vec<(u32, Backend)> {
+        Vec::new()
+    }
+
+    /// What the datapath counted for backend `id`: connections sent to it and, when it follows
+    /// connects, their outcomes (one or two kernel lookups: see `agent::state::CounterScan`).
+    fn backend_counts(
+        &mut self,
+        id: u32,
+    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
+        let _ = id;
+        None
+    }
+
     /// The backend the datapath knows by `id`.
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
         let _ = id;

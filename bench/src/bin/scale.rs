@@ -194,6 +194,15 @@ impl MapWriter for Recorded {
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
         self.inner.backend_by_id(id)
     }
+    fn backend_ids(&mut self) -> Vec<(u32, Backend)> {
+        self.inner.backend_ids()
+    }
+    fn backend_counts(
+        &mut self,
+        id: u32,
+    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
+        self.inner.backend_counts(id)
+    }
     fn clear_suspect(&mut self, id: u32) {
         self.inner.clear_suspect(id)
     }

@@ -66,6 +66,9 @@ pub trait ServiceMaps {
     /// read (the counters are one kernel lookup per backend and CPU: 32k backends took a node's
     /// event loop 30 ms).
     fn backend_entries(&self) -> Vec<BackendEntry>;
+
+    /// Connections sent to backend `id` (one kernel lookup: a caller reading many spreads them).
+    fn counter(&self, id: u32) -> Result<u64, Error>;
 }
 
 /// The in-memory maps with the real update logic, for tests of code that writes services.
@@ -545,6 +548,10 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
                 backends: self.backends_of(&s.slots),
             })
             .collect())
+    }
+
+    fn counter(&self, id: u32) -> Result<u64, Error> {
+        self.store.counter(id)
     }
 
     fn backend_entries(&self) -> Vec<BackendEntry> {

@@ -24,6 +24,14 @@ use crate::reach::{self, ReachChange};
 /// read walks every backend; scrapes must not be able to put that on the loop at their rate).
 const COUNTERS_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The status tick's counters are read: sample the golden signals and publish the node summary.
+fn status_read(st: &mut AgentState, publish: bool, pub_tx: &mpsc::UnboundedSender<Publish>) {
+    st.sample_golden();
+    if publish && st.readiness.is_ready() {
+        let _ = pub_tx.send(Publish::Status(st.node_status()));
+    }
+}
+
 pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signals::SuspectEvents>) {
     let opts = st.opts.clone();
     opts.cluster_ids.set(&opts.cluster, opts.cluster_id.get());
@@ -163,6 +171,9 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 after_batch(&mut st, received);
             }
             _ = tick.tick() => {
+                if st.scan.is_some() && st.continue_counters() {
+                    status_read(&mut st, opts.publish, &pub_tx);
+                }
                 reprobe_passive(&mut st, &confirm_tx, passive_timeout);
                 st.evaluate_liveness();
                 after_batch(&mut st, SystemTime::now());
@@ -197,14 +208,18 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
             _ = status_tick.tick() => {
                 let ready = st.readiness.is_ready();
                 if let Some(r) = st.reconciler.as_mut().filter(|_| ready) {
-                    let counts = r.connection_counts();
                     r.maps_mut().sweep_suspects();
-                    st.connections = std::sync::Arc::new(counts);
                 }
-                st.refresh_golden();
-                st.sample_golden();
-                if opts.publish && ready {
-                    let _ = pub_tx.send(Publish::Status(st.node_status()));
+                // The counters of many backends are read a slice per tick (`CounterScan`); the
+                // summary goes out when the read is done.
+                let done = if ready {
+                    st.start_counters()
+                } else {
+                    st.refresh_golden();
+                    true
+                };
+                if done {
+                    status_read(&mut st, opts.publish, &pub_tx);
                 }
             }
         }

@@ -98,6 +98,22 @@ struct Published {
     golden: Arc<GoldenView>,
 }
 
+/// The status tick's read of every backend's connection counter and connect outcomes from the
+/// kernel, a slice per loop tick: each is one lookup per backend and map, about 160 ms for 64k
+/// backends in one go, which held every change back behind it (propagation p99 at 255 clusters
+/// on the kernel maps). A read of a few backends is done at once.
+pub(super) struct CounterScan {
+    ids: Vec<(u32, crate::lb::Backend)>,
+    next: usize,
+    connections: HashMap<(std::net::IpAddr, u16), u64>,
+    outcomes: Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)>,
+}
+
+impl CounterScan {
+    /// Backends read per loop tick (about 10 ms of lookups); a node with no more is read at once.
+    pub const SLICE: usize = 4096;
+}
+
 /// The state of the agent's task.
 pub(super) struct AgentState {
     pub opts: AgentOptions,
@@ -127,6 +143,8 @@ pub(super) struct AgentState {
     golden: crate::passive::Golden,
     /// When the golden signals were last read from the kernel.
     pub golden_read: Option<Instant>,
+    /// The status tick's read of every backend's counters, when it is spread over loop ticks.
+    pub scan: Option<CounterScan>,
     /// Set by a scrape that wants fresh connect counters.
     pub counters_wanted: Arc<AtomicBool>,
     /// Sockets aborted because their backend failed.
@@ -163,6 +181,7 @@ impl AgentState {
             passive: Default::default(),
             golden: Default::default(),
             golden_read: None,
+            scan: None,
             counters_wanted,
             destroyed: empty.destroyed.clone(),
             nodes: RemoteNodes::new(opts.cluster.clone()),
@@ -226,11 +245,78 @@ impl AgentState {
 
     /// Read the kernel's connect outcomes into the golden signals (for `/metrics` and the status).
     pub fn refresh_golden(&mut self) {
+        let Some(r) = self.reconciler.as_mut() else {
+            self.golden_read = Some(Instant::now());
+            return;
+        };
+        let outcomes = r.maps_mut().connect_outcomes();
+        self.apply_outcomes(outcomes);
+    }
+
+    /// Start reading every backend's connections and connect outcomes for the status tick.
+    /// Returns true when the read is done (then `connections` and the golden signals are fresh):
+    /// at once for a few backends, else [`AgentState::continue_counters`] reads the rest a slice
+    /// per loop tick (see [`CounterScan`]). A read under way is left to finish.
+    pub fn start_counters(&mut self) -> bool {
+        if self.scan.is_some() {
+            return false;
+        }
+        let Some(r) = self.reconciler.as_mut() else {
+            self.refresh_golden();
+            return true;
+        };
+        let ids = r.maps_mut().backend_ids();
+        if ids.len() <= CounterScan::SLICE {
+            let counts = r.connection_counts();
+            self.connections = Arc::new(counts);
+            self.refresh_golden();
+            return true;
+        }
+        self.scan = Some(CounterScan {
+            ids,
+            next: 0,
+            connections: HashMap::new(),
+            outcomes: Vec::new(),
+        });
+        self.continue_counters()
+    }
+
+    /// Read the next slice of a counter read under way; true when it is done.
+    pub fn continue_counters(&mut self) -> bool {
+        let (Some(scan), Some(r)) = (self.scan.as_mut(), self.reconciler.as_mut()) else {
+            self.scan = None;
+            return false;
+        };
+        let end = (scan.next + CounterScan::SLICE).min(scan.ids.len());
+        for (id, b) in &scan.ids[scan.next..end] {
+            if let Some((n, o)) = r.maps_mut().backend_counts(*id) {
+                *scan.connections.entry((b.ip, b.port)).or_default() += n;
+                if let Some(o) = o {
+                    scan.outcomes.push((*id, b.clone(), o));
+                }
+            }
+        }
+        scan.next = end;
+        if end < scan.ids.len() {
+            return false;
+        }
+        let Some(scan) = self.scan.take() else {
+            return false;
+        };
+        self.connections = Arc::new(scan.connections);
+        self.apply_outcomes(scan.outcomes);
+        true
+    }
+
+    /// Take `outcomes` (every backend's, just read) into the golden signals.
+    fn apply_outcomes(
+        &mut self,
+        mut outcomes: Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)>,
+    ) {
         self.golden_read = Some(Instant::now());
         let Some(r) = self.reconciler.as_mut() else {
             return;
         };
-        let mut outcomes = r.maps_mut().connect_outcomes();
         // Backends removed since the last read: their last counts (a failover removes the
         // backend whose connects just failed).
         for (id, b) in self.golden.gone(outcomes.iter().map(|(id, _, _)| *id)) {

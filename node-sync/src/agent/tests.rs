@@ -361,3 +361,63 @@ fn remote_nodes_are_sent_to_the_route_manager_and_complete_once_every_cluster_sy
     node_batch(&mut st, vec![("c2", ConnEvent::Connected)]);
     assert!(!nodes.has_changed().unwrap());
 }
+
+/// The status tick's read of many backends' counters goes a slice per loop tick and ends with the
+/// same connection counts as one read of them all; a read under way is not started again.
+#[test]
+fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
+    use super::state::CounterScan;
+
+    let ids = ClusterIds::default();
+    ids.set(&c("c1"), 1);
+    let n = 3 * CounterScan::SLICE + 100;
+    let mut maps = global_lb_bpf::FakeMaps::new();
+    let fe = global_lb_bpf::Frontend::new(vip().ip, 80, global_lb_bpf::Proto::Tcp);
+    let backends: Vec<global_lb_bpf::Backend> = (0..n as u32)
+        .map(|i| {
+            global_lb_bpf::Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 8080, 1)
+        })
+        .collect();
+    global_lb_bpf::ServiceMaps::upsert_service(&mut maps, &fe, &backends).unwrap();
+    let held: Vec<u32> = maps.store().backends.keys().copied().collect();
+    for (k, id) in held.iter().enumerate() {
+        maps.store_mut().counters.insert(*id, k as u64 % 7);
+    }
+    // What one read of them all gives.
+    let mut expected = std::collections::HashMap::new();
+    for k in global_lb_bpf::ServiceMaps::counters(&maps).unwrap() {
+        *expected.entry((k.addr, k.port)).or_insert(0) += k.connections;
+    }
+    assert_eq!(expected.len(), n);
+    assert!(expected.values().any(|v| *v > 0));
+
+    let opts = options();
+    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
+    let (tx, _rx) = watch::channel(Arc::new(first));
+    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
+    let mut st = AgentState::new(
+        opts,
+        Box::new(crate::datapath::GlbWriter::new(maps, c("c1"), ids)),
+        tx,
+        zone,
+        Arc::new(AtomicBool::new(false)),
+    );
+    assert!(!st.start_counters(), "{n} backends are not read in one go");
+    assert!(!st.start_counters(), "a read under way is left to finish");
+    // One slice at the status tick, one per loop tick after it.
+    let mut slices = 1;
+    loop {
+        slices += 1;
+        if st.continue_counters() {
+            break;
+        }
+        assert!(
+            slices < 10,
+            "{n} backends in slices of {}",
+            CounterScan::SLICE
+        );
+    }
+    assert_eq!(slices, 4);
+    assert!(st.scan.is_none());
+    assert_eq!(*st.connections, expected);
+}

@@ -476,4 +476,8 @@ impl ServiceMaps for Datapath {
     fn backend_entries(&self) -> Vec<BackendEntry> {
         self.maps.backend_entries()
     }
+
+    fn counter(&self, id: u32) -> Result<u64, Error> {
+        self.maps.counter(id)
+    }
 }

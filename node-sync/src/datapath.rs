@@ -156,8 +156,9 @@ const SMALL_CHANGE: usize = 64;
 /// 10k unchanged ones. When the middles are long, changes may still be few and scattered (a
 /// batch that changed endpoints of several clusters of one frontend: the event loop behind by
 /// 200 ms at 255 clusters gave batches of 8 changes per frontend, spread over its 2,550
-/// backends): then by set, when no backend is listed twice and at most a quarter of them
-/// changed. `None` otherwise (a failover, duplicates): upsert then.
+/// backends): then by set, the runs of the clusters in the middles only when the lists are in
+/// the index's order (by cluster), when no backend is listed twice and at most a quarter of
+/// them changed. `None` otherwise (a failover, duplicates): upsert then.
 fn small_change<'a>(
     old: &'a [Backend],
     new: &'a [Backend],
@@ -173,6 +174,37 @@ fn small_change<'a>(
         .count();
     let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
     if old.len() + new.len() > SMALL_CHANGE {
+        let limit = whole_old.len().max(whole_new.len()) / 4;
+        let grouped = |l: &[Backend]| l.is_sorted_by(|a, b| a.cluster <= b.cluster);
+        if grouped(whole_old) && grouped(whole_new) {
+            // The index's order: each cluster's backends together, clusters by name. Only the
+            // runs of the clusters in the middles are compared, whole, each by set.
+            let mut touched: Vec<&crate::lb::ClusterRef> =
+                old.iter().chain(new).map(|b| &b.cluster).collect();
+            touched.sort();
+            touched.dedup();
+            let run = |l: &'a [Backend], c: &crate::lb::ClusterRef| -> &'a [Backend] {
+                let start = l.partition_point(|b| b.cluster < *c);
+                &l[start..start + l[start..].partition_point(|b| b.cluster == *c)]
+            };
+            let (mut removed, mut added) = (Vec::new(), Vec::new());
+            for c in touched {
+                let (o, n) = (run(whole_old, c), run(whole_new, c));
+                if o == n {
+                    continue;
+                }
+                let o_set: HashSet<&Backend> = o.iter().collect();
+                let n_set: HashSet<&Backend> = n.iter().collect();
+                // A backend listed twice has a weight to count: upsert.
+                if o_set.len() != o.len() || n_set.len() != n.len() {
+                    return None;
+                }
+                removed.extend(o.iter().filter(|b| !n_set.contains(b)));
+                added.extend(n.iter().filter(|b| !o_set.contains(b)));
+            }
+            return (removed.len() + added.len() <= limit.max(SMALL_CHANGE))
+                .then_some((removed, added));
+        }
         // A backend listed twice has a weight to count: upsert.
         let old_all: HashSet<&Backend> = whole_old.iter().collect();
         let new_all: HashSet<&Backend> = whole_new.iter().collect();
@@ -181,7 +213,6 @@ fn small_change<'a>(
         }
         let removed: Vec<&Backend> = old.iter().filter(|b| !new_all.contains(b)).collect();
         let added: Vec<&Backend> = new.iter().filter(|b| !old_all.contains(b)).collect();
-        let limit = whole_old.len().max(whole_new.len()) / 4;
         return (removed.len() + added.len() <= limit.max(SMALL_CHANGE))
             .then_some((removed, added));
     }
@@ -497,6 +528,65 @@ mod tests {
         assert_eq!(r.errors(), 0);
     }
 
+    /// Lists in the index's order (each cluster's backends together): scattered changes in
+    /// several clusters, written as updates of their runs, end as an upsert of the list would.
+    #[test]
+    fn scattered_changes_in_cluster_runs_end_like_an_upsert() {
+        let ids = ClusterIds::default();
+        for (i, n) in ["c1", "c2", "c3"].iter().enumerate() {
+            ids.set(&c(n), i as u16 + 1);
+        }
+        let fe = Frontend {
+            ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let b = |cl: &str, i: u32| Backend {
+            cluster: c(cl).into(),
+            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        };
+        let mut s: Vec<Backend> = ["c1", "c2", "c3"]
+            .iter()
+            .flat_map(|cl| (0..200).map(move |i| b(cl, i)))
+            .collect();
+        let mut r = Reconciler::new(GlbWriter::new(
+            global_lb_bpf::FakeMaps::new(),
+            c("c1"),
+            ids.clone(),
+        ))
+        .unwrap();
+        let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
+        let mut steps = vec![s.clone()];
+        s.remove(7);
+        s[300] = b("c2", 5_000);
+        s.remove(550);
+        s.insert(420, b("c3", 6_000));
+        steps.push(s.clone());
+        s.remove(100);
+        s.remove(200);
+        s.remove(500);
+        steps.push(s.clone());
+        for (i, step) in steps.iter().enumerate() {
+            let step: crate::lb::Backends = step.clone().into();
+            r.set(&fe, Some(step.clone()));
+            upserted.upsert_service(&fe, &step).unwrap();
+            let svc = |w: &GlbWriter<global_lb_bpf::FakeMaps>| -> Vec<_> {
+                let mut v: Vec<_> = w.maps().services().unwrap()[0]
+                    .backends
+                    .iter()
+                    .map(|x| (x.addr, x.cluster_id, x.local))
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
+        }
+        assert_eq!(svc_len(r.maps()), 596);
+        assert_eq!(r.errors(), 0);
+    }
+
     fn svc_len(w: &GlbWriter<global_lb_bpf::FakeMaps>) -> usize {
         w.maps().services().unwrap()[0].backends.len()
     }
@@ -531,6 +621,31 @@ mod tests {
         // The same set in another order: nothing to write.
         let reversed: Vec<Backend> = old.iter().rev().cloned().collect();
         assert_eq!(small_change(&old, &reversed), Some((vec![], vec![])));
+        // Several clusters, each's backends together (the index's order): the changed clusters'
+        // runs only, by set.
+        let g = |cl: &str, i: u32| Backend {
+            cluster: c(cl).into(),
+            ip: std::net::Ipv4Addr::from(i).into(),
+            port: 1,
+            protocol: Protocol::Tcp,
+        };
+        let grouped: Vec<Backend> = ["c1", "c2", "c3"]
+            .iter()
+            .flat_map(|cl| (0..100).map(move |i| g(cl, i)))
+            .collect();
+        let mut changed = grouped.clone();
+        changed.remove(5);
+        changed[150] = g("c2", 777);
+        changed.remove(290);
+        let (mut removed, mut added) = small_change(&grouped, &changed).unwrap();
+        removed.sort();
+        added.sort();
+        assert_eq!(removed, vec![&g("c1", 5), &g("c2", 51), &g("c3", 91)]);
+        assert_eq!(added, vec![&g("c2", 777)]);
+        let mut twice_in_a_run = grouped.clone();
+        twice_in_a_run[3] = g("c1", 4);
+        twice_in_a_run[250] = g("c3", 900);
+        assert!(small_change(&grouped, &twice_in_a_run).is_none());
         // A failover (most backends replaced) and a backend listed twice: upsert.
         let other: Vec<Backend> = (500..600).map(b).collect();
         assert!(small_change(&old, &other).is_none());

@@ -116,6 +116,8 @@ pub struct LbMaps<S> {
     service_entries: usize,
     /// A failed write could not be cleaned up yet: sweep before the next write.
     needs_sweep: bool,
+    /// The last write was refused before it wrote anything (no room): nothing to re-read.
+    refused_unwritten: bool,
     /// The pre-filter's words as written to the store.
     filter: Vec<u64>,
     /// Frontends per pre-filter bit (a bit is cleared when its last frontend goes).
@@ -135,6 +137,7 @@ impl<S: MapStore> LbMaps<S> {
             next_service_id: 1,
             service_entries: 0,
             needs_sweep: false,
+            refused_unwritten: false,
             filter: vec![0; common::FILTER_WORDS as usize],
             filter_refs: HashMap::new(),
         }
@@ -327,7 +330,12 @@ impl<S: MapStore> LbMaps<S> {
     /// After a failed write: re-read the maps so the mirror matches them again (a half-done
     /// update is swept back to the old backend set, plus any slots already rewritten in place).
     fn after_error(&mut self, error: Error) -> Error {
-        if matches!(error, Error::InvalidService { .. }) {
+        // Refused before any write: the maps are as the mirror says. (A re-read of 64k backends
+        // and their slots per refused write cost a node a core when its frontends outgrew the
+        // backends map.)
+        if std::mem::take(&mut self.refused_unwritten)
+            || matches!(error, Error::InvalidService { .. })
+        {
             return error;
         }
         if let Err(reload) = self.reload(true) {
@@ -335,6 +343,12 @@ impl<S: MapStore> LbMaps<S> {
             self.needs_sweep = true;
         }
         error
+    }
+
+    /// A write refused for lack of room in `map`, before anything was written.
+    fn no_room(&mut self, map: &'static str, capacity: u32) -> Error {
+        self.refused_unwritten = true;
+        Error::MapFull { map, capacity }
     }
 
     /// Finishes the clean-up of an earlier failed write, if one is pending.
@@ -603,19 +617,13 @@ impl<S: MapStore> LbMaps<S> {
             .filter(|b| !self.backend_ids.contains_key(&b.identity()))
             .count();
         if self.backends.len() + added_backends >= common::MAX_BACKENDS as usize {
-            return Err(Error::MapFull {
-                map: common::BACKENDS_MAP,
-                capacity: common::MAX_BACKENDS,
-            });
+            return Err(self.no_room(common::BACKENDS_MAP, common::MAX_BACKENDS));
         }
         let peak_entries = self.service_entries
             + usize::from(old.is_none())
             + new_total.saturating_sub(old_slots.len());
         if peak_entries > common::MAX_SERVICE_ENTRIES as usize {
-            return Err(Error::MapFull {
-                map: common::SERVICES_MAP,
-                capacity: common::MAX_SERVICE_ENTRIES,
-            });
+            return Err(self.no_room(common::SERVICES_MAP, common::MAX_SERVICE_ENTRIES));
         }
 
         let service_id = match &old {
@@ -856,18 +864,12 @@ impl<S: MapStore> LbMaps<S> {
             });
         }
         if self.backends.len() + new_backends.len() >= common::MAX_BACKENDS as usize {
-            return Err(Error::MapFull {
-                map: common::BACKENDS_MAP,
-                capacity: common::MAX_BACKENDS,
-            });
+            return Err(self.no_room(common::BACKENDS_MAP, common::MAX_BACKENDS));
         }
         if self.service_entries + new_total.saturating_sub(old_slots.len())
             > common::MAX_SERVICE_ENTRIES as usize
         {
-            return Err(Error::MapFull {
-                map: common::SERVICES_MAP,
-                capacity: common::MAX_SERVICE_ENTRIES,
-            });
+            return Err(self.no_room(common::SERVICES_MAP, common::MAX_SERVICE_ENTRIES));
         }
 
         // 1. backends: new ones (counter zeroed first), changed flags rewritten in place.
@@ -1575,10 +1577,12 @@ mod tests {
         assert!(maps.backend_entries().is_empty());
     }
 
-    /// A store that fails every write after the first `budget` ones.
+    /// A store that fails every write after the first `budget` ones, and counts the reads of
+    /// its slots and backends (a re-read after a failed write).
     struct FailingStore {
         inner: MemStore,
         budget: usize,
+        reads: std::cell::Cell<usize>,
     }
 
     impl FailingStore {
@@ -1618,9 +1622,11 @@ mod tests {
             self.inner.counter(id)
         }
         fn slots(&self) -> Result<Vec<(common::ServiceKey, ServiceValue)>, Error> {
+            self.reads.set(self.reads.get() + 1);
             self.inner.slots()
         }
         fn backends(&self) -> Result<Vec<(u32, common::Backend)>, Error> {
+            self.reads.set(self.reads.get() + 1);
             self.inner.backends()
         }
         fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
@@ -1632,6 +1638,37 @@ mod tests {
         }
     }
 
+    /// A write refused for lack of room wrote nothing, so nothing is read back (at 64k backends
+    /// a re-read per refused write took a core); a write that failed midway is read back.
+    #[test]
+    fn a_write_refused_for_room_reads_nothing_back_and_one_failed_midway_does() {
+        let mut maps = LbMaps::with_empty_store(FailingStore {
+            inner: MemStore::new(),
+            budget: usize::MAX,
+            reads: Default::default(),
+        });
+        let f = fe("tcp:127.10.0.1:80");
+        let many: Vec<Backend> = (0..common::MAX_BACKENDS)
+            .map(|i| Backend::new(std::net::Ipv4Addr::from(0x7f00_0000 + i + 1).into(), 80, 1))
+            .collect();
+        let err = maps.upsert_service(&f, &many).unwrap_err();
+        assert!(matches!(err, Error::MapFull { map, .. } if map == common::BACKENDS_MAP));
+        assert_eq!(
+            maps.store().reads.get(),
+            0,
+            "nothing was written: nothing to read back"
+        );
+        maps.store_mut().budget = 1;
+        maps.upsert_service(&f, &many[..3]).unwrap_err();
+        assert!(
+            maps.store().reads.get() > 0,
+            "a write that failed midway is read back"
+        );
+        maps.store_mut().budget = usize::MAX;
+        maps.upsert_service(&f, &many[..3]).unwrap();
+        assert_eq!(maps.services().unwrap()[0].backends.len(), 3);
+    }
+
     #[test]
     fn a_write_failing_midway_leaves_maps_and_mirror_consistent() {
         let f = fe("tcp:127.10.0.1:80");
@@ -1641,6 +1678,7 @@ mod tests {
             let mut maps = LbMaps::with_empty_store(FailingStore {
                 inner: MemStore::new(),
                 budget: usize::MAX,
+                reads: Default::default(),
             });
             maps.upsert_service(&f, &old).unwrap();
             maps.store_mut().budget = budget;

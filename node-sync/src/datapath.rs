@@ -463,27 +463,10 @@ mod tests {
         let ids = ClusterIds::default();
         ids.set(&c("c1"), 1);
         ids.set(&c("c2"), 2);
-        let fe = Frontend {
-            ip: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
-        let b = |cl: &str, i: u32| Backend {
-            cluster: c(cl).into(),
-            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-        };
+        let (fe, b) = (vip(), numbered);
         let all: Vec<Backend> = (0..500)
             .map(|i| b(if i % 2 == 0 { "c1" } else { "c2" }, i))
             .collect();
-        let mut r = Reconciler::new(GlbWriter::new(
-            global_lb_bpf::FakeMaps::new(),
-            c("c1"),
-            ids.clone(),
-        ))
-        .unwrap();
-        let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
         // Each step: drop one, bring one back, replace the set with a reordered one (a large
         // change), drop the first and last, a duplicate entry (bad data) then its removal, one
         // more, three changes far apart.
@@ -509,21 +492,7 @@ mod tests {
         s[250] = b("c1", 7_777);
         s.remove(10);
         steps.push(s.clone());
-        for (i, step) in steps.iter().enumerate() {
-            let step: crate::lb::Backends = step.clone().into();
-            r.set(&fe, Some(step.clone()));
-            upserted.upsert_service(&fe, &step).unwrap();
-            let svc = |w: &GlbWriter<global_lb_bpf::FakeMaps>| -> Vec<_> {
-                let mut v: Vec<_> = w.maps().services().unwrap()[0]
-                    .backends
-                    .iter()
-                    .map(|x| (x.addr, x.cluster_id, x.local))
-                    .collect();
-                v.sort();
-                v
-            };
-            assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
-        }
+        let r = updates_end_like_upserts(&ids, &fe, &steps);
         assert_eq!(svc_len(r.maps()), 497);
         assert_eq!(r.errors(), 0);
     }
@@ -536,28 +505,11 @@ mod tests {
         for (i, n) in ["c1", "c2", "c3"].iter().enumerate() {
             ids.set(&c(n), i as u16 + 1);
         }
-        let fe = Frontend {
-            ip: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
-        let b = |cl: &str, i: u32| Backend {
-            cluster: c(cl).into(),
-            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-        };
+        let (fe, b) = (vip(), numbered);
         let mut s: Vec<Backend> = ["c1", "c2", "c3"]
             .iter()
             .flat_map(|cl| (0..200).map(move |i| b(cl, i)))
             .collect();
-        let mut r = Reconciler::new(GlbWriter::new(
-            global_lb_bpf::FakeMaps::new(),
-            c("c1"),
-            ids.clone(),
-        ))
-        .unwrap();
-        let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
         let mut steps = vec![s.clone()];
         s.remove(7);
         s[300] = b("c2", 5_000);
@@ -568,23 +520,59 @@ mod tests {
         s.remove(200);
         s.remove(500);
         steps.push(s.clone());
-        for (i, step) in steps.iter().enumerate() {
-            let step: crate::lb::Backends = step.clone().into();
-            r.set(&fe, Some(step.clone()));
-            upserted.upsert_service(&fe, &step).unwrap();
-            let svc = |w: &GlbWriter<global_lb_bpf::FakeMaps>| -> Vec<_> {
-                let mut v: Vec<_> = w.maps().services().unwrap()[0]
-                    .backends
-                    .iter()
-                    .map(|x| (x.addr, x.cluster_id, x.local))
-                    .collect();
-                v.sort();
-                v
-            };
-            assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
-        }
+        let r = updates_end_like_upserts(&ids, &fe, &steps);
         assert_eq!(svc_len(r.maps()), 596);
         assert_eq!(r.errors(), 0);
+    }
+
+    fn vip() -> Frontend {
+        Frontend {
+            ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// Backend number `i` (10.0.0.0 + i) of cluster `cl`.
+    fn numbered(cl: &str, i: u32) -> Backend {
+        Backend {
+            cluster: c(cl).into(),
+            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// Write each step through a reconciler (updates where it can) and as a whole upsert into
+    /// other maps: after every step both hold the same backends. Returns the reconciler.
+    fn updates_end_like_upserts(
+        ids: &ClusterIds,
+        fe: &Frontend,
+        steps: &[Vec<Backend>],
+    ) -> Reconciler<GlbWriter<global_lb_bpf::FakeMaps>> {
+        let mut r = Reconciler::new(GlbWriter::new(
+            global_lb_bpf::FakeMaps::new(),
+            c("c1"),
+            ids.clone(),
+        ))
+        .unwrap();
+        let mut upserted = GlbWriter::new(global_lb_bpf::FakeMaps::new(), c("c1"), ids.clone());
+        let svc = |w: &GlbWriter<global_lb_bpf::FakeMaps>| -> Vec<_> {
+            let mut v: Vec<_> = w.maps().services().unwrap()[0]
+                .backends
+                .iter()
+                .map(|x| (x.addr, x.cluster_id, x.local))
+                .collect();
+            v.sort();
+            v
+        };
+        for (i, step) in steps.iter().enumerate() {
+            let step: crate::lb::Backends = step.clone().into();
+            r.set(fe, Some(step.clone()));
+            upserted.upsert_service(fe, &step).unwrap();
+            assert_eq!(svc(r.maps()), svc(&upserted), "step {i}");
+        }
+        r
     }
 
     fn svc_len(w: &GlbWriter<global_lb_bpf::FakeMaps>) -> usize {

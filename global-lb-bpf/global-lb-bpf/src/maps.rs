@@ -1526,24 +1526,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn full_maps_are_refused_before_any_write() {
-        let mut maps = FakeMaps::new();
+    /// Upsert one backend more than the backends map holds into `maps`: refused for lack of
+    /// room. Returns the frontend and the backends.
+    fn refused_for_room<S: MapStore>(maps: &mut LbMaps<S>) -> (Frontend, Vec<Backend>) {
         let f = fe("tcp:127.10.0.1:80");
         let many: Vec<Backend> = (0..common::MAX_BACKENDS)
             .map(|i| Backend::new(std::net::Ipv4Addr::from(0x7f00_0000 + i + 1).into(), 80, 1))
             .collect();
         let err = maps.upsert_service(&f, &many).unwrap_err();
         assert!(matches!(err, Error::MapFull { map, .. } if map == common::BACKENDS_MAP));
-        assert!(maps.store().log.is_empty());
+        (f, many)
     }
 
     #[test]
-    fn counters_follow_backends() {
+    fn full_maps_are_refused_before_any_write() {
+        let mut maps = FakeMaps::new();
+        refused_for_room(&mut maps);
+        assert!(maps.store().log.is_empty());
+    }
+
+    /// Maps with one service of two backends, a local one in cluster 1 and one of cluster 2.
+    fn two_backends() -> (FakeMaps, Frontend) {
         let mut maps = FakeMaps::new();
         let f = fe("tcp:127.10.0.1:80");
         maps.upsert_service(&f, &[be("127.0.0.2:1@1,local"), be("127.0.0.3:1@2")])
             .unwrap();
+        (maps, f)
+    }
+
+    #[test]
+    fn counters_follow_backends() {
+        let (mut maps, _) = two_backends();
         let ids: Vec<u32> = maps.store().backends.keys().copied().collect();
         maps.store_mut().counters.insert(ids[0], 5);
         let c = maps.counters().unwrap();
@@ -1556,10 +1569,7 @@ mod tests {
     /// addresses, clusters), and leave with their service.
     #[test]
     fn backend_entries_are_the_counted_backends_without_a_map_read() {
-        let mut maps = FakeMaps::new();
-        let f = fe("tcp:127.10.0.1:80");
-        maps.upsert_service(&f, &[be("127.0.0.2:1@1,local"), be("127.0.0.3:1@2")])
-            .unwrap();
+        let (mut maps, f) = two_backends();
         let entries = maps.backend_entries();
         let counted: Vec<_> = maps
             .counters()
@@ -1647,12 +1657,7 @@ mod tests {
             budget: usize::MAX,
             reads: Default::default(),
         });
-        let f = fe("tcp:127.10.0.1:80");
-        let many: Vec<Backend> = (0..common::MAX_BACKENDS)
-            .map(|i| Backend::new(std::net::Ipv4Addr::from(0x7f00_0000 + i + 1).into(), 80, 1))
-            .collect();
-        let err = maps.upsert_service(&f, &many).unwrap_err();
-        assert!(matches!(err, Error::MapFull { map, .. } if map == common::BACKENDS_MAP));
+        let (f, many) = refused_for_room(&mut maps);
         assert_eq!(
             maps.store().reads.get(),
             0,

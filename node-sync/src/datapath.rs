@@ -174,45 +174,39 @@ fn small_change<'a>(
         .count();
     let (old, new) = (&old[..old.len() - suffix], &new[..new.len() - suffix]);
     if old.len() + new.len() > SMALL_CHANGE {
-        let limit = whole_old.len().max(whole_new.len()) / 4;
+        // The stretches compared by set: in the index's order (each cluster's backends together,
+        // clusters by name) only the runs of the clusters in the middles, whole; else the lists.
         let grouped = |l: &[Backend]| l.is_sorted_by(|a, b| a.cluster <= b.cluster);
-        if grouped(whole_old) && grouped(whole_new) {
-            // The index's order: each cluster's backends together, clusters by name. Only the
-            // runs of the clusters in the middles are compared, whole, each by set.
-            let mut touched: Vec<&crate::lb::ClusterRef> =
-                old.iter().chain(new).map(|b| &b.cluster).collect();
+        let stretches: Vec<(&[Backend], &[Backend])> = if grouped(whole_old) && grouped(whole_new) {
+            let mut touched: Vec<&ClusterRef> = old.iter().chain(new).map(|b| &b.cluster).collect();
             touched.sort();
             touched.dedup();
-            let run = |l: &'a [Backend], c: &crate::lb::ClusterRef| -> &'a [Backend] {
+            let run = |l: &'a [Backend], c: &ClusterRef| -> &'a [Backend] {
                 let start = l.partition_point(|b| b.cluster < *c);
                 &l[start..start + l[start..].partition_point(|b| b.cluster == *c)]
             };
-            let (mut removed, mut added) = (Vec::new(), Vec::new());
-            for c in touched {
-                let (o, n) = (run(whole_old, c), run(whole_new, c));
-                if o == n {
-                    continue;
-                }
-                let o_set: HashSet<&Backend> = o.iter().collect();
-                let n_set: HashSet<&Backend> = n.iter().collect();
-                // A backend listed twice has a weight to count: upsert.
-                if o_set.len() != o.len() || n_set.len() != n.len() {
-                    return None;
-                }
-                removed.extend(o.iter().filter(|b| !n_set.contains(b)));
-                added.extend(n.iter().filter(|b| !o_set.contains(b)));
+            touched
+                .into_iter()
+                .map(|c| (run(whole_old, c), run(whole_new, c)))
+                .collect()
+        } else {
+            vec![(whole_old, whole_new)]
+        };
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
+        for (o, n) in stretches {
+            if o == n {
+                continue;
             }
-            return (removed.len() + added.len() <= limit.max(SMALL_CHANGE))
-                .then_some((removed, added));
+            let o_set: HashSet<&Backend> = o.iter().collect();
+            let n_set: HashSet<&Backend> = n.iter().collect();
+            // A backend listed twice has a weight to count: upsert.
+            if o_set.len() != o.len() || n_set.len() != n.len() {
+                return None;
+            }
+            removed.extend(o.iter().filter(|b| !n_set.contains(b)));
+            added.extend(n.iter().filter(|b| !o_set.contains(b)));
         }
-        // A backend listed twice has a weight to count: upsert.
-        let old_all: HashSet<&Backend> = whole_old.iter().collect();
-        let new_all: HashSet<&Backend> = whole_new.iter().collect();
-        if old_all.len() != whole_old.len() || new_all.len() != whole_new.len() {
-            return None;
-        }
-        let removed: Vec<&Backend> = old.iter().filter(|b| !new_all.contains(b)).collect();
-        let added: Vec<&Backend> = new.iter().filter(|b| !old_all.contains(b)).collect();
+        let limit = whole_old.len().max(whole_new.len()) / 4;
         return (removed.len() + added.len() <= limit.max(SMALL_CHANGE))
             .then_some((removed, added));
     }
@@ -287,19 +281,6 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
             .delete_service(&fe)
             .map(|_| ())
             .map_err(|e| map_err("delete", frontend, e))
-    }
-
-    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
-        let counters = self.maps.counters().map_err(|e| MapError {
-            op: "counters",
-            frontend: "*".into(),
-            detail: e.to_string(),
-        })?;
-        let mut out = HashMap::new();
-        for c in counters {
-            *out.entry((c.addr, c.port)).or_default() += c.connections;
-        }
-        Ok(out)
     }
 
     fn connect_outcomes(&mut self) -> Vec<(u32, Backend, Outcomes)> {

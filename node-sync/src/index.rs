@@ -6,9 +6,9 @@
 //!
 //! An event recomputes only the services it touches: an endpoint chunk recomputes its service
 //! (splicing the chunk's cluster's backends into the last selection when the chosen group stays,
-//! see `Scope`), a health report the services that have an endpoint on the reported
-//! addresses, and a liveness change every service (rare). Frontends whose backend set changed are collected for
-//! [`MergeIndex::take_changes`], so the map writer touches only those.
+//! see `Scope`), a health report the services that have an endpoint on the reported addresses,
+//! and a liveness change every service (rare). Frontends whose backend set changed are collected
+//! for [`MergeIndex::take_changes`], so the map writer touches only those.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -681,11 +681,15 @@ impl MergeIndex {
             name: chunk.name.clone(),
         };
         let entry = self.services.entry(name.clone()).or_default();
-        let old = entry
-            .endpoints
-            .entry(ClusterRef::from(chunk.cluster.clone()))
-            .or_default()
-            .insert(chunk.chunk, chunk.endpoints);
+        // The cluster's name is interned once, when its first chunk of the service comes.
+        let chunks = match entry.endpoints.get_mut(&chunk.cluster) {
+            Some(c) => c,
+            None => entry
+                .endpoints
+                .entry(ClusterRef::from(chunk.cluster.clone()))
+                .or_default(),
+        };
+        let old = chunks.insert(chunk.chunk, chunk.endpoints);
         let new_ips: Vec<IpAddr> = entry.endpoints[&chunk.cluster]
             .get(&chunk.chunk)
             .map(|eps| eps.iter().map(|e| e.ip).collect())

@@ -202,11 +202,6 @@ pub trait MapWriter: Send {
     /// Everything programmed now (read back from pinned maps after a restart).
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError>;
 
-    /// Connections the datapath sent to each backend (ip, port); empty when it does not count.
-    fn connection_counts(&mut self) -> Result<HashMap<(IpAddr, u16), u64>, MapError> {
-        Ok(HashMap::new())
-    }
-
     /// What the kernel saw of the TCP connects to each backend, by backend id (see
     /// `global_lb_bpf::signals`); empty when the datapath does not follow connects.
     fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
@@ -417,14 +412,6 @@ impl<M: MapWriter> Reconciler<M> {
     /// Map operations that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors
-    }
-
-    /// Connections per backend (ip, port), as the datapath counts them.
-    pub fn connection_counts(&mut self) -> HashMap<(IpAddr, u16), u64> {
-        self.maps.connection_counts().unwrap_or_else(|error| {
-            tracing::debug!(%error, "reading connection counters failed");
-            HashMap::new()
-        })
     }
 
     /// Full reconcile: make the maps equal `desired`. Returns the writes done. A frontend

@@ -182,9 +182,6 @@ impl MapWriter for Recorded {
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
         self.inner.services()
     }
-    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
-        self.inner.connection_counts()
-    }
     fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
         self.inner.connect_outcomes()
     }

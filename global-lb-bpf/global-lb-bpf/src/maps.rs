@@ -351,8 +351,10 @@ impl<S: MapStore> LbMaps<S> {
         Error::MapFull { map, capacity }
     }
 
-    /// Finishes the clean-up of an earlier failed write, if one is pending.
+    /// Finishes the clean-up of an earlier failed write, if one is pending. Every write starts
+    /// here (so a refusal's mark never outlives its write).
     fn sweep_if_needed(&mut self) -> Result<(), Error> {
+        self.refused_unwritten = false;
         if self.needs_sweep {
             self.reload(true)?;
             self.needs_sweep = false;
@@ -586,18 +588,16 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
     }
 
     fn counters(&self) -> Result<Vec<BackendCounter>, Error> {
-        let mut ids: Vec<u32> = self.backends.keys().copied().collect();
-        ids.sort_unstable();
-        ids.into_iter()
-            .map(|id| {
-                let b = backend_from_value(&self.backends[&id].value);
+        self.backend_entries()
+            .into_iter()
+            .map(|e| {
                 Ok(BackendCounter {
-                    backend_id: id,
-                    addr: b.addr,
-                    port: b.port,
-                    cluster_id: b.cluster_id,
-                    local: b.local,
-                    connections: self.store.counter(id)?,
+                    connections: self.store.counter(e.backend_id)?,
+                    backend_id: e.backend_id,
+                    addr: e.addr,
+                    port: e.port,
+                    cluster_id: e.cluster_id,
+                    local: e.local,
                 })
             })
             .collect()

@@ -255,8 +255,8 @@ impl AgentState {
 
     /// Start reading every backend's connections and connect outcomes for the status tick.
     /// Returns true when the read is done (then `connections` and the golden signals are fresh):
-    /// at once for a few backends, else [`AgentState::continue_counters`] reads the rest a slice
-    /// per loop tick (see [`CounterScan`]). A read under way is left to finish.
+    /// at once for up to [`CounterScan::SLICE`] backends, else [`AgentState::continue_counters`]
+    /// reads the rest a slice per loop tick. A read under way is left to finish.
     pub fn start_counters(&mut self) -> bool {
         if self.scan.is_some() {
             return false;
@@ -265,15 +265,8 @@ impl AgentState {
             self.refresh_golden();
             return true;
         };
-        let ids = r.maps_mut().backend_ids();
-        if ids.len() <= CounterScan::SLICE {
-            let counts = r.connection_counts();
-            self.connections = Arc::new(counts);
-            self.refresh_golden();
-            return true;
-        }
         self.scan = Some(CounterScan {
-            ids,
+            ids: r.maps_mut().backend_ids(),
             next: 0,
             connections: HashMap::new(),
             outcomes: Vec::new(),

@@ -185,9 +185,6 @@ impl MapWriter for Box<dyn MapWriter> {
     ) -> Result<HashMap<crate::lb::Frontend, Vec<crate::lb::Backend>>, MapError> {
         (**self).services()
     }
-    fn connection_counts(&mut self) -> Result<HashMap<(std::net::IpAddr, u16), u64>, MapError> {
-        (**self).connection_counts()
-    }
     fn connect_outcomes(
         &mut self,
     ) -> Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)> {

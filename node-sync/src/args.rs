@@ -13,6 +13,13 @@ fn parse_cluster_name(s: &str) -> Result<ClusterName, String> {
     ClusterName::new(s).map_err(|e| e.to_string())
 }
 
+fn parse_max_backends(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|e| format!("--max-backends {s:?} is not a number: {e}"))?;
+    global_lb_bpf::DatapathConfig::check_max_backends(n)
+}
+
 fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
     let n: u32 = s
         .parse()
@@ -66,6 +73,22 @@ pub struct Args {
         default_value = "/sys/fs/bpf/clustermesh"
     )]
     pub bpffs: PathBuf,
+
+    /// Capacity of the datapath's backends map: at most this many minus one distinct backends
+    /// (endpoint address and port, across every service and cluster) are programmed on this node;
+    /// a service that would need more is refused, named in the log and counted in
+    /// nodesync_map_errors_total, and the services already written keep working.
+    /// Like Cilium's --bpf-lb-map-max. It also sizes the per-backend connection counters and
+    /// connect outcomes, preallocated per CPU: 72 bytes per entry and CPU (4.5 MiB per CPU at the
+    /// default, 18 MiB at 262144). Changing it resizes pinned maps at the next start, services
+    /// carried over.
+    #[arg(
+        long,
+        env = "CLUSTERMESH_MAX_BACKENDS",
+        default_value_t = global_lb_bpf::DEFAULT_MAX_BACKENDS,
+        value_parser = parse_max_backends
+    )]
+    pub max_backends: u32,
 
     /// How often the backends on this node are probed.
     #[arg(long, env = "CLUSTERMESH_HEALTH_INTERVAL", default_value = "200ms", value_parser = mesh_logging::parse_duration)]

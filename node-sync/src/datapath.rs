@@ -366,19 +366,19 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
     }
 }
 
-/// Open (or reuse) the pinned datapath under `bpffs`, attached to `cgroup`: the map writer (with
-/// the kernel's connect outcomes and suspect marks) and the ring buffer of suspect events.
+/// Open (or reuse) the pinned datapath under `bpffs`, attached to `cgroup`, its backends map of
+/// `max_backends` entries: the map writer (with the kernel's connect outcomes and suspect marks)
+/// and the ring buffer of suspect events.
 pub fn open(
     bpffs: &Path,
     cgroup: &Path,
+    max_backends: u32,
     local: ClusterName,
     ids: ClusterIds,
 ) -> Result<(Box<dyn MapWriter>, Option<SuspectEvents>), MapError> {
-    let mut dp = Datapath::open(&DatapathConfig {
-        cgroup: cgroup.to_owned(),
-        pin_dir: bpffs.to_owned(),
-    })
-    .map_err(|e| MapError {
+    let config =
+        DatapathConfig::new(cgroup.to_owned(), bpffs.to_owned()).with_max_backends(max_backends);
+    let mut dp = Datapath::open(&config).map_err(|e| MapError {
         op: "open",
         frontend: "*".into(),
         detail: e.to_string(),

@@ -79,6 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         crate::datapath::open(
             &args.bpffs,
             &args.cgroup,
+            args.max_backends,
             args.cluster_name.clone(),
             opts.cluster_ids.clone(),
         )

@@ -340,10 +340,10 @@ fn run(args: &Args) -> Result<String> {
     let name = format!("glb-bench-{}", std::process::id());
     let cgroup = BenchCgroup(cg_root.join(&name));
     std::fs::create_dir(&cgroup.0).with_context(|| format!("mkdir {}", cgroup.0.display()))?;
-    let config = DatapathConfig {
-        cgroup: cgroup.0.clone(),
-        pin_dir: Path::new(mounts::DEFAULT_BPFFS).join(&name),
-    };
+    let config = DatapathConfig::new(
+        cgroup.0.clone(),
+        Path::new(mounts::DEFAULT_BPFFS).join(&name),
+    );
     let result = measure_all(args, &config, backend_addr);
     Datapath::remove(&config.pin_dir)?;
     let _ = Command::new("nft")

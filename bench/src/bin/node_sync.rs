@@ -198,10 +198,10 @@ fn ingest_kernel(ids: ClusterIds) -> anyhow::Result<()> {
         .context("mounting bpffs for the kernel-map ingest")?;
     let cg_root = mounts::ensure_cgroup2().context("a cgroup v2 for the kernel-map ingest")?;
     let name = format!("node-sync-bench-{}", std::process::id());
-    let config = DatapathConfig {
-        cgroup: cg_root.join(&name),
-        pin_dir: Path::new(mounts::DEFAULT_BPFFS).join(&name),
-    };
+    let config = DatapathConfig::new(
+        cg_root.join(&name),
+        Path::new(mounts::DEFAULT_BPFFS).join(&name),
+    );
     std::fs::create_dir(&config.cgroup)
         .with_context(|| format!("mkdir {}", config.cgroup.display()))?;
     let result = Datapath::open(&config)

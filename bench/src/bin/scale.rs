@@ -16,9 +16,10 @@
 //! event loop) with the map writer the binary opens: global-lb-bpf's eBPF maps, loaded, pinned
 //! under a bpffs directory of the run's own and attached to a cgroup of its own (`--maps
 //! kernel`, the default; root), or node-sync's in-memory writer (`--maps memory`). A recording
-//! wrapper notes when each frontend's write returned. The kernel's backends map holds 65,535
-//! backends (global-lb-bpf `MAX_BACKENDS`): past that, the maps refuse the frontends that would
-//! add more, and the run says how many writes were refused.
+//! wrapper notes when each frontend's write returned. The kernel's backends map holds
+//! `--max-backends` - 1 backends (node-sync's flag of that name, 65,536 by default): past that,
+//! the maps refuse the frontends that would add more, and the run says how many writes were
+//! refused.
 //!
 //! Per size and mode (`--via direct`: one watcher per remote cluster; `--via kvstoremesh`: the
 //! apiserver's `kvstoremesh::run` over `mesh_kv::EtcdStore` mirrors every remote into c1's etcd
@@ -104,11 +105,15 @@ struct Args {
     /// Where node-sync writes its selections: `kernel`, global-lb-bpf's eBPF maps as on a node
     /// (loaded and pinned under /sys/fs/bpf/clustermesh-scale-<pid>-<run>, attached to a cgroup v2
     /// of the same name, both removed at the end; needs root); `memory`, node-sync's in-memory
-    /// writer. The kernel's backends map holds 65,535 backends: a mesh whose frontends select more
-    /// distinct backends than that (128 clusters x 1,000) gets the maps' refusal for the frontends
+    /// writer. The kernel's backends map holds `--max-backends` - 1 backends: a mesh whose
+    /// frontends select more distinct backends than that gets the maps' refusal for the frontends
     /// past it, counted in the output.
     #[arg(long, value_enum, default_value = "kernel")]
     maps: Maps,
+    /// Capacity of the kernel's backends map (node-sync's --max-backends; default 65,536 as on a
+    /// node): 255 x 1,000 endpoints need 262144.
+    #[arg(long, default_value_t = global_lb_bpf::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -218,6 +223,7 @@ struct KernelMaps {
 impl KernelMaps {
     fn open(
         name: &str,
+        max_backends: u32,
         ids: ClusterIds,
     ) -> anyhow::Result<(
         Self,
@@ -236,8 +242,9 @@ impl KernelMaps {
         };
         std::fs::create_dir(&me.cgroup)
             .with_context(|| format!("mkdir {}", me.cgroup.display()))?;
-        let (writer, events) = node_sync::datapath::open(&me.pin_dir, &me.cgroup, c(1), ids)
-            .with_context(|| format!("loading the datapath under {}", me.pin_dir.display()))?;
+        let (writer, events) =
+            node_sync::datapath::open(&me.pin_dir, &me.cgroup, max_backends, c(1), ids)
+                .with_context(|| format!("loading the datapath under {}", me.pin_dir.display()))?;
         Ok((me, writer, events))
     }
 }
@@ -1018,7 +1025,7 @@ async fn run_one(
     let (kernel, writer, events) = match args.maps {
         Maps::Kernel => {
             let name = format!("clustermesh-scale-{}-{n}-{via:?}", std::process::id());
-            let (k, w, e) = KernelMaps::open(&name, opts.cluster_ids.clone())?;
+            let (k, w, e) = KernelMaps::open(&name, args.max_backends, opts.cluster_ids.clone())?;
             (Some(k), w, e)
         }
         Maps::Memory => (None, Box::new(FakeMaps::new()) as Box<dyn MapWriter>, None),
@@ -1303,8 +1310,16 @@ fn main() -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0),
         match args.maps {
-            Maps::Kernel => "the kernel's eBPF maps (global-lb-bpf, a cgroup of the run's own)",
-            Maps::Memory => "in-memory maps",
+            Maps::Kernel => format!(
+                "the kernel's eBPF maps (global-lb-bpf, a cgroup of the run's own; backends map of \
+                 {} entries, its per-CPU arrays {:.1} MiB per CPU)",
+                args.max_backends,
+                global_lb_bpf::DatapathConfig::new("", "")
+                    .with_max_backends(args.max_backends)
+                    .per_cpu_map_bytes() as f64
+                    / f64::from(1 << 20)
+            ),
+            Maps::Memory => "in-memory maps".to_owned(),
         }
     );
     let rt = runtime("bench")?;

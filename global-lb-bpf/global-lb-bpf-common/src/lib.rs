@@ -106,8 +106,22 @@ pub const COUNTERS_MAP: &str = "GLB_COUNTERS";
 
 /// Capacity of the services map (slot 0 entries plus backend slots, all services together).
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 19;
-/// Capacity of the backends map; backend ids are `1..MAX_BACKENDS` (0 is never used).
-pub const MAX_BACKENDS: u32 = 1 << 16;
+/// Capacity of the backends map the object declares, and the loader's default: backend ids are
+/// `1..capacity` (0 is never used), so a node programs up to `capacity - 1` distinct backends.
+/// The loader sets another capacity ([`map_specs`], `DatapathConfig::max_backends`); it sizes
+/// the maps indexed by backend id too ([`BACKEND_SIZED_MAPS`]).
+pub const DEFAULT_MAX_BACKENDS: u32 = 1 << 16;
+/// Smallest backends-map capacity the loader accepts.
+pub const MIN_MAX_BACKENDS: u32 = 1 << 10;
+/// Largest backends-map capacity the loader accepts (2^22: 4,194,303 backends; the two per-CPU
+/// arrays indexed by backend id then take 288 MiB of kernel memory per CPU, see
+/// [`per_cpu_bytes_per_backend`]).
+pub const LIMIT_MAX_BACKENDS: u32 = 1 << 22;
+/// Kernel memory the per-CPU maps indexed by backend id ([`COUNTERS_MAP`], [`OUTCOMES_MAP`],
+/// both preallocated) take per backend-map entry and per CPU.
+pub const fn per_cpu_bytes_per_backend() -> u32 {
+    (core::mem::size_of::<u64>() + core::mem::size_of::<ConnOutcome>()) as u32
+}
 /// Capacity of the reverse-NAT LRU map of the first layouts, as they created it. This build never
 /// writes that map; it creates it with one entry when none is pinned (see [`REV_NAT_MAP`]).
 pub const MAX_REV_NAT_ENTRIES: u32 = 1 << 16;
@@ -277,130 +291,136 @@ pub struct SockRevNatUdp {
     pub slots: [SockRevNat; SOCK_REV_NAT_UDP_SLOTS],
 }
 
+/// The maps whose capacity is the backends map's (they are indexed by backend id).
+pub const BACKEND_SIZED_MAPS: [&str; 4] = [BACKENDS_MAP, COUNTERS_MAP, OUTCOMES_MAP, SUSPECT_MAP];
+
 /// `(map type, key size, value size, max entries, flags)` of every map, as this build creates
-/// them; a pinned map that differs was made by another layout and is not reused as it is.
-pub const MAP_SPECS: [(&str, MapSpec); 12] = [
-    (
-        SERVICES_MAP,
-        MapSpec {
-            map_type: 1, // BPF_MAP_TYPE_HASH
-            key_size: core::mem::size_of::<ServiceKey>() as u32,
-            value_size: core::mem::size_of::<ServiceValue>() as u32,
-            max_entries: MAX_SERVICE_ENTRIES,
-            flags: BPF_F_NO_PREALLOC,
-        },
-    ),
-    (
-        BACKENDS_MAP,
-        MapSpec {
-            map_type: 1, // BPF_MAP_TYPE_HASH
-            key_size: 4,
-            value_size: core::mem::size_of::<Backend>() as u32,
-            max_entries: MAX_BACKENDS,
-            flags: BPF_F_NO_PREALLOC,
-        },
-    ),
-    (
-        REV_NAT_MAP,
-        MapSpec {
-            map_type: 9, // BPF_MAP_TYPE_LRU_HASH
-            key_size: core::mem::size_of::<RevNatKey>() as u32,
-            value_size: core::mem::size_of::<RevNatValue>() as u32,
-            max_entries: MAX_REV_NAT_ENTRIES,
-            flags: 0,
-        },
-    ),
-    (
-        SOCK_REV_NAT_MAP,
-        MapSpec {
-            map_type: BPF_MAP_TYPE_SK_STORAGE,
-            key_size: 4,
-            value_size: core::mem::size_of::<SockConn>() as u32,
-            max_entries: 0,
-            flags: BPF_F_NO_PREALLOC,
-        },
-    ),
-    (
-        SOCK_CONN_MAP,
-        MapSpec {
-            map_type: 2, // BPF_MAP_TYPE_ARRAY
-            key_size: 4,
-            value_size: core::mem::size_of::<ConnSlot>() as u32,
-            max_entries: MAX_SOCK_CONN,
-            flags: 0,
-        },
-    ),
-    (
-        SOCK_REV_NAT_UDP_MAP,
-        MapSpec {
-            map_type: BPF_MAP_TYPE_SK_STORAGE,
-            key_size: 4,
-            value_size: core::mem::size_of::<SockRevNatUdp>() as u32,
-            max_entries: 0,
-            flags: BPF_F_NO_PREALLOC,
-        },
-    ),
-    (
-        FILTER_MAP,
-        MapSpec {
-            map_type: 2, // BPF_MAP_TYPE_ARRAY
-            key_size: 4,
-            value_size: 8,
-            max_entries: FILTER_WORDS,
-            flags: 0,
-        },
-    ),
-    (
-        COUNTERS_MAP,
-        MapSpec {
-            map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
-            key_size: 4,
-            value_size: 8,
-            max_entries: MAX_BACKENDS,
-            flags: 0,
-        },
-    ),
-    (
-        OUTCOMES_MAP,
-        MapSpec {
-            map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
-            key_size: 4,
-            value_size: core::mem::size_of::<ConnOutcome>() as u32,
-            max_entries: MAX_BACKENDS,
-            flags: 0,
-        },
-    ),
-    (
-        SUSPECT_MAP,
-        MapSpec {
-            map_type: 1, // BPF_MAP_TYPE_HASH
-            key_size: 4,
-            value_size: 8,
-            max_entries: MAX_BACKENDS,
-            flags: BPF_F_NO_PREALLOC,
-        },
-    ),
-    (
-        SUSPECT_GATE_MAP,
-        MapSpec {
-            map_type: 2, // BPF_MAP_TYPE_ARRAY
-            key_size: 4,
-            value_size: 8,
-            max_entries: 1,
-            flags: 0,
-        },
-    ),
-    (
-        EVENTS_MAP,
-        MapSpec {
-            map_type: 27, // BPF_MAP_TYPE_RINGBUF
-            key_size: 0,
-            value_size: 0,
-            max_entries: EVENTS_BYTES,
-            flags: 0,
-        },
-    ),
-];
+/// them with a backends map of `max_backends` entries; a pinned map that differs was made by
+/// another layout (or for another capacity) and is not reused as it is.
+pub const fn map_specs(max_backends: u32) -> [(&'static str, MapSpec); 12] {
+    [
+        (
+            SERVICES_MAP,
+            MapSpec {
+                map_type: 1, // BPF_MAP_TYPE_HASH
+                key_size: core::mem::size_of::<ServiceKey>() as u32,
+                value_size: core::mem::size_of::<ServiceValue>() as u32,
+                max_entries: MAX_SERVICE_ENTRIES,
+                flags: BPF_F_NO_PREALLOC,
+            },
+        ),
+        (
+            BACKENDS_MAP,
+            MapSpec {
+                map_type: 1, // BPF_MAP_TYPE_HASH
+                key_size: 4,
+                value_size: core::mem::size_of::<Backend>() as u32,
+                max_entries: max_backends,
+                flags: BPF_F_NO_PREALLOC,
+            },
+        ),
+        (
+            REV_NAT_MAP,
+            MapSpec {
+                map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+                key_size: core::mem::size_of::<RevNatKey>() as u32,
+                value_size: core::mem::size_of::<RevNatValue>() as u32,
+                max_entries: MAX_REV_NAT_ENTRIES,
+                flags: 0,
+            },
+        ),
+        (
+            SOCK_REV_NAT_MAP,
+            MapSpec {
+                map_type: BPF_MAP_TYPE_SK_STORAGE,
+                key_size: 4,
+                value_size: core::mem::size_of::<SockConn>() as u32,
+                max_entries: 0,
+                flags: BPF_F_NO_PREALLOC,
+            },
+        ),
+        (
+            SOCK_CONN_MAP,
+            MapSpec {
+                map_type: 2, // BPF_MAP_TYPE_ARRAY
+                key_size: 4,
+                value_size: core::mem::size_of::<ConnSlot>() as u32,
+                max_entries: MAX_SOCK_CONN,
+                flags: 0,
+            },
+        ),
+        (
+            SOCK_REV_NAT_UDP_MAP,
+            MapSpec {
+                map_type: BPF_MAP_TYPE_SK_STORAGE,
+                key_size: 4,
+                value_size: core::mem::size_of::<SockRevNatUdp>() as u32,
+                max_entries: 0,
+                flags: BPF_F_NO_PREALLOC,
+            },
+        ),
+        (
+            FILTER_MAP,
+            MapSpec {
+                map_type: 2, // BPF_MAP_TYPE_ARRAY
+                key_size: 4,
+                value_size: 8,
+                max_entries: FILTER_WORDS,
+                flags: 0,
+            },
+        ),
+        (
+            COUNTERS_MAP,
+            MapSpec {
+                map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
+                key_size: 4,
+                value_size: 8,
+                max_entries: max_backends,
+                flags: 0,
+            },
+        ),
+        (
+            OUTCOMES_MAP,
+            MapSpec {
+                map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
+                key_size: 4,
+                value_size: core::mem::size_of::<ConnOutcome>() as u32,
+                max_entries: max_backends,
+                flags: 0,
+            },
+        ),
+        (
+            SUSPECT_MAP,
+            MapSpec {
+                map_type: 1, // BPF_MAP_TYPE_HASH
+                key_size: 4,
+                value_size: 8,
+                max_entries: max_backends,
+                flags: BPF_F_NO_PREALLOC,
+            },
+        ),
+        (
+            SUSPECT_GATE_MAP,
+            MapSpec {
+                map_type: 2, // BPF_MAP_TYPE_ARRAY
+                key_size: 4,
+                value_size: 8,
+                max_entries: 1,
+                flags: 0,
+            },
+        ),
+        (
+            EVENTS_MAP,
+            MapSpec {
+                map_type: 27, // BPF_MAP_TYPE_RINGBUF
+                key_size: 0,
+                value_size: 0,
+                max_entries: EVENTS_BYTES,
+                flags: 0,
+            },
+        ),
+    ]
+}
 
 /// Per-backend connect outcomes of translated TCP sockets, per CPU ([`OUTCOMES_MAP`], indexed by
 /// backend id), written by the `sock_ops` program: what the kernel saw of each connect.

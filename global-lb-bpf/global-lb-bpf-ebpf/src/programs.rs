@@ -39,7 +39,7 @@ use aya_ebpf::{
 };
 use global_lb_bpf_common::{
     BPF_F_NO_PREALLOC, BPF_MAP_TYPE_SK_STORAGE, CONN_DONE, CONN_TRACKED, ConnOutcome, ConnSlot,
-    ECONNREFUSED, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FILTER_WORDS, MAX_BACKENDS,
+    DEFAULT_MAX_BACKENDS, ECONNREFUSED, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FILTER_WORDS,
     MAX_REV_NAT_ENTRIES, MAX_SERVICE_ENTRIES, MAX_SOCK_CONN, PROTO_TCP, PROTO_UDP, RevNatKey,
     RevNatValue, SOCK_REV_NAT_UDP_SLOTS, SUSPECT_REFUSED, SUSPECT_TIMEOUT, SUSPECT_TTL_NS,
     ServiceKey, ServiceValue, SockConn, SockRevNat, SockRevNatUdp, SuspectEvent, connect_bucket,
@@ -54,7 +54,7 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// rest and the object describes every map.
 #[map(name = "GLB_BACKENDS")]
 static BACKENDS: HashMap<u32, global_lb_bpf_common::Backend> =
-    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// One bit per frontend (`filter_bit`): clear means "not a service", no hash lookup needed.
 #[map(name = "GLB_FILTER")]
@@ -188,15 +188,16 @@ fn conn_in_table(cookie: u64) -> Option<*mut SockConn> {
 }
 
 #[map(name = "GLB_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// What the kernel saw of each translated TCP connect, per backend and CPU (`sock_ops`).
 #[map(name = "GLB_OUTCOMES")]
-static OUTCOMES: PerCpuArray<ConnOutcome> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+static OUTCOMES: PerCpuArray<ConnOutcome> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Backends a connect just failed on (refused, or SYN unanswered): id -> until (ns).
 #[map(name = "GLB_SUSPECT")]
-static SUSPECT: HashMap<u32, u64> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+static SUSPECT: HashMap<u32, u64> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// The latest expiry of any suspect mark: before it, connect4 looks a chosen backend up in
 /// `SUSPECT`; after it (the common case), an array read is all a connect pays.

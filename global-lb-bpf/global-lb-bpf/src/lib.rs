@@ -12,10 +12,10 @@
 //! ```no_run
 //! use global_lb_bpf::{Backend, Datapath, DatapathConfig, Frontend, Proto, ServiceMaps};
 //! # fn main() -> Result<(), global_lb_bpf::Error> {
-//! let mut dp = Datapath::open(&DatapathConfig {
-//!     cgroup: "/sys/fs/cgroup/unified/pods".into(),
-//!     pin_dir: "/sys/fs/bpf/clustermesh".into(),
-//! })?;
+//! let mut dp = Datapath::open(&DatapathConfig::new(
+//!     "/sys/fs/cgroup/unified/pods",
+//!     "/sys/fs/bpf/clustermesh",
+//! ))?;
 //! let vip = Frontend::new("10.96.0.10".parse().unwrap(), 80, Proto::Tcp);
 //! dp.upsert_service(&vip, &[Backend::new("10.1.0.5".parse().unwrap(), 8080, 1).with_local(true)])?;
 //! for c in dp.counters()? {
@@ -41,6 +41,7 @@ pub use datapath::{
     Datapath, DatapathConfig, DatapathView, EBPF_OBJECT, PROGRAMS, ProgramStats, RunStats,
 };
 pub use error::Error;
+pub use global_lb_bpf_common::{DEFAULT_MAX_BACKENDS, LIMIT_MAX_BACKENDS, MIN_MAX_BACKENDS};
 pub use maps::{FakeMaps, LbMaps, ServiceMaps};
 pub use model::{Backend, BackendCounter, BackendEntry, Frontend, Proto, Service};
 

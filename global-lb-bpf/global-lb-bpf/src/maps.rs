@@ -112,6 +112,8 @@ pub struct LbMaps<S> {
     service_ids: HashSet<u32>,
     next_backend_id: u32,
     next_service_id: u32,
+    /// The backends map's capacity: ids are `1..backend_capacity`.
+    backend_capacity: u32,
     /// Entries in the services map (slot 0 entries plus backend slots).
     service_entries: usize,
     /// A failed write could not be cleaned up yet: sweep before the next write.
@@ -128,6 +130,7 @@ impl<S: MapStore> LbMaps<S> {
     /// Logic over a store known to be empty.
     pub fn with_empty_store(store: S) -> Self {
         Self {
+            backend_capacity: store.backend_capacity(),
             store,
             services: BTreeMap::new(),
             backends: HashMap::new(),
@@ -141,6 +144,11 @@ impl<S: MapStore> LbMaps<S> {
             filter: vec![0; common::FILTER_WORDS as usize],
             filter_refs: HashMap::new(),
         }
+    }
+
+    /// The backends map's capacity: at most one less distinct backends fit (ids start at 1).
+    pub fn backend_capacity(&self) -> u32 {
+        self.backend_capacity
     }
 
     /// Logic over a store that may hold services written before (by an earlier process):
@@ -317,7 +325,7 @@ impl<S: MapStore> LbMaps<S> {
                 me.store.delete_backend(*id)?;
             }
         }
-        if me.next_backend_id >= common::MAX_BACKENDS {
+        if me.next_backend_id >= me.backend_capacity {
             me.next_backend_id = 1;
         }
         for (frontend, backends) in repairs {
@@ -438,9 +446,9 @@ impl<S: MapStore> LbMaps<S> {
     }
 
     fn allocate_backend_id(&mut self) -> Result<u32, Error> {
-        for _ in 0..common::MAX_BACKENDS {
+        for _ in 0..self.backend_capacity {
             let id = self.next_backend_id;
-            self.next_backend_id = if id + 1 >= common::MAX_BACKENDS {
+            self.next_backend_id = if id + 1 >= self.backend_capacity {
                 1
             } else {
                 id + 1
@@ -616,8 +624,8 @@ impl<S: MapStore> LbMaps<S> {
             .iter()
             .filter(|b| !self.backend_ids.contains_key(&b.identity()))
             .count();
-        if self.backends.len() + added_backends >= common::MAX_BACKENDS as usize {
-            return Err(self.no_room(common::BACKENDS_MAP, common::MAX_BACKENDS));
+        if self.backends.len() + added_backends >= self.backend_capacity as usize {
+            return Err(self.no_room(common::BACKENDS_MAP, self.backend_capacity));
         }
         let peak_entries = self.service_entries
             + usize::from(old.is_none())
@@ -863,8 +871,8 @@ impl<S: MapStore> LbMaps<S> {
                 ),
             });
         }
-        if self.backends.len() + new_backends.len() >= common::MAX_BACKENDS as usize {
-            return Err(self.no_room(common::BACKENDS_MAP, common::MAX_BACKENDS));
+        if self.backends.len() + new_backends.len() >= self.backend_capacity as usize {
+            return Err(self.no_room(common::BACKENDS_MAP, self.backend_capacity));
         }
         if self.service_entries + new_total.saturating_sub(old_slots.len())
             > common::MAX_SERVICE_ENTRIES as usize
@@ -1530,12 +1538,44 @@ mod tests {
     /// room. Returns the frontend and the backends.
     fn refused_for_room<S: MapStore>(maps: &mut LbMaps<S>) -> (Frontend, Vec<Backend>) {
         let f = fe("tcp:127.10.0.1:80");
-        let many: Vec<Backend> = (0..common::MAX_BACKENDS)
+        let many: Vec<Backend> = (0..maps.backend_capacity())
             .map(|i| Backend::new(std::net::Ipv4Addr::from(0x7f00_0000 + i + 1).into(), 80, 1))
             .collect();
         let err = maps.upsert_service(&f, &many).unwrap_err();
         assert!(matches!(err, Error::MapFull { map, .. } if map == common::BACKENDS_MAP));
         (f, many)
+    }
+
+    /// A backends map made bigger than the default holds more backends than the default one
+    /// (ids past it included), and refuses exactly where its own capacity ends.
+    #[test]
+    fn the_backends_capacity_is_the_store_s() {
+        let cap = common::DEFAULT_MAX_BACKENDS * 2;
+        let mut maps = LbMaps::with_empty_store(MemStore::with_backend_capacity(cap));
+        assert_eq!(maps.backend_capacity(), cap);
+        // Two services of `cap / 2` backends: one more than the map holds (ids start at 1).
+        let half = cap / 2;
+        let set = |from: u32| -> Vec<Backend> {
+            (from..from + half)
+                .map(|i| Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 80, 1))
+                .collect()
+        };
+        maps.upsert_service(&fe("tcp:127.10.0.1:80"), &set(0))
+            .unwrap();
+        let mut second = set(half);
+        let last = second.pop().unwrap();
+        maps.upsert_service(&fe("tcp:127.10.0.2:80"), &second)
+            .unwrap();
+        assert_eq!(maps.store().backends.len(), cap as usize - 1);
+        assert_eq!(maps.store().backends.keys().max(), Some(&(cap - 1)));
+        second.push(last);
+        let err = maps
+            .upsert_service(&fe("tcp:127.10.0.2:80"), &second)
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::MapFull { map, capacity } if map == common::BACKENDS_MAP && capacity == cap),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1645,6 +1685,9 @@ mod tests {
         }
         fn filter(&self) -> Result<Vec<u64>, Error> {
             self.inner.filter()
+        }
+        fn backend_capacity(&self) -> u32 {
+            self.inner.backend_capacity()
         }
     }
 

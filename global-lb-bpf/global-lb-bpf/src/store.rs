@@ -33,6 +33,9 @@ pub trait MapStore {
     fn put_filter(&mut self, index: u32, word: u64) -> Result<(), Error>;
     /// The pre-filter's words (`FILTER_WORDS` of them).
     fn filter(&self) -> Result<Vec<u64>, Error>;
+    /// Capacity of the backends map (and of the maps indexed by backend id): backend ids are
+    /// `1..capacity`.
+    fn backend_capacity(&self) -> u32;
 }
 
 /// One operation on the maps, as recorded by [`MemStore`].
@@ -51,7 +54,7 @@ pub enum MapOp {
 }
 
 /// The maps in memory, with the kernel maps' capacities, recording every write in order.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemStore {
     /// Services map.
     pub slots: BTreeMap<ServiceKey, ServiceValue>,
@@ -63,12 +66,32 @@ pub struct MemStore {
     pub filter: BTreeMap<u32, u64>,
     /// Every write, in order.
     pub log: Vec<MapOp>,
+    /// Capacity of the backends map.
+    pub backend_capacity: u32,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::with_backend_capacity(common::DEFAULT_MAX_BACKENDS)
+    }
 }
 
 impl MemStore {
-    /// Empty maps.
+    /// Empty maps, the backends map of the default capacity.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Empty maps, the backends map of `capacity` entries.
+    pub fn with_backend_capacity(capacity: u32) -> Self {
+        Self {
+            slots: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            counters: HashMap::new(),
+            filter: BTreeMap::new(),
+            log: Vec::new(),
+            backend_capacity: capacity,
+        }
     }
 
     /// Whether the pre-filter lets a connect to `key`'s frontend through to the services map
@@ -128,11 +151,11 @@ impl MapStore for MemStore {
     }
 
     fn put_backend(&mut self, id: u32, value: &Backend) -> Result<(), Error> {
-        if !self.backends.contains_key(&id) && self.backends.len() >= common::MAX_BACKENDS as usize
+        if !self.backends.contains_key(&id) && self.backends.len() >= self.backend_capacity as usize
         {
             return Err(Error::MapFull {
                 map: common::BACKENDS_MAP,
-                capacity: common::MAX_BACKENDS,
+                capacity: self.backend_capacity,
             });
         }
         self.backends.insert(id, *value);
@@ -179,5 +202,9 @@ impl MapStore for MemStore {
             out[*i as usize] = *w;
         }
         Ok(out)
+    }
+
+    fn backend_capacity(&self) -> u32 {
+        self.backend_capacity
     }
 }

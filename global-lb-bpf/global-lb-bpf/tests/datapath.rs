@@ -313,10 +313,7 @@ fn services_keep_working_across_loader_restarts() {
     in_netns(&["10.96.0.40/32", "10.1.0.40/32"], || {
         let name = unique("restart");
         let cgroup = TestCgroup::new(&name);
-        let config = DatapathConfig {
-            cgroup: cgroup.path.clone(),
-            pin_dir: pin_dir(&name),
-        };
+        let config = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
         let _pins = PinGuard(config.pin_dir.clone());
         let be = TcpBackend::start("10.1.0.40:8080", "b1");
         let _vip_owner = TcpBackend::start("10.96.0.40:80", "vip-itself");
@@ -370,10 +367,10 @@ fn services_keep_working_across_loader_restarts() {
 #[test]
 fn open_errors_name_the_cgroup_or_pin_directory() {
     let name = unique("errors");
-    let missing = DatapathConfig {
-        cgroup: format!("/sys/fs/cgroup/unified/{name}-missing").into(),
-        pin_dir: pin_dir(&name),
-    };
+    let missing = DatapathConfig::new(
+        format!("/sys/fs/cgroup/unified/{name}-missing"),
+        pin_dir(&name),
+    );
     let err = Datapath::open(&missing).unwrap_err();
     assert!(matches!(err, Error::Cgroup { .. }), "{err}");
     assert!(err.to_string().contains("-missing"), "{err}");
@@ -381,26 +378,18 @@ fn open_errors_name_the_cgroup_or_pin_directory() {
     let cgroup = TestCgroup::new(&name);
     let _pins = PinGuard(pin_dir(&name));
     let tmp = tempfile::tempdir().unwrap();
-    let err = Datapath::open(&DatapathConfig {
-        cgroup: cgroup.path.clone(),
-        pin_dir: tmp.path().join("pins"),
-    })
+    let err = Datapath::open(&DatapathConfig::new(
+        cgroup.path.clone(),
+        tmp.path().join("pins"),
+    ))
     .unwrap_err();
     assert!(matches!(err, Error::NotBpffs { .. }), "{err}");
     assert!(err.to_string().contains("bpf filesystem"), "{err}");
 
-    let err = Datapath::open(&DatapathConfig {
-        cgroup: tmp.path().into(),
-        pin_dir: pin_dir(&name),
-    })
-    .unwrap_err();
+    let err = Datapath::open(&DatapathConfig::new(tmp.path(), pin_dir(&name))).unwrap_err();
     assert!(matches!(err, Error::NotCgroup2 { .. }), "{err}");
 
-    let mut dp = Datapath::open(&DatapathConfig {
-        cgroup: cgroup.path.clone(),
-        pin_dir: pin_dir(&name),
-    })
-    .unwrap();
+    let mut dp = Datapath::open(&DatapathConfig::new(cgroup.path.clone(), pin_dir(&name))).unwrap();
     let err = dp
         .upsert_service(
             &Frontend::new("10.96.0.1".parse().unwrap(), 80, Proto::Udp),
@@ -416,10 +405,7 @@ fn open_errors_name_the_cgroup_or_pin_directory() {
 fn one_writer_per_pin_directory_and_readers_alongside() {
     let name = unique("busy");
     let cgroup = TestCgroup::new(&name);
-    let config = DatapathConfig {
-        cgroup: cgroup.path.clone(),
-        pin_dir: pin_dir(&name),
-    };
+    let config = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
     let _pins = PinGuard(config.pin_dir.clone());
     let mut dp = Datapath::open(&config).unwrap();
     dp.upsert_service(
@@ -593,10 +579,7 @@ fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
     in_netns(&["10.96.0.80/32", "10.96.0.81/32", "10.1.0.80/32"], || {
         let name = unique("layout");
         let cgroup = TestCgroup::new(&name);
-        let config = DatapathConfig {
-            cgroup: cgroup.path.clone(),
-            pin_dir: pin_dir(&name),
-        };
+        let config = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
         let _pins = PinGuard(config.pin_dir.clone());
         std::fs::create_dir_all(&config.pin_dir).unwrap();
         let _be = TcpBackend::start("10.1.0.80:8080", "b1");
@@ -722,5 +705,103 @@ fn pinned_maps_of_another_layout_are_replaced_and_services_carried_over() {
         assert!(dp.services().unwrap().is_empty());
         let v = probe_in(&cgroup.path, &["tcp", "10.96.0.80:80"]);
         assert_eq!(s(ok(&v), "reply"), "vip-itself", "nothing misread: {v}");
+    });
+}
+
+/// `n` backends at 10.200.0.0 onwards, port 80, cluster 2 (never connected to).
+fn filler(from: u32, n: u32) -> Vec<Backend> {
+    (from..from + n)
+        .map(|i| Backend::new(std::net::Ipv4Addr::from(0x0ac8_0000 + i).into(), 80, 2))
+        .collect()
+}
+
+/// A backends map bigger than the default (node-sync --max-backends): more backends than the
+/// default holds are programmed, a connect reaches a backend whose id is past the default
+/// capacity and is counted there; reopening with a capacity too small for them is refused with
+/// the reason while the pinned maps keep serving; a bigger one resizes them, services carried.
+#[test]
+fn a_bigger_backends_map_holds_more_and_is_resized_across_restarts() {
+    in_netns(&["10.96.0.90/32", "10.1.0.90/32"], || {
+        let name = unique("capacity");
+        let cgroup = TestCgroup::new(&name);
+        let big = global_lb_bpf::DEFAULT_MAX_BACKENDS * 2;
+        let config =
+            DatapathConfig::new(cgroup.path.clone(), pin_dir(&name)).with_max_backends(big);
+        let _pins = PinGuard(config.pin_dir.clone());
+        let be = TcpBackend::start("10.1.0.90:8080", "b1");
+        let vip = frontend("tcp:10.96.0.90:80");
+
+        let mut dp = Datapath::open(&config).unwrap();
+        let half = global_lb_bpf::DEFAULT_MAX_BACKENDS / 2;
+        dp.upsert_service(&frontend("tcp:10.96.1.1:80"), &filler(0, half))
+            .unwrap();
+        dp.upsert_service(&frontend("tcp:10.96.1.2:80"), &filler(half, half))
+            .unwrap();
+        // The 65,537th backend: its id (and counter index) is past the default capacity.
+        dp.upsert_service(&vip, &[backend("10.1.0.90:8080", 1).with_local(true)])
+            .unwrap();
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.90:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1");
+        assert_eq!(be.connections(), 1);
+        let counted: Vec<_> = dp
+            .counters()
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.connections > 0)
+            .collect();
+        assert_eq!(counted.len(), 1, "{counted:?}");
+        assert!(
+            counted[0].backend_id > global_lb_bpf::DEFAULT_MAX_BACKENDS,
+            "{counted:?}"
+        );
+        drop(dp);
+
+        // Back to the default capacity: the programmed backends do not fit.
+        let small = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
+        let err = Datapath::open(&small).unwrap_err();
+        assert!(
+            matches!(&err, Error::MapLayout { map, .. } if *map == "GLB_BACKENDS"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("keep serving"), "{err}");
+        assert_eq!(
+            Datapath::pinned_max_backends(&config.pin_dir).unwrap(),
+            Some(big)
+        );
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.90:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1", "the pinned maps still serve");
+
+        // Bigger again: resized, every service carried over.
+        let bigger = config.clone().with_max_backends(big * 2);
+        let dp = Datapath::open(&bigger).unwrap();
+        assert_eq!(
+            Datapath::pinned_max_backends(&config.pin_dir).unwrap(),
+            Some(big * 2)
+        );
+        let services = dp.services().unwrap();
+        assert_eq!(services.len(), 3);
+        assert_eq!(
+            services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            2 * half as usize + 1
+        );
+        let v = probe_in(&cgroup.path, &["tcp", "10.96.0.90:80"]);
+        assert_eq!(s(ok(&v), "reply"), "b1", "served by the resized maps");
+        assert_eq!(be.connections(), 3);
+        // A reader (`glb list`) finds the capacity the datapath was opened with, and `glb
+        // attach` without --max-backends keeps it.
+        assert_eq!(
+            Datapath::inspect(&config.pin_dir)
+                .unwrap()
+                .services()
+                .unwrap()
+                .len(),
+            3
+        );
+        drop(dp);
+        glb(&config, &["attach"]);
+        assert_eq!(
+            Datapath::pinned_max_backends(&config.pin_dir).unwrap(),
+            Some(big * 2)
+        );
     });
 }

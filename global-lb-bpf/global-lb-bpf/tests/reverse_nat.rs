@@ -251,10 +251,7 @@ fn live_sockets_keep_their_service_across_restarts_and_the_upgrade_from_the_lru_
     in_netns(&[], || {
         let name = unique("revnat-upgrade");
         let cgroup = common::TestCgroup::new(&name);
-        let config = DatapathConfig {
-            cgroup: cgroup.path.clone(),
-            pin_dir: pin_dir(&name),
-        };
+        let config = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
         let _pins = common::PinGuard(config.pin_dir.clone());
         std::fs::create_dir_all(&config.pin_dir).unwrap();
         // The reverse-NAT map as the LRU layout pinned it (65,536 entries).

@@ -19,6 +19,11 @@ struct Args {
     /// Directory on bpffs for the pinned maps and links (one per cgroup).
     #[arg(long, env = "GLB_PIN_DIR", default_value = "/sys/fs/bpf/clustermesh")]
     pin_dir: PathBuf,
+    /// Capacity of the backends map (attach, upsert, delete): the maps are resized to it, their
+    /// services carried over. Default: the capacity of the maps already pinned (so a datapath
+    /// node-sync opened with --max-backends keeps its size), else 65536.
+    #[arg(long, env = "GLB_MAX_BACKENDS")]
+    max_backends: Option<u32>,
     /// Mount bpffs at /sys/fs/bpf first if it is not mounted.
     #[arg(long, env = "GLB_MOUNT_BPFFS")]
     mount_bpffs: bool,
@@ -79,10 +84,14 @@ fn main() -> Result<()> {
                 .cgroup
                 .clone()
                 .context("--cgroup (or GLB_CGROUP) is required to attach or write services")?;
-            let mut dp = Datapath::open(&DatapathConfig {
-                cgroup,
-                pin_dir: args.pin_dir.clone(),
-            })?;
+            let max_backends = match args.max_backends {
+                Some(n) => n,
+                None => Datapath::pinned_max_backends(&args.pin_dir)?
+                    .unwrap_or(global_lb_bpf::DEFAULT_MAX_BACKENDS),
+            };
+            let mut dp = Datapath::open(
+                &DatapathConfig::new(cgroup, args.pin_dir.clone()).with_max_backends(max_backends),
+            )?;
             match args.command {
                 Command::Upsert { frontend, backends } => {
                     let id = dp.upsert_service(&frontend, &backends)?;

@@ -3,7 +3,10 @@
 //! after the map.
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap as AyaHashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    PerCpuValues,
+};
 use global_lb_bpf_common::{self as common, ServiceKey, ServiceValue};
 
 use crate::Error;
@@ -17,6 +20,8 @@ pub struct AyaStore {
     /// The pre-filter; absent in a read-only view.
     pub(super) filter: Option<Array<MapData, u64>>,
     nr_cpus: usize,
+    /// The backends map's capacity, as the kernel reports it.
+    backend_capacity: u32,
 }
 
 pub(super) fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, Error> {
@@ -36,18 +41,24 @@ pub(super) fn layout_err(map: &'static str) -> impl Fn(MapError) -> Error {
 }
 
 pub(super) fn map_err(map: &'static str, op: &'static str) -> impl Fn(MapError) -> Error {
+    let capacity = match map {
+        common::SERVICES_MAP => common::MAX_SERVICE_ENTRIES,
+        _ => 0,
+    };
+    sized_map_err(map, op, capacity)
+}
+
+/// [`map_err`] for a map of `capacity` entries (named in the error when it is full).
+pub(super) fn sized_map_err(
+    map: &'static str,
+    op: &'static str,
+    capacity: u32,
+) -> impl Fn(MapError) -> Error {
     move |e| {
         if let MapError::SyscallError(s) = &e
             && s.io_error.raw_os_error() == Some(libc::E2BIG)
         {
-            return Error::MapFull {
-                map,
-                capacity: match map {
-                    common::SERVICES_MAP => common::MAX_SERVICE_ENTRIES,
-                    common::BACKENDS_MAP => common::MAX_BACKENDS,
-                    _ => 0,
-                },
-            };
+            return Error::MapFull { map, capacity };
         }
         Error::Map {
             map,
@@ -81,19 +92,26 @@ impl AyaStore {
 
     pub(super) fn from_maps(services: Map, backends: Map, counters: Map) -> Result<Self, Error> {
         let services = AyaHashMap::try_from(services).map_err(layout_err(common::SERVICES_MAP))?;
-        let backends = AyaHashMap::try_from(backends).map_err(layout_err(common::BACKENDS_MAP))?;
+        let backends: AyaHashMap<MapData, u32, common::Backend> =
+            AyaHashMap::try_from(backends).map_err(layout_err(common::BACKENDS_MAP))?;
         let counters = PerCpuArray::try_from(counters).map_err(layout_err(common::COUNTERS_MAP))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::Io {
             what: "reading",
             path: what.into(),
             source: e,
         })?;
+        let backend_capacity = backends
+            .map()
+            .info()
+            .map_err(map_err(common::BACKENDS_MAP, "read the capacity of"))?
+            .max_entries();
         Ok(Self {
             services,
             backends,
             counters,
             filter: None,
             nr_cpus,
+            backend_capacity,
         })
     }
 }
@@ -113,9 +131,11 @@ impl MapStore for AyaStore {
     }
 
     fn put_backend(&mut self, id: u32, value: &common::Backend) -> Result<(), Error> {
-        self.backends
-            .insert(id, value, 0)
-            .map_err(map_err(common::BACKENDS_MAP, "insert"))
+        self.backends.insert(id, value, 0).map_err(sized_map_err(
+            common::BACKENDS_MAP,
+            "insert",
+            self.backend_capacity,
+        ))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), Error> {
@@ -189,5 +209,9 @@ impl MapStore for AyaStore {
                     .map_err(map_err(common::FILTER_MAP, "read"))
             })
             .collect()
+    }
+
+    fn backend_capacity(&self) -> u32 {
+        self.backend_capacity
     }
 }

@@ -1,6 +1,7 @@
-//! Map layouts and their migration. Every map has this build's shape
-//! (`global_lb_bpf_common::MAP_SPECS`); a map pinned with another shape was made by another build
-//! and is not reused as it is (the programs would misread it): [`stale_pins`] finds them,
+//! Map layouts and their migration. Every map has this build's shape for the configured backends
+//! capacity (`global_lb_bpf_common::map_specs`); a map pinned with another shape was made by
+//! another build, or for another capacity, and is not reused as it is (the programs would misread
+//! it, or it would not hold what is asked): [`stale_pins`] finds them,
 //! [`carry_services`] reads the services out of a known older layout (the first layout's 16-byte
 //! slot values, or this one), and [`replace_maps`] writes them into maps of this layout and pins
 //! those over the old pins. The reverse NAT of the first layouts (a cookie-keyed LRU) is the one
@@ -61,9 +62,9 @@ pub(super) fn take_signals(
     ))
 }
 
-/// This build's shape of map `name`.
-pub(super) fn spec_of(name: &str) -> (&'static str, common::MapSpec) {
-    common::MAP_SPECS
+/// This build's shape of map `name`, with a backends map of `max_backends` entries.
+pub(super) fn spec_of(name: &str, max_backends: u32) -> (&'static str, common::MapSpec) {
+    common::map_specs(max_backends)
         .iter()
         .find(|(n, _)| *n == name)
         .copied()
@@ -103,10 +104,14 @@ pub(super) fn same_shape(name: &str, found: &common::MapSpec, want: &common::Map
     found == want
 }
 
-/// Pinned maps whose shape differs from this build's, with the shape found.
-pub(super) fn stale_pins(pin_dir: &Path) -> Result<Vec<(&'static str, common::MapSpec)>, Error> {
+/// Pinned maps whose shape differs from this build's with a backends map of `max_backends`
+/// entries, with the shape found.
+pub(super) fn stale_pins(
+    pin_dir: &Path,
+    max_backends: u32,
+) -> Result<Vec<(&'static str, common::MapSpec)>, Error> {
     let mut out = Vec::new();
-    for (name, want) in common::MAP_SPECS {
+    for (name, want) in common::map_specs(max_backends) {
         if let Some(found) = pinned_spec(name, &pin_dir.join(name))?
             && !same_shape(name, &found, &want)
         {
@@ -174,14 +179,19 @@ pub(super) fn read_pinned_services(
         stale
             .iter()
             .find(|(n, _)| *n == name)
-            .map_or(spec_of(name).1, |(_, s)| *s)
+            .map_or(spec_of(name, common::DEFAULT_MAX_BACKENDS).1, |(_, s)| *s)
     };
     let (Some(services), Some(backends)) =
         (open(common::SERVICES_MAP)?, open(common::BACKENDS_MAP)?)
     else {
         return Ok(Vec::new());
     };
-    let mut mem = crate::store::MemStore::new();
+    // A mirror as big as the pinned backends map, whatever capacity it was made with.
+    let capacity = backends
+        .info()
+        .map_err(map_err(common::BACKENDS_MAP, "read the capacity of"))?
+        .max_entries();
+    let mut mem = crate::store::MemStore::with_backend_capacity(capacity);
     let backends = AyaHashMap::<_, u32, common::Backend>::try_from(Map::HashMap(backends))
         .map_err(layout_err(common::BACKENDS_MAP))?;
     for entry in backends.iter() {
@@ -241,6 +251,7 @@ pub(super) fn replace_maps(
     pin_dir: &Path,
     replaced: &[&'static str],
     carried: Option<Vec<Service>>,
+    max_backends: u32,
 ) -> Result<LbMaps<AyaStore>, Error> {
     let mut taken: Vec<(&'static str, Map)> = Vec::new();
     for name in replaced {
@@ -259,7 +270,20 @@ pub(super) fn replace_maps(
         // backend id either way).
         let mut maps = LbMaps::with_empty_store(store);
         for service in carried.unwrap_or_default() {
-            maps.upsert_service(&service.frontend, &service.backends)?;
+            maps.upsert_service(&service.frontend, &service.backends)
+                .map_err(|e| match e {
+                    Error::MapFull { map, capacity } if map == common::BACKENDS_MAP => {
+                        Error::MapLayout {
+                            map,
+                            reason: format!(
+                                "the pinned maps hold more backends than a backends map of \
+                                 {capacity} entries (max_backends {max_backends}): not resized; \
+                                 the pinned maps keep serving"
+                            ),
+                        }
+                    }
+                    other => other,
+                })?;
         }
         maps
     } else {

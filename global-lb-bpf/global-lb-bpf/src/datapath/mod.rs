@@ -85,13 +85,58 @@ const MAPS: [&str; 12] = [
     common::FILTER_MAP,
 ];
 
-/// Where to attach and where to pin.
+/// Where to attach and where to pin, and how many backends the maps hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {
     /// cgroup v2 directory whose processes (and descendants) are load-balanced.
     pub cgroup: PathBuf,
     /// Directory on bpffs for the pinned maps and links; one per cgroup.
     pub pin_dir: PathBuf,
+    /// Capacity of the backends map, and of the maps indexed by backend id (connection
+    /// counters, connect outcomes, suspect marks): at most `max_backends - 1` distinct backends
+    /// are programmed. Between [`common::MIN_MAX_BACKENDS`] and [`common::LIMIT_MAX_BACKENDS`];
+    /// the two per-CPU arrays among them are preallocated
+    /// ([`DatapathConfig::per_cpu_map_bytes`]). Maps pinned with another capacity are replaced
+    /// by maps of this one at [`Datapath::open`], their services carried over (a capacity too
+    /// small for them is refused, and the pinned maps keep serving).
+    pub max_backends: u32,
+}
+
+impl DatapathConfig {
+    /// Attach to `cgroup`, pin under `pin_dir`, maps of the default capacity
+    /// ([`common::DEFAULT_MAX_BACKENDS`]).
+    pub fn new(cgroup: impl Into<PathBuf>, pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cgroup: cgroup.into(),
+            pin_dir: pin_dir.into(),
+            max_backends: common::DEFAULT_MAX_BACKENDS,
+        }
+    }
+
+    /// The same, with a backends map of `max_backends` entries.
+    pub fn with_max_backends(mut self, max_backends: u32) -> Self {
+        self.max_backends = max_backends;
+        self
+    }
+
+    /// Kernel memory of the preallocated per-CPU maps indexed by backend id, per CPU (the
+    /// hash maps sized by `max_backends` allocate per entry used).
+    pub fn per_cpu_map_bytes(&self) -> u64 {
+        u64::from(self.max_backends) * u64::from(common::per_cpu_bytes_per_backend())
+    }
+
+    /// `max_backends` if the loader accepts it, else why not.
+    pub fn check_max_backends(max_backends: u32) -> Result<u32, String> {
+        if (common::MIN_MAX_BACKENDS..=common::LIMIT_MAX_BACKENDS).contains(&max_backends) {
+            Ok(max_backends)
+        } else {
+            Err(format!(
+                "{max_backends} is outside {}..={} (the backends map's capacity)",
+                common::MIN_MAX_BACKENDS,
+                common::LIMIT_MAX_BACKENDS
+            ))
+        }
+    }
 }
 
 /// The loaded, attached datapath and its typed map API.
@@ -150,13 +195,19 @@ impl Datapath {
                 path: config.cgroup.clone(),
             });
         }
+        DatapathConfig::check_max_backends(config.max_backends).map_err(|reason| {
+            Error::MapLayout {
+                map: common::BACKENDS_MAP,
+                reason,
+            }
+        })?;
         prepare_pin_dir(&config.pin_dir)?;
         let lock = lock_pin_dir(&config.pin_dir)?;
 
         // Pinned maps of another layout (an older build) are not reused as they are: the
         // programs would misread them. They are replaced by maps of this layout, the services
         // carried over, before this build's programs are attached.
-        let stale = stale_pins(&config.pin_dir)?;
+        let stale = stale_pins(&config.pin_dir, config.max_backends)?;
         let carried = if stale
             .iter()
             .any(|(name, _)| *name == common::SERVICES_MAP || *name == common::BACKENDS_MAP)
@@ -175,7 +226,7 @@ impl Datapath {
             }
         }
         for (name, found) in &stale {
-            let (_, want) = spec_of(name);
+            let (_, want) = spec_of(name, config.max_backends);
             warn!(
                 map = name,
                 pinned = ?found,
@@ -198,6 +249,9 @@ impl Datapath {
         if !config.pin_dir.join(common::REV_NAT_MAP).exists() {
             loader.map_max_entries(common::REV_NAT_MAP, 1);
         }
+        for name in common::BACKEND_SIZED_MAPS {
+            loader.map_max_entries(name, config.max_backends);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
             pin_dir: config.pin_dir.clone(),
             source: Box::new(source),
@@ -206,7 +260,13 @@ impl Datapath {
         let maps = if replaced_maps.is_empty() {
             LbMaps::recover(AyaStore::take(&mut ebpf)?)?
         } else {
-            replace_maps(&mut ebpf, &config.pin_dir, &replaced_maps, carried)?
+            replace_maps(
+                &mut ebpf,
+                &config.pin_dir,
+                &replaced_maps,
+                carried,
+                config.max_backends,
+            )?
         };
         let signals = take_signals(&mut ebpf, &config.pin_dir, &replaced_maps)?;
 
@@ -276,6 +336,8 @@ impl Datapath {
             replaced_links,
             replaced_maps = replaced_maps.len(),
             services = maps.services().map(|s| s.len()).unwrap_or(0),
+            max_backends = config.max_backends,
+            per_cpu_map_mib = config.per_cpu_map_bytes() / (1 << 20),
             "datapath ready"
         );
         Ok(Self {
@@ -295,11 +357,23 @@ impl Datapath {
         self.signals.take()
     }
 
+    /// The capacity of the backends map pinned under `pin_dir` (what the datapath there was
+    /// opened with), if one is pinned.
+    pub fn pinned_max_backends(pin_dir: &Path) -> Result<Option<u32>, Error> {
+        Ok(
+            layout::pinned_spec(common::BACKENDS_MAP, &pin_dir.join(common::BACKENDS_MAP))?
+                .map(|s| s.max_entries),
+        )
+    }
+
     /// Reads the services and counters pinned under `pin_dir` without attaching, locking or
     /// changing anything (safe while another process owns the datapath).
     pub fn inspect(pin_dir: &Path) -> Result<DatapathView, Error> {
-        if let Some((map, found)) = stale_pins(pin_dir)?.into_iter().next() {
-            let (_, want) = spec_of(map);
+        // Whatever backends capacity the running datapath was opened with.
+        let max_backends =
+            Self::pinned_max_backends(pin_dir)?.unwrap_or(common::DEFAULT_MAX_BACKENDS);
+        if let Some((map, found)) = stale_pins(pin_dir, max_backends)?.into_iter().next() {
+            let (_, want) = spec_of(map, max_backends);
             return Err(Error::MapLayout {
                 map,
                 reason: format!(

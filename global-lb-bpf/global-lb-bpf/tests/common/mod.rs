@@ -124,10 +124,7 @@ impl Env {
     pub fn new(tag: &str) -> Self {
         let name = unique(tag);
         let cgroup = TestCgroup::new(&name);
-        let config = DatapathConfig {
-            cgroup: cgroup.path.clone(),
-            pin_dir: pin_dir(&name),
-        };
+        let config = DatapathConfig::new(cgroup.path.clone(), pin_dir(&name));
         let dp = Datapath::open(&config).unwrap_or_else(|e| panic!("opening the datapath: {e}"));
         Self {
             dp: Some(dp),

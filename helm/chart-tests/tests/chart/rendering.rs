@@ -256,6 +256,7 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
         "nodeSync.health.interval=1s",
         "nodeSync.staleGrace=2m",
         "nodeSync.syncTimeout=1m30s",
+        "nodeSync.maxBackends=262144",
         "nodeSync.dns.enabled=true",
         "nodeSync.dns.forward=10.96.0.10:53",
         "nodeSync.dns.ttl=3",
@@ -299,6 +300,7 @@ fn binaries_accept_the_optional_flags_the_chart_can_render() {
     );
     assert!(parsed.kvstoremesh);
     assert_eq!(parsed.stale_grace, std::time::Duration::from_secs(120));
+    assert_eq!(parsed.max_backends, 262_144);
     assert_eq!(parsed.dns_listen.map(|a| a.port()), Some(10053));
     assert_eq!(parsed.dns_forward, Some("10.96.0.10:53".parse().unwrap()));
     assert_eq!(parsed.dns_ttl, 3);

@@ -310,10 +310,13 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
     }
 
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
-        self.backends_by_id()
-            .into_iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, b)| b)
+        let c = self.maps.backend_entry(id)?;
+        Some(Backend {
+            cluster: self.ids.name(c.cluster_id).into(),
+            ip: c.addr,
+            port: c.port,
+            protocol: Protocol::Tcp,
+        })
     }
 
     fn clear_suspect(&mut self, id: u32) {

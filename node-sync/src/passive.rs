@@ -280,13 +280,24 @@ impl Golden {
         }
     }
 
-    /// Backends seen before and missing from `present` (ids now in the maps): read their counts
-    /// once more. Forgotten after [`GONE_READS`] reads.
-    pub fn gone(&mut self, present: impl IntoIterator<Item = u32>) -> Vec<(u32, Backend)> {
-        let present: std::collections::HashSet<u32> = present.into_iter().collect();
+    /// Whether reading `cur` of backend `id` tells anything: it counted connects, or its counts
+    /// are followed already (deltas are taken from the last reading). The zero readings of
+    /// backends that never counted a connect are most of a large mesh's: they are skipped.
+    pub fn tells(&self, id: u32, cur: &Outcomes) -> bool {
+        *cur != Outcomes::default() || self.seen.contains_key(&id)
+    }
+
+    /// The backend ids whose counts are followed (those that counted connects).
+    pub fn followed(&self) -> impl Iterator<Item = u32> + '_ {
+        self.seen.keys().copied()
+    }
+
+    /// Backends seen before that are not `present` (in the maps now): read their counts once
+    /// more. Forgotten after [`GONE_READS`] reads.
+    pub fn gone(&mut self, present: impl Fn(u32) -> bool) -> Vec<(u32, Backend)> {
         let mut out = Vec::new();
         self.ids.retain(|id, (b, reads)| {
-            if present.contains(id) {
+            if present(*id) {
                 return true;
             }
             *reads += 1;

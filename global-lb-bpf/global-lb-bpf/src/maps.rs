@@ -67,6 +67,9 @@ pub trait ServiceMaps {
     /// event loop 30 ms).
     fn backend_entries(&self) -> Vec<BackendEntry>;
 
+    /// Backend `id`, from the writer's own record (no map is read).
+    fn backend_entry(&self, id: u32) -> Option<BackendEntry>;
+
     /// Connections sent to backend `id` (one kernel lookup: a caller reading many spreads them).
     fn counter(&self, id: u32) -> Result<u64, Error>;
 }
@@ -582,17 +585,19 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
         let mut ids: Vec<u32> = self.backends.keys().copied().collect();
         ids.sort_unstable();
         ids.into_iter()
-            .map(|id| {
-                let b = backend_from_value(&self.backends[&id].value);
-                BackendEntry {
-                    backend_id: id,
-                    addr: b.addr,
-                    port: b.port,
-                    cluster_id: b.cluster_id,
-                    local: b.local,
-                }
-            })
+            .filter_map(|id| self.backend_entry(id))
             .collect()
+    }
+
+    fn backend_entry(&self, id: u32) -> Option<BackendEntry> {
+        let b = backend_from_value(&self.backends.get(&id)?.value);
+        Some(BackendEntry {
+            backend_id: id,
+            addr: b.addr,
+            port: b.port,
+            cluster_id: b.cluster_id,
+            local: b.local,
+        })
     }
 
     fn counters(&self) -> Result<Vec<BackendCounter>, Error> {

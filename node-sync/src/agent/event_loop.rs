@@ -145,11 +145,15 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
             }
             Some(mark) = mark_rx.recv() => {
                 let received = SystemTime::now();
-                // The counts of the backends about to leave the maps, read once per batch (a
-                // read walks every backend).
-                st.refresh_golden();
-                on_mark(&mut st, mark, &confirm_tx, passive_timeout);
+                let mut marks = vec![mark];
                 while let Ok(mark) = mark_rx.try_recv() {
+                    marks.push(mark);
+                }
+                // The last counts of the backends about to leave the maps (and of those already
+                // followed), once per batch.
+                let ids: Vec<u32> = marks.iter().map(|m| m.backend_id).collect();
+                st.refresh_golden_of(&ids);
+                for mark in marks {
                     on_mark(&mut st, mark, &confirm_tx, passive_timeout);
                 }
                 after_batch(&mut st, received);
@@ -171,7 +175,9 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 after_batch(&mut st, received);
             }
             _ = tick.tick() => {
-                if st.scan.is_some() && st.continue_counters() {
+                // A read's summary goes out when the status tick asked for it (a scrape's read
+                // only refreshes what /metrics shows).
+                if st.scan.is_some() && st.continue_counters() == Some(true) {
                     status_read(&mut st, opts.publish, &pub_tx);
                 }
                 reprobe_passive(&mut st, &confirm_tx, passive_timeout);
@@ -196,7 +202,10 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                     && st.golden_read.is_none_or(|t| t.elapsed() >= COUNTERS_MIN_INTERVAL)
                 {
                     st.counters_wanted.store(false, Ordering::Relaxed);
-                    st.refresh_golden();
+                    // The same read as the status tick's, a slice per tick for many backends.
+                    if st.start_counters(false) == Some(true) {
+                        status_read(&mut st, opts.publish, &pub_tx);
+                    }
                 }
             }
             _ = dir_poll.tick() => {
@@ -213,12 +222,12 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 // The counters of many backends are read a slice per tick (`CounterScan`); the
                 // summary goes out when the read is done.
                 let done = if ready {
-                    st.start_counters()
+                    st.start_counters(true)
                 } else {
                     st.refresh_golden();
-                    true
+                    Some(true)
                 };
-                if done {
+                if done == Some(true) {
                     status_read(&mut st, opts.publish, &pub_tx);
                 }
             }

@@ -103,10 +103,14 @@ struct Published {
 /// backends in one go, which held every change back behind it (propagation p99 at 255 clusters
 /// on the kernel maps). A read of a few backends is done at once.
 pub(super) struct CounterScan {
+    /// Every backend in the maps, sorted by id.
     ids: Vec<(u32, crate::lb::Backend)>,
     next: usize,
     connections: HashMap<(std::net::IpAddr, u16), u64>,
+    /// The outcomes that tell the golden signals something (see [`AgentState::apply_outcomes`]).
     outcomes: Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)>,
+    /// Started by the status tick (its summary is published when done), not only by a scrape.
+    publish: bool,
 }
 
 impl CounterScan {
@@ -140,7 +144,7 @@ pub(super) struct AgentState {
     /// Backends the kernel marked suspect on this node, and what became of the marks.
     pub passive: crate::passive::Passive,
     /// Golden signals per global service and cluster, from the kernel's connect outcomes.
-    golden: crate::passive::Golden,
+    pub golden: crate::passive::Golden,
     /// When the golden signals were last read from the kernel.
     pub golden_read: Option<Instant>,
     /// The status tick's read of every backend's counters, when it is spread over loop ticks.
@@ -243,68 +247,107 @@ impl AgentState {
         self.published.remote_config_errors = None;
     }
 
-    /// Read the kernel's connect outcomes into the golden signals (for `/metrics` and the status).
+    /// Read every backend's connect outcomes into the golden signals at once (the status tick
+    /// before the node is ready: the maps are small or not there yet).
     pub fn refresh_golden(&mut self) {
         let Some(r) = self.reconciler.as_mut() else {
             self.golden_read = Some(Instant::now());
             return;
         };
-        let outcomes = r.maps_mut().connect_outcomes();
-        self.apply_outcomes(outcomes);
+        let mut outcomes = r.maps_mut().connect_outcomes();
+        let mut present: Vec<u32> = outcomes.iter().map(|(id, _, _)| *id).collect();
+        present.sort_unstable();
+        outcomes.retain(|(id, _, o)| self.golden.tells(*id, o));
+        self.apply_outcomes(outcomes, Some(&|id| present.binary_search(&id).is_ok()));
     }
 
-    /// Start reading every backend's connections and connect outcomes for the status tick.
-    /// Returns true when the read is done (then `connections` and the golden signals are fresh):
-    /// at once for up to [`CounterScan::SLICE`] backends, else [`AgentState::continue_counters`]
-    /// reads the rest a slice per loop tick. A read under way is left to finish.
-    pub fn start_counters(&mut self) -> bool {
-        if self.scan.is_some() {
-            return false;
+    /// Read the connect outcomes of backends `ids` and of every backend the golden signals
+    /// follow (those that counted connects) into the golden signals: before suspect backends
+    /// leave the maps, their last counts. One lookup per backend read, not per backend in the
+    /// maps (a node of 255k backends took 250 ms to read them all).
+    pub fn refresh_golden_of(&mut self, ids: &[u32]) {
+        let Some(r) = self.reconciler.as_mut() else {
+            self.golden_read = Some(Instant::now());
+            return;
+        };
+        let wanted: std::collections::BTreeSet<u32> =
+            ids.iter().copied().chain(self.golden.followed()).collect();
+        let maps = r.maps_mut();
+        let outcomes = wanted
+            .into_iter()
+            .filter_map(|id| {
+                let b = maps.backend_by_id(id)?;
+                let o = maps.connect_outcome(id)?;
+                self.golden.tells(id, &o).then_some((id, b, o))
+            })
+            .collect();
+        // Backends that left are found by the next whole read, not this partial one.
+        self.apply_outcomes(outcomes, None);
+    }
+
+    /// Start reading every backend's connections and connect outcomes; `publish`: for the
+    /// status tick, whose summary goes out when the read is done (a scrape's read only refreshes
+    /// what `/metrics` shows). Returns `Some(publish)` when the read is done (then `connections`
+    /// and the golden signals are fresh): at once for up to [`CounterScan::SLICE`] backends,
+    /// else [`AgentState::continue_counters`] reads the rest a slice per loop tick. A read under
+    /// way is left to finish (and publishes when done if either asked).
+    pub fn start_counters(&mut self, publish: bool) -> Option<bool> {
+        if let Some(scan) = self.scan.as_mut() {
+            scan.publish |= publish;
+            return None;
         }
         let Some(r) = self.reconciler.as_mut() else {
             self.refresh_golden();
-            return true;
+            return Some(publish);
         };
         self.scan = Some(CounterScan {
             ids: r.maps_mut().backend_ids(),
             next: 0,
             connections: HashMap::new(),
             outcomes: Vec::new(),
+            publish,
         });
         self.continue_counters()
     }
 
-    /// Read the next slice of a counter read under way; true when it is done.
-    pub fn continue_counters(&mut self) -> bool {
+    /// Read the next slice of a counter read under way; `Some(publish)` when it is done.
+    pub fn continue_counters(&mut self) -> Option<bool> {
         let (Some(scan), Some(r)) = (self.scan.as_mut(), self.reconciler.as_mut()) else {
             self.scan = None;
-            return false;
+            return None;
         };
         let end = (scan.next + CounterScan::SLICE).min(scan.ids.len());
         for (id, b) in &scan.ids[scan.next..end] {
             if let Some((n, o)) = r.maps_mut().backend_counts(*id) {
                 *scan.connections.entry((b.ip, b.port)).or_default() += n;
-                if let Some(o) = o {
+                if let Some(o) = o
+                    && self.golden.tells(*id, &o)
+                {
                     scan.outcomes.push((*id, b.clone(), o));
                 }
             }
         }
         scan.next = end;
         if end < scan.ids.len() {
-            return false;
+            return None;
         }
-        let Some(scan) = self.scan.take() else {
-            return false;
-        };
+        let scan = self.scan.take()?;
         self.connections = Arc::new(scan.connections);
-        self.apply_outcomes(scan.outcomes);
-        true
+        let ids = scan.ids;
+        self.apply_outcomes(
+            scan.outcomes,
+            Some(&|id| ids.binary_search_by_key(&id, |(i, _)| *i).is_ok()),
+        );
+        Some(scan.publish)
     }
 
-    /// Take `outcomes` (every backend's, just read) into the golden signals.
+    /// Take `outcomes` (the backends' whose reading tells something, just read) into the golden
+    /// signals. `present`, after a read of every backend: whether a backend id is in the maps
+    /// (the last counts of those that left are read once more).
     fn apply_outcomes(
         &mut self,
         mut outcomes: Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)>,
+        present: Option<&dyn Fn(u32) -> bool>,
     ) {
         self.golden_read = Some(Instant::now());
         let Some(r) = self.reconciler.as_mut() else {
@@ -312,24 +355,34 @@ impl AgentState {
         };
         // Backends removed since the last read: their last counts (a failover removes the
         // backend whose connects just failed).
-        for (id, b) in self.golden.gone(outcomes.iter().map(|(id, _, _)| *id)) {
-            if let Some(o) = r.maps_mut().connect_outcome(id) {
-                outcomes.push((id, b, o));
+        if let Some(present) = present {
+            for (id, b) in self.golden.gone(present) {
+                if let Some(o) = r.maps_mut().connect_outcome(id) {
+                    outcomes.push((id, b, o));
+                }
             }
         }
         if outcomes.is_empty() {
             return;
         }
-        // Every candidate backend, selected or not (a failed one is no longer selected).
+        // The service of each backend read (selected or not: a failed one no longer is). Only
+        // those: every candidate of a 255k-backend mesh, each with its service's name, was a
+        // 100 MiB walk per read.
+        let read: HashSet<(&ClusterName, std::net::IpAddr, u16)> = outcomes
+            .iter()
+            .map(|(_, b, _)| (b.cluster.name(), b.ip, b.port))
+            .collect();
         let owners: Vec<(crate::lb::Backend, String)> = self
             .index
             .services()
             .into_iter()
             .flat_map(|s| {
+                let name = s.service.to_string();
                 self.index
                     .backend_states(&s.service)
                     .into_iter()
-                    .map(move |(b, _, _)| (b, s.service.to_string()))
+                    .filter(|(b, _, _)| read.contains(&(b.cluster.name(), b.ip, b.port)))
+                    .map(move |(b, _, _)| (b, name.clone()))
             })
             .collect();
         self.golden

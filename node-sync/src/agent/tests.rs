@@ -402,13 +402,25 @@ fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
         zone,
         Arc::new(AtomicBool::new(false)),
     );
-    assert!(!st.start_counters(), "{n} backends are not read in one go");
-    assert!(!st.start_counters(), "a read under way is left to finish");
+    assert_eq!(
+        st.start_counters(false),
+        None,
+        "{n} backends are not read in one go"
+    );
+    assert_eq!(
+        st.start_counters(true),
+        None,
+        "a read under way is left to finish"
+    );
     // One slice at the status tick, one per loop tick after it.
     let mut slices = 1;
     loop {
         slices += 1;
-        if st.continue_counters() {
+        if let Some(publish) = st.continue_counters() {
+            assert!(
+                publish,
+                "the status tick asked while a scrape's read was under way"
+            );
             break;
         }
         assert!(
@@ -420,4 +432,136 @@ fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
     assert_eq!(slices, 4);
     assert!(st.scan.is_none());
     assert_eq!(*st.connections, expected);
+}
+
+/// A datapath that counted connects to a few backends (every other backend reads zero), and
+/// how many outcome readings were taken from it.
+struct Counted {
+    inner: crate::datapath::GlbWriter<global_lb_bpf::FakeMaps>,
+    outcomes:
+        Arc<std::sync::Mutex<std::collections::HashMap<u32, global_lb_bpf::signals::Outcomes>>>,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Counted {
+    fn read(&self, id: u32) -> global_lb_bpf::signals::Outcomes {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.outcomes
+            .lock()
+            .unwrap()
+            .get(&id)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+impl crate::lb::MapWriter for Counted {
+    fn upsert_service(
+        &mut self,
+        fe: &Frontend,
+        backends: &[crate::lb::Backend],
+    ) -> Result<(), crate::lb::MapError> {
+        self.inner.upsert_service(fe, backends)
+    }
+    fn delete_service(&mut self, fe: &Frontend) -> Result<(), crate::lb::MapError> {
+        self.inner.delete_service(fe)
+    }
+    fn services(
+        &mut self,
+    ) -> Result<std::collections::HashMap<Frontend, Vec<crate::lb::Backend>>, crate::lb::MapError>
+    {
+        self.inner.services()
+    }
+    fn backend_ids(&mut self) -> Vec<(u32, crate::lb::Backend)> {
+        self.inner.backend_ids()
+    }
+    fn backend_by_id(&mut self, id: u32) -> Option<crate::lb::Backend> {
+        self.inner.backend_by_id(id)
+    }
+    fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
+        Some(self.read(id))
+    }
+    fn backend_counts(
+        &mut self,
+        id: u32,
+    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
+        Some((0, Some(self.read(id))))
+    }
+}
+
+/// Of a large node's backends, the golden signals follow those that counted connects: a read of
+/// every backend adds their deltas, and the zero readings of the rest are not kept; a suspect
+/// mark reads only the marked backend and those followed, not every backend.
+#[test]
+fn golden_signals_follow_the_backends_that_counted_connects() {
+    use global_lb_bpf::signals::Outcomes;
+
+    let ids = ClusterIds::default();
+    ids.set(&c("c1"), 1);
+    let n = 2 * super::state::CounterScan::SLICE + 10;
+    let mut maps = global_lb_bpf::FakeMaps::new();
+    let fe = global_lb_bpf::Frontend::new(vip().ip, 80, global_lb_bpf::Proto::Tcp);
+    let backends: Vec<global_lb_bpf::Backend> = (0..n as u32)
+        .map(|i| {
+            global_lb_bpf::Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 8080, 1)
+        })
+        .collect();
+    global_lb_bpf::ServiceMaps::upsert_service(&mut maps, &fe, &backends).unwrap();
+    let held: Vec<u32> = maps.store().backends.keys().copied().collect();
+    let est = |n: u64| Outcomes {
+        established: n,
+        ..Outcomes::default()
+    };
+    let outcomes = Arc::new(std::sync::Mutex::new(std::collections::HashMap::from([
+        (held[3], est(5)),
+        (held[n / 2], est(7)),
+        (held[n - 1], est(11)),
+    ])));
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let opts = options();
+    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
+    let (tx, _rx) = watch::channel(Arc::new(first));
+    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
+    let mut st = AgentState::new(
+        opts,
+        Box::new(Counted {
+            inner: crate::datapath::GlbWriter::new(maps, c("c1"), ids),
+            outcomes: outcomes.clone(),
+            reads: reads.clone(),
+        }),
+        tx,
+        zone,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let read_all = |st: &mut AgentState| {
+        let mut done = st.start_counters(true);
+        while done.is_none() {
+            done = st.continue_counters();
+        }
+    };
+    let established =
+        |st: &AgentState| -> u64 { st.golden.totals.values().map(|t| t.established).sum() };
+
+    read_all(&mut st);
+    assert_eq!(established(&st), 23);
+    assert_eq!(
+        st.golden.followed().count(),
+        3,
+        "the zero readings are not kept"
+    );
+
+    // More connects to one followed backend and to one that had none.
+    outcomes.lock().unwrap().insert(held[n / 2], est(9));
+    outcomes.lock().unwrap().insert(held[100], est(1));
+    read_all(&mut st);
+    assert_eq!(established(&st), 26, "deltas added once");
+    assert_eq!(st.golden.followed().count(), 4);
+
+    // A suspect mark on a backend: it and the followed ones are read, nobody else.
+    outcomes.lock().unwrap().insert(held[200], est(2));
+    reads.store(0, std::sync::atomic::Ordering::Relaxed);
+    st.refresh_golden_of(&[held[200]]);
+    assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert_eq!(established(&st), 28);
 }

@@ -551,6 +551,10 @@ impl ServiceMaps for Datapath {
         self.maps.backend_entries()
     }
 
+    fn backend_entry(&self, id: u32) -> Option<BackendEntry> {
+        self.maps.backend_entry(id)
+    }
+
     fn counter(&self, id: u32) -> Result<u64, Error> {
         self.maps.counter(id)
     }

@@ -5,7 +5,7 @@
 //! node-syncs write under `nodestatus/<cluster>/<node>`, and the apiserver's own state. The JSON schema is
 //! [`MeshStatus::json_schema`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -180,6 +180,10 @@ impl MeshStatus {
             s.nodes = node_count;
         }
         let mut services: BTreeMap<String, ServiceSummary> = BTreeMap::new();
+        // Per service: where each listed backend address is in its summary, and the most
+        // backends per cluster any one node knows (listed and unlisted).
+        let mut listed_at: HashMap<(String, String), usize> = HashMap::new();
+        let mut node_most: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut failovers = Vec::new();
         let mut warnings: Vec<String> = Vec::new();
         for n in &nodes {
@@ -237,11 +241,13 @@ impl MeshStatus {
                 if !sum.reasons.contains(&st.reason) {
                     sum.reasons.push(st.reason.clone());
                 }
+                let mut known: BTreeMap<String, u64> = st.unlisted.clone();
                 for b in &st.backends {
+                    *known.entry(b.cluster.to_string()).or_default() += 1;
                     let address = format!("{}", std::net::SocketAddr::new(b.ip, b.port));
-                    let entry = match sum.backends.iter_mut().find(|x| x.address == address) {
-                        Some(e) => e,
-                        None => {
+                    let at = *listed_at
+                        .entry((st.service.clone(), address.clone()))
+                        .or_insert_with(|| {
                             sum.backends.push(BackendSummary {
                                 address,
                                 cluster: b.cluster.to_string(),
@@ -250,9 +256,9 @@ impl MeshStatus {
                                 unusable: None,
                                 connections: 0,
                             });
-                            sum.backends.last_mut().expect("just pushed")
-                        }
-                    };
+                            sum.backends.len() - 1
+                        });
+                    let entry = &mut sum.backends[at];
                     entry.selected_on += u64::from(b.selected);
                     entry.connections += b.connections;
                     if entry.unusable.is_none() {
@@ -263,6 +269,11 @@ impl MeshStatus {
                     } else {
                         sum.connections_remote += b.connections;
                     }
+                }
+                let most = node_most.entry(st.service.clone()).or_default();
+                for (cluster, n) in known {
+                    let m = most.entry(cluster).or_default();
+                    *m = (*m).max(n);
                 }
             }
             failovers.extend(n.failovers.iter().cloned());
@@ -297,6 +308,11 @@ impl MeshStatus {
                 *sum.backends_by_cluster
                     .entry(b.cluster.clone())
                     .or_default() += 1;
+            }
+            // A node that lists only some of a large service's backends counts the rest.
+            for (cluster, n) in node_most.remove(&sum.service).unwrap_or_default() {
+                let c = sum.backends_by_cluster.entry(cluster).or_default();
+                *c = (*c).max(n);
             }
         }
         failovers.sort_by(|a, b| a.at.cmp(&b.at));
@@ -437,6 +453,7 @@ mod tests {
                     },
                 ],
                 reason: "local backends usable".into(),
+                unlisted: BTreeMap::new(),
             }],
             failovers: vec![],
             golden_signals: vec![],
@@ -487,6 +504,28 @@ mod tests {
         // The JSON names it as the schema does.
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["services"][0]["golden"][0]["p99Us"], 1000);
+    }
+
+    /// Nodes of a large mesh list only some backends of a service and count the rest: the
+    /// per-cluster counts are the most any node knows, the list is the listed ones.
+    #[test]
+    fn backends_a_node_counts_without_listing_them_are_in_the_per_cluster_counts() {
+        let mut a = node("n1", true, 5);
+        a.service_states[0].unlisted = BTreeMap::from([("c2".to_owned(), 300)]);
+        let mut b = node("n2", true, 5);
+        b.service_states[0].unlisted =
+            BTreeMap::from([("c2".to_owned(), 299), ("c3".to_owned(), 4)]);
+        let s = MeshStatus::compute(config(), api(), &[remote()], vec![a, b], 2, "now".into());
+        let svc = &s.services[0];
+        assert_eq!(svc.backends.len(), 2, "the listed ones: {:?}", svc.backends);
+        assert_eq!(
+            svc.backends_by_cluster,
+            BTreeMap::from([
+                ("c1".to_owned(), 1),
+                ("c2".to_owned(), 301),
+                ("c3".to_owned(), 4)
+            ])
+        );
     }
 
     #[test]

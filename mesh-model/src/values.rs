@@ -627,10 +627,24 @@ pub struct ServiceState {
     pub service: String,
     /// Frontend addresses programmed (`ip:port/proto`).
     pub frontends: Vec<String>,
-    /// Every known backend.
+    /// The known backends: every one, or, for a service of more than
+    /// [`ServiceState::LIST_ALL`], those selected, unusable or sent connections (the rest are
+    /// counted in `unlisted`).
     pub backends: Vec<BackendState>,
     /// Why the selection is what it is (e.g. `local backends usable`, `no local backend usable: failed over to c2`).
     pub reason: String,
+    /// Backends not listed in `backends`, by cluster: usable, not selected and sent no
+    /// connections by this node. Empty when every backend is listed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unlisted: BTreeMap<String, u64>,
+}
+
+impl ServiceState {
+    /// A service with at most this many backends lists every one. A larger one lists only
+    /// those selected, unusable or sent connections: a node of a 255-cluster mesh listing every
+    /// backend wrote a summary of 255k of them (tens of MB, past etcd's request limit) every
+    /// few seconds.
+    pub const LIST_ALL: usize = 64;
 }
 
 /// A change of the cluster group a service's traffic goes to.

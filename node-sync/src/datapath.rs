@@ -301,12 +301,8 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         self.backends_by_id()
     }
 
-    fn backend_counts(&mut self, id: u32) -> Option<(u64, Option<Outcomes>)> {
-        let connections = self.maps.counter(id).ok()?;
-        Some((
-            connections,
-            self.signals.as_ref().and_then(|s| s.outcomes(id).ok()),
-        ))
+    fn connections_to(&mut self, id: u32) -> Option<u64> {
+        self.maps.counter(id).ok()
     }
 
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {

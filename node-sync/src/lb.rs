@@ -221,12 +221,9 @@ pub trait MapWriter: Send {
         Vec::new()
     }
 
-    /// What the datapath counted for backend `id`: connections sent to it and, when it follows
-    /// connects, their outcomes (one or two kernel lookups: see `agent::state::CounterScan`).
-    fn backend_counts(
-        &mut self,
-        id: u32,
-    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
+    /// Connections the datapath sent to backend `id` (one kernel lookup: see
+    /// `agent::state::CounterScan`); `None` when the writer does not count per backend.
+    fn connections_to(&mut self, id: u32) -> Option<u64> {
         let _ = id;
         None
     }

@@ -287,6 +287,11 @@ impl Golden {
         *cur != Outcomes::default() || self.seen.contains_key(&id)
     }
 
+    /// Whether backend id `id`'s counts are followed.
+    pub fn follows(&self, id: u32) -> bool {
+        self.seen.contains_key(&id)
+    }
+
     /// The backend ids whose counts are followed (those that counted connects).
     pub fn followed(&self) -> impl Iterator<Item = u32> + '_ {
         self.seen.keys().copied()

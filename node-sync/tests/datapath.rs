@@ -100,6 +100,10 @@ struct TwoClusters {
     _b2: tokio::task::JoinHandle<()>,
     e1: Etcd,
     _e2: Etcd,
+    /// c2's writer, whose heartbeats keep c2 live for the whole test (dropped, they stop and
+    /// c2 leaves selection after the 1 s heartbeat timeout and 2 s grace: a test slowed by a
+    /// loaded machine then found no c2 to fail over to).
+    _w2: ApiWriter,
     remotes: tempfile::TempDir,
     _cleanup: Cleanup,
 }
@@ -157,6 +161,7 @@ async fn two_clusters(name: &str, net: u8, affinity: Affinity) -> TwoClusters {
         _b2: serve(l2, "c2"),
         e1,
         _e2: e2,
+        _w2: w2,
         remotes,
         _cleanup: cleanup,
     }

@@ -199,11 +199,8 @@ impl MapWriter for Recorded {
     fn backend_ids(&mut self) -> Vec<(u32, Backend)> {
         self.inner.backend_ids()
     }
-    fn backend_counts(
-        &mut self,
-        id: u32,
-    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
-        self.inner.backend_counts(id)
+    fn connections_to(&mut self, id: u32) -> Option<u64> {
+        self.inner.connections_to(id)
     }
     fn clear_suspect(&mut self, id: u32) {
         self.inner.clear_suspect(id)
@@ -660,7 +657,8 @@ fn options(local_url: &str, remote_dir: Option<PathBuf>, kvstoremesh: bool) -> A
         remote_dir_poll: Duration::from_secs(1),
         status_every: Duration::from_secs(5),
         destroy_sockets: false,
-        publish: false,
+        // As on a node: health verdicts and the node summary go to c1's etcd.
+        publish: true,
         cluster_ids: ClusterIds::default(),
     }
 }

@@ -318,13 +318,21 @@ impl AgentState {
         };
         let end = (scan.next + CounterScan::SLICE).min(scan.ids.len());
         for (id, b) in &scan.ids[scan.next..end] {
-            if let Some((n, o)) = r.maps_mut().backend_counts(*id) {
+            let maps = r.maps_mut();
+            let Some(n) = maps.connections_to(*id) else {
+                continue;
+            };
+            // Only backends that took connections (a lookup of another reads 0), and only
+            // their connect outcomes: a connect is counted before its outcome, so a backend
+            // sent none has none, unless its id held a backend the golden signals follow.
+            if n > 0 {
                 *scan.connections.entry((b.ip, b.port)).or_default() += n;
-                if let Some(o) = o
-                    && self.golden.tells(*id, &o)
-                {
-                    scan.outcomes.push((*id, b.clone(), o));
-                }
+            }
+            if (n > 0 || self.golden.follows(*id))
+                && let Some(o) = maps.connect_outcome(*id)
+                && self.golden.tells(*id, &o)
+            {
+                scan.outcomes.push((*id, b.clone(), o));
             }
         }
         scan.next = end;
@@ -404,6 +412,44 @@ impl AgentState {
         });
     }
 
+    /// One service as this node sees it: every backend, or for a service of more than
+    /// [`ServiceState::LIST_ALL`], those selected, unusable or sent connections, the rest counted
+    /// by cluster.
+    fn service_state(&self, s: &crate::index::ServiceStatus) -> ServiceState {
+        let states = self.index.backend_states(&s.service);
+        let list_all = states.len() <= ServiceState::LIST_ALL;
+        let mut backends = Vec::new();
+        let mut unlisted: BTreeMap<String, u64> = BTreeMap::new();
+        for (b, selected, why) in states {
+            let connections = self.connections.get(&(b.ip, b.port)).copied().unwrap_or(0);
+            if !list_all && !selected && why.is_none() && connections == 0 {
+                *unlisted.entry(b.cluster.name().to_string()).or_default() += 1;
+                continue;
+            }
+            backends.push(BackendState {
+                ip: b.ip,
+                port: b.port,
+                cluster: b.cluster.name().clone(),
+                local: b.cluster == self.opts.cluster,
+                selected,
+                unusable: why.map(str::to_owned),
+                connections,
+            });
+        }
+        ServiceState {
+            service: s.service.to_string(),
+            frontends: s.frontends.iter().map(|f| f.frontend.to_string()).collect(),
+            backends,
+            reason: s
+                .frontends
+                .first()
+                .map(|f| f.why())
+                .or_else(|| s.no_frontend.map(|n| format!("{n:?}")))
+                .unwrap_or_default(),
+            unlisted,
+        }
+    }
+
     /// The node summary written to `nodestatus/<cluster>/<node>`.
     pub fn node_status(&self) -> NodeStatus {
         let now = Instant::now();
@@ -432,34 +478,7 @@ impl AgentState {
                 .index
                 .services()
                 .into_iter()
-                .map(|s| ServiceState {
-                    service: s.service.to_string(),
-                    frontends: s.frontends.iter().map(|f| f.frontend.to_string()).collect(),
-                    backends: self
-                        .index
-                        .backend_states(&s.service)
-                        .into_iter()
-                        .map(|(b, selected, why)| BackendState {
-                            ip: b.ip,
-                            port: b.port,
-                            cluster: b.cluster.name().clone(),
-                            local: b.cluster == self.opts.cluster,
-                            selected,
-                            unusable: why.map(str::to_owned),
-                            connections: self
-                                .connections
-                                .get(&(b.ip, b.port))
-                                .copied()
-                                .unwrap_or(0),
-                        })
-                        .collect(),
-                    reason: s
-                        .frontends
-                        .first()
-                        .map(|f| f.why())
-                        .or_else(|| s.no_frontend.map(|n| format!("{n:?}")))
-                        .unwrap_or_default(),
-                })
+                .map(|s| self.service_state(s))
                 .collect(),
             failovers: self.failover_log.iter().cloned().collect(),
             cert_warnings: self

@@ -199,11 +199,8 @@ impl MapWriter for Box<dyn MapWriter> {
     fn backend_ids(&mut self) -> Vec<(u32, crate::lb::Backend)> {
         (**self).backend_ids()
     }
-    fn backend_counts(
-        &mut self,
-        id: u32,
-    ) -> Option<(u64, Option<global_lb_bpf::signals::Outcomes>)> {
-        (**self).backend_counts(id)
+    fn connections_to(&mut self, id: u32) -> Option<u64> {
+        (**self).connections_to(id)
     }
     fn clear_suspect(&mut self, id: u32) {
         (**self).clear_suspect(id)

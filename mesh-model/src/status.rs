@@ -241,7 +241,10 @@ impl MeshStatus {
                 if !sum.reasons.contains(&st.reason) {
                     sum.reasons.push(st.reason.clone());
                 }
-                let mut known: BTreeMap<String, u64> = st.unlisted.clone();
+                let unlisted = st.unlisted.clone().unwrap_or_default();
+                sum.connections_local += unlisted.connections_local;
+                sum.connections_remote += unlisted.connections_remote;
+                let mut known: BTreeMap<String, u64> = unlisted.by_cluster;
                 for b in &st.backends {
                     *known.entry(b.cluster.to_string()).or_default() += 1;
                     let address = format!("{}", std::net::SocketAddr::new(b.ip, b.port));
@@ -400,7 +403,7 @@ impl MeshStatus {
 mod tests {
     use super::*;
     use crate::cluster::{ClusterId, ClusterName, MaxConnectedClusters};
-    use crate::values::{BackendState, Capabilities, RemoteState, ServiceState};
+    use crate::values::{BackendState, Capabilities, RemoteState, ServiceState, Unlisted};
 
     fn c(n: &str) -> ClusterName {
         ClusterName::new(n).unwrap()
@@ -453,7 +456,7 @@ mod tests {
                     },
                 ],
                 reason: "local backends usable".into(),
-                unlisted: BTreeMap::new(),
+                unlisted: None,
             }],
             failovers: vec![],
             golden_signals: vec![],
@@ -511,10 +514,29 @@ mod tests {
     #[test]
     fn backends_a_node_counts_without_listing_them_are_in_the_per_cluster_counts() {
         let mut a = node("n1", true, 5);
-        a.service_states[0].unlisted = BTreeMap::from([("c2".to_owned(), 300)]);
+        a.service_states[0].unlisted = Some(Unlisted {
+            by_cluster: BTreeMap::from([("c2".to_owned(), 300)]),
+            selected: 0,
+            connections_local: 0,
+            connections_remote: 2,
+        });
         let mut b = node("n2", true, 5);
-        b.service_states[0].unlisted =
-            BTreeMap::from([("c2".to_owned(), 299), ("c3".to_owned(), 4)]);
+        b.service_states[0].unlisted = Some(Unlisted {
+            by_cluster: BTreeMap::from([("c2".to_owned(), 299), ("c3".to_owned(), 4)]),
+            selected: 4,
+            connections_local: 0,
+            connections_remote: 3,
+        });
+        let listed_remote = MeshStatus::compute(
+            config(),
+            api(),
+            &[remote()],
+            vec![node("n1", true, 5), node("n2", true, 5)],
+            2,
+            "now".into(),
+        )
+        .services[0]
+            .connections_remote;
         let s = MeshStatus::compute(config(), api(), &[remote()], vec![a, b], 2, "now".into());
         let svc = &s.services[0];
         assert_eq!(svc.backends.len(), 2, "the listed ones: {:?}", svc.backends);
@@ -525,6 +547,11 @@ mod tests {
                 ("c2".to_owned(), 301),
                 ("c3".to_owned(), 4)
             ])
+        );
+        assert_eq!(
+            svc.connections_remote,
+            listed_remote + 5,
+            "the unlisted backends' connections count"
         );
     }
 

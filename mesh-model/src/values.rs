@@ -628,23 +628,35 @@ pub struct ServiceState {
     /// Frontend addresses programmed (`ip:port/proto`).
     pub frontends: Vec<String>,
     /// The known backends: every one, or, for a service of more than
-    /// [`ServiceState::LIST_ALL`], those selected, unusable or sent connections (the rest are
-    /// counted in `unlisted`).
+    /// [`ServiceState::LIST_ALL`], at most [`ServiceState::LIST_ALL`] of those unusable, sent
+    /// connections or selected (in that order); the rest are counted in `unlisted`.
     pub backends: Vec<BackendState>,
     /// Why the selection is what it is (e.g. `local backends usable`, `no local backend usable: failed over to c2`).
     pub reason: String,
-    /// Backends not listed in `backends`, by cluster: usable, not selected and sent no
-    /// connections by this node. Empty when every backend is listed.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub unlisted: BTreeMap<String, u64>,
+    /// The backends not listed in `backends`, counted. Absent when every backend is listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlisted: Option<Unlisted>,
 }
 
 impl ServiceState {
-    /// A service with at most this many backends lists every one. A larger one lists only
-    /// those selected, unusable or sent connections: a node of a 255-cluster mesh listing every
-    /// backend wrote a summary of 255k of them (tens of MB, past etcd's request limit) every
-    /// few seconds.
+    /// A service with at most this many backends lists every one; a larger one lists this many.
+    /// A node of a 255-cluster mesh listing every backend wrote a summary of 255k of them (tens
+    /// of MB, past etcd's request limit) every few seconds.
     pub const LIST_ALL: usize = 64;
+}
+
+/// Backends of a service a node counts without listing them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unlisted {
+    /// How many, by cluster.
+    pub by_cluster: BTreeMap<String, u64>,
+    /// How many of them are selected (programmed in the datapath).
+    pub selected: u64,
+    /// Connections the datapath sent to those of the node's own cluster.
+    pub connections_local: u64,
+    /// Connections the datapath sent to those of other clusters.
+    pub connections_remote: u64,
 }
 
 /// A change of the cluster group a service's traffic goes to.

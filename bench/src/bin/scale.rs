@@ -1123,6 +1123,31 @@ async fn run_one(
         (a1 - a0) as f64 / tck / wall * 100.0,
         rss_mib().saturating_sub(rss_before)
     );
+    // What the status page is built from: this node's summary in c1's etcd.
+    let key = mesh_model::keys::MeshKey::NodeStatus {
+        cluster: c(1),
+        node: "bench-node".into(),
+    };
+    let summary = Client::connect([mesh.local.url.as_str()], None)
+        .await?
+        .get(key.to_string(), None)
+        .await?;
+    match summary.kvs().first() {
+        Some(kv) => println!(
+            "  node summary in c1's etcd: {} KiB, {} backends listed",
+            kv.value().len() / 1024,
+            match mesh_model::values::MeshValue::decode(&key, kv.value()) {
+                Ok(mesh_model::values::MeshValue::NodeStatus(s)) => s
+                    .service_states
+                    .iter()
+                    .map(|s| s.backends.len())
+                    .sum::<usize>()
+                    .to_string(),
+                Ok(_) | Err(_) => "? (not a node summary)".to_owned(),
+            }
+        ),
+        None => println!("  node summary in c1's etcd: NOT WRITTEN"),
+    }
     if let Some(h) = lag_watch {
         h.abort();
         let mut l = lags.lock().expect("lags").clone();

@@ -413,28 +413,49 @@ impl AgentState {
     }
 
     /// One service as this node sees it: every backend, or for a service of more than
-    /// [`ServiceState::LIST_ALL`], those selected, unusable or sent connections, the rest counted
-    /// by cluster.
+    /// [`ServiceState::LIST_ALL`], that many of those unusable, sent connections or selected (in
+    /// that order: what explains a problem first), the rest counted.
     fn service_state(&self, s: &crate::index::ServiceStatus) -> ServiceState {
         let states = self.index.backend_states(&s.service);
         let list_all = states.len() <= ServiceState::LIST_ALL;
-        let mut backends = Vec::new();
-        let mut unlisted: BTreeMap<String, u64> = BTreeMap::new();
-        for (b, selected, why) in states {
-            let connections = self.connections.get(&(b.ip, b.port)).copied().unwrap_or(0);
-            if !list_all && !selected && why.is_none() && connections == 0 {
-                *unlisted.entry(b.cluster.name().to_string()).or_default() += 1;
-                continue;
-            }
-            backends.push(BackendState {
+        let mut backends: Vec<BackendState> = states
+            .into_iter()
+            .map(|(b, selected, why)| BackendState {
                 ip: b.ip,
                 port: b.port,
                 cluster: b.cluster.name().clone(),
                 local: b.cluster == self.opts.cluster,
                 selected,
                 unusable: why.map(str::to_owned),
-                connections,
+                connections: self.connections.get(&(b.ip, b.port)).copied().unwrap_or(0),
+            })
+            .collect();
+        let mut unlisted = None;
+        if !list_all {
+            // Stable: backends of equal rank keep the index's order.
+            backends.sort_by_key(|b| {
+                (
+                    b.unusable.is_none(),
+                    std::cmp::Reverse(b.connections),
+                    !b.selected,
+                )
             });
+            let interesting = backends
+                .iter()
+                .take_while(|b| b.unusable.is_some() || b.connections > 0 || b.selected)
+                .count()
+                .min(ServiceState::LIST_ALL);
+            let mut u = mesh_model::values::Unlisted::default();
+            for b in backends.drain(interesting..) {
+                *u.by_cluster.entry(b.cluster.to_string()).or_default() += 1;
+                u.selected += u64::from(b.selected);
+                if b.local {
+                    u.connections_local += b.connections;
+                } else {
+                    u.connections_remote += b.connections;
+                }
+            }
+            unlisted = Some(u);
         }
         ServiceState {
             service: s.service.to_string(),

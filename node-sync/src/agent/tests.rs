@@ -570,8 +570,8 @@ fn golden_signals_follow_the_backends_that_counted_connects() {
     assert_eq!(established(&st), 28);
 }
 
-/// The node summary of a service of many backends lists those selected, unusable or sent
-/// connections and counts the rest by cluster; a small service lists every backend.
+/// The node summary of a service of many backends lists at most 64 of those unusable, sent
+/// connections or selected and counts the rest; a small service lists every backend.
 #[test]
 fn the_node_summary_lists_a_large_service_s_interesting_backends_and_counts_the_rest() {
     let ips = |prefix: &str, n: usize| -> Vec<String> {
@@ -579,7 +579,7 @@ fn the_node_summary_lists_a_large_service_s_interesting_backends_and_counts_the_
             .map(|i| format!("{prefix}.{}.{}", i / 250, i % 250))
             .collect()
     };
-    let summary = |remote: usize, connections: &[(&str, u64)]| {
+    let summary = |remote: usize, connections: &[(&str, u64)], affinity: Affinity| {
         let (mut st, _rx, _maps) = agent(&["c1", "c2"]);
         let local = ips("10.1", 3);
         let far = ips("10.2", remote);
@@ -588,10 +588,10 @@ fn the_node_summary_lists_a_large_service_s_interesting_backends_and_counts_the_
         batch(
             &mut st,
             vec![
-                ("c1", spec_with("c1", Affinity::Local)),
+                ("c1", spec_with("c1", affinity)),
                 ("c1", chunk("c1", &local)),
                 ("c1", ConnEvent::Synced),
-                ("c2", spec_with("c2", Affinity::Local)),
+                ("c2", spec_with("c2", affinity)),
                 ("c2", chunk("c2", &far)),
                 ("c2", ConnEvent::Synced),
             ],
@@ -614,33 +614,51 @@ fn the_node_summary_lists_a_large_service_s_interesting_backends_and_counts_the_
     };
 
     // 103 backends: the 3 selected local ones listed, the 100 remote ones counted.
-    let s = summary(100, &[]);
+    let s = summary(100, &[], Affinity::Local);
     assert_eq!(
         listed(&s),
         ["10.1.0.1@c1", "10.1.0.2@c1", "10.1.0.3@c1"],
         "{s:?}"
     );
     assert!(s.backends.iter().all(|b| b.selected));
+    let u = s.unlisted.clone().unwrap();
     assert_eq!(
-        s.unlisted,
+        u.by_cluster,
         std::collections::BTreeMap::from([("c2".to_owned(), 100)])
     );
+    assert_eq!((u.selected, u.connections_remote), (0, 0));
 
-    // One remote backend took connections from this node: listed, with its count.
-    let s = summary(100, &[("10.2.0.7", 4)]);
+    // One remote backend took connections from this node: listed first, with its count.
+    let s = summary(100, &[("10.2.0.7", 4)], Affinity::Local);
     assert_eq!(s.backends.len(), 4);
-    let b = s.backends.iter().find(|b| b.cluster == c("c2")).unwrap();
     assert_eq!(
-        (b.ip.to_string(), b.connections),
+        (s.backends[0].ip.to_string(), s.backends[0].connections),
         ("10.2.0.7".to_owned(), 4)
     );
     assert_eq!(
-        s.unlisted,
+        s.unlisted.unwrap().by_cluster,
         std::collections::BTreeMap::from([("c2".to_owned(), 99)])
     );
 
+    // Every backend selected (no affinity): 64 listed, those with connections first; the rest
+    // counted with their connections, so the totals stay true.
+    let mut conns: Vec<(String, u64)> = (1..=70).map(|i| (format!("10.2.0.{i}"), 1)).collect();
+    conns[0].1 = 9;
+    let conns: Vec<(&str, u64)> = conns.iter().map(|(ip, n)| (ip.as_str(), *n)).collect();
+    let s = summary(100, &conns, Affinity::None);
+    assert_eq!(s.backends.len(), mesh_model::values::ServiceState::LIST_ALL);
+    assert_eq!(s.backends[0].connections, 9);
+    assert!(s.backends.iter().all(|b| b.connections > 0 && b.selected));
+    let u = s.unlisted.unwrap();
+    assert_eq!(u.by_cluster.values().sum::<u64>(), 103 - 64);
+    assert_eq!(u.selected, 103 - 64);
+    assert_eq!(
+        s.backends.iter().map(|b| b.connections).sum::<u64>() + u.connections_remote,
+        9 + 69
+    );
+
     // A small service lists every backend.
-    let s = summary(10, &[]);
+    let s = summary(10, &[], Affinity::Local);
     assert_eq!(s.backends.len(), 13);
-    assert!(s.unlisted.is_empty());
+    assert!(s.unlisted.is_none());
 }

@@ -232,6 +232,7 @@ fn map_err(op: &'static str, f: &Frontend, e: global_lb_bpf::Error) -> MapError 
     MapError {
         op,
         frontend: f.to_string(),
+        no_room: matches!(e, global_lb_bpf::Error::MapFull { .. }),
         detail: e.to_string(),
     }
 }
@@ -336,6 +337,7 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
             op: "list",
             frontend: "*".into(),
             detail: e.to_string(),
+            no_room: false,
         })?;
         Ok(list
             .into_iter()
@@ -381,6 +383,7 @@ pub fn open(
         op: "open",
         frontend: "*".into(),
         detail: e.to_string(),
+        no_room: false,
     })?;
     let signals = dp.take_signals();
     let mut w = GlbWriter::new(dp, local, ids);

@@ -175,6 +175,9 @@ pub struct MapError {
     pub frontend: String,
     /// What failed.
     pub detail: String,
+    /// The maps had no room for it (their capacity: node-sync --max-backends), nothing was
+    /// written.
+    pub no_room: bool,
 }
 
 /// What the datapath must offer node-sync: set, delete and list services.
@@ -361,6 +364,13 @@ pub struct Reconciler<M: MapWriter> {
     maps: M,
     programmed: HashMap<Frontend, Backends>,
     errors: u64,
+    /// Frontends the maps refused for lack of room, with what they want and the room epoch
+    /// of the refusal: tried again when room frees (a delete, or a write that shrank a
+    /// frontend) or when they want fewer backends, not on every change (a refused frontend of
+    /// 2,550 backends tried on each of its changes took a third of a core at 255 clusters).
+    waiting: HashMap<Frontend, (Backends, u64)>,
+    /// Bumped whenever a write may have freed room.
+    room_epoch: u64,
 }
 
 impl<M: MapWriter> Reconciler<M> {
@@ -377,6 +387,8 @@ impl<M: MapWriter> Reconciler<M> {
             maps,
             programmed: HashMap::new(),
             errors: 0,
+            waiting: HashMap::new(),
+            room_epoch: 0,
         }
     }
 
@@ -409,6 +421,11 @@ impl<M: MapWriter> Reconciler<M> {
     /// Map operations that failed so far.
     pub fn errors(&self) -> u64 {
         self.errors
+    }
+
+    /// Frontends not programmed because the maps had no room for them, waiting for room.
+    pub fn waiting_for_room(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Full reconcile: make the maps equal `desired`. Returns the writes done. A frontend
@@ -445,6 +462,7 @@ impl<M: MapWriter> Reconciler<M> {
         if !sweep {
             return counts;
         }
+        self.waiting.retain(|fe, _| wanted.contains(fe));
         let stale: Vec<Frontend> = self
             .programmed
             .keys()
@@ -457,20 +475,79 @@ impl<M: MapWriter> Reconciler<M> {
         counts
     }
 
-    /// Set one frontend (`None`: delete it). Writes only when it differs.
+    /// Set one frontend (`None`: delete it). Writes only when it differs. A frontend the maps
+    /// refused for lack of room is written again once room may have freed, or when it wants
+    /// fewer backends.
     pub fn set(&mut self, frontend: &Frontend, backends: Option<Backends>) -> WriteCounts {
+        let epoch = self.room_epoch;
+        let mut counts = self.write(frontend, backends);
+        if self.room_epoch != epoch {
+            counts = add(counts, self.retry_waiting());
+        }
+        counts
+    }
+
+    /// Write the frontends waiting for room again, while writes free more.
+    fn retry_waiting(&mut self) -> WriteCounts {
+        let mut counts = WriteCounts::default();
+        loop {
+            let epoch = self.room_epoch;
+            let due: Vec<(Frontend, Backends)> = self
+                .waiting
+                .iter()
+                .filter(|(_, (_, at))| *at != epoch)
+                .map(|(fe, (b, _))| (*fe, b.clone()))
+                .collect();
+            for (fe, b) in due {
+                counts = add(counts, self.write(&fe, Some(b)));
+            }
+            if self.room_epoch == epoch {
+                return counts;
+            }
+        }
+    }
+
+    fn write(&mut self, frontend: &Frontend, backends: Option<Backends>) -> WriteCounts {
         let mut counts = WriteCounts::default();
         match backends {
             Some(b) => {
-                let written = match self.programmed.get(frontend) {
-                    Some(cur) if *cur == b => return counts,
+                let cur = self.programmed.get(frontend).cloned();
+                if cur.as_ref().is_some_and(|c| *c == b) {
+                    self.waiting.remove(frontend);
+                    return counts;
+                }
+                if let Some((want, at)) = self.waiting.get_mut(frontend)
+                    && *at == self.room_epoch
+                    && b.len() >= want.len()
+                {
+                    // No room freed since the refusal: remember what it wants now.
+                    *want = b;
+                    return counts;
+                }
+                let written = match &cur {
                     Some(cur) => self.maps.update_service(frontend, cur, &b),
                     None => self.maps.upsert_service(frontend, &b),
                 };
                 match written {
                     Ok(()) => {
+                        if cur.as_ref().is_some_and(|c| b.len() < c.len()) {
+                            self.room_epoch += 1;
+                        }
+                        if self.waiting.remove(frontend).is_some() {
+                            tracing::info!(%frontend, backends = b.len(), "programmed after waiting for room in the maps");
+                        }
                         self.programmed.insert(*frontend, b);
                         counts.upserts += 1;
+                    }
+                    Err(error) if error.no_room => {
+                        self.errors += 1;
+                        let first = self
+                            .waiting
+                            .insert(*frontend, (b, self.room_epoch))
+                            .is_none();
+                        if first {
+                            tracing::warn!(%error, "no room in the maps for this service: it is written when room frees (raise --max-backends)");
+                        }
                     }
                     Err(error) => {
                         self.errors += 1;
@@ -479,6 +556,7 @@ impl<M: MapWriter> Reconciler<M> {
                 }
             }
             None => {
+                self.waiting.remove(frontend);
                 if !self.programmed.contains_key(frontend) {
                     return counts;
                 }
@@ -486,6 +564,7 @@ impl<M: MapWriter> Reconciler<M> {
                     Ok(()) => {
                         self.programmed.remove(frontend);
                         counts.deletes += 1;
+                        self.room_epoch += 1;
                     }
                     Err(error) => {
                         self.errors += 1;
@@ -567,5 +646,114 @@ mod tests {
         let mut r = Reconciler::new(maps.clone()).unwrap();
         r.set(&a, Some(Backends::from(Vec::new())));
         assert_eq!(maps.get(&a), Some(vec![]));
+    }
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+
+    /// Maps of room for `capacity` distinct backends, counting the writes tried.
+    struct Small {
+        capacity: usize,
+        held: HashMap<Frontend, Vec<Backend>>,
+        tried: usize,
+    }
+
+    impl Small {
+        fn room_for(&self, fe: &Frontend, backends: &[Backend]) -> bool {
+            let mut all: std::collections::HashSet<&Backend> = self
+                .held
+                .iter()
+                .filter(|(f, _)| *f != fe)
+                .flat_map(|(_, b)| b)
+                .collect();
+            all.extend(backends);
+            all.len() <= self.capacity
+        }
+    }
+
+    impl MapWriter for Small {
+        fn upsert_service(&mut self, fe: &Frontend, backends: &[Backend]) -> Result<(), MapError> {
+            self.tried += 1;
+            if !self.room_for(fe, backends) {
+                return Err(MapError {
+                    op: "upsert",
+                    frontend: fe.to_string(),
+                    detail: "map GLB_BACKENDS is full".into(),
+                    no_room: true,
+                });
+            }
+            self.held.insert(*fe, backends.to_vec());
+            Ok(())
+        }
+        fn delete_service(&mut self, fe: &Frontend) -> Result<(), MapError> {
+            self.held.remove(fe);
+            Ok(())
+        }
+        fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
+            Ok(self.held.clone())
+        }
+    }
+
+    fn fe(last: u8) -> Frontend {
+        Frontend {
+            ip: format!("10.96.0.{last}").parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backends(from: u8, n: u8) -> Backends {
+        (from..from + n)
+            .map(|i| Backend {
+                cluster: ClusterName::new("c1").unwrap().into(),
+                ip: format!("10.0.0.{i}").parse().unwrap(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    /// A frontend the maps have no room for is tried once, not on each of its changes; it is
+    /// written as soon as a delete (or a shrink) frees room, or when it wants fewer backends.
+    #[test]
+    fn a_frontend_without_room_waits_for_room_instead_of_retrying_each_change() {
+        let maps = Small {
+            capacity: 10,
+            held: HashMap::new(),
+            tried: 0,
+        };
+        let mut r = Reconciler::new(maps).unwrap();
+        r.set(&fe(1), Some(backends(0, 6)));
+        r.set(&fe(2), Some(backends(100, 6)));
+        assert_eq!((r.errors(), r.waiting_for_room()), (1, 1));
+        assert_eq!(r.maps().tried, 2);
+        // Its changes while no room freed: not tried, what it wants remembered.
+        r.set(&fe(2), Some(backends(100, 7)));
+        r.set(&fe(2), Some(backends(101, 7)));
+        assert_eq!(r.maps().tried, 2, "no write tried without room");
+        // Another frontend shrinks: room may have freed, fe(2) is tried with its latest set.
+        r.set(&fe(1), Some(backends(0, 3)));
+        assert_eq!(r.maps().tried, 4);
+        assert_eq!(r.programmed()[&fe(2)], backends(101, 7));
+        assert_eq!((r.errors(), r.waiting_for_room()), (1, 0));
+
+        // Full again (3 + 7): a third frontend waits; wanting fewer, it is tried again (and
+        // still does not fit); a delete frees room and it gets in.
+        r.set(&fe(3), Some(backends(200, 5)));
+        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 5));
+        r.set(&fe(3), Some(backends(200, 3)));
+        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 6));
+        r.set(&fe(1), None);
+        assert_eq!(r.waiting_for_room(), 0);
+        assert_eq!(r.programmed()[&fe(3)], backends(200, 3));
+
+        // A waiting frontend no longer wanted is forgotten.
+        r.set(&fe(4), Some(backends(50, 9)));
+        assert_eq!(r.waiting_for_room(), 1);
+        r.set(&fe(4), None);
+        assert_eq!(r.waiting_for_room(), 0);
     }
 }

@@ -75,6 +75,8 @@ pub struct MapWrites {
     pub deletes: u64,
     /// Operations that failed.
     pub errors: u64,
+    /// Frontends not programmed for lack of room in the maps, waiting for room.
+    pub waiting_for_room: u64,
 }
 
 /// Passive failure detection's counters (see [`crate::passive`]).

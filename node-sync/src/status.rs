@@ -214,7 +214,7 @@ pub fn status_document(st: &Snapshot) -> serde_json::Value {
         "clusters": clusters,
         "services": services,
         "failovers": st.failovers,
-        "mapWrites": {"upserts": st.map_writes.upserts, "deletes": st.map_writes.deletes, "errors": st.map_writes.errors},
+        "mapWrites": {"upserts": st.map_writes.upserts, "deletes": st.map_writes.deletes, "errors": st.map_writes.errors, "waitingForRoom": st.map_writes.waiting_for_room},
         "remoteConfigErrors": &*st.remote_config_errors,
         "goldenSignals": st.golden.summary,
         "passive": {
@@ -416,6 +416,17 @@ pub fn render_metrics(st: &Snapshot) -> String {
         "Map operations that failed",
     );
     let _ = writeln!(o, "nodesync_map_errors_total {}", st.map_writes.errors);
+    family(
+        &mut o,
+        "nodesync_map_frontends_waiting_for_room",
+        "gauge",
+        "Frontends not programmed because the maps have no room (--max-backends), written when room frees",
+    );
+    let _ = writeln!(
+        o,
+        "nodesync_map_frontends_waiting_for_room {}",
+        st.map_writes.waiting_for_room
+    );
     family(
         &mut o,
         "nodesync_endpoints",

@@ -121,7 +121,14 @@ pub enum Error {
     },
 
     /// A map has no room for the entries an update needs; nothing was written.
-    #[error("map {map} is full ({capacity} entries)")]
+    #[error(
+        "map {map} is full ({capacity} entries{})",
+        if *map == global_lb_bpf_common::BACKENDS_MAP {
+            "; its capacity is DatapathConfig::max_backends, node-sync --max-backends"
+        } else {
+            ""
+        }
+    )]
     MapFull {
         /// Map name.
         map: &'static str,

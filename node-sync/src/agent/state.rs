@@ -622,6 +622,11 @@ impl AgentState {
                 upserts: self.map_writes.0,
                 deletes: self.map_writes.1,
                 errors: self.reconciler.as_ref().map(|r| r.errors()).unwrap_or(0),
+                waiting_for_room: self
+                    .reconciler
+                    .as_ref()
+                    .map(|r| r.waiting_for_room() as u64)
+                    .unwrap_or(0),
             },
             remote_config_errors,
             failover_log,

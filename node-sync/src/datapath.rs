@@ -306,6 +306,10 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
         self.maps.counter(id).ok()
     }
 
+    fn free_backends(&self) -> Option<usize> {
+        Some(self.maps.backend_room())
+    }
+
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
         let c = self.maps.backend_entry(id)?;
         Some(Backend {

@@ -231,6 +231,11 @@ pub trait MapWriter: Send {
         None
     }
 
+    /// How many more distinct backends the maps hold; `None` when they have no such limit.
+    fn free_backends(&self) -> Option<usize> {
+        None
+    }
+
     /// The backend the datapath knows by `id`.
     fn backend_by_id(&mut self, id: u32) -> Option<Backend> {
         let _ = id;
@@ -364,14 +369,47 @@ pub struct Reconciler<M: MapWriter> {
     maps: M,
     programmed: HashMap<Frontend, Backends>,
     errors: u64,
-    /// Frontends the maps refused for lack of room, with what they want and the room epoch
-    /// of the refusal: tried again when room frees (a delete, or a write that shrank a
-    /// frontend) or when they want fewer backends, not on every change (a refused frontend of
-    /// 2,550 backends tried on each of its changes took a third of a core at 255 clusters).
-    waiting: HashMap<Frontend, (Backends, u64)>,
+    /// Frontends the maps refused for lack of room, with what they want now: tried again
+    /// when the maps' free room covers every backend they want, not on every change (a refused
+    /// frontend of 2,550 backends tried on each of its changes took a third of a core at 255
+    /// clusters); see [`Waiting`].
+    waiting: HashMap<Frontend, Waiting>,
     /// Bumped whenever a write may have freed room.
     room_epoch: u64,
 }
+
+/// A frontend refused for lack of room.
+struct Waiting {
+    /// What it wants now.
+    backends: Backends,
+    /// The room epoch of the last try.
+    epoch: u64,
+    /// When it was last tried.
+    tried: std::time::Instant,
+    /// The maps' free room when it was refused.
+    free_then: Option<usize>,
+}
+
+impl Waiting {
+    /// Some of a frontend's backends may be in the maps already (another service's), so the
+    /// room it needs is at most its backend count: it is tried again when the free room grew
+    /// since the refusal and covers that, or, when room freed since the last try, once per
+    /// [`WAITING_RETRY`] (or, with maps that do not say their room, whenever room may have
+    /// freed or it wants fewer).
+    fn due(&self, backends: usize, free: Option<usize>, epoch: u64) -> bool {
+        match free {
+            Some(free) => {
+                (free >= backends && self.free_then.is_none_or(|then| free > then))
+                    || (epoch != self.epoch && self.tried.elapsed() >= WAITING_RETRY)
+            }
+            None => epoch != self.epoch || backends < self.backends.len(),
+        }
+    }
+}
+
+/// How often a frontend waiting for room is tried again at most, while room frees but not
+/// enough for all its backends.
+pub const WAITING_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl<M: MapWriter> Reconciler<M> {
     /// Start from what the maps hold now (nothing is flushed).
@@ -487,16 +525,17 @@ impl<M: MapWriter> Reconciler<M> {
         counts
     }
 
-    /// Write the frontends waiting for room again, while writes free more.
+    /// Write the frontends waiting for room that are due, while writes free more.
     fn retry_waiting(&mut self) -> WriteCounts {
         let mut counts = WriteCounts::default();
         loop {
             let epoch = self.room_epoch;
+            let free = self.maps.free_backends();
             let due: Vec<(Frontend, Backends)> = self
                 .waiting
                 .iter()
-                .filter(|(_, (_, at))| *at != epoch)
-                .map(|(fe, (b, _))| (*fe, b.clone()))
+                .filter(|(_, w)| w.epoch != epoch && w.due(w.backends.len(), free, epoch))
+                .map(|(fe, w)| (*fe, w.backends.clone()))
                 .collect();
             for (fe, b) in due {
                 counts = add(counts, self.write(&fe, Some(b)));
@@ -516,12 +555,12 @@ impl<M: MapWriter> Reconciler<M> {
                     self.waiting.remove(frontend);
                     return counts;
                 }
-                if let Some((want, at)) = self.waiting.get_mut(frontend)
-                    && *at == self.room_epoch
-                    && b.len() >= want.len()
+                let free = self.maps.free_backends();
+                if let Some(w) = self.waiting.get_mut(frontend)
+                    && !w.due(b.len(), free, self.room_epoch)
                 {
-                    // No room freed since the refusal: remember what it wants now.
-                    *want = b;
+                    // Not enough room yet: remember what it wants now.
+                    w.backends = b;
                     return counts;
                 }
                 let written = match &cur {
@@ -543,7 +582,15 @@ impl<M: MapWriter> Reconciler<M> {
                         self.errors += 1;
                         let first = self
                             .waiting
-                            .insert(*frontend, (b, self.room_epoch))
+                            .insert(
+                                *frontend,
+                                Waiting {
+                                    backends: b,
+                                    epoch: self.room_epoch,
+                                    tried: std::time::Instant::now(),
+                                    free_then: self.maps.free_backends(),
+                                },
+                            )
                             .is_none();
                         if first {
                             tracing::warn!(%error, "no room in the maps for this service: it is written when room frees (raise --max-backends)");
@@ -694,6 +741,10 @@ mod room_tests {
         fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
             Ok(self.held.clone())
         }
+        fn free_backends(&self) -> Option<usize> {
+            let held: std::collections::HashSet<&Backend> = self.held.values().flatten().collect();
+            Some(self.capacity - held.len())
+        }
     }
 
     fn fe(last: u8) -> Frontend {
@@ -717,7 +768,7 @@ mod room_tests {
     }
 
     /// A frontend the maps have no room for is tried once, not on each of its changes; it is
-    /// written as soon as a delete (or a shrink) frees room, or when it wants fewer backends.
+    /// written as soon as a delete or a shrink frees room enough for it.
     #[test]
     fn a_frontend_without_room_waits_for_room_instead_of_retrying_each_change() {
         let maps = Small {
@@ -740,12 +791,12 @@ mod room_tests {
         assert_eq!(r.programmed()[&fe(2)], backends(101, 7));
         assert_eq!((r.errors(), r.waiting_for_room()), (1, 0));
 
-        // Full again (3 + 7): a third frontend waits; wanting fewer, it is tried again (and
-        // still does not fit); a delete frees room and it gets in.
+        // Full again (3 + 7): a third frontend waits, wanting fewer is not tried while no room
+        // is free; a delete frees room enough and it gets in.
         r.set(&fe(3), Some(backends(200, 5)));
         assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 5));
         r.set(&fe(3), Some(backends(200, 3)));
-        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 6));
+        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 5));
         r.set(&fe(1), None);
         assert_eq!(r.waiting_for_room(), 0);
         assert_eq!(r.programmed()[&fe(3)], backends(200, 3));

@@ -549,6 +549,19 @@ async fn kvstoremesh_learns_mirrored_cluster_ids_and_keeps_its_stream_on_a_peer_
         glb.vip_backends() == three
     })
     .await;
+    // The snapshot is published after the write (within a publish interval of it).
+    wait_for(
+        "c2 in the published snapshot",
+        Duration::from_secs(5),
+        || {
+            agent
+                .snapshot()
+                .clusters
+                .get(&c("c2"))
+                .is_some_and(|c| c.liveness.connected())
+        },
+    )
+    .await;
     {
         let st = agent.snapshot();
         let local = &st.clusters[&c("c1")];

@@ -202,6 +202,9 @@ impl MapWriter for Recorded {
     fn connections_to(&mut self, id: u32) -> Option<u64> {
         self.inner.connections_to(id)
     }
+    fn free_backends(&self) -> Option<usize> {
+        self.inner.free_backends()
+    }
     fn clear_suspect(&mut self, id: u32) {
         self.inner.clear_suspect(id)
     }

@@ -70,6 +70,9 @@ pub trait ServiceMaps {
     /// Backend `id`, from the writer's own record (no map is read).
     fn backend_entry(&self, id: u32) -> Option<BackendEntry>;
 
+    /// How many more distinct backends the backends map holds.
+    fn backend_room(&self) -> usize;
+
     /// Connections sent to backend `id` (one kernel lookup: a caller reading many spreads them).
     fn counter(&self, id: u32) -> Result<u64, Error>;
 }
@@ -587,6 +590,12 @@ impl<S: MapStore> ServiceMaps for LbMaps<S> {
         ids.into_iter()
             .filter_map(|id| self.backend_entry(id))
             .collect()
+    }
+
+    fn backend_room(&self) -> usize {
+        (self.backend_capacity as usize)
+            .saturating_sub(1)
+            .saturating_sub(self.backends.len())
     }
 
     fn backend_entry(&self, id: u32) -> Option<BackendEntry> {

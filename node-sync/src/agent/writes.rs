@@ -202,6 +202,9 @@ impl MapWriter for Box<dyn MapWriter> {
     fn connections_to(&mut self, id: u32) -> Option<u64> {
         (**self).connections_to(id)
     }
+    fn free_backends(&self) -> Option<usize> {
+        (**self).free_backends()
+    }
     fn clear_suspect(&mut self, id: u32) {
         (**self).clear_suspect(id)
     }

@@ -555,6 +555,10 @@ impl ServiceMaps for Datapath {
         self.maps.backend_entry(id)
     }
 
+    fn backend_room(&self) -> usize {
+        self.maps.backend_room()
+    }
+
     fn counter(&self, id: u32) -> Result<u64, Error> {
         self.maps.counter(id)
     }

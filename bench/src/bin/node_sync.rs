@@ -84,8 +84,10 @@ fn chunks(cluster: &str, ci: u8, service: &str, si: u16, n: usize) -> Vec<Endpoi
     let eps: Vec<Endpoint> = (0..n)
         .map(|i| {
             let i = i as u32 + u32::from(si) * 256 * 64;
+            // On loopback: node-sync's reachability prober connects to remote backends, and
+            // test traffic stays on this machine.
             ep(std::net::Ipv4Addr::new(
-                10,
+                127,
                 ci,
                 ((i >> 8) & 0xff) as u8,
                 (i & 0xff) as u8,

@@ -68,6 +68,25 @@ fn connect_in(cgroup: &Path, vip: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The node's datapath (default capacity) pinned under `pins`, attached to `cgroup`, for c1.
+fn open_datapath(
+    pins: &Path,
+    cgroup: &Path,
+    opts: &node_sync::agent::AgentOptions,
+) -> (
+    Box<dyn node_sync::lb::MapWriter>,
+    Option<global_lb_bpf::signals::SuspectEvents>,
+) {
+    datapath::open(
+        pins,
+        cgroup,
+        global_lb_bpf::DEFAULT_MAX_BACKENDS,
+        c("c1"),
+        opts.cluster_ids.clone(),
+    )
+    .unwrap_or_else(|e| panic!("opening the datapath: {e}"))
+}
+
 async fn wait_lands(cgroup: &Path, vip: &str, want: &str, limit: Duration) -> Duration {
     let t0 = Instant::now();
     loop {
@@ -173,14 +192,7 @@ async fn connects_fail_over_to_the_remote_cluster_and_back_through_the_real_data
     let (cgroup, pins, vip, p1) = (tc.cgroup.clone(), tc.pins.clone(), tc.vip.clone(), tc.p1);
     let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
     opts.cluster_ids = ClusterIds::default();
-    let (writer, _events) = datapath::open(
-        &pins,
-        &cgroup,
-        global_lb_bpf::DEFAULT_MAX_BACKENDS,
-        c("c1"),
-        opts.cluster_ids.clone(),
-    )
-    .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    let (writer, _events) = open_datapath(&pins, &cgroup, &opts);
     let agent = agent_with(opts, writer);
 
     wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
@@ -233,14 +245,7 @@ async fn a_hard_kill_costs_one_failed_connect_with_passive_detection() {
     opts.cluster_ids = ClusterIds::default();
     // A slow health checker: what moves traffic here is the kernel's mark, not a probe round.
     opts.health_interval = Duration::from_secs(2);
-    let (writer, events) = datapath::open(
-        &pins,
-        &cgroup,
-        global_lb_bpf::DEFAULT_MAX_BACKENDS,
-        c("c1"),
-        opts.cluster_ids.clone(),
-    )
-    .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    let (writer, events) = open_datapath(&pins, &cgroup, &opts);
     assert!(
         events.is_some(),
         "the real datapath has the suspect ring buffer"
@@ -454,14 +459,7 @@ async fn a_failed_backend_s_connections_are_aborted_and_a_drained_one_s_are_not(
     );
     let mut opts = options(&tc.e1, "c1", 1, Some(tc.remotes.path()));
     opts.cluster_ids = ClusterIds::default();
-    let (writer, events) = datapath::open(
-        &pins,
-        &cgroup,
-        global_lb_bpf::DEFAULT_MAX_BACKENDS,
-        c("c1"),
-        opts.cluster_ids.clone(),
-    )
-    .unwrap_or_else(|e| panic!("opening the datapath: {e}"));
+    let (writer, events) = open_datapath(&pins, &cgroup, &opts);
     let agent = node_sync::agent::start_with_events(opts, writer, events);
     wait_lands(&cgroup, &vip, "c1", Duration::from_secs(20)).await;
 

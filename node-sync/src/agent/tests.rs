@@ -366,15 +366,11 @@ fn remote_nodes_are_sent_to_the_route_manager_and_complete_once_every_cluster_sy
     assert!(!nodes.has_changed().unwrap());
 }
 
-/// The status tick's read of many backends' counters goes a slice per loop tick and ends with the
-/// same connection counts as one read of them all; a read under way is not started again.
-#[test]
-fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
-    use super::state::CounterScan;
-
+/// In-memory maps holding one service of `n` backends (10.0.0.0 onwards), their ids, and the
+/// cluster ids the writer names them by.
+fn one_service_of(n: usize) -> (global_lb_bpf::FakeMaps, Vec<u32>, ClusterIds) {
     let ids = ClusterIds::default();
     ids.set(&c("c1"), 1);
-    let n = 3 * CounterScan::SLICE + 100;
     let mut maps = global_lb_bpf::FakeMaps::new();
     let fe = global_lb_bpf::Frontend::new(vip().ip, 80, global_lb_bpf::Proto::Tcp);
     let backends: Vec<global_lb_bpf::Backend> = (0..n as u32)
@@ -384,6 +380,26 @@ fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
         .collect();
     global_lb_bpf::ServiceMaps::upsert_service(&mut maps, &fe, &backends).unwrap();
     let held: Vec<u32> = maps.store().backends.keys().copied().collect();
+    (maps, held, ids)
+}
+
+/// A task state writing through `writer`.
+fn state_over(writer: Box<dyn crate::lb::MapWriter>) -> AgentState {
+    let opts = options();
+    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
+    let (tx, _rx) = watch::channel(Arc::new(first));
+    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
+    AgentState::new(opts, writer, tx, zone, Arc::new(AtomicBool::new(false)))
+}
+
+/// The status tick's read of many backends' counters goes a slice per loop tick and ends with the
+/// same connection counts as one read of them all; a read under way is not started again.
+#[test]
+fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
+    use super::state::CounterScan;
+
+    let n = 3 * CounterScan::SLICE + 100;
+    let (mut maps, held, ids) = one_service_of(n);
     for (k, id) in held.iter().enumerate() {
         maps.store_mut().counters.insert(*id, k as u64 % 7);
     }
@@ -396,17 +412,11 @@ fn many_backends_counters_are_read_a_slice_per_tick_and_add_up() {
     }
     assert!(expected.len() > n / 2);
 
-    let opts = options();
-    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
-    let (tx, _rx) = watch::channel(Arc::new(first));
-    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
-    let mut st = AgentState::new(
-        opts,
-        Box::new(crate::datapath::GlbWriter::new(maps, c("c1"), ids)),
-        tx,
-        zone,
-        Arc::new(AtomicBool::new(false)),
-    );
+    let mut st = state_over(Box::new(crate::datapath::GlbWriter::new(
+        maps,
+        c("c1"),
+        ids,
+    )));
     assert_eq!(
         st.start_counters(false),
         None,
@@ -501,18 +511,8 @@ impl crate::lb::MapWriter for Counted {
 fn golden_signals_follow_the_backends_that_counted_connects() {
     use global_lb_bpf::signals::Outcomes;
 
-    let ids = ClusterIds::default();
-    ids.set(&c("c1"), 1);
     let n = 2 * super::state::CounterScan::SLICE + 10;
-    let mut maps = global_lb_bpf::FakeMaps::new();
-    let fe = global_lb_bpf::Frontend::new(vip().ip, 80, global_lb_bpf::Proto::Tcp);
-    let backends: Vec<global_lb_bpf::Backend> = (0..n as u32)
-        .map(|i| {
-            global_lb_bpf::Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 8080, 1)
-        })
-        .collect();
-    global_lb_bpf::ServiceMaps::upsert_service(&mut maps, &fe, &backends).unwrap();
-    let held: Vec<u32> = maps.store().backends.keys().copied().collect();
+    let (maps, held, ids) = one_service_of(n);
     let est = |n: u64| Outcomes {
         established: n,
         ..Outcomes::default()
@@ -523,21 +523,11 @@ fn golden_signals_follow_the_backends_that_counted_connects() {
         (held[n - 1], est(11)),
     ])));
     let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let opts = options();
-    let first = Snapshot::starting(opts.cluster.clone(), opts.node.clone(), None);
-    let (tx, _rx) = watch::channel(Arc::new(first));
-    let zone = watch::channel(Arc::new(clusterset_dns::Zone::default())).0;
-    let mut st = AgentState::new(
-        opts,
-        Box::new(Counted {
-            inner: crate::datapath::GlbWriter::new(maps, c("c1"), ids),
-            outcomes: outcomes.clone(),
-            reads: reads.clone(),
-        }),
-        tx,
-        zone,
-        Arc::new(AtomicBool::new(false)),
-    );
+    let mut st = state_over(Box::new(Counted {
+        inner: crate::datapath::GlbWriter::new(maps, c("c1"), ids),
+        outcomes: outcomes.clone(),
+        reads: reads.clone(),
+    }));
     let read_all = |st: &mut AgentState| {
         let mut done = st.start_counters(true);
         while done.is_none() {

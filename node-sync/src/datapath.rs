@@ -284,16 +284,6 @@ impl<S: ServiceMaps + Send> MapWriter for GlbWriter<S> {
             .map_err(|e| map_err("delete", frontend, e))
     }
 
-    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, Outcomes)> {
-        let Some(signals) = &self.signals else {
-            return Vec::new();
-        };
-        self.backends_by_id()
-            .into_iter()
-            .filter_map(|(id, b)| signals.outcomes(id).ok().map(|o| (id, b, o)))
-            .collect()
-    }
-
     fn connect_outcome(&mut self, id: u32) -> Option<Outcomes> {
         self.signals.as_ref()?.outcomes(id).ok()
     }

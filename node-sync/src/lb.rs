@@ -205,12 +205,6 @@ pub trait MapWriter: Send {
     /// Everything programmed now (read back from pinned maps after a restart).
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError>;
 
-    /// What the kernel saw of the TCP connects to each backend, by backend id (see
-    /// `global_lb_bpf::signals`); empty when the datapath does not follow connects.
-    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
-        Vec::new()
-    }
-
     /// What the kernel counted for backend id `id`, whether or not a backend holds it now (the
     /// counts of a backend just removed are read once more).
     fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
@@ -555,9 +549,8 @@ impl<M: MapWriter> Reconciler<M> {
                     self.waiting.remove(frontend);
                     return counts;
                 }
-                let free = self.maps.free_backends();
                 if let Some(w) = self.waiting.get_mut(frontend)
-                    && !w.due(b.len(), free, self.room_epoch)
+                    && !w.due(b.len(), self.maps.free_backends(), self.room_epoch)
                 {
                     // Not enough room yet: remember what it wants now.
                     w.backends = b;
@@ -699,52 +692,19 @@ mod tests {
 #[cfg(test)]
 mod room_tests {
     use super::*;
+    use crate::datapath::{ClusterIds, GlbWriter};
+    use global_lb_bpf::LbMaps;
+    use global_lb_bpf::store::MemStore;
 
-    /// Maps of room for `capacity` distinct backends, counting the writes tried.
-    struct Small {
-        capacity: usize,
-        held: HashMap<Frontend, Vec<Backend>>,
-        tried: usize,
-    }
-
-    impl Small {
-        fn room_for(&self, fe: &Frontend, backends: &[Backend]) -> bool {
-            let mut all: std::collections::HashSet<&Backend> = self
-                .held
-                .iter()
-                .filter(|(f, _)| *f != fe)
-                .flat_map(|(_, b)| b)
-                .collect();
-            all.extend(backends);
-            all.len() <= self.capacity
-        }
-    }
-
-    impl MapWriter for Small {
-        fn upsert_service(&mut self, fe: &Frontend, backends: &[Backend]) -> Result<(), MapError> {
-            self.tried += 1;
-            if !self.room_for(fe, backends) {
-                return Err(MapError {
-                    op: "upsert",
-                    frontend: fe.to_string(),
-                    detail: "map GLB_BACKENDS is full".into(),
-                    no_room: true,
-                });
-            }
-            self.held.insert(*fe, backends.to_vec());
-            Ok(())
-        }
-        fn delete_service(&mut self, fe: &Frontend) -> Result<(), MapError> {
-            self.held.remove(fe);
-            Ok(())
-        }
-        fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
-            Ok(self.held.clone())
-        }
-        fn free_backends(&self) -> Option<usize> {
-            let held: std::collections::HashSet<&Backend> = self.held.values().flatten().collect();
-            Some(self.capacity - held.len())
-        }
+    /// global-lb-bpf's update logic over in-memory maps whose backends map holds 10 backends.
+    fn small_maps() -> GlbWriter<LbMaps<MemStore>> {
+        let ids = ClusterIds::default();
+        ids.set(&ClusterName::new("c1").unwrap(), 1);
+        GlbWriter::new(
+            LbMaps::with_empty_store(MemStore::with_backend_capacity(11)),
+            ClusterName::new("c1").unwrap(),
+            ids,
+        )
     }
 
     fn fe(last: u8) -> Frontend {
@@ -771,34 +731,28 @@ mod room_tests {
     /// written as soon as a delete or a shrink frees room enough for it.
     #[test]
     fn a_frontend_without_room_waits_for_room_instead_of_retrying_each_change() {
-        let maps = Small {
-            capacity: 10,
-            held: HashMap::new(),
-            tried: 0,
-        };
-        let mut r = Reconciler::new(maps).unwrap();
+        // Each write the maps refuse is counted in errors(): the tries.
+        let mut r = Reconciler::new(small_maps()).unwrap();
         r.set(&fe(1), Some(backends(0, 6)));
         r.set(&fe(2), Some(backends(100, 6)));
         assert_eq!((r.errors(), r.waiting_for_room()), (1, 1));
-        assert_eq!(r.maps().tried, 2);
         // Its changes while no room freed: not tried, what it wants remembered.
         r.set(&fe(2), Some(backends(100, 7)));
         r.set(&fe(2), Some(backends(101, 7)));
-        assert_eq!(r.maps().tried, 2, "no write tried without room");
-        // Another frontend shrinks: room may have freed, fe(2) is tried with its latest set.
+        assert_eq!(r.errors(), 1, "no write tried without room");
+        // Another frontend shrinks: room enough, fe(2) is written with its latest set.
         r.set(&fe(1), Some(backends(0, 3)));
-        assert_eq!(r.maps().tried, 4);
         assert_eq!(r.programmed()[&fe(2)], backends(101, 7));
         assert_eq!((r.errors(), r.waiting_for_room()), (1, 0));
 
         // Full again (3 + 7): a third frontend waits, wanting fewer is not tried while no room
         // is free; a delete frees room enough and it gets in.
         r.set(&fe(3), Some(backends(200, 5)));
-        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 5));
+        assert_eq!((r.errors(), r.waiting_for_room()), (2, 1));
         r.set(&fe(3), Some(backends(200, 3)));
-        assert_eq!((r.waiting_for_room(), r.maps().tried), (1, 5));
+        assert_eq!((r.errors(), r.waiting_for_room()), (2, 1));
         r.set(&fe(1), None);
-        assert_eq!(r.waiting_for_room(), 0);
+        assert_eq!((r.errors(), r.waiting_for_room()), (2, 0));
         assert_eq!(r.programmed()[&fe(3)], backends(200, 3));
 
         // A waiting frontend no longer wanted is forgotten.

@@ -284,7 +284,7 @@ impl Golden {
     /// are followed already (deltas are taken from the last reading). The zero readings of
     /// backends that never counted a connect are most of a large mesh's: they are skipped.
     pub fn tells(&self, id: u32, cur: &Outcomes) -> bool {
-        *cur != Outcomes::default() || self.seen.contains_key(&id)
+        *cur != Outcomes::default() || self.follows(id)
     }
 
     /// Whether backend id `id`'s counts are followed.

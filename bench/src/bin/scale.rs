@@ -187,9 +187,6 @@ impl MapWriter for Recorded {
     fn services(&mut self) -> Result<HashMap<Frontend, Vec<Backend>>, MapError> {
         self.inner.services()
     }
-    fn connect_outcomes(&mut self) -> Vec<(u32, Backend, global_lb_bpf::signals::Outcomes)> {
-        self.inner.connect_outcomes()
-    }
     fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
         self.inner.connect_outcome(id)
     }

@@ -638,7 +638,7 @@ impl<S: MapStore> LbMaps<S> {
             .iter()
             .filter(|b| !self.backend_ids.contains_key(&b.identity()))
             .count();
-        if self.backends.len() + added_backends >= self.backend_capacity as usize {
+        if added_backends > self.backend_room() {
             return Err(self.no_room(common::BACKENDS_MAP, self.backend_capacity));
         }
         let peak_entries = self.service_entries
@@ -885,7 +885,7 @@ impl<S: MapStore> LbMaps<S> {
                 ),
             });
         }
-        if self.backends.len() + new_backends.len() >= self.backend_capacity as usize {
+        if new_backends.len() > self.backend_room() {
             return Err(self.no_room(common::BACKENDS_MAP, self.backend_capacity));
         }
         if self.service_entries + new_total.saturating_sub(old_slots.len())

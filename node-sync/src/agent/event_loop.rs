@@ -221,13 +221,7 @@ pub(super) async fn run(mut st: AgentState, events: Option<global_lb_bpf::signal
                 }
                 // The counters of many backends are read a slice per tick (`CounterScan`); the
                 // summary goes out when the read is done.
-                let done = if ready {
-                    st.start_counters(true)
-                } else {
-                    st.refresh_golden();
-                    Some(true)
-                };
-                if done == Some(true) {
+                if st.start_counters(true) == Some(true) {
                     status_read(&mut st, opts.publish, &pub_tx);
                 }
             }

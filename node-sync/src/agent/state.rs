@@ -247,20 +247,6 @@ impl AgentState {
         self.published.remote_config_errors = None;
     }
 
-    /// Read every backend's connect outcomes into the golden signals at once (the status tick
-    /// before the node is ready: the maps are small or not there yet).
-    pub fn refresh_golden(&mut self) {
-        let Some(r) = self.reconciler.as_mut() else {
-            self.golden_read = Some(Instant::now());
-            return;
-        };
-        let mut outcomes = r.maps_mut().connect_outcomes();
-        let mut present: Vec<u32> = outcomes.iter().map(|(id, _, _)| *id).collect();
-        present.sort_unstable();
-        outcomes.retain(|(id, _, o)| self.golden.tells(*id, o));
-        self.apply_outcomes(outcomes, Some(&|id| present.binary_search(&id).is_ok()));
-    }
-
     /// Read the connect outcomes of backends `ids` and of every backend the golden signals
     /// follow (those that counted connects) into the golden signals: before suspect backends
     /// leave the maps, their last counts. One lookup per backend read, not per backend in the
@@ -297,7 +283,8 @@ impl AgentState {
             return None;
         }
         let Some(r) = self.reconciler.as_mut() else {
-            self.refresh_golden();
+            // No maps to read yet (the initial reconcile has them).
+            self.golden_read = Some(Instant::now());
             return Some(publish);
         };
         self.scan = Some(CounterScan {

@@ -185,11 +185,6 @@ impl MapWriter for Box<dyn MapWriter> {
     ) -> Result<HashMap<crate::lb::Frontend, Vec<crate::lb::Backend>>, MapError> {
         (**self).services()
     }
-    fn connect_outcomes(
-        &mut self,
-    ) -> Vec<(u32, crate::lb::Backend, global_lb_bpf::signals::Outcomes)> {
-        (**self).connect_outcomes()
-    }
     fn connect_outcome(&mut self, id: u32) -> Option<global_lb_bpf::signals::Outcomes> {
         (**self).connect_outcome(id)
     }
